@@ -1,0 +1,1 @@
+"""importer package (filled in by its issue)."""

@@ -1,0 +1,41 @@
+"""Install the streaming content proxy: packages, console script, twistd dropin, extras."""
+
+from setuptools import setup
+
+setup(
+    name="twisted-streamer",
+    version="0.1.0",
+    description="A Twisted streaming content proxy and downloader for repository mirrors.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "downloaders",
+        "importer",
+        "store",
+        "streamer",
+        # The twistd dropin: twisted/ and twisted/plugins/ have no __init__.py.
+        "twisted.plugins",
+    ],
+    package_data={"twisted.plugins": ["streamer_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "treq>=23.11",
+        "service-identity>=23.1",
+        "pyopenssl>=23.2",
+        "attrs>=23.1",
+        "prometheus-client>=0.17",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.2",
+            "greenlet>=3",
+            "trustme>=1.1",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={"console_scripts": ["streamer = streamer.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""store package (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""streamer package (filled in by its issue)."""

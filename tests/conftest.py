@@ -1,0 +1,1 @@
+"""Shared pytest configuration: tests run on the real default reactor via pytest-twisted."""
