@@ -1,0 +1,50 @@
+"""Fetch bytes: Deferred-based downloaders that validate size and digests while they download."""
+
+from downloaders.base import BaseDownloader
+from downloaders.digests import DEFAULT_DIGESTS, SUPPORTED_DIGESTS
+from downloaders.errors import (
+    ConnectionFailed,
+    DigestValidationError,
+    DownloadError,
+    DownloadTimeout,
+    ForbiddenPath,
+    HttpError,
+    NotAuthorized,
+    NotFound,
+    ProxyError,
+    SizeValidationError,
+    TooManyRedirects,
+    TruncatedBody,
+    UnsupportedDigestValidationError,
+    ValidationError,
+)
+from downloaders.interfaces import IDownloader, IWriter
+from downloaders.result import DownloadResult
+from downloaders.retry import Backoff
+from downloaders.settings import RemoteSettings, SettingsError
+
+__all__ = [
+    "DEFAULT_DIGESTS",
+    "SUPPORTED_DIGESTS",
+    "Backoff",
+    "BaseDownloader",
+    "ConnectionFailed",
+    "DigestValidationError",
+    "DownloadError",
+    "DownloadResult",
+    "DownloadTimeout",
+    "ForbiddenPath",
+    "HttpError",
+    "IDownloader",
+    "IWriter",
+    "NotAuthorized",
+    "NotFound",
+    "ProxyError",
+    "RemoteSettings",
+    "SettingsError",
+    "SizeValidationError",
+    "TooManyRedirects",
+    "TruncatedBody",
+    "UnsupportedDigestValidationError",
+    "ValidationError",
+]

@@ -1,0 +1,262 @@
+"""BaseDownloader: size, digests, validation, temp files, retries and semaphores for any protocol.
+
+Subclasses implement `_run()` for one attempt and push every body byte through `handle_data()`;
+`run()` wraps attempts with the semaphore, retries and clean-up, then calls `finalize()`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import threadable
+from zope.interface import implementer
+
+from downloaders.digests import (
+    DEFAULT_DIGESTS,
+    DigestCalculator,
+    normalise_digests,
+    unsupported_digest,
+)
+from downloaders.errors import (
+    DigestValidationError,
+    DownloadError,
+    SizeValidationError,
+    UnsupportedDigestValidationError,
+)
+from downloaders.interfaces import IDownloader
+from downloaders.result import DownloadResult
+from downloaders.retry import Backoff
+
+HeadersCallback = Callable[[Any], None]
+
+
+@implementer(IDownloader)
+class BaseDownloader:
+    """Download one url, validating size and digests while the bytes arrive.
+
+    :param expected_digests: ``{"sha256": hex, ...}``; every named algorithm is computed and
+        checked. An unsupported or untrusted one raises `UnsupportedDigestValidationError` here,
+        before any byte is fetched.
+    :param expected_size: checked at the end, and as soon as more bytes than this arrive.
+    :param semaphore: a `DeferredSemaphore` shared by the downloads of one remote.
+    :param digest_algorithms: computed on top of the expected ones (default: sha256 only).
+    :param temp_dir: where the temporary file goes (default: the system's).
+    :param writer: a caller-supplied object with ``write(bytes)`` taking the bytes instead of a
+        temporary file; then ``result.path`` is None and no retry happens once a byte or the
+        headers were handed over (they cannot be taken back).
+    :param headers_ready_callback: called once with the final response headers, before any
+        body byte is handed to ``handle_data``.
+    :param max_retries: further attempts after a retryable failure (0: no retry).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        expected_digests: Mapping[str, str] | None = None,
+        expected_size: int | None = None,
+        semaphore: defer.DeferredSemaphore | None = None,
+        *,
+        digest_algorithms: Iterable[str] = DEFAULT_DIGESTS,
+        temp_dir: str | None = None,
+        writer: Any = None,
+        headers_ready_callback: HeadersCallback | None = None,
+        max_retries: int = 3,
+        backoff: Backoff | None = None,
+        reactor: IReactorTime | None = None,
+    ) -> None:
+        self.url = url
+        self.expected_digests = normalise_digests(expected_digests)
+        bad = unsupported_digest(self.expected_digests)
+        if bad is not None:
+            raise UnsupportedDigestValidationError(url, bad)
+        self.expected_size = expected_size
+        self.semaphore = semaphore
+        self.digest_algorithms = tuple(dict.fromkeys([*self.expected_digests, *digest_algorithms]))
+        bad = unsupported_digest(self.digest_algorithms)
+        if bad is not None:
+            raise UnsupportedDigestValidationError(url, bad)
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.temp_dir = temp_dir
+        self.writer = writer
+        self.headers_ready_callback = headers_ready_callback
+        self.max_retries = max_retries
+        self.backoff = backoff or Backoff()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        self.reactor = reactor
+        self.headers: Any = None
+        self.attempts = 0
+        self._calculator = DigestCalculator(self.digest_algorithms)
+        self._file: IO[bytes] | None = None
+        self.path: str | None = None
+        self._handed_over = False
+        self._headers_reported = False
+
+    # The two calls every subclass keeps -------------------------------------------------------
+
+    def handle_data(self, data: bytes) -> None:
+        """Count, hash and store one chunk; fail at once if it overflows the expected size."""
+        self._calculator.update(data)
+        if self.expected_size is not None and self._calculator.size > self.expected_size:
+            raise SizeValidationError(self.url, self.expected_size, self._calculator.size)
+        if self.writer is not None:
+            self._handed_over = True
+            self.writer.write(data)
+        else:
+            self._sink().write(data)
+
+    def finalize(self) -> None:
+        """Flush and close the temporary file, then validate size and digests."""
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+        self.validate()
+
+    # Hooks for subclasses ----------------------------------------------------------------------
+
+    def _run(self, extra_data: Any = None) -> defer.Deferred[None]:
+        """Do one attempt: fetch and pass every byte to `handle_data`. Fire when complete."""
+        raise NotImplementedError
+
+    def headers_ready(self, headers: Any) -> None:
+        """Record the final response headers; call the caller's callback the first time."""
+        self.headers = headers
+        if self.headers_ready_callback is not None and not self._headers_reported:
+            self._headers_reported = True
+            if self.writer is not None:
+                self._handed_over = True
+            self.headers_ready_callback(headers)
+
+    # Public entry points -------------------------------------------------------------------------
+
+    @property
+    def artifact_attributes(self) -> dict[str, Any]:
+        """``size`` and one key per computed digest, for the bytes received so far."""
+        return self._calculator.artifact_attributes()
+
+    def validate(self) -> None:
+        """Raise `SizeValidationError` or `DigestValidationError` if the bytes are not right."""
+        size = self._calculator.size
+        if self.expected_size is not None and size != self.expected_size:
+            raise SizeValidationError(self.url, self.expected_size, size)
+        actual = self._calculator.hexdigests()
+        for algorithm, expected in self.expected_digests.items():
+            if actual[algorithm] != expected:
+                raise DigestValidationError(self.url, algorithm, expected, actual[algorithm])
+
+    def run(self, extra_data: Any = None) -> defer.Deferred[DownloadResult]:
+        """Download with retries under the semaphore; fire with a `DownloadResult`.
+
+        Cancelling the returned Deferred aborts the download and removes the temporary file.
+        """
+        if self.semaphore is None:
+            return self._run_with_retries(extra_data)
+        return self.semaphore.run(self._run_with_retries, extra_data)
+
+    def fetch(self, timeout: float | None = None) -> DownloadResult:
+        """Run the download from plain (non-reactor) code and wait for its result.
+
+        The reactor is driven in a background thread (started on first use). Calling this
+        from the reactor thread would deadlock, so it raises `RuntimeError` there instead.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.threads import blockingCallFromThread
+
+        if threadable.isInIOThread():
+            raise RuntimeError(
+                "fetch() blocks until the download ends and cannot be called from the reactor "
+                "thread; use run(), which returns a Deferred"
+            )
+        _ensure_reactor_thread(reactor)
+        if timeout is None:
+            return blockingCallFromThread(reactor, self.run)  # type: ignore[arg-type]
+
+        def run_with_timeout() -> defer.Deferred[DownloadResult]:
+            return self.run().addTimeout(timeout, reactor)  # type: ignore[arg-type]
+
+        return blockingCallFromThread(reactor, run_with_timeout)  # type: ignore[arg-type]
+
+    # Internals ----------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _run_with_retries(self, extra_data: Any) -> Any:
+        attempt = 0
+        while True:
+            self._start_attempt()
+            self.attempts = attempt + 1
+            try:
+                yield self._run(extra_data)
+                self.finalize()
+            except BaseException as error:
+                self._discard()
+                if not self._should_retry(error, attempt):
+                    raise
+                retry_after = getattr(error, "retry_after", None)
+                delay = self.backoff.delay(attempt, retry_after)
+                attempt += 1
+                yield task.deferLater(self.reactor, delay, lambda: None)
+                continue
+            return DownloadResult(self.url, self.artifact_attributes, self.path, self.headers)
+
+    def _should_retry(self, error: BaseException, attempt: int) -> bool:
+        if not isinstance(error, DownloadError) or not error.retryable:
+            return False
+        if attempt >= self.max_retries:
+            return False
+        # Bytes or headers already handed to a caller's writer cannot be taken back.
+        return not self._handed_over
+
+    def _start_attempt(self) -> None:
+        """Fresh digests and a fresh file for every attempt."""
+        self._calculator = DigestCalculator(self.digest_algorithms)
+        self._file = None
+        self.path = None
+
+    def _sink(self) -> IO[bytes]:
+        if self._file is None:
+            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finalize/_discard)
+                dir=self.temp_dir, prefix=".download-", delete=False
+            )
+            self.path = self._file.name
+        return self._file
+
+    def _discard(self) -> None:
+        """Close and remove this attempt's temporary file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
+
+
+_reactor_thread_lock = threading.Lock()
+
+
+def _ensure_reactor_thread(reactor: Any) -> None:
+    """Start the global reactor in a daemon thread unless it already runs."""
+    with _reactor_thread_lock:
+        if reactor.running:
+            return
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
+        thread = threading.Thread(
+            target=reactor.run,
+            kwargs={"installSignalHandlers": False},
+            name="downloaders-reactor",
+            daemon=True,
+        )
+        thread.start()
+        started.wait()

@@ -1,0 +1,126 @@
+"""The errors a download can end with: one base class, and the facts a caller acts on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DownloadError(Exception):
+    """Base of every download failure; carries the url (without credentials)."""
+
+    #: Whether trying the same url again may succeed (connection errors, 429, 5xx, timeouts).
+    retryable: bool = False
+
+    def __init__(self, url: str, message: str = "") -> None:
+        self.url = url
+        self.message = message or self.__class__.__name__
+        super().__init__(f"{self.message} ({url})")
+
+
+class HttpError(DownloadError):
+    """The server answered with a status >= 400."""
+
+    def __init__(
+        self,
+        url: str,
+        status: int,
+        reason: str = "",
+        headers: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        #: Seconds the server asked us to wait (Retry-After), if it said so.
+        self.retry_after = retry_after
+        self.retryable = status == 429 or status in (500, 502, 503, 504)
+        text = f"HTTP {status}" + (f" {reason}" if reason else "")
+        super().__init__(url, text)
+
+
+class NotFound(HttpError):
+    """The server answered 404."""
+
+
+class NotAuthorized(HttpError):
+    """The server answered 401 or 403."""
+
+
+def http_error(
+    url: str,
+    status: int,
+    reason: str = "",
+    headers: Any = None,
+    retry_after: float | None = None,
+) -> HttpError:
+    """Build the most specific `HttpError` for a status."""
+    cls: type[HttpError] = HttpError
+    if status == 404:
+        cls = NotFound
+    elif status in (401, 403):
+        cls = NotAuthorized
+    return cls(url, status, reason, headers, retry_after)
+
+
+class ConnectionFailed(DownloadError):
+    """The connection could not be made, or broke before the body was complete."""
+
+    retryable = True
+
+
+class TruncatedBody(ConnectionFailed):
+    """The body ended before its Content-Length, or a chunked body lacked its last chunk."""
+
+
+class DownloadTimeout(DownloadError):
+    """No connection, no byte, or no end within the configured time."""
+
+    retryable = True
+
+    def __init__(self, url: str, kind: str, seconds: float) -> None:
+        self.kind = kind
+        self.seconds = seconds
+        super().__init__(url, f"{kind} timeout after {seconds:g}s")
+
+
+class ValidationError(DownloadError):
+    """The bytes received are not the bytes expected."""
+
+
+class DigestValidationError(ValidationError):
+    """A digest of the received bytes differs from the expected one."""
+
+    def __init__(self, url: str, algorithm: str, expected: str, actual: str) -> None:
+        self.algorithm = algorithm
+        self.expected = expected
+        self.actual = actual
+        super().__init__(url, f"{algorithm} mismatch: expected {expected}, got {actual}")
+
+
+class SizeValidationError(ValidationError):
+    """The number of bytes received differs from the expected size."""
+
+    def __init__(self, url: str, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(url, f"size mismatch: expected {expected} bytes, got {actual}")
+
+
+class UnsupportedDigestValidationError(ValidationError):
+    """An expected digest names an algorithm we do not compute or do not trust."""
+
+    def __init__(self, url: str, algorithm: str) -> None:
+        self.algorithm = algorithm
+        super().__init__(url, f"unsupported or untrusted digest algorithm {algorithm!r}")
+
+
+class ForbiddenPath(DownloadError):
+    """A file:// url outside the allowed import paths."""
+
+
+class TooManyRedirects(DownloadError):
+    """A redirect chain longer than the limit, or a loop."""
+
+
+class ProxyError(DownloadError):
+    """The proxy refused the request (for example 407 Proxy Authentication Required)."""

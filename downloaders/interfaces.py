@@ -1,0 +1,24 @@
+"""The black-box boundary: what a remote hands out and the streamer runs."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IDownloader(Interface):
+    """Something that fetches one url's bytes, validates them and reports the result."""
+
+    url = Attribute("The url fetched (never with credentials in it).")
+
+    def run(extra_data=None):  # type: ignore[no-untyped-def]
+        """Download; return a Deferred firing with a `DownloadResult`.
+
+        Cancelling the Deferred aborts the download and removes its temporary file.
+        """
+
+
+class IWriter(Interface):
+    """A caller-supplied destination for the bytes, instead of a temporary file."""
+
+    def write(data):  # type: ignore[no-untyped-def]
+        """Take the next chunk of body bytes."""

@@ -1,0 +1,45 @@
+"""A remote repository as configured: where its manifest is, how to sync it, how to reach it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from downloaders.settings import RemoteSettings, SettingsError
+
+POLICIES = ("immediate", "on_demand", "streamed")
+RESERVED_BASE_PATHS = ("metrics", "healthz")
+
+
+def _policy(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in POLICIES:
+        raise SettingsError(attribute.name, f"must be one of {', '.join(POLICIES)}, not {value!r}")
+
+
+def _name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value or "/" in value or value.strip() != value:
+        raise SettingsError(attribute.name, f"must be a non-empty name without '/': {value!r}")
+
+
+def _base_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    parts = value.split("/")
+    if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise SettingsError(attribute.name, f"must be a relative path like 'a/b': {value!r}")
+    if parts[0] in RESERVED_BASE_PATHS:
+        raise SettingsError(attribute.name, f"/{parts[0]} is reserved for the service itself")
+
+
+@attrs.define(kw_only=True)
+class Remote(RemoteSettings):
+    """One ``[[remotes]]`` table of the configuration; its keys are these attribute names."""
+
+    name: str = attrs.field(validator=_name)
+    policy: str = attrs.field(default="on_demand", validator=_policy)
+    base_path: str = attrs.field(
+        default=attrs.Factory(lambda self: self.name, takes_self=True), validator=_base_path
+    )
+    #: Further base urls, tried in order after the manifest's own location.
+    mirrors: list[str] = attrs.field(factory=list)
+    #: ``module:Class`` of a custom importer; empty for the built-in PULP_MANIFEST importer.
+    importer: str = ""
