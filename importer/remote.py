@@ -43,3 +43,35 @@ class Remote(RemoteSettings):
     mirrors: list[str] = attrs.field(factory=list)
     #: ``module:Class`` of a custom importer; empty for the built-in PULP_MANIFEST importer.
     importer: str = ""
+
+    _factory: Any = attrs.field(init=False, default=None, repr=False, eq=False)
+
+    def downloader_factory(self) -> Any:
+        """The remote's `DownloaderFactory`, made on first use (one connection pool per remote)."""
+        if self._factory is None:
+            from downloaders.factory import DownloaderFactory
+
+            self._factory = DownloaderFactory(self)
+        return self._factory
+
+    def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
+        """The black-box factory: a configured `IDownloader` for a url or a catalog entry.
+
+        With an entry, the downloader expects the entry's size and digests.
+        """
+        if entry is not None:
+            url = url or entry.url
+            kwargs.setdefault("expected_size", entry.size)
+            kwargs.setdefault("expected_digests", dict(entry.digests))
+        if url is None:
+            raise ValueError("get_downloader needs a url or a catalog entry")
+        return self.downloader_factory().build(url, **kwargs)
+
+    def close(self) -> Any:
+        """Close the remote's connection pool; a Deferred."""
+        from twisted.internet import defer
+
+        if self._factory is None:
+            return defer.succeed(None)
+        factory, self._factory = self._factory, None
+        return factory.close()
