@@ -1,0 +1,129 @@
+"""Catalog values and ``open_catalog``, which picks an ICatalog implementation from a URL.
+
+The values here are what every catalog implementation speaks; nothing in them depends on
+the database behind it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+from store.digests import is_sha256_hex
+from store.errors import CatalogError
+from store.interfaces import ICatalog
+
+DEFAULT_CATALOG_FILE = "catalog.sqlite3"
+
+
+def _normalise_digests(value: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"digests must be a mapping of algorithm to hex digest, not {value!r}")
+    return {str(k).lower(): str(v).lower() for k, v in value.items()}
+
+
+def _check_digests(_instance: object, _attribute: object, value: dict[str, str]) -> None:
+    if not is_sha256_hex(value.get("sha256")):
+        raise ValueError(f"digests must hold a sha256 of 64 hex characters, got {value!r}")
+
+
+def _check_path(_instance: object, _attribute: object, value: str) -> None:
+    if not value or value.startswith("/"):
+        raise ValueError(f"catalog path must be non-empty and relative, got {value!r}")
+
+
+def _check_size(_instance: object, _attribute: object, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"size must be a non-negative integer, got {value!r}")
+
+
+@attrs.frozen
+class CatalogEntry:
+    """One way to get the content served at *path*.
+
+    *path* is the served path ``<base_path>/<relative_path>`` without a leading slash;
+    *remote* names the remote that provides it from upstream *url*. Entries for one path
+    are tried in order of (*position*, *remote*).
+    """
+
+    path: str = attrs.field(validator=_check_path)
+    remote: str
+    url: str
+    size: int = attrs.field(validator=_check_size)
+    digests: dict[str, str] = attrs.field(
+        converter=_normalise_digests, validator=_check_digests, hash=False
+    )
+    stored: bool = attrs.field(default=False, converter=bool)
+    position: int = 0
+
+    @property
+    def sha256(self) -> str:
+        """The artifact's sha256 hex digest (its name in artifact storage)."""
+        return self.digests["sha256"]
+
+
+@attrs.frozen
+class ListingItem:
+    """One direct child of a catalog folder: a file (with size) or a sub-folder."""
+
+    name: str
+    is_dir: bool
+    size: int | None = None
+    stored: bool = False
+
+
+@attrs.frozen
+class ReplaceReport:
+    """What ``replace_remote`` changed for one remote."""
+
+    remote: str
+    total: int
+    added: int
+    changed: int
+    unchanged: int
+    removed: int
+
+
+def open_catalog(
+    url: str,
+    storage_root: str | os.PathLike[str],
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    reactor: object | None = None,
+) -> ICatalog:
+    """Return an (unopened) ICatalog for *url*; call its ``open()`` before use.
+
+    * ``""``: SQLite file ``catalog.sqlite3`` under *storage_root* (the default).
+    * ``sqlite:///relative/path`` (relative to *base_dir*, default the current folder),
+      ``sqlite:////absolute/path``, or ``sqlite:///:memory:`` (for tests).
+    * ``postgresql://...``: not available yet (CatalogError).
+    """
+    from store.sqlite import SQLiteCatalog
+
+    url = (url or "").strip()
+    if not url:
+        return SQLiteCatalog(os.path.join(os.fspath(storage_root), DEFAULT_CATALOG_FILE), reactor)
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme == "sqlite":
+        if not url.lower().startswith("sqlite:///"):
+            raise CatalogError(
+                f"catalog url {url!r}: expected sqlite:///path (three slashes, no host)"
+            )
+        path = url[len("sqlite:///") :]
+        if not path:
+            raise CatalogError(f"catalog url {url!r}: the SQLite file path is empty")
+        if path != ":memory:" and not os.path.isabs(path):
+            path = os.path.join(os.fspath(base_dir) if base_dir else os.getcwd(), path)
+        return SQLiteCatalog(path, reactor)
+    if scheme in ("postgresql", "postgres"):
+        raise CatalogError(
+            "catalog url uses PostgreSQL, which is not available yet; "
+            "use sqlite:///path or leave the url empty for the default SQLite file"
+        )
+    raise CatalogError(
+        f"unsupported catalog url scheme {scheme or '(none)'!r}; "
+        "expected sqlite:///path (or an empty url for the default)"
+    )

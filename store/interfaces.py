@@ -1,0 +1,82 @@
+"""The store's black-box boundaries: artifact storage and the catalog.
+
+Both are interfaces so that other implementations (another storage layout, a PostgreSQL
+catalog shared by several streamer nodes) can be plugged in without touching callers.
+Nothing in these interfaces names a database engine.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IArtifactStorage(Interface):
+    """Content-addressed artifact storage (files named by their sha256)."""
+
+    root = Attribute("The storage root folder (str).")
+    temp_dir = Attribute("The folder for partial and temporary files, on the same filesystem.")
+
+    def path_for(sha256):
+        """Return the path where the artifact with this sha256 lives (or would live)."""
+
+    def has(sha256):
+        """Return True when the artifact with this sha256 is stored."""
+
+    def open(sha256):
+        """Open the stored artifact for binary reading; raise ArtifactNotFound if absent."""
+
+    def clean_temp(min_age=0.0):
+        """Remove temporary files (older than min_age seconds); return how many were removed."""
+
+    def new_temp_file():
+        """Return a new named, writable binary file in temp_dir, to be committed or removed."""
+
+    def commit(temp_path, sha256, size):
+        """Move a validated temp file into storage by atomic rename; return the artifact's path.
+
+        The temp file is always gone afterwards: entered, dropped as a duplicate, or removed
+        on failure (StorageError).
+        """
+
+    def import_file(path):
+        """Copy a local file into storage; return (sha256, size)."""
+
+    def iter_artifacts():
+        """Yield (sha256, path) for every stored artifact."""
+
+    def verify(on_bad=None):
+        """Re-hash every artifact, quarantine mismatching ones; return a VerifyReport."""
+
+
+class ICatalog(Interface):
+    """Maps served paths (``<base_path>/<relative_path>``) to the entries that can provide them.
+
+    Every method returns a Deferred; database work never blocks the reactor for long.
+    """
+
+    def open():
+        """Connect and create the schema if needed. Deferred firing with None."""
+
+    def close():
+        """Release connections and threads. Deferred firing with None."""
+
+    def lookup(path):
+        """Deferred firing with the list of CatalogEntry for *path*, in the order to try them."""
+
+    def list_dir(prefix):
+        """Deferred firing with the list of ListingItem directly under folder *prefix*."""
+
+    def replace_remote(remote, entries):
+        """Make *entries* (an iterable of CatalogEntry) the complete set for *remote*.
+
+        One transaction: new entries are added, changed ones updated, entries of that remote
+        no longer listed are deleted. The iterable is consumed lazily, in chunks, possibly in
+        a worker thread (it must not touch reactor state). Deferred firing with ReplaceReport.
+        """
+
+    def mark_stored(sha256, stored=True):
+        """Set the stored flag on all entries with this sha256. Deferred firing with the count."""
+
+    def entries_for_remote(remote):
+        """Deferred firing with the list of CatalogEntry of *remote*, ordered by path."""
+
+    def count(remote=None):
+        """Deferred firing with the number of entries (of one remote, or all)."""

@@ -1,0 +1,355 @@
+"""SQLiteCatalog: the embedded default ICatalog, one SQLite file in WAL mode.
+
+All database work runs in one worker thread (adbapi ConnectionPool with cp_max=1: SQLite
+has one writer anyway), so the reactor only waits for Deferreds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from itertools import islice
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from store.catalog import CatalogEntry, ListingItem, ReplaceReport
+from store.errors import CatalogError
+from store.interfaces import ICatalog
+
+SCHEMA_VERSION = "1"
+BATCH_SIZE = 1000
+LISTING_BATCH = 1000
+BUSY_TIMEOUT_MS = 10_000
+
+_COLUMNS = "path, remote, url, size, digests, stored, position"
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS catalog_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS catalog_entries (
+        path TEXT NOT NULL,
+        remote TEXT NOT NULL,
+        url TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        digests TEXT NOT NULL,
+        stored INTEGER NOT NULL DEFAULT 0,
+        position INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (path, remote, url)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS catalog_entries_sha256 ON catalog_entries (sha256)",
+    "CREATE INDEX IF NOT EXISTS catalog_entries_remote ON catalog_entries (remote, path)",
+)
+
+# Per-connection staging table for replace_remote (TEMP tables live with the connection).
+_STAGING = """
+    CREATE TEMP TABLE IF NOT EXISTS incoming (
+        path TEXT NOT NULL,
+        url TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        digests TEXT NOT NULL,
+        stored INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (path, url)
+    ) WITHOUT ROWID
+"""
+
+
+def _setup_connection(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(_STAGING)
+
+
+def _encode_digests(digests: dict[str, str]) -> str:
+    if len(digests) == 1:  # the usual case: sha256 only; skip json.dumps for speed
+        return '{"sha256": "' + digests["sha256"] + '"}'
+    return json.dumps(digests, sort_keys=True)
+
+
+def _entry(row: tuple[Any, ...]) -> CatalogEntry:
+    path, remote, url, size, digests, stored, position = row
+    return CatalogEntry(
+        path=path,
+        remote=remote,
+        url=url,
+        size=size,
+        digests=json.loads(digests),
+        stored=bool(stored),
+        position=position,
+    )
+
+
+@implementer(ICatalog)
+class SQLiteCatalog:
+    """The catalog in one SQLite file (or ``:memory:``), reached through a one-thread pool."""
+
+    def __init__(self, database: str | os.PathLike[str], reactor: Any = None) -> None:
+        self.database = os.fspath(database)
+        self._reactor = reactor
+        self._pool: adbapi.ConnectionPool | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteCatalog({self.database!r})"
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        """Start the worker thread, connect (WAL mode) and create the schema if needed."""
+        if self._pool is not None:
+            return succeed(None)
+        if self.database != ":memory:":
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.database)), exist_ok=True)
+            except OSError as exc:
+                raise CatalogError(f"cannot create the catalog folder: {exc}") from exc
+        kwargs: dict[str, Any] = {
+            "database": self.database,
+            "check_same_thread": False,
+            # Writes start with BEGIN IMMEDIATE so concurrent writers queue on busy_timeout
+            # instead of failing when a read transaction upgrades.
+            "isolation_level": "IMMEDIATE",
+            "cp_min": 1,
+            "cp_max": 1,
+            "cp_openfun": _setup_connection,
+            "cp_noisy": False,
+        }
+        if self._reactor is not None:
+            kwargs["cp_reactor"] = self._reactor
+        self._pool = adbapi.ConnectionPool("sqlite3", **kwargs)
+        d = self._run(_create_schema)
+
+        def failed(f: Failure) -> Failure:
+            self._close_pool()
+            return f
+
+        return d.addErrback(failed)
+
+    def close(self) -> Deferred[None]:
+        """Close the connection and stop the worker thread."""
+        self._close_pool()
+        return succeed(None)
+
+    def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _run(self, interaction: Any, *args: Any) -> Deferred[Any]:
+        if self._pool is None:
+            raise CatalogError(f"{self!r} is not open; call open() first")
+        d = self._pool.runInteraction(interaction, *args)
+        return d.addErrback(self._translate_error)
+
+    def _translate_error(self, failure: Failure) -> Failure:
+        if failure.check(sqlite3.Error):
+            raise CatalogError(
+                f"catalog database {self.database!r}: {failure.value}"
+            ) from failure.value
+        return failure
+
+    # -- queries ------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> Deferred[list[CatalogEntry]]:
+        """Entries for *path*, in the order to try them (position, then remote)."""
+        return self._run(_lookup, path.lstrip("/"))
+
+    def list_dir(self, prefix: str) -> Deferred[list[ListingItem]]:
+        """Direct children (files and sub-folders) of folder *prefix* ("" is the top)."""
+        return self._run(_list_dir, prefix.strip("/"))
+
+    def entries_for_remote(self, remote: str) -> Deferred[list[CatalogEntry]]:
+        """All entries of *remote*, ordered by path."""
+        return self._run(_entries_for_remote, remote)
+
+    def count(self, remote: str | None = None) -> Deferred[int]:
+        """Number of entries (of *remote*, or all)."""
+        return self._run(_count, remote)
+
+    # -- updates ------------------------------------------------------------------------
+
+    def mark_stored(self, sha256: str, stored: bool = True) -> Deferred[int]:
+        """Set the stored flag of every entry with *sha256*; fires with how many rows."""
+        return self._run(_mark_stored, sha256.lower(), bool(stored))
+
+    def replace_remote(
+        self, remote: str, entries: Iterable[CatalogEntry]
+    ) -> Deferred[ReplaceReport]:
+        """Make *entries* the complete set of *remote*'s entries, in one transaction.
+
+        *entries* is consumed in the database thread in chunks of BATCH_SIZE, so it may be
+        a lazy generator over a 100,000-line manifest; it must not touch reactor state. If
+        it raises, nothing changes and the Deferred fails with that error.
+        """
+        return self._run(_replace_remote, remote, entries)
+
+
+# -- interactions (run in the database thread) --------------------------------------------
+
+
+def _create_schema(txn: Any) -> None:
+    for statement in _SCHEMA:
+        txn.execute(statement)
+    txn.execute(
+        "INSERT OR IGNORE INTO catalog_meta (key, value) VALUES ('schema_version', ?)",
+        (SCHEMA_VERSION,),
+    )
+    txn.execute("SELECT value FROM catalog_meta WHERE key = 'schema_version'")
+    (version,) = txn.fetchone()
+    if version != SCHEMA_VERSION:
+        raise CatalogError(
+            f"catalog schema version {version} is not supported (expected {SCHEMA_VERSION})"
+        )
+
+
+def _lookup(txn: Any, path: str) -> list[CatalogEntry]:
+    txn.execute(
+        f"SELECT {_COLUMNS} FROM catalog_entries WHERE path = ? ORDER BY position, remote, url",
+        (path,),
+    )
+    return [_entry(row) for row in txn.fetchall()]
+
+
+def _entries_for_remote(txn: Any, remote: str) -> list[CatalogEntry]:
+    txn.execute(
+        f"SELECT {_COLUMNS} FROM catalog_entries WHERE remote = ? ORDER BY path, position, url",
+        (remote,),
+    )
+    return [_entry(row) for row in txn.fetchall()]
+
+
+def _count(txn: Any, remote: str | None) -> int:
+    if remote is None:
+        txn.execute("SELECT COUNT(*) FROM catalog_entries")
+    else:
+        txn.execute("SELECT COUNT(*) FROM catalog_entries WHERE remote = ?", (remote,))
+    return txn.fetchone()[0]
+
+
+def _mark_stored(txn: Any, sha256: str, stored: bool) -> int:
+    txn.execute("UPDATE catalog_entries SET stored = ? WHERE sha256 = ?", (int(stored), sha256))
+    return txn.rowcount
+
+
+def _list_dir(txn: Any, prefix: str) -> list[ListingItem]:
+    """Walk the path index: files are read in batches, each sub-folder costs one seek."""
+    base = prefix + "/" if prefix else ""
+    upper = prefix + "0" if prefix else None  # "0" sorts right after "/"
+    items: list[ListingItem] = []
+    start, inclusive = base, True
+    while True:
+        sql = (
+            "SELECT path, MIN(size), MAX(stored) FROM catalog_entries WHERE path "
+            + (">= ?" if inclusive else "> ?")
+            + (" AND path < ?" if upper is not None else "")
+            + " GROUP BY path ORDER BY path LIMIT ?"
+        )
+        params = (start, upper, LISTING_BATCH) if upper is not None else (start, LISTING_BATCH)
+        txn.execute(sql, params)
+        rows = txn.fetchall()
+        if not rows:
+            return items
+        for path, size, stored in rows:
+            name, sep, _rest = path[len(base) :].partition("/")
+            if sep:
+                if name:
+                    items.append(ListingItem(name=name, is_dir=True))
+                start, inclusive = base + name + "0", True  # skip the whole sub-folder
+                break
+            items.append(ListingItem(name=name, is_dir=False, size=size, stored=bool(stored)))
+        else:
+            if len(rows) < LISTING_BATCH:
+                return items
+            start, inclusive = rows[-1][0], False
+
+
+def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:
+    txn.execute("DELETE FROM incoming")  # the first write: BEGIN IMMEDIATE happens here
+    total = 0
+    iterator = iter(entries)
+    while chunk := list(islice(iterator, BATCH_SIZE)):
+        rows = []
+        for entry in chunk:
+            if entry.remote != remote:
+                raise CatalogError(
+                    f"replace_remote({remote!r}) got an entry of remote {entry.remote!r} "
+                    f"for {entry.path!r}"
+                )
+            rows.append(
+                (
+                    entry.path,
+                    entry.url,
+                    entry.size,
+                    entry.sha256,
+                    _encode_digests(entry.digests),
+                    int(entry.stored),
+                    entry.position,
+                )
+            )
+        try:
+            txn.executemany("INSERT INTO incoming VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.IntegrityError:
+            raise CatalogError(
+                f"replace_remote({remote!r}): the same path and url are listed twice "
+                f"(near entry {total + 1}..{total + len(rows)})"
+            ) from None
+        total += len(rows)
+
+    txn.execute(
+        "SELECT COUNT(*) FROM catalog_entries e WHERE e.remote = ? AND NOT EXISTS "
+        "(SELECT 1 FROM incoming i WHERE i.path = e.path AND i.url = e.url)",
+        (remote,),
+    )
+    (removed,) = txn.fetchone()
+    txn.execute(
+        "SELECT COUNT(*), "
+        "COALESCE(SUM(e.size != i.size OR e.digests != i.digests OR e.position != i.position),"
+        " 0) FROM incoming i JOIN catalog_entries e "
+        "ON e.path = i.path AND e.remote = ? AND e.url = i.url",
+        (remote,),
+    )
+    existing, changed = txn.fetchone()
+
+    txn.execute(
+        "DELETE FROM catalog_entries WHERE remote = ? AND NOT EXISTS "
+        "(SELECT 1 FROM incoming i WHERE i.path = catalog_entries.path "
+        "AND i.url = catalog_entries.url)",
+        (remote,),
+    )
+    # An entry is stored when the caller says so or when any entry with the same sha256
+    # already is (the artifact store is shared by all remotes).
+    txn.execute(
+        "INSERT INTO catalog_entries "
+        "(path, remote, url, size, sha256, digests, stored, position) "
+        "SELECT i.path, ?, i.url, i.size, i.sha256, i.digests, "
+        "i.stored OR EXISTS (SELECT 1 FROM catalog_entries s "
+        "WHERE s.sha256 = i.sha256 AND s.stored = 1), i.position "
+        "FROM incoming i WHERE true "
+        "ON CONFLICT (path, remote, url) DO UPDATE SET "
+        "size = excluded.size, sha256 = excluded.sha256, digests = excluded.digests, "
+        "stored = excluded.stored, position = excluded.position",
+        (remote,),
+    )
+    txn.execute("DELETE FROM incoming")
+    return ReplaceReport(
+        remote=remote,
+        total=total,
+        added=total - existing,
+        changed=changed,
+        unchanged=existing - changed,
+        removed=removed,
+    )

@@ -1,0 +1,256 @@
+"""Content-addressed artifact storage on a local filesystem.
+
+Layout under the storage root::
+
+    artifacts/ab/cdef...   one file per artifact, named by its sha256 (first 2 hex chars as folder)
+    tmp/                   partial downloads and other temporary files (same filesystem)
+    quarantine/            artifacts whose bytes no longer match their name (found by verify)
+
+A file enters ``artifacts/`` only by an atomic rename of a complete, fsynced temp file whose
+size was checked, so ``artifacts/`` never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, BinaryIO
+
+import attrs
+from zope.interface import implementer
+
+from store.digests import is_sha256_hex
+from store.errors import ArtifactNotFound, StorageError
+from store.interfaces import IArtifactStorage
+
+CHUNK_SIZE = 1024 * 1024
+TEMP_PREFIX = "part-"
+ARTIFACT_MODE = 0o644
+
+
+@attrs.frozen
+class BadArtifact:
+    """An artifact whose content did not match its name, and where it was moved."""
+
+    sha256: str
+    actual_sha256: str
+    quarantine_path: str
+
+
+@attrs.frozen
+class VerifyReport:
+    """Outcome of ``ArtifactStorage.verify``."""
+
+    checked: int
+    good: int
+    bad: list[BadArtifact]
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    """Return (sha256 hex, size) of the file at *path*, reading it in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@implementer(IArtifactStorage)
+class ArtifactStorage:
+    """Artifacts named by sha256 under *root*; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.artifacts_dir = os.path.join(self.root, "artifacts")
+        self.temp_dir = os.path.join(self.root, "tmp")
+        self.quarantine_dir = os.path.join(self.root, "quarantine")
+        try:
+            os.makedirs(self.artifacts_dir, exist_ok=True)
+            os.makedirs(self.temp_dir, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create storage folders under {self.root!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"ArtifactStorage({self.root!r})"
+
+    def path_for(self, sha256: str) -> str:
+        """Return the path of the artifact with this sha256 (64 lowercase hex characters)."""
+        if not is_sha256_hex(sha256):
+            raise StorageError(f"not a sha256 digest (64 lowercase hex characters): {sha256!r}")
+        return os.path.join(self.artifacts_dir, sha256[:2], sha256[2:])
+
+    def has(self, sha256: str) -> bool:
+        """Return True when the artifact is stored."""
+        return os.path.isfile(self.path_for(sha256))
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open the stored artifact for binary reading."""
+        path = self.path_for(sha256)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"artifact {sha256} is not in storage") from None
+        except OSError as exc:
+            raise StorageError(f"cannot open artifact {sha256}: {exc}") from exc
+
+    def clean_temp(self, min_age: float = 0.0) -> int:
+        """Remove files in tmp/ last modified at least *min_age* seconds ago; return the count.
+
+        Call at start-up with the default to drop what a crash left behind. A process that
+        shares the storage root with another running one should pass a generous *min_age*
+        so it does not remove the other's files in progress.
+        """
+        removed = 0
+        cutoff = time.time() - min_age
+        with os.scandir(self.temp_dir) as it:
+            for entry in it:
+                try:
+                    if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                        continue
+                    if min_age and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
+
+    def new_temp_file(self) -> IO[bytes]:
+        """Return a new writable binary file in tmp/ (its ``.name`` is its path).
+
+        The caller writes, closes, then passes ``.name`` to ``commit`` or removes it.
+        """
+        return tempfile.NamedTemporaryFile(  # noqa: SIM115 - the caller owns the file
+            mode="wb", dir=self.temp_dir, prefix=TEMP_PREFIX, delete=False
+        )
+
+    def discard(self, temp_path: str) -> None:
+        """Remove a temp file that will not be committed (missing is fine)."""
+        _remove_quietly(temp_path)
+
+    def commit(self, temp_path: str, sha256: str, size: int) -> str:
+        """Enter a complete temp file into storage under *sha256*; return the artifact path.
+
+        *sha256* is the digest the caller computed while writing the file (it is not re-read).
+        The file's size must equal *size*. The file is fsynced, then renamed atomically into
+        place. If the artifact exists already the temp file is dropped. On any failure the
+        temp file is removed and StorageError raised.
+        """
+        try:
+            return self._commit(temp_path, sha256, size)
+        except BaseException as exc:
+            _remove_quietly(temp_path)
+            if isinstance(exc, StorageError):
+                raise
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot store artifact {sha256}: {exc}") from exc
+            raise
+
+    def _commit(self, temp_path: str, sha256: str, size: int) -> str:
+        if not is_sha256_hex(sha256):
+            raise StorageError(f"not a sha256 digest (64 lowercase hex characters): {sha256!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise StorageError(f"invalid artifact size: {size!r}")
+        temp_path = os.path.abspath(temp_path)
+        if os.path.dirname(temp_path) != self.temp_dir:
+            raise StorageError(f"refusing to commit {temp_path!r}: not a file in {self.temp_dir!r}")
+        fd = os.open(temp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"refusing to commit {temp_path!r}: not a regular file")
+            if st.st_size != size:
+                raise StorageError(
+                    f"size mismatch for artifact {sha256}: expected {size} bytes, "
+                    f"the file has {st.st_size}"
+                )
+            os.fchmod(fd, ARTIFACT_MODE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dest = self.path_for(sha256)
+        if os.path.isfile(dest):
+            _remove_quietly(temp_path)
+            return dest
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(temp_path, dest)
+        return dest
+
+    def import_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
+        """Copy the local file at *path* into storage through tmp/; return (sha256, size)."""
+        digest = hashlib.sha256()
+        size = 0
+        temp = self.new_temp_file()
+        try:
+            with temp, open(path, "rb") as src:
+                while chunk := src.read(CHUNK_SIZE):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    temp.write(chunk)
+        except OSError as exc:
+            _remove_quietly(temp.name)
+            raise StorageError(f"cannot import {os.fspath(path)!r}: {exc}") from exc
+        except BaseException:
+            _remove_quietly(temp.name)
+            raise
+        sha256 = digest.hexdigest()
+        self.commit(temp.name, sha256, size)
+        return sha256, size
+
+    def iter_artifacts(self) -> Iterator[tuple[str, str]]:
+        """Yield (sha256, path) for every stored artifact, in sha256 order."""
+        try:
+            prefixes = sorted(os.listdir(self.artifacts_dir))
+        except FileNotFoundError:
+            return
+        for prefix in prefixes:
+            folder = os.path.join(self.artifacts_dir, prefix)
+            if len(prefix) != 2 or not os.path.isdir(folder):
+                continue
+            for rest in sorted(os.listdir(folder)):
+                sha256 = prefix + rest
+                path = os.path.join(folder, rest)
+                if is_sha256_hex(sha256) and os.path.isfile(path):
+                    yield sha256, path
+
+    def verify(self, on_bad: Callable[[BadArtifact], object] | None = None) -> VerifyReport:
+        """Re-hash every artifact; move mismatching ones to quarantine/ and report them.
+
+        *on_bad* is called with each BadArtifact as it is found (for example to clear the
+        catalog's stored flag). This reads every byte in storage: run it outside the reactor.
+        """
+        checked = good = 0
+        bad: list[BadArtifact] = []
+        for sha256, path in self.iter_artifacts():
+            try:
+                actual, _size = hash_file(path)
+            except FileNotFoundError:
+                continue
+            checked += 1
+            if actual == sha256:
+                good += 1
+                continue
+            item = BadArtifact(sha256, actual, self._quarantine(sha256, path))
+            bad.append(item)
+            if on_bad is not None:
+                on_bad(item)
+        return VerifyReport(checked=checked, good=good, bad=bad)
+
+    def _quarantine(self, sha256: str, path: str) -> str:
+        os.makedirs(self.quarantine_dir, exist_ok=True)
+        dest = os.path.join(self.quarantine_dir, f"{sha256}.{time.time_ns()}")
+        os.replace(path, dest)
+        return dest

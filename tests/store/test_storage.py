@@ -1,0 +1,171 @@
+"""ArtifactStorage on real files: atomic commit, duplicates, temp cleanup, verify."""
+
+import hashlib
+import os
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from store import ArtifactNotFound, ArtifactStorage, IArtifactStorage, StorageError
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_temp(storage: ArtifactStorage, data: bytes) -> str:
+    with storage.new_temp_file() as f:
+        f.write(data)
+    return f.name
+
+
+def _all_files(folder) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(d, name), folder)
+        for d, _dirs, names in os.walk(folder)
+        for name in names
+    )
+
+
+@pytest.fixture
+def storage(tmp_path) -> ArtifactStorage:
+    return ArtifactStorage(tmp_path / "var")
+
+
+def test_layout_and_interface(storage, tmp_path):
+    assert verifyObject(IArtifactStorage, storage)
+    assert storage.root == str(tmp_path / "var")
+    assert os.path.isdir(storage.temp_dir)
+    assert storage.temp_dir == os.path.join(storage.root, "tmp")
+    sha = _sha(b"x")
+    assert storage.path_for(sha) == os.path.join(storage.root, "artifacts", sha[:2], sha[2:])
+
+
+def test_commit_enters_file_by_rename(storage):
+    data = b"hello artifact\n" * 1000
+    temp = _write_temp(storage, data)
+    assert os.path.dirname(temp) == storage.temp_dir
+    path = storage.commit(temp, _sha(data), len(data))
+    assert path == storage.path_for(_sha(data))
+    assert not os.path.exists(temp)
+    assert storage.has(_sha(data))
+    with storage.open(_sha(data)) as f:
+        assert f.read() == data
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(storage.temp_dir) == []
+
+
+def test_commit_size_mismatch_refused(storage):
+    data = b"short"
+    temp = _write_temp(storage, data)
+    with pytest.raises(StorageError, match="size mismatch.*expected 6 bytes.*has 5"):
+        storage.commit(temp, _sha(data), 6)
+    assert not os.path.exists(temp)
+    assert _all_files(os.path.join(storage.root, "artifacts")) == []
+    assert not storage.has(_sha(data))
+
+
+@pytest.mark.parametrize("bad", ["A" * 64, "ab" * 31, "g" * 64, "", "../" + "a" * 61])
+def test_commit_bad_digest_refused(storage, bad):
+    temp = _write_temp(storage, b"data")
+    with pytest.raises(StorageError, match="not a sha256 digest"):
+        storage.commit(temp, bad, 4)
+    assert not os.path.exists(temp)
+    assert _all_files(os.path.join(storage.root, "artifacts")) == []
+
+
+def test_commit_refuses_file_outside_temp_dir(storage, tmp_path):
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"data")
+    with pytest.raises(StorageError, match="not a file in"):
+        storage.commit(str(outside), _sha(b"data"), 4)
+    assert _all_files(os.path.join(storage.root, "artifacts")) == []
+
+
+def test_commit_missing_temp_file_is_storage_error(storage):
+    missing = os.path.join(storage.temp_dir, "part-gone")
+    with pytest.raises(StorageError, match="cannot store artifact"):
+        storage.commit(missing, _sha(b""), 0)
+
+
+def test_commit_existing_artifact_drops_temp(storage):
+    data = b"same bytes"
+    first = storage.commit(_write_temp(storage, data), _sha(data), len(data))
+    inode = os.stat(first).st_ino
+    temp = _write_temp(storage, data)
+    second = storage.commit(temp, _sha(data), len(data))
+    assert second == first
+    assert os.stat(second).st_ino == inode
+    assert not os.path.exists(temp)
+    assert os.listdir(storage.temp_dir) == []
+
+
+def test_open_missing_artifact(storage):
+    with pytest.raises(ArtifactNotFound):
+        storage.open(_sha(b"never stored"))
+    assert not storage.has(_sha(b"never stored"))
+
+
+def test_clean_temp_removes_stale_files(storage):
+    for data in (b"a", b"b", b"c"):
+        _write_temp(storage, data)
+    assert storage.clean_temp() == 3
+    assert os.listdir(storage.temp_dir) == []
+    assert storage.clean_temp() == 0
+
+
+def test_clean_temp_min_age_keeps_recent_files(storage):
+    old = _write_temp(storage, b"old")
+    recent = _write_temp(storage, b"recent")
+    os.utime(old, (0, 0))
+    assert storage.clean_temp(min_age=3600) == 1
+    assert os.listdir(storage.temp_dir) == [os.path.basename(recent)]
+
+
+def test_import_file_and_iter_artifacts(storage, tmp_path):
+    files = {}
+    for i in range(3):
+        data = os.urandom(3000 + i)
+        src = tmp_path / f"f{i}"
+        src.write_bytes(data)
+        assert storage.import_file(src) == (_sha(data), len(data))
+        files[_sha(data)] = data
+    # importing again is a no-op
+    storage.import_file(tmp_path / "f0")
+    listed = list(storage.iter_artifacts())
+    assert [sha for sha, _path in listed] == sorted(files)
+    for sha, path in listed:
+        with open(path, "rb") as f:
+            assert f.read() == files[sha]
+    assert os.listdir(storage.temp_dir) == []
+
+
+def test_import_missing_file_leaves_nothing(storage, tmp_path):
+    with pytest.raises(StorageError, match="cannot import"):
+        storage.import_file(tmp_path / "missing")
+    assert os.listdir(storage.temp_dir) == []
+    assert list(storage.iter_artifacts()) == []
+
+
+def test_verify_quarantines_corrupted_artifact(storage, tmp_path):
+    good_data, bad_data = b"good" * 100, b"bad" * 100
+    for name, data in (("good", good_data), ("bad", bad_data)):
+        (tmp_path / name).write_bytes(data)
+        storage.import_file(tmp_path / name)
+    bad_sha = _sha(bad_data)
+    with open(storage.path_for(bad_sha), "r+b") as f:  # flip a byte on disk
+        f.write(b"B")
+    seen = []
+    report = storage.verify(on_bad=seen.append)
+    assert (report.checked, report.good) == (2, 1)
+    assert len(report.bad) == 1 and seen == report.bad
+    item = report.bad[0]
+    assert item.sha256 == bad_sha
+    assert item.actual_sha256 == _sha(b"B" + bad_data[1:])
+    assert os.path.dirname(item.quarantine_path) == os.path.join(storage.root, "quarantine")
+    assert not storage.has(bad_sha)
+    assert storage.has(_sha(good_data))
+    with open(item.quarantine_path, "rb") as f:
+        assert f.read() == b"B" + bad_data[1:]
+    again = storage.verify()
+    assert (again.checked, again.good, again.bad) == (1, 1, [])
