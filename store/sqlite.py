@@ -262,7 +262,7 @@ def _list_dir(txn: Any, prefix: str) -> list[ListingItem]:
         txn.execute(sql, params)
         rows = txn.fetchall()
         if not rows:
-            return items
+            break
         for path, size, stored in rows:
             name, sep, _rest = path[len(base) :].partition("/")
             if sep:
@@ -273,8 +273,11 @@ def _list_dir(txn: Any, prefix: str) -> list[ListingItem]:
             items.append(ListingItem(name=name, is_dir=False, size=size, stored=bool(stored)))
         else:
             if len(rows) < LISTING_BATCH:
-                return items
+                break
             start, inclusive = rows[-1][0], False
+    # Path order puts "a.txt" before the folder "a" ("." sorts before "/"): sort by name.
+    items.sort(key=lambda item: (item.name, item.is_dir))
+    return items
 
 
 def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:
@@ -341,7 +344,11 @@ def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> R
         "FROM incoming i WHERE true "
         "ON CONFLICT (path, remote, url) DO UPDATE SET "
         "size = excluded.size, sha256 = excluded.sha256, digests = excluded.digests, "
-        "stored = excluded.stored, position = excluded.position",
+        "stored = excluded.stored, position = excluded.position "
+        "WHERE catalog_entries.size != excluded.size "
+        "OR catalog_entries.digests != excluded.digests "
+        "OR catalog_entries.stored != excluded.stored "
+        "OR catalog_entries.position != excluded.position",
         (remote,),
     )
     txn.execute("DELETE FROM incoming")

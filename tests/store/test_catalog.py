@@ -1,0 +1,320 @@
+"""SQLiteCatalog on a real SQLite file: lookup order, listings, replace_remote, open_catalog."""
+
+import hashlib
+import os
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from zope.interface.verify import verifyObject
+
+from store import (
+    CatalogEntry,
+    CatalogError,
+    ICatalog,
+    ListingItem,
+    SQLiteCatalog,
+    open_catalog,
+)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry(path, remote="r1", url=None, size=10, content=None, **kw) -> CatalogEntry:
+    return CatalogEntry(
+        path=path,
+        remote=remote,
+        url=url or f"http://upstream.invalid/{remote}/{path}",
+        size=size,
+        digests={"sha256": _sha(content or path)},
+        **kw,
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = SQLiteCatalog(str(tmp_path / "db" / "catalog.sqlite3"))
+    pytest_twisted.blockon(cat.open())
+    yield cat
+    pytest_twisted.blockon(cat.close())
+
+
+def test_catalog_entry_validation():
+    e = entry("a/b", content="x")
+    assert e.sha256 == _sha("x")
+    upper = CatalogEntry("p", "r", "u", 1, {"SHA256": _sha("x").upper()})
+    assert upper.digests == {"sha256": _sha("x")}
+    with pytest.raises(ValueError, match="sha256"):
+        CatalogEntry("p", "r", "u", 1, {"md5": "0" * 32})
+    with pytest.raises(ValueError, match="relative"):
+        CatalogEntry("/p", "r", "u", 1, {"sha256": _sha("x")})
+    with pytest.raises(ValueError, match="non-negative"):
+        CatalogEntry("p", "r", "u", -1, {"sha256": _sha("x")})
+
+
+@pytest_twisted.inlineCallbacks
+def test_open_creates_file_in_wal_mode(catalog, tmp_path):
+    assert verifyObject(ICatalog, catalog)
+    assert os.path.isfile(tmp_path / "db" / "catalog.sqlite3")
+    mode = yield catalog._pool.runQuery("PRAGMA journal_mode")
+    assert mode == [("wal",)]
+    assert (yield catalog.count()) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_returns_entries_in_stable_order(catalog):
+    mirrors = [
+        entry("base/pkg.rpm", remote="zeta", url="http://m1.invalid/pkg.rpm", position=0),
+        entry("base/pkg.rpm", remote="zeta", url="http://m2.invalid/pkg.rpm", position=1),
+    ]
+    other = [
+        entry("base/pkg.rpm", remote="alpha", url="http://a1.invalid/pkg.rpm", position=1),
+        entry("base/pkg.rpm", remote="alpha", url="http://a0.invalid/pkg.rpm", position=0),
+        entry("base/other", remote="alpha"),
+    ]
+    yield catalog.replace_remote("zeta", mirrors)
+    yield catalog.replace_remote("alpha", other)
+    found = yield catalog.lookup("base/pkg.rpm")
+    assert [(e.position, e.remote, e.url) for e in found] == [
+        (0, "alpha", "http://a0.invalid/pkg.rpm"),
+        (0, "zeta", "http://m1.invalid/pkg.rpm"),
+        (1, "alpha", "http://a1.invalid/pkg.rpm"),
+        (1, "zeta", "http://m2.invalid/pkg.rpm"),
+    ]
+    assert found[1] == mirrors[0]
+    assert (yield catalog.lookup("/base/pkg.rpm")) == found
+    assert (yield catalog.lookup("base/missing")) == []
+    assert (yield catalog.lookup("base")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_list_dir_direct_children(catalog):
+    yield catalog.replace_remote(
+        "r1",
+        [
+            entry("repo/a.txt", size=1),
+            entry("repo/b/c.txt", size=2),
+            entry("repo/b/d/e.txt", size=3),
+            entry("repo/b0.txt", size=4, stored=True),
+            entry("repo/z/y.txt", size=5),
+            entry("repo.txt", size=6),
+            entry("repox/f", size=7),
+            entry("other/g", size=8),
+        ],
+    )
+    assert (yield catalog.list_dir("repo")) == [
+        ListingItem("a.txt", False, 1, False),
+        ListingItem("b", True),
+        ListingItem("b0.txt", False, 4, True),
+        ListingItem("z", True),
+    ]
+    assert (yield catalog.list_dir("/repo/b/")) == [
+        ListingItem("c.txt", False, 2, False),
+        ListingItem("d", True),
+    ]
+    assert (yield catalog.list_dir("")) == [
+        ListingItem("other", True),
+        ListingItem("repo", True),
+        ListingItem("repo.txt", False, 6, False),
+        ListingItem("repox", True),
+    ]
+    assert (yield catalog.list_dir("nothing")) == []
+    assert (yield catalog.list_dir("repo/a.txt")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_list_dir_large_folder_spans_batches(catalog):
+    names = [f"f{i:05d}" for i in range(2500)]
+    entries = [entry(f"big/{n}") for n in names]
+    # the same path twice (a mirror): listed once, stored if any entry is
+    entries.append(entry("big/f00999", url="http://mirror.invalid/f00999", stored=True))
+    entries += [entry(f"big/sub{i}/x") for i in range(3)]
+    yield catalog.replace_remote("r1", entries)
+    listing = yield catalog.list_dir("big")
+    assert [i.name for i in listing] == names + ["sub0", "sub1", "sub2"]
+    assert [i.name for i in listing if i.stored] == ["f00999"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_replace_remote_is_idempotent_and_tracks_changes(catalog):
+    first = [entry("r/a"), entry("r/b"), entry("r/c", size=3)]
+    yield catalog.replace_remote("other", [entry("r/a", remote="other")])
+    report = yield catalog.replace_remote("r1", first)
+    assert (report.total, report.added, report.changed, report.unchanged, report.removed) == (
+        3,
+        3,
+        0,
+        0,
+        0,
+    )
+    again = yield catalog.replace_remote("r1", first)
+    assert (again.added, again.changed, again.unchanged, again.removed) == (0, 0, 3, 0)
+    assert (yield catalog.entries_for_remote("r1")) == first
+
+    # upstream changed: b removed, c's content changed, d added
+    second = [entry("r/a"), entry("r/c", size=4, content="new c"), entry("r/d")]
+    report = yield catalog.replace_remote("r1", iter(second))
+    assert (report.total, report.added, report.changed, report.unchanged, report.removed) == (
+        3,
+        1,
+        1,
+        1,
+        1,
+    )
+    assert (yield catalog.entries_for_remote("r1")) == second
+    assert (yield catalog.lookup("r/b")) == []
+    (c,) = yield catalog.lookup("r/c")
+    assert (c.size, c.sha256) == (4, _sha("new c"))
+    # the other remote's entry for the same path is untouched
+    assert [e.remote for e in (yield catalog.lookup("r/a"))] == ["other", "r1"]
+    assert (yield catalog.count()) == 4
+    assert (yield catalog.count("r1")) == 3
+
+    emptied = yield catalog.replace_remote("r1", [])
+    assert (emptied.total, emptied.removed) == (0, 3)
+    assert (yield catalog.count("r1")) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_replace_remote_keeps_stored_flag_for_unchanged_content(catalog):
+    yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b")])
+    assert (yield catalog.mark_stored(_sha("r/a"))) == 1
+    yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b", content="changed")])
+    a, b = yield catalog.entries_for_remote("r1")
+    assert a.stored and not b.stored
+    # a new remote listing stored content sees it as stored
+    yield catalog.replace_remote("r2", [entry("elsewhere/a", remote="r2", content="r/a")])
+    (other,) = yield catalog.lookup("elsewhere/a")
+    assert other.stored
+
+
+@pytest_twisted.inlineCallbacks
+def test_mark_stored_updates_all_entries_with_sha(catalog):
+    yield catalog.replace_remote(
+        "r1", [entry("x/1", content="same"), entry("x/2", content="same"), entry("x/3")]
+    )
+    yield catalog.replace_remote("r2", [entry("y/1", remote="r2", content="same")])
+    assert (yield catalog.mark_stored(_sha("same"))) == 3
+    stored = [e.path for e in (yield catalog.entries_for_remote("r1")) if e.stored]
+    assert stored == ["x/1", "x/2"]
+    assert (yield catalog.lookup("y/1"))[0].stored
+    assert (yield catalog.mark_stored(_sha("same"), stored=False)) == 3
+    assert not (yield catalog.lookup("y/1"))[0].stored
+
+
+@pytest_twisted.inlineCallbacks
+def test_replace_remote_failure_changes_nothing(catalog):
+    yield catalog.replace_remote("r1", [entry("r/a")])
+
+    def broken():
+        yield entry("r/new")
+        raise ValueError("manifest went bad half-way")
+
+    with pytest.raises(ValueError, match="half-way"):
+        yield catalog.replace_remote("r1", broken())
+    with pytest.raises(CatalogError, match="remote 'r2'"):
+        yield catalog.replace_remote("r1", [entry("r/b", remote="r2")])
+    with pytest.raises(CatalogError, match="listed twice"):
+        yield catalog.replace_remote("r1", [entry("r/b"), entry("r/b")])
+    assert [e.path for e in (yield catalog.entries_for_remote("r1"))] == ["r/a"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_replace_100000_entries_fast_without_blocking_reactor(catalog):
+    n = 100_000
+
+    def generate(tag):
+        for i in range(n):
+            yield CatalogEntry(
+                path=f"big/d{i % 100}/file-{i:06d}.bin",
+                remote="big",
+                url=f"http://upstream.invalid/big/d{i % 100}/file-{i:06d}.bin",
+                size=i,
+                digests={"sha256": hashlib.sha256(f"{tag}{i}".encode()).hexdigest()},
+            )
+
+    ticks = []
+    loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+    loop.clock = reactor
+    loop.start(0.01)
+    started = time.monotonic()
+    report = yield catalog.replace_remote("big", generate("v1"))
+    first_run = time.monotonic() - started
+    started = time.monotonic()
+    again = yield catalog.replace_remote("big", generate("v1"))
+    second_run = time.monotonic() - started
+    loop.stop()
+    print(f"replace_remote 100000 entries: first {first_run:.2f}s, re-sync {second_run:.2f}s")
+    assert (report.added, report.total) == (n, n)
+    assert (again.unchanged, again.added, again.removed) == (n, 0, 0)
+    assert (yield catalog.count("big")) == n
+    assert first_run < 20 and second_run < 20
+    # the reactor kept turning while the database thread worked
+    assert len(ticks) > (first_run + second_run) / 0.01 / 4
+    (found,) = yield catalog.lookup("big/d7/file-000007.bin")
+    assert found.size == 7
+
+
+@pytest_twisted.inlineCallbacks
+def test_memory_catalog_and_reopen(tmp_path):
+    mem = open_catalog("sqlite:///:memory:", str(tmp_path))
+    yield mem.open()
+    yield mem.replace_remote("r1", [entry("a/b")])
+    assert (yield mem.count()) == 1
+    yield mem.close()
+
+    path = tmp_path / "persist.sqlite3"
+    cat = open_catalog(f"sqlite:///{path}", str(tmp_path))
+    yield cat.open()
+    yield cat.replace_remote("r1", [entry("a/b")])
+    yield cat.close()
+    with pytest.raises(CatalogError, match="not open"):
+        cat.lookup("a/b")
+    cat = open_catalog(f"sqlite:///{path}", str(tmp_path))
+    yield cat.open()
+    assert [e.path for e in (yield cat.lookup("a/b"))] == ["a/b"]
+    yield cat.close()
+
+
+def test_open_catalog_urls(tmp_path, monkeypatch):
+    default = open_catalog("", str(tmp_path / "var"))
+    assert isinstance(default, SQLiteCatalog)
+    assert default.database == os.path.join(str(tmp_path / "var"), "catalog.sqlite3")
+    monkeypatch.chdir(tmp_path)
+    relative = open_catalog("sqlite:///var/cat.db", "ignored")
+    assert relative.database == os.path.join(str(tmp_path), "var", "cat.db")
+    based = open_catalog("sqlite:///cat.db", "ignored", base_dir=str(tmp_path / "conf"))
+    assert based.database == os.path.join(str(tmp_path), "conf", "cat.db")
+    absolute = open_catalog("sqlite:////srv/cat.db", "ignored")
+    assert absolute.database == "/srv/cat.db"
+    assert open_catalog("sqlite:///:memory:", "x").database == ":memory:"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://user:secret@db.invalid/catalog", "PostgreSQL, which is not available yet"),
+        ("postgres://db.invalid/catalog", "PostgreSQL, which is not available yet"),
+        ("mysql://user:secret@db.invalid/catalog", "unsupported catalog url scheme 'mysql'"),
+        ("var/catalog.sqlite3", "unsupported catalog url scheme '(none)'"),
+        ("sqlite://host/catalog", "three slashes"),
+        ("sqlite:///", "path is empty"),
+    ],
+)
+def test_open_catalog_errors(url, message, tmp_path):
+    with pytest.raises(CatalogError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        open_catalog(url, str(tmp_path))
+    assert "secret" not in str(e.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_open_fails_cleanly_on_unusable_file(tmp_path):
+    bad = tmp_path / "not-a-db.sqlite3"
+    bad.write_bytes(b"this is not an sqlite database" * 100)
+    cat = SQLiteCatalog(str(bad))
+    with pytest.raises(CatalogError, match="not-a-db.sqlite3"):
+        yield cat.open()
+    assert cat._pool is None
