@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Streaming benchmark: the streamer beside its peers, in one run, reported as ratios.
+
+    python bench/stream_bench.py [--shared DIR] [--big-mib 1024] [--work DIR]
+
+Runs, on loopback only:
+* cold 1 GiB through the streamer (tee + sha256), the aiohttp peer shaped like Pulp 3's content
+  app (same digests) and nginx proxy_pass (MB/s, ratios);
+* warm (stored) 1 GiB and 2000 small-file requests/s against nginx static and the aiohttp peer;
+* the streamer's peak RSS growth while 10 clients limited to 2 MB/s and one fast client read a
+  cold 1 GiB file;
+* coalescing: 50 concurrent cold requests for one file, upstream requests counted in nginx's
+  access log.
+
+Needs Debian's nginx and curl, and aiohttp for the peer (`pip install aiohttp`: bench only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def curl_speed(url: str, *extra: str) -> float:
+    """Download url to /dev/null; return bytes/second as curl measured it."""
+    out = subprocess.run(
+        ["curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{speed_download}", *extra, url],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout)
+
+
+def small_files_rate(base: str, paths: list[str], parallel: int = 10) -> float:
+    """Requests per second for fetching every path once with `curl -Z` (parallel transfers)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg:
+        for p in paths:
+            cfg.write(f'url = "{base}/{p}"\noutput = "/dev/null"\n')
+    try:
+        start = time.perf_counter()
+        subprocess.run(
+            ["curl", "-sS", "-f", "-Z", "--parallel-max", str(parallel), "-K", cfg.name],
+            check=True,
+        )
+        return len(paths) / (time.perf_counter() - start)
+    finally:
+        os.unlink(cfg.name)
+
+
+def count_requests(access_log: Path, path: str) -> int:
+    if not access_log.exists():
+        return 0
+    return sum(1 for line in access_log.read_text().splitlines() if f" /{path} " in line)
+
+
+def concurrent_get(url: str, n: int) -> list[int]:
+    procs = [
+        subprocess.Popen(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    return [int(p.communicate()[0] or 0) for p in procs]
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--work", default="")
+    args = parser.parse_args()
+    peers = Path(args.shared) / "peers"
+    work = Path(args.work or tempfile.mkdtemp(prefix="stream-bench-"))
+    fixture = work / "upstream"
+    big = args.big_mib << 20
+    results: dict[str, float | str] = {}
+    procs: list[subprocess.Popen] = []
+    nginx_work = work / "nginx"
+    try:
+        print(f"# {machine()}", flush=True)
+        subprocess.run(
+            [
+                sys.executable,
+                peers / "make_fixture.py",
+                fixture,
+                "--count",
+                str(args.small),
+                "--size",
+                "16384",
+                "--big",
+                str(big),
+            ],
+            check=True,
+        )
+        # A 64 MiB file for the coalescing round.
+        mid = fixture / "files" / "mid.bin"
+        subprocess.run(
+            ["head", "-c", str(64 << 20), "/dev/urandom"], stdout=mid.open("wb"), check=True
+        )
+        sha = subprocess.run(
+            ["sha256sum", mid], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        with (fixture / "PULP_MANIFEST").open("a") as f:
+            f.write(f"files/mid.bin,{sha},{64 << 20}\n")
+
+        static, proxy, aio, ours = free_port(), free_port(), free_port(), free_port()
+        subprocess.run(
+            [peers / "nginx.sh", "start", fixture, str(static), str(proxy), nginx_work],
+            check=True,
+            capture_output=True,
+        )
+        wait_port(static)
+        upstream = f"http://127.0.0.1:{static}"
+        access_log = nginx_work / "access.log"
+
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    peers / "aiohttp_proxy.py",
+                    "--upstream",
+                    upstream,
+                    "--port",
+                    str(aio),
+                    "--store",
+                    work / "aio",
+                    "--digests",
+                    "sha256",
+                ]
+            )
+        )
+        config = work / "streamer.toml"
+        config.write_text(
+            f'[server]\nlisten = "tcp:{ours}:interface=127.0.0.1"\n'
+            f'[storage]\npath = "{work / "var"}"\n'
+            f'[[remotes]]\nname = "bench"\nurl = "{upstream}/PULP_MANIFEST"\n'
+            'policy = "on_demand"\nbase_path = "bench"\n'
+        )
+        subprocess.run(["streamer", "--config", config, "sync"], check=True)
+        streamer = subprocess.Popen(
+            [
+                "twistd",
+                "-n",
+                "--pidfile=",
+                "--logfile",
+                work / "twistd.log",
+                "streamer",
+                "--config",
+                config,
+            ],
+            cwd=work,
+        )
+        procs.append(streamer)
+        wait_port(aio)
+        wait_port(ours)
+        s_base, a_base = f"http://127.0.0.1:{ours}/bench", f"http://127.0.0.1:{aio}"
+        mb = 1e6
+
+        # 1. Cold 1 GiB.
+        results["cold nginx proxy MB/s"] = (
+            curl_speed(f"http://127.0.0.1:{proxy}/files/big.bin") / mb
+        )
+        results["cold aiohttp MB/s"] = curl_speed(f"{a_base}/files/big.bin") / mb
+        results["cold streamer MB/s"] = curl_speed(f"{s_base}/files/big.bin") / mb
+        # 2. Warm 1 GiB and small files.
+        results["warm nginx static MB/s"] = curl_speed(f"{upstream}/files/big.bin") / mb
+        results["warm aiohttp MB/s"] = curl_speed(f"{a_base}/files/big.bin") / mb
+        results["warm streamer MB/s"] = curl_speed(f"{s_base}/files/big.bin") / mb
+        small = [f"files/{i:05d}.bin" for i in range(args.small)]
+        results["cold small aiohttp req/s"] = small_files_rate(a_base, small)
+        results["cold small streamer req/s"] = small_files_rate(s_base, small)
+        results["warm small nginx static req/s"] = small_files_rate(upstream, small)
+        results["warm small aiohttp req/s"] = small_files_rate(a_base, small)
+        results["warm small streamer req/s"] = small_files_rate(s_base, small)
+
+        # 3. Memory: a cold 1 GiB file (stored copy removed, catalog told), 10 slow + 1 fast.
+        shutil.rmtree(work / "var" / "artifacts", ignore_errors=True)
+        subprocess.run(["streamer", "--config", config, "sync"], check=True, capture_output=True)
+        base_rss = rss_kib(streamer.pid)
+        slow = [
+            subprocess.Popen(
+                ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "2M", f"{s_base}/files/big.bin"]
+            )
+            for _ in range(10)
+        ]
+        fast = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", f"{s_base}/files/big.bin"])
+        peak = base_rss
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kib(streamer.pid))
+            time.sleep(0.05)
+        fast_done = fast.poll() is not None
+        for p in [*slow, fast]:
+            p.terminate()
+            p.wait()
+        results["memory: RSS growth MiB (10 slow + 1 fast, cold 1 GiB)"] = (peak - base_rss) / 1024
+        results["memory: fast client done within 30 s"] = str(fast_done)
+
+        # 4. Coalescing: 50 concurrent cold requests for the 64 MiB file.
+        before = count_requests(access_log, "files/mid.bin")
+        codes = concurrent_get(f"{s_base}/files/mid.bin", 50)
+        results["coalescing: streamer upstream requests for 50 clients"] = (
+            count_requests(access_log, "files/mid.bin") - before
+        )
+        results["coalescing: streamer 200 responses"] = sum(c == 200 for c in codes)
+        before = count_requests(access_log, "files/mid.bin")
+        concurrent_get(f"{a_base}/files/mid.bin", 50)
+        results["coalescing: aiohttp upstream requests for 50 clients"] = (
+            count_requests(access_log, "files/mid.bin") - before
+        )
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run([peers / "nginx.sh", "stop", nginx_work], capture_output=True)
+
+    def ratio(a: str, b: str) -> str:
+        return f"{float(results[a]) / float(results[b]):.2f}x"
+
+    results["ratio cold streamer/aiohttp"] = ratio("cold streamer MB/s", "cold aiohttp MB/s")
+    results["ratio cold streamer/nginx proxy"] = ratio(
+        "cold streamer MB/s", "cold nginx proxy MB/s"
+    )
+    results["ratio warm streamer/aiohttp"] = ratio("warm streamer MB/s", "warm aiohttp MB/s")
+    results["ratio warm small streamer/aiohttp"] = ratio(
+        "warm small streamer req/s", "warm small aiohttp req/s"
+    )
+    print("| measure | value |\n| --- | --- |")
+    for key, value in results.items():
+        shown = f"{value:.1f}" if isinstance(value, float) else value
+        print(f"| {key} | {shown} |")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
