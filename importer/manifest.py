@@ -1,0 +1,142 @@
+"""The PULP_MANIFEST format: one ``relative_path,sha256,size`` line per file.
+
+Parsing is lazy (one line at a time) so a 100,000-line manifest is never held in memory;
+only the set of paths seen so far is kept, to refuse duplicates. Every bad line raises
+ManifestError naming the line number and the reason. Blank lines, lines starting with
+``#`` (as Pulp allows), trailing whitespace, CRLF line ends and a UTF-8 BOM are tolerated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+MANIFEST_NAME = "PULP_MANIFEST"
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_DIGITS = re.compile(r"[0-9]+")
+# C0 controls, DEL and C1 controls: never part of a path we serve.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class ManifestError(ValueError):
+    """A manifest line is malformed; ``line_number`` says which (1-based)."""
+
+    def __init__(self, line_number: int, reason: str, source: str = MANIFEST_NAME) -> None:
+        self.line_number = line_number
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source} line {line_number}: {reason}")
+
+
+@attrs.frozen
+class ManifestEntry:
+    """One file listed in a manifest: where it lives relative to the manifest, its digest, size."""
+
+    relative_path: str
+    sha256: str
+    size: int
+
+
+def _path_problem(path: str) -> str | None:
+    """Return why *path* is not a safe relative path, or None when it is fine."""
+    if not path:
+        return "empty relative path"
+    if _CONTROL.search(path):
+        return f"relative path {path!r} contains a NUL or control character"
+    if "\\" in path:
+        return f"relative path {path!r} contains a backslash"
+    if path != path.strip():
+        return f"relative path {path!r} has leading or trailing whitespace"
+    if path.startswith("/"):
+        return f"relative path {path!r} is absolute"
+    for part in path.split("/"):
+        if part == "..":
+            return f"relative path {path!r} has a '..' component"
+        if part == ".":
+            return f"relative path {path!r} has a '.' component"
+        if not part:
+            return f"relative path {path!r} has an empty component (// or a trailing /)"
+    return None
+
+
+def parse_line(line: str, line_number: int, source: str = MANIFEST_NAME) -> ManifestEntry | None:
+    """Parse one manifest line; None for a blank or comment line, ManifestError if bad."""
+    line = line.rstrip()
+    if not line or line.startswith("#"):
+        return None
+    fields = line.split(",")
+    if len(fields) != 3:
+        raise ManifestError(
+            line_number,
+            f"expected 3 comma-separated fields (relative_path,sha256,size), got {len(fields)}",
+            source,
+        )
+    path, digest, size_text = fields[0], fields[1].strip(), fields[2].strip()
+    problem = _path_problem(path)
+    if problem:
+        raise ManifestError(line_number, problem, source)
+    if not _HEX64.fullmatch(digest):
+        raise ManifestError(
+            line_number, f"sha256 must be 64 hex characters, got {digest[:80]!r}", source
+        )
+    if not _DIGITS.fullmatch(size_text):
+        if size_text.startswith("-") and _DIGITS.fullmatch(size_text[1:]):
+            reason = f"size must not be negative, got {size_text}"
+        else:
+            reason = f"size must be a non-negative integer, got {size_text[:40]!r}"
+        raise ManifestError(line_number, reason, source)
+    return ManifestEntry(relative_path=path, sha256=digest.lower(), size=int(size_text))
+
+
+def parse_manifest(
+    lines: Iterable[str | bytes], source: str = MANIFEST_NAME
+) -> Iterator[ManifestEntry]:
+    """Yield a ManifestEntry per file line of *lines* (text or UTF-8 bytes), lazily.
+
+    Raises ManifestError at the first bad line, including a relative path listed twice.
+    """
+    seen: dict[str, int] = {}
+    for line_number, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ManifestError(line_number, f"not valid UTF-8 ({exc.reason})", source)
+        else:
+            line = raw
+        if line_number == 1:
+            line = line.removeprefix("\ufeff")
+        entry = parse_line(line, line_number, source)
+        if entry is None:
+            continue
+        first = seen.setdefault(entry.relative_path, line_number)
+        if first != line_number:
+            raise ManifestError(
+                line_number,
+                f"duplicate relative path {entry.relative_path!r} (first listed on line {first})",
+                source,
+            )
+        yield entry
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Iterator[ManifestEntry]:
+    """Yield the entries of the manifest file at *path*, reading it lazily."""
+    source = os.path.basename(os.fspath(path)) or MANIFEST_NAME
+    with open(path, "rb") as f:
+        yield from parse_manifest(f, source)
+
+
+def validate_manifest(path: str | os.PathLike[str]) -> int:
+    """Check the whole manifest file at *path*; return its number of entries.
+
+    Lets a sync fail on a bad line before it touches the catalog, then re-read the file
+    lazily with ``read_manifest``.
+    """
+    count = 0
+    for _entry in read_manifest(path):
+        count += 1
+    return count
