@@ -7,6 +7,7 @@ from downloaders.errors import (
     DigestValidationError,
     DownloadError,
     DownloadTimeout,
+    FileNotFound,
     ForbiddenPath,
     HttpError,
     NotAuthorized,
@@ -18,6 +19,8 @@ from downloaders.errors import (
     UnsupportedDigestValidationError,
     ValidationError,
 )
+from downloaders.file import FileDownloader
+from downloaders.http import HttpDownloader
 from downloaders.interfaces import IDownloader, IWriter
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
@@ -33,7 +36,10 @@ __all__ = [
     "DownloadError",
     "DownloadResult",
     "DownloadTimeout",
+    "FileDownloader",
+    "FileNotFound",
     "ForbiddenPath",
+    "HttpDownloader",
     "HttpError",
     "IDownloader",
     "IWriter",

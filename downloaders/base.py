@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -28,6 +29,7 @@ from downloaders.errors import (
     DownloadError,
     SizeValidationError,
     UnsupportedDigestValidationError,
+    redact_url,
 )
 from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
@@ -70,7 +72,10 @@ class BaseDownloader:
         backoff: Backoff | None = None,
         reactor: IReactorTime | None = None,
     ) -> None:
-        self.url = url
+        #: The url without credentials: what results, errors and logs show.
+        self.url = redact_url(url)
+        #: ``(username, password)`` from the url's userinfo, for protocols that can send them.
+        self.url_credentials = _userinfo(url)
         self.expected_digests = normalise_digests(expected_digests)
         bad = unsupported_digest(self.expected_digests)
         if bad is not None:
@@ -240,6 +245,16 @@ class BaseDownloader:
             except FileNotFoundError:
                 pass
             self.path = None
+
+
+def _userinfo(url: str) -> tuple[str, str] | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.username is None:
+        return None
+    return unquote(parts.username), unquote(parts.password or "")
 
 
 _reactor_thread_lock = threading.Lock()

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its ``user:password@`` part, fit for messages, logs and results."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 class DownloadError(Exception):
@@ -12,6 +25,7 @@ class DownloadError(Exception):
     retryable: bool = False
 
     def __init__(self, url: str, message: str = "") -> None:
+        url = redact_url(url)
         self.url = url
         self.message = message or self.__class__.__name__
         super().__init__(f"{self.message} ({url})")
@@ -60,6 +74,19 @@ def http_error(
     elif status in (401, 403):
         cls = NotAuthorized
     return cls(url, status, reason, headers, retry_after)
+
+
+class FileNotFound(NotFound):
+    """A file:// url whose file does not exist (a `NotFound`, like an HTTP 404)."""
+
+    def __init__(self, url: str, path: str) -> None:
+        self.path = path
+        DownloadError.__init__(self, url, f"no such file: {path}")
+        self.status = 404
+        self.reason = "Not Found"
+        self.headers = None
+        self.retry_after = None
+        self.retryable = False
 
 
 class ConnectionFailed(DownloadError):

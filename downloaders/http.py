@@ -1,0 +1,410 @@
+"""HttpDownloader: one url over HTTP(S) with twisted.web.client, streamed into `handle_data`.
+
+The body is delivered chunk by chunk through ``IResponse.deliverBody`` into our own protocol,
+never buffered whole. The agent is a plain ``Agent`` (never wrapped in ``ContentDecoderAgent``)
+and we do not ask for compression, so the bytes stored are the bytes on the wire: a ``.gz``
+served with ``Content-Encoding: gzip`` keeps its published sha256.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+
+from downloaders import errors
+from downloaders.base import BaseDownloader
+from downloaders.retry import parse_retry_after
+
+METHODS = ("GET", "HEAD")
+
+#: Error bodies (status >= 400) up to this size are read and dropped, so the connection can
+#: go back to the pool; bigger ones cost the connection instead of the bandwidth.
+ERROR_BODY_LIMIT = 64 * 1024
+
+_default_pools: dict[int, HTTPConnectionPool] = {}
+
+
+def default_pool(reactor: Any) -> HTTPConnectionPool:
+    """One persistent connection pool per reactor for downloaders built without an agent."""
+    pool = _default_pools.get(id(reactor))
+    if pool is None:
+        pool = _default_pools[id(reactor)] = HTTPConnectionPool(reactor, persistent=True)
+    return pool
+
+
+class HttpDownloader(BaseDownloader):
+    """Download an ``http://`` or ``https://`` url with GET (or HEAD).
+
+    :param agent: an ``IAgent`` (the factory passes one carrying TLS, proxy and the shared
+        pool). None: a plain ``Agent`` on a persistent pool shared by such downloaders.
+    :param method: ``"GET"``, or ``"HEAD"`` for headers only (no body, no validation).
+    :param headers: extra request headers, ``{name: value}``.
+    :param connect_timeout: seconds to establish the connection (only for the default agent).
+    :param sock_read_timeout: seconds without any byte (headers or body) before giving up with
+        ``DownloadTimeout(kind="read")``; 0 disables it. Idle time, so a long healthy
+        download is never cut.
+    :param total_timeout: seconds for a whole attempt, 0 for no limit (``kind="total"``).
+
+    Credentials in the url's userinfo become a Basic ``Authorization`` header unless one is
+    given; they never appear in the request line, results or error messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        expected_digests: Mapping[str, str] | None = None,
+        expected_size: int | None = None,
+        semaphore: defer.DeferredSemaphore | None = None,
+        *,
+        agent: IAgent | None = None,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        connect_timeout: float = 60.0,
+        sock_read_timeout: float = 60.0,
+        total_timeout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(url, expected_digests, expected_size, semaphore, **kwargs)
+        method = method.upper()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("sock_read_timeout", sock_read_timeout),
+            ("total_timeout", total_timeout),
+        ):
+            if value is None or value < 0:
+                raise ValueError(f"{name} must be >= 0, not {value!r}")
+        self.method = method
+        self.request_headers = dict(headers or {})
+        self.connect_timeout = connect_timeout
+        self.sock_read_timeout = sock_read_timeout
+        self.total_timeout = total_timeout
+        if agent is None:
+            agent = self._default_agent()
+        self.agent = agent
+        #: The last response (status in ``.code``), None before the first one.
+        self.response: IResponse | None = None
+
+    def _default_agent(self) -> IAgent:
+        reactor = self.reactor
+        if not IReactorTCP.providedBy(reactor):
+            # A test Clock drives our timers; connections still need the real reactor.
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        return Agent(
+            reactor,
+            connectTimeout=self.connect_timeout or None,
+            pool=default_pool(reactor),
+        )
+
+    def _headers(self) -> Headers:
+        headers = Headers()
+        for name, value in self.request_headers.items():
+            headers.addRawHeader(name, value)
+        if self.url_credentials is not None and not headers.hasHeader(b"authorization"):
+            user, password = self.url_credentials
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            headers.addRawHeader(b"authorization", f"Basic {token}".encode("ascii"))
+        return headers
+
+    def _run(self, extra_data: Any = None) -> defer.Deferred[None]:
+        """One attempt: request, check the status, report headers, stream the body."""
+        return _Attempt(self).start()
+
+    def validate(self) -> None:
+        """HEAD fetches no body, so there is nothing to validate."""
+        if self.method != "HEAD":
+            super().validate()
+
+    @property
+    def artifact_attributes(self) -> dict[str, Any]:
+        if self.method == "HEAD":
+            return {"size": 0}
+        return super().artifact_attributes
+
+
+class _Attempt:
+    """The state of one request: its timers, what is in flight, and how it ended.
+
+    ``done`` fires exactly once: with None after the whole body went through `handle_data`,
+    or with a `DownloadError`. Whatever ends it first (error, timeout, cancellation) also
+    aborts what is still in flight, so no connection outlives the attempt.
+    """
+
+    def __init__(self, downloader: HttpDownloader) -> None:
+        self.downloader = downloader
+        self.url = downloader.url
+        self.done: defer.Deferred[None] = defer.Deferred(self._cancelled)
+        self.finished = False
+        self.received = 0
+        self._request: defer.Deferred[IResponse] | None = None
+        self._body_transport: Any = None
+        self._response: IResponse | None = None
+        self._idle: IDelayedCall | None = None
+        self._total: IDelayedCall | None = None
+
+    def start(self) -> defer.Deferred[None]:
+        dl = self.downloader
+        clock = dl.reactor
+        if dl.total_timeout:
+            self._total = clock.callLater(dl.total_timeout, self._timed_out, "total")
+        if dl.sock_read_timeout:
+            self._idle = clock.callLater(dl.sock_read_timeout, self._timed_out, "read")
+        try:
+            self._request = dl.agent.request(
+                dl.method.encode("ascii"), self.url.encode("utf-8"), dl._headers(), None
+            )
+        except Exception as exc:
+            self.fail(_wrap(self.url, exc))
+            return self.done
+        self._request.addCallbacks(self._got_response, self._request_failed)
+        return self.done
+
+    # Events --------------------------------------------------------------------------------
+
+    def _got_response(self, response: IResponse) -> None:
+        self._request = None
+        self._response = response
+        if self.finished:
+            response.deliverBody(_Discard())
+            return
+        self._touch()
+        dl = self.downloader
+        dl.response = response
+        if response.code >= 400:
+            failure = errors.http_error(
+                self.url,
+                response.code,
+                _text(response.phrase),
+                response.headers,
+                _retry_after(response.headers),
+            )
+            if response.length is not None and response.length > ERROR_BODY_LIMIT:
+                response.deliverBody(_Discard())
+                self.fail(failure)
+            else:
+                response.deliverBody(_Receiver(self, discard_then=failure))
+            return
+        try:
+            dl.headers_ready(_end_to_end_headers(response))
+        except Exception as exc:
+            response.deliverBody(_Discard())
+            self.fail(exc)
+            return
+        response.deliverBody(_Receiver(self))
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._request = None
+        if not self.finished:
+            self.fail(_translate(self.url, failure, self.downloader.connect_timeout))
+
+    def data(self, data: bytes, discard: bool) -> None:
+        if self.finished:
+            return
+        self._touch()
+        self.received += len(data)
+        if discard:
+            if self.received > ERROR_BODY_LIMIT:
+                self._abort_body()
+            return
+        try:
+            self.downloader.handle_data(data)
+        except Exception as exc:
+            self.fail(exc)
+
+    def body_ended(self, reason: Failure, discard_then: Exception | None) -> None:
+        self._body_transport = None
+        if self.finished:
+            return
+        if discard_then is not None:
+            self.fail(discard_then)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: no Content-Length and not chunked, so the body ends at the
+            # close (valid HTTP); expected size and digests still catch a short one.
+            self._finish()
+            self.done.callback(None)
+        else:
+            self.fail(self._truncated(reason))
+
+    def _timed_out(self, kind: str) -> None:
+        if kind == "read":
+            self._idle = None
+            seconds = self.downloader.sock_read_timeout
+        else:
+            self._total = None
+            seconds = self.downloader.total_timeout
+        self.fail(errors.DownloadTimeout(self.url, kind, seconds))
+
+    def _cancelled(self, _: defer.Deferred[None]) -> None:
+        """Canceller of ``done``: abort; Deferred then fails ``done`` with CancelledError."""
+        self._finish()
+
+    # Ending --------------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        self._finish()
+        self.done.errback(Failure(exc))
+
+    def _finish(self) -> None:
+        """Mark the attempt over: stop the timers and abort whatever is still in flight."""
+        self.finished = True
+        for timer in (self._idle, self._total):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle = self._total = None
+        if self._request is not None:
+            request, self._request = self._request, None
+            request.cancel()
+        self._abort_body()
+
+    def _abort_body(self) -> None:
+        transport, self._body_transport = self._body_transport, None
+        if transport is not None:
+            transport.stopProducing()
+
+    def _touch(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.downloader.sock_read_timeout)
+
+    def _truncated(self, reason: Failure) -> errors.DownloadError:
+        expected = getattr(self._response, "length", None)
+        of = f" of {expected}" if isinstance(expected, int) else ""
+        return errors.TruncatedBody(
+            self.url,
+            f"body truncated after {self.received}{of} bytes: {_describe(reason)}",
+        )
+
+
+class _Receiver(Protocol):
+    """Passes body chunks to the attempt; with ``discard_then``, drops them (error bodies)."""
+
+    def __init__(self, attempt: _Attempt, discard_then: Exception | None = None) -> None:
+        self.attempt = attempt
+        self.discard_then = discard_then
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.attempt._body_transport = self.transport
+        if self.attempt.finished:
+            self.attempt._abort_body()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        self.attempt.data(data, self.discard_then is not None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.attempt.body_ended(reason, self.discard_then)
+
+
+class _Discard(Protocol):
+    """Aborts a body nobody wants (the attempt is already over)."""
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        pass
+
+
+# Turning Twisted's failures into DownloadErrors ---------------------------------------------
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _end_to_end_headers(response: IResponse) -> Headers:
+    """The response headers plus ``Content-Length``, which Twisted's parser moves to
+    ``response.length``; callers forwarding headers (the streamer) need it back."""
+    headers = response.headers.copy()
+    if isinstance(response.length, int) and not headers.hasHeader(b"content-length"):
+        headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+    return headers
+
+
+def _retry_after(headers: Headers) -> float | None:
+    values = headers.getRawHeaders(b"retry-after")
+    return parse_retry_after(values[0]) if values else None
+
+
+def _reasons(failure: Failure) -> list[Failure]:
+    """The failures inside Twisted's wrapper exceptions (ResponseFailed & co), flattened."""
+    reasons = getattr(failure.value, "reasons", None)
+    if not reasons:
+        return [failure]
+    out: list[Failure] = []
+    for reason in reasons:
+        out.extend(_reasons(reason))
+    return out
+
+
+def _describe(failure: Failure) -> str:
+    """A short readable reason, e.g. ``connection lost (ConnectionLost)``."""
+    texts = []
+    for reason in _reasons(failure):
+        if type(reason.value).__name__ == "_DataLoss":
+            continue
+        if isinstance(reason.value, error.ConnectionDone):
+            text = "connection closed by the server"
+        elif isinstance(reason.value, error.ConnectionLost):
+            text = "connection lost"
+        else:
+            text = str(reason.value).strip().rstrip(".") or type(reason.value).__name__
+        texts.append(f"{text} ({type(reason.value).__name__})")
+    return "; ".join(dict.fromkeys(texts)) or "connection lost"
+
+
+def _is_tls_error(failure: Failure) -> bool:
+    try:
+        from OpenSSL.SSL import Error as SSLError
+    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency of twisted[tls]
+        return False
+    return any(reason.check(SSLError) for reason in _reasons(failure))
+
+
+def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseException:
+    """The `DownloadError` for a request that failed before its response arrived."""
+    exc = failure.value
+    if isinstance(exc, errors.DownloadError | defer.CancelledError):
+        return exc
+    if isinstance(exc, error.TimeoutError):
+        return errors.DownloadTimeout(url, "connect", connect_timeout)
+    if isinstance(exc, error.ConnectionRefusedError):
+        return errors.ConnectionFailed(url, "connection refused")
+    if isinstance(exc, error.DNSLookupError):
+        return errors.ConnectionFailed(url, f"DNS lookup failed: {_describe(failure)}")
+    if _is_tls_error(failure):
+        failed = errors.ConnectionFailed(url, f"TLS handshake failed: {_describe(failure)}")
+        failed.retryable = False  # a certificate does not get better by asking again
+        return failed
+    if isinstance(exc, error.ConnectError):
+        return errors.ConnectionFailed(url, f"cannot connect: {_describe(failure)}")
+    name = type(exc).__name__
+    if name in ("ResponseNeverReceived", "RequestTransmissionFailed", "ResponseFailed"):
+        return errors.ConnectionFailed(url, f"no complete response: {_describe(failure)}")
+    return _wrap(url, exc)
+
+
+def _wrap(url: str, exc: BaseException) -> BaseException:
+    """Keep our own errors; wrap anything else in a non-retryable `DownloadError`."""
+    if isinstance(exc, errors.DownloadError):
+        return exc
+    wrapped = errors.DownloadError(url, f"request failed: {type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
