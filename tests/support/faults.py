@@ -16,11 +16,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+import socket
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.web import static
 from twisted.web.http import Request, stringToDatetime
@@ -100,6 +103,27 @@ def is_gone(request: Request) -> bool:
 def _transport(request: Request) -> Any:
     """The connection's byte transport (TCP, or TLS over TCP) underneath twisted.web."""
     return request.channel.transport
+
+
+def _tcp_transport(request: Request) -> Any:
+    """The TCP transport at the bottom of the wrappers (TLS, connection tracking)."""
+    transport = _transport(request)
+    while not isinstance(transport, tcp.Connection):
+        transport = transport.transport
+    return transport
+
+
+def reset_after_flush(request: Request) -> None:
+    """Send what is already written, then reset the TCP connection (RST, never a FIN).
+
+    ``abortConnection`` alone would drop bytes still buffered; instead SO_LINGER (1, 0) makes
+    the kernel's close send a RST, and skipping the orderly ``shutdown`` keeps a FIN from going
+    out first. Under TLS no close_notify is sent either.
+    """
+    tcp = _tcp_transport(request)
+    tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tcp._shouldShutdown = False  # twisted.internet.tcp: no shutdown(2) (a FIN) before close
+    tcp.loseConnection()
 
 
 def _start(
@@ -470,8 +494,8 @@ class ManyHeaders(Behaviour):
 @attrs.frozen
 class ResetAfter(Behaviour):
     """Wire: 200 with ``Content-Length: len(body)``, the first ``n`` body bytes, then a TCP
-    reset (``abortConnection``: RST, no FIN). ``n`` larger than the body sends it all, then
-    resets. Clients see "connection reset" (curl exit 56)."""
+    reset (RST, no FIN; see :func:`reset_after_flush`). ``n`` larger than the body sends it
+    all, then resets. Clients see "connection reset" (curl exit 56)."""
 
     n: int
     body: bytes
@@ -481,7 +505,7 @@ class ResetAfter(Behaviour):
         _send_headers(request)
         if self.n:
             request.write(self.body[: self.n])
-        _transport(request).abortConnection()
+        reset_after_flush(request)
         return NOT_DONE_YET
 
 
@@ -490,7 +514,7 @@ class ResetBeforeHeaders(Behaviour):
     """Wire: nothing at all; the request is read, then the connection is reset (RST)."""
 
     def render(self, request: Request) -> RenderResult:
-        _transport(request).abortConnection()
+        reset_after_flush(request)
         return NOT_DONE_YET
 
 

@@ -41,12 +41,11 @@ def _shut_down(servers: list[UpstreamServer]) -> None:
 @pytest.fixture
 def upstream_factory() -> Iterator[UpstreamFactory]:
     """A function ``make(tls=None) -> UpstreamServer`` starting more upstreams (mirrors);
-    all are stopped and leak-checked at teardown."""
+    callable from tests and fixtures alike; all are stopped and leak-checked at teardown."""
     servers: list[UpstreamServer] = []
 
     def make(tls: ServerTLS | None = None) -> UpstreamServer:
-        server = UpstreamServer()
-        pytest_twisted.blockon(server.start(tls=tls))
+        server = UpstreamServer().listen(tls=tls)
         servers.append(server)
         return server
 

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.http import Request
 from twisted.web.resource import Resource
@@ -40,10 +41,19 @@ def _normalise(path: str) -> str:
     return path if path.startswith("/") else "/" + path
 
 
+class _TrackedConnection(ProtocolWrapper):
+    """Unregisters only after the wrapped protocol has handled the loss, so a test woken by
+    "no connection open" sees the server's own clean-up (timers cancelled) already done."""
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+        self.wrappedProtocol.connectionLost(reason)
+        self.factory.unregisterProtocol(self)
+
+
 class _ConnectionTracker(WrappingFactory):
     """Wraps the site factory to count TCP connections: open now, ever, and the peak."""
 
-    protocol = ProtocolWrapper
+    protocol = _TrackedConnection
     noisy = False
 
     def __init__(self, wrapped: Factory, server: UpstreamServer) -> None:
@@ -115,6 +125,10 @@ class UpstreamServer:
 
     def start(self, tls: ServerTLS | None = None) -> defer.Deferred[UpstreamServer]:
         """Listen on 127.0.0.1, a free port; HTTPS when ``tls`` is given."""
+        return defer.succeed(self.listen(tls))
+
+    def listen(self, tls: ServerTLS | None = None) -> UpstreamServer:
+        """Like :meth:`start`, but synchronous (listening on TCP is immediate)."""
         from twisted.internet import reactor
 
         site = Site(_Root(self), timeout=None)
@@ -126,7 +140,7 @@ class UpstreamServer:
         self.tls = tls
         self._tracker = _ConnectionTracker(factory, self)
         self._port = reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
-        return defer.succeed(self)
+        return self
 
     def stop(self) -> defer.Deferred[None]:
         """Stop listening and abort open connections; fires when all are closed."""
