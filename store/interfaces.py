@@ -29,6 +29,9 @@ class IArtifactStorage(Interface):
     def new_temp_file():
         """Return a new named, writable binary file in temp_dir, to be committed or removed."""
 
+    def discard(temp_path):
+        """Remove a temp file that will not be committed (a missing file is fine)."""
+
     def commit(temp_path, sha256, size):
         """Move a validated temp file into storage by atomic rename; return the artifact's path.
 
