@@ -1,0 +1,127 @@
+"""Access and upstream-failure logs through ``twisted.logger``; text or JSON, never secrets.
+
+One event per finished (or aborted) request, namespace ``streamer.access``, with the fields
+``client``, ``method``, ``path`` (no query string, so never a signature), ``status``,
+``bytes``, ``duration`` (seconds), ``cache`` (``request.cache_status``: ``hit``, ``miss``,
+``coalesced``, or ``-``) and ``complete`` (False when the connection was lost first).
+Upstream failures are events in namespace ``streamer.upstream`` with ``url`` (without
+credentials or query) and ``reason``.
+
+By default events go to the global log publisher, i.e. twistd's log. ``[server] access_log``
+sends them to standard output (``-``) or a file instead, as text or, with
+``access_log_json = true``, one JSON object per line. ``twistd --logger
+streamer.logs.json_observer`` makes twistd's own log JSON as well.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    globalLogPublisher,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.web.server import Request
+
+__all__ = ["RequestLog", "json_observer", "redact_url"]
+
+ACCESS_FORMAT = (
+    '{client} "{method} {path}" {status} {bytes} {duration:.3f}s cache={cache}{incomplete}'
+)
+UPSTREAM_FORMAT = "upstream failure: {url}: {reason}{detail_suffix}"
+
+
+def json_observer() -> ILogObserver:
+    """A JSON-lines observer on standard output, for ``twistd --logger``."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+def redact_url(url: str) -> str:
+    """*url* without user, password and query string (which may carry tokens)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host += f":{parts.port}"
+    except ValueError:
+        return "<unparsable url>"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode("utf-8", "backslashreplace")
+
+
+def _client(request: Request) -> str:
+    try:
+        address = request.getClientAddress()
+    except Exception:
+        return "-"
+    host = getattr(address, "host", None)
+    return str(host) if host else "-"
+
+
+class RequestLog:
+    """Emits access and upstream-failure events to one observer (default: the global log)."""
+
+    def __init__(self, observer: ILogObserver | None = None, file: IO[str] | None = None) -> None:
+        self._observer = observer if observer is not None else globalLogPublisher
+        self._file = file
+        self._access = Logger(namespace="streamer.access", observer=self._observer)
+        self._upstream = Logger(namespace="streamer.upstream", observer=self._observer)
+
+    @classmethod
+    def open(cls, destination: str, json: bool = False) -> RequestLog:
+        """A log writing to *destination*: "" the global log, "-" stdout, else a file path."""
+        if not destination:
+            return cls()
+        file = sys.stdout if destination == "-" else open(destination, "a", encoding="utf-8")  # noqa: SIM115
+        observer = (
+            jsonFileLogObserver(file, recordSeparator="") if json else textFileLogObserver(file)
+        )
+        return cls(observer, None if file is sys.stdout else file)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def access(self, request: Request, duration: float, complete: bool = True) -> None:
+        """Log one request (called by the site when the request finished or was lost)."""
+        self._access.info(
+            ACCESS_FORMAT,
+            client=_client(request),
+            method=_text(request.method),
+            path=_text(request.path),
+            status=int(request.code),
+            bytes=int(request.sentLength),
+            duration=float(duration),
+            cache=getattr(request, "cache_status", None) or "-",
+            complete=complete,
+            incomplete="" if complete else " (connection lost)",
+        )
+
+    def upstream_failure(
+        self, url: str, reason: str, detail: str = "", metrics: Any | None = None
+    ) -> None:
+        """Log an upstream failure (and count it in *metrics*, a `streamer.metrics.Metrics`).
+
+        *reason* is one of `streamer.metrics.UPSTREAM_REASONS`; *detail* is a short message
+        that must not contain credentials (downloaders' error messages never do).
+        """
+        if metrics is not None:
+            metrics.upstream_failure(reason)
+        self._upstream.warn(
+            UPSTREAM_FORMAT,
+            url=redact_url(url),
+            reason=reason,
+            detail=detail,
+            detail_suffix=f" ({detail})" if detail else "",
+        )

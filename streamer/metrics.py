@@ -1,0 +1,178 @@
+"""Prometheus metrics of one streamer service, in a registry of its own.
+
+Each `Metrics` owns a private ``CollectorRegistry`` (never the process-global one), so tests
+and several services in one process never clash. Who calls what:
+
+* the site (`streamer.service`) calls `request_started()` and, once per request,
+  `request_done(method, status, nbytes, cache_status, duration)`; the cache status is
+  what the content resource put in ``request.cache_status`` (see `streamer.logs`);
+* the content resource calls `upstream_failure(reason)` (or `streamer.logs.RequestLog.
+  upstream_failure`, which logs and counts), and `download_started()` / `download_finished()`
+  around each upstream download it starts (not per coalesced waiter);
+* temp bytes are measured from the temp folder at scrape time (`watch_temp_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "failure_reason"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: Values of ``request.cache_status``: served from storage, started a download, joined one.
+CACHE_STATUSES = ("hit", "miss", "coalesced")
+#: Where the bytes of a response came from, by cache status.
+_SOURCE = {"hit": "store", "miss": "upstream", "coalesced": "upstream"}
+#: Label values for upstream failures; anything else is counted as "other".
+UPSTREAM_REASONS = (
+    "timeout",
+    "connection",
+    "not_found",
+    "http_error",
+    "digest_mismatch",
+    "size_mismatch",
+    "other",
+)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Classify a download error into one of UPSTREAM_REASONS (a low-cardinality label)."""
+    import downloaders
+
+    if isinstance(error, downloaders.DownloadTimeout):
+        return "timeout"
+    if isinstance(error, downloaders.DigestValidationError):
+        return "digest_mismatch"
+    if isinstance(error, downloaders.SizeValidationError):
+        return "size_mismatch"
+    if isinstance(error, downloaders.NotFound):
+        return "not_found"
+    if isinstance(error, downloaders.HttpError):
+        return "http_error"
+    if isinstance(error, (downloaders.ConnectionFailed, ConnectionError)):
+        return "connection"
+    return "other"
+
+
+def _dir_bytes(path: str) -> float:
+    total = 0
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return 0.0
+    return float(total)
+
+
+class Metrics:
+    """The service's counters and gauges; all names start with ``streamer_``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "streamer_requests", "HTTP requests answered", ["method", "status"], registry=r
+        )
+        self.requests_in_flight = Gauge(
+            "streamer_requests_in_flight", "HTTP requests being answered", registry=r
+        )
+        self.request_duration = Histogram(
+            "streamer_request_duration_seconds", "Time to answer a request", registry=r
+        )
+        self.bytes_served = Counter(
+            "streamer_served_bytes",
+            "Response body bytes sent, by where they came from (store, upstream, other)",
+            ["source"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "streamer_cache_hits", "Content requests served from storage", registry=r
+        )
+        self.cache_misses = Counter(
+            "streamer_cache_misses",
+            "Content requests that started an upstream download",
+            registry=r,
+        )
+        self.coalesced_waiters = Counter(
+            "streamer_coalesced_waiters",
+            "Content requests that joined a download already in flight",
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "streamer_upstream_failures",
+            "Failed upstream downloads, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.downloads_in_flight = Gauge(
+            "streamer_downloads_in_flight", "Upstream downloads running now", registry=r
+        )
+        self.downloads = Counter("streamer_downloads", "Upstream downloads started", registry=r)
+        self.temp_bytes = Gauge(
+            "streamer_temp_bytes", "Bytes in temporary (partial) files", registry=r
+        )
+        for status in CACHE_STATUSES:  # export zeros so dashboards see every series
+            self.bytes_served.labels(_SOURCE[status])
+        self.bytes_served.labels("other")
+
+    # -- called by the site -------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.requests_in_flight.inc()
+
+    def request_done(
+        self,
+        method: str,
+        status: int,
+        nbytes: int,
+        cache_status: str | None = None,
+        duration: float | None = None,
+    ) -> None:
+        """Count one finished (or aborted) request: status, bytes by source, cache outcome."""
+        self.requests_in_flight.dec()
+        self.requests.labels(method, str(status)).inc()
+        self.bytes_served.labels(_SOURCE.get(cache_status or "", "other")).inc(max(nbytes, 0))
+        if cache_status == "hit":
+            self.cache_hits.inc()
+        elif cache_status == "miss":
+            self.cache_misses.inc()
+        elif cache_status == "coalesced":
+            self.coalesced_waiters.inc()
+        if duration is not None:
+            self.request_duration.observe(max(duration, 0.0))
+
+    # -- called by the content resource -------------------------------------------------
+
+    def upstream_failure(self, reason: str) -> None:
+        """Count a failed upstream download; *reason* is one of UPSTREAM_REASONS."""
+        self.upstream_failures.labels(reason if reason in UPSTREAM_REASONS else "other").inc()
+
+    def download_started(self) -> None:
+        self.downloads.inc()
+        self.downloads_in_flight.inc()
+
+    def download_finished(self) -> None:
+        self.downloads_in_flight.dec()
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def watch_temp_dir(self, path: str) -> None:
+        """Report the size of the files in *path* as ``streamer_temp_bytes`` at each scrape."""
+        self.temp_bytes.set_function(lambda: _dir_bytes(path))
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """The current value of one sample (e.g. ``streamer_cache_hits_total``), 0 if absent."""
+        found = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if found is None else found
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,56 @@
+"""Operator endpoints: ``/metrics`` (Prometheus text format) and ``/healthz`` (load balancers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from streamer.metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["HealthResource", "MetricsResource"]
+
+
+def _plain(request: Request, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return text.encode()
+
+
+class MetricsResource(Resource):
+    """Serves the service's own metrics registry in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        body = self._metrics.render()
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+class HealthResource(Resource):
+    """200 ``ok`` while the service accepts work; 503 once it is shutting down."""
+
+    isLeaf = True
+
+    def __init__(self, healthy: Callable[[], bool]) -> None:
+        super().__init__()
+        self._healthy = healthy
+
+    def render_GET(self, request: Request) -> bytes:
+        if self._healthy():
+            return _plain(request, 200, "ok\n")
+        return _plain(request, 503, "shutting down\n")
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
