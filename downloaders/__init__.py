@@ -19,6 +19,7 @@ from downloaders.errors import (
     UnsupportedDigestValidationError,
     ValidationError,
 )
+from downloaders.factory import DownloaderFactory
 from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.interfaces import IDownloader, IWriter
@@ -36,6 +37,7 @@ __all__ = [
     "DownloadError",
     "DownloadResult",
     "DownloadTimeout",
+    "DownloaderFactory",
     "FileDownloader",
     "FileNotFound",
     "ForbiddenPath",

@@ -1,0 +1,185 @@
+"""DownloaderFactory: configured downloaders for one remote, sharing its connections and limits.
+
+The factory composes one ``IAgent`` per remote and hands it to every `HttpDownloader` it builds::
+
+    RedirectingAgent            follow redirects (max_redirects), HTTP(S) only, no loops
+      RateLimitedAgent          space request starts (rate_limit per second), when set
+        BasicAuthAgent          Authorization for the remote's own origin only, when set
+          Agent / ProxyingAgent TLS policy, proxy (CONNECT for https), one HTTPConnectionPool
+
+Basic auth sits *under* the redirects, so it is decided per hop. Every download of the factory
+also takes the remote's `DeferredSemaphore(download_concurrency)`, so at most that many run
+(and hold connections) at once, however many are queued.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, task
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+import twisted
+from downloaders.auth import BasicAuthAgent
+from downloaders.base import BaseDownloader
+from downloaders.file import FileDownloader
+from downloaders.http import HttpDownloader
+from downloaders.proxy import ProxyingAgent
+from downloaders.redirects import RedirectingAgent
+from downloaders.tls import RemoteTLSPolicy
+
+__all__ = ["DownloaderFactory", "RateLimitedAgent", "project_version"]
+
+PROJECT = "twisted-streamer"
+
+
+def project_version() -> str:
+    try:
+        return metadata.version(PROJECT)
+    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "0+unknown"
+
+
+@implementer(IAgent)
+class RateLimitedAgent:
+    """Starts at most ``rate`` requests per second, spacing them ``1/rate`` apart."""
+
+    def __init__(self, agent: IAgent, rate: float, reactor: Any) -> None:
+        self._agent = agent
+        self._interval = 1.0 / rate
+        self._reactor = reactor
+        self._next = 0.0
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: Any = None,  # noqa: N803
+    ) -> defer.Deferred[Any]:
+        now = self._reactor.seconds()
+        start = max(now, self._next)
+        self._next = start + self._interval
+        if start <= now:
+            return self._agent.request(method, uri, headers, bodyProducer)
+        return task.deferLater(
+            self._reactor, start - now, self._agent.request, method, uri, headers, bodyProducer
+        )
+
+
+class DownloaderFactory:
+    """Builds downloaders for one remote (a `RemoteSettings`, or anything with its attributes).
+
+    :param downloader_overrides: ``{scheme: class}`` replacing the default class of a scheme
+        (``http``, ``https``, ``file``), e.g. a mirror-list downloader.
+    :param temp_dir: where downloaders put their temporary files (default: the system's).
+    """
+
+    default_classes: Mapping[str, type[BaseDownloader]] = {
+        "http": HttpDownloader,
+        "https": HttpDownloader,
+        "file": FileDownloader,
+    }
+
+    def __init__(
+        self,
+        remote: Any,
+        downloader_overrides: Mapping[str, type[BaseDownloader]] | None = None,
+        *,
+        reactor: Any = None,
+        temp_dir: str | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.remote = remote
+        self.reactor = reactor
+        self.temp_dir = temp_dir
+        self.classes = {**self.default_classes, **(downloader_overrides or {})}
+        concurrency = remote.download_concurrency
+        self.semaphore = defer.DeferredSemaphore(concurrency)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max(concurrency, 2)
+        self.tls_policy = RemoteTLSPolicy.from_settings(remote)
+        self.agent = self._compose_agent()
+
+    # Agent ---------------------------------------------------------------------------------------
+
+    def _compose_agent(self) -> IAgent:
+        remote = self.remote
+        connect_timeout = remote.connect_timeout or None
+        agent: IAgent
+        if remote.proxy_url:
+            agent = ProxyingAgent(
+                self.reactor,
+                remote.proxy_url,
+                self.tls_policy,
+                self.pool,
+                credentials=remote.proxy_credentials(),
+                connect_timeout=connect_timeout,
+            )
+        else:
+            agent = Agent(
+                self.reactor,
+                contextFactory=self.tls_policy,
+                connectTimeout=connect_timeout,
+                pool=self.pool,
+            )
+        if remote.username:
+            agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
+        rate = getattr(remote, "rate_limit", 0)
+        if rate:
+            agent = RateLimitedAgent(agent, rate, self.reactor)
+        return RedirectingAgent(agent, getattr(remote, "max_redirects", 10))
+
+    # Public API ----------------------------------------------------------------------------------
+
+    def user_agent(self) -> str:
+        """``twisted-streamer/V (Python X; Twisted Y)``, then the remote's own user agent."""
+        ours = (
+            f"{PROJECT}/{project_version()} "
+            f"(Python {platform.python_version()}; Twisted {twisted.__version__})"
+        )
+        theirs = getattr(self.remote, "user_agent", "")
+        return f"{ours} {theirs}" if theirs else ours
+
+    def build(self, url: str, **kwargs: Any) -> BaseDownloader:
+        """A downloader for ``url`` carrying the remote's settings; ``kwargs`` (expected_digests,
+        expected_size, writer, headers_ready_callback, method, headers, ...) pass through and
+        win over the remote's values."""
+        scheme = urlsplit(url).scheme.lower()
+        cls = self.classes.get(scheme)
+        if cls is None:
+            raise ValueError(f"no downloader for the url scheme {scheme!r}")
+        options: dict[str, Any] = {
+            "semaphore": self.semaphore,
+            "max_retries": self.remote.max_retries,
+            "temp_dir": self.temp_dir,
+            "reactor": self.reactor,
+        }
+        if scheme == "file":
+            options["allowed_import_paths"] = getattr(self.remote, "allowed_import_paths", ())
+        else:
+            headers = {"User-Agent": self.user_agent(), **self.remote.headers}
+            headers.update(kwargs.pop("headers", None) or {})
+            options.update(
+                agent=self.agent,
+                headers=headers,
+                connect_timeout=self.remote.connect_timeout,
+                sock_read_timeout=self.remote.sock_read_timeout,
+                total_timeout=self.remote.total_timeout,
+            )
+        options.update(kwargs)
+        return cls(url, **options)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the pool's idle connections; fires when they are closed."""
+        return self.pool.closeCachedConnections()
