@@ -354,9 +354,8 @@ def parse_config(data: Mapping[str, Any], base_dir: str, source: str | None = No
         prefix = f"remotes[{index}]"
         remote = _build(Remote, table, prefix, base_dir, allowed_import_paths=allowed)
         if remote.name in seen_names:
-            raise ConfigError(
-                f"{prefix}.name: {remote.name!r} is already used by remotes[{seen_names[remote.name]}]"
-            )
+            first = seen_names[remote.name]
+            raise ConfigError(f"{prefix}.name: {remote.name!r} is already used by remotes[{first}]")
         for other, other_index in seen_paths.items():
             if _overlaps(remote.base_path, other):
                 raise ConfigError(

@@ -1,0 +1,363 @@
+"""The streamer as a Twisted service: storage, catalog, HTTP site, graceful shutdown.
+
+`StreamerService` builds everything from a `Config` when constructed (so bad settings fail
+before anything starts), then at `startService` removes stale temp files, listens on the
+configured endpoint and opens the catalog. `stopService` (SIGTERM under twistd) stops
+accepting, lets in-flight responses finish for up to ``server.grace_period`` seconds, aborts
+the rest, closes the content resource, remotes and catalog, and removes temp files.
+
+The root resource serves ``/metrics`` and ``/healthz`` itself and hands every other path,
+whole, to the content resource (wrapped in `SignedResource` when a signing key is set).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import IResource, Resource
+
+from store.catalog import open_catalog
+from store.storage import ArtifactStorage
+from streamer.config import Config
+from streamer.logs import RequestLog
+from streamer.metrics import Metrics
+from streamer.ops import HealthResource, MetricsResource
+from streamer.signing import SignedResource
+
+__all__ = [
+    "CannotListen",
+    "ContentFactory",
+    "RootResource",
+    "StreamerRequest",
+    "StreamerService",
+    "StreamerSite",
+    "default_content_factory",
+]
+
+log = Logger()
+
+#: Builds the content resource: called with keyword arguments ``catalog``, ``storage``,
+#: ``remotes`` ({name: Remote}), ``config``, ``metrics`` and ``reactor``.
+ContentFactory = Callable[..., IResource]
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+#: After aborting leftover requests, how long to wait for their connections to close.
+_ABORT_SETTLE_SECONDS = 2.0
+
+
+class CannotListen(Exception):
+    """The configured endpoint could not be listened on."""
+
+
+def _plain(request: server.Request, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return text.encode()
+
+
+class _Unavailable(Resource):
+    """503 with a short reason: starting, shutting down, or no content resource."""
+
+    isLeaf = True
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self._reason = reason
+
+    def render(self, request: server.Request) -> bytes:
+        return _plain(request, 503, f"{self._reason}\n")
+
+
+def default_content_factory(**kwargs: Any) -> IResource:
+    """``streamer.content.ContentResource(**kwargs)``; a 503 resource while it does not exist."""
+    try:
+        from streamer.content import ContentResource
+    except ModuleNotFoundError as exc:
+        if exc.name != "streamer.content":
+            raise
+        log.warn("streamer.content is not available: content requests get 503")
+        return _Unavailable("content serving is not available in this build")
+    return ContentResource(**kwargs)
+
+
+class RootResource(Resource):
+    """``/metrics`` and ``/healthz`` here; every other path goes whole to *content*."""
+
+    def __init__(
+        self, content: IResource, ops: dict[bytes, IResource], ready: Callable[[], bool]
+    ) -> None:
+        super().__init__()
+        self._content = content
+        self._ops = ops
+        self._ready = ready
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:
+        if path in self._ops:
+            return self._ops[path]
+        if not self._ready():
+            return _Unavailable("service not ready")
+        # Give the segment back: the content resource sees the full path in postpath.
+        request.postpath.insert(0, request.prepath.pop())
+        return self._content
+
+    def render(self, request: server.Request) -> bytes:
+        return _Unavailable("service not ready").render(request)
+
+
+class StreamerRequest(server.Request):
+    """A request that the site tracks (for draining) and logs once when it ends.
+
+    The content resource sets ``cache_status`` to ``"hit"``, ``"miss"`` or ``"coalesced"``.
+    """
+
+    cache_status: str | None = None
+    started_at: float = 0.0
+
+    def process(self) -> None:
+        site: StreamerSite = self.channel.site
+        if site.draining:
+            self.site = site
+            site.track(self)
+            self.setHeader(b"connection", b"close")
+            self.write(_plain(self, 503, "shutting down\n"))
+            self.finish()
+            return
+        site.track(self)
+        super().process()
+
+
+class StreamerSite(server.Site):
+    """A twisted.web Site that counts, logs and can drain its in-flight requests."""
+
+    requestFactory = StreamerRequest
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: IResource, *, metrics: Metrics, request_log: RequestLog, reactor: Any
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.metrics = metrics
+        self.request_log = request_log
+        self.draining = False
+        self.in_flight: set[StreamerRequest] = set()
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def log(self, request: server.Request) -> None:
+        """Access lines are written when the request ends (see `track`), not here."""
+
+    def track(self, request: StreamerRequest) -> None:
+        request.started_at = self.reactor.seconds()
+        self.in_flight.add(request)
+        self.metrics.request_started()
+        request.notifyFinish().addBoth(self._done, request)
+
+    def _done(self, result: object, request: StreamerRequest) -> None:
+        self.in_flight.discard(request)
+        duration = self.reactor.seconds() - request.started_at
+        method = request.method.decode("ascii", "replace")
+        self.metrics.request_done(
+            method if method in _METHODS else "other",
+            request.code,
+            request.sentLength,
+            request.cache_status,
+            duration,
+        )
+        self.request_log.access(request, duration, complete=not isinstance(result, Failure))
+        if not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Stop taking requests; fire when none is in flight, aborting leftovers after *timeout*."""
+        self.draining = True
+        if not self.in_flight:
+            return defer.succeed(None)
+        idle: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(idle)
+        log.info(
+            "waiting up to {timeout}s for {n} request(s) to finish",
+            timeout=timeout,
+            n=len(self.in_flight),
+        )
+        timer = self.reactor.callLater(timeout, self.abort_all)
+
+        def settled(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return idle.addBoth(settled)
+
+    def abort_all(self) -> None:
+        """Abort the connections of every request still in flight."""
+        if self.in_flight:
+            log.warn("aborting {n} unfinished request(s)", n=len(self.in_flight))
+        for request in list(self.in_flight):
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        # Connections close on the next reactor turn; do not wait forever for stragglers.
+        self.reactor.callLater(_ABORT_SETTLE_SECONDS, self._forget_all)
+
+    def _forget_all(self) -> None:
+        for request in list(self.in_flight):
+            self._done(Failure(ConnectionError("aborted at shutdown")), request)
+
+
+def _maybe_close(obj: object) -> defer.Deferred[object]:
+    """Call ``obj.close()`` if it has one; errors are logged, never raised."""
+    close = getattr(obj, "close", None)
+    if close is None:
+        return defer.succeed(None)
+    d = defer.maybeDeferred(close)
+    d.addErrback(lambda f: log.failure("closing {obj!r} failed", f, obj=obj))
+    return d
+
+
+class StreamerService(MultiService):
+    """Serves the configured content over HTTP; see the module docstring for its life cycle.
+
+    *standalone* (twistd) installs a graceful SIGTERM handler (a second SIGTERM aborts at
+    once) and turns start-up failures into a clean exit. *content_factory* builds the
+    content resource (default: `default_content_factory`).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor: Any = None,
+        content_factory: ContentFactory | None = None,
+        metrics: Metrics | None = None,
+        standalone: bool = False,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.standalone = standalone
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.storage = ArtifactStorage(config.storage.path)
+        self.metrics.watch_temp_dir(self.storage.temp_dir)
+        self.catalog = open_catalog(config.catalog.url, config.storage.path, reactor=reactor)
+        self.remotes = config.remotes_by_name()
+        self.request_log = RequestLog.open(config.server.access_log, config.server.access_log_json)
+        factory = content_factory or default_content_factory
+        self.content = factory(
+            catalog=self.catalog,
+            storage=self.storage,
+            remotes=self.remotes,
+            config=config,
+            metrics=self.metrics,
+            reactor=reactor,
+        )
+        key = config.security.signing_key()
+        served = SignedResource(self.content, key, reactor.seconds) if key else self.content
+        self.ready = False
+        self.stopping = False
+        ops: dict[bytes, IResource] = {
+            b"metrics": MetricsResource(self.metrics),
+            b"healthz": HealthResource(lambda: self.ready and not self.stopping),
+        }
+        self.root = RootResource(served, ops, lambda: self.ready)
+        self.site = StreamerSite(
+            self.root, metrics=self.metrics, request_log=self.request_log, reactor=reactor
+        )
+        self.port: IListeningPort | None = None
+        self._sigterms = 0
+
+    # -- start ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        removed = self.storage.clean_temp()
+        log.info(
+            "storage at {storage}, catalog at {catalog}{removed}",
+            storage=self.storage.root,
+            catalog=self.config.catalog_location(),
+            removed=f" (removed {removed} stale temp file(s))" if removed else "",
+        )
+        self._listen()
+        super().startService()
+        d = self.catalog.open()
+        d.addCallbacks(self._catalog_opened, self._catalog_failed)
+        if self.standalone:
+            self.reactor.callWhenRunning(self._install_sigterm)
+
+    def _listen(self) -> None:
+        description = self.config.server.listen
+        outcome: list[object] = []
+        serverFromString(self.reactor, description).listen(self.site).addBoth(outcome.append)
+        if not outcome:
+            raise CannotListen(f"cannot listen on {description!r}: the endpoint did not answer")
+        if isinstance(outcome[0], Failure):
+            reason = outcome[0].getErrorMessage()
+            message = f"cannot listen on {description!r}: {reason}"
+            if self.standalone:
+                raise SystemExit(f"streamer: {message}")
+            raise CannotListen(message)
+        self.port = outcome[0]  # type: ignore[assignment]
+        log.info("listening on {address}", address=self.port.getHost())
+
+    def _catalog_opened(self, _: object) -> None:
+        self.ready = True
+        log.info("streamer ready")
+
+    def _catalog_failed(self, failure: Failure) -> None:
+        log.critical("cannot open the catalog: {reason}", reason=failure.getErrorMessage())
+        if self.standalone and self.reactor.running:
+            self.reactor.stop()
+
+    def _install_sigterm(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self._terminate)
+
+    def _terminate(self) -> None:
+        self._sigterms += 1
+        if self._sigterms == 1:
+            log.info(
+                "SIGTERM: stopping gracefully (grace period {grace}s)",
+                grace=self.config.server.grace_period,
+            )
+            self.reactor.stop()
+        else:
+            log.info("second SIGTERM: aborting in-flight requests now")
+            self.site.abort_all()
+
+    # -- stop -----------------------------------------------------------------------------
+
+    @property
+    def address(self) -> Any:
+        """The listening address (``.port`` for TCP), once started."""
+        return self.port.getHost() if self.port is not None else None
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        self.stopping = True
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.port = None
+        yield self.site.drain(self.config.server.grace_period)
+        yield super().stopService()
+        yield _maybe_close(self.content)
+        for remote in self.remotes.values():
+            yield _maybe_close(remote)
+        yield _maybe_close(self.catalog)
+        self.ready = False
+        removed = self.storage.clean_temp()
+        if removed:
+            log.info("removed {n} temp file(s)", n=removed)
+        self.request_log.close()
+        log.info("streamer stopped")

@@ -1,0 +1,61 @@
+"""``twistd streamer``: command-line options and the service maker."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from streamer.config import CONFIG_ENV, DEFAULT_LISTEN, ConfigError, load_config
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Options of ``twistd streamer``."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    longdesc = (
+        "Serve repository content over HTTP: stored files from disk, lazy files streamed from "
+        f"upstream while they are stored. Without --config, ${CONFIG_ENV} names the "
+        "configuration file; without either, embedded defaults are used (storage and SQLite "
+        f"catalog in ./var, listening on {DEFAULT_LISTEN}). SIGTERM stops gracefully."
+    )
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            f"Configuration file (TOML). Default: ${CONFIG_ENV}, else embedded defaults.",
+        ],
+        [
+            "listen",
+            "l",
+            None,
+            "Twisted endpoint description to listen on, overriding [server] listen "
+            "(e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem, unix:/run/s.sock).",
+        ],
+    ]
+
+
+def _fail(message: str) -> SystemExit:
+    """Print one clear line and return the exit to raise (never a traceback)."""
+    print(f"streamer: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def makeService(options: Options) -> IService:
+    """Load the configuration and build the service; configuration errors exit with status 2."""
+    from store.errors import CatalogError, StorageError
+    from streamer.service import StreamerService
+
+    try:
+        config = load_config(options["config"], {"server.listen": options["listen"]})
+        return StreamerService(config, standalone=True)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    except (StorageError, CatalogError) as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}") from None
