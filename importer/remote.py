@@ -22,6 +22,13 @@ def _name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise SettingsError(attribute.name, f"must be a non-empty name without '/': {value!r}")
 
 
+def _importer(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value:
+        from importer.importers import load_importer_class
+
+        load_importer_class(value)
+
+
 def _base_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     parts = value.split("/")
     if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -42,9 +49,10 @@ class Remote(RemoteSettings):
     #: Further base urls, tried in order after the manifest's own location.
     mirrors: list[str] = attrs.field(factory=list)
     #: ``module:Class`` of a custom importer; empty for the built-in PULP_MANIFEST importer.
-    importer: str = ""
+    importer: str = attrs.field(default="", validator=_importer)
 
     _factory: Any = attrs.field(init=False, default=None, repr=False, eq=False)
+    _importer: Any = attrs.field(init=False, default=None, repr=False, eq=False)
 
     def downloader_factory(self) -> Any:
         """The remote's `DownloaderFactory`, made on first use (one connection pool per remote)."""
@@ -54,18 +62,21 @@ class Remote(RemoteSettings):
             self._factory = DownloaderFactory(self)
         return self._factory
 
+    def get_importer(self) -> Any:
+        """The remote's `IImporter` (``importer`` names a custom one), made on first use."""
+        if self._importer is None:
+            from importer.importers import make_importer
+
+            self._importer = make_importer(self)
+        return self._importer
+
     def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
         """The black-box factory: a configured `IDownloader` for a url or a catalog entry.
 
-        With an entry, the downloader expects the entry's size and digests.
+        With an entry, the downloader expects the entry's size and digests. The remote's
+        importer builds it (the built-in one asks the remote's `DownloaderFactory`).
         """
-        if entry is not None:
-            url = url or entry.url
-            kwargs.setdefault("expected_size", entry.size)
-            kwargs.setdefault("expected_digests", dict(entry.digests))
-        if url is None:
-            raise ValueError("get_downloader needs a url or a catalog entry")
-        return self.downloader_factory().build(url, **kwargs)
+        return self.get_importer().get_downloader(url=url, entry=entry, **kwargs)
 
     def close(self) -> Any:
         """Close the remote's connection pool; a Deferred."""

@@ -1,0 +1,214 @@
+"""The ``streamer sync`` and ``streamer fetch`` commands, called from the plain console script.
+
+Each runs the reactor itself (``twisted.internet.task.react``) and returns an exit status:
+0 on success, 1 when something failed, 2 for a usage error (an unknown remote). Errors are
+one clear line on stderr, never a traceback. The Deferred-returning halves (`sync_remotes`,
+`fetch_url`) are usable from code that already runs a reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+
+from downloaders.errors import DownloadError
+from downloaders.settings import SettingsError
+from importer.importers import remove_quietly
+from importer.progress import format_report, make_progress
+from importer.remote import Remote
+from importer.sync import SyncError, sync_remote
+from store import ArtifactStorage, open_catalog
+
+#: Temporary files older than this are left-overs of a crashed run (a streamer sharing the
+#: storage may own younger ones), removed when a sync starts.
+STALE_TEMP_SECONDS = 3600.0
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
+    """Run ``main(reactor)`` under ``task.react``; its int result is the exit status.
+
+    Stopping the reactor (Ctrl-C, SIGTERM) cancels ``main``'s Deferred, so downloads in
+    flight are aborted and their temporary files removed; the status is then 130.
+    """
+    from twisted.internet import task
+
+    def wrapper(reactor: Any) -> defer.Deferred[None]:
+        d = main(reactor)
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", d.cancel)
+
+        def done(result: Any) -> None:
+            reactor.removeSystemEventTrigger(trigger)
+            if isinstance(result, int):
+                if result:
+                    raise SystemExit(result)
+                return None
+            if result.check(defer.CancelledError):
+                print("interrupted", file=sys.stderr)
+                raise SystemExit(EXIT_INTERRUPTED)
+            print(f"error: {result.getErrorMessage()}", file=sys.stderr)
+            raise SystemExit(EXIT_FAILED)
+
+        return d.addBoth(done)
+
+    try:
+        task.react(wrapper)
+    except SystemExit as exit:
+        code = exit.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_FAILED)
+    return EXIT_OK  # pragma: no cover - react always exits
+
+
+# -- sync -----------------------------------------------------------------------------------
+
+
+def select_remotes(config: Any, names: Sequence[str]) -> list[Remote]:
+    """The configured remotes called *names* (all of them when empty), in the given order.
+
+    Raises ValueError naming the unknown ones and the known ones.
+    """
+    if not names:
+        return list(config.remotes)
+    by_name = {remote.name: remote for remote in config.remotes}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        known = ", ".join(by_name) or "none configured"
+        raise ValueError(f"unknown remote {', '.join(map(repr, unknown))} (known: {known})")
+    return [by_name[name] for name in dict.fromkeys(names)]
+
+
+@defer.inlineCallbacks
+def sync_remotes(
+    config: Any,
+    remotes: Sequence[Remote],
+    progress: Any = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> Any:
+    """Sync *remotes* one after the other into the configured storage and catalog.
+
+    Prints each remote's summary to *out* and each remote-level failure to *err*; fires
+    with the exit status (1 if any file or remote failed).
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    storage = ArtifactStorage(config.storage.path)
+    storage.clean_temp(min_age=STALE_TEMP_SECONDS)
+    catalog = open_catalog(config.catalog.url, config.storage.path)
+    yield catalog.open()
+    status = EXIT_OK
+    try:
+        for remote in remotes:
+            try:
+                report = yield sync_remote(remote, catalog, storage, progress)
+            except SyncError as error:
+                print(f"error: {error}", file=err)
+                status = EXIT_FAILED
+                continue
+            finally:
+                yield remote.close()
+            print(format_report(report), file=out)
+            if not report.ok:
+                status = EXIT_FAILED
+    finally:
+        yield catalog.close()
+    return status
+
+
+def sync_command(config: Any, remote_names: Sequence[str]) -> int:
+    """``streamer sync [REMOTE...]``: sync the named remotes (all when none are named)."""
+    try:
+        remotes = select_remotes(config, remote_names)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not remotes:
+        print("nothing to sync: no remotes are configured", file=sys.stderr)
+        return EXIT_OK
+    progress = make_progress(sys.stderr)
+    return _run_reactor(lambda reactor: sync_remotes(config, remotes, progress))
+
+
+# -- fetch ----------------------------------------------------------------------------------
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower() + f":{parts.port}"
+
+
+def remote_for_url(config: Any, url: str) -> Remote:
+    """Settings for a one-off download of *url*: those of the configured remote whose
+    manifest lives on the same origin (its TLS, auth, proxy), else plain defaults."""
+    for remote in getattr(config, "remotes", ()):
+        if _origin(remote.url) == _origin(url):
+            return remote
+    security = getattr(config, "security", None)
+    allowed = tuple(getattr(security, "allowed_import_paths", ()))
+    return Remote(name="fetch", url=url, allowed_import_paths=allowed)
+
+
+@defer.inlineCallbacks
+def fetch_url(
+    config: Any,
+    url: str,
+    sha256: str | None = None,
+    size: int | None = None,
+    output: str | None = None,
+    out: TextIO | None = None,
+) -> Any:
+    """Download *url* once through the downloaders, validating *sha256* and *size* if given.
+
+    Prints ``size`` and ``sha256`` of the bytes, then moves the file to *output* or prints
+    the temporary path. Fires with the `DownloadResult`; download errors propagate.
+    """
+    out = out or sys.stdout
+    remote = remote_for_url(config, url)
+    digests = {"sha256": sha256.lower()} if sha256 else None
+    temp_dir = os.path.dirname(os.path.abspath(output)) if output else None
+    try:
+        downloader = remote.get_downloader(
+            url=url, expected_digests=digests, expected_size=size, temp_dir=temp_dir
+        )
+        result = yield downloader.run()
+    finally:
+        yield remote.close()
+    attributes = result.artifact_attributes
+    print(f"size: {attributes['size']}", file=out)
+    print(f"sha256: {attributes['sha256']}", file=out)
+    if output:
+        try:
+            os.replace(result.path, output)
+        except OSError:
+            remove_quietly(result.path)
+            raise
+        print(f"written: {output}", file=out)
+    else:
+        print(f"temporary file: {result.path}", file=out)
+    return result
+
+
+def fetch_command(
+    config: Any, url: str, sha256: str | None, size: int | None, output: str | None
+) -> int:
+    """``streamer fetch URL [--sha256 HEX] [--size N] [-o FILE]``: one download, for scripts."""
+    if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        print(f"error: the folder of {output!r} does not exist", file=sys.stderr)
+        return EXIT_FAILED
+
+    @defer.inlineCallbacks
+    def main(reactor: Any) -> Any:
+        try:
+            yield fetch_url(config, url, sha256, size, output)
+        except (DownloadError, SettingsError, ValueError, OSError) as error:
+            print(f"error: fetch failed: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+
+    return _run_reactor(main)

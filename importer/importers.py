@@ -1,0 +1,138 @@
+"""Importers: how a remote's listing becomes catalog entries and configured downloaders.
+
+The sync and the streamer never look inside a remote's repository format: they ask the
+remote's importer. The built-in `PulpManifestImporter` reads a ``PULP_MANIFEST``; a custom
+one plugs in by naming ``module:Class`` in the remote's ``importer`` key. The class is
+called with the `Remote` and must provide `IImporter`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote, urljoin
+
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from downloaders.settings import SettingsError
+from importer.manifest import read_manifest, validate_manifest
+from store.catalog import CatalogEntry
+
+IsStored = Callable[[str], bool]
+
+
+class IImporter(Interface):
+    """Turns one remote's listing into catalog entries and hands out its downloaders."""
+
+    remote = Attribute("The `Remote` this importer serves.")
+
+    def fetch_listing(temp_dir):  # type: ignore[no-untyped-def]
+        """Download the remote's listing (its manifest) into *temp_dir*.
+
+        Deferred firing with the local path of the file; the caller removes it.
+        """
+
+    def validate_listing(path):  # type: ignore[no-untyped-def]
+        """Check the whole listing at *path* (blocking; run it in a thread).
+
+        Return the number of files; raise a ValueError naming the bad line otherwise.
+        """
+
+    def catalog_entries(path, is_stored):  # type: ignore[no-untyped-def]
+        """Yield the CatalogEntry objects of the listing at *path*, lazily.
+
+        All sources of one served path come one after another, in the order to try them
+        (position 0, 1, ...). ``is_stored(sha256)`` says whether an artifact is stored.
+        May run in a worker thread: it must not touch reactor state.
+        """
+
+    def get_downloader(url=None, entry=None, **kwargs):  # type: ignore[no-untyped-def]
+        """A configured `IDownloader` for *url* or for a catalog *entry* (expecting its
+        size and digests)."""
+
+
+@implementer(IImporter)
+class PulpManifestImporter:
+    """The default importer: a ``PULP_MANIFEST`` at the remote's url, files beside it.
+
+    Each file gets one entry per source: position 0 is the manifest's own location, then
+    one per mirror base url, in the configured order.
+    """
+
+    def __init__(self, remote: Any) -> None:
+        self.remote = remote
+
+    def fetch_listing(self, temp_dir: str | None) -> defer.Deferred[str]:
+        downloader = self.get_downloader(url=self.remote.url, temp_dir=temp_dir)
+        return downloader.run().addCallback(lambda result: result.path)
+
+    def validate_listing(self, path: str) -> int:
+        return validate_manifest(path)
+
+    def catalog_entries(self, path: str, is_stored: IsStored) -> Iterator[CatalogEntry]:
+        remote = self.remote
+        bases = [base if base.endswith("/") else base + "/" for base in remote.mirrors]
+        prefix = remote.base_path + "/"
+        for item in read_manifest(path):
+            relative = quote(item.relative_path)
+            digests = {"sha256": item.sha256}
+            stored = is_stored(item.sha256)
+            served = prefix + item.relative_path
+            urls = [urljoin(remote.url, relative), *(base + relative for base in bases)]
+            for position, url in enumerate(urls):
+                yield CatalogEntry(
+                    path=served,
+                    remote=remote.name,
+                    url=url,
+                    size=item.size,
+                    digests=digests,
+                    stored=stored,
+                    position=position,
+                )
+
+    def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
+        if entry is not None:
+            url = url or entry.url
+            kwargs.setdefault("expected_size", entry.size)
+            kwargs.setdefault("expected_digests", dict(entry.digests))
+        if url is None:
+            raise ValueError("get_downloader needs a url or a catalog entry")
+        return self.remote.downloader_factory().build(url, **kwargs)
+
+
+def load_importer_class(spec: str) -> type:
+    """The class named by ``module:Class``; a `SettingsError` naming ``importer`` otherwise."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise SettingsError("importer", f"must look like 'module:Class', not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SettingsError("importer", f"cannot import {module_name!r}: {error}") from None
+    obj: Any = module
+    for part in class_name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise SettingsError("importer", f"{module_name!r} has no {class_name!r}")
+    if not isinstance(obj, type) or not IImporter.implementedBy(obj):
+        raise SettingsError("importer", f"{spec!r} is not a class implementing IImporter")
+    return obj
+
+
+def make_importer(remote: Any) -> Any:
+    """The importer the remote's configuration names (the PULP_MANIFEST one by default)."""
+    spec = getattr(remote, "importer", "")
+    cls = load_importer_class(spec) if spec else PulpManifestImporter
+    return cls(remote)
+
+
+def remove_quietly(path: str | None) -> None:
+    """Remove a temporary file if it is still there."""
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,255 @@
+"""Sync one remote: fetch its listing, record it in the catalog, download what `immediate` needs.
+
+Steps, each finished before the next begins:
+
+1. The remote's importer downloads the listing (the ``PULP_MANIFEST``) into the storage's
+   ``tmp/`` and checks every line; a bad line fails the sync before the catalog is touched.
+2. The listing is streamed, in the catalog's worker thread, into ``catalog.replace_remote``:
+   new entries are added, changed ones updated, vanished ones removed, all in one transaction.
+3. ``on_demand`` / ``streamed``: done, every file is recorded lazily. ``immediate``: every file
+   not already stored is downloaded by at most ``download_concurrency`` workers pulling from
+   one lazy iterator over the listing (so memory stays flat for 100,000 files), failing over
+   to the file's next source (mirror) when one fails. A validated file enters storage by an
+   atomic rename (``storage.commit``), then the catalog marks it stored.
+
+A sync stopped half-way (cancelled, killed) leaves at most temporary files under ``tmp/``,
+never a partial artifact; the next sync downloads what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from itertools import groupby
+from operator import attrgetter
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from downloaders.errors import DownloadError
+from importer.importers import remove_quietly
+from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
+from store.catalog import CatalogEntry
+
+T = TypeVar("T")
+log = Logger()
+
+
+class SyncError(Exception):
+    """A remote could not be synced at all (listing unreachable or malformed); the catalog
+    is unchanged."""
+
+    def __init__(self, remote: str, reason: str) -> None:
+        self.remote = remote
+        self.reason = reason
+        super().__init__(f"sync {remote}: {reason}")
+
+
+@attrs.define
+class SyncReport:
+    """What one sync of one remote did.
+
+    ``failed`` holds ``(url, reason)`` per file that no source could provide (the url is the
+    file's first source; the reason names every source tried). ``removed`` counts catalog
+    entries (one per file and source) that vanished upstream.
+    """
+
+    remote: str
+    policy: str
+    total: int = 0
+    downloaded: int = 0
+    already_present: int = 0
+    recorded_lazily: int = 0
+    failed: list[tuple[str, str]] = attrs.Factory(list)
+    removed: int = 0
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no file failed."""
+        return not self.failed
+
+
+def run_bounded(
+    items: Iterable[T], work: Callable[[T], defer.Deferred[Any]], concurrency: int
+) -> defer.Deferred[None]:
+    """Call ``work(item)`` for every item, at most *concurrency* at a time.
+
+    Items are pulled lazily from one shared iterator by *concurrency* workers, so only the
+    items in flight are in memory. ``work`` should handle its own failures; one that escapes
+    stops that worker and fails the result once the others are done. Cancelling the result
+    cancels the work in flight.
+    """
+    iterator = iter(items)
+
+    @defer.inlineCallbacks
+    def worker() -> Any:
+        for item in iterator:
+            yield work(item)
+
+    workers = [worker() for _ in range(max(1, concurrency))]
+    done = defer.gatherResults(workers, consumeErrors=True)
+    return done.addCallbacks(lambda _: None, _first_error)
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure inside a gatherResults' FirstError (a CancelledError stays one)."""
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
+
+
+def failure_reason(error: BaseException) -> str:
+    """A one-line reason for a failed download (no traceback, no credentials)."""
+    if isinstance(error, DownloadError):
+        return error.message
+    return f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
+
+
+def group_sources(entries: Iterable[CatalogEntry]) -> Iterator[list[CatalogEntry]]:
+    """Group consecutive entries of one served path: the sources of one file, in order."""
+    for _path, sources in groupby(entries, key=attrgetter("path")):
+        yield sorted(sources, key=attrgetter("position"))
+
+
+class _Sync:
+    """The state of one remote's sync (see the module docstring)."""
+
+    def __init__(self, remote: Any, catalog: Any, storage: Any, progress: Any) -> None:
+        self.remote = remote
+        self.catalog = catalog
+        self.storage = storage
+        self.progress = progress
+        self.importer = remote.get_importer()
+        self.report = SyncReport(remote=remote.name, policy=remote.policy)
+        self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
+        self._marking: set[defer.Deferred[Any]] = set()
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        started = time.monotonic()
+        listing = yield self._fetch_listing()
+        try:
+            try:
+                total = yield threads.deferToThread(self.importer.validate_listing, listing)
+            except ValueError as error:
+                raise SyncError(self.remote.name, f"bad listing, catalog unchanged: {error}")
+            self.report.total = total
+            entries = self.importer.catalog_entries(listing, self.storage.has)
+            replaced = yield self.catalog.replace_remote(self.remote.name, entries)
+            self.report.removed = replaced.removed
+            if self.remote.policy == "immediate":
+                yield self._download_all(listing, total)
+            else:
+                self.report.recorded_lazily = total
+        finally:
+            remove_quietly(listing)
+            self.report.duration = time.monotonic() - started
+        return self.report
+
+    @defer.inlineCallbacks
+    def _fetch_listing(self) -> Any:
+        try:
+            path = yield self.importer.fetch_listing(self.storage.temp_dir)
+        except DownloadError as error:
+            raise SyncError(self.remote.name, f"cannot fetch the listing: {error}")
+        return path
+
+    @defer.inlineCallbacks
+    def _download_all(self, listing: str, total: int) -> Any:
+        files = group_sources(self.importer.catalog_entries(listing, self.storage.has))
+        self.progress.start(self.remote.name, total)
+        try:
+            yield run_bounded(files, self._one_file, self.remote.download_concurrency)
+            if self._marking:
+                yield defer.gatherResults(list(self._marking), consumeErrors=True)
+        finally:
+            self.progress.finish()
+
+    def _one_file(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+        sha256 = sources[0].sha256
+        if sources[0].stored or self.storage.has(sha256):
+            self._count(ALREADY_PRESENT)
+            return defer.succeed(None)
+        waiters = self._in_flight.get(sha256)
+        if waiters is not None:  # the same content under another path is downloading now
+            waiter: defer.Deferred[None] = defer.Deferred()
+            waiters.append(waiter)
+            return waiter.addCallback(lambda _: self._one_file(sources))
+        self._in_flight[sha256] = []
+        return self._download(sources).addBoth(self._release, sha256)
+
+    def _release(self, result: Any, sha256: str) -> Any:
+        for waiter in self._in_flight.pop(sha256, []):
+            waiter.callback(None)
+        return result
+
+    @defer.inlineCallbacks
+    def _download(self, sources: list[CatalogEntry]) -> Any:
+        problems = []
+        for entry in sources:
+            try:
+                yield self._fetch_and_store(entry)
+            except defer.CancelledError:
+                raise
+            except Exception as error:
+                problems.append((entry.url, failure_reason(error)))
+                if len(sources) > 1:
+                    log.info(
+                        "{url}: {reason}; trying the next source",
+                        url=entry.url,
+                        reason=problems[-1][1],
+                    )
+                continue
+            self._count(DOWNLOADED)
+            return
+        if len(problems) == 1:
+            self.report.failed.append(problems[0])
+        else:
+            reason = "; ".join(f"{url}: {why}" for url, why in problems)
+            self.report.failed.append((sources[0].url, reason))
+        self._count(FAILED)
+
+    @defer.inlineCallbacks
+    def _fetch_and_store(self, entry: CatalogEntry) -> Any:
+        downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
+        result = yield downloader.run()
+        attributes = result.artifact_attributes
+        if attributes.get("sha256") != entry.sha256 or attributes.get("size") != entry.size:
+            remove_quietly(result.path)
+            raise DownloadError(entry.url, "the downloader did not validate size and sha256")
+        # fsync + rename: off the reactor thread. The rename is atomic, so even a cancelled
+        # or killed sync never leaves a partial artifact.
+        yield threads.deferToThread(self.storage.commit, result.path, entry.sha256, entry.size)
+        marking = self.catalog.mark_stored(entry.sha256)
+        self._marking.add(marking)
+        marking.addBoth(self._marked, marking, entry)
+
+    def _marked(self, result: Any, marking: defer.Deferred[Any], entry: CatalogEntry) -> None:
+        self._marking.discard(marking)
+        if isinstance(result, Failure):
+            self.report.failed.append(
+                (entry.url, f"stored, but the catalog failed: {result.value}")
+            )
+
+    def _count(self, outcome: str) -> None:
+        if outcome == DOWNLOADED:
+            self.report.downloaded += 1
+        elif outcome == ALREADY_PRESENT:
+            self.report.already_present += 1
+        self.progress.advance(outcome)
+
+
+def sync_remote(
+    remote: Any, catalog: Any, storage: Any, progress: Any = None
+) -> defer.Deferred[SyncReport]:
+    """Sync *remote* into *catalog* (an open ICatalog) and *storage* (IArtifactStorage).
+
+    Fires with a `SyncReport` (per-file failures are in it), or fails with `SyncError` when
+    the listing cannot be fetched or is malformed. Cancelling stops the sync: downloads in
+    flight are aborted and their temporary files removed.
+    """
+    return _Sync(remote, catalog, storage, progress or NoProgress()).run()

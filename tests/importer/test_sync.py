@@ -1,0 +1,247 @@
+"""sync_remote against a real loopback upstream, a real SQLite catalog and artifact storage."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from importer import SyncError, SyncReport, sync_remote
+from tests.importer.conftest import artifacts, content, sha, temp_files
+from tests.support.faults import Serve, StallMidBody, Status, WrongBytes
+
+
+def stored_flags(entries) -> dict[str, bool]:
+    return {e.path: e.stored for e in entries}
+
+
+@pytest_twisted.ensureDeferred
+async def test_immediate_sync_stores_every_file(repo, storage, catalog, make_remote, upstream):
+    remote = make_remote("immediate")
+    report = await sync_remote(remote, catalog, storage)
+
+    assert isinstance(report, SyncReport)
+    assert (report.total, report.downloaded, report.already_present) == (10, 10, 0)
+    assert report.failed == [] and report.ok and report.recorded_lazily == 0
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+    entries = await catalog.entries_for_remote("fixtures")
+    assert [e.path for e in entries] == [f"fixtures/{rel}" for rel in sorted(repo.files)]
+    assert all(e.stored for e in entries)
+    assert entries[0].url == upstream.url("/repo/files/00.bin")
+    assert entries[0].digests == {"sha256": sha(repo.files["files/00.bin"])}
+    assert temp_files(storage) == []  # the manifest's temp file is gone too
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_does_not_download_stored_files_again(
+    repo, storage, catalog, make_remote, upstream
+):
+    remote = make_remote("immediate")
+    await sync_remote(remote, catalog, storage)
+    upstream.clear_log()
+    report = await sync_remote(remote, catalog, storage)
+
+    assert (report.downloaded, report.already_present, report.removed) == (0, 10, 0)
+    assert [path for path, _ in upstream.all_requests()] == ["/repo/PULP_MANIFEST"]
+
+
+@pytest.mark.parametrize("policy", ["on_demand", "streamed"])
+@pytest_twisted.ensureDeferred
+async def test_lazy_policies_only_record(policy, repo, storage, catalog, make_remote, upstream):
+    remote = make_remote(policy)
+    report = await sync_remote(remote, catalog, storage)
+
+    assert (report.recorded_lazily, report.downloaded, report.already_present) == (10, 0, 0)
+    assert artifacts(storage) == {}
+    assert [path for path, _ in upstream.all_requests()] == ["/repo/PULP_MANIFEST"]
+    entries = await catalog.lookup("fixtures/files/03.bin")
+    assert [(e.url, e.size, e.stored) for e in entries] == [
+        (upstream.url("/repo/files/03.bin"), 2048, False)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lazy_sync_records_already_stored_content_as_stored(
+    repo, storage, catalog, make_remote
+):
+    await sync_remote(make_remote("immediate"), catalog, storage)
+    report = await sync_remote(make_remote("on_demand", name="lazy"), catalog, storage)
+
+    assert report.recorded_lazily == 10
+    assert all(e.stored for e in await catalog.entries_for_remote("lazy"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_after_upstream_changes(repo, storage, catalog, make_remote, upstream):
+    remote = make_remote("immediate")
+    await sync_remote(remote, catalog, storage)
+    old_sha = sha(repo.files["files/05.bin"])
+
+    repo.put("files/new.bin", b"a new file\n")  # added
+    repo.drop("files/02.bin")  # removed
+    repo.put("files/05.bin", b"changed content\n")  # content changed
+    repo.publish()
+    upstream.clear_log()
+    report = await sync_remote(remote, catalog, storage)
+
+    assert (report.downloaded, report.already_present, report.removed) == (2, 8, 1)
+    fetched = sorted(path for path, _ in upstream.all_requests())
+    assert fetched == ["/repo/PULP_MANIFEST", "/repo/files/05.bin", "/repo/files/new.bin"]
+    assert await catalog.lookup("fixtures/files/02.bin") == []
+    [changed] = await catalog.lookup("fixtures/files/05.bin")
+    assert changed.sha256 == sha(b"changed content\n") != old_sha and changed.stored
+    [added] = await catalog.lookup("fixtures/files/new.bin")
+    assert added.stored and storage.has(sha(b"a new file\n"))
+    assert len(await catalog.entries_for_remote("fixtures")) == 10
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ("files/x.bin,abc,12", "sha256 must be 64 hex"),
+        ("files/x.bin," + "0" * 64 + ",-1", "must not be negative"),
+        ("/etc/passwd," + "0" * 64 + ",1", "absolute"),
+        ("../x," + "0" * 64 + ",1", "'..'"),
+        ("only,two", "expected 3"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_corrupt_manifest_fails_before_touching_the_catalog(
+    bad_line, reason, repo, storage, catalog, make_remote, upstream
+):
+    remote = make_remote("immediate")
+    await sync_remote(remote, catalog, storage)
+    before = await catalog.entries_for_remote("fixtures")
+
+    repo.drop("files/00.bin")
+    repo.put("files/added.bin", b"should not be fetched")
+    repo.publish(extra_lines=("files/ok.bin," + "1" * 64 + ",5", bad_line))
+    upstream.clear_log()
+    with pytest.raises(SyncError) as caught:
+        await sync_remote(remote, catalog, storage)
+
+    assert "line 12" in str(caught.value) and reason in str(caught.value)
+    assert "catalog unchanged" in str(caught.value)
+    assert await catalog.entries_for_remote("fixtures") == before
+    assert [path for path, _ in upstream.all_requests()] == ["/repo/PULP_MANIFEST"]
+    assert temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_manifest_is_a_sync_error(storage, catalog, make_remote, upstream):
+    upstream.register("/repo/PULP_MANIFEST", Status(404))
+    with pytest.raises(SyncError, match="cannot fetch the listing: HTTP 404"):
+        await sync_remote(make_remote("immediate"), catalog, storage)
+    assert await catalog.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_bytes_are_reported_and_not_stored(
+    repo, storage, catalog, make_remote, upstream
+):
+    upstream.register("/repo/files/04.bin", WrongBytes(repo.files["files/04.bin"]))
+    report = await sync_remote(make_remote("immediate"), catalog, storage)
+
+    assert (report.downloaded, len(report.failed)) == (9, 1) and not report.ok
+    [(url, reason)] = report.failed
+    assert url == upstream.url("/repo/files/04.bin")
+    assert "sha256 mismatch" in reason
+    assert not storage.has(sha(repo.files["files/04.bin"]))
+    assert len(artifacts(storage)) == 9
+    flags = stored_flags(await catalog.entries_for_remote("fixtures"))
+    assert flags.pop("fixtures/files/04.bin") is False
+    assert all(flags.values())
+    assert temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_mirrors_are_recorded_in_order_and_used_for_failover(
+    repo, storage, catalog, make_remote, upstream, upstream_factory
+):
+    first, second = upstream_factory(), upstream_factory()
+    first.serve_tree("/m1", repo.folder)
+    second.serve_tree("/m2/", repo.folder)
+    upstream.register("/repo/files/07.bin", Status(500))
+    first.register("/m1/files/07.bin", Status(404))
+    remote = make_remote("immediate", mirrors=[first.url("/m1"), second.url("/m2/")])
+    report = await sync_remote(remote, catalog, storage)
+
+    entries = await catalog.lookup("fixtures/files/07.bin")
+    assert [(e.position, e.url) for e in entries] == [
+        (0, upstream.url("/repo/files/07.bin")),
+        (1, first.url("/m1/files/07.bin")),
+        (2, second.url("/m2/files/07.bin")),
+    ]
+    assert (report.downloaded, report.failed) == (10, [])
+    assert storage.has(sha(repo.files["files/07.bin"]))
+    assert len(second.requests("/m2/files/07.bin")) == 1
+    assert second.all_requests() == [("/m2/files/07.bin", second.requests("/m2/files/07.bin")[0])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_source_failing_names_each_in_the_reason(
+    repo, storage, catalog, make_remote, upstream, upstream_factory
+):
+    mirror = upstream_factory()
+    upstream.register("/repo/files/01.bin", Status(404))
+    remote = make_remote("immediate", mirrors=[mirror.url("/nothing-here/")])
+    report = await sync_remote(remote, catalog, storage)
+
+    assert report.downloaded == 9
+    [(url, reason)] = report.failed
+    assert url == upstream.url("/repo/files/01.bin")
+    assert reason.startswith(upstream.url("/repo/files/01.bin") + ": HTTP 404")
+    assert mirror.url("/nothing-here/files/01.bin") + ": HTTP 404" in reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_content_under_two_paths_is_downloaded_once(
+    repo, storage, catalog, make_remote, upstream
+):
+    repo.put("copies/00.bin", repo.files["files/00.bin"])
+    repo.publish()
+    report = await sync_remote(make_remote("immediate"), catalog, storage)
+
+    assert (report.downloaded, report.already_present, report.failed) == (10, 1, [])
+    fetched = [p for p, _ in upstream.all_requests() if p.endswith("00.bin")]
+    assert len(fetched) == 1
+    assert all(e.stored for e in await catalog.lookup("fixtures/copies/00.bin"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrency_is_bounded(repo, storage, catalog, make_remote, upstream):
+    for i in range(30):
+        repo.put(f"more/{i}.bin", content(100 + i))
+    repo.publish()
+    report = await sync_remote(make_remote("immediate", download_concurrency=3), catalog, storage)
+
+    assert report.downloaded == 40
+    assert upstream.max_concurrent_connections <= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_sync_leaves_no_partial_artifact_and_next_sync_completes(
+    repo, storage, catalog, make_remote, upstream
+):
+    """Kill-safety in process: a sync stopped mid-download keeps artifacts/ whole."""
+    stalled = repo.files["files/06.bin"]
+    upstream.register("/repo/files/06.bin", StallMidBody(len(stalled) // 2, stalled))
+    remote = make_remote("immediate", download_concurrency=2)
+    sync = sync_remote(remote, catalog, storage)
+    while len(artifacts(storage)) < 9:  # every other file is done; 06 is half-way
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert not sync.called
+    sync.cancel()
+    with pytest.raises(defer.CancelledError):
+        await sync
+
+    assert all(sha(data) == digest for digest, data in artifacts(storage).items())
+    assert not storage.has(sha(stalled))
+    assert temp_files(storage) == []
+    upstream.abort_connections()
+
+    upstream.register("/repo/files/06.bin", Serve(stalled))
+    report = await sync_remote(remote, catalog, storage)
+    assert (report.downloaded, report.already_present, report.failed) == (1, 9, [])
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
