@@ -17,6 +17,7 @@ from downloaders import (
     NotAuthorized,
     NotFound,
 )
+from tests.downloaders.support import agent_fixture, pool_fixture  # noqa: F401 (fixtures)
 from tests.support.faults import Gzip, RequireBasicAuth, Serve, Status
 from tests.support.upstream import UpstreamServer
 

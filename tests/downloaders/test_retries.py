@@ -1,0 +1,197 @@
+"""Retries: which failures are retried, how long we wait (driven by a Clock), fresh state."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+from downloaders import (
+    Backoff,
+    DigestValidationError,
+    HttpDownloader,
+    HttpError,
+    NotFound,
+    TruncatedBody,
+)
+from downloaders.retry import parse_retry_after
+from tests.downloaders.support import (  # noqa: F401 (fixtures)
+    agent_fixture,
+    delayed_at,
+    pool_fixture,
+    wait_for,
+)
+from tests.support.faults import ResetAfter, Serve, Status, StatusThenServe, Steps, WrongBytes
+
+BODY = b"0123456789abcdef" * 4096
+SHA256 = hashlib.sha256(BODY).hexdigest()
+NO_JITTER = Backoff(base=1.0, factor=2.0, jitter=0.0)
+
+
+def clocked(url, agent, tmp_path, clock, **kwargs):
+    kwargs.setdefault("backoff", NO_JITTER)
+    kwargs.setdefault("sock_read_timeout", 0)  # only backoff delays on the clock
+    return HttpDownloader(url, agent=agent, temp_dir=str(tmp_path), reactor=clock, **kwargs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_429_then_success_honours_retry_after_seconds(upstream, agent, tmp_path):
+    url = upstream.register("/a", StatusThenServe(429, 1, Serve(BODY), retry_after=7))
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock, expected_digests={"sha256": SHA256}).run()
+    assert (yield wait_for(lambda: delayed_at(clock) == [7.0]))
+    assert len(upstream.requests("/a")) == 1
+    clock.advance(6.9)
+    assert len(upstream.requests("/a")) == 1
+    clock.advance(0.1)
+    result = yield d
+    assert result.artifact_attributes["sha256"] == SHA256
+    assert len(upstream.requests("/a")) == 2
+    assert os.listdir(tmp_path) == [os.path.basename(result.path)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_retry_after_http_date(upstream, agent, tmp_path):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    url = upstream.register("/a", StatusThenServe(503, 1, Serve(BODY), retry_after=when))
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock).run()
+    (delay,) = yield wait_for(lambda: delayed_at(clock))
+    assert 25.0 < delay <= 30.0
+    clock.advance(delay)
+    result = yield d
+    assert result.artifact_attributes["size"] == len(BODY)
+
+
+@pytest_twisted.inlineCallbacks
+def test_retry_after_is_capped(upstream, agent, tmp_path):
+    url = upstream.register("/a", StatusThenServe(429, 1, Serve(BODY), retry_after=86400))
+    clock = task.Clock()
+    backoff = Backoff(jitter=0.0, retry_after_cap=120.0)
+    d = clocked(url, agent, tmp_path, clock, backoff=backoff).run()
+    assert (yield wait_for(lambda: delayed_at(clock) == [120.0]))
+    clock.advance(120)
+    yield d
+
+
+@pytest_twisted.inlineCallbacks
+def test_503_until_retries_run_out_with_exponential_backoff(upstream, agent, tmp_path):
+    url = upstream.register("/down", Status(503))
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock, max_retries=3).run()
+    for n, delay in enumerate([1.0, 2.0, 4.0], start=1):
+        yield wait_for(lambda n=n: len(upstream.requests("/down")) == n and clock.getDelayedCalls())
+        assert delayed_at(clock) == [clock.seconds() + delay]
+        clock.advance(delay)
+    with pytest.raises(HttpError) as caught:
+        yield d
+    assert caught.value.status == 503
+    assert caught.value.retryable
+    assert str(caught.value) == f"HTTP 503 Service Unavailable ({url})"
+    assert len(upstream.requests("/down")) == 4
+    assert clock.getDelayedCalls() == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+@pytest_twisted.inlineCallbacks
+def test_other_5xx_are_retried(upstream, agent, tmp_path, status):
+    url = upstream.register("/flaky", StatusThenServe(status, 1, Serve(BODY)))
+    backoff = Backoff(base=0.001, jitter=0.0)
+    result = yield HttpDownloader(url, agent=agent, temp_dir=str(tmp_path), backoff=backoff).run()
+    assert result.artifact_attributes["size"] == len(BODY)
+    assert len(upstream.requests("/flaky")) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_retries_zero_means_one_attempt(upstream, agent, tmp_path):
+    url = upstream.register("/down", Status(503))
+    with pytest.raises(HttpError):
+        yield HttpDownloader(url, agent=agent, max_retries=0).run()
+    assert len(upstream.requests("/down")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_404_and_validation_errors_not_retried(upstream, agent, tmp_path):
+    upstream.register("/nf", Status(404))
+    upstream.register("/bad", WrongBytes(BODY))
+    with pytest.raises(NotFound):
+        yield HttpDownloader(upstream.url("/nf"), agent=agent, max_retries=5).run()
+    with pytest.raises(DigestValidationError):
+        yield HttpDownloader(
+            upstream.url("/bad"), agent=agent, max_retries=5, expected_digests={"sha256": SHA256}
+        ).run()
+    assert len(upstream.requests("/nf")) == 1
+    assert len(upstream.requests("/bad")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_retry_starts_fresh_file_and_digests(upstream, agent, tmp_path: Path):
+    url = upstream.register("/r", Steps([ResetAfter(20000, BODY), Serve(BODY)]))
+    downloader = HttpDownloader(
+        url,
+        expected_digests={"sha256": SHA256},
+        expected_size=len(BODY),
+        agent=agent,
+        temp_dir=str(tmp_path),
+        backoff=Backoff(base=0.001, jitter=0.0),
+    )
+    result = yield downloader.run()
+    assert downloader.attempts == 2
+    assert result.artifact_attributes == {"size": len(BODY), "sha256": SHA256}
+    assert Path(result.path).read_bytes() == BODY
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(result.path)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_truncation_retried_until_exhausted(upstream, agent, tmp_path, assert_no_temp_files):
+    url = upstream.register("/r", ResetAfter(100, BODY))
+    with pytest.raises(TruncatedBody):
+        yield HttpDownloader(
+            url,
+            agent=agent,
+            temp_dir=str(tmp_path),
+            max_retries=2,
+            backoff=Backoff(base=0.001, jitter=0.0),
+        ).run()
+    assert len(upstream.requests("/r")) == 3
+    assert_no_temp_files(tmp_path)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_retry_once_bytes_reached_a_writer(upstream, agent):
+    url = upstream.register("/r", Steps([ResetAfter(20000, BODY), Serve(BODY)]))
+    received = []
+    with pytest.raises(TruncatedBody):
+        yield HttpDownloader(
+            url,
+            agent=agent,
+            writer=type("W", (), {"write": lambda self, b: received.append(b)})(),
+            backoff=Backoff(base=0.001),
+        ).run()
+    assert len(upstream.requests("/r")) == 1
+    assert sum(map(len, received)) == 20000
+
+
+def test_backoff_exponential_with_jitter_and_cap():
+    backoff = Backoff(base=1.0, factor=2.0, max_delay=10.0, jitter=0.5, random=lambda: 1.0)
+    assert [backoff.delay(n) for n in range(5)] == [0.5, 1.0, 2.0, 4.0, 5.0]
+    exact = Backoff(base=1.0, factor=2.0, max_delay=10.0, jitter=0.5, random=lambda: 0.0)
+    assert [exact.delay(n) for n in range(5)] == [1.0, 2.0, 4.0, 8.0, 10.0]
+    assert exact.delay(0, retry_after=300) == 120.0
+    assert exact.delay(3, retry_after=0) == 0.0
+
+
+def test_parse_retry_after():
+    now = 1_700_000_000.0
+    assert parse_retry_after(b"42") == 42.0
+    assert parse_retry_after(email.utils.formatdate(now + 90, usegmt=True), now=now) == 90.0
+    assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
