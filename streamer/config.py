@@ -103,6 +103,12 @@ class ServerConfig:
     #: Write the access log as one JSON object per line (needs access_log set).
     access_log_json: bool = False
 
+    def __attrs_post_init__(self) -> None:
+        if self.access_log_json and not self.access_log:
+            raise SettingsError(
+                "access_log_json", "needs server.access_log ('-' for standard output, or a file)"
+            )
+
 
 @attrs.frozen(kw_only=True)
 class StorageConfig:
