@@ -1,0 +1,228 @@
+"""The content resource: ``GET``/``HEAD /<base_path>/<relative_path>``.
+
+Dispatch: refuse bad paths (`streamer.paths`), look the path up in the catalog, then serve
+a stored artifact from disk (`streamer.static`), a folder's ``index.html`` or listing
+(`streamer.listing`), or hand lazy entries to `streamer.lazy.LazyStreamer`. Any failure is
+logged and answered with a short plain-text status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from store import ArtifactNotFound, CatalogEntry, ListingItem
+from streamer.listing import respond_listing
+from streamer.paths import RefusedPath, RequestPath, parse_request_target
+from streamer.static import respond_text, serve_file
+
+__all__ = ["ALLOWED_METHODS", "ContentResource"]
+
+ALLOWED_METHODS = (b"GET", b"HEAD")
+INDEX_FILE = "index.html"
+
+_log = Logger()
+
+
+def _load_lazy() -> tuple[type, type] | None:
+    """``(LazyStreamer, LazyOptions)`` from `streamer.lazy`, or None while it does not exist."""
+    try:
+        from streamer.lazy import LazyOptions, LazyStreamer
+    except ModuleNotFoundError as exc:
+        if exc.name != "streamer.lazy":
+            raise
+        return None
+    return LazyStreamer, LazyOptions
+
+
+class ContentResource(Resource):
+    """Serves the catalog's namespace; a leaf, so it sees every path below where it is put.
+
+    The path comes from the raw request target (``request.uri``), not from twisted's
+    ``prepath``/``postpath``, so the answer does not depend on where the resource is mounted.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        catalog: Any,
+        storage: Any,
+        remotes: dict[str, Any] | None = None,
+        config: Any = None,
+        metrics: Any = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.catalog = catalog
+        self.storage = storage
+        self.remotes = dict(remotes or {})
+        self.config = config
+        self.metrics = metrics
+        self.reactor = reactor
+        server = getattr(config, "server", None)
+        self.x_accel_redirect: str = getattr(server, "x_accel_redirect", "") or ""
+        self.lazy = self._make_lazy(server)
+
+    def _make_lazy(self, server: Any) -> Any:
+        """The lazy streamer sharing our catalog, storage and remotes (None if unavailable)."""
+        found = _load_lazy()
+        if found is None:
+            return None
+        lazy_class, options_class = found
+        options = None
+        if server is not None and getattr(server, "stall_timeout", None) is not None:
+            options = options_class(no_progress_timeout=server.stall_timeout)
+        return lazy_class(
+            catalog=self.catalog,
+            storage=self.storage,
+            remotes=self.remotes,
+            metrics=self.metrics,
+            reactor=self.reactor,
+            options=options,
+        )
+
+    def close(self) -> None:
+        """Stop the lazy downloads in flight (the service calls this at shutdown)."""
+        if self.lazy is not None:
+            self.lazy.stop()
+
+    # -- twisted.web entry point ------------------------------------------------------------
+
+    def render(self, request: IRequest) -> Any:
+        if request.method not in ALLOWED_METHODS:
+            respond_text(
+                request, 405, "method not allowed", {b"Allow": b", ".join(ALLOWED_METHODS)}
+            )
+            return NOT_DONE_YET
+        try:
+            target = parse_request_target(request.uri)
+        except RefusedPath as refused:
+            respond_text(request, refused.status, refused.reason)
+            return NOT_DONE_YET
+        d = defer.ensureDeferred(self._dispatch(request, target))
+        d.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: IRequest) -> None:
+        _log.failure(
+            "content request {method} {path} failed",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "backslashreplace"),
+        )
+        if request.finished or request.channel is None:
+            return
+        if request.startedWriting:
+            # Headers are out: only cutting the connection tells the client it is incomplete.
+            request.transport.abortConnection()
+        else:
+            respond_text(request, 500, "internal server error")
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    async def _dispatch(self, request: IRequest, target: RequestPath) -> None:
+        if target.folder:
+            await self._serve_folder(request, target)
+            return
+        entries = await self.catalog.lookup(target.path)
+        if entries:
+            await self._serve_entries(request, entries, target.path)
+            return
+        if await self._folder_items(target.path) is not None:
+            location = RequestPath(target.path, folder=True).url_path
+            query = request.uri.partition(b"?")[2]
+            self._redirect(request, location, query)
+            return
+        respond_text(request, 404, "not found")
+
+    async def _serve_folder(self, request: IRequest, target: RequestPath) -> None:
+        items = await self._folder_items(target.path)
+        if items is None:
+            respond_text(request, 404, "not found")
+            return
+        index_path = f"{target.path}/{INDEX_FILE}" if target.path else INDEX_FILE
+        if any(item.name == INDEX_FILE and not item.is_dir for item in items):
+            index_entries = await self.catalog.lookup(index_path)
+            if index_entries:
+                await self._serve_entries(request, index_entries, index_path)
+                return
+        respond_listing(request, target.url_path, items)
+
+    async def _folder_items(self, path: str) -> list[ListingItem] | None:
+        """The children of folder *path*, or None when *path* is not a folder.
+
+        A folder is anything the catalog has entries under, the top, or a remote's base path
+        (or a parent of one), so a remote with nothing synced yet still shows an empty page.
+        """
+        items = list(await self.catalog.list_dir(path))
+        names = {item.name for item in items}
+        is_base = path == ""
+        prefix = path + "/" if path else ""
+        for remote in self.remotes.values():
+            base_path = getattr(remote, "base_path", None) or getattr(remote, "name", "")
+            if base_path == path:
+                is_base = True
+            elif base_path.startswith(prefix):
+                child = base_path[len(prefix) :].split("/", 1)[0]
+                if child not in names:
+                    names.add(child)
+                    items.append(ListingItem(name=child, is_dir=True))
+        if not items and not is_base:
+            return None
+        return items
+
+    def _redirect(self, request: IRequest, location: str, query: bytes) -> None:
+        from urllib.parse import quote
+
+        url = quote(location, safe="/").encode("ascii")
+        if query:
+            url += b"?" + query
+        respond_text(request, 301, "moved permanently", {b"Location": url})
+
+    async def _serve_entries(
+        self, request: IRequest, entries: list[CatalogEntry], path: str
+    ) -> None:
+        # Stored entries first; the others too, as the artifact may have been stored since
+        # (another path, or a download that just finished) before the catalog flag caught up.
+        tried: set[str] = set()
+        for entry in sorted(entries, key=lambda e: not e.stored):
+            if entry.sha256 in tried:
+                continue
+            tried.add(entry.sha256)
+            try:
+                fileobj = self.storage.open(entry.sha256)
+            except ArtifactNotFound:
+                continue  # not on disk (even if the catalog says stored): serve it lazily
+            request.cache_status = "hit"
+            serve_file(
+                request,
+                fileobj,
+                sha256=entry.sha256,
+                served_path=path,
+                x_accel_redirect=self._accel_value(entry.sha256),
+            )
+            return
+        if self.lazy is None:
+            respond_text(request, 502, "lazy streaming not available")
+            return
+        await defer.maybeDeferred(self.lazy.serve, request, entries, path)
+
+    def _accel_value(self, sha256: str) -> str | None:
+        """The ``X-Accel-Redirect`` value for an artifact, or None when the mode is off."""
+        if not self.x_accel_redirect:
+            return None
+        relative = os.path.relpath(self.storage.path_for(sha256), self.storage.root)
+        return self.x_accel_redirect.rstrip("/") + "/" + relative.replace(os.sep, "/")

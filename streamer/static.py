@@ -1,0 +1,303 @@
+"""Serve a stored artifact: headers, conditional requests, ranges, and a flow-controlled body.
+
+The body is sent by `FileRangesProducer`, a pull producer: the transport asks for the next
+chunk only once it has written the previous one, so a slow client never makes the process
+buffer the file. The file is closed when the body is complete or the client goes away.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections import deque
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.web.http import datetimeToString, stringToDatetime
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from streamer.ranges import (
+    MultipartByteranges,
+    UnsatisfiableRange,
+    content_range,
+    parse_range,
+    unsatisfiable_content_range,
+)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "FileRangesProducer",
+    "content_type_for",
+    "evaluate_conditions",
+    "if_range_allows",
+    "respond_text",
+    "serve_file",
+]
+
+#: Bytes read from disk and handed to the transport at a time.
+CHUNK_SIZE = 256 * 1024
+
+_log = Logger()
+
+#: Types of compressed files: mimetypes reports these as an "encoding" of the inner type,
+#: but we serve the stored bytes as they are, so the type is the compressed format itself.
+_ENCODING_TYPES = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+    "br": "application/x-brotli",
+}
+
+
+def content_type_for(served_path: str) -> bytes:
+    """The ``Content-Type`` for a served path, by its extension (octet-stream if unknown)."""
+    kind, encoding = mimetypes.guess_type(served_path, strict=False)
+    if encoding is not None:
+        kind = _ENCODING_TYPES.get(encoding, "application/octet-stream")
+    return (kind or "application/octet-stream").encode("ascii")
+
+
+def respond_text(
+    request: IRequest, status: int, text: str, headers: dict[bytes, bytes] | None = None
+) -> None:
+    """Finish *request* with *status* and a short ``text/plain`` body (if it is still open)."""
+    if request.finished or request.channel is None:
+        return
+    body = (text.rstrip("\n") + "\n").encode("utf-8")
+    request.setResponseCode(status)
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    request.write(body)
+    request.finish()
+
+
+def _etags(value: bytes) -> list[bytes]:
+    return [tag.strip() for tag in value.split(b",") if tag.strip()]
+
+
+def _weak_equal(tag: bytes, etag: bytes) -> bool:
+    return tag.removeprefix(b"W/") == etag.removeprefix(b"W/")
+
+
+def _header_date(request: IRequest, name: bytes) -> int | None:
+    value = request.getHeader(name)
+    if not value:
+        return None
+    try:
+        return stringToDatetime(value)
+    except Exception:  # a malformed date is ignored, as RFC 9110 requires
+        return None
+
+
+def evaluate_conditions(request: IRequest, etag: bytes, mtime: int) -> int | None:
+    """Evaluate the preconditions of RFC 9110 section 13.2.2 for a strong *etag* and *mtime*.
+
+    Returns 412 (a failed If-Match / If-Unmodified-Since), 304 (If-None-Match /
+    If-Modified-Since say the client's copy is current), or None (serve normally).
+    """
+    if_match = request.getHeader(b"if-match")
+    if if_match is not None:
+        tags = _etags(if_match)
+        if b"*" not in tags and etag not in tags:
+            return 412
+    else:
+        since = _header_date(request, b"if-unmodified-since")
+        if since is not None and mtime > since:
+            return 412
+    if_none_match = request.getHeader(b"if-none-match")
+    if if_none_match is not None:
+        tags = _etags(if_none_match)
+        if b"*" in tags or any(_weak_equal(tag, etag) for tag in tags):
+            return 304
+    elif request.method in (b"GET", b"HEAD"):
+        since = _header_date(request, b"if-modified-since")
+        if since is not None and mtime <= since:
+            return 304
+    return None
+
+
+def if_range_allows(request: IRequest, etag: bytes, mtime: int) -> bool:
+    """True when the Range header may be honoured: no If-Range, or it names this version."""
+    value = request.getHeader(b"if-range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith((b'"', b"W/")):
+        return value == etag  # strong comparison; a weak tag never matches
+    since = _header_date(request, b"if-range")
+    return since is not None and since == mtime
+
+
+@implementer(IPullProducer)
+class FileRangesProducer:
+    """Write ``(prefix, offset, length)`` segments of an open file, then *trailer*, then finish.
+
+    A whole body is one segment ``(b"", 0, size)``; a multipart body has one segment per part
+    with its delimiter and headers as prefix. The file is closed when done or stopped.
+    """
+
+    def __init__(
+        self,
+        request: IRequest,
+        fileobj: BinaryIO,
+        segments: Iterable[tuple[bytes, int, int]],
+        trailer: bytes = b"",
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self._request = request
+        self._file: BinaryIO | None = fileobj
+        self._segments = deque(segments)
+        self._trailer = trailer
+        self._chunk_size = chunk_size
+        self._offset = 0
+        self._remaining = 0
+
+    def start(self) -> None:
+        """Register with the request; the transport then pulls chunks as it can send them."""
+        self._request.notifyFinish().addBoth(lambda _: self._close())
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
+        if self._file is None:
+            return
+        prefix = b""
+        while self._remaining == 0:
+            if not self._segments:
+                self._done(prefix + self._trailer)
+                return
+            segment_prefix, self._offset, self._remaining = self._segments.popleft()
+            prefix += segment_prefix
+        try:
+            data = os.pread(
+                self._file.fileno(), min(self._chunk_size, self._remaining), self._offset
+            )
+        except OSError as exc:
+            _log.error("reading a stored artifact failed: {error}", error=exc)
+            data = b""
+        if not data:
+            self._abort()
+            return
+        self._offset += len(data)
+        self._remaining -= len(data)
+        self._request.write(prefix + data if prefix else data)
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted API
+        self._close()
+
+    def _done(self, last: bytes) -> None:
+        self._close()
+        if last:
+            self._request.write(last)
+        self._request.unregisterProducer()
+        if self._request.channel is not None:
+            self._request.finish()
+
+    def _abort(self) -> None:
+        """The file ended early or failed: cut the connection so the client sees an error."""
+        self._close()
+        self._request.unregisterProducer()
+        transport = getattr(self._request, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _close(self) -> None:
+        fileobj, self._file = self._file, None
+        if fileobj is not None:
+            fileobj.close()
+
+
+def serve_file(
+    request: IRequest,
+    fileobj: BinaryIO,
+    *,
+    sha256: str,
+    served_path: str,
+    x_accel_redirect: str | None = None,
+) -> None:
+    """Answer *request* (GET or HEAD) with the stored artifact open as *fileobj*.
+
+    Takes ownership of *fileobj*. Sets ETag, Last-Modified, Content-Type, Accept-Ranges;
+    answers 304/412 for preconditions, 206 for one or several ranges, 416 for unsatisfiable
+    ones. With *x_accel_redirect* (the full header value) the body is left to a fronting
+    nginx: the answer carries that header and no body.
+    """
+    try:
+        stat = os.fstat(fileobj.fileno())
+    except BaseException:
+        fileobj.close()
+        raise
+    size = stat.st_size
+    mtime = int(stat.st_mtime)
+    etag = b'"' + sha256.encode("ascii") + b'"'
+    ctype = content_type_for(served_path)
+    request.setHeader(b"ETag", etag)
+    request.setHeader(b"Last-Modified", datetimeToString(mtime))
+    request.setHeader(b"Accept-Ranges", b"bytes")
+
+    status = evaluate_conditions(request, etag, mtime)
+    if status == 412:
+        fileobj.close()
+        respond_text(request, 412, "precondition failed")
+        return
+    if status == 304:
+        fileobj.close()
+        request.setResponseCode(304)
+        request.finish()
+        return
+    request.setHeader(b"Content-Type", ctype)
+    if x_accel_redirect:
+        fileobj.close()
+        request.setHeader(b"X-Accel-Redirect", x_accel_redirect.encode("utf-8"))
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        return
+
+    ranges = None
+    range_header = request.getHeader(b"range")
+    if (
+        range_header is not None
+        and request.method == b"GET"
+        and if_range_allows(request, etag, mtime)
+    ):
+        try:
+            ranges = parse_range(range_header, size)
+        except UnsatisfiableRange:
+            fileobj.close()
+            respond_text(
+                request,
+                416,
+                "range not satisfiable",
+                {b"Content-Range": unsatisfiable_content_range(size)},
+            )
+            return
+
+    trailer = b""
+    if ranges is None:
+        segments = [(b"", 0, size)]
+        length = size
+    elif len(ranges) == 1:
+        first, last = ranges[0]
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", content_range(first, last, size))
+        segments = [(b"", first, last - first + 1)]
+        length = last - first + 1
+    else:
+        body = MultipartByteranges(ranges, size, ctype)
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Type", body.header_value)
+        segments = [(prefix, first, last - first + 1) for prefix, first, last in body.parts()]
+        trailer = body.trailer
+        length = body.content_length
+    request.setHeader(b"Content-Length", b"%d" % length)
+    if request.method == b"HEAD" or length == 0:
+        fileobj.close()
+        request.finish()
+        return
+    FileRangesProducer(request, fileobj, segments, trailer).start()
