@@ -1,45 +1,24 @@
-"""Fixtures for downloader tests: an agent whose connection pool is closed after each test,
-and helpers to wait for real-reactor events while a `Clock` drives the downloader's timers."""
+"""Fixtures of the downloaders tests: a real squid forward proxy (started once per session)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support.upstream import UpstreamServer
+from tests.support.squid import Squid, squid_available
 
 
-@pytest.fixture
-def pool(upstream: UpstreamServer) -> Iterator[HTTPConnectionPool]:
-    """A persistent pool, closed before the upstream checks for leaked connections."""
-    connection_pool = HTTPConnectionPool(reactor, persistent=True)
-    yield connection_pool
-    pytest_twisted.blockon(connection_pool.closeCachedConnections())
-
-
-@pytest.fixture
-def agent(pool: HTTPConnectionPool) -> Agent:
-    """A plain Agent on the real reactor, like the one HttpDownloader builds by default."""
-    return Agent(reactor, pool=pool)
-
-
-@defer.inlineCallbacks
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` on the real reactor until it is truthy (fail after ``timeout``)."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        yield task.deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
-    return predicate()
-
-
-def delayed_at(clock: task.Clock) -> list[float]:
-    """When the clock's pending calls are due, sorted (e.g. ``[7.0]`` for one backoff)."""
-    return sorted(call.getTime() for call in clock.getDelayedCalls())
+@pytest.fixture(scope="session")
+def squid() -> Iterator[Squid]:
+    """A running squid with an open port and a port requiring proxy credentials."""
+    reason = squid_available()
+    if reason is not None:
+        pytest.skip(reason)
+    proxy = Squid()
+    try:
+        pytest_twisted.blockon(proxy.start())
+        yield proxy
+    finally:
+        pytest_twisted.blockon(proxy.stop())
