@@ -1,0 +1,188 @@
+"""One client following a shared download: a push producer registered on its request.
+
+A `Follower` sends a list of *segments* (literal bytes, such as multipart framing, and
+half-open byte ranges ``(start, end)`` of the artifact) from a *source* (an
+`streamer.inflight.InFlight`). It sends only while its transport wants bytes (it honours
+``pauseProducing``/``resumeProducing``), reading what the source has already written; so a
+slow client costs one chunk of memory at most and never holds back the source or the other
+clients. The response starts (``on_start`` writes the status and headers) only once the
+first byte of content is available, so until then the source may fail and the caller can
+fail over to another one without the client noticing.
+
+A follower paused for ``no_progress_timeout`` seconds (a client that stopped reading) has
+its connection aborted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from zope.interface import implementer
+
+__all__ = ["Follower", "Segment"]
+
+#: Literal bytes, or a half-open range ``(start, end)`` of the artifact's bytes.
+Segment = bytes | tuple[int, int]
+
+DEFAULT_READ_SIZE = 128 * 1024
+
+
+@implementer(IPushProducer)
+class Follower:
+    """Send *segments* of *source* into *request* as the bytes become available.
+
+    :param on_start: called once, right before the first write: set status and headers.
+    :param on_failed: called with the error if the source fails before anything was sent
+        (the caller may try another source); after that a failure aborts the connection.
+    """
+
+    def __init__(
+        self,
+        request: Any,
+        source: Any,
+        segments: Sequence[Segment],
+        *,
+        on_start: Callable[[], None],
+        on_failed: Callable[[BaseException], None],
+        reactor: IReactorTime,
+        no_progress_timeout: float = 60.0,
+        read_size: int = DEFAULT_READ_SIZE,
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.segments = [s for s in segments if not isinstance(s, tuple) or s[1] > s[0]]
+        self._on_start = on_start
+        self._on_failed = on_failed
+        self._reactor = reactor
+        self._no_progress_timeout = no_progress_timeout
+        self._read_size = read_size
+        self.started = False
+        self.done = False
+        self.paused = False
+        #: Artifact bytes sent so far (framing not counted).
+        self.sent = 0
+        self._index = 0
+        self._position = self._segment_start(0)
+        self._timer: IDelayedCall | None = None
+        first = next((s for s in self.segments if isinstance(s, tuple)), None)
+        self._first_byte = first[0] if first is not None else None
+
+    # -- driven by the caller and the source ----------------------------------------------
+
+    def attach(self) -> None:
+        """Join the source and send whatever is already available."""
+        self.source.add(self)
+        self.progress()
+
+    def progress(self) -> None:
+        """The source has more bytes (or succeeded): send what the client can take."""
+        if self.done or self.paused:
+            return
+        if not self.started:
+            if not self._can_start():
+                return
+            self.started = True
+            self._on_start()
+            self.request.registerProducer(self, True)
+        self._pump()
+
+    def failed(self, error: BaseException) -> None:
+        """The source failed: abort a started response, or let the caller fail over."""
+        if self.done:
+            return
+        started = self.started
+        self._stop()
+        if started:
+            transport = getattr(self.request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        else:
+            self._on_failed(error)
+
+    def stop(self) -> None:
+        """The client went away: leave the source and send nothing more."""
+        self._stop()
+
+    # -- IPushProducer ----------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted API
+        if self.done:
+            return
+        self.paused = True
+        if self._timer is None and self._no_progress_timeout:
+            self._timer = self._reactor.callLater(self._no_progress_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
+        self._cancel_timer()
+        self.paused = False
+        self.progress()
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted API
+        self._stop()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _can_start(self) -> bool:
+        if self.source.succeeded:
+            return True
+        return self._first_byte is not None and self.source.readable() > self._first_byte
+
+    def _segment_start(self, index: int) -> int:
+        if index < len(self.segments) and isinstance(self.segments[index], tuple):
+            return self.segments[index][0]  # type: ignore[index]
+        return 0
+
+    def _next_segment(self) -> None:
+        self._index += 1
+        self._position = self._segment_start(self._index)
+
+    def _pump(self) -> None:
+        request = self.request
+        while not self.paused and not self.done:
+            if self._index >= len(self.segments):
+                self._finish()
+                return
+            segment = self.segments[self._index]
+            if isinstance(segment, bytes):
+                self._next_segment()
+                request.write(segment)
+                continue
+            end = min(segment[1], self.source.readable())
+            if self._position >= end:
+                return  # wait for the source
+            data = self.source.read(self._position, min(self._read_size, end - self._position))
+            if not data:
+                return
+            self._position += len(data)
+            self.sent += len(data)
+            if self._position >= segment[1]:
+                self._next_segment()
+            request.write(data)
+
+    def _finish(self) -> None:
+        self._stop()
+        self.request.unregisterProducer()
+        self.request.finish()
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        self._stop()
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _stop(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        self.source.remove(self)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()

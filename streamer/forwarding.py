@@ -1,0 +1,92 @@
+"""Which upstream response headers a lazy response forwards to its client.
+
+Only end-to-end *representation* headers are forwarded (`FORWARDED`): the ones that describe
+the bytes, so that a cold (streamed) answer and a warm (stored) one look alike. Everything
+else is dropped: hop-by-hop headers (RFC 9110 section 7.6.1, plus any name listed in the
+upstream's ``Connection`` header), ``Set-Cookie`` (upstream state the client must not keep),
+framing we set ourselves (``Content-Length``, ``Accept-Ranges``, ``Content-Range``), and
+headers about the upstream server (``Server``, ``Date``, ``Alt-Svc``, ...). An empty
+``Content-Encoding`` is never forwarded.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["FORWARDED", "HOP_BY_HOP", "content_type_for", "forwarded_headers"]
+
+#: Hop-by-hop headers: they describe one connection and never pass a proxy.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: End-to-end headers describing the representation, forwarded when present and non-empty.
+FORWARDED = (
+    b"content-type",
+    b"content-encoding",
+    b"content-language",
+    b"content-disposition",
+    b"etag",
+    b"last-modified",
+    b"cache-control",
+    b"expires",
+)
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def forwarded_headers(headers: Any) -> list[tuple[bytes, list[bytes]]]:
+    """``[(lower-case name, [values])]`` of *headers* (a twisted ``Headers``) to forward.
+
+    Hop-by-hop names (fixed or listed in ``Connection``), names starting with ``proxy-``,
+    ``Set-Cookie`` and anything not in `FORWARDED` are dropped; empty values are dropped.
+    """
+    if headers is None:
+        return []
+    dropped = set(HOP_BY_HOP) | _connection_tokens(headers.getRawHeaders(b"connection") or [])
+    out = []
+    for name in FORWARDED:
+        if name in dropped or name.startswith(b"proxy-"):
+            continue
+        values = [v.strip() for v in headers.getRawHeaders(name) or [] if v.strip()]
+        if values:
+            out.append((name, values))
+    return out
+
+
+def content_type_for(path: str) -> str:
+    """The Content-Type guessed from *path*'s extension (``application/octet-stream`` if
+    unknown). Compressed files keep their archive type (``x.tar.gz`` is ``application/gzip``),
+    never a Content-Encoding: the client must get the bytes exactly as published."""
+    kind, encoding = mimetypes.guess_type(path, strict=False)
+    if encoding is not None:
+        kind = {
+            "gzip": "application/gzip",
+            "bzip2": "application/x-bzip2",
+            "xz": "application/x-xz",
+            "compress": "application/x-compress",
+            "br": "application/x-brotli",
+        }.get(encoding, DEFAULT_CONTENT_TYPE)
+    return kind or DEFAULT_CONTENT_TYPE

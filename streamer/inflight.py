@@ -1,0 +1,231 @@
+"""One shared upstream download of one artifact, teed to a temp file that its followers read.
+
+An `InFlight` runs the remote's black-box downloader with itself as the ``writer``: every
+chunk is appended to a temp file under the storage's temp folder (nothing but the latest
+chunk stays in memory) and the followers (`streamer.follower.Follower`, one per client) are
+woken to send what they can. Followers read through `read`, which answers from the latest
+chunk when it covers the offset (a caught-up client never re-reads) and from the file
+otherwise (`os.pread` on one read-only descriptor shared by all followers).
+
+The artifact's last byte is withheld (`readable`) until the downloader validated size and
+digests, so no client can receive a complete-looking body that turns out to be wrong: on a
+failure the followers that already sent bytes abort their connections instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["InFlight"]
+
+_log = Logger()
+
+
+class InFlight:
+    """The download of the artifact *entry* describes, through *remote*'s downloader.
+
+    :param store: commit the validated file to *storage* and mark it stored in *catalog*
+        (``on_demand``); otherwise the temp file is deleted at the end (``streamed``), and
+        the download is cancelled as soon as no follower is left.
+    :param on_failure: called with ``(entry, error)`` when the download fails (not when it is
+        cancelled): the streamer puts the entry on a cooldown and counts the failure.
+    :param on_done: called once with this InFlight when it no longer takes new followers.
+    """
+
+    def __init__(
+        self,
+        entry: Any,
+        remote: Any,
+        storage: Any,
+        catalog: Any,
+        *,
+        store: bool,
+        on_failure: Callable[[Any, BaseException], None],
+        on_done: Callable[[InFlight], None],
+    ) -> None:
+        self.entry = entry
+        self.remote = remote
+        self.storage = storage
+        self.catalog = catalog
+        self.store = store
+        self.sha256: str = entry.sha256
+        self.size: int = entry.size
+        #: Forwarded upstream headers (set once they arrived), shared by late joiners.
+        self.headers: Any = None
+        #: Bytes written to the temp file so far.
+        self.written = 0
+        self.succeeded = False
+        self.error: BaseException | None = None
+        self.followers: set[Any] = set()
+        self.path: str | None = None
+        self._on_failure = on_failure
+        self._on_done = on_done
+        self._write_fd: int | None = None
+        self._read_fd: int | None = None
+        self._last_chunk: bytes | None = None
+        self._last_offset = 0
+        self._running: defer.Deferred[Any] | None = None
+        self._cancelled = False
+        self._done_called = False
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True once the download succeeded, failed or was cancelled."""
+        return self.succeeded or self.error is not None or self._cancelled
+
+    def start(self, headers_filter: Callable[[Any], Any]) -> None:
+        """Open the temp file and start the download. Failures arrive through the followers.
+
+        *headers_filter* turns the upstream response headers into what followers forward.
+        """
+        self._headers_filter = headers_filter
+        try:
+            temp = self.storage.new_temp_file()
+            self.path = temp.name
+            self._write_fd = os.dup(temp.fileno())
+            temp.close()
+            self._read_fd = os.open(self.path, os.O_RDONLY)
+            downloader = self.remote.get_downloader(
+                entry=self.entry,
+                writer=self,
+                headers_ready_callback=self._headers_ready,
+                temp_dir=self.storage.temp_dir,
+            )
+            self._running = defer.maybeDeferred(downloader.run)
+        except Exception as error:
+            self._running = defer.fail(error)
+        self._running.addCallbacks(self._succeeded, self._failed)
+
+    def cancel(self) -> None:
+        """Stop the download (nobody needs it any more): no cooldown, nothing stored."""
+        if self.finished:
+            return
+        self._cancelled = True
+        self._done()
+        if self._running is not None:
+            self._running.cancel()
+
+    # -- the downloader's writer ------------------------------------------------------------
+
+    def _headers_ready(self, headers: Any) -> None:
+        self.headers = self._headers_filter(headers)
+
+    def write(self, data: bytes) -> None:
+        """Append one chunk to the temp file and wake the followers."""
+        if self._write_fd is None:
+            raise OSError("the download was stopped")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._write_fd, view) :]
+        self._last_chunk, self._last_offset = bytes(data), self.written
+        self.written += len(data)
+        self._wake()
+
+    # -- what followers use -------------------------------------------------------------------
+
+    def readable(self) -> int:
+        """How many bytes followers may send: all once validated, else all but the last."""
+        if self.succeeded:
+            return self.size
+        return max(0, min(self.written, self.size - 1))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to *length* bytes at *offset* (below `readable`): from the latest chunk if it
+        holds *offset*, else from the file."""
+        chunk, start = self._last_chunk, self._last_offset
+        if chunk is not None and start <= offset < start + len(chunk):
+            begin = offset - start
+            if begin == 0 and length >= len(chunk):
+                return chunk
+            return chunk[begin : begin + length]
+        if self._read_fd is None:
+            raise OSError("the temp file is closed")
+        return os.pread(self._read_fd, length, offset)
+
+    def add(self, follower: Any) -> None:
+        self.followers.add(follower)
+
+    def remove(self, follower: Any) -> None:
+        """Forget a follower; cancel a `streamed` download nobody reads any more."""
+        self.followers.discard(follower)
+        if self.followers:
+            return
+        if not self.store and not self.finished:
+            self.cancel()
+        self._close_read_if_unused()
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        for follower in list(self.followers):
+            follower.progress()
+
+    def _succeeded(self, _result: Any) -> defer.Deferred[None] | None:
+        self._close_write()
+        self.succeeded = True
+        self._last_chunk = None
+        self._wake()
+        if not self.store:
+            self._done()
+            self._discard_temp()
+            return None
+        d = threads.deferToThread(self.storage.commit, self.path, self.sha256, self.size)
+        d.addCallback(self._committed)
+        d.addErrback(self._log_failure, "storing the artifact failed")
+        d.addBoth(lambda _: self._done())
+        return d
+
+    def _committed(self, path: str) -> defer.Deferred[Any]:
+        # The read descriptor follows the renamed inode: followers keep reading through it.
+        self.path = path
+        return defer.maybeDeferred(self.catalog.mark_stored, self.sha256)
+
+    def _failed(self, failure: Failure) -> None:
+        self._close_write()
+        self._last_chunk = None
+        self._discard_temp()
+        if not self._cancelled:
+            self.error = failure.value
+            self._on_failure(self.entry, failure.value)
+        self._done()
+        for follower in list(self.followers):
+            follower.failed(failure.value)
+        return None
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        _log.failure("{what} ({sha256})", failure, what=what, sha256=self.sha256)
+
+    # -- clean-up ---------------------------------------------------------------------------
+
+    def _done(self) -> None:
+        """Take no more followers; the read descriptor closes once the last one left."""
+        if not self._done_called:
+            self._done_called = True
+            self._on_done(self)
+        self._close_read_if_unused()
+
+    def _close_write(self) -> None:
+        fd, self._write_fd = self._write_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _close_read(self) -> None:
+        fd, self._read_fd = self._read_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _close_read_if_unused(self) -> None:
+        if self._done_called and not self.followers:
+            self._close_read()
+
+    def _discard_temp(self) -> None:
+        if self.path is not None:
+            self.storage.discard(self.path)

@@ -1,0 +1,351 @@
+"""Serve lazy content: stream it from upstream to the client while teeing it to storage.
+
+`LazyStreamer.serve(request, entries, path)` answers a GET or HEAD for a path the catalog
+knows but storage does not hold:
+
+* ``HEAD`` is answered from the catalog (size, type by extension, the sha256 as ETag),
+  without contacting the upstream.
+* ``GET`` joins the download of that artifact already in flight (keyed by sha256, so many
+  clients cause one upstream request) or starts one through the entry's remote (the
+  black-box ``remote.get_downloader``). The client follows the download from the temp file
+  at its own pace (`streamer.follower.Follower`); ``Range`` requests are answered as soon as
+  their bytes arrived, while the whole artifact is still downloaded.
+* Entries are tried in catalog order while nothing was sent to the client, skipping entries
+  that failed recently (``cooldown``). When every entry failed the answer is a short plain
+  text: ``404`` when every upstream said 404 (the catalog is stale), ``504`` when every
+  failure was a timeout, otherwise ``502``.
+* Once bytes were sent a failure aborts the connection, so the client cannot mistake a
+  truncated or wrong body for a complete one; the artifact's last byte is only sent after
+  the downloader validated size and digests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.web.server import NOT_DONE_YET
+
+from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from streamer.follower import Follower, Segment
+from streamer.forwarding import content_type_for, forwarded_headers
+from streamer.inflight import InFlight
+from streamer.logs import RequestLog
+from streamer.metrics import failure_reason
+from streamer.ranges import (
+    MultipartByteranges,
+    UnsatisfiableRange,
+    content_range,
+    parse_range,
+    unsatisfiable_content_range,
+)
+
+__all__ = ["LazyOptions", "LazyStreamer"]
+
+
+@attrs.frozen
+class LazyOptions:
+    """Tuning of lazy serving.
+
+    :param no_progress_timeout: seconds a client may refuse bytes before its connection is
+        aborted (0: never).
+    :param cooldown: seconds an entry whose download failed is skipped by later requests.
+    :param read_size: bytes a lagging client reads from the temp file at a time.
+    """
+
+    no_progress_timeout: float = 60.0
+    cooldown: float = 30.0
+    read_size: int = 128 * 1024
+
+
+@attrs.frozen
+class _Cooling:
+    until: float
+    error: BaseException
+
+
+class LazyStreamer:
+    """Streams lazy content; one instance per service, holding the downloads in flight.
+
+    :param catalog: an `store.ICatalog` (``mark_stored`` is called after a commit).
+    :param storage: an `store.IArtifactStorage` (temp files and commits).
+    :param remotes: remote name -> remote (anything with ``policy`` and ``get_downloader``).
+    :param metrics: a `streamer.metrics.Metrics`, or None.
+    :param reactor: for timers (a ``Clock`` in tests); the global reactor by default.
+    """
+
+    def __init__(
+        self,
+        catalog: Any,
+        storage: Any,
+        remotes: Mapping[str, Any],
+        metrics: Any = None,
+        reactor: Any = None,
+        options: LazyOptions | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.catalog = catalog
+        self.storage = storage
+        self.remotes = remotes
+        self.metrics = metrics
+        self.reactor = reactor
+        self.options = options or LazyOptions()
+        #: Where upstream failures are logged (the service may replace it).
+        self.log = RequestLog()
+        #: Downloads taking followers now, by artifact sha256.
+        self.in_flight: dict[str, InFlight] = {}
+        self._cooling: dict[tuple[str, str], _Cooling] = {}
+
+    def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
+        """Answer *request* for *path* from its catalog *entries* (in the order to try)."""
+        if not entries:
+            _error(request, 404, f"{path}: not in the catalog")
+        elif request.method == b"HEAD":
+            self._head(request, entries, path)
+        else:
+            _LazyRequest(self, request, list(entries), path).next()
+        return NOT_DONE_YET
+
+    def stop(self) -> None:
+        """Cancel every download in flight (at shutdown)."""
+        for inflight in list(self.in_flight.values()):
+            inflight.cancel()
+
+    # -- used by _LazyRequest ------------------------------------------------------------------
+
+    def cooling_error(self, entry: Any) -> BaseException | None:
+        """The error that put *entry* on a cooldown, while that cooldown lasts."""
+        key = (entry.remote, entry.url)
+        cooling = self._cooling.get(key)
+        if cooling is None:
+            return None
+        if self.reactor.seconds() >= cooling.until:
+            del self._cooling[key]
+            return None
+        return cooling.error
+
+    def cooldown_left(self) -> float:
+        now = self.reactor.seconds()
+        return max([c.until - now for c in self._cooling.values()] or [0.0])
+
+    def join(self, entry: Any, remote: Any, follower_for: Any) -> tuple[Follower, bool]:
+        """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
+        artifact, starting that download unless one is in flight. Returns (follower,
+        joined)."""
+        inflight = self.in_flight.get(entry.sha256)
+        if inflight is not None:
+            follower = follower_for(inflight)
+            follower.attach()
+            return follower, True
+        inflight = InFlight(
+            entry,
+            remote,
+            self.storage,
+            self.catalog,
+            store=getattr(remote, "policy", "on_demand") != "streamed",
+            on_failure=self._failed,
+            on_done=self._done,
+        )
+        self.in_flight[entry.sha256] = inflight
+        if self.metrics is not None:
+            self.metrics.download_started()
+        follower = follower_for(inflight)
+        follower.attach()
+        inflight.start(forwarded_headers)
+        return follower, False
+
+    def _failed(self, entry: Any, error: BaseException) -> None:
+        self._cooling[(entry.remote, entry.url)] = _Cooling(
+            self.reactor.seconds() + self.options.cooldown, error
+        )
+        self.log.upstream_failure(
+            entry.url, failure_reason(error), _describe(error), metrics=self.metrics
+        )
+
+    def _done(self, inflight: InFlight) -> None:
+        if self.in_flight.get(inflight.sha256) is inflight:
+            del self.in_flight[inflight.sha256]
+            if self.metrics is not None:
+                self.metrics.download_finished()
+
+    # -- HEAD ------------------------------------------------------------------------------------
+
+    def _head(self, request: Any, entries: Sequence[Any], path: str) -> None:
+        entry = next((e for e in entries if self.cooling_error(e) is None), entries[0])
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type_for(path).encode("latin-1"))
+        request.setHeader(b"content-length", b"%d" % entry.size)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"etag", b'"%s"' % entry.sha256.encode("ascii"))
+        request.write(b"")
+        request.finish()
+
+
+class _LazyRequest:
+    """One GET: tries the entries in order until one delivers its first byte."""
+
+    def __init__(self, streamer: LazyStreamer, request: Any, entries: list[Any], path: str):
+        self.streamer = streamer
+        self.request = request
+        self.entries = entries
+        self.path = path
+        self.errors: list[BaseException] = []
+        self.follower: Follower | None = None
+        self.gone = False
+        self._tried: set[tuple[str, str]] = set()
+        request.notifyFinish().addErrback(self._client_gone)
+
+    def next(self) -> None:
+        """Follow the download of the next usable entry, or answer with the errors."""
+        self.follower = None
+        if self.gone:
+            return
+        streamer = self.streamer
+        for entry in self.entries:
+            key = (entry.remote, entry.url)
+            if key in self._tried:
+                continue
+            self._tried.add(key)
+            cooling = streamer.cooling_error(entry)
+            if cooling is not None:
+                self.errors.append(cooling)
+                continue
+            remote = streamer.remotes.get(entry.remote)
+            if remote is None:
+                self.errors.append(DownloadError(entry.url, f"unknown remote {entry.remote!r}"))
+                continue
+            try:
+                plan = _Plan.make(self.request, entry, self.path)
+            except UnsatisfiableRange:
+                _error(
+                    self.request,
+                    416,
+                    "requested range not satisfiable",
+                    {b"content-range": unsatisfiable_content_range(entry.size)},
+                )
+                return
+            self.follower, joined = streamer.join(
+                entry, remote, lambda source, plan=plan: self._follower(source, plan)
+            )
+            self.request.cache_status = "coalesced" if joined else "miss"
+            return
+        self._give_up()
+
+    def _follower(self, source: InFlight, plan: _Plan) -> Follower:
+        options = self.streamer.options
+        return Follower(
+            self.request,
+            source,
+            plan.segments,
+            on_start=lambda: plan.start(self.request, source.headers),
+            on_failed=self._source_failed,
+            reactor=self.streamer.reactor,
+            no_progress_timeout=options.no_progress_timeout,
+            read_size=options.read_size,
+        )
+
+    def _source_failed(self, error: BaseException) -> None:
+        self.errors.append(error)
+        self.next()
+
+    def _client_gone(self, _reason: Any) -> None:
+        self.gone = True
+        if self.follower is not None:
+            self.follower.stop()
+
+    def _give_up(self) -> None:
+        errors = self.errors
+        headers: dict[bytes, bytes] = {}
+        if errors and all(isinstance(e, NotFound) for e in errors):
+            status, what = 404, "not found upstream"
+        elif errors and all(isinstance(e, DownloadTimeout) for e in errors):
+            status, what = 504, "upstream timed out"
+        else:
+            status, what = 502, "upstream failed"
+        left = self.streamer.cooldown_left()
+        if status != 404 and left > 0:
+            headers[b"retry-after"] = b"%d" % max(1, round(left))
+        reasons = "; ".join(_describe(e) for e in errors) or "no usable source"
+        _error(self.request, status, f"{self.path}: {what}: {reasons}", headers)
+
+
+@attrs.frozen
+class _Plan:
+    """What one response sends: status, framing headers and the segments of the body."""
+
+    entry: Any
+    path: str
+    status: int
+    segments: list[Segment]
+    length: int
+    content_range: bytes | None = None
+    multipart: MultipartByteranges | None = None
+
+    @classmethod
+    def make(cls, request: Any, entry: Any, path: str) -> _Plan:
+        """The plan for *request*'s ``Range`` (ignored with ``If-Range``); may raise
+        `UnsatisfiableRange`."""
+        size = entry.size
+        header = request.getHeader(b"range")
+        if request.getHeader(b"if-range") is not None:
+            header = None
+        ranges = parse_range(header, size)
+        if not ranges:
+            return cls(entry, path, 200, [(0, size)], size)
+        if len(ranges) == 1:
+            first, last = ranges[0]
+            return cls(
+                entry,
+                path,
+                206,
+                [(first, last + 1)],
+                last - first + 1,
+                content_range=content_range(first, last, size),
+            )
+        multipart = MultipartByteranges(ranges, size, content_type_for(path))
+        segments: list[Segment] = []
+        for prefix, first, last in multipart.parts():
+            segments += [prefix, (first, last + 1)]
+        segments.append(multipart.trailer)
+        return cls(entry, path, 206, segments, multipart.content_length, multipart=multipart)
+
+    def start(self, request: Any, forwarded: list[tuple[bytes, list[bytes]]] | None) -> None:
+        """Set the status and headers, right before the first byte is written."""
+        request.setResponseCode(self.status)
+        headers = dict(forwarded or [])
+        headers.setdefault(b"content-type", [content_type_for(self.path).encode("latin-1")])
+        if self.multipart is not None:
+            headers[b"content-type"] = [self.multipart.header_value]
+        for name, values in headers.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-length", b"%d" % self.length)
+        if self.content_range is not None:
+            request.setHeader(b"content-range", self.content_range)
+
+
+def _describe(error: BaseException) -> str:
+    """A short reason without url or credentials."""
+    if isinstance(error, DownloadError):
+        return error.message
+    return type(error).__name__
+
+
+def _error(
+    request: Any, status: int, text: str, headers: Mapping[bytes, bytes] | None = None
+) -> None:
+    """Answer with a short plain-text body (never a traceback)."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    body = (text.replace("\n", " ")[:500] + "\n").encode("utf-8", "replace")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()

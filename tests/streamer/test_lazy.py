@@ -1,0 +1,254 @@
+"""Lazy content through a real upstream and real clients: cold GET, storing, headers, HEAD,
+Range on content that is still downloading, and the streamed policy."""
+
+from __future__ import annotations
+
+import pytest_twisted
+import treq
+
+from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
+    lazy_env_fixture,
+    parse_response,
+    sha256,
+    wait_until,
+)
+from tests.support.clients import run_curl
+from tests.support.faults import Gated, Generated, Serve, Trickle
+
+BODY = bytes(range(256)) * 1024  # 256 KiB
+
+
+@pytest_twisted.inlineCallbacks
+def test_cold_get_streams_stores_and_next_get_is_a_hit(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/files/a.bin", Serve(BODY))
+    yield env.publish("repo/a.bin", BODY, ("up", url))
+
+    code, out, err = yield run_curl("-f", env.url("repo/a.bin"))
+    assert code == 0, err
+    assert out == BODY
+    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert env.temp_files() == []
+    entries = yield env.catalog.lookup("repo/a.bin")
+    assert entries[0].stored
+
+    code, out, _ = yield run_curl("-f", env.url("repo/a.bin"))
+    assert code == 0 and out == BODY
+    assert len(env.upstream.requests("/files/a.bin")) == 1
+    assert env.metrics.value("streamer_downloads_total") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_headers_forwarded_hop_by_hop_dropped_no_empty_content_encoding(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    headers = {
+        "Cache-Control": "max-age=60",
+        "Expires": "Thu, 01 Jan 2099 00:00:00 GMT",
+        "Content-Disposition": 'attachment; filename="a.bin"',
+        "Content-Encoding": "",
+        "Set-Cookie": "session=secret",
+        "Connection": "X-Private",
+        "X-Private": "internal",
+        "Keep-Alive": "timeout=5",
+        "Upgrade": "h2c",
+        "Proxy-Authenticate": "Basic",
+    }
+    url = env.upstream.register(
+        "/a.tar",
+        Serve(
+            BODY,
+            headers=headers,
+            content_type="application/x-tar",
+            etag='"up-etag"',
+            last_modified="Mon, 02 Jan 2023 03:04:05 GMT",
+        ),
+    )
+    yield env.publish("repo/a.tar", BODY, ("up", url))
+
+    code, out, err = yield run_curl("-sSi", env.url("repo/a.tar"))
+    assert code == 0, err
+    status, h, body = parse_response(out)
+    assert status == 200
+    assert body == BODY
+    assert h["content-type"] == ["application/x-tar"]
+    assert h["content-length"] == [str(len(BODY))]
+    assert h["etag"] == ['"up-etag"']
+    assert h["last-modified"] == ["Mon, 02 Jan 2023 03:04:05 GMT"]
+    assert h["cache-control"] == ["max-age=60"]
+    assert h["expires"] == ["Thu, 01 Jan 2099 00:00:00 GMT"]
+    assert h["content-disposition"] == ['attachment; filename="a.bin"']
+    assert h["accept-ranges"] == ["bytes"]
+    for dropped in (
+        "content-encoding",
+        "set-cookie",
+        "x-private",
+        "keep-alive",
+        "upgrade",
+        "proxy-authenticate",
+        "transfer-encoding",
+    ):
+        assert dropped not in h, dropped
+    yield wait_until(lambda: not env.streamer.in_flight)
+
+
+@pytest_twisted.inlineCallbacks
+def test_content_encoding_forwarded_when_set_and_type_by_extension(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/x.gz", Serve(BODY, headers={"Content-Encoding": "gzip"}))
+    yield env.publish("repo/x.gz", BODY, ("up", url))
+    code, out, err = yield run_curl("-sSi", env.url("repo/x.gz"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, body) == (200, BODY)
+    assert headers["content-encoding"] == ["gzip"]
+    assert headers["content-type"] == ["application/octet-stream"]
+    yield wait_until(lambda: not env.streamer.in_flight)
+
+
+@pytest_twisted.inlineCallbacks
+def test_chunked_upstream_gets_content_length_from_the_catalog(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/c.bin", Serve(BODY, chunked=True, chunk_size=1000))
+    yield env.publish("repo/c.rpm", BODY, ("up", url))
+    code, out, err = yield run_curl("-sSi", env.url("repo/c.rpm"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, body) == (200, BODY)
+    assert headers["content-length"] == [str(len(BODY))]
+    assert "transfer-encoding" not in headers
+    yield wait_until(lambda: not env.streamer.in_flight)
+
+
+@pytest_twisted.inlineCallbacks
+def test_head_on_cold_content_makes_no_upstream_request(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/h.json", Serve(BODY))
+    yield env.publish("repo/h.json", BODY, ("up", url))
+    code, out, err = yield run_curl("-sSI", env.url("repo/h.json"))
+    assert code == 0, err
+    head = out.lower()
+    assert head.startswith(b"http/1.1 200")
+    assert b"content-length: %d\r\n" % len(BODY) in head
+    assert b"content-type: application/json" in head
+    assert b'etag: "%s"' % sha256(BODY).encode() in head
+    assert env.upstream.all_requests() == []
+    assert not env.stored(BODY)
+
+
+@pytest_twisted.inlineCallbacks
+def test_streamed_policy_serves_and_keeps_nothing(lazy_env):
+    env = lazy_env.start()
+    env.remote("up", policy="streamed")
+    url = env.upstream.register("/s.bin", Serve(BODY))
+    yield env.publish("repo/s.bin", BODY, ("up", url))
+    for _ in range(2):
+        code, out, err = yield run_curl("-f", env.url("repo/s.bin"))
+        assert code == 0, err
+        assert out == BODY
+        assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert not env.stored(BODY)
+    assert env.temp_files() == []
+    assert len(env.upstream.requests("/s.bin")) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_artifact(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/empty", Serve(b""))
+    yield env.publish("repo/empty", b"", ("up", url))
+    code, out, err = yield run_curl("-sSi", env.url("repo/empty"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, headers["content-length"], body) == (200, ["0"], b"")
+    assert (yield wait_until(lambda: env.stored(b"")))
+
+
+# --- Range on lazy content -----------------------------------------------------------------
+
+
+BIG = Generated(3 * 1024 * 1024 + 123, block_size=65536)
+BIG_BODY = b"".join(BIG.chunks())
+
+
+@pytest_twisted.inlineCallbacks
+def test_single_ranges_on_cold_content_across_chunk_boundaries(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", BIG_BODY, ("up", url))
+    cases = {
+        "bytes=65530-65545": BIG_BODY[65530:65546],
+        "bytes=0-0": BIG_BODY[:1],
+        "bytes=-100": BIG_BODY[-100:],
+        "bytes=3145000-": BIG_BODY[3145000:],
+        "bytes=1000000-1999999": BIG_BODY[1000000:2000000],
+    }
+    results = yield _gather([treq.get(env.url("repo/big"), headers={"Range": r}) for r in cases])
+    size = len(BIG_BODY)
+    for (spec, expected), response in zip(cases.items(), results, strict=True):
+        assert response.code == 206, spec
+        body = yield response.content()
+        assert body == expected, spec
+        first = size - 100 if spec == "bytes=-100" else int(spec[6:].split("-")[0])
+        assert response.headers.getRawHeaders("content-range") == [
+            f"bytes {first}-{first + len(expected) - 1}/{size}"
+        ]
+    assert len(env.upstream.requests("/big")) == 1
+    assert (yield wait_until(lambda: env.stored(BIG_BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_range_is_answered_before_the_download_ends(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/slow", Trickle(BODY, bytes_per_sec=len(BODY) / 2.0))
+    yield env.publish("repo/slow", BODY, ("up", url))
+    response = yield treq.get(env.url("repo/slow"), headers={"Range": "bytes=10-19"})
+    assert response.code == 206
+    assert (yield response.content()) == BODY[10:20]
+    assert env.streamer.in_flight, "the range should be served while the download still runs"
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_multiple_ranges_and_unsatisfiable_range(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    gate = Gated(Serve(BODY))
+    url = env.upstream.register("/m", gate)
+    yield env.publish("repo/m", BODY, ("up", url))
+
+    code, out, err = yield run_curl("-sSi", "-r", "999999-", env.url("repo/m"))
+    assert code == 0, err
+    assert out.startswith(b"HTTP/1.1 416")
+    assert b"content-range: bytes */%d" % len(BODY) in out.lower()
+    assert gate.waiting == 0, "a 416 needs no upstream request"
+
+    pending = treq.get(env.url("repo/m"), headers={"Range": "bytes=0-9,100000-100009,-5"})
+    assert (yield wait_until(lambda: gate.waiting == 1))
+    gate.release()
+    response = yield pending
+    assert response.code == 206
+    content_type = response.headers.getRawHeaders("content-type")[0]
+    assert content_type.startswith("multipart/byteranges; boundary=")
+    boundary = content_type.split("boundary=")[1].encode()
+    body = yield response.content()
+    assert response.length == len(body)  # twisted moves Content-Length to .length
+    parts = body.split(b"--" + boundary)
+    payloads = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in parts[1:-1]]
+    assert payloads == [BODY[0:10], BODY[100000:100010], BODY[-5:]]
+    assert b"content-range: bytes 100000-100009/%d" % len(BODY) in body.lower()
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+def _gather(deferreds):
+    from twisted.internet import defer
+
+    return defer.gatherResults(deferreds, consumeErrors=True)

@@ -1,0 +1,168 @@
+"""Shared set-up for the lazy-streaming tests: a real SQLite catalog, ArtifactStorage in
+tmp_path, remotes pointing at the loopback upstream, and a LazyStreamer behind a tiny
+twisted.web resource on 127.0.0.1 (the catalog lookup, then ``serve``). Holds no tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from importer.remote import Remote
+from store import ArtifactStorage, CatalogEntry, SQLiteCatalog
+from streamer.lazy import LazyOptions, LazyStreamer
+from streamer.metrics import Metrics
+from tests.support.upstream import UpstreamServer
+
+__all__ = ["LazyEnv", "lazy_env_fixture", "parse_response", "sha256", "wait_until"]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _LazyResource(Resource):
+    """GET/HEAD /<path>: look the path up and hand it to the LazyStreamer (or serve it from
+    storage when it is stored, like the real content resource does)."""
+
+    isLeaf = True
+
+    def __init__(self, env: LazyEnv) -> None:
+        super().__init__()
+        self.env = env
+
+    def render(self, request: Any) -> object:
+        path = request.path.decode("utf-8").lstrip("/")
+        d = self.env.catalog.lookup(path)
+        d.addCallback(self._found, request, path)
+        return NOT_DONE_YET
+
+    def _found(self, entries: list[CatalogEntry], request: Any, path: str) -> None:
+        self.env.lookups.append(path)
+        if entries and entries[0].stored and self.env.storage.has(entries[0].sha256):
+            with self.env.storage.open(entries[0].sha256) as f:
+                body = f.read()
+            request.cache_status = "hit"
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+            return
+        self.env.streamer.serve(request, entries, path)
+
+
+class LazyEnv:
+    """Everything one test needs; see the module docstring."""
+
+    def __init__(self, tmp_path: Path, upstream: UpstreamServer) -> None:
+        self.tmp_path = tmp_path
+        self.upstream = upstream
+        self.storage = ArtifactStorage(tmp_path / "store")
+        self.catalog = SQLiteCatalog(str(tmp_path / "catalog.sqlite3"))
+        self.remotes: dict[str, Remote] = {}
+        self.metrics = Metrics()
+        self.lookups: list[str] = []
+        self.streamer: LazyStreamer = None  # type: ignore[assignment]
+        self.port: Any = None
+
+    def start(self, **options: Any) -> LazyEnv:
+        self.streamer = LazyStreamer(
+            self.catalog, self.storage, self.remotes, self.metrics, options=LazyOptions(**options)
+        )
+        site = Site(_LazyResource(self), timeout=None)
+        site.noisy = False
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}/{path.lstrip('/')}"
+
+    def remote(self, name: str, server: UpstreamServer | None = None, **settings: Any) -> Remote:
+        server = server or self.upstream
+        settings.setdefault("max_retries", 0)
+        remote = Remote(name=name, url=server.url("/PULP_MANIFEST"), **settings)
+        self.remotes[name] = remote
+        return remote
+
+    @defer.inlineCallbacks
+    def publish(
+        self, path: str, body: bytes, *remotes: tuple[str, str], digest: str | None = None
+    ) -> Any:
+        """Catalog *path* (sha256 and size of *body*) with one entry per (remote, url)."""
+        for position, (name, url) in enumerate(remotes):
+            entry = CatalogEntry(
+                path, name, url, len(body), {"sha256": digest or sha256(body)}, position=position
+            )
+            existing = yield self.catalog.entries_for_remote(name)
+            yield self.catalog.replace_remote(name, [*existing, entry])
+
+    def temp_files(self) -> list[str]:
+        return sorted(os.listdir(self.storage.temp_dir))
+
+    def stored(self, body: bytes) -> bool:
+        return self.storage.has(sha256(body))
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        if self.streamer is not None:
+            self.streamer.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+        for remote in self.remotes.values():
+            yield remote.close()
+        yield self.catalog.close()
+
+
+@pytest.fixture(name="lazy_env")
+def lazy_env_fixture(tmp_path: Path, upstream: UpstreamServer) -> Any:
+    env = LazyEnv(tmp_path, upstream)
+    pytest_twisted.blockon(env.catalog.open())
+    yield env
+    pytest_twisted.blockon(env.stop())
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+    """(status, {lower-case name: [values]}, body) of one raw HTTP/1.1 response (curl -i)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> defer.Deferred[bool]:
+    """Fire with True once *predicate()* holds (polling the reactor), False after timeout."""
+    from twisted.internet import task
+
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        waited = 0.0
+        while not predicate():
+            if waited >= timeout:
+                return False
+            yield task.deferLater(reactor, step, lambda: None)
+            waited += step
+        return True
+
+    return poll()
+
+
+def traced_peak(start: bool) -> int:
+    """Start tracemalloc (returns 0) or stop it and return the peak traced bytes."""
+    if start:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        return 0
+    _current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak
