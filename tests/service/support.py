@@ -30,7 +30,7 @@ class EchoContent(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         self.seen.append((request.uri, dict(request.args)))
         name = b"/".join(request.postpath)
-        if name == b"slow":
+        if name.endswith(b"slow"):
             request.cache_status = "miss"
             request.write(b"first-chunk;")
             self.pending.append(request)
