@@ -11,11 +11,10 @@ headers about the upstream server (``Server``, ``Date``, ``Alt-Svc``, ...). An e
 
 from __future__ import annotations
 
-import mimetypes
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FORWARDED", "HOP_BY_HOP", "content_type_for", "forwarded_headers"]
+__all__ = ["FORWARDED", "HOP_BY_HOP", "forwarded_headers"]
 
 #: Hop-by-hop headers: they describe one connection and never pass a proxy.
 HOP_BY_HOP = frozenset(
@@ -43,8 +42,6 @@ FORWARDED = (
     b"cache-control",
     b"expires",
 )
-
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
@@ -74,19 +71,3 @@ def forwarded_headers(headers: Any) -> list[tuple[bytes, list[bytes]]]:
         if values:
             out.append((name, values))
     return out
-
-
-def content_type_for(path: str) -> str:
-    """The Content-Type guessed from *path*'s extension (``application/octet-stream`` if
-    unknown). Compressed files keep their archive type (``x.tar.gz`` is ``application/gzip``),
-    never a Content-Encoding: the client must get the bytes exactly as published."""
-    kind, encoding = mimetypes.guess_type(path, strict=False)
-    if encoding is not None:
-        kind = {
-            "gzip": "application/gzip",
-            "bzip2": "application/x-bzip2",
-            "xz": "application/x-xz",
-            "compress": "application/x-compress",
-            "br": "application/x-brotli",
-        }.get(encoding, DEFAULT_CONTENT_TYPE)
-    return kind or DEFAULT_CONTENT_TYPE

@@ -29,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
 from streamer.follower import Follower, Segment
-from streamer.forwarding import content_type_for, forwarded_headers
+from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight
 from streamer.logs import RequestLog
 from streamer.metrics import failure_reason
@@ -40,6 +40,7 @@ from streamer.ranges import (
     parse_range,
     unsatisfiable_content_range,
 )
+from streamer.static import content_type_for, respond_text
 
 __all__ = ["LazyOptions", "LazyStreamer"]
 
@@ -103,7 +104,7 @@ class LazyStreamer:
     def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
         """Answer *request* for *path* from its catalog *entries* (in the order to try)."""
         if not entries:
-            _error(request, 404, f"{path}: not in the catalog")
+            respond_text(request, 404, f"{path}: not in the catalog")
         elif request.method == b"HEAD":
             self._head(request, entries, path)
         else:
@@ -128,9 +129,15 @@ class LazyStreamer:
             return None
         return cooling.error
 
-    def cooldown_left(self) -> float:
+    def cooldown_left(self, entries: Sequence[Any]) -> float:
+        """Seconds until the first of *entries* leaves its cooldown (0 if none is cooling)."""
         now = self.reactor.seconds()
-        return max([c.until - now for c in self._cooling.values()] or [0.0])
+        left = [
+            cooling.until - now
+            for cooling in (self._cooling.get((e.remote, e.url)) for e in entries)
+            if cooling is not None and cooling.until > now
+        ]
+        return min(left) if len(left) == len(entries) else 0.0
 
     def join(self, entry: Any, remote: Any, follower_for: Any) -> tuple[Follower, bool]:
         """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
@@ -177,7 +184,7 @@ class LazyStreamer:
     def _head(self, request: Any, entries: Sequence[Any], path: str) -> None:
         entry = next((e for e in entries if self.cooling_error(e) is None), entries[0])
         request.setResponseCode(200)
-        request.setHeader(b"content-type", content_type_for(path).encode("latin-1"))
+        request.setHeader(b"content-type", content_type_for(path))
         request.setHeader(b"content-length", b"%d" % entry.size)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"etag", b'"%s"' % entry.sha256.encode("ascii"))
@@ -221,7 +228,7 @@ class _LazyRequest:
             try:
                 plan = _Plan.make(self.request, entry, self.path)
             except UnsatisfiableRange:
-                _error(
+                respond_text(
                     self.request,
                     416,
                     "requested range not satisfiable",
@@ -266,11 +273,11 @@ class _LazyRequest:
             status, what = 504, "upstream timed out"
         else:
             status, what = 502, "upstream failed"
-        left = self.streamer.cooldown_left()
+        left = self.streamer.cooldown_left(self.entries)
         if status != 404 and left > 0:
             headers[b"retry-after"] = b"%d" % max(1, round(left))
-        reasons = "; ".join(_describe(e) for e in errors) or "no usable source"
-        _error(self.request, status, f"{self.path}: {what}: {reasons}", headers)
+        reasons = "; ".join(_describe(e) for e in errors)[:400] or "no usable source"
+        respond_text(self.request, status, f"{self.path}: {what}: {reasons}", headers)
 
 
 @attrs.frozen
@@ -317,7 +324,7 @@ class _Plan:
         """Set the status and headers, right before the first byte is written."""
         request.setResponseCode(self.status)
         headers = dict(forwarded or [])
-        headers.setdefault(b"content-type", [content_type_for(self.path).encode("latin-1")])
+        headers.setdefault(b"content-type", [content_type_for(self.path)])
         if self.multipart is not None:
             headers[b"content-type"] = [self.multipart.header_value]
         for name, values in headers.items():
@@ -333,19 +340,3 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, DownloadError):
         return error.message
     return type(error).__name__
-
-
-def _error(
-    request: Any, status: int, text: str, headers: Mapping[bytes, bytes] | None = None
-) -> None:
-    """Answer with a short plain-text body (never a traceback)."""
-    if request.finished or getattr(request, "_disconnected", False):
-        return
-    body = (text.replace("\n", " ")[:500] + "\n").encode("utf-8", "replace")
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    for name, value in (headers or {}).items():
-        request.setHeader(name, value)
-    request.write(body)
-    request.finish()

@@ -1,6 +1,6 @@
 """Shared set-up for the lazy-streaming tests: a real SQLite catalog, ArtifactStorage in
-tmp_path, remotes pointing at the loopback upstream, and a LazyStreamer behind a tiny
-twisted.web resource on 127.0.0.1 (the catalog lookup, then ``serve``). Holds no tests.
+tmp_path, remotes pointing at the loopback upstream, and the real `ContentResource` (whose
+``lazy`` is the `LazyStreamer` under test) in a Site on 127.0.0.1. Holds no tests.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 
 from importer.remote import Remote
 from store import ArtifactStorage, CatalogEntry, SQLiteCatalog
+from streamer.content import ContentResource
 from streamer.lazy import LazyOptions, LazyStreamer
 from streamer.metrics import Metrics
 from tests.support.upstream import UpstreamServer
@@ -28,35 +28,6 @@ __all__ = ["LazyEnv", "lazy_env_fixture", "parse_response", "sha256", "wait_unti
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class _LazyResource(Resource):
-    """GET/HEAD /<path>: look the path up and hand it to the LazyStreamer (or serve it from
-    storage when it is stored, like the real content resource does)."""
-
-    isLeaf = True
-
-    def __init__(self, env: LazyEnv) -> None:
-        super().__init__()
-        self.env = env
-
-    def render(self, request: Any) -> object:
-        path = request.path.decode("utf-8").lstrip("/")
-        d = self.env.catalog.lookup(path)
-        d.addCallback(self._found, request, path)
-        return NOT_DONE_YET
-
-    def _found(self, entries: list[CatalogEntry], request: Any, path: str) -> None:
-        self.env.lookups.append(path)
-        if entries and entries[0].stored and self.env.storage.has(entries[0].sha256):
-            with self.env.storage.open(entries[0].sha256) as f:
-                body = f.read()
-            request.cache_status = "hit"
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
-            return
-        self.env.streamer.serve(request, entries, path)
 
 
 class LazyEnv:
@@ -69,15 +40,18 @@ class LazyEnv:
         self.catalog = SQLiteCatalog(str(tmp_path / "catalog.sqlite3"))
         self.remotes: dict[str, Remote] = {}
         self.metrics = Metrics()
-        self.lookups: list[str] = []
         self.streamer: LazyStreamer = None  # type: ignore[assignment]
         self.port: Any = None
 
     def start(self, **options: Any) -> LazyEnv:
-        self.streamer = LazyStreamer(
-            self.catalog, self.storage, self.remotes, self.metrics, options=LazyOptions(**options)
+        self.resource = ContentResource(
+            catalog=self.catalog, storage=self.storage, remotes=self.remotes, metrics=self.metrics
         )
-        site = Site(_LazyResource(self), timeout=None)
+        self.remotes = self.resource.remotes
+        self.streamer = self.resource.lazy
+        assert isinstance(self.streamer, LazyStreamer)
+        self.streamer.options = LazyOptions(**options)
+        site = Site(self.resource, timeout=None)
         site.noisy = False
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self
@@ -113,7 +87,7 @@ class LazyEnv:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         if self.streamer is not None:
-            self.streamer.stop()
+            self.resource.close()
         if self.port is not None:
             yield self.port.stopListening()
         for remote in self.remotes.values():
