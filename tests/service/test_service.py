@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -94,13 +95,8 @@ async def test_json_access_log_without_signature_or_secret(tmp_path):
         '[[remotes]]\nname = "fx"\nurl = "http://127.0.0.1:1/PULP_MANIFEST"\n'
         'username = "user"\npassword = "hunter2-secret"\n',
     )
-    config = config.__class__(
-        **{
-            **{a: getattr(config, a) for a in ("storage", "catalog", "security", "remotes")},
-            "server": config.server.__class__(
-                listen=config.server.listen, access_log=str(log_file), access_log_json=True
-            ),
-        }
+    config = attrs.evolve(
+        config, server=attrs.evolve(config.server, access_log=str(log_file), access_log_json=True)
     )
     service, content, base = start(config)
     try:
@@ -177,12 +173,7 @@ async def _stop(service: StreamerService) -> None:
 @pytest_twisted.ensureDeferred
 async def test_grace_period_expiry_aborts_and_removes_temp_files(tmp_path):
     config = service_config(tmp_path)
-    config = config.__class__(
-        **{
-            **{a: getattr(config, a) for a in ("storage", "catalog", "security", "remotes")},
-            "server": config.server.__class__(listen=config.server.listen, grace_period=0.2),
-        }
-    )
+    config = attrs.evolve(config, server=attrs.evolve(config.server, grace_period=0.2))
     service, content, base = start(config)
     await until(lambda: service.ready)
     pending = treq.get(base + "/fx/slow")
