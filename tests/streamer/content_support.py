@@ -101,7 +101,8 @@ class ContentServer:
         return d.addCallback(lambda r: CurlResponse(*_parse_curl_output(r.stdout), r.exit_code))
 
     def server_transports(self) -> list[Any]:
-        found = (getattr(c, "transport", None) for c in self.site.channels)
+        channels = (getattr(c, "_channel", c) for c in self.site.channels)
+        found = (getattr(c, "transport", None) for c in channels)
         return [t for t in found if t is not None]
 
     @defer.inlineCallbacks

@@ -1,0 +1,301 @@
+"""Serving stored artifacts over a real socket: conditional requests, ranges (single, multiple,
+suffix, 416, abusive), X-Accel-Redirect, flow control with a slow reader, fds closed."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import deferLater
+
+from streamer.config import ServerConfig
+from tests.streamer.content_support import open_fds_to, start_content_server
+from tests.support.clients import raw_http
+
+DATA = bytes(range(256)) * 40  # 10240 bytes
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = pytest_twisted.blockon(start_content_server(tmp_path))
+    pytest_twisted.blockon(srv.add("fixtures/data.bin", DATA))
+    yield srv
+    pytest_twisted.blockon(srv.stop())
+
+
+def _etag():
+    return '"' + hashlib.sha256(DATA).hexdigest() + '"'
+
+
+@pytest_twisted.inlineCallbacks
+def test_if_none_match_gives_304(server):
+    got = yield server.curl("/fixtures/data.bin", "-H", f"If-None-Match: {_etag()}")
+    assert got.status == 304
+    assert got.body == b""
+    assert got.header("etag") == _etag()
+    got = yield server.curl("/fixtures/data.bin", "-H", f'If-None-Match: "other", W/{_etag()}')
+    assert got.status == 304
+    got = yield server.curl("/fixtures/data.bin", "-H", 'If-None-Match: "other"')
+    assert got.status == 200 and got.body == DATA
+
+
+@pytest_twisted.inlineCallbacks
+def test_if_modified_since(server):
+    first = yield server.curl("/fixtures/data.bin")
+    last_modified = first.header("last-modified")
+    got = yield server.curl("/fixtures/data.bin", "-H", f"If-Modified-Since: {last_modified}")
+    assert got.status == 304
+    old = "Thu, 01 Jan 1998 00:00:00 GMT"
+    got = yield server.curl("/fixtures/data.bin", "-H", f"If-Modified-Since: {old}")
+    assert got.status == 200 and got.body == DATA
+    got = yield server.curl("/fixtures/data.bin", "-H", "If-Modified-Since: garbage")
+    assert got.status == 200
+    # If-None-Match wins over If-Modified-Since
+    got = yield server.curl(
+        "/fixtures/data.bin",
+        "-H",
+        f"If-Modified-Since: {last_modified}",
+        "-H",
+        'If-None-Match: "other"',
+    )
+    assert got.status == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_if_match_failure_is_412(server):
+    got = yield server.curl("/fixtures/data.bin", "-H", 'If-Match: "other"')
+    assert got.status == 412
+    got = yield server.curl("/fixtures/data.bin", "-H", f"If-Match: {_etag()}")
+    assert got.status == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_single_range(server):
+    got = yield server.curl("/fixtures/data.bin", "-r", "100-199")
+    assert got.status == 206
+    assert got.body == DATA[100:200]
+    assert got.header("content-range") == f"bytes 100-199/{len(DATA)}"
+    assert got.header("content-length") == "100"
+
+
+@pytest_twisted.inlineCallbacks
+def test_suffix_and_open_ranges(server):
+    got = yield server.curl("/fixtures/data.bin", "-H", "Range: bytes=-10")
+    assert got.status == 206 and got.body == DATA[-10:]
+    got = yield server.curl("/fixtures/data.bin", "-H", "Range: bytes=10000-")
+    assert got.status == 206 and got.body == DATA[10000:]
+    got = yield server.curl("/fixtures/data.bin", "-H", "Range: bytes=10000-99999999")
+    assert got.header("content-range") == f"bytes 10000-{len(DATA) - 1}/{len(DATA)}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_multiple_ranges_are_multipart(server):
+    got = yield server.curl("/fixtures/data.bin", "-r", "0-9,5000-5009,-3")
+    assert got.status == 206
+    content_type = got.header("content-type")
+    assert content_type.startswith("multipart/byteranges; boundary=")
+    assert got.header("content-length") == str(len(got.body))
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + got.body
+    )
+    parts = list(message.iter_parts())
+    assert [p.get_payload(decode=True) for p in parts] == [
+        DATA[0:10],
+        DATA[5000:5010],
+        DATA[-3:],
+    ]
+    assert parts[1]["Content-Range"] == f"bytes 5000-5009/{len(DATA)}"
+    assert parts[1]["Content-Type"] == "application/octet-stream"
+
+
+@pytest_twisted.inlineCallbacks
+def test_unsatisfiable_range_is_416(server):
+    got = yield server.curl("/fixtures/data.bin", "-H", f"Range: bytes={len(DATA)}-")
+    assert got.status == 416
+    assert got.header("content-range") == f"bytes */{len(DATA)}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_reversed_or_invalid_ranges_are_ignored(server):
+    for header in ("bytes=20-10", "bytes=0-1,9-3", "bytes=x-y", "pages=1-2"):
+        got = yield server.curl("/fixtures/data.bin", "-H", f"Range: {header}")
+        assert got.status == 200, header
+        assert got.body == DATA
+
+
+@pytest_twisted.inlineCallbacks
+def test_range_abuse_does_not_multiply_parts(server):
+    header = "bytes=" + "0-0," * 3000  # 12 kB: within twisted's header limit
+    got = yield server.curl("/fixtures/data.bin", "-H", f"Range: {header}")
+    assert got.status == 206
+    assert got.body == DATA[0:1]
+    overlapping = "bytes=" + ",".join(f"{i}-{i + 500}" for i in range(0, 5000, 7))
+    got = yield server.curl("/fixtures/data.bin", "-H", f"Range: {overlapping}")
+    assert got.status == 206
+    assert got.body == DATA[0 : 4998 + 500 + 1]
+    many = "bytes=" + ",".join(f"{i * 20}-{i * 20}" for i in range(200))
+    got = yield server.curl("/fixtures/data.bin", "-H", f"Range: {many}")
+    assert got.status == 200 and got.body == DATA
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversized_range_header_is_refused_not_crashing(server):
+    header = "bytes=" + "0-0," * 5000  # 20 kB of headers: twisted refuses the request
+    got = yield server.curl("/fixtures/data.bin", "-H", f"Range: {header}")
+    assert got.status in (400, 431) or got.exit_code != 0
+    again = yield server.curl("/fixtures/data.bin")
+    assert again.status == 200 and again.body == DATA
+
+
+@pytest_twisted.inlineCallbacks
+def test_if_range(server):
+    got = yield server.curl("/fixtures/data.bin", "-r", "0-9", "-H", f"If-Range: {_etag()}")
+    assert got.status == 206 and got.body == DATA[:10]
+    got = yield server.curl("/fixtures/data.bin", "-r", "0-9", "-H", 'If-Range: "old"')
+    assert got.status == 200 and got.body == DATA
+    first = yield server.curl("/fixtures/data.bin", "-I")
+    date = first.header("last-modified")
+    got = yield server.curl("/fixtures/data.bin", "-r", "0-9", "-H", f"If-Range: {date}")
+    assert got.status == 206
+    old = "Thu, 01 Jan 1998 00:00:00 GMT"
+    got = yield server.curl("/fixtures/data.bin", "-r", "0-9", "-H", f"If-Range: {old}")
+    assert got.status == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_head_ignores_range_and_sends_no_body(server):
+    got = yield server.curl("/fixtures/data.bin", "-I", "-r", "0-9")
+    assert got.status == 200
+    assert got.header("content-length") == str(len(DATA))
+    assert got.body == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_file(server):
+    yield server.add("fixtures/empty.txt", b"")
+    got = yield server.curl("/fixtures/empty.txt")
+    assert got.status == 200 and got.body == b""
+    assert got.header("content-length") == "0"
+    got = yield server.curl("/fixtures/empty.txt", "-r", "0-0")
+    assert got.status == 200 and got.body == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_compressed_files_keep_their_own_type(server):
+    yield server.add("fixtures/archive.tar.gz", b"\x1f\x8b fake")
+    got = yield server.curl("/fixtures/archive.tar.gz", "-I")
+    assert got.header("content-type") == "application/gzip"
+    assert got.header("content-encoding") is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_x_accel_redirect_mode(tmp_path):
+    config = type("Config", (), {"server": ServerConfig(x_accel_redirect="/protected/")})()
+    srv = yield start_content_server(tmp_path, config=config)
+    try:
+        entry = yield srv.add("fixtures/data.bin", DATA)
+        got = yield srv.curl("/fixtures/data.bin")
+        assert got.status == 200
+        assert got.body == b""
+        sha = entry.sha256
+        assert got.header("x-accel-redirect") == f"/protected/artifacts/{sha[:2]}/{sha[2:]}"
+        assert got.header("content-type") == "application/octet-stream"
+        assert got.header("etag") == f'"{sha}"'
+        # the header names a real file under the storage root
+        relative = got.header("x-accel-redirect").removeprefix("/protected/")
+        with open(os.path.join(srv.storage.root, relative), "rb") as f:
+            assert f.read() == DATA
+        got = yield srv.curl("/fixtures/data.bin", "-H", f'If-None-Match: "{sha}"')
+        assert got.status == 304
+    finally:
+        yield srv.stop()
+
+
+class _SlowReader(protocol.Protocol):
+    """Sends one GET, then reads nothing until told to; collects what it then receives."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.transport.write(self.request)
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        self.chunks.append(data)
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+        self.done.callback(b"".join(self.chunks))
+
+
+def _connect(port: int, proto: protocol.Protocol) -> defer.Deferred:
+    return protocol.ClientCreator(reactor, lambda: proto).connectTCP("127.0.0.1", port)
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_reader_does_not_make_the_server_buffer(tmp_path):
+    srv = yield start_content_server(tmp_path)
+    try:
+        big = os.urandom(1024 * 1024) * 48  # 48 MiB, more than loopback socket buffers hold
+        entry = yield srv.add("fixtures/big.bin", big)
+        artifact = srv.storage.path_for(entry.sha256)
+        reader = _SlowReader(
+            b"GET /fixtures/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        yield _connect(srv.port.getHost().port, reader)
+        yield deferLater(reactor, 1.0, lambda: None)
+        (transport,) = srv.server_transports()
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        assert transport.producerPaused, "the producer must be paused while the client stalls"
+        assert buffered < 2 * 1024 * 1024, buffered
+        assert open_fds_to(artifact) == 1
+        reader.transport.resumeProducing()
+        body = yield reader.done
+        head, _, payload = body.partition(b"\r\n\r\n")
+        assert b"200 OK" in head
+        assert hashlib.sha256(payload).hexdigest() == entry.sha256
+        yield deferLater(reactor, 0.05, lambda: None)
+        assert open_fds_to(artifact) == 0
+    finally:
+        yield srv.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_disconnect_mid_body_closes_the_file(tmp_path):
+    srv = yield start_content_server(tmp_path)
+    try:
+        big = os.urandom(1024 * 1024) * 32
+        entry = yield srv.add("fixtures/big.bin", big)
+        artifact = srv.storage.path_for(entry.sha256)
+        reader = _SlowReader(b"GET /fixtures/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield _connect(srv.port.getHost().port, reader)
+        yield deferLater(reactor, 0.3, lambda: None)
+        assert open_fds_to(artifact) == 1
+        reader.transport.abortConnection()
+        yield reader.done
+        for _ in range(50):
+            if open_fds_to(artifact) == 0:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        assert open_fds_to(artifact) == 0
+        got = yield srv.curl("/fixtures/big.bin", "-r", "0-3")
+        assert got.body == big[:4]
+    finally:
+        yield srv.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_raw_http10_request_gets_the_whole_body(server):
+    result = yield raw_http(
+        "127.0.0.1", server.port.getHost().port, b"GET /fixtures/data.bin HTTP/1.0\r\n\r\n"
+    )
+    head, _, body = result.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert body == DATA
