@@ -21,6 +21,7 @@ from downloaders.errors import (
 )
 from downloaders.factory import DownloaderFactory
 from downloaders.file import FileDownloader
+from downloaders.group import Group, GroupDownloader, GroupResult, GroupSummary
 from downloaders.http import HttpDownloader
 from downloaders.interfaces import IDownloader, IWriter
 from downloaders.result import DownloadResult
@@ -38,6 +39,10 @@ __all__ = [
     "DownloadResult",
     "DownloadTimeout",
     "DownloaderFactory",
+    "Group",
+    "GroupDownloader",
+    "GroupResult",
+    "GroupSummary",
     "FileDownloader",
     "FileNotFound",
     "ForbiddenPath",
