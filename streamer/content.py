@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 from store import ArtifactNotFound, CatalogEntry, ListingItem
 from streamer.listing import respond_listing
 from streamer.paths import RefusedPath, RequestPath, parse_request_target
-from streamer.static import respond_text, serve_file
+from streamer.static import client_gone, respond_text, serve_file
 
 __all__ = ["ALLOWED_METHODS", "ContentResource"]
 
@@ -123,7 +123,7 @@ class ContentResource(Resource):
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("utf-8", "backslashreplace"),
         )
-        if request.finished or request.channel is None:
+        if client_gone(request):
             return
         if request.startedWriting:
             # Headers are out: only cutting the connection tells the client it is incomplete.
@@ -195,6 +195,8 @@ class ContentResource(Resource):
     async def _serve_entries(
         self, request: IRequest, entries: list[CatalogEntry], path: str
     ) -> None:
+        if client_gone(request):
+            return  # the client left while we asked the catalog
         # Stored entries first; the others too, as the artifact may have been stored since
         # (another path, or a download that just finished) before the catalog flag caught up.
         tried: set[str] = set()

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from twisted.web.iweb import IRequest
 
 from store import ListingItem
+from streamer.static import client_gone
 
 __all__ = ["LISTING_HEADERS", "render_listing", "respond_listing"]
 
@@ -58,7 +59,7 @@ def render_listing(url_path: str, items: Iterable[ListingItem]) -> bytes:
 
 def respond_listing(request: IRequest, url_path: str, items: Iterable[ListingItem]) -> None:
     """Finish *request* (GET or HEAD) with the listing page of *items*."""
-    if request.finished or request.channel is None:
+    if client_gone(request):
         return
     body = render_listing(url_path, items)
     for name, value in LISTING_HEADERS.items():

@@ -30,6 +30,7 @@ from streamer.ranges import (
 __all__ = [
     "CHUNK_SIZE",
     "FileRangesProducer",
+    "client_gone",
     "content_type_for",
     "evaluate_conditions",
     "if_range_allows",
@@ -61,11 +62,16 @@ def content_type_for(served_path: str) -> bytes:
     return (kind or "application/octet-stream").encode("ascii")
 
 
+def client_gone(request: IRequest) -> bool:
+    """True when nothing more can be sent: the response is finished or the client left."""
+    return bool(request.finished) or request.channel is None
+
+
 def respond_text(
     request: IRequest, status: int, text: str, headers: dict[bytes, bytes] | None = None
 ) -> None:
     """Finish *request* with *status* and a short ``text/plain`` body (if it is still open)."""
-    if request.finished or request.channel is None:
+    if client_gone(request):
         return
     body = (text.rstrip("\n") + "\n").encode("utf-8")
     request.setResponseCode(status)
@@ -228,6 +234,9 @@ def serve_file(
     ones. With *x_accel_redirect* (the full header value) the body is left to a fronting
     nginx: the answer carries that header and no body.
     """
+    if client_gone(request):
+        fileobj.close()
+        return
     try:
         stat = os.fstat(fileobj.fileno())
     except BaseException:

@@ -214,3 +214,37 @@ def test_pipelined_requests_are_answered_in_order(server):
     assert statuses == [b"200", b"200", b"404", b"200"]
     assert result.data.index(b"first") < result.data.index(b"not found")
     assert result.data.endswith(b"second")
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_leaving_during_the_lookup_opens_nothing(server):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from tests.streamer.content_support import open_fds_to
+
+    entry = yield server.add("fixtures/slow.txt", b"slow lookup")
+    lookup = server.catalog.lookup
+    answered = []
+
+    def slow_lookup(path):
+        def later():
+            answered.append(path)
+            return lookup(path)
+
+        return deferLater(reactor, 0.3, later)
+
+    server.catalog.lookup = slow_lookup
+    result = yield raw_http(
+        "127.0.0.1",
+        server.port.getHost().port,
+        b"GET /fixtures/slow.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+        timeout=0.1,
+    )
+    assert result.timed_out and result.data == b""
+    yield deferLater(reactor, 0.5, lambda: None)
+    assert answered == ["fixtures/slow.txt"]
+    assert open_fds_to(server.storage.path_for(entry.sha256)) == 0
+    server.catalog.lookup = lookup
+    got = yield server.curl("/fixtures/slow.txt")
+    assert got.status == 200 and got.body == b"slow lookup"
