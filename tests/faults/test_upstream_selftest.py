@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from tests.support import faults
-from tests.support.clients import free_port, raw_http, run_curl, run_process
+from tests.support.clients import free_port, raw_http, run_aria2c, run_curl, run_process, run_wget
 
 BODY = bytes(range(256)) * 64  # 16 KiB, every byte value
 
@@ -32,20 +32,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fault_timers() -> list[object]:
-    """Pending reactor calls scheduled by the fault behaviours."""
-    return [
-        call
-        for call in reactor.getDelayedCalls()
-        if getattr(call.func, "__module__", "") == faults.__name__
-        or type(getattr(call.func, "__self__", None)).__module__ == faults.__name__
-    ]
-
-
 @pytest.fixture(autouse=True)
 def no_timer_left_behind():
     yield
-    assert fault_timers() == []
+    assert faults.pending_timers() == []
 
 
 async def wait_for(predicate, timeout: float = 5.0) -> None:
@@ -235,7 +225,7 @@ async def test_trickle_paces_and_stops_when_client_leaves(upstream):
     result = await raw_http("127.0.0.1", upstream.port, get("/slow"), timeout=1.5)
     assert result.timed_out and 1 <= len(split(result.data)[1]) <= 2
     assert await upstream.wait_until_idle(2.0)
-    assert fault_timers() == []  # the pending tick was cancelled with the connection
+    assert faults.pending_timers() == []  # the pending tick was cancelled with the connection
 
 
 @pytest_twisted.ensureDeferred
@@ -441,3 +431,62 @@ async def test_client_helpers(upstream, tmp_path):
     code, _, err = await run_process("wget", "--no-proxy", "-q", "-O", str(tmp_path / "w"), url)
     assert code == 0, err
     assert (tmp_path / "w").read_bytes() == b"wget me"
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_faults_and_streaming(tls_upstream, certs):
+    ca = ("--cacert", str(certs.ca_pem))
+    generated = faults.Generated(8 * 1024 * 1024 + 3)
+    tls_upstream.register("/gen", generated)
+    tls_upstream.register("/reset", faults.ResetAfter(1000, BODY))
+    tls_upstream.register("/short", faults.CloseEarly(1000, BODY))
+    tls_upstream.register("/nolast", faults.ChunkedNoLastChunk(BODY))
+    code, out, _ = await run_curl(*ca, tls_upstream.url("/gen"))
+    assert code == 0 and sha256(out) == generated.sha256()
+    code, out, _ = await run_curl(*ca, tls_upstream.url("/reset"))
+    assert code in (35, 56) and out == BODY[:1000]  # reset under TLS: no close_notify
+    code, out, _ = await run_curl(*ca, tls_upstream.url("/short"))
+    assert code == 18 and out == BODY[:1000]
+    code, _, _ = await run_curl(*ca, tls_upstream.url("/nolast"))
+    assert code == 18
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_expired_certificate(upstream_factory, certs):
+    server = upstream_factory(tls=certs.expired)
+    code, _, err = await run_curl(
+        "--cacert", str(certs.ca_pem), server.register("/e", faults.Serve(b""))
+    )
+    assert code == 60 and b"expired" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_generated_body_streams_without_buffering(upstream):
+    """The server holds a few blocks, not the body, while a client reads 64 MiB."""
+    import tracemalloc
+
+    generated = faults.Generated(64 * 1024 * 1024)
+    url = upstream.register("/big", generated)
+    tracemalloc.start()
+    try:
+        code, out, _ = await run_curl("-o", "/dev/null", "-w", "%{size_download}", url)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0 and out == b"%d" % generated.size
+    assert peak < 8 * 1024 * 1024, peak
+
+
+@pytest_twisted.ensureDeferred
+async def test_wget_and_aria2c_helpers(upstream, tmp_path):
+    url = upstream.register("/f.bin", faults.Serve(BODY))
+    code, _, err = await run_wget("-q", "-O", str(tmp_path / "w.bin"), url)
+    assert code == 0, err
+    assert (tmp_path / "w.bin").read_bytes() == BODY
+    code, out, err = await run_aria2c("-q", "-d", str(tmp_path), "-o", "a.bin", url)
+    assert code == 0, out + err
+    assert (tmp_path / "a.bin").read_bytes() == BODY
+    code, _, _ = await run_wget(
+        "-q", "-O", str(tmp_path / "x"), upstream.register("/x", faults.CloseEarly(10, BODY))
+    )
+    assert code != 0

@@ -3,6 +3,7 @@ and client certificates for mutual TLS, written as PEM files clients such as cur
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import attrs
@@ -43,6 +44,7 @@ class Certs:
     * ``server``: valid for 127.0.0.1, ::1 and localhost, signed by the CA.
     * ``wrong_host``: signed by the CA but only for ``wrong.invalid`` (hostname mismatch).
     * ``untrusted``: valid names, signed by another CA that nobody trusts.
+    * ``expired``: valid names, signed by the CA, but expired yesterday.
     * ``client_cert``/``client_key`` (and ``client_pem`` with both): a client certificate
       from the CA, accepted by ``server.requiring_client_cert(ca.cert_pem.bytes())``.
     * ``untrusted_client_cert``/``untrusted_client_key``: a client certificate from the
@@ -55,6 +57,7 @@ class Certs:
     server: ServerTLS
     wrong_host: ServerTLS
     untrusted: ServerTLS
+    expired: ServerTLS
     client_cert: Path
     client_key: Path
     client_pem: Path
@@ -79,6 +82,7 @@ def _server(cert: trustme.LeafCert) -> ServerTLS:
 def make_certs(folder: Path) -> Certs:
     """Create a CA and its certificates, writing the PEM files into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
+    now, day = datetime.datetime.now(datetime.UTC), datetime.timedelta(days=1)
     ca = trustme.CA()
     other_ca = trustme.CA()
     ca_pem = folder / "ca.pem"
@@ -104,6 +108,9 @@ def make_certs(folder: Path) -> Certs:
         server=_server(ca.issue_cert(*SERVER_NAMES)),
         wrong_host=_server(ca.issue_cert("wrong.invalid")),
         untrusted=_server(other_ca.issue_cert(*SERVER_NAMES)),
+        expired=_server(
+            ca.issue_cert(*SERVER_NAMES, not_before=now - day * 2, not_after=now - day)
+        ),
         client_cert=client_cert,
         client_key=client_key,
         client_pem=client_pem,

@@ -57,6 +57,9 @@ __all__ = [
     "WrongBytes",
     "WrongSize",
     "call_later",
+    "close_after_flush",
+    "pending_timers",
+    "reset_after_flush",
 ]
 
 RenderResult = bytes | int
@@ -95,6 +98,18 @@ def _cancel_all(result: object, calls: list[IDelayedCall]) -> None:
     calls.clear()
 
 
+def pending_timers() -> list[IDelayedCall]:
+    """Reactor calls still scheduled by behaviours (should be none once connections closed)."""
+    from twisted.internet import reactor
+
+    return [
+        call
+        for call in reactor.getDelayedCalls()
+        if getattr(call.func, "__module__", "") == __name__
+        or type(getattr(call.func, "__self__", None)).__module__ == __name__
+    ]
+
+
 def is_gone(request: Request) -> bool:
     """True once the request finished or its client went away."""
     return bool(request.finished or request._disconnected)
@@ -111,6 +126,16 @@ def _tcp_transport(request: Request) -> Any:
     while not isinstance(transport, tcp.Connection):
         transport = transport.transport
     return transport
+
+
+def close_after_flush(request: Request) -> None:
+    """Send what is already written, then close cleanly: TLS close_notify (if TLS) and a FIN.
+
+    The TCP transport is closed too, because TLS alone would wait for the client's
+    close_notify, which a client still expecting body bytes never sends.
+    """
+    _transport(request).loseConnection()
+    _tcp_transport(request).loseConnection()
 
 
 def reset_after_flush(request: Request) -> None:
@@ -493,20 +518,30 @@ class ManyHeaders(Behaviour):
 
 @attrs.frozen
 class ResetAfter(Behaviour):
-    """Wire: 200 with ``Content-Length: len(body)``, the first ``n`` body bytes, then a TCP
-    reset (RST, no FIN; see :func:`reset_after_flush`). ``n`` larger than the body sends it
-    all, then resets. Clients see "connection reset" (curl exit 56)."""
+    """Wire: 200 with ``Content-Length: len(body)``, the first ``n`` body bytes, a pause of
+    ``delay`` seconds, then a TCP reset (RST, no FIN, no TLS close_notify; see
+    :func:`reset_after_flush`). ``n`` larger than the body sends it all, then resets. Clients
+    see "connection reset" (curl exit 56). The pause lets the client read the ``n`` bytes
+    first: a kernel drops unread received data when a RST arrives."""
 
     n: int
     body: bytes
+    delay: float = 0.05
 
     def render(self, request: Request) -> RenderResult:
         _start(request, 200, {}, len(self.body), DEFAULT_TYPE)
         _send_headers(request)
         if self.n:
             request.write(self.body[: self.n])
-        reset_after_flush(request)
+        if self.delay > 0:
+            call_later(request, self.delay, self._reset, request)
+        else:
+            reset_after_flush(request)
         return NOT_DONE_YET
+
+    def _reset(self, request: Request) -> None:
+        if not is_gone(request):
+            reset_after_flush(request)
 
 
 @attrs.frozen
@@ -521,7 +556,8 @@ class ResetBeforeHeaders(Behaviour):
 @attrs.frozen
 class CloseEarly(Behaviour):
     """Wire: 200 with ``Content-Length: len(body)``, the first ``n`` bytes, then a clean close
-    (FIN after flushing). The body is short of its Content-Length: curl exit 18."""
+    (after flushing: TLS close_notify when on TLS, then FIN; see :func:`close_after_flush`).
+    The body is short of its Content-Length: curl exit 18."""
 
     n: int
     body: bytes
@@ -531,16 +567,16 @@ class CloseEarly(Behaviour):
         _send_headers(request)
         if self.n:
             request.write(self.body[: self.n])
-        _transport(request).loseConnection()
+        close_after_flush(request)
         return NOT_DONE_YET
 
 
 @attrs.frozen
 class ChunkedNoLastChunk(Behaviour):
     """Wire: 200 with ``Transfer-Encoding: chunked``, ``body`` as chunks of ``chunk_size``,
-    then a clean close without the terminating ``0\\r\\n\\r\\n`` chunk. Needs an HTTP/1.1
-    request (HTTP/1.0 gets the raw body then close, which is indistinguishable from success).
-    curl reports exit 18."""
+    then a clean close (as in :class:`CloseEarly`) without the terminating
+    ``0\\r\\n\\r\\n`` chunk. Needs an HTTP/1.1 request (HTTP/1.0 gets the raw body then a
+    close, which is indistinguishable from success). curl reports exit 18."""
 
     body: bytes
     chunk_size: int = 1024
@@ -550,7 +586,7 @@ class ChunkedNoLastChunk(Behaviour):
         _send_headers(request)
         for chunk in _chunks(self.body, self.chunk_size):
             request.write(chunk)
-        _transport(request).loseConnection()
+        close_after_flush(request)
         return NOT_DONE_YET
 
 

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 
 from tests.support.certs import Certs, ServerTLS, make_certs
+from tests.support.faults import pending_timers
 from tests.support.upstream import UpstreamServer
 
 __all__ = ["assert_no_temp_files", "certs", "tls_upstream", "upstream", "upstream_factory"]
@@ -34,6 +35,8 @@ def _shut_down(servers: list[UpstreamServer]) -> None:
             if not idle:
                 leaks.append(f"{server.url('/')}: {server.open_connections} open")
         pytest_twisted.blockon(server.stop())
+    timers = pending_timers()
+    assert not timers, f"fault behaviours left timers running: {timers}"
     if leaks:
         pytest.fail("connections to the upstream were left open: " + "; ".join(leaks))
 
