@@ -102,19 +102,25 @@ class ContentResource(Resource):
     # -- twisted.web entry point ------------------------------------------------------------
 
     def render(self, request: IRequest) -> Any:
+        try:
+            self._render(request)
+        except Exception:
+            self._failed(Failure(), request)
+        return NOT_DONE_YET
+
+    def _render(self, request: IRequest) -> None:
         if request.method not in ALLOWED_METHODS:
             respond_text(
                 request, 405, "method not allowed", {b"Allow": b", ".join(ALLOWED_METHODS)}
             )
-            return NOT_DONE_YET
+            return
         try:
             target = parse_request_target(request.uri)
         except RefusedPath as refused:
             respond_text(request, refused.status, refused.reason)
-            return NOT_DONE_YET
+            return
         d = defer.ensureDeferred(self._dispatch(request, target))
         d.addErrback(self._failed, request)
-        return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: IRequest) -> None:
         _log.failure(

@@ -248,3 +248,44 @@ def test_client_leaving_during_the_lookup_opens_nothing(server):
     server.catalog.lookup = lookup
     got = yield server.curl("/fixtures/slow.txt")
     assert got.status == 200 and got.body == b"slow lookup"
+
+
+@pytest_twisted.inlineCallbacks
+def test_behind_the_service_root_resource(server):
+    """Mounted under the service's root (which handles /metrics and /healthz), paths are the
+    same: the resource reads the raw request target, not twisted's prepath/postpath."""
+    from twisted.internet import reactor
+    from twisted.web import server as web_server
+    from twisted.web.resource import Resource
+
+    from streamer.service import RootResource
+
+    yield server.add("fixtures/deep/file.txt", b"deep")
+    health = Resource()
+    health.isLeaf = True
+    health.render = lambda request: b"ok"
+    root = RootResource(server.resource, {b"healthz": health}, lambda: True)
+    site = web_server.Site(root)
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        from tests.support.clients import run_curl
+
+        out = yield run_curl("--path-as-is", base + "/fixtures/deep/file.txt")
+        assert out.stdout == b"deep"
+        out = yield run_curl("--path-as-is", base + "/healthz")
+        assert out.stdout == b"ok"
+        out = yield run_curl("--path-as-is", "-w", "%{http_code}", base + "/fixtures/../healthz")
+        assert out.stdout.endswith(b"400")
+        out = yield run_curl("--path-as-is", base + "/fixtures/deep/")
+        assert b'href="file.txt"' in out.stdout
+        raw = yield raw_http(
+            "127.0.0.1",
+            port.getHost().port,
+            b"GET http://evil/fixtures/deep/file.txt HTTP/1.1\r\n"
+            b"Host: x\r\nConnection: close\r\n\r\n",
+        )
+        assert raw.data.startswith(b"HTTP/1.1 400 ")
+    finally:
+        yield port.stopListening()
