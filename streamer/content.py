@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -191,10 +192,8 @@ class ContentResource(Resource):
         return items
 
     def _redirect(self, request: IRequest, location: str, query: bytes) -> None:
-        from urllib.parse import quote
-
         url = quote(location, safe="/").encode("ascii")
-        if query:
+        if query and all(0x21 <= byte <= 0x7E for byte in query):  # never echo odd bytes
             url += b"?" + query
         respond_text(request, 301, "moved permanently", {b"Location": url})
 
