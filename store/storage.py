@@ -141,16 +141,17 @@ class ArtifactStorage:
         """Remove a temp file that will not be committed (missing is fine)."""
         _remove_quietly(temp_path)
 
-    def commit(self, temp_path: str, sha256: str, size: int) -> str:
+    def commit(self, temp_path: str, sha256: str, size: int, *, durable: bool = True) -> str:
         """Enter a complete temp file into storage under *sha256*; return the artifact path.
 
         *sha256* is the digest the caller computed while writing the file (it is not re-read).
         The file's size must equal *size*. The file is fsynced, then renamed atomically into
         place. If the artifact exists already the temp file is dropped. On any failure the
-        temp file is removed and StorageError raised.
+        temp file is removed and StorageError raised. ``durable=False`` skips the fsync, for a
+        caller that already flushed the file's data (one ``syncfs`` for a batch of files).
         """
         try:
-            return self._commit(temp_path, sha256, size)
+            return self._commit(temp_path, sha256, size, durable)
         except BaseException as exc:
             _remove_quietly(temp_path)
             if isinstance(exc, StorageError):
@@ -159,7 +160,7 @@ class ArtifactStorage:
                 raise StorageError(f"cannot store artifact {sha256}: {exc}") from exc
             raise
 
-    def _commit(self, temp_path: str, sha256: str, size: int) -> str:
+    def _commit(self, temp_path: str, sha256: str, size: int, durable: bool = True) -> str:
         if not is_sha256_hex(sha256):
             raise StorageError(f"not a sha256 digest (64 lowercase hex characters): {sha256!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -178,7 +179,8 @@ class ArtifactStorage:
                     f"the file has {st.st_size}"
                 )
             os.fchmod(fd, ARTIFACT_MODE)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         dest = self.path_for(sha256)
