@@ -18,6 +18,9 @@ never a partial artifact; the next sync downloads what is missing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
@@ -115,6 +118,93 @@ def group_sources(entries: Iterable[CatalogEntry]) -> Iterator[list[CatalogEntry
         yield sorted(sources, key=attrgetter("position"))
 
 
+def flush_filesystem(path: str) -> None:
+    """Write every dirty page of the filesystem holding *path* to disk (Linux ``syncfs``;
+    ``sync`` elsewhere). One call makes a whole batch of closed files durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+            return
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.syncfs  # noqa: B018 - AttributeError where there is no syncfs
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
+class GroupCommitter:
+    """Commits validated temp files into storage in batches, off the reactor thread.
+
+    A per-file fsync costs a journal commit (a few ms; a few hundred files/s on a common
+    disk). Instead, while one batch is being committed the next accumulates; each batch
+    costs one ``syncfs`` (the data of every file in it reaches the disk) and then one atomic
+    rename per file, so a file still enters ``artifacts/`` only whole and durable.
+    """
+
+    def __init__(self, storage: Any, max_batch: int = 512) -> None:
+        self.storage = storage
+        self.max_batch = max_batch
+        self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
+        self._busy = False
+
+    def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
+        """Fires once the file is in storage (or fails with the StorageError)."""
+        done: defer.Deferred[None] = defer.Deferred()
+        self._queue.append((temp_path, sha256, size, done))
+        if not self._busy:
+            self._next_batch()
+        return done
+
+    def _next_batch(self) -> None:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        if not batch:
+            self._busy = False
+            return
+        self._busy = True
+        work = threads.deferToThread(self._commit_batch, [item[:3] for item in batch])
+        work.addBoth(self._batch_done, batch)
+
+    def _commit_batch(self, items: list[tuple[str, str, int]]) -> list[BaseException | None]:
+        try:
+            flush_filesystem(self.storage.temp_dir)
+            durable = False
+        except OSError:
+            durable = True  # could not flush in one go: fsync each file instead
+        outcomes: list[BaseException | None] = []
+        for path, sha256, size in items:
+            try:
+                self.storage.commit(path, sha256, size, durable=durable)
+                outcomes.append(None)
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _batch_done(self, outcomes: Any, batch: list[Any]) -> None:
+        for index, (path, _sha256, _size, done) in enumerate(batch):
+            if isinstance(outcomes, Failure):
+                remove_quietly(path)
+                outcome: Any = outcomes
+            else:
+                outcome = outcomes[index]
+            if done.called:  # cancelled meanwhile; the file is committed (or gone) anyway
+                continue
+            if outcome is None:
+                done.callback(None)
+            else:
+                done.errback(outcome)
+        self._next_batch()
+
+
 class _Sync:
     """The state of one remote's sync (see the module docstring)."""
 
@@ -127,6 +217,7 @@ class _Sync:
         self.report = SyncReport(remote=remote.name, policy=remote.policy)
         self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
         self._marking: set[defer.Deferred[Any]] = set()
+        self._committer = GroupCommitter(storage)
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -171,16 +262,22 @@ class _Sync:
 
     def _one_file(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
         sha256 = sources[0].sha256
-        if sources[0].stored or self.storage.has(sha256):
+        if sources[0].stored:  # checked in storage as the listing was read, a moment ago
             self._count(ALREADY_PRESENT)
             return defer.succeed(None)
         waiters = self._in_flight.get(sha256)
         if waiters is not None:  # the same content under another path is downloading now
             waiter: defer.Deferred[None] = defer.Deferred()
             waiters.append(waiter)
-            return waiter.addCallback(lambda _: self._one_file(sources))
+            return waiter.addCallback(lambda _: self._after_twin(sources))
         self._in_flight[sha256] = []
         return self._download(sources).addBoth(self._release, sha256)
+
+    def _after_twin(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+        if self.storage.has(sources[0].sha256):
+            self._count(ALREADY_PRESENT)
+            return defer.succeed(None)
+        return self._one_file(sources)  # the twin failed: try this path's own sources
 
     def _release(self, result: Any, sha256: str) -> Any:
         for waiter in self._in_flight.pop(sha256, []):
@@ -221,9 +318,9 @@ class _Sync:
         if attributes.get("sha256") != entry.sha256 or attributes.get("size") != entry.size:
             remove_quietly(result.path)
             raise DownloadError(entry.url, "the downloader did not validate size and sha256")
-        # fsync + rename: off the reactor thread. The rename is atomic, so even a cancelled
-        # or killed sync never leaves a partial artifact.
-        yield threads.deferToThread(self.storage.commit, result.path, entry.sha256, entry.size)
+        # Flush + atomic rename, off the reactor thread, in batches: even a cancelled or
+        # killed sync never leaves a partial artifact.
+        yield self._committer.commit(result.path, entry.sha256, entry.size)
         marking = self.catalog.mark_stored(entry.sha256)
         self._marking.add(marking)
         marking.addBoth(self._marked, marking, entry)

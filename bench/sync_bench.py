@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""Sync benchmark: our immediate sync beside an aiohttp sync and aria2c, in one run.
+
+    python bench/sync_bench.py [--shared DIR] [--count 2000] [--size 16384] [--concurrency 10]
+                               [--repeat 3] [--lazy-count 100000] [--work DIR] [--profile]
+
+Runs, on loopback only, against one nginx serving a fixture made by
+``<shared>/peers/make_fixture.py`` (``--shared`` defaults to ``<repo>/../shared``):
+
+* our ``immediate`` sync (``importer.sync_remote``: concurrency N, sha256 and size validated,
+  atomic commit into artifact storage, SQLite catalog), in a fresh process per run;
+* ``<shared>/peers/aiohttp_sync.py`` (same concurrency and validation; aiohttp is needed for
+  the bench only: ``pip install aiohttp``);
+* ``aria2c -j N`` with the sha-256 of every file (Debian's aria2).
+
+Each is timed as a whole process (start-up included), best of ``--repeat``; ours also reports
+the time of the sync itself. ``--profile`` runs our sync once more under cProfile and prints
+the top functions. Finally the peak RSS of an ``on_demand`` sync of a ``--lazy-count``-line
+manifest (only recorded, nothing downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- the child process: one sync of ours ----------------------------------------------------
+
+
+def run_ours(args: argparse.Namespace) -> None:
+    """In a fresh process: one sync; print a JSON line with the timing and peak RSS."""
+    if args.profile_out:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from twisted.internet import defer, task
+
+    from importer import Remote, sync_remote
+    from store import ArtifactStorage, open_catalog
+
+    rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    @defer.inlineCallbacks
+    def main(reactor: object) -> object:
+        storage = ArtifactStorage(args.storage)
+        catalog = open_catalog("", storage.root)
+        yield catalog.open()
+        remote = Remote(
+            name="bench",
+            url=args.manifest_url,
+            policy=args.policy,
+            download_concurrency=args.concurrency,
+        )
+        started = time.perf_counter()
+        report = yield sync_remote(remote, catalog, storage)
+        seconds = time.perf_counter() - started
+        yield remote.close()
+        yield catalog.close()
+        print(
+            json.dumps(
+                {
+                    "seconds": seconds,
+                    "downloaded": report.downloaded,
+                    "recorded_lazily": report.recorded_lazily,
+                    "failed": len(report.failed),
+                    "rss_start_kib": rss_start,
+                    "rss_imported_kib": rss_imported,
+                    "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                }
+            ),
+            flush=True,
+        )
+
+    try:
+        task.react(main)
+    finally:
+        if args.profile_out:
+            profiler.disable()
+            profiler.dump_stats(args.profile_out)
+
+
+# -- the parent: fixtures, peers, table -----------------------------------------------------
+
+
+#: CPU seconds (user + system) of every finished child process, by label.
+CPU: dict[str, list[float]] = {}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], label: str = "", **kwargs: object) -> tuple[float, str]:
+    """Run *cmd* to completion; return its wall time and stdout, record its CPU time."""
+    cpu = children_cpu()
+    started = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+    wall = time.perf_counter() - started
+    if label:
+        CPU.setdefault(label, []).append(children_cpu() - cpu)
+    return wall, out.stdout
+
+
+def ours(
+    manifest_url: str,
+    storage: Path,
+    concurrency: int,
+    policy: str = "immediate",
+    profile_out: str = "",
+) -> tuple[float, dict]:
+    shutil.rmtree(storage, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_child",
+        manifest_url,
+        str(storage),
+        "--concurrency",
+        str(concurrency),
+        "--policy",
+        policy,
+    ]
+    if profile_out:
+        cmd += ["--profile-out", profile_out]
+    label = "" if profile_out else policy
+    wall, out = timed(cmd, label, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return wall, json.loads(out.strip().splitlines()[-1])
+
+
+def aiohttp_peer(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
+    shutil.rmtree(dest, ignore_errors=True)
+    wall, out = timed(
+        [
+            sys.executable,
+            str(shared / "peers" / "aiohttp_sync.py"),
+            manifest_url,
+            str(dest),
+            "--concurrency",
+            str(concurrency),
+        ],
+        "aiohttp",
+    )
+    if " 0 failed" not in out:
+        raise RuntimeError(f"aiohttp sync failed: {out}")
+    return wall
+
+
+def aria2c_peer(fixture: Path, base_url: str, dest: Path, concurrency: int) -> float:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    listing = dest.parent / "aria2c-input.txt"
+    with open(listing, "w") as f:
+        for line in (fixture / "PULP_MANIFEST").read_text().splitlines():
+            rel, digest, _size = line.split(",")
+            f.write(f"{base_url}/{rel}\n  out={rel}\n  checksum=sha-256={digest}\n")
+    wall, _out = timed(
+        [
+            "aria2c",
+            "--no-conf",
+            "-q",
+            "-j",
+            str(concurrency),
+            "-i",
+            str(listing),
+            "-d",
+            str(dest),
+            "--file-allocation=none",
+            "--max-tries=1",
+            "--all-proxy=",
+            "--check-integrity=true",
+            "--auto-file-renaming=false",
+            "--allow-overwrite=true",
+        ],
+        "aria2c",
+    )
+    return wall
+
+
+def write_lazy_manifest(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "PULP_MANIFEST", "w") as f:
+        for i in range(count):
+            f.write(f"files/{i // 1000:03d}/{i:06d}.bin,{i:064x},{1024 + i % 4096}\n")
+
+
+def print_profile(path: str, limit: int = 25) -> None:
+    import pstats
+
+    stats = pstats.Stats(path)
+    stats.sort_stats("tottime").print_stats(limit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode")
+    child = sub.add_parser("_child", help=argparse.SUPPRESS)
+    child.add_argument("manifest_url")
+    child.add_argument("storage")
+    child.add_argument("--concurrency", type=int, default=10)
+    child.add_argument("--policy", default="immediate")
+    child.add_argument("--profile-out", default="")
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=16384)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lazy-count", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.mode == "_child":
+        run_ours(args)
+        return
+
+    shared = args.shared.resolve()
+    work = args.work or Path(tempfile.mkdtemp(prefix="sync-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fixture = work / "upstream"
+    subprocess.run(
+        [
+            sys.executable,
+            str(shared / "peers" / "make_fixture.py"),
+            str(fixture),
+            "--count",
+            str(args.count),
+            "--size",
+            str(args.size),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    write_lazy_manifest(work / "lazy", args.lazy_count)
+    static, proxy = free_port(), free_port()
+    nginx = shared / "peers" / "nginx.sh"
+    subprocess.run(
+        ["bash", str(nginx), "start", str(work), str(static), str(proxy), str(work / "nginx")],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        wait_port(static)
+        base = f"http://127.0.0.1:{static}"
+        manifest = f"{base}/upstream/PULP_MANIFEST"
+        n, c = args.count, args.concurrency
+        results: dict[str, list[float]] = {"ours": [], "ours_sync": [], "aiohttp": [], "aria2c": []}
+        for _ in range(args.repeat):
+            wall, child_report = ours(manifest, work / "ours", c)
+            if child_report["downloaded"] != n or child_report["failed"]:
+                raise RuntimeError(f"our sync did not download everything: {child_report}")
+            results["ours"].append(wall)
+            results["ours_sync"].append(child_report["seconds"])
+            results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c))
+            results["aria2c"].append(aria2c_peer(fixture, f"{base}/upstream", work / "aria2c", c))
+        best = {name: min(times) for name, times in results.items()}
+
+        lazy_wall, lazy = ours(f"{base}/lazy/PULP_MANIFEST", work / "lazy-store", c, "on_demand")
+        if lazy["recorded_lazily"] != args.lazy_count:
+            raise RuntimeError(f"lazy sync recorded {lazy['recorded_lazily']}")
+
+        print(
+            f"\nmachine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}"
+        )
+        print(f"fixture: {n} files x {args.size} B, concurrency {c}, best of {args.repeat}\n")
+        cpu = {label: min(times) for label, times in CPU.items()}
+        print("| sync | seconds | files/s | vs aiohttp | CPU s (process) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        rows = [
+            ("ours (process, start-up included)", best["ours"], f"{cpu['immediate']:.2f}"),
+            ("ours (sync itself)", best["ours_sync"], ""),
+            ("aiohttp_sync.py (process)", best["aiohttp"], f"{cpu['aiohttp']:.2f}"),
+            ("aria2c -j (process)", best["aria2c"], f"{cpu['aria2c']:.2f}"),
+        ]
+        for name, seconds, cpu_text in rows:
+            ratio = best["aiohttp"] / seconds
+            print(f"| {name} | {seconds:.2f} | {n / seconds:.0f} | {ratio:.2f} | {cpu_text} |")
+        runs = {k: [round(v, 2) for v in t] for k, t in results.items()}
+        print(f"\nall runs (s): {json.dumps(runs)}")
+        peak, imported = lazy["rss_peak_kib"], lazy["rss_imported_kib"]
+        print(
+            f"\non_demand sync of {args.lazy_count} entries: {lazy['seconds']:.1f} s, peak RSS "
+            f"{peak / 1024:.0f} MiB (after imports {imported / 1024:.0f} MiB; "
+            f"growth {(peak - imported) / 1024:.0f} MiB)"
+        )
+        if args.profile:
+            out = str(work / "sync.prof")
+            ours(manifest, work / "ours", c, profile_out=out)
+            print("\ncProfile of one immediate sync (top by own time):")
+            print_profile(out)
+    finally:
+        subprocess.run(["bash", str(nginx), "stop", str(work / "nginx")], check=False)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
