@@ -68,12 +68,19 @@ class LazyEnv:
 
     @defer.inlineCallbacks
     def publish(
-        self, path: str, body: bytes, *remotes: tuple[str, str], digest: str | None = None
+        self,
+        path: str,
+        body: bytes,
+        *remotes: tuple[str, str],
+        digest: str | None = None,
+        size: int | None = None,
     ) -> Any:
-        """Catalog *path* (sha256 and size of *body*) with one entry per (remote, url)."""
+        """Catalog *path* with one entry per (remote, url): sha256 and size of *body*, or the
+        given *digest* and *size* (for generated bodies never held in memory)."""
+        size = len(body) if size is None else size
         for position, (name, url) in enumerate(remotes):
             entry = CatalogEntry(
-                path, name, url, len(body), {"sha256": digest or sha256(body)}, position=position
+                path, name, url, size, {"sha256": digest or sha256(body)}, position=position
             )
             existing = yield self.catalog.entries_for_remote(name)
             yield self.catalog.replace_remote(name, [*existing, entry])

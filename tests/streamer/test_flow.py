@@ -1,0 +1,132 @@
+"""Flow control end to end: a client that does not read makes the streamer buffer nothing
+beyond a chunk or two, does not hold back the upstream or the other clients, catches up
+from the temp file later, and is cut off once it made no progress for too long."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import tracemalloc
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionDone
+
+from tests.streamer.test_lazy_support import lazy_env_fixture, wait_until  # noqa: F401
+from tests.support.clients import run_curl
+from tests.support.faults import Generated
+
+BIG = Generated(16 * 1024 * 1024, block_size=65536, seed=b"flow")
+
+
+class _SlowClient(protocol.Protocol):
+    """A raw HTTP/1.1 client that stops reading after connecting until `resume()`; hashes
+    the body as it arrives and records how the connection ended."""
+
+    def __init__(self, path: bytes, reading: bool = False) -> None:
+        self.path = path
+        self.reading = reading
+        self.head = b""
+        self.in_body = False
+        self.body_bytes = 0
+        self.digest = hashlib.sha256()
+        self.ended: defer.Deferred[bool] = defer.Deferred()
+        self.clean = False
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.transport.write(
+            b"GET " + self.path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        if not self.reading:
+            # A small receive buffer, so the kernel cannot absorb the whole body for us.
+            self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.reading = True
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        if not self.in_body:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            self.in_body = True
+            self.head, _, data = self.head.partition(b"\r\n\r\n")
+        self.body_bytes += len(data)
+        self.digest.update(data)
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+        self.clean = reason.check(ConnectionDone) is not None
+        self.ended.callback(self.clean)
+
+
+def _connect(env, path: str, reading: bool = False) -> _SlowClient:
+    client = _SlowClient(b"/" + path.encode(), reading)
+    factory = protocol.ClientFactory.forProtocol(lambda: client)
+    factory.noisy = False
+    reactor.connectTCP("127.0.0.1", env.port.getHost().port, factory)
+    return client
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_client_costs_no_memory_and_does_not_hold_back_the_fast_one(lazy_env, tmp_path):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    sha = BIG.sha256()
+    yield env.publish("repo/big", b"", ("up", url), digest=sha, size=BIG.size)
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        slow = _connect(env, "repo/big")
+        assert (yield wait_until(lambda: sha in env.streamer.in_flight))
+        fast_file = tmp_path / "fast.bin"
+        code, _out, err = yield run_curl("-f", "-o", str(fast_file), env.url("repo/big"))
+        assert code == 0, err
+        # The upstream finished and the artifact is stored while the slow client read nothing.
+        assert (yield wait_until(lambda: env.storage.has(sha)))
+        assert slow.body_bytes == 0
+        peak_growth = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    print(f"\ntraced memory peak growth: {peak_growth / 1024:.0f} KiB for {BIG.size >> 20} MiB")
+    assert peak_growth < 4 * 1024 * 1024, peak_growth
+    assert hashlib.sha256(fast_file.read_bytes()).hexdigest() == sha
+
+    slow.resume()
+    assert (yield slow.ended)
+    assert slow.body_bytes == BIG.size
+    assert slow.digest.hexdigest() == sha
+    assert len(env.upstream.requests("/big")) == 1
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_making_no_progress_is_aborted_while_the_download_completes(lazy_env):
+    env = lazy_env.start(no_progress_timeout=0.3)
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    slow = _connect(env, "repo/big")
+    assert (yield wait_until(lambda: env.storage.has(BIG.sha256())))
+    yield wait_until(lambda: False, timeout=0.4)
+    slow.resume()
+    clean = yield slow.ended
+    assert not clean, "a stalled client's connection is aborted"
+    assert slow.body_bytes < BIG.size
+    assert not env.streamer.in_flight
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reading_client_is_never_cut_off_by_the_no_progress_timer(lazy_env):
+    env = lazy_env.start(no_progress_timeout=0.2)
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    client = _connect(env, "repo/big", reading=True)
+    assert (yield client.ended)
+    assert client.body_bytes == BIG.size
+    assert client.digest.hexdigest() == BIG.sha256()
