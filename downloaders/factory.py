@@ -14,6 +14,7 @@ also takes the remote's `DeferredSemaphore(download_concurrency)`, so at most th
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Mapping
 from importlib import metadata
@@ -40,6 +41,7 @@ __all__ = ["DownloaderFactory", "RateLimitedAgent", "project_version"]
 PROJECT = "twisted-streamer"
 
 
+@functools.cache
 def project_version() -> str:
     try:
         return metadata.version(PROJECT)
@@ -110,6 +112,7 @@ class DownloaderFactory:
         self.pool.maxPersistentPerHost = max(concurrency, 2)
         self.tls_policy = RemoteTLSPolicy.from_settings(remote)
         self.agent = self._compose_agent()
+        self._user_agent = self.user_agent()
 
     # Agent ---------------------------------------------------------------------------------------
 
@@ -168,7 +171,7 @@ class DownloaderFactory:
         if scheme == "file":
             options["allowed_import_paths"] = getattr(self.remote, "allowed_import_paths", ())
         else:
-            headers = {"User-Agent": self.user_agent(), **self.remote.headers}
+            headers = {"User-Agent": self._user_agent, **self.remote.headers}
             headers.update(kwargs.pop("headers", None) or {})
             options.update(
                 agent=self.agent,
