@@ -1,0 +1,142 @@
+"""importer.commands in process: remote selection, sync_remotes over a real config, fetch_url."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import pytest_twisted
+
+from downloaders import DigestValidationError, SizeValidationError
+from importer.commands import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    fetch_url,
+    remote_for_url,
+    select_remotes,
+    sync_command,
+    sync_remotes,
+)
+from store import open_catalog
+from streamer.config import parse_config
+from tests.importer.conftest import sha
+from tests.support.faults import Serve, WrongBytes
+
+
+def make_config(tmp_path, upstream, **remote):
+    table = {"name": "fixtures", "url": upstream.url("/repo/PULP_MANIFEST"), "max_retries": 0}
+    table.update(remote)
+    return parse_config(
+        {
+            "storage": {"path": "var"},
+            "remotes": [table, {"name": "other", "url": upstream.url("/repo/PULP_MANIFEST")}],
+        },
+        str(tmp_path),
+    )
+
+
+def test_select_remotes(tmp_path, upstream):
+    config = make_config(tmp_path, upstream)
+    assert [r.name for r in select_remotes(config, [])] == ["fixtures", "other"]
+    assert [r.name for r in select_remotes(config, ["other", "other"])] == ["other"]
+    with pytest.raises(ValueError, match=r"unknown remote 'nope' \(known: fixtures, other\)"):
+        select_remotes(config, ["fixtures", "nope"])
+
+
+def test_sync_command_unknown_remote_is_a_usage_error(tmp_path, upstream, capsys):
+    assert sync_command(make_config(tmp_path, upstream), ["nope"]) == EXIT_USAGE
+    assert capsys.readouterr().err == "error: unknown remote 'nope' (known: fixtures, other)\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sync_remotes_prints_summaries_and_exit_status(tmp_path, upstream, repo):
+    config = make_config(tmp_path, upstream, policy="immediate")
+    out, err = io.StringIO(), io.StringIO()
+    remotes = select_remotes(config, ["fixtures"])
+    assert await sync_remotes(config, remotes, None, out, err) == EXIT_OK
+    assert out.getvalue().startswith("fixtures: 10 downloaded, 0 already present")
+
+    upstream.register("/repo/files/03.bin", WrongBytes(repo.files["files/03.bin"]))
+    (tmp_path / "var" / "artifacts").joinpath(
+        sha(repo.files["files/03.bin"])[:2], sha(repo.files["files/03.bin"])[2:]
+    ).unlink()
+    out = io.StringIO()
+    assert await sync_remotes(config, config.remotes, None, out, err) == EXIT_FAILED
+    text = out.getvalue()
+    assert "fixtures: 0 downloaded, 9 already present" in text
+    assert f"  failed: {upstream.url('/repo/files/03.bin')}: sha256 mismatch" in text
+    assert "other: 0 downloaded, 0 already present, 10 recorded lazily" in text
+    assert err.getvalue() == ""
+
+    catalog = open_catalog(config.catalog.url, config.storage.path)
+    await catalog.open()
+    try:
+        assert await catalog.count() == 20
+    finally:
+        await catalog.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sync_remotes_reports_a_broken_remote_and_goes_on(tmp_path, upstream, repo):
+    config = make_config(tmp_path, upstream, url=upstream.url("/missing/PULP_MANIFEST"))
+    out, err = io.StringIO(), io.StringIO()
+    assert await sync_remotes(config, config.remotes, None, out, err) == EXIT_FAILED
+    assert err.getvalue().startswith("error: sync fixtures: cannot fetch the listing: HTTP 404")
+    assert out.getvalue().startswith("other: 0 downloaded, 0 already present, 10 recorded")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_url_writes_the_output_and_prints_size_and_sha256(tmp_path, upstream):
+    body = b"one file for scripts\n" * 100
+    url = upstream.register("/one.bin", Serve(body))
+    out = io.StringIO()
+    target = tmp_path / "one.bin"
+    await fetch_url(
+        make_config(tmp_path, upstream), url, sha(body).upper(), len(body), str(target), out
+    )
+    assert target.read_bytes() == body
+    assert out.getvalue().splitlines() == [
+        f"size: {len(body)}",
+        f"sha256: {sha(body)}",
+        f"written: {target}",
+    ]
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["one.bin"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_url_without_output_reports_the_temp_file(tmp_path, upstream):
+    url = upstream.register("/x", Serve(b"xyz"))
+    out = io.StringIO()
+    result = await fetch_url(make_config(tmp_path, upstream), url, out=out)
+    try:
+        assert out.getvalue().splitlines()[-1] == f"temporary file: {result.path}"
+        with open(result.path, "rb") as f:
+            assert f.read() == b"xyz"
+    finally:
+        import os
+
+        os.unlink(result.path)
+
+
+@pytest.mark.parametrize(
+    ("expect", "error"),
+    [({"sha256": "0" * 64}, DigestValidationError), ({"size": 4}, SizeValidationError)],
+)
+@pytest_twisted.ensureDeferred
+async def test_fetch_url_validation_failure_leaves_no_file(tmp_path, upstream, expect, error):
+    url = upstream.register("/x", Serve(b"xyz"))
+    target = tmp_path / "out" / "x"
+    target.parent.mkdir()
+    with pytest.raises(error):
+        await fetch_url(
+            make_config(tmp_path, upstream), url, output=str(target), out=io.StringIO(), **expect
+        )
+    assert list(target.parent.iterdir()) == []
+
+
+def test_fetch_uses_the_settings_of_a_remote_on_the_same_origin(tmp_path, upstream):
+    config = make_config(tmp_path, upstream, username="u", password="p")
+    assert remote_for_url(config, upstream.url("/elsewhere")).name == "fixtures"
+    plain = remote_for_url(config, "http://127.0.0.2:9/x")
+    assert (plain.name, plain.username) == ("fetch", "")
