@@ -1,0 +1,144 @@
+"""The whole service in-process, for hostile-client and security tests.
+
+`ServiceEnv` writes a real TOML configuration under tmp_path (listening on a free loopback
+port, one ``fixtures`` remote at the fault upstream, optionally a signing key), starts the real
+`StreamerService` (its Site, root resource, signed-URL check, content resource, lazy streamer,
+SQLite catalog and artifact storage) and offers stored and lazy content to request. Holds no
+tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+
+from store import CatalogEntry
+from streamer.config import load_config
+from streamer.service import StreamerService
+from tests.support.upstream import UpstreamServer
+
+__all__ = ["ServiceEnv", "open_fds", "settle"]
+
+SIGNING_KEY = b"0123456789abcdef-fault-tests-key"
+
+
+def open_fds() -> int:
+    """File descriptors open in this process now (Linux /proc)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settle(predicate: Any, timeout: float = 5.0) -> bool:
+    """Let the reactor run until ``predicate()`` holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await task.deferLater(reactor, 0.01, lambda: None)
+    return True
+
+
+class ServiceEnv:
+    """A running `StreamerService` whose ``fixtures`` remote points at *upstream*."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        upstream: UpstreamServer,
+        *,
+        policy: str = "on_demand",
+        stall_timeout: float = 1.0,
+        signed: bool = False,
+        remote_extra: str = "",
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.upstream = upstream
+        key_line = ""
+        if signed:
+            key_file = tmp_path / "signing.key"
+            key_file.write_bytes(SIGNING_KEY)
+            key_line = f'signing_key_file = "{key_file.name}"\n'
+        config = tmp_path / "streamer.toml"
+        config.write_text(
+            "[server]\n"
+            'listen = "tcp:0:interface=127.0.0.1"\n'
+            "grace_period = 1\n"
+            f"stall_timeout = {stall_timeout}\n"
+            "[storage]\n"
+            'path = "var"\n'
+            "[security]\n" + key_line + "[[remotes]]\n"
+            'name = "fixtures"\n'
+            f'url = "{upstream.url("/PULP_MANIFEST")}"\n'
+            f'policy = "{policy}"\n'
+            "max_retries = 0\n"
+            "sock_read_timeout = 2\n" + remote_extra
+        )
+        self.config = load_config(config, environ={})
+        self.service = StreamerService(self.config)
+        self._entries: list[CatalogEntry] = []
+
+    @property
+    def key(self) -> bytes:
+        return SIGNING_KEY
+
+    @property
+    def storage(self) -> Any:
+        return self.service.storage
+
+    @property
+    def catalog(self) -> Any:
+        return self.service.catalog
+
+    @property
+    def lazy(self) -> Any:
+        return self.service.content.lazy
+
+    @property
+    def port(self) -> int:
+        return self.service.address.port
+
+    def url(self, target: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{target.lstrip('/')}"
+
+    async def start(self) -> ServiceEnv:
+        self.service.startService()
+        assert await settle(lambda: self.service.ready), "the service did not become ready"
+        return self
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+
+    async def add(self, path: str, data: bytes, *, stored: bool, url: str = "") -> CatalogEntry:
+        """Catalog *data* at ``fixtures/<path>``, stored on disk or lazy (fetched from *url*)."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        if stored:
+            source = self.tmp_path / "incoming"
+            source.write_bytes(data)
+            self.storage.import_file(str(source))
+            source.unlink()
+        entry = CatalogEntry(
+            f"fixtures/{path}",
+            "fixtures",
+            url or self.upstream.url(f"/never/{path}"),
+            len(data),
+            {"sha256": sha256},
+            stored=stored,
+        )
+        self._entries = [e for e in self._entries if e.path != entry.path] + [entry]
+        await self.catalog.replace_remote("fixtures", list(self._entries))
+        return entry
+
+    def temp_files(self) -> list[str]:
+        return sorted(os.listdir(self.storage.temp_dir))
+
+    def in_flight_requests(self) -> int:
+        return len(self.service.site.in_flight)
+
+    @defer.inlineCallbacks
+    def close_pools(self) -> Any:
+        for remote in self.service.remotes.values():
+            yield remote.close()

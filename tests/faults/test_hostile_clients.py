@@ -1,0 +1,398 @@
+"""Hostile clients against the whole service (in-process `StreamerService`, real sockets).
+
+Disconnects at every phase, clients that never read or read one byte a second, pipelining,
+malformed and oversized requests, path traversal in every encoding and Range abuse. Each must
+get a sane status or a closed connection, never a 500 or a traceback, and the service must
+keep serving. Stalled clients are bounded by the configured no-progress timeout (1 s here),
+never by a long wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import time
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, task
+
+from tests.faults.service_env import ServiceEnv, settle
+from tests.support import faults
+from tests.support.clients import raw_http, run_curl
+
+BODY = bytes(range(256)) * 256  # 64 KiB
+BIG = 16 * 1024 * 1024  # fills any socket buffer
+STALL = 1.0  # the service's stall_timeout in these tests
+DROP_WITHIN = STALL + 4.0  # a stalled client must be gone by then
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def request(target: str, *headers: str, method: str = "GET", close: bool = True) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: streamer", *headers]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def status_of(data: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", data)
+    return int(match.group(1)) if match else 0
+
+
+def assert_sane(data: bytes, allowed: tuple[int, ...] = (400, 404, 405, 414, 431)) -> int:
+    """A closed connection (no bytes) or an allowed status; never a 500 or a traceback."""
+    assert b"Traceback" not in data and b'File "' not in data
+    if not data:
+        return 0
+    status = status_of(data)
+    assert status in allowed, data[:300]
+    return status
+
+
+@pytest.fixture
+def make_service(tmp_path, upstream):
+    started: list[ServiceEnv] = []
+
+    def make(**options) -> defer.Deferred[ServiceEnv]:
+        folder = tmp_path / f"service{len(started)}"
+        folder.mkdir()
+        env = ServiceEnv(folder, upstream, stall_timeout=STALL, **options)
+        started.append(env)
+        return defer.ensureDeferred(env.start())
+
+    yield make
+    for env in started:
+        pytest_twisted.blockon(defer.ensureDeferred(env.stop()))
+
+
+@pytest.fixture
+def service(make_service):
+    return pytest_twisted.blockon(make_service())
+
+
+async def assert_serving(env: ServiceEnv) -> None:
+    """The service still answers a normal request, and no request is left in flight."""
+    await env.add("health.txt", b"still here\n", stored=True)
+    result = await raw_http("127.0.0.1", env.port, request("/fixtures/health.txt"))
+    assert status_of(result.data) == 200 and result.data.endswith(b"still here\n")
+    assert await settle(lambda: env.in_flight_requests() == 0, 3.0), env.service.site.in_flight
+    assert env.temp_files() == []
+
+
+# --- disconnects ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /fixtures/a.bin", b"GET /fixtures/a.bin HTTP/1.1\r\nHost: x\r\n"],
+    ids=["connect-only", "half-request-line", "headers-unfinished"],
+)
+@pytest_twisted.ensureDeferred
+async def test_disconnect_before_the_request_is_complete(service, sent):
+    await service.add("a.bin", BODY, stored=True)
+    result = await raw_http("127.0.0.1", service.port, sent, timeout=0.2)
+    assert result.timed_out and result.data == b""
+    await assert_serving(service)
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_before_response_headers_keeps_an_on_demand_download(service, upstream):
+    gate = faults.Gated(faults.Serve(BODY))
+    url = upstream.register("/gated.bin", gate)
+    await service.add("gated.bin", BODY, stored=False, url=url)
+    client = raw_http("127.0.0.1", service.port, request("/fixtures/gated.bin"), timeout=5)
+    assert await settle(lambda: gate.waiting == 1)
+    for channel in list(service.service.site.in_flight):
+        channel.transport.abortConnection()  # the client vanishes before any header
+    result = await client
+    assert result.data == b""
+    gate.release()
+    assert await settle(lambda: service.storage.has(sha256(BODY)))
+    assert await settle(lambda: not service.lazy.in_flight)
+    assert len(upstream.requests("/gated.bin")) == 1
+    await assert_serving(service)
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_mid_body_on_demand_download_completes_and_is_stored(service, upstream):
+    url = upstream.register("/slow.bin", faults.Trickle(BODY, 200_000, interval=0.01))
+    await service.add("slow.bin", BODY, stored=False, url=url)
+    result = await raw_http("127.0.0.1", service.port, request("/fixtures/slow.bin"), timeout=0.1)
+    assert result.timed_out and status_of(result.data) == 200
+    assert len(result.data) < len(BODY)
+    assert await settle(lambda: service.storage.has(sha256(BODY)))
+    assert service.storage.open(sha256(BODY)).read() == BODY
+    await assert_serving(service)
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_mid_body_streamed_download_is_cancelled(make_service, upstream):
+    env = await make_service(policy="streamed")
+    url = upstream.register("/slow.bin", faults.Trickle(BODY, 20_000, interval=0.01))
+    await env.add("slow.bin", BODY, stored=False, url=url)
+    result = await raw_http("127.0.0.1", env.port, request("/fixtures/slow.bin"), timeout=0.2)
+    assert result.timed_out and status_of(result.data) == 200
+    # Nobody reads any more: the upstream transfer is cancelled, not finished.
+    assert await upstream.wait_until_idle(2.0), "the upstream connection outlived the client"
+    assert await settle(lambda: not env.lazy.in_flight)
+    assert env.temp_files() == []
+    assert not env.storage.has(sha256(BODY))
+    await assert_serving(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_during_a_coalesced_download(service, upstream):
+    gate = faults.Gated(faults.Trickle(BODY, 400_000, interval=0.01))
+    url = upstream.register("/shared.bin", gate)
+    await service.add("shared.bin", BODY, stored=False, url=url)
+    quitter = raw_http("127.0.0.1", service.port, request("/fixtures/shared.bin"), timeout=0.3)
+    stayers = [run_curl("-f", service.url("fixtures/shared.bin")) for _ in range(2)]
+    assert await settle(lambda: gate.waiting == 1)
+    assert (await quitter).timed_out
+    gate.release()
+    for code, out, err in await defer.gatherResults(stayers):
+        assert code == 0, err
+        assert out == BODY
+    assert len(upstream.requests("/shared.bin")) == 1
+    assert await settle(lambda: service.storage.has(sha256(BODY)))
+    await assert_serving(service)
+
+
+# --- clients that do not read ----------------------------------------------------------------
+
+
+class _NeverReads(protocol.Protocol):
+    """Sends a request, then never reads: the server's writes pile up until it gives up."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.write(self.payload)
+        self.transport.pauseProducing()
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+        self.lost.callback(None)
+
+
+async def never_read(env: ServiceEnv, target: str) -> float:
+    """Seconds until the service dropped a client that never reads (fails after DROP_WITHIN)."""
+    client = _NeverReads(request(target))
+    await protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", env.port)
+    started = time.monotonic()
+    assert await settle(lambda: env.in_flight_requests() == 1, 2.0)
+    dropped = await settle(lambda: env.in_flight_requests() == 0, DROP_WITHIN)
+    client.transport.resumeProducing()
+    client.transport.abortConnection()
+    await client.lost
+    assert dropped, "the service kept a stalled client's response open"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_never_reading_client_is_dropped(service, upstream, stored):
+    await add_big(service, upstream, "big.bin", stored)
+    assert await never_read(service, "/fixtures/big.bin") < DROP_WITHIN
+    # The download fills the store regardless of the stalled client.
+    assert await settle(lambda: service.storage.has(faults.Generated(BIG).sha256()), 10.0)
+    await assert_serving(service)
+
+
+async def add_big(env: ServiceEnv, upstream, name: str, stored: bool) -> None:
+    """A 16 MiB artifact at ``fixtures/<name>``: stored, or lazy from the upstream."""
+    generated = faults.Generated(BIG)
+    url = upstream.register(f"/{name}", generated)
+    if stored:
+        await env.add(name, b"".join(generated.chunks()), stored=True)
+        return
+    await env.add(name, b"", stored=False, url=url)  # make the remote known, then fix size
+    entry = (await env.catalog.lookup(f"fixtures/{name}"))[0]
+    big = attrs.evolve(entry, size=BIG, digests={"sha256": generated.sha256()})
+    others = [e for e in await env.catalog.entries_for_remote("fixtures") if e.path != big.path]
+    await env.catalog.replace_remote("fixtures", [*others, big])
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_one_byte_per_second_reader_is_dropped_in_bounded_time(service, upstream, stored):
+    await add_big(service, upstream, "trickle-read.bin", stored)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    received, ended = 0, False
+    try:
+        try:
+            sock.connect(("127.0.0.1", service.port))
+        except BlockingIOError:
+            pass
+        await task.deferLater(reactor, 0.05, lambda: None)
+        sock.send(request("/fixtures/trickle-read.bin"))
+        started = time.monotonic()
+        while not ended and time.monotonic() - started < DROP_WITHIN:
+            await task.deferLater(reactor, 1.0, lambda: None)  # one byte a second
+            try:
+                byte = sock.recv(1)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                byte = b""
+            ended = byte == b""
+            received += len(byte)
+        dropped = await settle(lambda: service.in_flight_requests() == 0, 0.5)
+        assert ended or dropped, "a 1 byte/s reader held its response open"
+        assert received < BIG
+    finally:
+        sock.close()
+    await assert_serving(service)
+
+
+# --- malformed and abusive requests ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_are_answered_in_order(service):
+    await service.add("one.txt", b"first body\n", stored=True)
+    await service.add("two.txt", b"second body\n", stored=True)
+    payload = (
+        request("/fixtures/one.txt", close=False)
+        + request("/fixtures/missing.txt", close=False)
+        + request("/fixtures/two.txt", method="HEAD", close=False)
+        + request("/fixtures/two.txt")
+    )
+    result = await raw_http("127.0.0.1", service.port, payload, timeout=5)
+    statuses = [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3})", result.data)]
+    assert statuses == [200, 404, 200, 200]
+    assert result.data.index(b"first body\n") < result.data.index(b"second body\n")
+    assert result.data.count(b"second body\n") == 1  # HEAD sent no body
+    await assert_serving(service)
+
+
+MALFORMED = [
+    b"\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"GET /fixtures/a.bin\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+    b"GET  /fixtures/a.bin  HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"G\x00T /fixtures/a.bin HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/1.1\r\nno colon here\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /fixtures/a.bin HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus\r\n\r\n",
+    b"\xff\xfe\xfd /\xff HTTP/1.1\r\n\r\n",
+    b"DELETE /fixtures/a.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_lines(service):
+    await service.add("a.bin", BODY, stored=True)
+    for payload in MALFORMED:
+        result = await raw_http("127.0.0.1", service.port, payload, timeout=3)
+        assert not result.timed_out, payload[:60]
+        assert_sane(result.data)
+    await assert_serving(service)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["X-Big: " + "a" * 100_000],
+        [f"X-H-{i}: {i}" for i in range(10_000)],
+        ["Cookie: " + "c=1; " * 20_000],
+    ],
+    ids=["100KiB-header-line", "10000-headers", "huge-cookie"],
+)
+@pytest_twisted.ensureDeferred
+async def test_oversized_and_countless_headers(service, headers):
+    await service.add("a.bin", BODY, stored=True)
+    result = await raw_http("127.0.0.1", service.port, request("/fixtures/a.bin", *headers), 5)
+    assert not result.timed_out
+    assert assert_sane(result.data) != 200
+    await assert_serving(service)
+
+
+TRAVERSALS = [
+    "/fixtures/../../../../etc/passwd",
+    "/fixtures/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/fixtures/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+    "/fixtures/..%2f..%2f..%2fetc%2fpasswd",
+    "/fixtures/%252e%252e/%252e%252e/etc/passwd",
+    "/fixtures/a.bin%00.txt",
+    "/fixtures/a.bin%00",
+    "/fixtures/..\\..\\..\\etc\\passwd",
+    "/fixtures/%5c..%5c..%5cetc%5cpasswd",
+    "/fixtures/.%2e/.%2e/etc/passwd",
+    "/fixtures/%c0%ae%c0%ae/%c0%ae%c0%ae/etc/passwd",
+    "/fixtures/./a.bin",
+    "//etc/passwd",
+    "/%2fetc%2fpasswd",
+    "/fixtures//a.bin",
+    "http://127.0.0.1/etc/passwd",
+    "file:///etc/passwd",
+    "*",
+    "127.0.0.1:80",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+@pytest_twisted.ensureDeferred
+async def test_path_traversal_never_leaves_the_catalog(service, upstream, target):
+    await service.add("a.bin", BODY, stored=True)
+    result = await raw_http("127.0.0.1", service.port, request(target), timeout=3)
+    status = assert_sane(result.data)
+    assert b"root:" not in result.data
+    assert BODY[:64] not in result.data
+    assert status != 200
+    assert upstream.all_requests() == []  # nothing the client named is ever fetched
+    await assert_serving(service)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        ",".join(["0-0"] * 5000),
+        ",".join(f"{i}-{i + 1000}" for i in range(0, 60_000, 7)),
+        "0-65535," * 200 + "0-65535",
+        "100-0",
+        "65536-70000",
+        "-0",
+        "0-18446744073709551616",
+        "0--5,a-b,,,",
+    ],
+    ids=[
+        "5000x0-0",
+        "overlapping",
+        "whole-file-200-times",
+        "reversed",
+        "past-the-end",
+        "empty-suffix",
+        "huge-number",
+        "junk",
+    ],
+)
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_range_abuse(service, upstream, ranges, stored):
+    url = upstream.register("/ranged.bin", faults.Serve(BODY))
+    await service.add("ranged.bin", BODY, stored=stored, url=url)
+    header = "Range: bytes=" + ranges
+    result = await raw_http("127.0.0.1", service.port, request("/fixtures/ranged.bin", header), 10)
+    assert not result.timed_out
+    status = assert_sane(result.data, (200, 206, 400, 416, 431))
+    # Never an amplification: at most a little more than the file itself.
+    assert len(result.data) < 2 * len(BODY) + 64 * 1024, len(result.data)
+    if status == 200:
+        assert result.data.endswith(BODY)
+    await assert_serving(service)
