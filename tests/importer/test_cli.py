@@ -1,0 +1,156 @@
+"""``streamer --config F sync`` and ``fetch`` end to end, in a child process; kill-safety with
+SIGKILL half-way through a sync."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.error import ProcessDone, ProcessTerminated
+
+from store import ArtifactStorage
+from tests.importer.conftest import artifacts, sha
+from tests.support.faults import Serve, StallMidBody
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Child(protocol.ProcessProtocol):
+    """A child process whose output is collected; ``ended`` fires with (code, out, err)."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.ended: defer.Deferred[tuple[int, str, str]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        self.err.append(data)
+
+    def processEnded(self, reason) -> None:  # noqa: N802 - Twisted API
+        value = reason.value
+        code = 0
+        if isinstance(value, ProcessTerminated):
+            code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
+        elif not isinstance(value, ProcessDone):
+            code = -1
+        self.ended.callback((code, b"".join(self.out).decode(), b"".join(self.err).decode()))
+
+
+def streamer(config: Path, *args: str) -> Child:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONPATH"] = str(REPO)
+    child = Child()
+    argv = [sys.executable, "-m", "streamer.cli", "--config", str(config), *args]
+    reactor.spawnProcess(child, sys.executable, argv, env=env, path=str(config.parent))
+    return child
+
+
+def write_config(tmp_path: Path, upstream, **remote: object) -> Path:
+    settings = {
+        "name": "fixtures",
+        "url": upstream.url("/repo/PULP_MANIFEST"),
+        "max_retries": 0,
+        "policy": "immediate",
+        **remote,
+    }
+    lines = ["[storage]", 'path = "var"', "", "[[remotes]]"]
+    for key, value in settings.items():
+        lines.append(f"{key} = {value!r}" if isinstance(value, int) else f'{key} = "{value}"')
+    config = tmp_path / "streamer.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_sync_end_to_end(tmp_path, upstream, repo):
+    config = write_config(tmp_path, upstream)
+    code, out, err = await streamer(config, "sync").ended
+
+    assert code == 0, err
+    assert out.startswith("fixtures: 10 downloaded, 0 already present, 0 recorded lazily, 0 failed")
+    assert "sync fixtures: 10/10 files (100%)" in err  # plain progress: stderr is not a tty
+    storage = ArtifactStorage(tmp_path / "var")
+    assert artifacts(storage) == {sha(d): d for d in repo.files.values()}
+
+    code, out, err = await streamer(config, "sync", "fixtures").ended
+    assert code == 0 and "0 downloaded, 10 already present" in out
+
+    code, out, err = await streamer(config, "sync", "nope").ended
+    assert code == 2 and err == "error: unknown remote 'nope' (known: fixtures)\n" and out == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_sync_with_a_bad_file_exits_non_zero(tmp_path, upstream, repo):
+    repo.files["files/01.bin"] = b"not what is served"
+    repo.publish()
+    code, out, err = await streamer(write_config(tmp_path, upstream), "sync").ended
+
+    assert code == 1
+    assert "9 downloaded" in out and "1 failed" in out
+    assert f"failed: {upstream.url('/repo/files/01.bin')}: size mismatch" in out
+    assert "Traceback" not in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_fetch(tmp_path, upstream):
+    body = b"fetch me\n" * 1000
+    url = upstream.register("/f.bin", Serve(body))
+    config = write_config(tmp_path, upstream)
+    target = tmp_path / "f.bin"
+
+    code, out, err = await streamer(
+        config, "fetch", url, "--sha256", sha(body), "--size", str(len(body)), "-o", str(target)
+    ).ended
+    assert code == 0, err
+    assert out.splitlines() == [f"size: {len(body)}", f"sha256: {sha(body)}", f"written: {target}"]
+    assert target.read_bytes() == body
+
+    code, out, err = await streamer(
+        config, "fetch", url, "--sha256", "0" * 64, "-o", str(tmp_path / "bad.bin")
+    ).ended
+    assert code == 1 and out == ""
+    assert err.startswith("error: fetch failed: sha256 mismatch") and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.bin").exists()
+
+    code, out, err = await streamer(config, "fetch", upstream.url("/missing")).ended
+    assert (code, err) == (
+        1,
+        f"error: fetch failed: HTTP 404 Not Found ({upstream.url('/missing')})\n",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_half_way_leaves_no_partial_artifact_and_next_sync_completes(
+    tmp_path, upstream, repo
+):
+    stalled = repo.files["files/08.bin"]
+    upstream.register("/repo/files/08.bin", StallMidBody(len(stalled) // 2, stalled))
+    config = write_config(tmp_path, upstream, download_concurrency=2)
+    storage = ArtifactStorage(tmp_path / "var")
+    child = streamer(config, "sync")
+    for _ in range(500):  # up to 10 s for the other nine files
+        if len(list(storage.iter_artifacts())) == 9:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert len(list(storage.iter_artifacts())) == 9
+    child.transport.signalProcess("KILL")
+    code, _out, _err = await child.ended
+    assert code == -9
+
+    assert all(sha(data) == digest for digest, data in artifacts(storage).items())
+    assert not storage.has(sha(stalled))
+    left_by_kill = set(os.listdir(storage.temp_dir))
+    upstream.abort_connections()
+
+    upstream.register("/repo/files/08.bin", Serve(stalled))
+    code, out, err = await streamer(config, "sync").ended
+    assert code == 0, err
+    assert "1 downloaded, 9 already present" in out
+    assert artifacts(storage) == {sha(d): d for d in repo.files.values()}
+    assert set(os.listdir(storage.temp_dir)) <= left_by_kill
