@@ -22,6 +22,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from downloaders.errors import SizeValidationError
+
 __all__ = ["InFlight"]
 
 _log = Logger()
@@ -116,6 +118,11 @@ class InFlight:
     # -- the downloader's writer ------------------------------------------------------------
 
     def _headers_ready(self, headers: Any) -> None:
+        """Keep the headers to forward; refuse a Content-Length other than the catalog's
+        size now, before any byte went to a client (so the request can still fail over)."""
+        lengths = headers.getRawHeaders(b"content-length") if headers is not None else None
+        if lengths and lengths[0].strip().isdigit() and int(lengths[0]) != self.size:
+            raise SizeValidationError(self.entry.url, self.size, int(lengths[0]))
         self.headers = self._headers_filter(headers)
 
     def write(self, data: bytes) -> None:

@@ -100,6 +100,7 @@ class LazyStreamer:
         #: Downloads taking followers now, by artifact sha256.
         self.in_flight: dict[str, InFlight] = {}
         self._cooling: dict[tuple[str, str], _Cooling] = {}
+        self.stopped = False
 
     def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
         """Answer *request* for *path* from its catalog *entries* (in the order to try)."""
@@ -112,7 +113,8 @@ class LazyStreamer:
         return NOT_DONE_YET
 
     def stop(self) -> None:
-        """Cancel every download in flight (at shutdown)."""
+        """Cancel every download in flight and start no new one (at shutdown)."""
+        self.stopped = True
         for inflight in list(self.in_flight.values()):
             inflight.cancel()
 
@@ -212,6 +214,9 @@ class _LazyRequest:
         if self.gone:
             return
         streamer = self.streamer
+        if streamer.stopped:
+            respond_text(self.request, 503, "the service is shutting down")
+            return
         for entry in self.entries:
             key = (entry.remote, entry.url)
             if key in self._tried:

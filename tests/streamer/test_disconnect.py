@@ -127,3 +127,21 @@ def test_client_leaving_before_the_first_byte(lazy_env):
     assert (yield wait_until(lambda: env.stored(BODY)))
     assert (yield wait_until(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_shutdown_cancels_downloads_and_refuses_new_ones(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/f", SLOW)
+    yield env.publish("repo/f", BODY, ("up", url))
+    client = _connect(env, "repo/f", reading=True)
+    assert (yield wait_until(lambda: client.body_bytes > 0))
+    env.resource.close()
+    assert not (yield client.ended), "a cut-off body must not end cleanly"
+    assert client.body_bytes < len(BODY)
+    assert not env.streamer.in_flight
+    assert (yield env.upstream.wait_until_idle(timeout=2.0))
+    assert env.temp_files() == [] and not env.stored(BODY)
+    code, out, _ = yield run_curl("-sS", "-o", "/dev/null", "-w", "%{http_code}", env.url("repo/f"))
+    assert out == b"503"

@@ -55,10 +55,25 @@ def test_digest_mismatch_aborts_stores_nothing_and_the_next_request_uses_the_nex
 
 
 @pytest_twisted.inlineCallbacks
-def test_too_long_body_never_reaches_the_client_complete(lazy_env):
+def test_wrong_content_length_fails_over_before_the_first_byte(lazy_env):
+    env = lazy_env.start()
+    env.remote("a")
+    env.remote("b")
+    long = env.upstream.register("/long", WrongSize(BODY, extra=10))
+    good = env.upstream.register("/good", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("a", long), ("b", good))
+    code, out, err = yield run_curl("-f", env.url("repo/f"))
+    assert code == 0, err
+    assert out == BODY
+    assert env.metrics.value("streamer_upstream_failures_total", {"reason": "size_mismatch"}) == 1
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_long_chunked_body_never_reaches_the_client_complete(lazy_env):
     env = lazy_env.start()
     env.remote("up")
-    url = env.upstream.register("/long", WrongSize(BODY, extra=10))
+    url = env.upstream.register("/long", Serve(BODY + b"extra", chunked=True))
     yield env.publish("repo/long", BODY, ("up", url))
     code, out, _ = yield run_curl("-f", env.url("repo/long"))
     assert code != 0
