@@ -164,7 +164,8 @@ class Follower:
     def _finish(self) -> None:
         self._stop()
         self.request.unregisterProducer()
-        self.request.finish()
+        if not getattr(self.request, "_disconnected", False):
+            self.request.finish()
 
     def _stalled(self) -> None:
         self._timer = None

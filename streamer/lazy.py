@@ -141,15 +141,16 @@ class LazyStreamer:
         ]
         return min(left) if len(left) == len(entries) else 0.0
 
-    def join(self, entry: Any, remote: Any, follower_for: Any) -> tuple[Follower, bool]:
+    def join(self, entry: Any, remote: Any, follower_for: Any) -> None:
         """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
-        artifact, starting that download unless one is in flight. Returns (follower,
-        joined)."""
+        artifact, starting that download unless one is in flight.
+
+        A download that fails at once reports to its followers before this returns.
+        """
         inflight = self.in_flight.get(entry.sha256)
         if inflight is not None:
-            follower = follower_for(inflight)
-            follower.attach()
-            return follower, True
+            follower_for(inflight).attach()
+            return
         inflight = InFlight(
             entry,
             remote,
@@ -162,10 +163,8 @@ class LazyStreamer:
         self.in_flight[entry.sha256] = inflight
         if self.metrics is not None:
             self.metrics.download_started()
-        follower = follower_for(inflight)
-        follower.attach()
+        follower_for(inflight).attach()
         inflight.start(forwarded_headers)
-        return follower, False
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         self._cooling[(entry.remote, entry.url)] = _Cooling(
@@ -240,16 +239,15 @@ class _LazyRequest:
                     {b"content-range": unsatisfiable_content_range(entry.size)},
                 )
                 return
-            self.follower, joined = streamer.join(
-                entry, remote, lambda source, plan=plan: self._follower(source, plan)
-            )
+            joined = entry.sha256 in streamer.in_flight
             self.request.cache_status = "coalesced" if joined else "miss"
+            streamer.join(entry, remote, lambda source, plan=plan: self._follower(source, plan))
             return
         self._give_up()
 
     def _follower(self, source: InFlight, plan: _Plan) -> Follower:
         options = self.streamer.options
-        return Follower(
+        self.follower = Follower(
             self.request,
             source,
             plan.segments,
@@ -259,6 +257,7 @@ class _LazyRequest:
             no_progress_timeout=options.no_progress_timeout,
             read_size=options.read_size,
         )
+        return self.follower
 
     def _source_failed(self, error: BaseException) -> None:
         self.errors.append(error)

@@ -89,15 +89,28 @@ def test_failover_before_the_first_byte(lazy_env):
     env.remote("b")
     env.remote("c")
     env.remote("d")
+    env.remote("e")
     refused = f"http://127.0.0.1:{free_port()}/nothing"
+    no_downloader = "ftp://127.0.0.1/f"  # the remote cannot even build a downloader
     e500 = env.upstream.register("/500", Status(500))
     reset = env.upstream.register("/reset", ResetAfter(0, BODY))
     good = env.upstream.register("/good", Serve(BODY))
-    yield env.publish("repo/f", BODY, ("a", refused), ("b", e500), ("c", reset), ("d", good))
+    yield env.publish(
+        "repo/f",
+        BODY,
+        ("e", no_downloader),
+        ("a", refused),
+        ("b", e500),
+        ("c", reset),
+        ("d", good),
+    )
     code, out, err = yield run_curl("-f", env.url("repo/f"))
     assert code == 0, err
     assert out == BODY
     assert [len(env.upstream.requests(p)) for p in ("/500", "/reset", "/good")] == [1, 1, 1]
+    failures = env.metrics.value
+    assert failures("streamer_upstream_failures_total", {"reason": "other"}) == 1
+    assert failures("streamer_upstream_failures_total", {"reason": "connection"}) == 2
     assert (yield wait_until(lambda: env.stored(BODY)))
 
 
