@@ -54,6 +54,7 @@ class ServiceEnv:
         stall_timeout: float = 1.0,
         signed: bool = False,
         remote_extra: str = "",
+        security_extra: str = "",
     ) -> None:
         self.tmp_path = tmp_path
         self.upstream = upstream
@@ -70,7 +71,7 @@ class ServiceEnv:
             f"stall_timeout = {stall_timeout}\n"
             "[storage]\n"
             'path = "var"\n'
-            "[security]\n" + key_line + "[[remotes]]\n"
+            "[security]\n" + key_line + security_extra + "[[remotes]]\n"
             'name = "fixtures"\n'
             f'url = "{upstream.url("/PULP_MANIFEST")}"\n'
             f'policy = "{policy}"\n'
