@@ -60,6 +60,10 @@ class LazyOptions:
     read_size: int = 128 * 1024
 
 
+#: Expired cooldowns are dropped when this many are remembered.
+_PRUNE_COOLING_AT = 1000
+
+
 @attrs.frozen
 class _Cooling:
     until: float
@@ -167,9 +171,10 @@ class LazyStreamer:
         inflight.start(forwarded_headers)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
-        self._cooling[(entry.remote, entry.url)] = _Cooling(
-            self.reactor.seconds() + self.options.cooldown, error
-        )
+        now = self.reactor.seconds()
+        if len(self._cooling) >= _PRUNE_COOLING_AT:
+            self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
+        self._cooling[(entry.remote, entry.url)] = _Cooling(now + self.options.cooldown, error)
         self.log.upstream_failure(
             entry.url, failure_reason(error), _describe(error), metrics=self.metrics
         )
