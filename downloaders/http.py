@@ -23,6 +23,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from downloaders import errors
 from downloaders.base import BaseDownloader
+from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
 
 METHODS = ("GET", "HEAD")
@@ -31,22 +32,28 @@ METHODS = ("GET", "HEAD")
 #: go back to the pool; bigger ones cost the connection instead of the bandwidth.
 ERROR_BODY_LIMIT = 64 * 1024
 
-_default_pools: dict[int, HTTPConnectionPool] = {}
+_shared_pool: HTTPConnectionPool | None = None
 
 
 def default_pool(reactor: Any) -> HTTPConnectionPool:
-    """One persistent connection pool per reactor for downloaders built without an agent."""
-    pool = _default_pools.get(id(reactor))
-    if pool is None:
-        pool = _default_pools[id(reactor)] = HTTPConnectionPool(reactor, persistent=True)
-    return pool
+    """The persistent pool shared by downloaders built without an agent on the global reactor
+    (a script's downloads reuse connections); any other reactor gets a pool of its own."""
+    global _shared_pool
+    from twisted.internet import reactor as global_reactor
+
+    if reactor is not global_reactor:
+        return HTTPConnectionPool(reactor, persistent=True)
+    if _shared_pool is None:
+        _shared_pool = HTTPConnectionPool(reactor, persistent=True)
+    return _shared_pool
 
 
 class HttpDownloader(BaseDownloader):
     """Download an ``http://`` or ``https://`` url with GET (or HEAD).
 
-    :param agent: an ``IAgent`` (the factory passes one carrying TLS, proxy and the shared
-        pool). None: a plain ``Agent`` on a persistent pool shared by such downloaders.
+    :param agent: an ``IAgent`` (the factory passes one carrying TLS, proxy, redirects and the
+        shared pool). None: an ``Agent`` following redirects, on a persistent pool shared by
+        such downloaders. The response that reaches us is final: a 3xx is an `HttpError`.
     :param method: ``"GET"``, or ``"HEAD"`` for headers only (no body, no validation).
     :param headers: extra request headers, ``{name: value}``.
     :param connect_timeout: seconds to establish the connection (only for the default agent).
@@ -103,11 +110,10 @@ class HttpDownloader(BaseDownloader):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        return Agent(
-            reactor,
-            connectTimeout=self.connect_timeout or None,
-            pool=default_pool(reactor),
+        agent = Agent(
+            reactor, connectTimeout=self.connect_timeout or None, pool=default_pool(reactor)
         )
+        return RedirectingAgent(agent)
 
     def _headers(self) -> Headers:
         headers = Headers()
@@ -183,7 +189,7 @@ class _Attempt:
         self._touch()
         dl = self.downloader
         dl.response = response
-        if response.code >= 400:
+        if response.code >= 300:  # a redirect here was not followed: it is not the content
             failure = errors.http_error(
                 self.url,
                 response.code,

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 from downloaders import (
     ConnectionFailed,
     DigestValidationError,
+    DownloadTimeout,
     HttpDownloader,
+    HttpError,
     SizeValidationError,
     TruncatedBody,
 )
+from downloaders.http import default_pool
 from tests.downloaders.support import (  # noqa: F401 (fixtures)
     agent_fixture,
     pool_fixture,
@@ -27,10 +30,12 @@ from tests.support.faults import (
     ChunkedNoLastChunk,
     CloseEarly,
     Generated,
+    Redirect,
     ResetAfter,
     ResetBeforeHeaders,
     Serve,
     StallMidBody,
+    Status,
     WrongBytes,
     WrongSize,
 )
@@ -182,3 +187,64 @@ def test_failing_writer_aborts(upstream: UpstreamServer, agent):
     with pytest.raises(OSError, match="No space"):
         yield HttpDownloader(url, agent=agent, writer=Full()).run()
     assert (yield upstream.wait_until_idle(2.0))
+
+
+@pytest_twisted.inlineCallbacks
+def test_connect_timeout_is_a_download_timeout():
+    """The default agent passes connect_timeout to the reactor; its expiry is reported as a
+    DownloadTimeout of kind "connect" (a MemoryReactor stands in for an unreachable host)."""
+    from twisted.internet.error import TimeoutError as ConnectTimeout
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    memory = MemoryReactorClock()
+    d = HttpDownloader("http://127.0.0.1:8/x", reactor=memory, connect_timeout=5, max_retries=0)
+    d = d.run()
+    yield wait_for(lambda: memory.tcpClients)
+    host, port, factory, timeout, _ = memory.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 8, 5)
+    factory.clientConnectionFailed(memory.connectors[0], Failure(ConnectTimeout()))
+    memory.advance(1)  # the endpoint reports the failure after its attempt delay
+    with pytest.raises(DownloadTimeout) as caught:
+        yield d
+    assert (caught.value.kind, caught.value.seconds) == ("connect", 5)
+    assert str(caught.value) == "connect timeout after 5s (http://127.0.0.1:8/x)"
+
+
+@pytest_twisted.inlineCallbacks
+def test_unfollowed_redirect_is_not_content(upstream, agent, tmp_path, assert_no_temp_files):
+    url = upstream.register("/moved", Redirect("/elsewhere", 302))
+    with pytest.raises(HttpError) as caught:
+        yield no_retry(url, agent, tmp_path).run()
+    assert caught.value.status == 302
+    assert str(caught.value) == f"HTTP 302 Found ({url})"
+    assert_no_temp_files(tmp_path)
+
+
+@pytest_twisted.inlineCallbacks
+def test_default_agent_follows_redirects(upstream, tmp_path):
+    upstream.register("/b", Serve(BODY))
+    url = upstream.register("/a", Redirect("/b", 301))
+    try:
+        result = yield HttpDownloader(url, temp_dir=str(tmp_path)).run()
+    finally:
+        yield default_pool(reactor).closeCachedConnections()
+    assert result.url == url
+    assert result.artifact_attributes["sha256"] == SHA256
+    assert [path for path, _ in upstream.all_requests()] == ["/a", "/b"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancel_during_backoff(upstream, agent, tmp_path):
+    url = upstream.register("/down", Status(503))
+    clock = task.Clock()
+    d = HttpDownloader(
+        url, agent=agent, reactor=clock, temp_dir=str(tmp_path), sock_read_timeout=0
+    ).run()
+    yield wait_for(lambda: clock.getDelayedCalls())
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        yield d
+    assert clock.getDelayedCalls() == []
+    assert len(upstream.requests("/down")) == 1
+    assert os.listdir(tmp_path) == []
