@@ -596,3 +596,54 @@ async def test_a_download_completing_during_the_grace_period_is_stored(
     assert received.stat().st_size == body.size
     assert temp_files(storage) == []
     assert assert_store_valid(storage) == 1, served.output
+
+
+# -- streamed and file:// remotes: settings from the configuration reach the downloaders ----
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_remote_keeps_nothing_and_file_remote_reads_allowed_paths(
+    tmp_path, upstream: UpstreamServer
+):
+    served_folder, local_folder = tmp_path / "served", tmp_path / "local"
+    served_folder.mkdir()
+    local_folder.mkdir()
+    streamed, local = b"streamed bytes\n" * 1000, b"from a local folder\n"
+    write_repo(served_folder, {"s.bin": streamed})
+    write_repo(local_folder, {"l.txt": local})
+    upstream.serve_tree("/repo", served_folder)
+    storage = tmp_path / "var"
+    config = tmp_path / "streamer.toml"
+    config.write_text(
+        '[server]\ngrace_period = 1\n[storage]\npath = "var"\n'
+        '[security]\nallowed_import_paths = ["local"]\n'
+        f'[[remotes]]\nname = "live"\nurl = "{upstream.url("/repo/PULP_MANIFEST")}"\n'
+        'policy = "streamed"\n'
+        f'[[remotes]]\nname = "disk"\nurl = "{(local_folder / "PULP_MANIFEST").as_uri()}"\n'
+        'policy = "on_demand"\nbase_path = "mirror/disk"\n'
+    )
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 0, out + err
+    async with twistd(config) as served:
+        for _ in range(2):
+            code, body, err = await served.curl("/live/s.bin")
+            assert (code, body) == (0, streamed), err
+        code, body, err = await served.curl("/mirror/disk/l.txt")
+        assert (code, body) == (0, local), err
+        await stored_soon(storage, local)
+        metrics = await served.metrics()
+        assert metrics["streamer_cache_misses_total"] == 3
+        assert await served.stop() == 0, served.output
+    assert len(upstream.requests("/repo/s.bin")) == 2
+    assert not artifact_path(storage, streamed).exists()
+    assert assert_store_valid(storage) == 1
+    assert temp_files(storage) == []
+
+    # A file:// remote outside allowed_import_paths is refused with a clear error.
+    config.write_text(
+        '[storage]\npath = "var"\n'
+        f'[[remotes]]\nname = "disk"\nurl = "{(local_folder / "PULP_MANIFEST").as_uri()}"\n'
+    )
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 1, out + err
+    assert "Traceback" not in err and "allowed" in err, err
