@@ -151,24 +151,42 @@ class GroupCommitter:
     rename per file, so a file still enters ``artifacts/`` only whole and durable.
     """
 
-    def __init__(self, storage: Any, max_batch: int = 512) -> None:
+    def __init__(
+        self, storage: Any, max_batch: int = 256, delay: float = 0.05, clock: Any = None
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.storage = storage
         self.max_batch = max_batch
+        self.delay = delay
+        self.clock = clock
         self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
         self._busy = False
+        self._timer: Any = None
 
     def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Fires once the file is in storage (or fails with the StorageError)."""
         done: defer.Deferred[None] = defer.Deferred()
         self._queue.append((temp_path, sha256, size, done))
-        if not self._busy:
-            self._next_batch()
+        self._schedule()
         return done
 
+    def _schedule(self) -> None:
+        if self._busy or not self._queue:
+            return
+        if len(self._queue) >= self.max_batch:
+            self._next_batch()
+        elif self._timer is None:
+            # Gather files for a moment: each batch costs one journal commit, and a journal
+            # commit stalls every file creation on the disk meanwhile (the downloads' too).
+            self._timer = self.clock.callLater(self.delay, self._next_batch)
+
     def _next_batch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         if not batch:
-            self._busy = False
             return
         self._busy = True
         work = threads.deferToThread(self._commit_batch, [item[:3] for item in batch])
@@ -202,11 +220,15 @@ class GroupCommitter:
                 done.callback(None)
             else:
                 done.errback(outcome)
-        self._next_batch()
+        self._busy = False
+        self._schedule()
 
 
 class _Sync:
     """The state of one remote's sync (see the module docstring)."""
+
+    #: Downloads finished but not yet committed before workers wait for the committer.
+    max_backlog = 256
 
     def __init__(self, remote: Any, catalog: Any, storage: Any, progress: Any) -> None:
         self.remote = remote
@@ -216,7 +238,8 @@ class _Sync:
         self.importer = remote.get_importer()
         self.report = SyncReport(remote=remote.name, policy=remote.policy)
         self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
-        self._marking: set[defer.Deferred[Any]] = set()
+        #: Commits and catalog updates under way (the download slots are free meanwhile).
+        self._pending: set[defer.Deferred[Any]] = set()
         self._committer = GroupCommitter(storage)
 
     @defer.inlineCallbacks
@@ -255,23 +278,24 @@ class _Sync:
         self.progress.start(self.remote.name, total)
         try:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
-            if self._marking:
-                yield defer.gatherResults(list(self._marking), consumeErrors=True)
+            while self._pending:  # commits and catalog updates still under way
+                yield defer.gatherResults(list(self._pending), consumeErrors=True)
         finally:
             self.progress.finish()
 
     def _one_file(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+        """Fires when the download slot is free again (the commit may still be under way)."""
         sha256 = sources[0].sha256
         if sources[0].stored:  # checked in storage as the listing was read, a moment ago
             self._count(ALREADY_PRESENT)
             return defer.succeed(None)
         waiters = self._in_flight.get(sha256)
-        if waiters is not None:  # the same content under another path is downloading now
+        if waiters is not None:  # the same content under another path is on its way in
             waiter: defer.Deferred[None] = defer.Deferred()
             waiters.append(waiter)
             return waiter.addCallback(lambda _: self._after_twin(sources))
         self._in_flight[sha256] = []
-        return self._download(sources).addBoth(self._release, sha256)
+        return self._download(sources).addErrback(self._release, sha256)
 
     def _after_twin(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
         if self.storage.has(sources[0].sha256):
@@ -280,16 +304,23 @@ class _Sync:
         return self._one_file(sources)  # the twin failed: try this path's own sources
 
     def _release(self, result: Any, sha256: str) -> Any:
+        """The content *sha256* is in storage, or failed: let its twins go on."""
         for waiter in self._in_flight.pop(sha256, []):
-            waiter.callback(None)
+            if not waiter.called:  # a cancelled sync has cancelled it already
+                waiter.callback(None)
         return result
+
+    def _track(self, d: defer.Deferred[Any]) -> None:
+        self._pending.add(d)
+        d.addBoth(lambda _: self._pending.discard(d))
 
     @defer.inlineCallbacks
     def _download(self, sources: list[CatalogEntry]) -> Any:
+        """Try each source in order; hand the first valid file to the group committer."""
         problems = []
         for entry in sources:
             try:
-                yield self._fetch_and_store(entry)
+                result = yield self._fetch(entry)
             except defer.CancelledError:
                 raise
             except Exception as error:
@@ -301,36 +332,53 @@ class _Sync:
                         reason=problems[-1][1],
                     )
                 continue
-            self._count(DOWNLOADED)
+            # Flush + atomic rename, in batches, off the reactor thread: even a cancelled or
+            # killed sync never leaves a partial artifact. The slot is free meanwhile,
+            # unless too many files wait for their commit.
+            stored = self._committer.commit(result.path, entry.sha256, entry.size)
+            stored.addCallbacks(
+                self._stored, self._not_stored, callbackArgs=(entry,), errbackArgs=(entry,)
+            )
+            self._track(stored)
+            if len(self._pending) > self.max_backlog:
+                yield stored
             return
         if len(problems) == 1:
-            self.report.failed.append(problems[0])
+            self._fail(*problems[0])
         else:
-            reason = "; ".join(f"{url}: {why}" for url, why in problems)
-            self.report.failed.append((sources[0].url, reason))
-        self._count(FAILED)
+            self._fail(sources[0].url, "; ".join(f"{url}: {why}" for url, why in problems))
+        self._release(None, sources[0].sha256)
 
     @defer.inlineCallbacks
-    def _fetch_and_store(self, entry: CatalogEntry) -> Any:
+    def _fetch(self, entry: CatalogEntry) -> Any:
         downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
         result = yield downloader.run()
         attributes = result.artifact_attributes
         if attributes.get("sha256") != entry.sha256 or attributes.get("size") != entry.size:
             remove_quietly(result.path)
             raise DownloadError(entry.url, "the downloader did not validate size and sha256")
-        # Flush + atomic rename, off the reactor thread, in batches: even a cancelled or
-        # killed sync never leaves a partial artifact.
-        yield self._committer.commit(result.path, entry.sha256, entry.size)
-        marking = self.catalog.mark_stored(entry.sha256)
-        self._marking.add(marking)
-        marking.addBoth(self._marked, marking, entry)
+        return result
 
-    def _marked(self, result: Any, marking: defer.Deferred[Any], entry: CatalogEntry) -> None:
-        self._marking.discard(marking)
-        if isinstance(result, Failure):
-            self.report.failed.append(
-                (entry.url, f"stored, but the catalog failed: {result.value}")
+    def _stored(self, _: None, entry: CatalogEntry) -> None:
+        self._count(DOWNLOADED)
+        self._release(None, entry.sha256)
+        marking = self.catalog.mark_stored(entry.sha256)
+        marking.addErrback(
+            lambda f: self.report.failed.append(
+                (entry.url, f"stored, but the catalog was not updated: {f.getErrorMessage()}")
             )
+        )
+        self._track(marking)
+
+    def _not_stored(self, failure: Failure, entry: CatalogEntry) -> None:
+        self._release(None, entry.sha256)
+        if failure.check(defer.CancelledError):
+            return
+        self._fail(entry.url, f"cannot store: {failure.getErrorMessage()}")
+
+    def _fail(self, url: str, reason: str) -> None:
+        self.report.failed.append((url, reason))
+        self._count(FAILED)
 
     def _count(self, outcome: str) -> None:
         if outcome == DOWNLOADED:
