@@ -196,7 +196,9 @@ FAULTS = [
         "wrong-bytes-too-many",
         lambda: faults.WrongSize(BODY, extra=100),
         Sync(SizeValidationError, f"size mismatch: expected {len(BODY)} bytes, got"),
-        Lazy("aborted"),
+        # The upstream's Content-Length already differs from the catalog size: refused
+        # before any byte, so the request could fail over.
+        Lazy(502),
     ),
     Fault(
         "wrong-bytes-too-few",
@@ -205,7 +207,7 @@ FAULTS = [
             SizeValidationError,
             f"size mismatch: expected {len(BODY)} bytes, got {len(BODY) - 100}",
         ),
-        Lazy("aborted"),
+        Lazy(502),
     ),
     Fault(
         "right-size-wrong-content",
