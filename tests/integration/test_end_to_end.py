@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import sysconfig
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -647,3 +649,50 @@ async def test_streamed_remote_keeps_nothing_and_file_remote_reads_allowed_paths
     code, out, err = await streamer_cli(config, "sync")
     assert code == 1, out + err
     assert "Traceback" not in err and "allowed" in err, err
+
+
+# -- the README quickstart, run as written ---------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def quickstart_script() -> str:
+    """The shell block of the README's "Try it end to end" section."""
+    text = README.read_text()
+    section = text[text.index("## Try it end to end") :]
+    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert match, "the quickstart section has no sh block"
+    return match.group(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_quickstart_works_as_written(tmp_path):
+    """The README block run by bash, only its folder and ports moved (tmp_path, free ports)."""
+    script = quickstart_script()
+    for fixed in ("/tmp/demo", ":8000", " 8000 ", ":8080"):
+        assert fixed in script, f"the quickstart no longer uses {fixed!r}: update this test"
+    upstream_port, service_port = free_port(), free_port()
+    script = (
+        script.replace("/tmp/demo", str(tmp_path / "demo"))
+        .replace(":8000", f":{upstream_port}")
+        .replace(" 8000 ", f" {upstream_port} ")
+        .replace(":8080", f":{service_port}")
+    )
+    # Whatever happens, no background job outlives the script.
+    wrapped = "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\nset -e\n" + script
+    env = child_env()
+    # The console scripts and python of the interpreter running the tests come first.
+    env["PATH"] = sysconfig.get_path("scripts") + os.pathsep + env.get("PATH", "")
+    out, err, code = await getProcessOutputAndValue(
+        "/bin/bash", ["-c", wrapped], env=env, path=str(tmp_path)
+    )
+    out, err = out.decode(), err.decode()
+    assert code == 0, out + err
+    assert "demo: 0 downloaded, 0 already present, 2 recorded lazily, 0 failed" in out, out
+    assert out.count("hello mirror\n") == 2, out
+    assert 'href="blob.bin"' in out and 'href="hello.txt"' in out, out
+    assert "streamer_cache_misses_total 1.0" in out and "streamer_cache_hits_total 1.0" in out
+    assert "SIGTERM: stopping gracefully" in out and "Traceback" not in out + err, out + err
+    storage = tmp_path / "demo" / "var"
+    assert artifact_path(storage, b"hello mirror\n").exists()
+    assert temp_files(storage) == []
