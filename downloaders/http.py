@@ -377,11 +377,12 @@ def _describe(failure: Failure) -> str:
 
 
 def _is_tls_error(failure: Failure) -> bool:
-    try:
-        from OpenSSL.SSL import Error as SSLError
-    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency of twisted[tls]
-        return False
-    return any(reason.check(SSLError) for reason in _reasons(failure))
+    """A handshake failure: an OpenSSL error or a certificate not matching the host."""
+    from OpenSSL.SSL import Error as SSLError
+    from service_identity import CertificateError, VerificationError
+
+    tls_errors = (SSLError, VerificationError, CertificateError)
+    return any(reason.check(*tls_errors) for reason in _reasons(failure))
 
 
 def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseException:
