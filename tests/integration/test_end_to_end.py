@@ -696,3 +696,49 @@ async def test_the_readme_quickstart_works_as_written(tmp_path):
     storage = tmp_path / "demo" / "var"
     assert artifact_path(storage, b"hello mirror\n").exists()
     assert temp_files(storage) == []
+
+
+# -- connection settings and mirrors reach the lazy downloads -------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_headers_auth_and_mirrors_reach_sync_and_lazy_downloads(
+    tmp_path, upstream_factory
+):
+    origin, mirror = upstream_factory(), upstream_factory()
+    folder = tmp_path / "upstream"
+    folder.mkdir()
+    data = os.urandom(100_000)
+    write_repo(folder, {"only-on-mirror.bin": data, "both.txt": b"both\n"})
+    origin.register("/repo/PULP_MANIFEST", _Bytes((folder / "PULP_MANIFEST").read_bytes()))
+    origin.register("/repo/both.txt", _Bytes(b"both\n"))
+    mirror.serve_tree("/m", folder)
+    config = write_config(tmp_path, origin.url("/repo/PULP_MANIFEST"))
+    config.write_text(
+        config.read_text()
+        + 'username = "user"\npassword = "s3cret"\nheaders = { "X-Token" = "t0k3n" }\n'
+        + 'user_agent = "e2e-agent/1"\n'
+        + f'mirrors = ["{mirror.url("/m/")}"]\n'
+    )
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 0, out + err
+    async with twistd(config) as served:
+        code, body, err = await served.curl("/demo/both.txt")
+        assert (code, body) == (0, b"both\n"), err
+        code, body, err = await served.curl("/demo/only-on-mirror.bin")
+        assert (code, body) == (0, data), err
+        await stored_soon(tmp_path / "var", data)
+        await stored_soon(tmp_path / "var", b"both\n")
+        assert await served.stop() == 0, served.output
+    assert "s3cret" not in served.output
+    sent = [
+        *origin.requests("/repo/PULP_MANIFEST"),
+        *origin.requests("/repo/both.txt"),
+        *origin.requests("/repo/only-on-mirror.bin"),
+    ]
+    assert len(sent) == 3
+    for _, headers in sent:
+        assert headers["x-token"] == "t0k3n" and headers["user-agent"].endswith(" e2e-agent/1")
+        assert headers["authorization"].startswith("Basic ")
+    assert len(mirror.requests("/m/only-on-mirror.bin")) == 1
+    assert assert_store_valid(tmp_path / "var") == 2
