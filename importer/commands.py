@@ -41,10 +41,17 @@ def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
 
     def wrapper(reactor: Any) -> defer.Deferred[None]:
         d = main(reactor)
-        trigger = reactor.addSystemEventTrigger("before", "shutdown", d.cancel)
+        stopping = []
+
+        def stop() -> None:
+            stopping.append(True)
+            d.cancel()
+
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
 
         def done(result: Any) -> None:
-            reactor.removeSystemEventTrigger(trigger)
+            if not stopping:
+                reactor.removeSystemEventTrigger(trigger)
             if isinstance(result, int):
                 if result:
                     raise SystemExit(result)

@@ -166,10 +166,21 @@ class GroupCommitter:
 
     def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Fires once the file is in storage (or fails with the StorageError)."""
-        done: defer.Deferred[None] = defer.Deferred()
+        done: defer.Deferred[None] = defer.Deferred(self._drop)
         self._queue.append((temp_path, sha256, size, done))
         self._schedule()
         return done
+
+    def _drop(self, done: defer.Deferred[None]) -> None:
+        """Canceller: a file still waiting for its batch is removed, not committed.
+
+        (A file whose batch is being committed enters storage anyway: it is whole.)
+        """
+        for index, item in enumerate(self._queue):
+            if item[3] is done:
+                del self._queue[index]
+                remove_quietly(item[0])
+                return
 
     def _schedule(self) -> None:
         if self._busy or not self._queue:
@@ -280,6 +291,10 @@ class _Sync:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
             while self._pending:  # commits and catalog updates still under way
                 yield defer.gatherResults(list(self._pending), consumeErrors=True)
+        except BaseException:
+            for pending in list(self._pending):  # files waiting for a batch are dropped
+                pending.cancel()
+            raise
         finally:
             self.progress.finish()
 

@@ -154,3 +154,23 @@ async def test_sigkill_half_way_leaves_no_partial_artifact_and_next_sync_complet
     assert "1 downloaded, 9 already present" in out
     assert artifacts(storage) == {sha(d): d for d in repo.files.values()}
     assert set(os.listdir(storage.temp_dir)) <= left_by_kill
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigint_cancels_the_sync_cleanly(tmp_path, upstream, repo):
+    """Ctrl-C: downloads in flight are aborted and their temp files removed; exit 130."""
+    stalled = repo.files["files/02.bin"]
+    upstream.register("/repo/files/02.bin", StallMidBody(len(stalled) // 2, stalled))
+    storage = ArtifactStorage(tmp_path / "var")
+    child = streamer(write_config(tmp_path, upstream, download_concurrency=2), "sync")
+    for _ in range(500):
+        if len(list(storage.iter_artifacts())) == 9:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    child.transport.signalProcess("INT")
+    code, out, err = await child.ended
+
+    assert (code, out) == (130, ""), err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert os.listdir(storage.temp_dir) == []
+    assert len(artifacts(storage)) == 9 and not storage.has(sha(stalled))

@@ -1,0 +1,75 @@
+"""GroupCommitter: validated temp files enter storage in batches (one filesystem flush each),
+whole or not at all; a file still waiting for its batch when cancelled is removed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from importer.sync import GroupCommitter, flush_filesystem
+
+
+def temp_file(storage, data: bytes) -> tuple[str, str, int]:
+    with storage.new_temp_file() as f:
+        f.write(data)
+    return f.name, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def test_flush_filesystem_runs(tmp_path):
+    flush_filesystem(str(tmp_path))  # no error: syncfs (or sync) of the folder's filesystem
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_gather_into_one_batch(storage, monkeypatch):
+    flushes = []
+    monkeypatch.setattr("importer.sync.flush_filesystem", flushes.append)
+    clock = task.Clock()
+    committer = GroupCommitter(storage, delay=0.05, clock=clock)
+    files = [temp_file(storage, b"x" * n) for n in (1, 2, 3)]
+    done = [committer.commit(*f) for f in files]
+
+    assert not any(d.called for d in done) and not storage.has(files[0][1])
+    clock.advance(0.05)
+    await defer.gatherResults(done)
+    assert flushes == [storage.temp_dir]
+    assert all(storage.has(sha) for _, sha, _ in files)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_batch_goes_at_once(storage):
+    committer = GroupCommitter(storage, max_batch=2, clock=task.Clock())
+    files = [temp_file(storage, b"a"), temp_file(storage, b"b")]
+    await defer.gatherResults([committer.commit(*f) for f in files])
+    assert all(storage.has(sha) for _, sha, _ in files)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_before_its_batch_the_file_is_removed(storage):
+    clock = task.Clock()
+    committer = GroupCommitter(storage, clock=clock)
+    path, sha, size = temp_file(storage, b"never stored")
+    d = committer.commit(path, sha, size)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    clock.advance(1)
+    assert not storage.has(sha)
+    assert list(Path(storage.temp_dir).iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_file_fails_alone(storage):
+    clock = task.Clock()
+    committer = GroupCommitter(storage, clock=clock)
+    good = temp_file(storage, b"good")
+    bad_path, bad_sha, _ = temp_file(storage, b"short")
+    results = [committer.commit(*good), committer.commit(bad_path, bad_sha, 999)]
+    clock.advance(1)
+    outcome = await defer.DeferredList(results, consumeErrors=True)
+    assert outcome[0] == (True, None)
+    assert not outcome[1][0] and "size mismatch" in outcome[1][1].getErrorMessage()
+    assert storage.has(good[1]) and not storage.has(bad_sha)
