@@ -75,6 +75,7 @@ class ContentResource(Resource):
         self.reactor = reactor
         server = getattr(config, "server", None)
         self.x_accel_redirect: str = getattr(server, "x_accel_redirect", "") or ""
+        self.stall_timeout: float | None = getattr(server, "stall_timeout", None)
         self.lazy = self._make_lazy(server)
 
     def _make_lazy(self, server: Any) -> Any:
@@ -220,6 +221,8 @@ class ContentResource(Resource):
                 sha256=entry.sha256,
                 served_path=path,
                 x_accel_redirect=self._accel_value(entry.sha256),
+                clock=self.reactor,
+                stall_timeout=self.stall_timeout,
             )
             return
         if self.lazy is None:

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString, stringToDatetime
 from twisted.web.iweb import IRequest
@@ -156,8 +156,14 @@ class FileRangesProducer:
         segments: Iterable[tuple[bytes, int, int]],
         trailer: bytes = b"",
         chunk_size: int = CHUNK_SIZE,
+        *,
+        clock: IReactorTime | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         self._request = request
+        self._clock = clock
+        self._stall_timeout = stall_timeout
+        self._stall_timer: IDelayedCall | None = None
         self._file: BinaryIO | None = fileobj
         self._segments = deque(segments)
         self._trailer = trailer
@@ -169,10 +175,26 @@ class FileRangesProducer:
         """Register with the request; the transport then pulls chunks as it can send them."""
         self._request.notifyFinish().addBoth(lambda _: self._close())
         self._request.registerProducer(self, False)
+        self._arm_stall_timer()
+
+    def _arm_stall_timer(self) -> None:
+        """(Re)start the no-progress timer: a client that reads nothing for that long is cut."""
+        if self._clock is None or not self._stall_timeout or self._file is None:
+            return
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.reset(self._stall_timeout)
+        else:
+            self._stall_timer = self._clock.callLater(self._stall_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        _log.info("client made no progress for {seconds}s; closing", seconds=self._stall_timeout)
+        self._abort()
 
     def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
         if self._file is None:
             return
+        self._arm_stall_timer()
         prefix = b""
         while self._remaining == 0:
             if not self._segments:
@@ -214,6 +236,9 @@ class FileRangesProducer:
             transport.abortConnection()
 
     def _close(self) -> None:
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
         fileobj, self._file = self._file, None
         if fileobj is not None:
             fileobj.close()
@@ -226,13 +251,16 @@ def serve_file(
     sha256: str,
     served_path: str,
     x_accel_redirect: str | None = None,
+    clock: IReactorTime | None = None,
+    stall_timeout: float | None = None,
 ) -> None:
     """Answer *request* (GET or HEAD) with the stored artifact open as *fileobj*.
 
     Takes ownership of *fileobj*. Sets ETag, Last-Modified, Content-Type, Accept-Ranges;
     answers 304/412 for preconditions, 206 for one or several ranges, 416 for unsatisfiable
     ones. With *x_accel_redirect* (the full header value) the body is left to a fronting
-    nginx: the answer carries that header and no body.
+    nginx: the answer carries that header and no body. A client that takes no bytes for
+    *stall_timeout* seconds (timed on *clock*) has its connection cut.
     """
     if client_gone(request):
         fileobj.close()
@@ -309,4 +337,6 @@ def serve_file(
         fileobj.close()
         request.finish()
         return
-    FileRangesProducer(request, fileobj, segments, trailer).start()
+    FileRangesProducer(
+        request, fileobj, segments, trailer, clock=clock, stall_timeout=stall_timeout
+    ).start()
