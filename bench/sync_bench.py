@@ -121,6 +121,83 @@ def run_ours(args: argparse.Namespace) -> None:
             profiler.dump_stats(args.profile_out)
 
 
+def run_agent_floor(args: argparse.Namespace) -> None:
+    """In a fresh process: the same work as a bare ``twisted.web.client.Agent`` loop (no
+    catalog, no retries, no timeouts): temp file + sha256 + size check + rename. The floor
+    Twisted's HTTP client sets for any downloader built on it."""
+    import hashlib
+
+    from twisted.internet import defer, protocol, task
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    class Sink(protocol.Protocol):
+        def __init__(self, done: defer.Deferred, f: object, digest: object) -> None:
+            self.done, self.f, self.digest = done, f, digest
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.digest.update(data)
+            self.f.write(data)
+
+        def connectionLost(self, reason: object) -> None:  # noqa: N802
+            self.done.callback(None)
+
+    @defer.inlineCallbacks
+    def main(reactor: object) -> object:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = args.concurrency
+        agent = Agent(reactor, pool=pool)
+        listing = yield agent.request(b"GET", args.manifest_url.encode())
+        done: defer.Deferred = defer.Deferred()
+        chunks: list[bytes] = []
+        listing.deliverBody(_Collect(done, chunks))
+        yield done
+        base = args.manifest_url.rsplit("/", 1)[0]
+        lines = b"".join(chunks).decode().split()
+        os.makedirs(os.path.join(args.storage, "tmp"), exist_ok=True)
+        started = time.perf_counter()
+
+        @defer.inlineCallbacks
+        def one(line: str) -> object:
+            rel, sha256, size = line.split(",")
+            response = yield agent.request(b"GET", f"{base}/{rel}".encode())
+            fd, tmp = tempfile.mkstemp(dir=os.path.join(args.storage, "tmp"))
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as f:
+                finished: defer.Deferred = defer.Deferred()
+                response.deliverBody(Sink(finished, f, digest))
+                yield finished
+            if digest.hexdigest() != sha256 or os.path.getsize(tmp) != int(size):
+                raise ValueError(rel)
+            target = os.path.join(args.storage, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(tmp, target)
+
+        work = (one(line) for line in lines)
+        coop = task.Cooperator()
+        yield defer.gatherResults([coop.coiterate(work) for _ in range(args.concurrency)])
+        seconds = time.perf_counter() - started
+        yield pool.closeCachedConnections()
+        print(json.dumps({"seconds": seconds, "downloaded": len(lines)}), flush=True)
+
+    task.react(main)
+
+
+class _Collect:
+    """Collects a response body (the listing) into *chunks*; fires *done* at the end."""
+
+    def __init__(self, done: object, chunks: list[bytes]) -> None:
+        self.done, self.chunks = done, chunks
+
+    def makeConnection(self, transport: object) -> None:  # noqa: N802
+        pass
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802
+        self.done.callback(None)
+
+
 # -- the parent: fixtures, peers, table -----------------------------------------------------
 
 
@@ -168,6 +245,21 @@ def ours(
     label = "" if profile_out else policy
     wall, out = timed(cmd, label, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     return wall, json.loads(out.strip().splitlines()[-1])
+
+
+def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
+    shutil.rmtree(storage, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_agent",
+        manifest_url,
+        str(storage),
+        "--concurrency",
+        str(concurrency),
+    ]
+    _wall, out = timed(cmd, "agent", cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
 def aiohttp_peer(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
@@ -242,6 +334,10 @@ def main() -> None:
     child.add_argument("--concurrency", type=int, default=10)
     child.add_argument("--policy", default="immediate")
     child.add_argument("--profile-out", default="")
+    agent = sub.add_parser("_agent", help=argparse.SUPPRESS)
+    agent.add_argument("manifest_url")
+    agent.add_argument("storage")
+    agent.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--size", type=int, default=16384)
@@ -253,6 +349,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "_child":
         run_ours(args)
+        return
+    if args.mode == "_agent":
+        run_agent_floor(args)
         return
 
     shared = args.shared.resolve()
@@ -285,13 +384,20 @@ def main() -> None:
         base = f"http://127.0.0.1:{static}"
         manifest = f"{base}/upstream/PULP_MANIFEST"
         n, c = args.count, args.concurrency
-        results: dict[str, list[float]] = {"ours": [], "ours_sync": [], "aiohttp": [], "aria2c": []}
+        results: dict[str, list[float]] = {
+            "ours": [],
+            "ours_sync": [],
+            "agent": [],
+            "aiohttp": [],
+            "aria2c": [],
+        }
         for _ in range(args.repeat):
             wall, child_report = ours(manifest, work / "ours", c)
             if child_report["downloaded"] != n or child_report["failed"]:
                 raise RuntimeError(f"our sync did not download everything: {child_report}")
             results["ours"].append(wall)
             results["ours_sync"].append(child_report["seconds"])
+            results["agent"].append(agent_floor(manifest, work / "agent", c))
             results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c))
             results["aria2c"].append(aria2c_peer(fixture, f"{base}/upstream", work / "aria2c", c))
         best = {name: min(times) for name, times in results.items()}
@@ -310,6 +416,7 @@ def main() -> None:
         rows = [
             ("ours (process, start-up included)", best["ours"], f"{cpu['immediate']:.2f}"),
             ("ours (sync itself)", best["ours_sync"], ""),
+            ("bare twisted Agent loop (download loop itself)", best["agent"], ""),
             ("aiohttp_sync.py (process)", best["aiohttp"], f"{cpu['aiohttp']:.2f}"),
             ("aria2c -j (process)", best["aria2c"], f"{cpu['aria2c']:.2f}"),
         ]
