@@ -75,7 +75,7 @@ def small_files_rate(base: str, paths: list[str], parallel: int = 10) -> float:
     try:
         start = time.perf_counter()
         subprocess.run(
-            ["curl", "-sS", "-f", "-Z", "--parallel-max", str(parallel), "-K", cfg.name],
+            ["curl", "-sS", "--no-progress-meter", "-f", "-Z", "--parallel-max", str(parallel), "-K", cfg.name],
             check=True,
         )
         return len(paths) / (time.perf_counter() - start)
