@@ -96,10 +96,11 @@ class ContentResource(Resource):
             options=options,
         )
 
-    def close(self) -> None:
-        """Stop the lazy downloads in flight (the service calls this at shutdown)."""
-        if self.lazy is not None:
-            self.lazy.stop()
+    def close(self) -> defer.Deferred[None]:
+        """Stop the lazy downloads in flight (the service calls this at shutdown, and waits)."""
+        if self.lazy is None:
+            return defer.succeed(None)
+        return self.lazy.stop()
 
     # -- twisted.web entry point ------------------------------------------------------------
 

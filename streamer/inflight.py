@@ -115,6 +115,19 @@ class InFlight:
         if self._running is not None:
             self._running.cancel()
 
+    def settled(self) -> defer.Deferred[None]:
+        """Fire once the download and its commit to storage (if any) are over."""
+        if self._running is None:
+            return defer.succeed(None)
+        settled: defer.Deferred[None] = defer.Deferred()
+
+        def fire(result: Any) -> Any:
+            settled.callback(None)
+            return result
+
+        self._running.addBoth(fire)
+        return settled
+
     # -- the downloader's writer ------------------------------------------------------------
 
     def _headers_ready(self, headers: Any) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
@@ -116,11 +117,18 @@ class LazyStreamer:
             _LazyRequest(self, request, list(entries), path).next()
         return NOT_DONE_YET
 
-    def stop(self) -> None:
-        """Cancel every download in flight and start no new one (at shutdown)."""
+    def stop(self) -> defer.Deferred[None]:
+        """Cancel every unfinished download and start no new one (at shutdown).
+
+        The Deferred fires once every download in flight is over, including the commit of
+        one that finished just before: its temp file must not be cleaned up under it.
+        """
         self.stopped = True
+        settling = []
         for inflight in list(self.in_flight.values()):
             inflight.cancel()
+            settling.append(inflight.settled())
+        return defer.gatherResults(settling).addCallback(lambda _: None)
 
     # -- used by _LazyRequest ------------------------------------------------------------------
 
