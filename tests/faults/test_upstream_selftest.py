@@ -181,6 +181,19 @@ async def test_chunked_without_last_chunk(upstream):
     assert code == 18, err
 
 
+@pytest.mark.parametrize("size", [1 << 20, 4 << 20])
+@pytest_twisted.ensureDeferred
+async def test_clean_close_faults_close_bodies_larger_than_the_socket_buffers(upstream, size):
+    """The close still happens when the body overflows the transport's write buffer."""
+    body = bytes(range(256)) * (size // 256)
+    upstream.register("/nolast-big", faults.ChunkedNoLastChunk(body, chunk_size=65536))
+    upstream.register("/short-big", faults.CloseEarly(size - 10, body))
+    code, _, err = await run_curl("--max-time", "10", upstream.url("/nolast-big"))
+    assert code == 18, err
+    code, out, err = await run_curl("--max-time", "10", upstream.url("/short-big"))
+    assert code == 18 and out == body[: size - 10], err
+
+
 @pytest_twisted.ensureDeferred
 async def test_wrong_bytes_and_wrong_size(upstream):
     wrong = faults.WrongBytes(BODY)

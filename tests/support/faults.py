@@ -132,10 +132,14 @@ def close_after_flush(request: Request) -> None:
     """Send what is already written, then close cleanly: TLS close_notify (if TLS) and a FIN.
 
     The TCP transport is closed too, because TLS alone would wait for the client's
-    close_notify, which a client still expecting body bytes never sends.
+    close_notify, which a client still expecting body bytes never sends. HTTPChannel's own
+    producer registration is dropped first: while it is registered, a transport whose buffer
+    filled resumes it when the buffer drains instead of closing.
     """
-    _transport(request).loseConnection()
-    _tcp_transport(request).loseConnection()
+    for transport in (_transport(request), _tcp_transport(request)):
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.loseConnection()
 
 
 def reset_after_flush(request: Request) -> None:
