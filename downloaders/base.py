@@ -1,11 +1,14 @@
 """BaseDownloader: size, digests, validation, temp files, retries and semaphores for any protocol.
 
-Subclasses implement `_run()` for one attempt and push every body byte through `handle_data()`;
-`run()` wraps attempts with the semaphore, retries and clean-up, then calls `finalize()`.
+Subclasses implement `_run()` for one attempt, as in Pulp's ``pulpcore.plugin.download``: pass
+every body byte to `handle_data()`, then call `finalize()` (if `_run()` does not, `run()` does).
+`_run()` may return a Deferred, a coroutine (``async def``) or a plain value; `run()` wraps the
+attempts with the semaphore, retries and clean-up, so a new protocol gets all of them for free.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import threading
@@ -27,6 +30,7 @@ from downloaders.digests import (
 from downloaders.errors import (
     DigestValidationError,
     DownloadError,
+    DownloadTimeout,
     SizeValidationError,
     UnsupportedDigestValidationError,
     redact_url,
@@ -49,12 +53,21 @@ class BaseDownloader:
     :param semaphore: a `DeferredSemaphore` shared by the downloads of one remote.
     :param digest_algorithms: computed on top of the expected ones (default: sha256 only).
     :param temp_dir: where the temporary file goes (default: the system's).
-    :param writer: a caller-supplied object with ``write(bytes)`` taking the bytes instead of a
+    :param writer: a caller-supplied `IWriter` (``write(bytes)``) taking the bytes instead of a
         temporary file; then ``result.path`` is None and no retry happens once a byte or the
-        headers were handed over (they cannot be taken back).
+        headers were handed over (they cannot be taken back). Each chunk is written the moment
+        it arrives, on the reactor thread, with no backpressure: ``write`` must not block, and
+        a writer that cannot keep up must queue to disk itself (the streamer's `InFlight`
+        appends to a file that slow clients read at their own pace). The writer is never
+        closed by the downloader. An exception raised by ``write`` aborts the download and
+        reaches the caller unchanged (no retry: it is the caller's own failure).
     :param headers_ready_callback: called once with the final response headers, before any
-        body byte is handed to ``handle_data``.
+        body byte is handed to ``handle_data``. If a retry follows (only possible without a
+        ``writer``), it is not called again; ``result.headers`` are the last attempt's.
     :param max_retries: further attempts after a retryable failure (0: no retry).
+    :param backoff: the delays between attempts (`Backoff`: exponential, jittered, honouring
+        ``Retry-After`` up to a cap).
+    :param reactor: the clock for backoff and timeouts (a ``task.Clock`` in tests).
     """
 
     def __init__(
@@ -103,27 +116,45 @@ class BaseDownloader:
         self._calculator = DigestCalculator(self.digest_algorithms)
         self._file: IO[bytes] | None = None
         self.path: str | None = None
+        self._finalized = False
         self._handed_over = False
         self._headers_reported = False
 
     # The two calls every subclass keeps -------------------------------------------------------
 
     def handle_data(self, data: bytes) -> None:
-        """Count, hash and store one chunk; fail at once if it overflows the expected size."""
+        """Count, hash and store one chunk; fail at once if it overflows the expected size.
+
+        Repeated calls are equivalent to one call with the concatenated data.
+        """
         self._calculator.update(data)
         if self.expected_size is not None and self._calculator.size > self.expected_size:
             raise SizeValidationError(self.url, self.expected_size, self._calculator.size)
         if self.writer is not None:
             self._handed_over = True
             self.writer.write(data)
-        else:
-            self._sink().write(data)
+            return
+        sink = self._sink()
+        try:
+            sink.write(data)
+        except OSError as exc:
+            raise self._temp_file_error(exc) from exc
 
     def finalize(self) -> None:
-        """Flush and close the temporary file, then validate size and digests."""
-        if self._file is not None:
-            self._file.flush()
-            self._file.close()
+        """Flush and close the temporary file (created empty for an empty body), then validate
+        size and digests. Called once per attempt after the last `handle_data`; a second call
+        in the same attempt does nothing."""
+        if self._finalized:
+            return
+        self._finalized = True
+        if self.writer is None:
+            sink = self._sink()
+            try:
+                sink.flush()
+            except OSError as exc:
+                raise self._temp_file_error(exc) from exc
+            finally:
+                sink.close()
         self.validate()
 
     # Hooks for subclasses ----------------------------------------------------------------------
@@ -185,8 +216,11 @@ class BaseDownloader:
         if timeout is None:
             return blockingCallFromThread(reactor, self.run)  # type: ignore[arg-type]
 
+        def timed_out(result: Any, seconds: float) -> None:
+            raise DownloadTimeout(self.url, "fetch", seconds)
+
         def run_with_timeout() -> defer.Deferred[DownloadResult]:
-            return self.run().addTimeout(timeout, reactor)  # type: ignore[arg-type]
+            return self.run().addTimeout(timeout, reactor, timed_out)  # type: ignore[arg-type]
 
         return blockingCallFromThread(reactor, run_with_timeout)  # type: ignore[arg-type]
 
@@ -199,7 +233,10 @@ class BaseDownloader:
             self._start_attempt()
             self.attempts = attempt + 1
             try:
-                yield self._run(extra_data)
+                result = self._run(extra_data)
+                if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
+                    result = defer.ensureDeferred(result)  # an ``async def _run``
+                result = yield result
                 self.finalize()
             except BaseException as error:
                 self._discard()
@@ -210,6 +247,8 @@ class BaseDownloader:
                 attempt += 1
                 yield task.deferLater(self.reactor, delay, lambda: None)
                 continue
+            if isinstance(result, DownloadResult):  # a Pulp-style `_run` built its own
+                return result
             return DownloadResult(self.url, self.artifact_attributes, self.path, self.headers)
 
     def _should_retry(self, error: BaseException, attempt: int) -> bool:
@@ -225,14 +264,23 @@ class BaseDownloader:
         self._calculator = DigestCalculator(self.digest_algorithms)
         self._file = None
         self.path = None
+        self._finalized = False
 
     def _sink(self) -> IO[bytes]:
         if self._file is None:
-            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finalize/_discard)
-                dir=self.temp_dir, prefix=".download-", delete=False
-            )
+            try:
+                self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finalize/_discard)
+                    dir=self.temp_dir, prefix=".download-", delete=False
+                )
+            except OSError as exc:
+                raise self._temp_file_error(exc) from exc
             self.path = self._file.name
         return self._file
+
+    def _temp_file_error(self, exc: OSError) -> DownloadError:
+        """A failure of our own temporary file (disk full, no such folder), with the url."""
+        where = self.path or self.temp_dir or tempfile.gettempdir()
+        return DownloadError(self.url, f"cannot write the temporary file in {where}: {exc}")
 
     def _discard(self) -> None:
         """Close and remove this attempt's temporary file."""

@@ -56,11 +56,17 @@ class HttpDownloader(BaseDownloader):
         such downloaders. The response that reaches us is final: a 3xx is an `HttpError`.
     :param method: ``"GET"``, or ``"HEAD"`` for headers only (no body, no validation).
     :param headers: extra request headers, ``{name: value}``.
-    :param connect_timeout: seconds to establish the connection (only for the default agent).
+    :param connect_timeout: seconds to establish the connection (only for the default agent;
+        the factory's agent carries the remote's). Default 60.
     :param sock_read_timeout: seconds without any byte (headers or body) before giving up with
-        ``DownloadTimeout(kind="read")``; 0 disables it. Idle time, so a long healthy
-        download is never cut.
-    :param total_timeout: seconds for a whole attempt, 0 for no limit (``kind="total"``).
+        ``DownloadTimeout(kind="read")``; 0 disables it. Default 60. It measures idle time, so
+        a long healthy download (hours, at any speed above one byte a minute) is never cut,
+        while a dead or stalled upstream is caught within a minute.
+    :param total_timeout: seconds for a whole attempt (``kind="total"``). Default 0: no limit,
+        because no single figure fits both a 1 KiB file and a 10 GiB one; set it per remote
+        when a bound on the whole transfer matters more than finishing.
+
+    Each timeout is per attempt; a `DownloadTimeout` is retried like a connection error.
 
     Credentials in the url's userinfo become a Basic ``Authorization`` header unless one is
     given; they never appear in the request line, results or error messages.
@@ -129,10 +135,10 @@ class HttpDownloader(BaseDownloader):
         """One attempt: request, check the status, report headers, stream the body."""
         return _Attempt(self).start()
 
-    def validate(self) -> None:
-        """HEAD fetches no body, so there is nothing to validate."""
+    def finalize(self) -> None:
+        """HEAD fetches no body: no file to keep and nothing to validate."""
         if self.method != "HEAD":
-            super().validate()
+            super().finalize()
 
     @property
     def artifact_attributes(self) -> dict[str, Any]:

@@ -46,3 +46,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
 def delayed_at(clock: task.Clock) -> list[float]:
     """When the clock's pending calls are due, sorted (e.g. ``[7.0]`` for one backoff)."""
     return sorted(call.getTime() for call in clock.getDelayedCalls())
+
+
+@defer.inlineCallbacks
+def through_backoffs(clock: task.Clock, d: defer.Deferred[Any], timeout: float = 10.0) -> Any:
+    """Wait on the real reactor until ``d`` fires, advancing ``clock`` to each timer it holds
+    (the backoff delays: give the downloader ``sock_read_timeout=0``). Returns the delays
+    waited, e.g. ``[1.0, 2.0]``; the caller then yields ``d`` for its result or error."""
+    delays: list[float] = []
+    waited = 0.0
+    while not d.called:
+        due = delayed_at(clock)
+        if due:
+            delays.append(due[0] - clock.seconds())
+            clock.advance(due[0] - clock.seconds())
+            continue
+        if waited >= timeout:
+            raise AssertionError(f"download still running after {timeout}s")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+    return delays

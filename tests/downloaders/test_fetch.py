@@ -14,7 +14,7 @@ import pytest_twisted
 import downloaders
 from downloaders import HttpDownloader, UnsupportedDigestValidationError
 from tests.support.clients import run_process
-from tests.support.faults import Serve, Status
+from tests.support.faults import Serve, StallAfterHeaders, Status
 
 BODY = b"fetch me\n" * 1000
 ROOT = str(Path(downloaders.__file__).resolve().parents[1])
@@ -31,9 +31,34 @@ else:
 """
 
 
-def fetch_in_child(url: str, temp_dir: Path):
+TWICE = """
+import json, sys, threading
+from downloaders import DownloadTimeout, HttpDownloader
+
+def reactor_threads():
+    return [t.ident for t in threading.enumerate() if t.name == "downloaders-reactor"]
+
+url, temp_dir, stalled = sys.argv[1:]
+first = HttpDownloader(url, temp_dir=temp_dir).fetch(timeout=30)
+after_first = reactor_threads()
+second = HttpDownloader(url, temp_dir=temp_dir).fetch(timeout=30)
+after_second = reactor_threads()
+try:
+    HttpDownloader(stalled, temp_dir=temp_dir).fetch(timeout=0.5)
+except DownloadTimeout as error:
+    timeout = str(error)
+print(json.dumps({
+    "paths": [first.path, second.path],
+    "sha256": [first.artifact_attributes["sha256"], second.artifact_attributes["sha256"]],
+    "threads": [after_first, after_second, reactor_threads()],
+    "timeout": timeout,
+}))
+"""
+
+
+def fetch_in_child(url: str, temp_dir: Path, *more: str, script: str = SCRIPT):
     env = {"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"}
-    return run_process(sys.executable, "-c", SCRIPT, url, str(temp_dir), env=env, timeout=60)
+    return run_process(sys.executable, "-c", script, url, str(temp_dir), *more, env=env, timeout=60)
 
 
 @pytest_twisted.inlineCallbacks
@@ -47,6 +72,21 @@ def test_fetch_from_a_plain_thread(upstream, tmp_path: Path):
         "sha256": hashlib.sha256(BODY).hexdigest(),
     }
     assert Path(answer["path"]).read_bytes() == BODY
+
+
+@pytest_twisted.inlineCallbacks
+def test_second_fetch_reuses_the_reactor_thread_and_timeout_names_the_url(upstream, tmp_path):
+    url = upstream.register("/a", Serve(BODY))
+    stalled = upstream.register("/stalled", StallAfterHeaders())
+    code, out, err = yield fetch_in_child(url, tmp_path, stalled, script=TWICE)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["sha256"] == [hashlib.sha256(BODY).hexdigest()] * 2
+    assert [Path(p).read_bytes() for p in answer["paths"]] == [BODY, BODY]
+    first, second, third = answer["threads"]
+    assert len(first) == 1 and first == second == third  # one reactor thread, started once
+    assert answer["timeout"] == f"fetch timeout after 0.5s ({stalled})"
+    assert len(upstream.requests("/a")) == 2
 
 
 @pytest_twisted.inlineCallbacks

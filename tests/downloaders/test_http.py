@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from downloaders import (
     DownloadResult,
@@ -17,8 +18,9 @@ from downloaders import (
     NotAuthorized,
     NotFound,
 )
+from downloaders.http import default_pool
 from tests.downloaders.support import agent_fixture, pool_fixture  # noqa: F401 (fixtures)
-from tests.support.faults import Gzip, RequireBasicAuth, Serve, Status
+from tests.support.faults import Gzip, Redirect, RequireBasicAuth, Serve, Status
 from tests.support.upstream import UpstreamServer
 
 BODY = b"the quick brown fox jumps over the lazy dog\n" * 1000
@@ -184,3 +186,30 @@ def test_gzip_content_encoding_kept_as_wire_bytes(upstream: UpstreamServer, agen
     assert stored == served.body
     assert gzip.decompress(stored) == payload
     assert result.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_body_is_an_empty_file(upstream: UpstreamServer, agent, tmp_path):
+    url = upstream.register("/empty", Serve(b""))
+    result = yield HttpDownloader(url, expected_size=0, temp_dir=str(tmp_path), agent=agent).run()
+    assert result.artifact_attributes == {"size": 0, "sha256": hashlib.sha256().hexdigest()}
+    assert Path(result.path).read_bytes() == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_headers_callback_gets_the_final_response_after_redirects(upstream, tmp_path):
+    upstream.register("/final", Serve(BODY, headers={"X-Hop": "final"}, etag='"v1"'))
+    url = upstream.register("/start", Redirect("/final", 302))
+    seen = []
+    try:
+        result = yield HttpDownloader(
+            url, temp_dir=str(tmp_path), headers_ready_callback=seen.append
+        ).run()
+    finally:
+        yield default_pool(reactor).closeCachedConnections()
+    (headers,) = seen
+    assert headers.getRawHeaders(b"x-hop") == [b"final"]
+    assert headers.getRawHeaders(b"etag") == [b'"v1"']
+    assert headers.getRawHeaders(b"content-length") == [str(len(BODY)).encode()]
+    assert result.headers.getRawHeaders(b"x-hop") == [b"final"]
+    assert result.artifact_attributes["sha256"] == SHA256

@@ -14,6 +14,7 @@ from twisted.internet import task
 
 from downloaders import (
     Backoff,
+    ConnectionFailed,
     DigestValidationError,
     HttpDownloader,
     HttpError,
@@ -25,9 +26,19 @@ from tests.downloaders.support import (  # noqa: F401 (fixtures)
     agent_fixture,
     delayed_at,
     pool_fixture,
+    through_backoffs,
     wait_for,
 )
-from tests.support.faults import ResetAfter, Serve, Status, StatusThenServe, Steps, WrongBytes
+from tests.support.clients import free_port
+from tests.support.faults import (
+    CloseEarly,
+    ResetAfter,
+    Serve,
+    Status,
+    StatusThenServe,
+    Steps,
+    WrongBytes,
+)
 
 BODY = b"0123456789abcdef" * 4096
 SHA256 = hashlib.sha256(BODY).hexdigest()
@@ -103,10 +114,32 @@ def test_503_until_retries_run_out_with_exponential_backoff(upstream, agent, tmp
 @pytest_twisted.inlineCallbacks
 def test_other_5xx_are_retried(upstream, agent, tmp_path, status):
     url = upstream.register("/flaky", StatusThenServe(status, 1, Serve(BODY)))
-    backoff = Backoff(base=0.001, jitter=0.0)
-    result = yield HttpDownloader(url, agent=agent, temp_dir=str(tmp_path), backoff=backoff).run()
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock).run()
+    assert (yield through_backoffs(clock, d)) == [1.0]
+    result = yield d
     assert result.artifact_attributes["size"] == len(BODY)
     assert len(upstream.requests("/flaky")) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_refused_retried_until_exhausted(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/x"
+    clock = task.Clock()
+    downloader = HttpDownloader(
+        url,
+        reactor=clock,
+        temp_dir=str(tmp_path),
+        max_retries=2,
+        backoff=NO_JITTER,
+        sock_read_timeout=0,
+    )
+    d = downloader.run()
+    assert (yield through_backoffs(clock, d)) == [1.0, 2.0]
+    with pytest.raises(ConnectionFailed, match="connection refused"):
+        yield d
+    assert downloader.attempts == 3
+    assert os.listdir(tmp_path) == []
 
 
 @pytest_twisted.inlineCallbacks
@@ -131,19 +164,46 @@ def test_404_and_validation_errors_not_retried(upstream, agent, tmp_path):
     assert len(upstream.requests("/bad")) == 1
 
 
+class Recording(HttpDownloader):
+    """Records how many bytes each attempt handed to `handle_data`."""
+
+    def _run(self, extra_data=None):
+        self.delivered = [*getattr(self, "delivered", []), 0]
+        return super()._run(extra_data)
+
+    def handle_data(self, data):
+        self.delivered[-1] += len(data)
+        super().handle_data(data)
+
+
+@pytest.mark.parametrize("fault", [CloseEarly, ResetAfter], ids=["short-body", "reset"])
 @pytest_twisted.inlineCallbacks
-def test_retry_starts_fresh_file_and_digests(upstream, agent, tmp_path: Path):
-    url = upstream.register("/r", Steps([ResetAfter(20000, BODY), Serve(BODY)]))
-    downloader = HttpDownloader(
+def test_retry_starts_fresh_file_and_digests(upstream, agent, tmp_path: Path, fault):
+    url = upstream.register("/r", Steps([fault(20000, BODY), Serve(BODY)]))
+    clock = task.Clock()
+    downloader = Recording(
         url,
         expected_digests={"sha256": SHA256},
         expected_size=len(BODY),
         agent=agent,
         temp_dir=str(tmp_path),
-        backoff=Backoff(base=0.001, jitter=0.0),
+        reactor=clock,
+        backoff=NO_JITTER,
+        sock_read_timeout=0,
     )
-    result = yield downloader.run()
+    d = downloader.run()
+    yield wait_for(lambda: clock.getDelayedCalls())
+    (first,) = downloader.delivered
+    if fault is CloseEarly:
+        assert first == 20000  # the first attempt hashed and stored 20000 bytes
+    else:
+        assert first <= 20000  # a RST may drop bytes the client had not read yet
+    assert os.listdir(tmp_path) == []  # its file is gone before the retry
+    clock.advance(1.0)
+    result = yield d
     assert downloader.attempts == 2
+    assert downloader.delivered == [first, len(BODY)]
+    # Stale digests or an appended file would give the sha256 of 20000 bytes + BODY here.
     assert result.artifact_attributes == {"size": len(BODY), "sha256": SHA256}
     assert Path(result.path).read_bytes() == BODY
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(result.path)]
@@ -152,29 +212,29 @@ def test_retry_starts_fresh_file_and_digests(upstream, agent, tmp_path: Path):
 @pytest_twisted.inlineCallbacks
 def test_truncation_retried_until_exhausted(upstream, agent, tmp_path, assert_no_temp_files):
     url = upstream.register("/r", ResetAfter(100, BODY))
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock, max_retries=2).run()
+    assert (yield through_backoffs(clock, d)) == [1.0, 2.0]
     with pytest.raises(TruncatedBody):
-        yield HttpDownloader(
-            url,
-            agent=agent,
-            temp_dir=str(tmp_path),
-            max_retries=2,
-            backoff=Backoff(base=0.001, jitter=0.0),
-        ).run()
+        yield d
     assert len(upstream.requests("/r")) == 3
     assert_no_temp_files(tmp_path)
 
 
 @pytest_twisted.inlineCallbacks
-def test_no_retry_once_bytes_reached_a_writer(upstream, agent):
+def test_no_retry_once_bytes_reached_a_writer(upstream, agent, tmp_path):
     url = upstream.register("/r", Steps([ResetAfter(20000, BODY), Serve(BODY)]))
     received = []
+    clock = task.Clock()
     with pytest.raises(TruncatedBody):
-        yield HttpDownloader(
+        yield clocked(
             url,
-            agent=agent,
+            agent,
+            tmp_path,
+            clock,
             writer=type("W", (), {"write": lambda self, b: received.append(b)})(),
-            backoff=Backoff(base=0.001),
         ).run()
+    assert clock.getDelayedCalls() == []  # no backoff was even scheduled
     assert len(upstream.requests("/r")) == 1
     assert sum(map(len, received)) == 20000
 
