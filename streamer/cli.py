@@ -1,15 +1,17 @@
 """The ``streamer`` console script: sync, fetch, verify, sign.
 
 ``streamer [--config FILE] COMMAND ...``; ``$STREAMER_CONFIG`` names the file when --config
-is absent. Configuration errors print one line on stderr and exit with status 2.
+is absent. Exit statuses: see `EXIT_STATUSES`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from store.errors import CatalogError, StorageError
 from streamer.config import CONFIG_ENV, Config, ConfigError, load_config
@@ -17,11 +19,19 @@ from streamer.config import CONFIG_ENV, Config, ConfigError, load_config
 __all__ = ["main"]
 
 DEFAULT_SIGNATURE_LIFETIME = 3600
+EXIT_STATUSES = """exit status:
+  0    done (verify: every artifact is good)
+  1    the work failed (verify: bad artifacts found and moved aside; sync or fetch: failures)
+  2    usage or configuration error (one line on stderr names the key at fault)
+  130  interrupted (Ctrl-C)"""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="streamer", description="Sync, fetch, verify and sign repository content."
+        prog="streamer",
+        description="Sync, fetch, verify and sign repository content.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -40,10 +50,24 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--size", metavar="N", type=int, help="expected size in bytes")
     fetch.add_argument("-o", "--output", metavar="FILE", help="where to write the file")
 
-    commands.add_parser("verify", help="re-hash every stored artifact; set aside bad ones")
+    commands.add_parser(
+        "verify",
+        help="re-hash every stored artifact; set aside bad ones",
+        description="Re-hash every stored artifact. Prints one 'BAD <sha256>: ...' line per "
+        "damaged artifact (moved to quarantine/ and unmarked in the catalog, so it is fetched "
+        "again), then 'verified N artifact(s) in FOLDER: G good, B bad'. Exit status 1 when "
+        "any was bad.",
+    )
 
-    sign = commands.add_parser("sign", help="print a signed URL path")
-    sign.add_argument("path", metavar="PATH", help="the path to sign, e.g. /fixtures/a.rpm")
+    sign = commands.add_parser(
+        "sign",
+        help="print a signed URL path",
+        description="Print PATH?expires=UNIX_TIME&signature=HEX for the configured "
+        "[security] signing_key_file. Given a full URL, print the full signed URL.",
+    )
+    sign.add_argument(
+        "path", metavar="PATH", help="the path (or URL) to sign, e.g. /fixtures/a.rpm"
+    )
     sign.add_argument(
         "--expires",
         metavar="SECONDS",
@@ -60,7 +84,8 @@ def _error(message: str, status: int = 2) -> int:
 
 
 def sign_command(config: Config, path: str, lifetime: int, now: float | None = None) -> int:
-    """Print *path* signed with the configured key, valid for *lifetime* seconds."""
+    """Print *path* (or the path of URL *path*) signed with the configured key, valid for
+    *lifetime* seconds."""
     from streamer.signing import sign_path
 
     key = config.security.signing_key()
@@ -68,8 +93,12 @@ def sign_command(config: Config, path: str, lifetime: int, now: float | None = N
         return _error("security.signing_key_file is not set: URL signing is off")
     if lifetime <= 0:
         return _error(f"--expires: must be > 0 seconds, not {lifetime}")
+    parts = urlsplit(path)
+    if parts.query or parts.fragment:
+        return _error(f"PATH: must not carry a query or fragment: {path!r}")
+    origin = urlunsplit((parts.scheme, parts.netloc, "", "", "")) if parts.netloc else ""
     now = time.time() if now is None else now
-    print(sign_path(key, path, int(now) + lifetime))
+    print(origin + sign_path(key, parts.path if origin else path, int(now) + lifetime))
     return 0
 
 
@@ -77,6 +106,9 @@ def verify_command(config: Config) -> int:
     """Re-hash the store, move bad artifacts aside, unmark them in the catalog; 1 if any bad."""
     from store.storage import ArtifactStorage
 
+    if not os.path.isdir(config.storage.path):
+        print(f"verified 0 artifact(s) in {config.storage.path}: no store there yet")
+        return 0
     storage = ArtifactStorage(config.storage.path)
     report = storage.verify(
         on_bad=lambda bad: print(

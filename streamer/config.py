@@ -2,8 +2,10 @@
 
 Every problem is a `ConfigError` whose message starts with the key at fault
 (``remotes[0].policy: must be one of ...``), so the service and the console script can print
-one clear line instead of a traceback. Relative paths in a file are relative to that file's
-folder; with no file at all the embedded defaults use the working directory.
+one clear line instead of a traceback. Relative paths in a file (including the key and
+certificate files of an ``ssl:`` listen endpoint and the socket of a ``unix:`` one) are
+relative to that file's folder; paths given as overrides (the command line) and the embedded
+defaults used without any file are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "load_config",
+    "resolve_endpoint_paths",
     "validate_endpoint",
 ]
 
@@ -61,6 +64,68 @@ def validate_endpoint(description: str) -> None:
 
 def _endpoint(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     validate_endpoint(value)
+
+
+#: Endpoint arguments naming files: (endpoint type, keyword or position after the type).
+_ENDPOINT_PATHS: dict[str, tuple[tuple[str, int | None], ...]] = {
+    "ssl": (
+        ("privateKey", None),
+        ("certKey", None),
+        ("extraCertChain", None),
+        ("dhParameters", None),
+    ),
+    "unix": (("address", 0),),
+}
+
+
+def _endpoint_parts(description: str) -> list[tuple[str | None, str]]:
+    """Split a description like Twisted does: ``(keyword or None, unescaped value)`` parts."""
+    parts: list[tuple[str | None, str]] = []
+    key: str | None = None
+    current: list[str] = []
+    chars = iter(description)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == ":":
+            parts.append((key, "".join(current)))
+            key, current = None, []
+        elif ch == "=" and key is None:
+            key, current = "".join(current), []
+        else:
+            current.append(ch)
+    parts.append((key, "".join(current)))
+    return parts
+
+
+def _endpoint_escape(value: str, positional: bool) -> str:
+    value = value.replace("\\", "\\\\").replace(":", "\\:")
+    return value.replace("=", "\\=") if positional else value
+
+
+def resolve_endpoint_paths(description: str, base_dir: str) -> str:
+    """*description* with the relative file paths of ``ssl:`` (privateKey, certKey,
+    extraCertChain, dhParameters) and ``unix:`` (the socket address) made absolute against
+    *base_dir*; other endpoint types are returned unchanged."""
+    parts = _endpoint_parts(description)
+    wanted = _ENDPOINT_PATHS.get(parts[0][1]) if parts[0][0] is None else None
+    if not wanted:
+        return description
+    keywords = {name for name, _ in wanted}
+    positions = {index for _, index in wanted if index is not None}
+    out = [parts[0][1]]
+    position = 0
+    for key, value in parts[1:]:
+        if key is None:
+            if position in positions:
+                value = _resolve(base_dir, value)
+            position += 1
+            out.append(_endpoint_escape(value, positional=True))
+        else:
+            if key in keywords:
+                value = _resolve(base_dir, value)
+            out.append(f"{key}={_endpoint_escape(value, positional=False)}")
+    return ":".join(out)
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -274,6 +339,15 @@ def _resolve(base_dir: str, value: Any) -> Any:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
 
+def _resolve_key(section: str, key: str, value: Any, base_dir: str) -> Any:
+    """*value* with relative paths made absolute against *base_dir* when *key* holds paths."""
+    if section == "server" and key == "listen" and isinstance(value, str):
+        return resolve_endpoint_paths(value, base_dir)
+    if key in _PATH_KEYS.get(section, ()):
+        return _resolve(base_dir, value)
+    return value
+
+
 def _build(cls: type, table: Mapping[str, Any], prefix: str, base_dir: str, **extra: Any) -> Any:
     """Construct attrs class *cls* from a TOML table, naming *prefix*.key in every error."""
     fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls))}
@@ -286,9 +360,7 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, base_dir: str, **ex
             known = ", ".join(sorted(k for k in fields if k not in extra))
             raise ConfigError(f"{prefix}.{key}: unknown key (known keys: {known})")
         value = _coerce(f"{prefix}.{key}", value, fields[key].type)
-        if key in _PATH_KEYS.get(section, ()):
-            value = _resolve(base_dir, value)
-        values[key] = value
+        values[key] = _resolve_key(section, key, value, base_dir)
     for name, field in fields.items():
         if field.default is attrs.NOTHING and name not in values and name not in extra:
             raise ConfigError(f"{prefix}.{name}: required")
@@ -319,7 +391,8 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: must be a table")
-        table[key] = value
+        # Command-line values are relative to the working directory, not the file.
+        table[key] = _resolve_key(section, key, value, os.getcwd())
 
 
 def _catalog_with_base(catalog: CatalogConfig, base_dir: str) -> CatalogConfig:

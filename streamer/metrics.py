@@ -14,10 +14,13 @@ and several services in one process never clash. Who calls what:
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 __all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "failure_reason"]
 
@@ -55,6 +58,26 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, (downloaders.ConnectionFailed, ConnectionError)):
         return "connection"
     return "other"
+
+
+class _WithoutCreated:
+    """A view of a registry without the ``*_created`` samples of counters and histograms.
+
+    prometheus-client can only turn those off process-wide (`disable_created_metrics`);
+    filtering at exposition keeps them out of /metrics without changing the global registry
+    or other users of the library in this process.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(sample.name == created for sample in family.samples):
+                family = copy.copy(family)
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 def _dir_bytes(path: str) -> float:
@@ -174,5 +197,5 @@ class Metrics:
         return 0.0 if found is None else found
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of this registry (without ``*_created`` series)."""
+        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]

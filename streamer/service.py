@@ -12,7 +12,11 @@ whole, to the content resource (wrapped in `SignedResource` when a signing key i
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +31,7 @@ from twisted.web.resource import IResource, Resource
 
 from store.catalog import open_catalog
 from store.storage import ArtifactStorage
-from streamer.config import Config
+from streamer.config import CONFIG_ENV, Config
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource
@@ -41,6 +45,7 @@ __all__ = [
     "StreamerService",
     "StreamerSite",
     "default_content_factory",
+    "exit_status_at_exit",
 ]
 
 log = Logger()
@@ -55,6 +60,25 @@ _ABORT_SETTLE_SECONDS = 2.0
 
 class CannotListen(Exception):
     """The configured endpoint could not be listened on."""
+
+
+def exit_status_at_exit(status: int) -> None:
+    """Make this process exit with *status* once twistd has finished its own clean-up.
+
+    twistd always exits 0 after its reactor stops and offers no hook for a status, so a
+    service that fails after start-up registers this last exit handler: it runs after
+    twistd's clean-up (pid file, log observers) and ends the process with *status*.
+    """
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
 
 
 def _plain(request: server.Request, code: int, text: str) -> bytes:
@@ -149,10 +173,24 @@ class StreamerSite(server.Site):
         self.request_log = request_log
         self.draining = False
         self.in_flight: set[StreamerRequest] = set()
+        self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
         self._idle_waiters: list[defer.Deferred[None]] = []
 
     def log(self, request: server.Request) -> None:
         """Access lines are written when the request ends (see `track`), not here."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self._channels.add(channel)
+        return channel
+
+    def close_idle(self) -> None:
+        """Close every connection still open (idle keep-alive ones, after a drain)."""
+        for channel in list(self._channels):
+            transport = getattr(channel, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
 
     def track(self, request: StreamerRequest) -> None:
         request.started_at = self.reactor.seconds()
@@ -228,8 +266,8 @@ class StreamerService(MultiService):
     """Serves the configured content over HTTP; see the module docstring for its life cycle.
 
     *standalone* (twistd) installs a graceful SIGTERM handler (a second SIGTERM aborts at
-    once) and turns start-up failures into a clean exit. *content_factory* builds the
-    content resource (default: `default_content_factory`).
+    once) and turns start-up failures into one logged line and a non-zero exit status.
+    *content_factory* builds the content resource (default: `default_content_factory`).
     """
 
     def __init__(
@@ -275,12 +313,21 @@ class StreamerService(MultiService):
             self.root, metrics=self.metrics, request_log=self.request_log, reactor=reactor
         )
         self.port: IListeningPort | None = None
+        #: Why start-up failed after listening (the catalog would not open), else None.
+        self.failure: str | None = None
         self._sigterms = 0
 
     # -- start ----------------------------------------------------------------------------
 
     def startService(self) -> None:
         removed = self.storage.clean_temp()
+        if self.config.source is None:
+            log.info(
+                "no configuration file (--config or ${env}): using the embedded defaults",
+                env=CONFIG_ENV,
+            )
+        else:
+            log.info("configuration from {source}", source=self.config.source)
         log.info(
             "storage at {storage}, catalog at {catalog}{removed}",
             storage=self.storage.root,
@@ -289,7 +336,7 @@ class StreamerService(MultiService):
         )
         self._listen()
         super().startService()
-        d = self.catalog.open()
+        d = defer.maybeDeferred(self.catalog.open)
         d.addCallbacks(self._catalog_opened, self._catalog_failed)
         if self.standalone:
             self.reactor.callWhenRunning(self._install_sigterm)
@@ -314,9 +361,12 @@ class StreamerService(MultiService):
         log.info("streamer ready")
 
     def _catalog_failed(self, failure: Failure) -> None:
-        log.critical("cannot open the catalog: {reason}", reason=failure.getErrorMessage())
-        if self.standalone and self.reactor.running:
-            self.reactor.stop()
+        self.failure = f"cannot open the catalog: {failure.getErrorMessage()}"
+        log.critical("{failure}; stopping", failure=self.failure)
+        if self.standalone:
+            # A failed start must be visible to operators and systemd: exit status 1.
+            exit_status_at_exit(1)
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def _install_sigterm(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -350,6 +400,7 @@ class StreamerService(MultiService):
             yield self.port.stopListening()
             self.port = None
         yield self.site.drain(self.config.server.grace_period)
+        self.site.close_idle()
         yield super().stopService()
         yield _maybe_close(self.content)
         for remote in self.remotes.values():
