@@ -75,7 +75,17 @@ def small_files_rate(base: str, paths: list[str], parallel: int = 10) -> float:
     try:
         start = time.perf_counter()
         subprocess.run(
-            ["curl", "-sS", "--no-progress-meter", "-f", "-Z", "--parallel-max", str(parallel), "-K", cfg.name],
+            [
+                "curl",
+                "-sS",
+                "--no-progress-meter",
+                "-f",
+                "-Z",
+                "--parallel-max",
+                str(parallel),
+                "-K",
+                cfg.name,
+            ],
             check=True,
         )
         return len(paths) / (time.perf_counter() - start)
@@ -119,6 +129,8 @@ def main() -> int:
     args = parser.parse_args()
     peers = Path(args.shared) / "peers"
     work = Path(args.work or tempfile.mkdtemp(prefix="stream-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # nginx's workers (www-data when started as root) read the fixture
     fixture = work / "upstream"
     big = args.big_mib << 20
     results: dict[str, float | str] = {}

@@ -4,9 +4,11 @@ Only end-to-end *representation* headers are forwarded (`FORWARDED`): the ones t
 the bytes, so that a cold (streamed) answer and a warm (stored) one look alike. Everything
 else is dropped: hop-by-hop headers (RFC 9110 section 7.6.1, plus any name listed in the
 upstream's ``Connection`` header), ``Set-Cookie`` (upstream state the client must not keep),
-framing we set ourselves (``Content-Length``, ``Accept-Ranges``, ``Content-Range``), and
-headers about the upstream server (``Server``, ``Date``, ``Alt-Svc``, ...). An empty
-``Content-Encoding`` is never forwarded.
+framing we set ourselves (``Content-Length``, ``Accept-Ranges``, ``Content-Range``), the
+upstream's ``ETag`` (our validator is the artifact's sha256, the same before and after the
+artifact is stored, so a client revalidating a cold answer gets a 304 from the stored copy;
+the upstream's tag would mean nothing to us), and headers about the upstream server
+(``Server``, ``Date``, ``Alt-Svc``, ...). An empty ``Content-Encoding`` is never forwarded.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ FORWARDED = (
     b"content-encoding",
     b"content-language",
     b"content-disposition",
-    b"etag",
     b"last-modified",
     b"cache-control",
     b"expires",

@@ -24,9 +24,20 @@ from twisted.python.failure import Failure
 
 from downloaders.errors import SizeValidationError
 
-__all__ = ["InFlight"]
+__all__ = ["CappedBackoff", "InFlight"]
 
 _log = Logger()
+
+
+class CappedBackoff:
+    """A downloader's backoff whose delays never exceed *cap* seconds (live requests)."""
+
+    def __init__(self, backoff: Any, cap: float) -> None:
+        self.backoff = backoff
+        self.cap = cap
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        return min(self.cap, self.backoff.delay(attempt, retry_after))
 
 
 class InFlight:
@@ -38,6 +49,8 @@ class InFlight:
     :param on_failure: called with ``(entry, error)`` when the download fails (not when it is
         cancelled): the streamer puts the entry on a cooldown and counts the failure.
     :param on_done: called once with this InFlight when it no longer takes new followers.
+    :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
+        applied to a downloader that has a ``backoff`` (the built-in ones), None: as built.
     """
 
     def __init__(
@@ -50,6 +63,7 @@ class InFlight:
         store: bool,
         on_failure: Callable[[Any, BaseException], None],
         on_done: Callable[[InFlight], None],
+        retry_delay_cap: float | None = None,
     ) -> None:
         self.entry = entry
         self.remote = remote
@@ -68,6 +82,7 @@ class InFlight:
         self.path: str | None = None
         self._on_failure = on_failure
         self._on_done = on_done
+        self._retry_delay_cap = retry_delay_cap
         self._write_fd: int | None = None
         self._read_fd: int | None = None
         self._last_chunk: bytes | None = None
@@ -101,6 +116,9 @@ class InFlight:
                 headers_ready_callback=self._headers_ready,
                 temp_dir=self.storage.temp_dir,
             )
+            backoff = getattr(downloader, "backoff", None)
+            if self._retry_delay_cap is not None and callable(getattr(backoff, "delay", None)):
+                downloader.backoff = CappedBackoff(backoff, self._retry_delay_cap)
             self._running = defer.maybeDeferred(downloader.run)
         except Exception as error:
             self._running = defer.fail(error)

@@ -41,7 +41,13 @@ from streamer.ranges import (
     parse_range,
     unsatisfiable_content_range,
 )
-from streamer.static import content_type_for, respond_text
+from streamer.static import (
+    content_type_for,
+    etag_for,
+    evaluate_conditions,
+    if_range_allows,
+    respond_text,
+)
 
 __all__ = ["LazyOptions", "LazyStreamer"]
 
@@ -54,11 +60,17 @@ class LazyOptions:
         aborted (0: never).
     :param cooldown: seconds an entry whose download failed is skipped by later requests.
     :param read_size: bytes a lagging client reads from the temp file at a time.
+    :param retry_delay_cap: the longest wait, in seconds, between two attempts of a download
+        a client is waiting for. The remote's ``max_retries`` still applies (a flaky upstream
+        gets its retries), but a live request never sleeps through a long backoff or a long
+        ``Retry-After`` before failing over to the next entry or answering 502 (with a
+        ``Retry-After`` of the cooldown): with the defaults, three retries cost at most 1.5 s.
     """
 
     no_progress_timeout: float = 60.0
     cooldown: float = 30.0
     read_size: int = 128 * 1024
+    retry_delay_cap: float = 0.5
 
 
 #: Expired cooldowns are dropped when this many are remembered.
@@ -171,6 +183,7 @@ class LazyStreamer:
             store=getattr(remote, "policy", "on_demand") != "streamed",
             on_failure=self._failed,
             on_done=self._done,
+            retry_delay_cap=self.options.retry_delay_cap,
         )
         self.in_flight[entry.sha256] = inflight
         if self.metrics is not None:
@@ -197,13 +210,31 @@ class LazyStreamer:
 
     def _head(self, request: Any, entries: Sequence[Any], path: str) -> None:
         entry = next((e for e in entries if self.cooling_error(e) is None), entries[0])
+        if answer_conditions(request, entry):
+            return
         request.setResponseCode(200)
         request.setHeader(b"content-type", content_type_for(path))
         request.setHeader(b"content-length", b"%d" % entry.size)
         request.setHeader(b"accept-ranges", b"bytes")
-        request.setHeader(b"etag", b'"%s"' % entry.sha256.encode("ascii"))
         request.write(b"")
         request.finish()
+
+
+def answer_conditions(request: Any, entry: Any) -> bool:
+    """Answer 304 or 412 when *request*'s preconditions say so; True if answered.
+
+    Lazy content has no local modification time, so only the entity-tag conditions apply;
+    the tag is the artifact's sha256, the same as once it is stored. Sets the ``ETag``.
+    """
+    etag = etag_for(entry.sha256)
+    request.setHeader(b"etag", etag)
+    status = evaluate_conditions(request, etag, None)
+    if status == 412:
+        respond_text(request, 412, "precondition failed")
+    elif status == 304:
+        request.setResponseCode(304)
+        request.finish()
+    return status is not None
 
 
 class _LazyRequest:
@@ -242,6 +273,8 @@ class _LazyRequest:
             if remote is None:
                 self.errors.append(DownloadError(entry.url, f"unknown remote {entry.remote!r}"))
                 continue
+            if answer_conditions(self.request, entry):
+                return
             try:
                 plan = _Plan.make(self.request, entry, self.path)
             except UnsatisfiableRange:
@@ -252,8 +285,13 @@ class _LazyRequest:
                     {b"content-range": unsatisfiable_content_range(entry.size)},
                 )
                 return
-            joined = entry.sha256 in streamer.in_flight
-            self.request.cache_status = "coalesced" if joined else "miss"
+            joined = streamer.in_flight.get(entry.sha256)
+            if joined is None:
+                self.request.cache_status = "miss"
+            elif joined.succeeded:
+                self.request.cache_status = "hit"  # validated, only its commit is pending
+            else:
+                self.request.cache_status = "coalesced"
             streamer.join(entry, remote, lambda source, plan=plan: self._follower(source, plan))
             return
         self._give_up()
@@ -311,11 +349,11 @@ class _Plan:
 
     @classmethod
     def make(cls, request: Any, entry: Any, path: str) -> _Plan:
-        """The plan for *request*'s ``Range`` (ignored with ``If-Range``); may raise
-        `UnsatisfiableRange`."""
+        """The plan for *request*'s ``Range`` (ignored with an ``If-Range`` naming another
+        version); may raise `UnsatisfiableRange`."""
         size = entry.size
         header = request.getHeader(b"range")
-        if request.getHeader(b"if-range") is not None:
+        if not if_range_allows(request, etag_for(entry.sha256), None):
             header = None
         ranges = parse_range(header, size)
         if not ranges:
@@ -342,6 +380,7 @@ class _Plan:
         request.setResponseCode(self.status)
         headers = dict(forwarded or [])
         headers.setdefault(b"content-type", [content_type_for(self.path)])
+        headers[b"etag"] = [etag_for(self.entry.sha256)]
         if self.multipart is not None:
             headers[b"content-type"] = [self.multipart.header_value]
         for name, values in headers.items():

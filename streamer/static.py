@@ -32,6 +32,7 @@ __all__ = [
     "FileRangesProducer",
     "client_gone",
     "content_type_for",
+    "etag_for",
     "evaluate_conditions",
     "if_range_allows",
     "respond_text",
@@ -60,6 +61,13 @@ def content_type_for(served_path: str) -> bytes:
     if encoding is not None:
         kind = _ENCODING_TYPES.get(encoding, "application/octet-stream")
     return (kind or "application/octet-stream").encode("ascii")
+
+
+def etag_for(sha256: str) -> bytes:
+    """The strong ``ETag`` of an artifact, stored or lazy: its quoted sha256. The same bytes
+    always have the same tag, whoever served them, so a client can revalidate a cold answer
+    against the stored copy (and the other way round)."""
+    return b'"' + sha256.encode("ascii") + b'"'
 
 
 def client_gone(request: IRequest) -> bool:
@@ -102,11 +110,12 @@ def _header_date(request: IRequest, name: bytes) -> int | None:
         return None
 
 
-def evaluate_conditions(request: IRequest, etag: bytes, mtime: int) -> int | None:
+def evaluate_conditions(request: IRequest, etag: bytes, mtime: int | None) -> int | None:
     """Evaluate the preconditions of RFC 9110 section 13.2.2 for a strong *etag* and *mtime*.
 
     Returns 412 (a failed If-Match / If-Unmodified-Since), 304 (If-None-Match /
-    If-Modified-Since say the client's copy is current), or None (serve normally).
+    If-Modified-Since say the client's copy is current), or None (serve normally). With
+    *mtime* None (lazy content: no local modification time) the date conditions are ignored.
     """
     if_match = request.getHeader(b"if-match")
     if if_match is not None:
@@ -115,7 +124,7 @@ def evaluate_conditions(request: IRequest, etag: bytes, mtime: int) -> int | Non
             return 412
     else:
         since = _header_date(request, b"if-unmodified-since")
-        if since is not None and mtime > since:
+        if since is not None and mtime is not None and mtime > since:
             return 412
     if_none_match = request.getHeader(b"if-none-match")
     if if_none_match is not None:
@@ -124,13 +133,14 @@ def evaluate_conditions(request: IRequest, etag: bytes, mtime: int) -> int | Non
             return 304
     elif request.method in (b"GET", b"HEAD"):
         since = _header_date(request, b"if-modified-since")
-        if since is not None and mtime <= since:
+        if since is not None and mtime is not None and mtime <= since:
             return 304
     return None
 
 
-def if_range_allows(request: IRequest, etag: bytes, mtime: int) -> bool:
-    """True when the Range header may be honoured: no If-Range, or it names this version."""
+def if_range_allows(request: IRequest, etag: bytes, mtime: int | None) -> bool:
+    """True when the Range header may be honoured: no If-Range, or it names this version
+    (by its strong *etag*, or by its *mtime* when that is known)."""
     value = request.getHeader(b"if-range")
     if value is None:
         return True
@@ -138,7 +148,7 @@ def if_range_allows(request: IRequest, etag: bytes, mtime: int) -> bool:
     if value.startswith((b'"', b"W/")):
         return value == etag  # strong comparison; a weak tag never matches
     since = _header_date(request, b"if-range")
-    return since is not None and since == mtime
+    return since is not None and mtime is not None and since == mtime
 
 
 @implementer(IPullProducer)
@@ -272,7 +282,7 @@ def serve_file(
         raise
     size = stat.st_size
     mtime = int(stat.st_mtime)
-    etag = b'"' + sha256.encode("ascii") + b'"'
+    etag = etag_for(sha256)
     ctype = content_type_for(served_path)
     request.setHeader(b"ETag", etag)
     request.setHeader(b"Last-Modified", datetimeToString(mtime))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from importer.remote import Remote
 from store import ArtifactStorage, CatalogEntry, SQLiteCatalog
@@ -28,6 +28,21 @@ __all__ = ["LazyEnv", "lazy_env_fixture", "parse_response", "sha256", "wait_unti
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class _RecordingRequest(Request):
+    """Notes ``(path, method, code, cache_status)`` in its site's ``finished`` list once the
+    response is complete (what the service's access log and metrics would count)."""
+
+    def finish(self) -> None:
+        site = self.channel.site if self.channel is not None else None
+        super().finish()
+        if site is not None:
+            site.finished.append(
+                (self.path.decode(), self.method.decode(), self.code, self.cache_status)
+            )
+
+    cache_status: str | None = None
 
 
 class LazyEnv:
@@ -52,6 +67,8 @@ class LazyEnv:
         assert isinstance(self.streamer, LazyStreamer)
         self.streamer.options = LazyOptions(**options)
         site = Site(self.resource, timeout=None)
+        site.requestFactory = _RecordingRequest
+        site.finished = self.finished = []
         site.noisy = False
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self

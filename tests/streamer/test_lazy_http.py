@@ -1,0 +1,264 @@
+"""HTTP semantics of lazy answers: one ETag (the sha256) before and after storing, so
+revalidation gives 304; conditional and If-Range requests on cold content; prompt failover
+despite long backoffs; a request arriving while a finished download is being committed;
+Range on ``streamed`` content; pipelined GET/HEAD mixes on one connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest_twisted
+import treq
+from twisted.internet import defer, threads
+
+from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
+    lazy_env_fixture,
+    parse_response,
+    sha256,
+    wait_until,
+)
+from tests.support.clients import raw_http, run_curl
+from tests.support.faults import Gated, Serve, StatusThenServe, Trickle
+
+BODY = bytes(range(256)) * 1024  # 256 KiB
+
+
+def _tag(body: bytes) -> str:
+    return f'"{sha256(body)}"'
+
+
+@pytest_twisted.inlineCallbacks
+def test_cold_and_stored_answers_share_the_etag_and_revalidation_gives_304(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/a.bin", Serve(BODY, etag='"upstream-v1"'))
+    yield env.publish("repo/a.bin", BODY, ("up", url))
+
+    cold = yield treq.get(env.url("repo/a.bin"))
+    assert cold.code == 200
+    assert (yield cold.content()) == BODY
+    etag = cold.headers.getRawHeaders("etag")
+    assert etag == [_tag(BODY)]
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+    # The client revalidates its cold copy against the stored artifact.
+    warm = yield treq.get(env.url("repo/a.bin"), headers={"If-None-Match": etag[0]})
+    assert warm.code == 304
+    assert (yield warm.content()) == b""
+    assert warm.headers.getRawHeaders("etag") == etag
+    head = yield treq.head(env.url("repo/a.bin"))
+    assert head.headers.getRawHeaders("etag") == etag
+    assert len(env.upstream.requests("/a.bin")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_conditional_requests_on_cold_content_need_no_upstream(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/c.bin", Serve(BODY))
+    yield env.publish("repo/c.bin", BODY, ("up", url))
+    tag = _tag(BODY)
+
+    for method in (treq.get, treq.head):
+        response = yield method(env.url("repo/c.bin"), headers={"If-None-Match": f'"x", {tag}'})
+        assert response.code == 304
+        assert (yield response.content()) == b""
+        assert response.headers.getRawHeaders("etag") == [tag]
+    weak = yield treq.get(env.url("repo/c.bin"), headers={"If-None-Match": "W/" + tag})
+    assert weak.code == 304, "If-None-Match compares weakly"
+    failed = yield treq.get(env.url("repo/c.bin"), headers={"If-Match": '"other"'})
+    assert failed.code == 412
+    assert env.upstream.all_requests() == [], "no condition needed the upstream"
+    assert not env.streamer.in_flight
+
+    # Conditions that do not hold: the body is served (and downloaded once).
+    other = yield treq.get(
+        env.url("repo/c.bin"), headers={"If-None-Match": '"other"', "If-Match": tag}
+    )
+    assert other.code == 200
+    assert (yield other.content()) == BODY
+    assert len(env.upstream.requests("/c.bin")) == 1
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_if_range_on_cold_content(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    gate = Gated(Serve(BODY))
+    url = env.upstream.register("/r.bin", gate)
+    yield env.publish("repo/r.bin", BODY, ("up", url))
+    tag = _tag(BODY)
+    same = treq.get(env.url("repo/r.bin"), headers={"Range": "bytes=5-9", "If-Range": tag})
+    changed = treq.get(env.url("repo/r.bin"), headers={"Range": "bytes=5-9", "If-Range": '"older"'})
+    dated = treq.get(
+        env.url("repo/r.bin"),
+        headers={"Range": "bytes=5-9", "If-Range": "Mon, 02 Jan 2023 03:04:05 GMT"},
+    )
+    assert (yield wait_until(lambda: gate.waiting == 1))
+    gate.release()
+    same, changed, dated = yield defer.gatherResults([same, changed, dated])
+    assert same.code == 206
+    assert (yield same.content()) == BODY[5:10]
+    # Another version, or a date we cannot compare: the whole body, as RFC 9110 says.
+    for response in (changed, dated):
+        assert response.code == 200
+        assert (yield response.content()) == BODY
+    assert len(env.upstream.requests("/r.bin")) == 1
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_long_backoffs_do_not_delay_failover(lazy_env):
+    env = lazy_env.start()
+    # Three retries answered "Retry-After: 60" (and exponential backoff otherwise): a live
+    # request still moves on to the next entry within the retry delay cap.
+    env.remote("busy", max_retries=3)
+    env.remote("good")
+    busy = env.upstream.register("/busy", StatusThenServe(503, 100, Serve(BODY), retry_after=60))
+    good = env.upstream.register("/good", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("busy", busy), ("good", good))
+
+    started = time.monotonic()
+    code, out, err = yield run_curl("-f", env.url("repo/f"))
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert out == BODY
+    assert len(env.upstream.requests("/busy")) == 4, "the remote's retries still happen"
+    assert len(env.upstream.requests("/good")) == 1
+    assert elapsed < 3 * env.streamer.options.retry_delay_cap + 5, elapsed
+    assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_request_during_the_commit_of_a_finished_download(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/f", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("up", url))
+    committing, release = threading.Event(), threading.Event()
+    commit = env.storage.commit
+
+    def slow_commit(*args, **kwargs):
+        committing.set()
+        release.wait(10)
+        return commit(*args, **kwargs)
+
+    env.storage.commit = slow_commit
+    try:
+        first = yield run_curl("-f", env.url("repo/f"))
+        assert first.exit_code == 0 and first.stdout == BODY
+        assert (yield threads.deferToThread(committing.wait, 10))
+        assert env.streamer.in_flight, "the commit is still running"
+        second = yield run_curl("-f", env.url("repo/f"))
+        assert second.exit_code == 0, second.stderr
+        assert second.stdout == BODY
+    finally:
+        release.set()
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert env.stored(BODY) and env.temp_files() == []
+    assert len(env.upstream.requests("/f")) == 1
+    assert env.metrics.value("streamer_downloads_total") == 1
+    statuses = [status for path, _, code, status in env.finished if path == "/repo/f"]
+    assert statuses == ["miss", "hit"], "validated bytes, no upstream request: a hit"
+    third = yield run_curl("-f", env.url("repo/f"))
+    assert third.stdout == BODY
+    assert env.finished[-1][3] == "hit"
+
+
+@pytest_twisted.inlineCallbacks
+def test_range_on_streamed_content_nobody_else_reads(lazy_env):
+    env = lazy_env.start()
+    env.remote("up", policy="streamed")
+    url = env.upstream.register("/s", Trickle(BODY, bytes_per_sec=512 * 1024, interval=0.02))
+    yield env.publish("repo/s", BODY, ("up", url))
+    response = yield treq.get(env.url("repo/s"), headers={"Range": "bytes=100-199"})
+    assert response.code == 206
+    assert (yield response.content()) == BODY[100:200]
+    # Nobody reads the rest of a streamed artifact: the download is cancelled, nothing kept.
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield env.upstream.wait_until_idle(timeout=2.0))
+    assert env.temp_files() == [] and not env.stored(BODY)
+
+
+@pytest_twisted.inlineCallbacks
+def test_on_demand_range_client_leaving_still_stores_the_artifact(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/o", Trickle(BODY, bytes_per_sec=512 * 1024, interval=0.02))
+    yield env.publish("repo/o", BODY, ("up", url))
+    for spec in ("bytes=0-9", "bytes=-10"):
+        code, out, err = yield run_curl("-f", "-r", spec.split("=")[1], env.url("repo/o"))
+        assert code == 0, err
+        assert out == (BODY[:10] if spec == "bytes=0-9" else BODY[-10:])
+    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert len(env.upstream.requests("/o")) == 1
+    assert env.temp_files() == []
+
+
+def _responses(data: bytes, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split a stream of pipelined HTTP/1.1 responses (framed by Content-Length)."""
+    out = []
+    for method in methods:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"response to {method} missing"
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if method == "HEAD" else int(headers.get("content-length", "0"))
+        out.append((int(lines[0].split()[1]), headers, data[:length]))
+        data = data[length:]
+    assert data == b"", "nothing after the last response"
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_lazy_gets_and_heads_on_one_connection(lazy_env):
+    env = lazy_env.start()
+    env.remote("up")
+    env.remote("stream", policy="streamed")
+    other = BODY[::-1]
+    third = b"third" * 5000
+    url_a = env.upstream.register("/a", Serve(BODY))
+    url_b = env.upstream.register("/b", Trickle(other, bytes_per_sec=1024 * 1024, interval=0.02))
+    url_c = env.upstream.register("/c", Serve(third))
+    yield env.publish("repo/a", BODY, ("up", url_a))
+    yield env.publish("repo/b", other, ("up", url_b))
+    yield env.publish("repo/c", third, ("stream", url_c))
+    plan = [
+        ("GET", "/repo/a", ""),
+        ("HEAD", "/repo/b", ""),
+        ("GET", "/repo/b", "Range: bytes=10-19\r\n"),
+        ("HEAD", "/repo/a", ""),
+        ("GET", "/repo/c", ""),
+        ("GET", "/repo/nothing", ""),
+        ("GET", "/repo/b", ""),
+        ("GET", "/repo/a", "Range: bytes=0-4,-3\r\n"),
+        ("GET", "/repo/c", "Connection: close\r\n"),
+    ]
+    wire = b"".join(
+        f"{m} {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode() for m, p, extra in plan
+    )
+    result = yield raw_http("127.0.0.1", env.port.getHost().port, wire, timeout=20)
+    assert result.clean, result.reason
+    answers = _responses(result.data, [m for m, _, _ in plan])
+    assert [a[0] for a in answers] == [200, 200, 206, 200, 200, 404, 200, 206, 200]
+    assert answers[0][2] == BODY
+    assert answers[1][1]["content-length"] == str(len(other)) and answers[1][2] == b""
+    assert answers[2][2] == other[10:20]
+    assert answers[3][1]["etag"] == _tag(BODY)
+    assert answers[4][2] == third
+    assert answers[6][2] == other
+    assert answers[7][1]["content-type"].startswith("multipart/byteranges")
+    assert BODY[:5] in answers[7][2] and BODY[-3:] in answers[7][2]
+    assert answers[8][2] == third
+    assert len(env.upstream.requests("/a")) == 1
+    assert len(env.upstream.requests("/b")) == 1
+    assert len(env.upstream.requests("/c")) == 2, "streamed content is fetched per request"
+    assert (yield wait_until(lambda: env.stored(BODY) and env.stored(other)))
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert env.temp_files() == []
