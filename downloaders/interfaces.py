@@ -18,7 +18,15 @@ class IDownloader(Interface):
 
 
 class IWriter(Interface):
-    """A caller-supplied destination for the bytes, instead of a temporary file."""
+    """A caller-supplied destination for the bytes, instead of a temporary file.
+
+    Chunks are pushed as they arrive from upstream, on the reactor thread, with no
+    backpressure: the downloader never pauses the upstream for a writer. So ``write`` must not
+    block, and a writer whose own consumer is slower (a client connection) must not buffer
+    without bound either: spill to disk and let the slow side read at its own pace, as the
+    streamer's `InFlight` does. An exception from ``write`` aborts the download (no retry) and
+    reaches the caller of ``run()`` unchanged. The downloader never closes the writer.
+    """
 
     def write(data):  # type: ignore[no-untyped-def]
-        """Take the next chunk of body bytes."""
+        """Take the next chunk of body bytes (in order, each exactly once)."""

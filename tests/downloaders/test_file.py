@@ -154,3 +154,26 @@ def test_cancel_removes_temp_file(tree: Path, assert_no_temp_files):
     with pytest.raises(defer.CancelledError):
         yield d
     assert_no_temp_files(tree / "tmp")
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_file_gives_an_empty_temp_file(tree: Path):
+    source = tree / "allowed" / "empty"
+    source.write_bytes(b"")
+    result = yield downloader(tree, source, expected_size=0).run()
+    assert result.artifact_attributes == {"size": 0, "sha256": hashlib.sha256().hexdigest()}
+    assert Path(result.path).read_bytes() == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_writer_takes_the_bytes(tree: Path):
+    received: list[bytes] = []
+    writer = type("Writer", (), {"write": lambda self, data: received.append(data)})()
+    source = tree / "allowed" / "sub" / "a.bin"
+    result = yield downloader(
+        tree, source, writer=writer, expected_digests={"sha256": SHA256}
+    ).run()
+    assert result.path is None
+    assert b"".join(received) == BODY
+    assert len(received) == 4  # read and handed over chunk by chunk
+    assert os.listdir(tree / "tmp") == []

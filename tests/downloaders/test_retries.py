@@ -255,3 +255,20 @@ def test_parse_retry_after():
     assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_headers_callback_once_across_retries_result_has_the_last_headers(
+    upstream, agent, tmp_path
+):
+    url = upstream.register(
+        "/r", Steps([CloseEarly(100, BODY), Serve(BODY, headers={"X-Attempt": "2"})])
+    )
+    seen = []
+    clock = task.Clock()
+    d = clocked(url, agent, tmp_path, clock, headers_ready_callback=seen.append).run()
+    assert (yield through_backoffs(clock, d)) == [1.0]
+    result = yield d
+    (headers,) = seen
+    assert not headers.hasHeader(b"x-attempt")
+    assert result.headers.getRawHeaders(b"x-attempt") == [b"2"]
