@@ -17,6 +17,7 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
+from twisted.internet.error import ReactorNotRestartable
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import threadable
 from zope.interface import implementer
@@ -207,7 +208,7 @@ class BaseDownloader:
         from twisted.internet import reactor
         from twisted.internet.threads import blockingCallFromThread
 
-        if threadable.isInIOThread():
+        if threadable.isInIOThread() and reactor.running:
             raise RuntimeError(
                 "fetch() blocks until the download ends and cannot be called from the reactor "
                 "thread; use run(), which returns a Deferred"
@@ -315,11 +316,22 @@ def _ensure_reactor_thread(reactor: Any) -> None:
             return
         started = threading.Event()
         reactor.callWhenRunning(started.set)
+
+        def run() -> None:
+            try:
+                reactor.run(installSignalHandlers=False)
+            except ReactorNotRestartable:
+                pass  # reported by the caller below
+
         thread = threading.Thread(
-            target=reactor.run,
-            kwargs={"installSignalHandlers": False},
+            target=run,
             name="downloaders-reactor",
             daemon=True,
         )
         thread.start()
-        started.wait()
+        while not started.wait(0.05):
+            if not thread.is_alive():
+                raise RuntimeError(
+                    "fetch() needs the reactor, but it has already run and stopped (a Twisted "
+                    "reactor cannot be restarted); use run() inside the reactor instead"
+                )

@@ -329,3 +329,13 @@ def test_semaphore_bounds_concurrent_attempts(tmp_path: Path):
     assert outcome(d1).artifact_attributes["size"] == 1
     assert second.calls == 1
     assert outcome(d2).artifact_attributes["size"] == 1
+
+
+def test_defaults():
+    downloader = BaseDownloader(URL)
+    assert downloader.max_retries == 3
+    assert downloader.digest_algorithms == ("sha256",)
+    assert downloader.backoff == Backoff(base=1.0, factor=2.0, max_delay=60.0, jitter=0.5)
+    assert downloader.backoff.retry_after_cap == 120.0
+    with pytest.raises(ValueError, match="max_retries"):
+        BaseDownloader(URL, max_retries=-1)

@@ -113,3 +113,25 @@ def test_unsupported_digest_refused_before_any_request(upstream, algorithm):
     assert caught.value.algorithm == algorithm
     assert str(caught.value) == f"unsupported or untrusted digest algorithm {algorithm!r} ({url})"
     assert upstream.requests("/a") == []
+
+
+STOPPED = """
+import sys
+from twisted.internet import reactor
+from downloaders import HttpDownloader
+reactor.callWhenRunning(reactor.stop)
+reactor.run()
+try:
+    HttpDownloader(sys.argv[1], temp_dir=sys.argv[2]).fetch(timeout=30)
+except RuntimeError as error:
+    print(error)
+"""
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_after_the_reactor_stopped_is_a_clear_error(upstream, tmp_path: Path):
+    url = upstream.register("/a", Serve(BODY))
+    code, out, err = yield fetch_in_child(url, tmp_path, script=STOPPED)
+    assert code == 0, err
+    assert b"already run and stopped" in out
+    assert upstream.requests("/a") == []
