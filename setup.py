@@ -1,12 +1,14 @@
 """Install the streaming content proxy: packages, console script, twistd dropin, extras."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="twisted-streamer",
     version="0.1.0",
     description="A Twisted streaming content proxy and downloader for repository mirrors.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[
