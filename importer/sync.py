@@ -9,8 +9,10 @@ Steps, each finished before the next begins:
 3. ``on_demand`` / ``streamed``: done, every file is recorded lazily. ``immediate``: every file
    not already stored is downloaded by at most ``download_concurrency`` workers pulling from
    one lazy iterator over the listing (so memory stays flat for 100,000 files), failing over
-   to the file's next source (mirror) when one fails. A validated file enters storage by an
-   atomic rename (``storage.commit``), then the catalog marks it stored.
+   to the file's next source (mirror) when one fails. Validated files enter storage in
+   batches (`GroupCommitter`: one filesystem flush, then an atomic rename per file), then the
+   catalog marks each stored. A worker takes its next file while its last one waits for its
+   batch (at most ``max_backlog`` files wait).
 
 A sync stopped half-way (cancelled, killed) leaves at most temporary files under ``tmp/``,
 never a partial artifact; the next sync downloads what is missing.
