@@ -151,8 +151,13 @@ class StreamerRequest(server.Request):
         if site.draining:
             self.site = site
             site.track(self)
+            # Say so, and mean it: the channel closes the connection after this response
+            # (a keep-alive or pipelining client must not wait on it).
             self.setHeader(b"connection", b"close")
-            self.write(_plain(self, 503, "shutting down\n"))
+            self.channel.persistent = False
+            body = _plain(self, 503, "shutting down\n")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
             self.finish()
             return
         site.track(self)
@@ -187,10 +192,14 @@ class StreamerSite(server.Site):
 
     def close_idle(self) -> None:
         """Close every connection still open (idle keep-alive ones, after a drain)."""
-        for channel in list(self._channels):
-            transport = getattr(channel, "transport", None)
-            if transport is not None:
-                transport.loseConnection()
+        for wrapper in list(self._channels):
+            # Site wraps each HTTPChannel in a protocol switcher; the channel's own
+            # loseConnection unregisters it as the transport's producer, without which the
+            # transport would not close.
+            channel = getattr(wrapper, "_channel", wrapper)
+            close = getattr(channel, "loseConnection", None)
+            if close is not None and getattr(channel, "transport", None) is not None:
+                close()
 
     def track(self, request: StreamerRequest) -> None:
         request.started_at = self.reactor.seconds()

@@ -138,3 +138,49 @@ def test_repr_shows_no_secret(tmp_path):
     for secret in ("hunter2-secret", "proxy-secret", "pg-secret"):
         assert secret not in shown
     assert config.catalog_location() == "postgresql://db@127.0.0.1/streamer"
+
+
+def test_listen_paths_are_relative_to_the_file_and_overrides_to_the_working_folder(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    monkeypatch.chdir(tmp_path)
+    path = write(
+        folder,
+        '[server]\nlisten = "ssl:8443:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"\n',
+    )
+    config = load_config(path, environ={})
+    assert config.server.listen == (
+        f"ssl:8443:privateKey={folder / 'key.pem'}:certKey={folder / 'cert.pem'}"
+        ":interface=127.0.0.1"
+    )
+    # A unix socket: the positional address, escaped colons kept escaped.
+    (folder / "a.toml").write_text('[server]\nlisten = "unix:run/s\\\\:1.sock:mode=660"\n')
+    config = load_config(folder / "a.toml", environ={})
+    assert config.server.listen == f"unix:{folder / 'run' / 's'}\\:1.sock:mode=660"
+    # --listen (an override) is relative to the working folder, like any command-line path.
+    config = load_config(path, {"server.listen": "unix:s.sock"}, environ={})
+    assert config.server.listen == f"unix:{tmp_path / 's.sock'}"
+    # Other endpoint types are left alone.
+    config = load_config(path, {"server.listen": "tcp:0:interface=127.0.0.1"}, environ={})
+    assert config.server.listen == "tcp:0:interface=127.0.0.1"
+
+
+def test_resolving_keeps_what_twisted_parses():
+    from twisted.internet.endpoints import _parse
+
+    from streamer.config import resolve_endpoint_paths
+
+    description = "ssl:443:privateKey=k\\:ey.pem:certKey=/abs/c.pem:extraCertChain=ch=ain.pem"
+    resolved = resolve_endpoint_paths(description, "/base")
+    args, kwargs = _parse(resolved)
+    assert args == ["ssl", "443"]
+    assert kwargs == {
+        "privateKey": "/base/k:ey.pem",
+        "certKey": "/abs/c.pem",
+        "extraCertChain": "/base/ch=ain.pem",
+    }

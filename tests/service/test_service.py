@@ -7,10 +7,17 @@ import json
 import attrs
 import pytest_twisted
 import treq
+import treq.client
+import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate
 from twisted.internet.task import deferLater
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from streamer.config import load_config
 from streamer.metrics import CONTENT_TYPE
 from streamer.service import StreamerService
 from streamer.signing import sign_path
@@ -72,6 +79,14 @@ async def test_ops_endpoints_metrics_and_content_contract(tmp_path):
         assert response.headers.getRawHeaders("content-type") == [CONTENT_TYPE]
         text = (await treq.content(response)).decode()
         assert 'streamer_requests_total{method="GET",status="200"}' in text
+        # No *_created series (noise for dashboards); temp bytes measured at scrape time.
+        assert "_created" not in text
+        assert "streamer_temp_bytes 0.0" in text
+        temp = service.storage.new_temp_file()
+        temp.write(b"x" * 1234)
+        temp.close()
+        scraped = await treq.content(await treq.get(base + "/metrics"))
+        assert b"streamer_temp_bytes 1234.0" in scraped
         m = service.metrics
         assert m.value("streamer_cache_hits_total") == 3
         assert m.value("streamer_served_bytes_total", {"source": "store"}) == 3 * len(
@@ -193,3 +208,144 @@ async def test_grace_period_expiry_aborts_and_removes_temp_files(tmp_path):
         raise AssertionError("the aborted response completed")
     assert list((tmp_path / "var" / "tmp").iterdir()) == []
     assert not service.site.in_flight
+
+
+class RawClient(Protocol):
+    """A bare TCP client: what it received, and a Deferred firing when the server closed."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        self.data += data
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+        self.closed.callback(self.data)
+
+    def get(self, *paths: str) -> None:
+        """Send one GET per path at once (pipelined), HTTP/1.1 keep-alive."""
+        self.transport.write(
+            b"".join(
+                b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode() for path in paths
+            )
+        )
+
+
+async def raw_client(service: StreamerService) -> RawClient:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.address.port)
+    return await connectProtocol(endpoint, RawClient())
+
+
+def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse a stream of HTTP/1.1 responses (Content-Length or chunked framing)."""
+    parsed = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        body = b""
+        if "content-length" in headers:
+            size = int(headers["content-length"])
+            body, data = data[:size], data[size:]
+        else:
+            assert headers["transfer-encoding"] == "chunked"
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, data = body + data[:size], data[size + 2 :]
+                if size == 0:
+                    break
+        parsed.append((int(status_line.split()[1]), headers, body))
+    return parsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_and_pipelined_requests_during_drain_get_503_and_close(tmp_path):
+    service, content, base = start(service_config(tmp_path))
+    await until(lambda: service.ready)
+    idle, keep, busy = (
+        await raw_client(service),
+        await raw_client(service),
+        await raw_client(service),
+    )
+    idle.get("/fx/idle.txt")
+    keep.get("/fx/keep.txt")
+    await until(lambda: b"content of /fx/idle.txt" in idle.data)
+    await until(lambda: b"content of /fx/keep.txt" in keep.data)
+    # One response in flight with a second request pipelined behind it.
+    busy.get("/fx/slow", "/fx/pipelined.txt")
+    await until(lambda: content.pending)
+
+    stopped: Deferred = Deferred.fromCoroutine(_stop(service))
+    await until(lambda: service.site.draining)
+    # A kept-alive connection asking again during the drain: 503, told and actually closed.
+    keep.get("/fx/late.txt")
+    (first, late) = responses(await keep.closed)
+    assert first[0] == 200
+    assert late[0] == 503 and late[1]["connection"] == "close"
+    assert late[2] == b"shutting down\n"
+    assert not stopped.called
+
+    request = content.pending.pop()
+    request.write(b"last-chunk")
+    request.finish()
+    (slow, pipelined) = responses(await busy.closed)
+    assert slow[0] == 200 and slow[2] == b"first-chunk;last-chunk"
+    assert pipelined[0] == 503 and pipelined[1]["connection"] == "close"
+    await stopped
+    # The idle keep-alive connection is closed once the drain is over.
+    assert responses(await idle.closed)[0][0] == 200
+    assert [uri for uri, _ in content.seen] == [b"/fx/idle.txt", b"/fx/keep.txt", b"/fx/slow"]
+    assert service.metrics.value("streamer_requests_total", {"method": "GET", "status": "503"}) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssl_listen_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    monkeypatch.chdir(tmp_path)  # not the config's folder: "key.pem" is not here
+    config_file = folder / "streamer.toml"
+    config_file.write_text(
+        "[server]\n"
+        'listen = "ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"\n'
+        '[storage]\npath = "var"\n'
+    )
+    config = load_config(config_file, environ={})
+    assert f"privateKey={folder / 'key.pem'}" in config.server.listen
+    service, content, _ = start(config)
+    try:
+        await until(lambda: service.ready)
+        policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(ca.cert_pem.bytes()))
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+        base = f"https://127.0.0.1:{service.address.port}"
+        response = await client.get(base + "/healthz")
+        assert response.code == 200 and await treq.content(response) == b"ok\n"
+        response = await client.get(base + "/fx/a.txt")
+        assert await treq.content(response) == b"content of /fx/a.txt"
+    finally:
+        await service.stopService()
+    assert (tmp_path / "etc" / "var" / "tmp").is_dir()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_catalog_that_will_not_open_keeps_the_service_unready(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "catalog.sqlite3").write_bytes(b"this is not a database" * 100)
+    service, content, base = start(service_config(tmp_path))
+    try:
+        await until(lambda: service.failure is not None)
+        assert service.failure.startswith("cannot open the catalog: ")
+        assert not service.ready
+        for path in ("/healthz", "/fx/a.txt"):
+            response = await treq.get(base + path)
+            assert response.code == 503, path
+            await treq.content(response)
+        assert content.seen == []
+    finally:
+        await service.stopService()

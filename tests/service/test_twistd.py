@@ -6,6 +6,7 @@ Processes are run with getProcessOutputAndValue / spawnProcess, never blocking t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -55,17 +56,61 @@ async def test_twistd_lists_the_plugin_and_documents_its_options(tmp_path):
 
 
 class _Collect(ProcessProtocol):
+    """Both streams together in ``output``, standard output alone in ``stdout``."""
+
     def __init__(self) -> None:
         self.output = b""
+        self.stdout = b""
         self.ended: Deferred[int] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        self.stdout += data
 
-    errReceived = outReceived
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
 
     def processEnded(self, reason) -> None:
         self.ended.callback(reason.value.exitCode)
+
+
+async def healthy(base: str, proto: _Collect) -> None:
+    """Poll /healthz until it answers 200 (fail with the child's output if it never does)."""
+    for _ in range(300):
+        if proto.ended.called:
+            break
+        try:
+            response = await treq.get(base + "/healthz", persistent=False)
+            if response.code == 200:
+                assert await treq.content(response) == b"ok\n"
+                return
+            await treq.content(response)
+        except Exception:
+            pass
+        await deferLater(reactor, 0.02)
+    raise AssertionError(f"never healthy: {proto.output.decode()}")
+
+
+async def twistd_run(
+    tmp_path: Path, args: list[str], before: list[str] = (), **extra: str
+) -> tuple[_Collect, object, str]:
+    """Start ``twistd -n --pidfile= BEFORE streamer ARGS --listen <free port>`` in tmp_path."""
+    port = free_port()
+    argv = [*TWISTD, "-n", "--pidfile=", *before, "streamer", *args]
+    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+    proto = _Collect()
+    process = reactor.spawnProcess(proto, argv[0], argv, env=env(**extra), path=str(tmp_path))
+    return proto, process, f"http://127.0.0.1:{port}"
+
+
+async def sigterm(proto: _Collect, process) -> int:
+    """SIGTERM the child and return its exit status (SIGKILL after 15 s)."""
+    process.signalProcess("TERM")
+    timer = reactor.callLater(15, lambda: proto.ended.called or process.signalProcess("KILL"))
+    code = await proto.ended
+    if timer.active():
+        timer.cancel()
+    return code
 
 
 @pytest_twisted.ensureDeferred
@@ -74,40 +119,88 @@ async def test_twistd_serves_and_stops_cleanly_on_sigterm(tmp_path):
     (tmp_path / "var" / "tmp" / "part-stale").write_bytes(b"stale")
     config = tmp_path / "streamer.toml"
     config.write_text('[server]\nlisten = "tcp:1:interface=127.0.0.1"\ngrace_period = 2\n' + REMOTE)
-    port = free_port()
-    listen = f"tcp:{port}:interface=127.0.0.1"
-    proto = _Collect()
-    argv = [*TWISTD, "-n", "--pidfile=", "streamer", "--config", str(config), "--listen", listen]
-    process = reactor.spawnProcess(proto, argv[0], argv, env=env(), path=str(tmp_path))
+    # No --config: STREAMER_CONFIG names the file (relative to the working folder).
+    proto, process, base = await twistd_run(tmp_path, [], STREAMER_CONFIG="streamer.toml")
     try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                response = await treq.get(base + "/healthz", persistent=False)
-                if response.code == 200:
-                    assert await treq.content(response) == b"ok\n"
-                    break
-                await treq.content(response)
-            except Exception:
-                pass
-            await deferLater(reactor, 0.02)
-        else:
-            raise AssertionError(f"never healthy: {proto.output.decode()}")
+        await healthy(base, proto)
         metrics = await treq.get(base + "/metrics", persistent=False)
         assert b"streamer_requests_total" in await treq.content(metrics)
-        process.signalProcess("TERM")
-        code = await proto.ended
     finally:
-        if process.pid is not None and not proto.ended.called:
-            process.signalProcess("KILL")
+        code = await sigterm(proto, process)
     output = proto.output.decode()
     assert code == 0, output
+    assert f"configuration from {config}" in output
     assert f"storage at {tmp_path / 'var'}, catalog at {tmp_path / 'var' / 'catalog.sqlite3'}" in (
         output
     )
     assert '"GET /healthz" 200' in output
     assert "Traceback" not in output
     assert list((tmp_path / "var" / "tmp").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_without_configuration_uses_embedded_defaults_and_json_logs(tmp_path):
+    proto, process, base = await twistd_run(
+        tmp_path, [], before=["--logger", "streamer.logs.json_observer"]
+    )
+    try:
+        await healthy(base, proto)
+        missing = await treq.get(base + "/nowhere/a.rpm?signature=s3cret", persistent=False)
+        assert missing.code == 404
+        await treq.content(missing)
+    finally:
+        code = await sigterm(proto, process)
+    assert code == 0, proto.output.decode()
+    events = [json.loads(line) for line in proto.stdout.decode().splitlines()]
+    formats = [e.get("log_format") for e in events]
+    assert "no configuration file (--config or ${env}): using the embedded defaults" in formats
+    (where,) = [e for e in events if "storage" in e and "catalog" in e]
+    assert where["storage"] == str(tmp_path / "var")
+    assert where["catalog"] == str(tmp_path / "var" / "catalog.sqlite3")
+    assert (tmp_path / "var" / "catalog.sqlite3").exists()
+    access = {e["path"]: e for e in events if e["log_namespace"] == "streamer.access"}
+    assert access["/healthz"]["status"] == 200 and access["/healthz"]["cache"] == "-"
+    lost = access["/nowhere/a.rpm"]
+    assert (lost["method"], lost["status"], lost["complete"]) == ("GET", 404, True)
+    assert lost["bytes"] > 0 and lost["duration"] >= 0
+    assert "s3cret" not in proto.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_exits_non_zero_when_the_catalog_will_not_open(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "catalog.sqlite3").write_bytes(b"not a database at all\n" * 100)
+    proto, process, _ = await twistd_run(tmp_path, [])
+    timer = reactor.callLater(15, lambda: proto.ended.called or process.signalProcess("KILL"))
+    code = await proto.ended
+    if timer.active():
+        timer.cancel()
+    output = proto.output.decode()
+    assert code == 1, output
+    assert "cannot open the catalog: " in output and "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_exits_non_zero_when_the_endpoint_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "streamer",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ]
+        out, err, code = await run(argv, tmp_path)
+    assert code == 1, out + err
+    # Under -n twistd logs standard error to standard output: one line, then exit 1.
+    (line,) = [line for line in (out + err).splitlines() if "cannot listen" in line]
+    assert f"streamer: cannot listen on 'tcp:{port}:interface=127.0.0.1': " in line
+    assert "Address already in use" in line
+    assert "Traceback" not in out + err
 
 
 BAD_CONFIGS = [
@@ -160,6 +253,18 @@ async def test_sign_prints_a_verifiable_path(tmp_path):
     now = reactor.seconds()
     assert verify(b"0123456789abcdef0123456789abcdef", path, query, now) is None
     assert verify(b"0123456789abcdef0123456789abcdef", path, query, now + 121) is not None
+    # A full URL: the same signature, printed as a full URL.
+    out, err, code = await run(
+        [*STREAMER, "--config", "s.toml", "sign", "https://cdn.example/fx/a.rpm"], tmp_path
+    )
+    assert code == 0, err
+    url, _, query = out.strip().partition("?")
+    assert url == "https://cdn.example/fx/a.rpm"
+    assert verify(b"0123456789abcdef0123456789abcdef", "/fx/a.rpm", query, now) is None
+    _, err, code = await run(
+        [*STREAMER, "--config", "s.toml", "sign", "/fx/a.rpm", "--expires", "0"], tmp_path
+    )
+    assert code == 2 and err == "streamer: --expires: must be > 0 seconds, not 0\n"
     _, err, code = await run([*STREAMER, "sign", "/fx/a.rpm"], tmp_path)
     assert code == 2 and "signing_key_file is not set" in err
 
@@ -173,13 +278,22 @@ async def test_verify_reports_and_quarantines_bad_artifacts(tmp_path):
         path.write_bytes(data)
         return path
 
+    out, err, code = await run([*STREAMER, "verify"], tmp_path)
+    assert (code, out) == (0, f"verified 0 artifact(s) in {tmp_path / 'var'}: no store there yet\n")
+    assert not (tmp_path / "var").exists()  # verifying creates nothing
     store(b"good bytes")
     out, err, code = await run([*STREAMER, "verify"], tmp_path)
     assert code == 0, err
-    assert "verified 1 artifact(s)" in out and "1 good, 0 bad" in out
+    assert out == f"verified 1 artifact(s) in {tmp_path / 'var'}: 1 good, 0 bad\n"
     bad = store(b"rotten bytes", name=b"what it should have been")
     out, err, code = await run([*STREAMER, "verify"], tmp_path)
     assert code == 1, err
-    assert "1 good, 1 bad" in out and "BAD " in out
+    digest = hashlib.sha256(b"what it should have been").hexdigest()
+    bad_line, summary = out.splitlines()
+    assert bad_line.startswith(
+        f"BAD {digest}: content hashes to {hashlib.sha256(b'rotten bytes').hexdigest()}; "
+        f"moved to {tmp_path / 'var' / 'quarantine'}"
+    )
+    assert summary == f"verified 2 artifact(s) in {tmp_path / 'var'}: 1 good, 1 bad"
     assert not bad.exists()
     assert len(list((tmp_path / "var" / "quarantine").iterdir())) == 1
