@@ -743,6 +743,14 @@ async def test_remote_headers_auth_and_mirrors_reach_sync_and_lazy_downloads(
         await stored_soon(tmp_path / "var", b"both\n")
         assert await served.stop() == 0, served.output
     assert "s3cret" not in served.output
+    # Logs: the origin's 404 (url and reason) before the failover, and one access line per
+    # request with method, path, status, bytes, duration and cache status.
+    failed = origin.url("/repo/only-on-mirror.bin")
+    assert f"upstream failure: {failed}: not_found" in served.output
+    assert re.search(r'"GET /demo/both.txt" 200 5 \d+\.\d{3}s cache=miss', served.output)
+    assert re.search(
+        rf'"GET /demo/only-on-mirror.bin" 200 {len(data)} \d+\.\d{{3}}s cache=miss', served.output
+    )
     sent = [
         *origin.requests("/repo/PULP_MANIFEST"),
         *origin.requests("/repo/both.txt"),
