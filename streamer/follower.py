@@ -21,12 +21,14 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
+from streamer.static import widen_sends
+
 __all__ = ["Follower", "Segment"]
 
 #: Literal bytes, or a half-open range ``(start, end)`` of the artifact's bytes.
 Segment = bytes | tuple[int, int]
 
-DEFAULT_READ_SIZE = 128 * 1024
+DEFAULT_READ_SIZE = 512 * 1024
 
 
 @implementer(IPushProducer)
@@ -85,6 +87,7 @@ class Follower:
                 return
             self.started = True
             self._on_start()
+            widen_sends(self.request)
             self.request.registerProducer(self, True)
         self._pump()
 

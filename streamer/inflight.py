@@ -51,6 +51,9 @@ class InFlight:
     :param on_done: called once with this InFlight when it no longer takes new followers.
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
         applied to a downloader that has a ``backoff`` (the built-in ones), None: as built.
+    :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
+        the file is in storage (the streamer's shared `importer.sync.GroupCommitter`, so
+        many small artifacts share one flush); by default one ``storage.commit`` in a thread.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class InFlight:
         on_failure: Callable[[Any, BaseException], None],
         on_done: Callable[[InFlight], None],
         retry_delay_cap: float | None = None,
+        commit: Callable[[str, str, int], defer.Deferred[Any]] | None = None,
     ) -> None:
         self.entry = entry
         self.remote = remote
@@ -83,6 +87,7 @@ class InFlight:
         self._on_failure = on_failure
         self._on_done = on_done
         self._retry_delay_cap = retry_delay_cap
+        self._commit = commit or self._commit_in_thread
         self._write_fd: int | None = None
         self._read_fd: int | None = None
         self._last_chunk: bytes | None = None
@@ -215,15 +220,18 @@ class InFlight:
             self._done()
             self._discard_temp()
             return None
-        d = threads.deferToThread(self.storage.commit, self.path, self.sha256, self.size)
+        d = self._commit(self.path, self.sha256, self.size)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
         d.addBoth(lambda _: self._done())
         return d
 
-    def _committed(self, path: str) -> defer.Deferred[Any]:
+    def _commit_in_thread(self, path: str, sha256: str, size: int) -> defer.Deferred[Any]:
+        return threads.deferToThread(self.storage.commit, path, sha256, size)
+
+    def _committed(self, _result: Any) -> defer.Deferred[Any]:
         # The read descriptor follows the renamed inode: followers keep reading through it.
-        self.path = path
+        self.path = self.storage.path_for(self.sha256)
         return defer.maybeDeferred(self.catalog.mark_stored, self.sha256)
 
     def _failed(self, failure: Failure) -> None:

@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from importer.sync import GroupCommitter
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight
@@ -69,8 +70,10 @@ class LazyOptions:
 
     no_progress_timeout: float = 60.0
     cooldown: float = 30.0
-    read_size: int = 128 * 1024
+    read_size: int = 512 * 1024
     retry_delay_cap: float = 0.5
+    #: Seconds finished downloads gather before their batch is flushed and committed.
+    commit_delay: float = 0.01
 
 
 #: Expired cooldowns are dropped when this many are remembered.
@@ -117,6 +120,7 @@ class LazyStreamer:
         #: Downloads taking followers now, by artifact sha256.
         self.in_flight: dict[str, InFlight] = {}
         self._cooling: dict[tuple[str, str], _Cooling] = {}
+        self._committer: GroupCommitter | None = None
         self.stopped = False
 
     def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
@@ -184,12 +188,21 @@ class LazyStreamer:
             on_failure=self._failed,
             on_done=self._done,
             retry_delay_cap=self.options.retry_delay_cap,
+            commit=self._commit,
         )
         self.in_flight[entry.sha256] = inflight
         if self.metrics is not None:
             self.metrics.download_started()
         follower_for(inflight).attach()
         inflight.start(forwarded_headers)
+
+    def _commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
+        """Commit a validated temp file; files finishing together share one flush."""
+        if self._committer is None:
+            self._committer = GroupCommitter(
+                self.storage, delay=self.options.commit_delay, clock=self.reactor
+            )
+        return self._committer.commit(temp_path, sha256, size)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         now = self.reactor.seconds()
