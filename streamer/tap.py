@@ -20,7 +20,9 @@ class Options(usage.Options):
         "Serve repository content over HTTP: stored files from disk, lazy files streamed from "
         f"upstream while they are stored. Without --config, ${CONFIG_ENV} names the "
         "configuration file; without either, embedded defaults are used (storage and SQLite "
-        f"catalog in ./var, listening on {DEFAULT_LISTEN}). SIGTERM stops gracefully."
+        f"catalog in ./var, listening on {DEFAULT_LISTEN}). SIGTERM stops gracefully (exit "
+        "status 0); a failed start prints one line and exits non-zero. For JSON logs: "
+        "twistd -n --logger streamer.logs.json_observer streamer."
     )
     optParameters = [
         [
@@ -34,7 +36,8 @@ class Options(usage.Options):
             "l",
             None,
             "Twisted endpoint description to listen on, overriding [server] listen "
-            "(e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem, unix:/run/s.sock).",
+            "(e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, "
+            "unix:/run/s.sock); relative paths in it are relative to the working folder.",
         ],
     ]
 
