@@ -10,6 +10,7 @@ import pytest_twisted
 
 from tests.clients.mirror import sha256
 from tests.support.clients import run_wget
+from tests.support.faults import Serve
 
 MiB = 1024 * 1024
 BLOB = os.urandom(2 * MiB + 777)
@@ -110,3 +111,30 @@ async def test_recursive_crawl_of_the_listing_stays_under_the_base_path(make_mir
     for name in TREE:
         assert mirror.upstream_gets(name) == 1, name
         assert await mirror.stored_soon(name), name
+
+
+DATED = {"a.txt": b"alpha\n", "sub/b.bin": os.urandom(100_000)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_mirror_mode_twice_downloads_nothing_the_second_time(make_mirror, tmp_path):
+    """``wget -m`` (timestamping) run twice: the second run finds every file unchanged,
+    whether the first run got it cold (streamed) and the second warm (stored)."""
+    behaviours = {
+        name: Serve(data, last_modified="Wed, 21 Oct 2015 07:28:00 GMT")
+        for name, data in DATED.items()
+    }
+    mirror = await make_mirror(DATED, behaviours)
+    out = tmp_path / "mirror"
+    args = ("-m", "-np", "-nH", "--cut-dirs=1", "-e", "robots=off", "-P", str(out))
+    code, _, log = await run_wget(*args, mirror.base_url)
+    assert code == 0, log.decode()
+    for name, data in DATED.items():
+        assert (out / name).read_bytes() == data
+        assert await mirror.stored_soon(name)
+    code, _, log = await run_wget(*args, mirror.base_url)
+    assert code == 0, log.decode()
+    saved = re.findall(r"[\u2018'](\S+)[\u2019'] saved", log.decode())
+    assert saved, log.decode()  # the listings (no Last-Modified) are fetched again
+    again = [name for name in saved if not name.endswith("index.html")]
+    assert again == [], f"wget -m fetched unchanged files again: {again}"
