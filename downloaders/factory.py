@@ -171,8 +171,11 @@ class DownloaderFactory:
         if scheme == "file":
             options["allowed_import_paths"] = getattr(self.remote, "allowed_import_paths", ())
         else:
-            headers = {"User-Agent": self._user_agent, **self.remote.headers}
-            headers.update(kwargs.pop("headers", None) or {})
+            headers = merge_headers(
+                {"User-Agent": self._user_agent},
+                self.remote.headers,
+                kwargs.pop("headers", None) or {},
+            )
             options.update(
                 agent=self.agent,
                 headers=headers,
@@ -186,3 +189,12 @@ class DownloaderFactory:
     def close(self) -> defer.Deferred[None]:
         """Close the pool's idle connections; fires when they are closed."""
         return self.pool.closeCachedConnections()
+
+
+def merge_headers(*layers: Mapping[str, str]) -> dict[str, str]:
+    """Later layers win, names compared case-insensitively (one ``User-Agent``, never two)."""
+    merged: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            merged[name.lower()] = (name, value)
+    return dict(merged.values())

@@ -143,6 +143,18 @@ async def test_download_with_headers_and_user_agent(upstream, tmp_path: Path) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_header_names_merge_case_insensitively(upstream, tmp_path: Path) -> None:
+    """A remote's ``user-agent`` replaces ours: one User-Agent header, never two."""
+    url = upstream.register("/ua", Serve(BODY))
+    factory = make_factory(url, tmp_path, headers={"user-agent": "mirror-bot/1"})
+    await factory.build(url, headers={"X-TOKEN": "call"}).run()
+    await factory.close()
+    (request,) = upstream.requests("/ua")
+    assert request.headers["user-agent"] == "mirror-bot/1"  # joined with ", " if sent twice
+    assert request.headers["x-token"] == "call"
+
+
+@pytest_twisted.ensureDeferred
 async def test_file_url_through_the_factory(tmp_path: Path) -> None:
     folder = tmp_path / "allowed"
     folder.mkdir()
