@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import task
 
 from tests.clients.mirror import sha256
-from tests.support.clients import run_aria2c
+from tests.support.clients import run_aria2c, run_curl, run_wget
 from tests.support.faults import Trickle
 
 MiB = 1024 * 1024
@@ -76,3 +76,37 @@ async def test_many_small_cold_files_from_an_input_file(make_mirror, tmp_path):
         assert (out_dir / name).read_bytes() == data, name
         assert mirror.upstream_gets(name) == 1, name
         assert await mirror.stored_soon(name), name
+
+
+@pytest_twisted.ensureDeferred
+async def test_mixed_clients_at_once_on_one_cold_file(make_mirror, tmp_path):
+    """aria2c (4 segments), curl (whole, a tail range, a resume) and wget -c, all started
+    together on one cold artifact: one upstream GET, everyone gets the right bytes."""
+    slow = Trickle(BIG, bytes_per_sec=8 * MiB, interval=0.05)
+    mirror = await make_mirror({"big.iso": BIG}, {"big.iso": slow})
+    url = mirror.url("big.iso")
+    (tmp_path / "resume.part").write_bytes(BIG[: 3 * MiB])
+    wget_dir = tmp_path / "w"
+    wget_dir.mkdir()
+    (wget_dir / "big.iso").write_bytes(BIG[: 5 * MiB])
+    runs = [
+        run_aria2c(
+            *QUIET, "-x", "4", "-s", "4", "-k", "1M", "-d", str(tmp_path), "-o", "a.iso", url
+        ),
+        run_curl("-f", "-o", str(tmp_path / "whole"), url),
+        run_curl("-f", "-r", f"{7 * MiB}-", "-o", str(tmp_path / "tail"), url),
+        run_curl("-f", "-C", "-", "-o", str(tmp_path / "resume.part"), url),
+        run_wget("-q", "-c", "-P", str(wget_dir), url),
+    ]
+    results = [await run for run in runs]
+    for (code, out, err), name in zip(
+        results, ["aria2c", "curl", "tail", "resume", "wget"], strict=True
+    ):
+        assert code == 0, (name, (out + err).decode())
+    assert (tmp_path / "a.iso").read_bytes() == BIG
+    assert (tmp_path / "whole").read_bytes() == BIG
+    assert (tmp_path / "tail").read_bytes() == BIG[7 * MiB :]
+    assert (tmp_path / "resume.part").read_bytes() == BIG
+    assert (wget_dir / "big.iso").read_bytes() == BIG
+    assert mirror.upstream_requests("big.iso") == ["GET"]
+    assert await mirror.stored_soon("big.iso")

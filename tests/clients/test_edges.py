@@ -107,3 +107,19 @@ async def test_streamed_policy_serves_every_client_and_stores_nothing(make_mirro
     assert mirror.upstream_gets("blob.bin") == 4
     assert not mirror.is_stored("blob.bin")
     assert mirror.temp_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_spider_crawl_checks_links_without_fetching_artifacts(make_mirror, tmp_path):
+    """A link checker (``wget --spider -r``) walks the listing with HEAD requests: every
+    link is found, and no artifact is downloaded from upstream for it."""
+    files = {"a.txt": b"alpha\n", "sub/b.bin": BLOB}
+    mirror = await make_mirror(files)
+    code, _, log = await run_wget(
+        "--spider", "-r", "-np", "-e", "robots=off", "-P", str(tmp_path / "s"), mirror.base_url
+    )
+    assert code == 0, log.decode()
+    assert b"Found no broken links." in log, log.decode()
+    for name in files:
+        assert mirror.url(name).encode() in log, name
+        assert mirror.upstream_gets(name) == 0, name
