@@ -11,6 +11,7 @@ import pytest_twisted
 
 from tests.clients.mirror import sha256
 from tests.support.clients import run_curl, run_wget
+from tests.support.faults import Trickle
 
 NAMES = {
     "hash#tag.txt": b"hash\n",
@@ -123,3 +124,18 @@ async def test_spider_crawl_checks_links_without_fetching_artifacts(make_mirror,
     for name in files:
         assert mirror.url(name).encode() in log, name
         assert mirror.upstream_gets(name) == 0, name
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_giving_up_does_not_cancel_the_download_that_fills_the_store(
+    make_mirror, tmp_path
+):
+    big = os.urandom(4 * 1024 * 1024)
+    slow = Trickle(big, bytes_per_sec=4 * 1024 * 1024, interval=0.05)  # ~1 s
+    mirror = await make_mirror({"big.bin": big}, {"big.bin": slow})
+    code, body, _ = await run_curl("--max-time", "0.3", mirror.url("big.bin"))
+    assert code == 28 and len(body) < len(big)  # curl: operation timed out
+    assert await mirror.stored_soon("big.bin", timeout=10)
+    code, body, err = await run_curl("-f", mirror.url("big.bin"))
+    assert (code, sha256(body)) == (0, sha256(big)), err
+    assert mirror.upstream_gets("big.bin") == 1
