@@ -126,6 +126,9 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--work", default="")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds per throughput row (best one kept)"
+    )
     args = parser.parse_args()
     peers = Path(args.shared) / "peers"
     work = Path(args.work or tempfile.mkdtemp(prefix="stream-bench-"))
@@ -216,25 +219,46 @@ def main() -> int:
         s_base, a_base = f"http://127.0.0.1:{ours}/bench", f"http://127.0.0.1:{aio}"
         mb = 1e6
 
-        # 1. Cold 1 GiB.
-        results["cold nginx proxy MB/s"] = (
-            curl_speed(f"http://127.0.0.1:{proxy}/files/big.bin") / mb
-        )
-        results["cold aiohttp MB/s"] = curl_speed(f"{a_base}/files/big.bin") / mb
-        results["cold streamer MB/s"] = curl_speed(f"{s_base}/files/big.bin") / mb
-        # 2. Warm 1 GiB and small files.
-        results["warm nginx static MB/s"] = curl_speed(f"{upstream}/files/big.bin") / mb
-        results["warm aiohttp MB/s"] = curl_speed(f"{a_base}/files/big.bin") / mb
-        results["warm streamer MB/s"] = curl_speed(f"{s_base}/files/big.bin") / mb
+        artifacts, aio_store = work / "var" / "artifacts", work / "aio" / "store"
         small = [f"files/{i:05d}.bin" for i in range(args.small)]
-        results["cold small aiohttp req/s"] = small_files_rate(a_base, small)
-        results["cold small streamer req/s"] = small_files_rate(s_base, small)
-        results["warm small nginx static req/s"] = small_files_rate(upstream, small)
-        results["warm small aiohttp req/s"] = small_files_rate(a_base, small)
-        results["warm small streamer req/s"] = small_files_rate(s_base, small)
+
+        def forget_stored() -> None:
+            """Make every file cold again: the streamer serves an artifact missing from disk
+            lazily (whatever the catalog's flag says); the peer re-fetches a missing file."""
+            shutil.rmtree(artifacts, ignore_errors=True)
+            shutil.rmtree(aio_store, ignore_errors=True)
+            time.sleep(0.5)  # let the last commits settle
+
+        # Rounds alternate the contenders and keep each one's best, so a burst of load from
+        # another process on the machine does not decide a ratio.
+        def best(key: str, measure) -> None:  # noqa: ANN001
+            value = measure()
+            results[key] = max(float(results.get(key, 0.0)), value)
+
+        for _ in range(args.repeat):
+            # 1. Cold 1 GiB.
+            forget_stored()
+            best(
+                "cold nginx proxy MB/s",
+                lambda: curl_speed(f"http://127.0.0.1:{proxy}/files/big.bin") / mb,
+            )
+            best("cold aiohttp MB/s", lambda: curl_speed(f"{a_base}/files/big.bin") / mb)
+            best("cold streamer MB/s", lambda: curl_speed(f"{s_base}/files/big.bin") / mb)
+            # 2. Warm 1 GiB.
+            best("warm nginx static MB/s", lambda: curl_speed(f"{upstream}/files/big.bin") / mb)
+            best("warm aiohttp MB/s", lambda: curl_speed(f"{a_base}/files/big.bin") / mb)
+            best("warm streamer MB/s", lambda: curl_speed(f"{s_base}/files/big.bin") / mb)
+        for _ in range(args.repeat):
+            # 2. Small files, cold then warm.
+            forget_stored()
+            best("cold small aiohttp req/s", lambda: small_files_rate(a_base, small))
+            best("cold small streamer req/s", lambda: small_files_rate(s_base, small))
+            best("warm small nginx static req/s", lambda: small_files_rate(upstream, small))
+            best("warm small aiohttp req/s", lambda: small_files_rate(a_base, small))
+            best("warm small streamer req/s", lambda: small_files_rate(s_base, small))
 
         # 3. Memory: a cold 1 GiB file (stored copy removed, catalog told), 10 slow + 1 fast.
-        shutil.rmtree(work / "var" / "artifacts", ignore_errors=True)
+        forget_stored()
         subprocess.run(["streamer", "--config", config, "sync"], check=True, capture_output=True)
         base_rss = rss_kib(streamer.pid)
         slow = [
@@ -285,9 +309,13 @@ def main() -> int:
         "cold streamer MB/s", "cold nginx proxy MB/s"
     )
     results["ratio warm streamer/aiohttp"] = ratio("warm streamer MB/s", "warm aiohttp MB/s")
+    results["ratio cold small streamer/aiohttp"] = ratio(
+        "cold small streamer req/s", "cold small aiohttp req/s"
+    )
     results["ratio warm small streamer/aiohttp"] = ratio(
         "warm small streamer req/s", "warm small aiohttp req/s"
     )
+    print(f"best of {args.repeat} alternating rounds per throughput row")
     print("| measure | value |\n| --- | --- |")
     for key, value in results.items():
         shown = f"{value:.1f}" if isinstance(value, float) else value
