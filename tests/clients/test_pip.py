@@ -123,3 +123,28 @@ async def test_pip_finds_downloads_and_installs_a_lazy_wheel(tmp_path, upstream:
         exit_code = await served.stop()
     assert exit_code == 0, served.output
     assert "Traceback" not in served.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_pip_uses_a_mirrored_simple_index(make_mirror, tmp_path):
+    """A PEP 503 "simple" index mirrored lazily: ``/simple/tinypkg/`` serves the catalogued
+    ``index.html`` (cold, then warm), whose hashed link leads to the lazy wheel."""
+    wheel = build_wheel(tmp_path / WHEEL)
+    page = (
+        "<!DOCTYPE html><html><body>"
+        f'<a href="../../packages/{WHEEL}#sha256={sha256(wheel)}">{WHEEL}</a>'
+        "</body></html>\n"
+    ).encode()
+    files = {f"simple/{NAME}/index.html": page, f"packages/{WHEEL}": wheel}
+    behaviours = {f"simple/{NAME}/index.html": Serve(page, content_type="text/html")}
+    mirror = await make_mirror(files, behaviours)
+    index = mirror.url("simple/")
+    for attempt in ("cold", "warm"):
+        folder = tmp_path / attempt
+        code, out, err = await pip("download", "--index-url", index, "-d", str(folder), NAME)
+        assert code == 0, (attempt, (out + err).decode())
+        assert (folder / WHEEL).read_bytes() == wheel
+        assert await mirror.stored_soon(f"packages/{WHEEL}")
+        assert await mirror.stored_soon(f"simple/{NAME}/index.html")
+    assert mirror.upstream_gets(f"packages/{WHEEL}") == 1
+    assert mirror.upstream_gets(f"simple/{NAME}/index.html") == 1
