@@ -184,6 +184,13 @@ class GroupCommitter:
                 remove_quietly(item[0])
                 return
 
+    def flush(self) -> None:
+        """Commit what is queued now, without waiting for more files (the last batch)."""
+        if not self._busy and self._queue:
+            self._next_batch()
+        else:
+            self.delay = 0.0
+
     def _schedule(self) -> None:
         if self._busy or not self._queue:
             return
@@ -291,6 +298,7 @@ class _Sync:
         self.progress.start(self.remote.name, total)
         try:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
+            self._committer.flush()  # no more files are coming
             while self._pending:  # commits and catalog updates still under way
                 yield defer.gatherResults(list(self._pending), consumeErrors=True)
         except BaseException:

@@ -73,3 +73,13 @@ async def test_a_bad_file_fails_alone(storage):
     assert outcome[0] == (True, None)
     assert not outcome[1][0] and "size mismatch" in outcome[1][1].getErrorMessage()
     assert storage.has(good[1]) and not storage.has(bad_sha)
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_commits_the_last_files_without_waiting(storage):
+    committer = GroupCommitter(storage, delay=3600, clock=task.Clock())
+    path, sha, size = temp_file(storage, b"last one")
+    done = committer.commit(path, sha, size)
+    committer.flush()
+    await done
+    assert storage.has(sha)
