@@ -9,6 +9,7 @@ logged and answered with a short plain-text status, never a traceback.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +29,13 @@ __all__ = ["ALLOWED_METHODS", "ContentResource"]
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
 INDEX_FILE = "index.html"
+#: Seconds a path's catalog entries are reused without asking the catalog again, and how many
+#: paths are remembered. A lookup is a round trip to the catalog's thread (most of the cost of
+#: a small stored file); entries change only when a sync replaces a remote (possibly in another
+#: process), so answers may lag a sync by this long. Whether an artifact is stored is always
+#: checked on disk, never cached. Unknown paths are not cached.
+LOOKUP_CACHE_SECONDS = 1.0
+LOOKUP_CACHE_SIZE = 10_000
 
 _log = Logger()
 
@@ -77,6 +85,8 @@ class ContentResource(Resource):
         self.x_accel_redirect: str = getattr(server, "x_accel_redirect", "") or ""
         self.stall_timeout: float | None = getattr(server, "stall_timeout", None)
         self.lazy = self._make_lazy(server)
+        self.lookup_cache_seconds = LOOKUP_CACHE_SECONDS
+        self._lookups: OrderedDict[str, tuple[float, list[CatalogEntry]]] = OrderedDict()
 
     def _make_lazy(self, server: Any) -> Any:
         """The lazy streamer sharing our catalog, storage and remotes (None if unavailable)."""
@@ -146,7 +156,7 @@ class ContentResource(Resource):
         if target.folder:
             await self._serve_folder(request, target)
             return
-        entries = await self.catalog.lookup(target.path)
+        entries = await self._lookup(target.path)
         if entries:
             await self._serve_entries(request, entries, target.path)
             return
@@ -157,6 +167,22 @@ class ContentResource(Resource):
             return
         respond_text(request, 404, "not found")
 
+    async def _lookup(self, path: str) -> list[CatalogEntry]:
+        """The catalog's entries for *path*, reused for `lookup_cache_seconds` (LRU)."""
+        now = self.reactor.seconds()
+        cached = self._lookups.get(path)
+        if cached is not None:
+            if cached[0] > now:
+                self._lookups.move_to_end(path)
+                return cached[1]
+            del self._lookups[path]
+        entries = list(await self.catalog.lookup(path))
+        if entries and self.lookup_cache_seconds > 0:
+            self._lookups[path] = (now + self.lookup_cache_seconds, entries)
+            if len(self._lookups) > LOOKUP_CACHE_SIZE:
+                self._lookups.popitem(last=False)
+        return entries
+
     async def _serve_folder(self, request: IRequest, target: RequestPath) -> None:
         items = await self._folder_items(target.path)
         if items is None:
@@ -164,7 +190,7 @@ class ContentResource(Resource):
             return
         index_path = f"{target.path}/{INDEX_FILE}" if target.path else INDEX_FILE
         if any(item.name == INDEX_FILE and not item.is_dir for item in items):
-            index_entries = await self.catalog.lookup(index_path)
+            index_entries = await self._lookup(index_path)
             if index_entries:
                 await self._serve_entries(request, index_entries, index_path)
                 return

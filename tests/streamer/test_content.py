@@ -8,7 +8,7 @@ import re
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 from tests.streamer.content_support import start_content_server
 from tests.support.clients import raw_http
@@ -289,3 +289,32 @@ def test_behind_the_service_root_resource(server):
         assert raw.data.startswith(b"HTTP/1.1 400 ")
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
+    entry = yield server.add("fixtures/cached.txt", b"cached body")
+    asked = []
+    lookup = server.catalog.lookup
+
+    def counting_lookup(path):
+        asked.append(path)
+        return lookup(path)
+
+    server.catalog.lookup = counting_lookup
+    server.resource.lookup_cache_seconds = 0.3
+    for _ in range(3):
+        got = yield server.curl("/fixtures/cached.txt")
+        assert got.status == 200 and got.body == b"cached body"
+        assert got.header("etag") == f'"{entry.sha256}"'
+    assert asked == ["fixtures/cached.txt"]
+    for _ in range(2):
+        missing = yield server.curl("/fixtures/missing.txt")
+        assert missing.status == 404
+    assert asked.count("fixtures/missing.txt") == 2, "a miss is asked again (a sync may add it)"
+    # After the cache time the catalog is asked again, and sees a change (new content).
+    yield task.deferLater(reactor, 0.35, lambda: None)
+    yield server.add("fixtures/cached.txt", b"new body")
+    got = yield server.curl("/fixtures/cached.txt")
+    assert got.body == b"new body"
+    assert asked.count("fixtures/cached.txt") == 2
