@@ -343,9 +343,12 @@ class _Sync:
     def _download(self, sources: list[CatalogEntry]) -> Any:
         """Try each source in order; hand the first valid file to the group committer."""
         problems = []
+        temp_dir = self.storage.temp_dir
         for entry in sources:
             try:
-                result = yield self._fetch(entry)
+                downloader = self.remote.get_downloader(entry=entry, temp_dir=temp_dir)
+                result = yield downloader.run()
+                self._check(result, entry)
             except defer.CancelledError:
                 raise
             except Exception as error:
@@ -374,15 +377,14 @@ class _Sync:
             self._fail(sources[0].url, "; ".join(f"{url}: {why}" for url, why in problems))
         self._release(None, sources[0].sha256)
 
-    @defer.inlineCallbacks
-    def _fetch(self, entry: CatalogEntry) -> Any:
-        downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
-        result = yield downloader.run()
+    @staticmethod
+    def _check(result: Any, entry: CatalogEntry) -> None:
+        """Refuse a result whose bytes are not the entry's (a custom downloader that skipped
+        validation): it must never be committed under the entry's sha256."""
         attributes = result.artifact_attributes
         if attributes.get("sha256") != entry.sha256 or attributes.get("size") != entry.size:
             remove_quietly(result.path)
             raise DownloadError(entry.url, "the downloader did not validate size and sha256")
-        return result
 
     def _stored(self, _: None, entry: CatalogEntry) -> None:
         self._count(DOWNLOADED)

@@ -125,3 +125,21 @@ async def test_fetched_bytes_are_validated_by_the_downloader(upstream, make_remo
     with pytest.raises(DigestValidationError):
         await remote.get_downloader(entry=entry, temp_dir=str(tmp_path)).run()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unvalidated_bytes_are_never_stored_under_the_entry_digest(
+    upstream, storage, catalog, make_remote
+):
+    """A custom importer whose downloaders skip validation cannot poison the store."""
+    url = upstream.register("/f", Serve(b"actual bytes"))
+    claimed = sha(b"claimed bytes")
+    item = {"path": "f", "url": url, "sha256": claimed, "size": 12}
+    listing = upstream.register("/listing.json", Serve(json.dumps([item]).encode()))
+    remote = make_remote(
+        "immediate", url=listing, importer="tests.importer.plugins:CarelessImporter"
+    )
+    report = await sync_remote(remote, catalog, storage)
+
+    assert report.failed == [(url, "the downloader did not validate size and sha256")]
+    assert artifacts(storage) == {} and not storage.has(claimed)
