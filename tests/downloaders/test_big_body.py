@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest_twisted
 
 from downloaders import HttpDownloader
+from downloaders.http import READ_SIZE
 from tests.downloaders.support import agent_fixture, pool_fixture  # noqa: F401 (fixtures)
 from tests.support.faults import Generated
 
@@ -67,3 +68,26 @@ def test_256_mib_body_with_small_peak_memory(upstream, agent, tmp_path: Path):
     assert peak < 16 * MIB, f"peak traced memory {peak / MIB:.1f} MiB"
     if rss_growth is not None:
         assert rss_growth < 32 * MIB, f"peak RSS grew by {rss_growth / MIB:.1f} MiB"
+
+
+class _ChunkSizes:
+    """A writer recording the size of every chunk the downloader hands over."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+
+
+@pytest_twisted.inlineCallbacks
+def test_upstream_reads_are_wider_than_twisteds_64_kib(upstream, agent):
+    """Bodies are read up to READ_SIZE at a time, not Twisted's 64 KiB: a fast 32 MiB body
+    arrives in chunks larger than 64 KiB (fewer reactor turns per byte)."""
+    body = Generated(32 * MIB, seed=b"wide")
+    url = upstream.register("/wide.bin", body)
+    writer = _ChunkSizes()
+    yield HttpDownloader(url, agent=agent, writer=writer, expected_size=32 * MIB).run()
+    assert sum(writer.sizes) == 32 * MIB
+    assert max(writer.sizes) > 64 * 1024, f"largest chunk {max(writer.sizes)} bytes"
+    assert max(writer.sizes) <= READ_SIZE
