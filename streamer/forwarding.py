@@ -8,7 +8,14 @@ framing we set ourselves (``Content-Length``, ``Accept-Ranges``, ``Content-Range
 upstream's ``ETag`` (our validator is the artifact's sha256, the same before and after the
 artifact is stored, so a client revalidating a cold answer gets a 304 from the stored copy;
 the upstream's tag would mean nothing to us), and headers about the upstream server
-(``Server``, ``Date``, ``Alt-Svc``, ...). An empty ``Content-Encoding`` is never forwarded.
+(``Server``, ``Date``, ``Alt-Svc``, ...).
+
+``Content-Type`` and ``Content-Encoding`` are not forwarded either: the artifact is the
+published bytes (its sha256 is theirs), so a ``.gz`` labelled ``Content-Encoding: gzip`` by a
+misconfigured upstream is still the ``.gz`` file, and a client decoding it cold would save
+something else than it saves warm. Cold and warm answers both take their type from the path's
+extension. ``Last-Modified`` is forwarded and kept as the stored file's modification time, so
+the warm answer carries the same date.
 """
 
 from __future__ import annotations
@@ -35,8 +42,6 @@ HOP_BY_HOP = frozenset(
 
 #: End-to-end headers describing the representation, forwarded when present and non-empty.
 FORWARDED = (
-    b"content-type",
-    b"content-encoding",
     b"content-language",
     b"content-disposition",
     b"last-modified",
