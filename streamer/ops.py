@@ -12,7 +12,8 @@ from streamer.metrics import CONTENT_TYPE, Metrics
 __all__ = ["HealthResource", "MetricsResource"]
 
 
-def _plain(request: Request, code: int, text: str) -> bytes:
+def plain_text(request: Request, code: int, text: str) -> bytes:
+    """Set *code* and plain-text, uncacheable headers; return *text* as the body to render."""
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
@@ -49,8 +50,8 @@ class HealthResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         if self._healthy():
-            return _plain(request, 200, "ok\n")
-        return _plain(request, 503, "shutting down\n")
+            return plain_text(request, 200, "ok\n")
+        return plain_text(request, 503, "shutting down\n")
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)

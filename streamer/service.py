@@ -34,7 +34,7 @@ from store.storage import ArtifactStorage
 from streamer.config import CONFIG_ENV, Config
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
-from streamer.ops import HealthResource, MetricsResource
+from streamer.ops import HealthResource, MetricsResource, plain_text
 from streamer.signing import SignedResource
 
 __all__ = [
@@ -81,13 +81,6 @@ def exit_status_at_exit(status: int) -> None:
     atexit.register(exit_now)
 
 
-def _plain(request: server.Request, code: int, text: str) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    return text.encode()
-
-
 class _Unavailable(Resource):
     """503 with a short reason: starting, shutting down, or no content resource."""
 
@@ -98,7 +91,7 @@ class _Unavailable(Resource):
         self._reason = reason
 
     def render(self, request: server.Request) -> bytes:
-        return _plain(request, 503, f"{self._reason}\n")
+        return plain_text(request, 503, f"{self._reason}\n")
 
 
 def default_content_factory(**kwargs: Any) -> IResource:
@@ -155,7 +148,7 @@ class StreamerRequest(server.Request):
             # (a keep-alive or pipelining client must not wait on it).
             self.setHeader(b"connection", b"close")
             self.channel.persistent = False
-            body = _plain(self, 503, "shutting down\n")
+            body = plain_text(self, 503, "shutting down\n")
             self.setHeader(b"content-length", b"%d" % len(body))
             self.write(body)
             self.finish()
