@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
@@ -41,6 +41,17 @@ from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
 
 HeadersCallback = Callable[[Any], None]
+
+#: Names of the downloaders' temporary files: this prefix, then 16 random hex digits.
+TEMP_PREFIX = ".download-"
+_TEMP_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+)
+_TEMP_ATTEMPTS = 100
 
 
 @implementer(IDownloader)
@@ -87,9 +98,9 @@ class BaseDownloader:
         reactor: IReactorTime | None = None,
     ) -> None:
         #: The url without credentials: what results, errors and logs show.
-        self.url = redact_url(url)
+        self.url = redact_url(url) if "@" in url else url
         #: ``(username, password)`` from the url's userinfo, for protocols that can send them.
-        self.url_credentials = _userinfo(url)
+        self.url_credentials = _userinfo(url) if "@" in url else None
         self.expected_digests = normalise_digests(expected_digests)
         bad = unsupported_digest(self.expected_digests)
         if bad is not None:
@@ -115,7 +126,8 @@ class BaseDownloader:
         self.headers: Any = None
         self.attempts = 0
         self._calculator = DigestCalculator(self.digest_algorithms)
-        self._file: IO[bytes] | None = None
+        #: This attempt's temporary file (unbuffered: every chunk is one ``write``).
+        self._fd: int | None = None
         self.path: str | None = None
         self._finalized = False
         self._handed_over = False
@@ -135,9 +147,13 @@ class BaseDownloader:
             self._handed_over = True
             self.writer.write(data)
             return
-        sink = self._sink()
+        fd = self._fd if self._fd is not None else self._open_temp()
         try:
-            sink.write(data)
+            written = os.write(fd, data)
+            if written < len(data):  # a short write (signal, nearly full disk): go on
+                view = memoryview(data)
+                while written < len(view):
+                    written += os.write(fd, view[written:])
         except OSError as exc:
             raise self._temp_file_error(exc) from exc
 
@@ -149,13 +165,12 @@ class BaseDownloader:
             return
         self._finalized = True
         if self.writer is None:
-            sink = self._sink()
+            fd = self._fd if self._fd is not None else self._open_temp()
+            self._fd = None
             try:
-                sink.flush()
+                os.close(fd)
             except OSError as exc:
                 raise self._temp_file_error(exc) from exc
-            finally:
-                sink.close()
         self.validate()
 
     # Hooks for subclasses ----------------------------------------------------------------------
@@ -263,20 +278,28 @@ class BaseDownloader:
     def _start_attempt(self) -> None:
         """Fresh digests and a fresh file for every attempt."""
         self._calculator = DigestCalculator(self.digest_algorithms)
-        self._file = None
+        self._fd = None
         self.path = None
         self._finalized = False
 
-    def _sink(self) -> IO[bytes]:
-        if self._file is None:
+    def _open_temp(self) -> int:
+        """Create this attempt's temporary file (``.download-<random>``, mode 0600).
+
+        ``os.open`` with ``O_CREAT | O_EXCL`` on a random name is what ``tempfile`` does, minus
+        its per-call overhead (a name generator, a file object and a buffer per file).
+        """
+        folder = self.temp_dir or tempfile.gettempdir()
+        for _ in range(_TEMP_ATTEMPTS):
+            path = os.path.join(folder, f"{TEMP_PREFIX}{os.urandom(8).hex()}")
             try:
-                self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finalize/_discard)
-                    dir=self.temp_dir, prefix=".download-", delete=False
-                )
+                self._fd = os.open(path, _TEMP_FLAGS, 0o600)
+            except FileExistsError:
+                continue
             except OSError as exc:
                 raise self._temp_file_error(exc) from exc
-            self.path = self._file.name
-        return self._file
+            self.path = path
+            return self._fd
+        raise self._temp_file_error(FileExistsError(f"no free temporary name in {folder}"))
 
     def _temp_file_error(self, exc: OSError) -> DownloadError:
         """A failure of our own temporary file (disk full, no such folder), with the url."""
@@ -285,9 +308,9 @@ class BaseDownloader:
 
     def _discard(self) -> None:
         """Close and remove this attempt's temporary file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self.path is not None:
             try:
                 os.unlink(self.path)
