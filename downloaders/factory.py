@@ -22,9 +22,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 import twisted
@@ -36,7 +38,7 @@ from downloaders.proxy import ProxyingAgent
 from downloaders.redirects import RedirectingAgent
 from downloaders.tls import RemoteTLSPolicy
 
-__all__ = ["DownloaderFactory", "RateLimitedAgent", "project_version"]
+__all__ = ["CachingEndpointFactory", "DownloaderFactory", "RateLimitedAgent", "project_version"]
 
 PROJECT = "twisted-streamer"
 
@@ -47,6 +49,50 @@ def project_version() -> str:
         return metadata.version(PROJECT)
     except metadata.PackageNotFoundError:  # running from a checkout that is not installed
         return "0+unknown"
+
+
+@implementer(IAgentEndpointFactory)
+class CachingEndpointFactory:
+    """Plain TCP for ``http``, TLS with *tls_policy* for ``https``: one endpoint per
+    ``(scheme, host, port)``, made once and reused.
+
+    Twisted's own factory builds a new ``HostnameEndpoint`` (IDNA-encoding the host) and a
+    new TLS creator for every request; a sync of thousands of files from one host paid that
+    for each file. Endpoints are reusable (each ``connect`` resolves the name afresh), so the
+    cache changes nothing but the cost. At most *limit* origins are kept (redirects may lead
+    anywhere); past that the cache starts over.
+    """
+
+    def __init__(
+        self, reactor: Any, tls_policy: Any, connect_timeout: float | None, limit: int = 64
+    ) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._timeout = {} if connect_timeout is None else {"timeout": connect_timeout}
+        self._limit = limit
+        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: URI) -> Any:  # noqa: N802 - Twisted API
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._make(uri)
+            if len(self._endpoints) >= self._limit:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
+
+    def _make(self, uri: URI) -> Any:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"the host of {uri.toBytes()!r} is not ASCII") from None
+        endpoint = HostnameEndpoint(self._reactor, host, uri.port, **self._timeout)
+        if uri.scheme == b"http":
+            return endpoint
+        return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
 
 
 @implementer(IAgent)
@@ -130,12 +176,8 @@ class DownloaderFactory:
                 connect_timeout=connect_timeout,
             )
         else:
-            agent = Agent(
-                self.reactor,
-                contextFactory=self.tls_policy,
-                connectTimeout=connect_timeout,
-                pool=self.pool,
-            )
+            endpoints = CachingEndpointFactory(self.reactor, self.tls_policy, connect_timeout)
+            agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
         if remote.username:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
         rate = getattr(remote, "rate_limit", 0)

@@ -71,39 +71,67 @@ class RedirectingAgent:
         headers: Headers | None = None,
         bodyProducer: Any = None,  # noqa: N803
     ) -> defer.Deferred[Any]:
-        return defer.ensureDeferred(self._follow(method, uri, headers, bodyProducer))
+        # Plain callbacks, not a coroutine: a response that is not a redirect (nearly all of
+        # them) costs one callback on the inner agent's Deferred.
+        return _Hops(self, method, uri.decode("latin-1"), headers, bodyProducer).next()
 
-    async def _follow(self, method: bytes, uri: bytes, headers: Headers | None, body: Any) -> Any:
-        original = uri.decode("latin-1")
-        start = origin(original)
-        current = original
-        seen = {current}
-        previous = None
-        hops = 0
-        while True:
-            response = await self._agent.request(method, current.encode("latin-1"), headers, body)
-            if previous is not None:
-                response.setPreviousResponse(previous)
-            if response.code not in REDIRECT_CODES or body is not None:
-                return response
-            locations = response.headers.getRawHeaders(b"location") or []
-            await _discard_body(response)
-            if not locations:
-                raise DownloadError(original, f"HTTP {response.code} redirect without Location")
-            target = urljoin(current, locations[0].decode("latin-1").strip())
-            if origin(target)[0] not in ("http", "https"):
-                raise DownloadError(
-                    original, f"redirect to a non-HTTP url refused: {mask_url(target)}"
-                )
-            if target in seen:
-                raise TooManyRedirects(original, f"redirect loop at {mask_url(target)}")
-            hops += 1
-            if hops > self.max_redirects:
-                raise TooManyRedirects(original, f"more than {self.max_redirects} redirects")
-            if response.code == 303 and method != b"HEAD":
-                method = b"GET"
-            if origin(target) != start:
-                headers = _without_secrets(headers)
-            seen.add(target)
-            current = target
-            previous = response
+
+class _Hops:
+    """The redirect chain of one request: each hop is checked, then the next one is made."""
+
+    def __init__(
+        self,
+        agent: RedirectingAgent,
+        method: bytes,
+        uri: str,
+        headers: Headers | None,
+        body: Any,
+    ) -> None:
+        self.agent = agent
+        self.method = method
+        self.original = self.current = uri
+        self.headers = headers
+        self.body = body
+        self.start: tuple[str, str, int | None] | None = None  # the first origin, when needed
+        self.seen: set[str] | None = None
+        self.previous: Any = None
+        self.hops = 0
+
+    def next(self) -> defer.Deferred[Any]:
+        d = self.agent._agent.request(
+            self.method, self.current.encode("latin-1"), self.headers, self.body
+        )
+        return d.addCallback(self._response)
+
+    def _response(self, response: Any) -> Any:
+        if self.previous is not None:
+            response.setPreviousResponse(self.previous)
+        if response.code not in REDIRECT_CODES or self.body is not None:
+            return response
+        locations = response.headers.getRawHeaders(b"location") or []
+        return _discard_body(response).addCallback(lambda _: self._follow(response, locations))
+
+    def _follow(self, response: Any, locations: list[bytes]) -> defer.Deferred[Any]:
+        original = self.original
+        if not locations:
+            raise DownloadError(original, f"HTTP {response.code} redirect without Location")
+        target = urljoin(self.current, locations[0].decode("latin-1").strip())
+        target_origin = origin(target)
+        if target_origin[0] not in ("http", "https"):
+            raise DownloadError(original, f"redirect to a non-HTTP url refused: {mask_url(target)}")
+        if self.seen is None:
+            self.seen = {original}
+            self.start = origin(original)
+        if target in self.seen:
+            raise TooManyRedirects(original, f"redirect loop at {mask_url(target)}")
+        self.hops += 1
+        if self.hops > self.agent.max_redirects:
+            raise TooManyRedirects(original, f"more than {self.agent.max_redirects} redirects")
+        if response.code == 303 and self.method != b"HEAD":
+            self.method = b"GET"
+        if target_origin != self.start:
+            self.headers = _without_secrets(self.headers)
+        self.seen.add(target)
+        self.current = target
+        self.previous = response
+        return self.next()
