@@ -39,19 +39,9 @@ from downloaders.errors import (
 from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
+from downloaders.tempfiles import TempFilePool, create_temp_file
 
 HeadersCallback = Callable[[Any], None]
-
-#: Names of the downloaders' temporary files: this prefix, then 16 random hex digits.
-TEMP_PREFIX = ".download-"
-_TEMP_FLAGS = (
-    os.O_WRONLY
-    | os.O_CREAT
-    | os.O_EXCL
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_NOFOLLOW", 0)
-)
-_TEMP_ATTEMPTS = 100
 
 
 @implementer(IDownloader)
@@ -65,6 +55,9 @@ class BaseDownloader:
     :param semaphore: a `DeferredSemaphore` shared by the downloads of one remote.
     :param digest_algorithms: computed on top of the expected ones (default: sha256 only).
     :param temp_dir: where the temporary file goes (default: the system's).
+    :param temp_files: a `TempFilePool` that hands out ready-made temporary files (the
+        factory passes one per ``temp_dir``); None: each attempt creates its own in
+        ``temp_dir``.
     :param writer: a caller-supplied `IWriter` (``write(bytes)``) taking the bytes instead of a
         temporary file; then ``result.path`` is None and no retry happens once a byte or the
         headers were handed over (they cannot be taken back). Each chunk is written the moment
@@ -91,6 +84,7 @@ class BaseDownloader:
         *,
         digest_algorithms: Iterable[str] = DEFAULT_DIGESTS,
         temp_dir: str | None = None,
+        temp_files: TempFilePool | None = None,
         writer: Any = None,
         headers_ready_callback: HeadersCallback | None = None,
         max_retries: int = 3,
@@ -114,6 +108,7 @@ class BaseDownloader:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.temp_dir = temp_dir
+        self.temp_files = temp_files
         self.writer = writer
         self.headers_ready_callback = headers_ready_callback
         self.max_retries = max_retries
@@ -283,23 +278,15 @@ class BaseDownloader:
         self._finalized = False
 
     def _open_temp(self) -> int:
-        """Create this attempt's temporary file (``.download-<random>``, mode 0600).
-
-        ``os.open`` with ``O_CREAT | O_EXCL`` on a random name is what ``tempfile`` does, minus
-        its per-call overhead (a name generator, a file object and a buffer per file).
-        """
-        folder = self.temp_dir or tempfile.gettempdir()
-        for _ in range(_TEMP_ATTEMPTS):
-            path = os.path.join(folder, f"{TEMP_PREFIX}{os.urandom(8).hex()}")
-            try:
-                self._fd = os.open(path, _TEMP_FLAGS, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise self._temp_file_error(exc) from exc
-            self.path = path
-            return self._fd
-        raise self._temp_file_error(FileExistsError(f"no free temporary name in {folder}"))
+        """Create (or take from the pool) this attempt's temporary file, mode 0600."""
+        try:
+            if self.temp_files is not None:
+                self._fd, self.path = self.temp_files.take()
+            else:
+                self._fd, self.path = create_temp_file(self.temp_dir or tempfile.gettempdir())
+        except OSError as exc:
+            raise self._temp_file_error(exc) from exc
+        return self._fd
 
     def _temp_file_error(self, exc: OSError) -> DownloadError:
         """A failure of our own temporary file (disk full, no such folder), with the url."""

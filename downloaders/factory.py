@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorThreads
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -36,6 +37,7 @@ from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.proxy import ProxyingAgent
 from downloaders.redirects import RedirectingAgent
+from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
 
 __all__ = ["CachingEndpointFactory", "DownloaderFactory", "RateLimitedAgent", "project_version"]
@@ -159,6 +161,9 @@ class DownloaderFactory:
         self.tls_policy = RemoteTLSPolicy.from_settings(remote)
         self.agent = self._compose_agent()
         self._user_agent = self.user_agent()
+        self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
+        #: One `TempFilePool` per temporary folder, made on first use.
+        self._temp_pools: dict[str, TempFilePool] = {}
 
     # Agent ---------------------------------------------------------------------------------------
 
@@ -199,8 +204,14 @@ class DownloaderFactory:
     def build(self, url: str, **kwargs: Any) -> BaseDownloader:
         """A downloader for ``url`` carrying the remote's settings; ``kwargs`` (expected_digests,
         expected_size, writer, headers_ready_callback, method, headers, ...) pass through and
-        win over the remote's values."""
-        scheme = urlsplit(url).scheme.lower()
+        win over the remote's values.
+
+        A download into a temporary folder with a `TempFilePool` (see `temp_files`) takes its
+        file from the pool.
+        """
+        scheme = url[: url.find(":")].lower() if ":" in url else ""
+        if not scheme.isalpha():
+            scheme = urlsplit(url).scheme.lower()
         cls = self.classes.get(scheme)
         if cls is None:
             raise ValueError(f"no downloader for the url scheme {scheme!r}")
@@ -213,24 +224,47 @@ class DownloaderFactory:
         if scheme == "file":
             options["allowed_import_paths"] = getattr(self.remote, "allowed_import_paths", ())
         else:
-            headers = merge_headers(
-                {"User-Agent": self._user_agent},
-                self.remote.headers,
-                kwargs.pop("headers", None) or {},
-            )
+            extra = kwargs.pop("headers", None)
             options.update(
                 agent=self.agent,
-                headers=headers,
+                headers=merge_headers(self._headers, extra) if extra else self._headers,
                 connect_timeout=self.remote.connect_timeout,
                 sock_read_timeout=self.remote.sock_read_timeout,
                 total_timeout=self.remote.total_timeout,
             )
         options.update(kwargs)
+        if self._temp_pools and options.get("writer") is None and "temp_files" not in options:
+            pool = self._temp_pools.get(options["temp_dir"])
+            if pool is not None and issubclass(cls, BaseDownloader):
+                options["temp_files"] = pool
         return cls(url, **options)
 
+    def temp_files(self, folder: str) -> TempFilePool:
+        """Create temporary files for *folder* ahead, off the reactor thread, until
+        `release_temp_files`: downloads built for that folder take theirs from this
+        `TempFilePool`. For bulk work (a sync of many files); the pool keeps a few empty
+        files in *folder* meanwhile."""
+        pool = self._temp_pools.get(folder)
+        if pool is None:
+            threaded = IReactorThreads.providedBy(self.reactor)
+            size = max(32, 4 * self.remote.download_concurrency)
+            pool = TempFilePool(folder, size, reactor=self.reactor if threaded else None)
+            self._temp_pools[folder] = pool
+            pool.fill()
+        return pool
+
+    def release_temp_files(self, folder: str) -> defer.Deferred[None]:
+        """Stop creating files ahead for *folder* and remove the unused ones."""
+        pool = self._temp_pools.pop(folder, None)
+        return pool.close() if pool is not None else defer.succeed(None)
+
     def close(self) -> defer.Deferred[None]:
-        """Close the pool's idle connections; fires when they are closed."""
-        return self.pool.closeCachedConnections()
+        """Remove the temporary files made ahead and not used, and close the pool's idle
+        connections; fires when they are closed."""
+        closing = [pool.close() for pool in self._temp_pools.values()]
+        self._temp_pools.clear()
+        closing.append(self.pool.closeCachedConnections())
+        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def merge_headers(*layers: Mapping[str, str]) -> dict[str, str]:

@@ -296,6 +296,9 @@ class _Sync:
     def _download_all(self, listing: str, total: int) -> Any:
         files = group_sources(self.importer.catalog_entries(listing, self.storage.has))
         self.progress.start(self.remote.name, total)
+        factory = self._factory()
+        if factory is not None:  # temp files are created ahead, off the reactor thread
+            factory.temp_files(self.storage.temp_dir)
         try:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
             self._committer.flush()  # no more files are coming
@@ -306,7 +309,14 @@ class _Sync:
                 pending.cancel()
             raise
         finally:
+            if factory is not None:
+                yield factory.release_temp_files(self.storage.temp_dir)
             self.progress.finish()
+
+    def _factory(self) -> Any:
+        """The remote's `DownloaderFactory`, if it has one (a duck-typed remote may not)."""
+        make = getattr(self.remote, "downloader_factory", None)
+        return make() if make is not None else None
 
     def _one_file(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
         """Fires when the download slot is free again (the commit may still be under way)."""
