@@ -261,6 +261,11 @@ class _Sync:
         #: Commits and catalog updates under way (the download slots are free meanwhile).
         self._pending: set[defer.Deferred[Any]] = set()
         self._committer = GroupCommitter(storage)
+        #: Stored files whose catalog entries are marked at the end of this reactor turn.
+        self._to_mark: list[CatalogEntry] = []
+        from twisted.internet import reactor
+
+        self._clock = reactor
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -399,13 +404,34 @@ class _Sync:
     def _stored(self, _: None, entry: CatalogEntry) -> None:
         self._count(DOWNLOADED)
         self._release(None, entry.sha256)
-        marking = self.catalog.mark_stored(entry.sha256)
-        marking.addErrback(
-            lambda f: self.report.failed.append(
-                (entry.url, f"stored, but the catalog was not updated: {f.getErrorMessage()}")
+        # The files of one commit batch arrive here one after another, in one reactor turn:
+        # they are marked in the catalog together, in one transaction.
+        if not self._to_mark:
+            marking: defer.Deferred[None] = defer.Deferred()
+            self._track(marking)
+            self._clock.callLater(0, self._mark_stored, marking)
+        self._to_mark.append(entry)
+
+    def _mark_stored(self, done: defer.Deferred[None]) -> None:
+        entries, self._to_mark = self._to_mark, []
+        if done.called:  # cancelled: the sync is being stopped
+            return
+        many = getattr(self.catalog, "mark_stored_many", None)
+        if many is not None:
+            marking = many([entry.sha256 for entry in entries])
+        else:  # an ICatalog without the batched call
+            marking = defer.gatherResults(
+                [self.catalog.mark_stored(entry.sha256) for entry in entries], consumeErrors=True
             )
-        )
-        self._track(marking)
+
+        def failed(failure: Failure) -> None:
+            reason = _first_error(failure).getErrorMessage()
+            for entry in entries:
+                self.report.failed.append(
+                    (entry.url, f"stored, but the catalog was not updated: {reason}")
+                )
+
+        marking.addCallbacks(lambda _: None, failed).chainDeferred(done)
 
     def _not_stored(self, failure: Failure, entry: CatalogEntry) -> None:
         self._release(None, entry.sha256)

@@ -78,6 +78,11 @@ class ICatalog(Interface):
     def mark_stored(sha256, stored=True):
         """Set the stored flag on all entries with this sha256. Deferred firing with the count."""
 
+    def mark_stored_many(sha256s):
+        """Set the stored flag on all entries with any of these sha256s, in one transaction.
+        Deferred firing with the count. (Optional for other implementations: callers fall
+        back to one `mark_stored` per sha256 when it is missing.)"""
+
     def entries_for_remote(remote):
         """Deferred firing with the list of CatalogEntry of *remote*, ordered by path."""
 

@@ -186,6 +186,11 @@ class SQLiteCatalog:
         """Set the stored flag of every entry with *sha256*; fires with how many rows."""
         return self._run(_mark_stored, sha256.lower(), bool(stored))
 
+    def mark_stored_many(self, sha256s: Iterable[str]) -> Deferred[int]:
+        """Set the stored flag of every entry with any of *sha256s*, in one transaction;
+        fires with how many rows. (A sync marks each commit batch at once.)"""
+        return self._run(_mark_stored_many, [sha256.lower() for sha256 in sha256s])
+
     def replace_remote(
         self, remote: str, entries: Iterable[CatalogEntry]
     ) -> Deferred[ReplaceReport]:
@@ -242,6 +247,13 @@ def _count(txn: Any, remote: str | None) -> int:
 
 def _mark_stored(txn: Any, sha256: str, stored: bool) -> int:
     txn.execute("UPDATE catalog_entries SET stored = ? WHERE sha256 = ?", (int(stored), sha256))
+    return txn.rowcount
+
+
+def _mark_stored_many(txn: Any, sha256s: list[str]) -> int:
+    txn.executemany(
+        "UPDATE catalog_entries SET stored = 1 WHERE sha256 = ?", [(x,) for x in sha256s]
+    )
     return txn.rowcount
 
 
