@@ -261,8 +261,10 @@ def timed(cmd: list[str], label: str = "", **kwargs: object) -> tuple[float, str
     """Run *cmd* to completion; return its wall time and stdout, record its CPU time."""
     cpu = children_cpu()
     started = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     wall = time.perf_counter() - started
+    if out.returncode:  # show why (a child's traceback), not only its exit status
+        raise RuntimeError(f"{cmd[1:3]} exited with {out.returncode}:\n{out.stderr[-4000:]}")
     if label:
         CPU.setdefault(label, []).append(children_cpu() - cpu)
     return wall, out.stdout
@@ -407,6 +409,7 @@ def main() -> None:
     shared = args.shared.resolve()
     work = args.work or Path(tempfile.mkdtemp(prefix="sync-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # mkdtemp makes it 0700; nginx's worker (nobody) must read the fixture
     fixture = work / "upstream"
     subprocess.run(
         [
