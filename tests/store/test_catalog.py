@@ -349,3 +349,27 @@ def test_open_fails_cleanly_on_unusable_file(tmp_path):
         yield cat.open()
     with pytest.raises(CatalogError, match="not open"):
         cat.lookup("a")
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(catalog, tmp_path):
+    """A lookup on a file catalog answers at once (no worker-thread hop) and sees what
+    another catalog object on the same file (another process, say `streamer sync`) wrote."""
+    writer = SQLiteCatalog(catalog.database)
+    yield writer.open()
+    try:
+        yield writer.replace_remote("r", [entry("base/x", remote="r", content="1")])
+        looked_up = catalog.lookup("base/x")
+        assert looked_up.called, "lookup waited for the worker thread"
+        assert [e.sha256 for e in (yield looked_up)] == [_sha("1")]
+        yield writer.replace_remote("r", [entry("base/x", remote="r", content="2")])
+        assert [e.sha256 for e in (yield catalog.lookup("base/x"))] == [_sha("2")]
+        # A writer holding the database does not make lookups fail: they answer or wait.
+        with closing(sqlite3.connect(catalog.database, isolation_level=None)) as raw:
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute("DELETE FROM catalog_entries")
+            assert [e.sha256 for e in (yield catalog.lookup("base/x"))] == [_sha("2")]
+            raw.execute("COMMIT")
+        assert (yield catalog.lookup("base/x")) == []
+    finally:
+        yield writer.close()
