@@ -239,16 +239,16 @@ class DownloaderFactory:
                 options["temp_files"] = pool
         return cls(url, **options)
 
-    def temp_files(self, folder: str) -> TempFilePool:
+    def temp_files(self, folder: str, mode: int = 0o600) -> TempFilePool:
         """Create temporary files for *folder* ahead, off the reactor thread, until
         `release_temp_files`: downloads built for that folder take theirs from this
         `TempFilePool`. For bulk work (a sync of many files); the pool keeps a few empty
-        files in *folder* meanwhile."""
+        files in *folder* meanwhile. *mode*: the files' permissions (see `TempFilePool`)."""
         pool = self._temp_pools.get(folder)
         if pool is None:
             threaded = IReactorThreads.providedBy(self.reactor)
             size = max(32, 4 * self.remote.download_concurrency)
-            pool = TempFilePool(folder, size, reactor=self.reactor if threaded else None)
+            pool = TempFilePool(folder, size, reactor=self.reactor if threaded else None, mode=mode)
             self._temp_pools[folder] = pool
             pool.fill()
         return pool

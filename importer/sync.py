@@ -38,6 +38,7 @@ from downloaders.errors import DownloadError
 from importer.importers import remove_quietly
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
 from store.catalog import CatalogEntry
+from store.storage import ARTIFACT_MODE
 
 T = TypeVar("T")
 log = Logger()
@@ -302,8 +303,9 @@ class _Sync:
         files = group_sources(self.importer.catalog_entries(listing, self.storage.has))
         self.progress.start(self.remote.name, total)
         factory = self._factory()
-        if factory is not None:  # temp files are created ahead, off the reactor thread
-            factory.temp_files(self.storage.temp_dir)
+        if factory is not None:  # temp files are created ahead, off the reactor thread,
+            # already with the artifacts' mode (the commit then needs no chmod)
+            factory.temp_files(self.storage.temp_dir, mode=ARTIFACT_MODE)
         try:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
             self._committer.flush()  # no more files are coming

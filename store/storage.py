@@ -77,6 +77,8 @@ class ArtifactStorage:
         self.artifacts_dir = os.path.join(self.root, "artifacts")
         self.temp_dir = os.path.join(self.root, "tmp")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
+        #: The ``artifacts/xx`` folders known to exist (at most 256 names).
+        self._folders: set[str] = set()
         try:
             os.makedirs(self.artifacts_dir, exist_ok=True)
             os.makedirs(self.temp_dir, exist_ok=True)
@@ -168,28 +170,51 @@ class ArtifactStorage:
         temp_path = os.path.abspath(temp_path)
         if os.path.dirname(temp_path) != self.temp_dir:
             raise StorageError(f"refusing to commit {temp_path!r}: not a file in {self.temp_dir!r}")
-        fd = os.open(temp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"refusing to commit {temp_path!r}: not a regular file")
-            if st.st_size != size:
-                raise StorageError(
-                    f"size mismatch for artifact {sha256}: expected {size} bytes, "
-                    f"the file has {st.st_size}"
-                )
-            os.fchmod(fd, ARTIFACT_MODE)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        # One lstat settles most files: a regular file (not a symlink) of the right size
+        # whose mode is already the artifacts' (downloads made for storage are created so).
+        # The file is opened only to change its mode or to fsync it.
+        st = os.lstat(temp_path)
+        self._check_temp(temp_path, st, sha256, size)
+        if durable or stat.S_IMODE(st.st_mode) != ARTIFACT_MODE:
+            fd = os.open(temp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                self._check_temp(temp_path, os.fstat(fd), sha256, size)  # the file we opened
+                os.fchmod(fd, ARTIFACT_MODE)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         dest = self.path_for(sha256)
         if os.path.isfile(dest):
             _remove_quietly(temp_path)
             return dest
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.replace(temp_path, dest)
+        self._rename_into(temp_path, dest, sha256[:2])
         return dest
+
+    @staticmethod
+    def _check_temp(temp_path: str, st: os.stat_result, sha256: str, size: int) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(f"refusing to commit {temp_path!r}: not a regular file")
+        if st.st_size != size:
+            raise StorageError(
+                f"size mismatch for artifact {sha256}: expected {size} bytes, "
+                f"the file has {st.st_size}"
+            )
+
+    def _rename_into(self, temp_path: str, dest: str, prefix: str) -> None:
+        """Rename into ``artifacts/<prefix>/``, creating that folder the first time only (a
+        ``mkdir`` costs about as much as creating a file: once per folder, not per file)."""
+        if prefix not in self._folders:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            self._folders.add(prefix)
+        try:
+            os.replace(temp_path, dest)
+        except FileNotFoundError:
+            if not os.path.exists(temp_path):
+                raise
+            # The folder went away after we made it (removed by hand): make it again.
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(temp_path, dest)
 
     def import_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Copy the local file at *path* into storage through tmp/; return (sha256, size)."""

@@ -100,3 +100,24 @@ async def test_factory_pool_is_opt_in_and_failures_leave_nothing(upstream, tmp_p
     left = sorted(temp.iterdir())
     assert left == sorted(Path(r.path) for r in results)  # spares and the bad file are gone
     await factory.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_pool_mode_is_used_for_made_ahead_and_inline_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        pool = TempFilePool(str(tmp_path), size=2, mode=0o644)
+        fd, path = pool.take()  # made inline: nothing ready yet; a refill starts
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        while pool._refilling is not None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        fd, ahead = pool.take()  # made ahead by the thread
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(ahead).st_mode) == 0o644
+        yield pool.close()
+        fd, path = create_temp_file(str(tmp_path), 0o640)
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)
