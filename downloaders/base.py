@@ -20,6 +20,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import ReactorNotRestartable
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from downloaders.digests import (
@@ -205,9 +206,20 @@ class BaseDownloader:
 
         Cancelling the returned Deferred aborts the download and removes the temporary file.
         """
-        if self.semaphore is None:
-            return self._run_with_retries(extra_data)
-        return self.semaphore.run(self._run_with_retries, extra_data)
+        semaphore = self.semaphore
+        if semaphore is None:
+            return _Attempts(self, extra_data).start()
+        if (
+            type(semaphore) is defer.DeferredSemaphore
+            and semaphore.tokens
+            and not semaphore.waiting
+        ):
+            # A free slot (the common case when the caller bounds concurrency itself): take it
+            # now, without the acquire Deferred and maybeDeferred of ``semaphore.run``.
+            semaphore.tokens -= 1
+            done = _Attempts(self, extra_data).start()
+            return done.addBoth(_release, semaphore)
+        return semaphore.run(self._run_with_retries, extra_data)
 
     def fetch(self, timeout: float | None = None) -> DownloadResult:
         """Run the download from plain (non-reactor) code and wait for its result.
@@ -237,30 +249,8 @@ class BaseDownloader:
 
     # Internals ----------------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _run_with_retries(self, extra_data: Any) -> Any:
-        attempt = 0
-        while True:
-            self._start_attempt()
-            self.attempts = attempt + 1
-            try:
-                result = self._run(extra_data)
-                if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
-                    result = defer.ensureDeferred(result)  # an ``async def _run``
-                result = yield result
-                self.finalize()
-            except BaseException as error:
-                self._discard()
-                if not self._should_retry(error, attempt):
-                    raise
-                retry_after = getattr(error, "retry_after", None)
-                delay = self.backoff.delay(attempt, retry_after)
-                attempt += 1
-                yield task.deferLater(self.reactor, delay, lambda: None)
-                continue
-            if isinstance(result, DownloadResult):  # a Pulp-style `_run` built its own
-                return result
-            return DownloadResult(self.url, self.artifact_attributes, self.path, self.headers)
+    def _run_with_retries(self, extra_data: Any) -> defer.Deferred[DownloadResult]:
+        return _Attempts(self, extra_data).start()
 
     def _should_retry(self, error: BaseException, attempt: int) -> bool:
         if not isinstance(error, DownloadError) or not error.retryable:
@@ -304,6 +294,91 @@ class BaseDownloader:
             except FileNotFoundError:
                 pass
             self.path = None
+
+
+def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:
+    semaphore.release()
+    return result
+
+
+class _Attempts:
+    """The attempts of one `BaseDownloader.run`, on plain callbacks.
+
+    Each attempt gets a fresh file and digests; a retryable failure waits for the backoff and
+    tries again. ``done`` fires with the `DownloadResult` or the last failure; cancelling it
+    cancels the attempt or the backoff under way (which removes the temporary file).
+    """
+
+    def __init__(self, downloader: BaseDownloader, extra_data: Any) -> None:
+        self.downloader = downloader
+        self.extra_data = extra_data
+        self.attempt = 0
+        self.cancelled = False
+        #: The attempt's Deferred, or the backoff's, while one is under way.
+        self.current: defer.Deferred[Any] | None = None
+        self.done: defer.Deferred[DownloadResult] = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred[DownloadResult]:
+        self._next()
+        return self.done
+
+    def _next(self, _: Any = None) -> None:
+        self.current = None
+        dl = self.downloader
+        dl._start_attempt()
+        dl.attempts = self.attempt + 1
+        try:
+            result = dl._run(self.extra_data)
+            if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
+                result = defer.ensureDeferred(result)  # an ``async def _run``
+        except BaseException:
+            self._failed(Failure())
+            return
+        if isinstance(result, defer.Deferred):
+            self.current = result
+            result.addCallbacks(self._ran, self._failed)
+        else:
+            self._ran(result)
+
+    def _ran(self, result: Any) -> None:
+        self.current = None
+        dl = self.downloader
+        try:
+            dl.finalize()
+        except BaseException:
+            self._failed(Failure())
+            return
+        if not isinstance(result, DownloadResult):  # a Pulp-style `_run` may build its own
+            result = DownloadResult(dl.url, dl.artifact_attributes, dl.path, dl.headers)
+        self.done.callback(result)
+
+    def _failed(self, failure: Failure) -> None:
+        self.current = None
+        dl = self.downloader
+        dl._discard()
+        if self.done.called:
+            return
+        error = failure.value
+        if self.cancelled or not dl._should_retry(error, self.attempt):
+            self.done.errback(failure)
+            return
+        delay = dl.backoff.delay(self.attempt, getattr(error, "retry_after", None))
+        self.attempt += 1
+        self.current = task.deferLater(dl.reactor, delay, lambda: None)
+        self.current.addCallbacks(self._next, self._backoff_cancelled)
+
+    def _backoff_cancelled(self, failure: Failure) -> None:
+        self.current = None
+        if not self.done.called:
+            self.done.errback(failure)
+
+    def _cancel(self, _: defer.Deferred[DownloadResult]) -> None:
+        """Canceller of ``done``: stop what is under way (``done`` then fails with
+        CancelledError, unless that stop fails it first)."""
+        self.cancelled = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
 
 
 def _userinfo(url: str) -> tuple[str, str] | None:

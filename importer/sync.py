@@ -356,43 +356,73 @@ class _Sync:
         self._pending.add(d)
         d.addBoth(lambda _: self._pending.discard(d))
 
-    @defer.inlineCallbacks
-    def _download(self, sources: list[CatalogEntry]) -> Any:
-        """Try each source in order; hand the first valid file to the group committer."""
-        problems = []
-        temp_dir = self.storage.temp_dir
-        for entry in sources:
-            try:
-                downloader = self.remote.get_downloader(entry=entry, temp_dir=temp_dir)
-                result = yield downloader.run()
-                self._check(result, entry)
-            except defer.CancelledError:
-                raise
-            except Exception as error:
-                problems.append((entry.url, failure_reason(error)))
-                if len(sources) > 1:
-                    log.info(
-                        "{url}: {reason}; trying the next source",
-                        url=entry.url,
-                        reason=problems[-1][1],
-                    )
-                continue
-            # Flush + atomic rename, in batches, off the reactor thread: even a cancelled or
-            # killed sync never leaves a partial artifact. The slot is free meanwhile,
-            # unless too many files wait for their commit.
-            stored = self._committer.commit(result.path, entry.sha256, entry.size)
-            stored.addCallbacks(
-                self._stored, self._not_stored, callbackArgs=(entry,), errbackArgs=(entry,)
-            )
-            self._track(stored)
-            if len(self._pending) > self.max_backlog:
-                yield stored
-            return
-        if len(problems) == 1:
-            self._fail(*problems[0])
-        else:
-            self._fail(sources[0].url, "; ".join(f"{url}: {why}" for url, why in problems))
-        self._release(None, sources[0].sha256)
+    def _download(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+        """Try each source in order; hand the first valid file to the group committer.
+
+        Fires when the download slot is free again. Plain callbacks, not a coroutine: this
+        runs once per file, and a generator with its Deferreds cost more than the rest.
+        """
+        return self._try_source(sources, 0, [])
+
+    def _try_source(
+        self, sources: list[CatalogEntry], index: int, problems: list[tuple[str, str]]
+    ) -> defer.Deferred[None]:
+        if index == len(sources):  # every source failed
+            if len(problems) == 1:
+                self._fail(*problems[0])
+            else:
+                self._fail(sources[0].url, "; ".join(f"{url}: {why}" for url, why in problems))
+            self._release(None, sources[0].sha256)
+            return defer.succeed(None)
+        entry = sources[index]
+        try:
+            downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
+            running = downloader.run()
+        except Exception:
+            return self._source_failed(Failure(), sources, index, problems)
+        args = (sources, index, problems)
+        return running.addCallbacks(
+            self._downloaded, self._source_failed, callbackArgs=args, errbackArgs=args
+        )
+
+    def _source_failed(
+        self,
+        failure: Failure,
+        sources: list[CatalogEntry],
+        index: int,
+        problems: list[tuple[str, str]],
+    ) -> Any:
+        if failure.check(defer.CancelledError) or not failure.check(Exception):
+            return failure
+        url = sources[index].url
+        problems.append((url, failure_reason(failure.value)))
+        if len(sources) > 1:
+            log.info("{url}: {reason}; trying the next source", url=url, reason=problems[-1][1])
+        return self._try_source(sources, index + 1, problems)
+
+    def _downloaded(
+        self,
+        result: Any,
+        sources: list[CatalogEntry],
+        index: int,
+        problems: list[tuple[str, str]],
+    ) -> Any:
+        entry = sources[index]
+        try:
+            self._check(result, entry)
+        except Exception:
+            return self._source_failed(Failure(), sources, index, problems)
+        # Flush + atomic rename, in batches, off the reactor thread: even a cancelled or
+        # killed sync never leaves a partial artifact. The slot is free meanwhile, unless
+        # too many files wait for their commit.
+        stored = self._committer.commit(result.path, entry.sha256, entry.size)
+        stored.addCallbacks(
+            self._stored, self._not_stored, callbackArgs=(entry,), errbackArgs=(entry,)
+        )
+        self._track(stored)
+        if len(self._pending) > self.max_backlog:
+            return stored
+        return None
 
     @staticmethod
     def _check(result: Any, entry: CatalogEntry) -> None:
