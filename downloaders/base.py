@@ -262,7 +262,8 @@ class BaseDownloader:
 
     def _start_attempt(self) -> None:
         """Fresh digests and a fresh file for every attempt."""
-        self._calculator = DigestCalculator(self.digest_algorithms)
+        if self._calculator.size or self.attempts:  # the one from __init__ is still fresh
+            self._calculator = DigestCalculator(self.digest_algorithms)
         self._fd = None
         self.path = None
         self._finalized = False

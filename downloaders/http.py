@@ -242,7 +242,7 @@ class _Attempt:
             return
         if discard_then is not None:
             self.fail(discard_then)
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        elif isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             # PotentialDataLoss: no Content-Length and not chunked, so the body ends at the
             # close (valid HTTP); expected size and digests still catch a short one.
             self._finish()
@@ -365,8 +365,11 @@ def _text(value: bytes | str | None) -> str:
 
 def _end_to_end_headers(response: IResponse) -> Headers:
     """The response headers plus ``Content-Length``, which Twisted's parser moves to
-    ``response.length``; callers forwarding headers (the streamer) need it back."""
-    headers = response.headers.copy()
+    ``response.length``; callers forwarding headers (the streamer) need it back.
+
+    Added in place, not to a copy: the final response is ours alone, and a copy per file
+    cost more than the rest of the header handling of a small download."""
+    headers = response.headers
     if isinstance(response.length, int) and not headers.hasHeader(b"content-length"):
         headers.setRawHeaders(b"content-length", [b"%d" % response.length])
     return headers

@@ -90,15 +90,71 @@ def run_bounded(
     cancels the work in flight.
     """
     iterator = iter(items)
-
-    @defer.inlineCallbacks
-    def worker() -> Any:
-        for item in iterator:
-            yield work(item)
-
-    workers = [worker() for _ in range(max(1, concurrency))]
+    workers = [_Worker(iterator, work).start() for _ in range(max(1, concurrency))]
     done = defer.gatherResults(workers, consumeErrors=True)
     return done.addCallbacks(lambda _: None, _first_error)
+
+
+class _Worker:
+    """One of `run_bounded`'s workers: takes the next item when its last one is done.
+
+    Plain callbacks rather than a coroutine (this runs once per file). Work that finishes at
+    once (a file already stored) loops instead of recursing, so the stack stays flat.
+    """
+
+    def __init__(self, iterator: Iterator[T], work: Callable[[T], defer.Deferred[Any]]) -> None:
+        self.iterator = iterator
+        self.work = work
+        self.current: defer.Deferred[Any] | None = None
+        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self._looping = False
+        self._fired = False
+
+    def start(self) -> defer.Deferred[None]:
+        self._loop()
+        return self.done
+
+    def _loop(self) -> None:
+        self._looping = True
+        try:
+            while not self.done.called:
+                try:
+                    item = next(self.iterator, _END)
+                    if item is _END:
+                        self.done.callback(None)
+                        return
+                    current = self.work(item)
+                except BaseException:
+                    self.done.errback(Failure())
+                    return
+                self._fired = False
+                self.current = current
+                current.addCallbacks(self._item_done, self._item_failed)
+                if not self._fired:
+                    return  # `_item_done` takes the next item when this one is done
+        finally:
+            self._looping = False
+
+    def _item_done(self, _: Any) -> None:
+        self.current = None
+        if self._looping:
+            self._fired = True
+        else:
+            self._loop()
+
+    def _item_failed(self, failure: Failure) -> None:
+        self.current = None
+        self._fired = True
+        if not self.done.called:
+            self.done.errback(failure)
+
+    def _cancel(self, _: defer.Deferred[None]) -> None:
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+
+_END = object()
 
 
 def _first_error(failure: Failure) -> Failure:
