@@ -247,7 +247,7 @@ class DownloaderFactory:
         pool = self._temp_pools.get(folder)
         if pool is None:
             threaded = IReactorThreads.providedBy(self.reactor)
-            size = max(32, 4 * self.remote.download_concurrency)
+            size = max(64, 8 * self.remote.download_concurrency)
             pool = TempFilePool(folder, size, reactor=self.reactor if threaded else None, mode=mode)
             self._temp_pools[folder] = pool
             pool.fill()

@@ -68,7 +68,8 @@ class TempFilePool:
     a killed process left behind are empty and live in *folder* with the downloads' other
     temporary files (the artifact storage clears its ``tmp/`` at start-up).
 
-    :param size: how many files to keep ready (a refill starts when a quarter are taken).
+    :param size: how many files to keep ready (a refill starts when half are taken: fewer, larger
+        refills, each one hand-over to the thread and back).
     :param reactor: whose thread pool creates the files (default: the global reactor).
     :param mode: the files' permissions (less the umask). 0600 by default; a caller that
         will make the file public anyway (artifact storage: 0644) saves a ``chmod`` per file.
@@ -86,7 +87,7 @@ class TempFilePool:
     def take(self) -> tuple[int, str]:
         """A new empty file: ``(descriptor, path)``, now the caller's. Raises ``OSError``."""
         item = self._ready.popleft() if self._ready else create_temp_file(self.folder, self.mode)
-        if self._refilling is None and not self._closed and len(self._ready) * 4 <= self.size * 3:
+        if self._refilling is None and not self._closed and len(self._ready) * 2 <= self.size:
             self._refill()
         return item
 

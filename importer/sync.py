@@ -20,8 +20,7 @@ never a partial artifact; the next sync downloads what is missing.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -180,25 +179,28 @@ def group_sources(entries: Iterable[CatalogEntry]) -> Iterator[list[CatalogEntry
 def flush_filesystem(path: str) -> None:
     """Write every dirty page of the filesystem holding *path* to disk (Linux ``syncfs``;
     ``sync`` elsewhere). One call makes a whole batch of closed files durable."""
+    libc = _libc()
     fd = os.open(path, os.O_RDONLY)
     try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+        if libc is not None and libc.syncfs(fd) == 0:
             return
         os.sync()
     finally:
         os.close(fd)
 
 
-def _load_libc() -> Any:
+@functools.cache
+def _libc() -> Any:
+    """The C library with ``syncfs``, or None; loaded on the first flush, not at import
+    (``ctypes`` and finding the library cost about 10 ms of every process's start)."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's
         libc.syncfs  # noqa: B018 - AttributeError where there is no syncfs
     except (OSError, AttributeError):
         return None
     return libc
-
-
-_LIBC = _load_libc()
 
 
 class GroupCommitter:
