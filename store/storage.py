@@ -12,13 +12,15 @@ size was checked, so ``artifacts/`` never holds a partial file.
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import os
 import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import attrs
 from zope.interface import implementer
@@ -66,6 +68,65 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """Linux's ``renameat2`` (glibc 2.28+), or None; loaded on first use."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_no_replace_works = True
+
+
+def _rename_no_replace(src: str, dst: str) -> bool:
+    """Rename *src* to *dst* unless *dst* exists; return False (and leave *src*) if it does.
+
+    One ``renameat2(RENAME_NOREPLACE)`` where the kernel and filesystem have it, instead
+    of a ``stat`` then a ``rename``; the result is the same either way (two processes
+    storing the same content both end with the one valid artifact)."""
+    global _no_replace_works
+    function = _renameat2() if _no_replace_works else None
+    if function is not None:
+        if (
+            function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            == 0
+        ):
+            return True
+        code = _ctypes_errno()
+        if code == errno.EEXIST:
+            return False
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), src, None, dst)
+        _no_replace_works = False  # this filesystem cannot: stat, then rename
+    if os.path.isfile(dst):
+        return False
+    os.replace(src, dst)
+    return True
+
+
+def _ctypes_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 @implementer(IArtifactStorage)
@@ -185,10 +246,8 @@ class ArtifactStorage:
             finally:
                 os.close(fd)
         dest = self.path_for(sha256)
-        if os.path.isfile(dest):
+        if not self._rename_into(temp_path, dest, sha256[:2]):  # stored already
             _remove_quietly(temp_path)
-            return dest
-        self._rename_into(temp_path, dest, sha256[:2])
         return dest
 
     @staticmethod
@@ -201,20 +260,22 @@ class ArtifactStorage:
                 f"the file has {st.st_size}"
             )
 
-    def _rename_into(self, temp_path: str, dest: str, prefix: str) -> None:
-        """Rename into ``artifacts/<prefix>/``, creating that folder the first time only (a
-        ``mkdir`` costs about as much as creating a file: once per folder, not per file)."""
+    def _rename_into(self, temp_path: str, dest: str, prefix: str) -> bool:
+        """Rename into ``artifacts/<prefix>/`` unless *dest* exists; False if it did.
+
+        The folder is created the first time only (a ``mkdir`` costs about as much as
+        creating a file: once per folder, not per file)."""
         if prefix not in self._folders:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self._folders.add(prefix)
         try:
-            os.replace(temp_path, dest)
+            return _rename_no_replace(temp_path, dest)
         except FileNotFoundError:
             if not os.path.exists(temp_path):
                 raise
             # The folder went away after we made it (removed by hand): make it again.
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(temp_path, dest)
+            return _rename_no_replace(temp_path, dest)
 
     def import_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Copy the local file at *path* into storage through tmp/; return (sha256, size)."""

@@ -58,3 +58,19 @@ def test_commit_remakes_a_folder_removed_after_first_use(tmp_path) -> None:
     path, sha256 = _temp(storage, b"one", 0o644)
     assert storage.commit(path, sha256, 3, durable=False) == dest
     assert os.path.isfile(dest)
+
+
+@pytest.mark.parametrize("no_replace", [True, False])
+def test_commit_of_stored_content_keeps_the_artifact(tmp_path, monkeypatch, no_replace) -> None:
+    import store.storage
+
+    monkeypatch.setattr(store.storage, "_no_replace_works", no_replace)
+    storage = ArtifactStorage(tmp_path)
+    path, sha256 = _temp(storage, b"same", 0o644)
+    dest = storage.commit(path, sha256, 4, durable=False)
+    before = os.stat(dest)
+    path, _ = _temp(storage, b"same", 0o644)
+    assert storage.commit(path, sha256, 4, durable=False) == dest
+    assert not os.path.exists(path)  # the second copy is dropped
+    assert os.stat(dest).st_ino == before.st_ino  # the stored one is left as it was
+    assert os.listdir(storage.temp_dir) == []
