@@ -336,7 +336,7 @@ class _Sync:
             except ValueError as error:
                 raise SyncError(self.remote.name, f"bad listing, catalog unchanged: {error}")
             self.report.total = total
-            entries = self.importer.catalog_entries(listing, self.storage.has)
+            entries = self.importer.catalog_entries(listing, self._stored_check())
             replaced = yield self.catalog.replace_remote(self.remote.name, entries)
             self.report.removed = replaced.removed
             if self.remote.policy == "immediate":
@@ -358,7 +358,7 @@ class _Sync:
 
     @defer.inlineCallbacks
     def _download_all(self, listing: str, total: int) -> Any:
-        files = group_sources(self.importer.catalog_entries(listing, self.storage.has))
+        files = group_sources(self.importer.catalog_entries(listing, self._stored_check()))
         self.progress.start(self.remote.name, total)
         factory = self._factory()
         if factory is not None:  # temp files are created ahead, off the reactor thread,
@@ -377,6 +377,19 @@ class _Sync:
             if factory is not None:
                 yield factory.release_temp_files(self.storage.temp_dir)
             self.progress.finish()
+
+    def _stored_check(self) -> Callable[[str], bool]:
+        """``storage.has`` for one pass over the listing, minus the ``stat`` for content whose
+        ``artifacts/xx`` folder did not exist as the pass began (in a first sync: all of it).
+
+        Content stored meanwhile by someone else (the streamer) may be missed: it is then
+        downloaded again and the commit keeps the artifact already there."""
+        has = self.storage.has
+        try:
+            folders = frozenset(os.listdir(self.storage.artifacts_dir))
+        except (AttributeError, OSError):  # another IArtifactStorage: ask it every time
+            return has
+        return lambda sha256: sha256[:2] in folders and has(sha256)
 
     def _factory(self) -> Any:
         """The remote's `DownloaderFactory`, if it has one (a duck-typed remote may not)."""
