@@ -13,7 +13,9 @@ Runs, on loopback only, against one nginx serving a fixture made by
   the bench only: ``pip install aiohttp``);
 * ``aria2c -j N`` with the sha-256 of every file (Debian's aria2).
 
-Each is timed as a whole process (start-up included), best of ``--repeat``; ours also reports
+Each is timed as a whole process (start-up included), best of ``--repeat`` rounds (the order
+of the contenders rotates each round; dirty pages are written out, untimed, before every
+run); ours also reports
 the time of the sync itself. ``--profile`` runs our sync once more under cProfile and prints
 the top functions. Finally the peak RSS of an ``on_demand`` sync of a ``--lazy-count``-line
 manifest (only recorded, nothing downloaded).
@@ -258,7 +260,12 @@ def children_cpu() -> float:
 
 
 def timed(cmd: list[str], label: str = "", **kwargs: object) -> tuple[float, str]:
-    """Run *cmd* to completion; return its wall time and stdout, record its CPU time."""
+    """Run *cmd* to completion; return its wall time and stdout, record its CPU time.
+
+    Dirty pages (the previous contender's files, the removal of this one's last output) are
+    written out first, untimed: our sync flushes its filesystem (``syncfs``) before files
+    enter storage, and would otherwise pay for every peer's unflushed writes."""
+    os.sync()
     cpu = children_cpu()
     started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
@@ -445,7 +452,8 @@ def main() -> None:
             "aiohttp": [],
             "aria2c": [],
         }
-        for _ in range(args.repeat):
+
+        def our_round() -> None:
             wall, child_report = ours(manifest, work / "ours", c)
             if child_report["downloaded"] != n or child_report["failed"]:
                 raise RuntimeError(f"our sync did not download everything: {child_report}")
@@ -453,9 +461,20 @@ def main() -> None:
             results["ours_sync"].append(child_report["seconds"])
             results["ours_downloads"].append(child_report["download_seconds"])
             CPU.setdefault("ours_reactor", []).append(child_report["download_reactor_cpu"])
-            results["agent"].append(agent_floor(manifest, work / "agent", c))
-            results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c))
-            results["aria2c"].append(aria2c_peer(fixture, f"{base}/upstream", work / "aria2c", c))
+
+        contenders = [
+            our_round,
+            lambda: results["agent"].append(agent_floor(manifest, work / "agent", c)),
+            lambda: results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c)),
+            lambda: results["aria2c"].append(
+                aria2c_peer(fixture, f"{base}/upstream", work / "aria2c", c)
+            ),
+        ]
+        for round_ in range(args.repeat):
+            # Rotate the order each round: nobody always runs right after the same peer.
+            shift = round_ % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                contender()
         best = {name: min(times) for name, times in results.items()}
 
         lazy_wall, lazy = ours(f"{base}/lazy/PULP_MANIFEST", work / "lazy-store", c, "on_demand")
