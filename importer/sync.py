@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from downloaders.errors import DownloadError
+from downloaders.result import keep_upstream_date
 from importer.importers import remove_quietly
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
 from store.catalog import CatalogEntry
@@ -483,6 +484,7 @@ class _Sync:
             self._check(result, entry)
         except Exception:
             return self._source_failed(Failure(), sources, index, problems)
+        keep_upstream_date(result.path, result)
         # Flush + atomic rename, in batches, off the reactor thread: even a cancelled or
         # killed sync never leaves a partial artifact. The slot is free meanwhile, unless
         # too many files wait for their commit.

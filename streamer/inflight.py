@@ -21,9 +21,9 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import stringToDatetime
 
 from downloaders.errors import SizeValidationError
+from downloaders.result import keep_upstream_date
 
 __all__ = ["CappedBackoff", "InFlight"]
 
@@ -79,8 +79,6 @@ class InFlight:
         self.size: int = entry.size
         #: Forwarded upstream headers (set once they arrived), shared by late joiners.
         self.headers: Any = None
-        #: The upstream's Last-Modified (POSIX time), given to the stored copy.
-        self.last_modified: float | None = None
         #: Bytes written to the temp file so far.
         self.written = 0
         self.succeeded = False
@@ -163,7 +161,6 @@ class InFlight:
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) != self.size:
             raise SizeValidationError(self.entry.url, self.size, int(lengths[0]))
         self.headers = self._headers_filter(headers)
-        self.last_modified = _last_modified(headers)
 
     def write(self, data: bytes) -> None:
         """Append one chunk to the temp file and wake the followers."""
@@ -215,7 +212,7 @@ class InFlight:
         for follower in list(self.followers):
             follower.progress()
 
-    def _succeeded(self, _result: Any) -> defer.Deferred[None] | None:
+    def _succeeded(self, result: Any) -> defer.Deferred[None] | None:
         self._close_write()
         self.succeeded = True
         self._last_chunk = None
@@ -224,15 +221,8 @@ class InFlight:
             self._done()
             self._discard_temp()
             return None
-        if self.last_modified is not None:
-            # The stored copy keeps the upstream's date: warm answers send the same
-            # Last-Modified as the cold one (mirrors comparing dates do not fetch twice).
-            try:
-                os.utime(self.path, (self.last_modified, self.last_modified))
-            except OSError as error:
-                _log.warn(
-                    "cannot set the upstream date on {path}: {error}", path=self.path, error=error
-                )
+        if self.path is not None:
+            keep_upstream_date(self.path, result)
         d = self._commit(self.path, self.sha256, self.size)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
@@ -288,14 +278,3 @@ class InFlight:
     def _discard_temp(self) -> None:
         if self.path is not None:
             self.storage.discard(self.path)
-
-
-def _last_modified(headers: Any) -> float | None:
-    """The upstream's ``Last-Modified`` as a POSIX time, or None when absent or invalid."""
-    values = headers.getRawHeaders(b"last-modified") if headers is not None else None
-    if not values:
-        return None
-    try:
-        return float(stringToDatetime(values[0].strip()))
-    except (ValueError, IndexError, TypeError, OverflowError):
-        return None

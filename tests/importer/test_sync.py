@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
@@ -245,3 +247,17 @@ async def test_cancelled_sync_leaves_no_partial_artifact_and_next_sync_completes
     assert (report.downloaded, report.already_present, report.failed) == (1, 9, [])
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_files_keep_the_upstreams_last_modified(
+    repo, storage, catalog, make_remote, upstream
+):
+    """The artifact's modification time is the upstream's Last-Modified, so the streamer
+    answers with the date the upstream published (a `wget -m` mirror fetches nothing twice)."""
+    published = 1445412480  # Wed, 21 Oct 2015 07:28:00 GMT
+    for relative in repo.files:
+        os.utime(repo.folder / relative, (published, published))
+    await sync_remote(make_remote("immediate"), catalog, storage)
+    for data in repo.files.values():
+        assert os.stat(storage.path_for(sha(data))).st_mtime == published
