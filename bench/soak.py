@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import random
 import re
 import signal
@@ -35,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import machine  # noqa: E402
 from twisted.internet import defer, error, task  # noqa: E402
 
 from tests.support import faults  # noqa: E402
@@ -48,16 +48,6 @@ POOL_PER_REMOTE = 10
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Process:
@@ -401,7 +391,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         f"Command: `python bench/soak.py --requests {args.requests} "
         f"--concurrency {args.concurrency} --seed {args.seed}`  "
     )
-    print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}\n")
+    print(f"Machine: {machine()}\n")
     print("| mix | count |\n|---|---|")
     for kind, number in sorted(mix.counts.items()):
         print(f"| {kind} | {number} |")

@@ -26,44 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchlib import free_port, machine, wait_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- the child process: one sync of ours ----------------------------------------------------
@@ -481,9 +454,7 @@ def main() -> None:
         if lazy["recorded_lazily"] != args.lazy_count:
             raise RuntimeError(f"lazy sync recorded {lazy['recorded_lazily']}")
 
-        print(
-            f"\nmachine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}"
-        )
+        print(f"\nmachine: {machine()}")
         print(f"fixture: {n} files x {args.size} B, concurrency {c}, best of {args.repeat}\n")
         cpu = {label: min(times) for label, times in CPU.items()}
         print("| sync | seconds | files/s | vs aiohttp | CPU s (process) |")
