@@ -390,6 +390,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sync-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # mkdtemp makes it 0700; nginx's worker (nobody) must read the fixture
+    closed = [p for p in work.resolve().parents if not p.stat().st_mode & 0o001]
+    if closed:  # nginx would answer 403 to every request: say why instead
+        parser.error(f"nginx's worker cannot reach --work: run `chmod o+x {closed[0]}` first")
     fixture = work / "upstream"
     subprocess.run(
         [
