@@ -17,7 +17,6 @@ import functools
 import hashlib
 import os
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -76,29 +75,13 @@ _RENAME_NOREPLACE = 1
 
 
 @functools.cache
-def _libc_keeping_gil() -> Any:
-    """The C library through ``ctypes.PyDLL``, or None where it cannot be loaded.
-
-    Its calls keep the GIL: a commit batch's ``statx`` and ``renameat2`` take microseconds
-    each, far less than handing the GIL to the reactor thread and back around every one of
-    them (two ``futex`` calls and a wait for the reactor's next system call, per call).
-    Loaded on first use."""
-    import ctypes
-
-    try:
-        return ctypes.PyDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-@functools.cache
 def _renameat2() -> Any:
     """Linux's ``renameat2`` (glibc 2.28+), or None; loaded on first use."""
     import ctypes
 
     try:
-        function = _libc_keeping_gil().renameat2
-    except AttributeError:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
         return None
     function.argtypes = [
         ctypes.c_int,
@@ -109,63 +92,6 @@ def _renameat2() -> Any:
     ]
     function.restype = ctypes.c_int
     return function
-
-
-@functools.cache
-def _statx() -> Any:
-    """Linux's ``statx`` (glibc 2.28+), or None; loaded on first use."""
-    import ctypes
-
-    try:
-        function = _libc_keeping_gil().statx
-    except AttributeError:
-        return None
-    function.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.c_void_p,
-    ]
-    function.restype = ctypes.c_int
-    return function
-
-
-_AT_SYMLINK_NOFOLLOW = 0x100
-#: STATX_TYPE | STATX_MODE | STATX_SIZE: the fields a commit checks.
-_STATX_WANTED = 0x1 | 0x2 | 0x200
-#: ``struct statx`` (the same layout on every architecture): stx_mask (u32) at 0, stx_mode
-#: (u16) at 28, stx_size (u64) at 40; the whole struct is 256 bytes.
-_STATX_SIZE = 256
-
-
-def _lstat_mode_size(path: str) -> tuple[int, int]:
-    """``(st_mode, st_size)`` of *path*, not following a symlink; raises ``OSError``.
-
-    One ``statx`` that keeps the GIL where the C library has it, else ``os.lstat``."""
-    function = _statx()
-    if function is not None:
-        import ctypes
-
-        buffer = ctypes.create_string_buffer(_STATX_SIZE)  # per call: threads share no state
-        encoded = os.fsencode(path)
-        if function(_AT_FDCWD, encoded, _AT_SYMLINK_NOFOLLOW, _STATX_WANTED, buffer) == 0:
-            mask, mode, size = _unpack_statx(buffer.raw)
-            if mask & _STATX_WANTED == _STATX_WANTED:
-                return mode, size
-        else:
-            code = _ctypes_errno()
-            if code not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise OSError(code, os.strerror(code), path)
-    st = os.lstat(path)
-    return st.st_mode, st.st_size
-
-
-def _unpack_statx(buffer: bytes) -> tuple[int, int, int]:
-    mask = int.from_bytes(buffer[0:4], sys.byteorder)
-    mode = int.from_bytes(buffer[28:30], sys.byteorder)
-    size = int.from_bytes(buffer[40:48], sys.byteorder)
-    return mask, mode, size
 
 
 _no_replace_works = True
@@ -308,13 +234,12 @@ class ArtifactStorage:
         # One lstat settles most files: a regular file (not a symlink) of the right size
         # whose mode is already the artifacts' (downloads made for storage are created so).
         # The file is opened only to change its mode or to fsync it.
-        mode, actual_size = _lstat_mode_size(temp_path)
-        self._check_temp(temp_path, mode, actual_size, sha256, size)
-        if durable or stat.S_IMODE(mode) != ARTIFACT_MODE:
+        st = os.lstat(temp_path)
+        self._check_temp(temp_path, st, sha256, size)
+        if durable or stat.S_IMODE(st.st_mode) != ARTIFACT_MODE:
             fd = os.open(temp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             try:
-                st = os.fstat(fd)  # the file we opened
-                self._check_temp(temp_path, st.st_mode, st.st_size, sha256, size)
+                self._check_temp(temp_path, os.fstat(fd), sha256, size)  # the file we opened
                 os.fchmod(fd, ARTIFACT_MODE)
                 if durable:
                     os.fsync(fd)
@@ -326,13 +251,13 @@ class ArtifactStorage:
         return dest
 
     @staticmethod
-    def _check_temp(temp_path: str, mode: int, actual_size: int, sha256: str, size: int) -> None:
-        if not stat.S_ISREG(mode):
+    def _check_temp(temp_path: str, st: os.stat_result, sha256: str, size: int) -> None:
+        if not stat.S_ISREG(st.st_mode):
             raise StorageError(f"refusing to commit {temp_path!r}: not a regular file")
-        if actual_size != size:
+        if st.st_size != size:
             raise StorageError(
                 f"size mismatch for artifact {sha256}: expected {size} bytes, "
-                f"the file has {actual_size}"
+                f"the file has {st.st_size}"
             )
 
     def _rename_into(self, temp_path: str, dest: str, prefix: str) -> bool:
