@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from store import CatalogEntry
 from streamer.config import load_config
@@ -138,8 +138,3 @@ class ServiceEnv:
 
     def in_flight_requests(self) -> int:
         return len(self.service.site.in_flight)
-
-    @defer.inlineCallbacks
-    def close_pools(self) -> Any:
-        for remote in self.service.remotes.values():
-            yield remote.close()
