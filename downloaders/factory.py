@@ -239,15 +239,17 @@ class DownloaderFactory:
                 options["temp_files"] = pool
         return cls(url, **options)
 
-    def temp_files(self, folder: str, mode: int = 0o600) -> TempFilePool:
+    def temp_files(self, folder: str, mode: int = 0o600, ahead: int | None = None) -> TempFilePool:
         """Create temporary files for *folder* ahead, off the reactor thread, until
         `release_temp_files`: downloads built for that folder take theirs from this
         `TempFilePool`. For bulk work (a sync of many files); the pool keeps a few empty
-        files in *folder* meanwhile. *mode*: the files' permissions (see `TempFilePool`)."""
+        files in *folder* meanwhile. *mode*: the files' permissions (see `TempFilePool`).
+        *ahead*: how many files to keep ready (default: 8 per download slot, at least 64);
+        0 creates each file inline, with *mode*, without a thread."""
         pool = self._temp_pools.get(folder)
         if pool is None:
             threaded = IReactorThreads.providedBy(self.reactor)
-            size = max(64, 8 * self.remote.download_concurrency)
+            size = max(64, 8 * self.remote.download_concurrency) if ahead is None else ahead
             pool = TempFilePool(folder, size, reactor=self.reactor if threaded else None, mode=mode)
             self._temp_pools[folder] = pool
             pool.fill()

@@ -69,7 +69,9 @@ class TempFilePool:
     temporary files (the artifact storage clears its ``tmp/`` at start-up).
 
     :param size: how many files to keep ready (a refill starts when half are taken: fewer, larger
-        refills, each one hand-over to the thread and back).
+        refills, each one hand-over to the thread and back). 0: none; every file is created
+        inline, with *mode*, and no thread is used (where a create costs less than two
+        hand-overs of the GIL, as on most local disks).
     :param reactor: whose thread pool creates the files (default: the global reactor).
     :param mode: the files' permissions (less the umask). 0600 by default; a caller that
         will make the file public anyway (artifact storage: 0644) saves a ``chmod`` per file.
@@ -78,7 +80,7 @@ class TempFilePool:
     def __init__(self, folder: str, size: int = 32, reactor: Any = None, mode: int = 0o600) -> None:
         self.folder = folder
         self.mode = mode
-        self.size = max(1, size)
+        self.size = max(0, size)
         self._reactor = reactor
         self._ready: collections.deque[tuple[int, str]] = collections.deque()
         self._refilling: defer.Deferred[None] | None = None
@@ -87,7 +89,12 @@ class TempFilePool:
     def take(self) -> tuple[int, str]:
         """A new empty file: ``(descriptor, path)``, now the caller's. Raises ``OSError``."""
         item = self._ready.popleft() if self._ready else create_temp_file(self.folder, self.mode)
-        if self._refilling is None and not self._closed and len(self._ready) * 2 <= self.size:
+        if (
+            self.size
+            and self._refilling is None
+            and not self._closed
+            and len(self._ready) * 2 <= self.size
+        ):
             self._refill()
         return item
 

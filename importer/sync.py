@@ -190,6 +190,15 @@ def flush_filesystem(path: str) -> None:
         os.close(fd)
 
 
+def _flushed(path: str) -> bool:
+    """`flush_filesystem`; False when it failed (each file is then fsynced instead)."""
+    try:
+        flush_filesystem(path)
+    except OSError:
+        return False
+    return True
+
+
 @functools.cache
 def _libc() -> Any:
     """The C library with ``syncfs``, or None; loaded on the first flush, not at import
@@ -211,10 +220,20 @@ class GroupCommitter:
     disk). Instead, while one batch is being committed the next accumulates; each batch
     costs one ``syncfs`` (the data of every file in it reaches the disk) and then one atomic
     rename per file, so a file still enters ``artifacts/`` only whole and durable.
+
+    ``inline_renames``: the flush still runs in a thread, but the renames (two metadata calls
+    per file) run in the reactor thread once it is done, instead of handing the GIL back and
+    forth with a thread around each of them. For a process that serves nobody meanwhile (a
+    sync); a server keeps the default, so a slow disk never stalls its clients.
     """
 
     def __init__(
-        self, storage: Any, max_batch: int = 256, delay: float = 0.05, clock: Any = None
+        self,
+        storage: Any,
+        max_batch: int = 256,
+        delay: float = 0.05,
+        clock: Any = None,
+        inline_renames: bool = False,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -222,6 +241,7 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.delay = delay
         self.clock = clock
+        self.inline_renames = inline_renames
         self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
         self._busy = False
         self._timer: Any = None
@@ -269,15 +289,25 @@ class GroupCommitter:
         if not batch:
             return
         self._busy = True
-        work = threads.deferToThread(self._commit_batch, [item[:3] for item in batch])
+        items = [item[:3] for item in batch]
+        if self.inline_renames:
+            work = threads.deferToThread(_flushed, self.storage.temp_dir)
+            work.addCallback(self._commit_flushed, items)
+        else:
+            work = threads.deferToThread(self._commit_batch, items)
         work.addBoth(self._batch_done, batch)
 
+    def _commit_flushed(self, flushed: bool, items: list[tuple[str, str, int]]) -> Any:
+        if flushed:  # the data is on disk: only the renames are left, done here
+            return self._commit_all(items, durable=False)
+        return threads.deferToThread(self._commit_all, items, True)  # an fsync per file
+
     def _commit_batch(self, items: list[tuple[str, str, int]]) -> list[BaseException | None]:
-        try:
-            flush_filesystem(self.storage.temp_dir)
-            durable = False
-        except OSError:
-            durable = True  # could not flush in one go: fsync each file instead
+        return self._commit_all(items, durable=not _flushed(self.storage.temp_dir))
+
+    def _commit_all(
+        self, items: list[tuple[str, str, int]], durable: bool
+    ) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
         for path, sha256, size in items:
             try:
@@ -320,7 +350,8 @@ class _Sync:
         self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
         #: Commits and catalog updates under way (the download slots are free meanwhile).
         self._pending: set[defer.Deferred[Any]] = set()
-        self._committer = GroupCommitter(storage)
+        # This process serves nobody while it syncs: renames run in the reactor thread.
+        self._committer = GroupCommitter(storage, inline_renames=True)
         #: Stored files whose catalog entries are marked at the end of this reactor turn.
         self._to_mark: list[CatalogEntry] = []
         from twisted.internet import reactor
@@ -362,9 +393,10 @@ class _Sync:
         files = group_sources(self.importer.catalog_entries(listing, self._stored_check()))
         self.progress.start(self.remote.name, total)
         factory = self._factory()
-        if factory is not None:  # temp files are created ahead, off the reactor thread,
-            # already with the artifacts' mode (the commit then needs no chmod)
-            factory.temp_files(self.storage.temp_dir, mode=ARTIFACT_MODE)
+        if factory is not None:  # temp files are created with the artifacts' mode (the
+            # commit then needs no chmod), inline: a create costs less than handing the GIL
+            # to a thread and back (measured in bench/RESULTS.md)
+            factory.temp_files(self.storage.temp_dir, mode=ARTIFACT_MODE, ahead=0)
         try:
             yield run_bounded(files, self._one_file, self.remote.download_concurrency)
             self._committer.flush()  # no more files are coming

@@ -121,3 +121,30 @@ def test_pool_mode_is_used_for_made_ahead_and_inline_files(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+@pytest_twisted.inlineCallbacks
+def test_pool_of_size_zero_creates_inline_without_a_thread(tmp_path):
+    old = os.umask(0o022)
+    try:
+        pool = TempFilePool(str(tmp_path), size=0, mode=0o644)
+        made = [pool.take() for _ in range(3)]
+        assert pool._refilling is None  # no refill, no thread
+        for fd, path in made:
+            os.close(fd)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        assert sorted(tmp_path.iterdir()) == sorted(Path(p) for _fd, p in made)  # nothing ahead
+        yield pool.close()
+    finally:
+        os.umask(old)
+
+
+def test_factory_temp_files_ahead_zero_is_an_inline_pool(tmp_path):
+    factory = DownloaderFactory(RemoteSettings(url="http://127.0.0.1:9/"), temp_dir=str(tmp_path))
+    pool = factory.temp_files(str(tmp_path), mode=0o644, ahead=0)
+    assert pool.size == 0 and pool.mode == 0o644
+    downloader = factory.build("http://127.0.0.1:9/x", expected_size=1)
+    assert downloader.temp_files is pool
+    assert list(tmp_path.iterdir()) == []
+    factory.close()

@@ -4,6 +4,7 @@ whole or not at all; a file still waiting for its batch when cancelled is remove
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,58 @@ async def test_flush_commits_the_last_files_without_waiting(storage):
     committer.flush()
     await done
     assert storage.has(sha)
+
+
+@pytest_twisted.ensureDeferred
+async def test_inline_renames_flush_in_a_thread_then_rename_in_the_reactor(storage, monkeypatch):
+    where = {}
+
+    def flush(path: str) -> None:
+        where["flush"] = threading.current_thread()
+
+    commit = storage.commit
+
+    def recording_commit(path, sha256, size, *, durable=True):
+        where.setdefault("commits", []).append((threading.current_thread(), durable))
+        return commit(path, sha256, size, durable=durable)
+
+    monkeypatch.setattr("importer.sync.flush_filesystem", flush)
+    monkeypatch.setattr(storage, "commit", recording_commit)
+    committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
+    files = [temp_file(storage, b"inline %d" % n) for n in range(3)]
+    done = [committer.commit(*f) for f in files]
+    committer.flush()
+    await defer.gatherResults(done)
+    assert where["flush"] is not threading.main_thread()
+    assert where["commits"] == [(threading.main_thread(), False)] * 3  # no fsync: flushed
+    assert all(storage.has(sha) for _, sha, _ in files)
+    assert list(Path(storage.temp_dir).iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_inline_renames_fsync_each_file_in_a_thread_when_the_flush_fails(
+    storage, monkeypatch
+):
+    def flush(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    durable = []
+    commit = storage.commit
+
+    def recording_commit(path, sha256, size, **kwargs):
+        durable.append((threading.current_thread(), kwargs["durable"]))
+        return commit(path, sha256, size, **kwargs)
+
+    monkeypatch.setattr("importer.sync.flush_filesystem", flush)
+    monkeypatch.setattr(storage, "commit", recording_commit)
+    committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
+    good = temp_file(storage, b"good")
+    bad_path, bad_sha, _ = temp_file(storage, b"short")
+    results = [committer.commit(*good), committer.commit(bad_path, bad_sha, 999)]
+    committer.flush()
+    outcome = await defer.DeferredList(results, consumeErrors=True)
+    assert outcome[0] == (True, None)
+    assert not outcome[1][0] and "size mismatch" in outcome[1][1].getErrorMessage()
+    assert [d for _t, d in durable] == [True, True]  # each file fsynced on its own
+    assert all(t is not threading.main_thread() for t, _d in durable)
+    assert storage.has(good[1]) and not storage.has(bad_sha)
