@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from downloaders import (
     DownloadResult,
@@ -18,7 +21,7 @@ from downloaders import (
     NotAuthorized,
     NotFound,
 )
-from downloaders.http import default_pool
+from downloaders.http import READ_SIZE, _Receiver, default_pool
 from tests.downloaders.support import agent_fixture, pool_fixture  # noqa: F401 (fixtures)
 from tests.support.faults import Gzip, Redirect, RequireBasicAuth, Serve, Status
 from tests.support.upstream import UpstreamServer
@@ -213,3 +216,31 @@ def test_headers_callback_gets_the_final_response_after_redirects(upstream, tmp_
     assert headers.getRawHeaders(b"content-length") == [str(len(BODY)).encode()]
     assert result.headers.getRawHeaders(b"x-hop") == [b"final"]
     assert result.artifact_attributes["sha256"] == SHA256
+
+
+@pytest.mark.parametrize(
+    ("length", "widened"),
+    [(16384, False), (65536, False), (65537, True), (10 << 30, True), (UNKNOWN_LENGTH, True)],
+)
+def test_reads_are_widened_for_large_bodies_and_restored_after(length, widened):
+    """A large (or unknown-length) body is read 1 MiB per turn; a small one keeps Twisted's
+    64 KiB (a 1 MiB read allocates 1 MiB first); the pooled connection gets its size back."""
+    connection = tcp.Connection.__new__(tcp.Connection)  # no socket needed: only bufferSize
+    received = []
+
+    class Attempt:
+        _response = type("Response", (), {"length": length})()
+        finished = False
+
+        def data(self, data, discard):
+            received.append((data, connection.bufferSize))
+
+        def body_ended(self, reason, discard_then):
+            received.append(("end", connection.bufferSize))
+
+    receiver = _Receiver(Attempt())
+    receiver.makeConnection(type("BodyTransport", (), {"transport": connection})())
+    receiver.dataReceived(b"chunk")
+    receiver.connectionLost(Failure(ResponseDone()))
+    during = READ_SIZE if widened else tcp.Connection.bufferSize
+    assert received == [(b"chunk", during), ("end", tcp.Connection.bufferSize)]
