@@ -22,6 +22,7 @@ from importer.importers import remove_quietly
 from importer.progress import format_report, make_progress
 from importer.remote import Remote
 from importer.sync import SyncError, sync_remote
+from importer.workers import SyncWorkers, helper_count
 from store import ArtifactStorage, open_catalog
 
 #: Temporary files older than this are left-overs of a crashed run (a streamer sharing the
@@ -42,10 +43,14 @@ def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     def wrapper(reactor: Any) -> defer.Deferred[None]:
         d = main(reactor)
         stopping = []
+        ended: defer.Deferred[None] = defer.Deferred()
 
-        def stop() -> None:
+        def stop() -> defer.Deferred[None]:
+            """Cancel ``main``; the reactor stops once its clean-up ended (worker
+            processes exiting, a catalog closing), so its status is still reported."""
             stopping.append(True)
             d.cancel()
+            return ended
 
         trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
 
@@ -62,7 +67,11 @@ def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
             print(f"error: {result.getErrorMessage()}", file=sys.stderr)
             raise SystemExit(EXIT_FAILED)
 
-        return d.addBoth(done)
+        def end(result: Any) -> Any:
+            ended.callback(None)
+            return result
+
+        return d.addBoth(end).addBoth(done)
 
     try:
         task.react(wrapper)
@@ -97,23 +106,30 @@ def sync_remotes(
     progress: Any = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    workers: SyncWorkers | None = None,
 ) -> Any:
     """Sync *remotes* one after the other into the configured storage and catalog.
 
     Prints each remote's summary to *out* and each remote-level failure to *err*; fires
-    with the exit status (1 if any file or remote failed).
+    with the exit status (1 if any file or remote failed). *workers*: `SyncWorkers` started
+    beforehand, shared by the remotes' syncs and closed at the end.
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    storage = ArtifactStorage(config.storage.path)
-    storage.clean_temp(min_age=STALE_TEMP_SECONDS)
-    catalog = open_catalog(config.catalog.url, config.storage.path)
-    yield catalog.open()
+    try:
+        storage = ArtifactStorage(config.storage.path)
+        storage.clean_temp(min_age=STALE_TEMP_SECONDS)
+        catalog = open_catalog(config.catalog.url, config.storage.path)
+        yield catalog.open()
+    except BaseException:
+        if workers is not None:
+            yield workers.close()
+        raise
     status = EXIT_OK
     try:
         for remote in remotes:
             try:
-                report = yield sync_remote(remote, catalog, storage, progress)
+                report = yield sync_remote(remote, catalog, storage, progress, workers)
             except SyncError as error:
                 print(f"error: {error}", file=err)
                 status = EXIT_FAILED
@@ -124,6 +140,8 @@ def sync_remotes(
             if not report.ok:
                 status = EXIT_FAILED
     finally:
+        if workers is not None:
+            yield workers.close()
         yield catalog.close()
     return status
 
@@ -139,7 +157,10 @@ def sync_command(config: Any, remote_names: Sequence[str]) -> int:
         print("nothing to sync: no remotes are configured", file=sys.stderr)
         return EXIT_OK
     progress = make_progress(sys.stderr)
-    return _run_reactor(lambda reactor: sync_remotes(config, remotes, progress))
+    # Worker processes start now, before the reactor: forked, they are ready at once.
+    count = max(helper_count(remote) for remote in remotes)
+    workers = SyncWorkers(count).start() if count else None
+    return _run_reactor(lambda reactor: sync_remotes(config, remotes, progress, workers=workers))
 
 
 # -- fetch ----------------------------------------------------------------------------------

@@ -29,6 +29,13 @@ def _importer(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         load_importer_class(value)
 
 
+def _processes(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise SettingsError(
+            attribute.name, f"must be an integer from 0 (auto) to 64, not {value!r}"
+        )
+
+
 def _base_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     parts = value.split("/")
     if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -50,6 +57,11 @@ class Remote(RemoteSettings):
     mirrors: list[str] = attrs.field(factory=list)
     #: ``module:Class`` of a custom importer; empty for the built-in PULP_MANIFEST importer.
     importer: str = attrs.field(default="", validator=_importer)
+
+    #: Processes sharing an ``immediate`` sync's downloads, the syncing one included (each
+    #: with a share of ``download_concurrency``): 1 for none besides it; 0 (auto) for one
+    #: per CPU, at most 4, when the listing has 1000 files or more (`importer.workers`).
+    sync_processes: int = attrs.field(default=0, validator=_processes)
 
     _factory: Any = attrs.field(init=False, default=None, repr=False, eq=False)
     _importer: Any = attrs.field(init=False, default=None, repr=False, eq=False)

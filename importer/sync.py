@@ -23,25 +23,23 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import groupby
 from operator import attrgetter
 from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from downloaders.errors import DownloadError
-from downloaders.result import keep_upstream_date
+from importer.fetcher import FileFetcher
 from importer.importers import remove_quietly
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
+from importer.workers import workers_for
 from store.catalog import CatalogEntry
-from store.storage import ARTIFACT_MODE
 
 T = TypeVar("T")
-log = Logger()
 
 
 class SyncError(Exception):
@@ -80,7 +78,10 @@ class SyncReport:
 
 
 def run_bounded(
-    items: Iterable[T], work: Callable[[T], defer.Deferred[Any]], concurrency: int
+    items: Iterable[T],
+    work: Callable[[T], defer.Deferred[Any]],
+    concurrency: int,
+    helpers: Sequence[tuple[Callable[[T], defer.Deferred[Any]], defer.Deferred[Any]]] = (),
 ) -> defer.Deferred[None]:
     """Call ``work(item)`` for every item, at most *concurrency* at a time.
 
@@ -88,11 +89,50 @@ def run_bounded(
     items in flight are in memory. ``work`` should handle its own failures; one that escapes
     stops that worker and fails the result once the others are done. Cancelling the result
     cancels the work in flight.
+
+    *helpers*: further workers, each a ``(work, ready)`` pair: it calls its own ``work`` and
+    starts pulling items once *ready* fires (never, if *ready* fails or the items run out
+    first). A sync's worker processes join this way as soon as they have started.
     """
-    iterator = iter(items)
-    workers = [_Worker(iterator, work).start() for _ in range(max(1, concurrency))]
-    done = defer.gatherResults(workers, consumeErrors=True)
+    shared = _Shared(iter(items))
+    workers = [_Worker(shared, work) for _ in range(max(1, concurrency))]
+    for helper_work, ready in helpers:
+        helper = _Worker(shared, helper_work)
+        workers.append(helper)
+        shared.waiting.append(helper)
+        ready.addCallbacks(lambda _, h=helper: shared.begin(h), lambda _, h=helper: shared.drop(h))
+    for worker in workers[: max(1, concurrency)]:
+        worker.start()
+    done = defer.gatherResults([worker.done for worker in workers], consumeErrors=True)
     return done.addCallbacks(lambda _: None, _first_error)
+
+
+class _Shared:
+    """The iterator `run_bounded`'s workers share, and the helpers not started yet."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.exhausted = False
+        self.waiting: list[_Worker] = []
+
+    def next(self) -> Any:
+        item = next(self.iterator, _END)
+        if item is _END and not self.exhausted:
+            self.exhausted = True
+            for helper in list(self.waiting):  # nothing left for them
+                self.drop(helper)
+        return item
+
+    def begin(self, helper: _Worker) -> None:
+        if helper in self.waiting:
+            self.waiting.remove(helper)
+            helper.start()
+
+    def drop(self, helper: _Worker) -> None:
+        if helper in self.waiting:
+            self.waiting.remove(helper)
+            if not helper.done.called:
+                helper.done.callback(None)
 
 
 class _Worker:
@@ -102,24 +142,23 @@ class _Worker:
     once (a file already stored) loops instead of recursing, so the stack stays flat.
     """
 
-    def __init__(self, iterator: Iterator[T], work: Callable[[T], defer.Deferred[Any]]) -> None:
-        self.iterator = iterator
+    def __init__(self, shared: _Shared, work: Callable[[T], defer.Deferred[Any]]) -> None:
+        self.shared = shared
         self.work = work
         self.current: defer.Deferred[Any] | None = None
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
         self._looping = False
         self._fired = False
 
-    def start(self) -> defer.Deferred[None]:
+    def start(self) -> None:
         self._loop()
-        return self.done
 
     def _loop(self) -> None:
         self._looping = True
         try:
             while not self.done.called:
                 try:
-                    item = next(self.iterator, _END)
+                    item = self.shared.next()
                     if item is _END:
                         self.done.callback(None)
                         return
@@ -164,196 +203,31 @@ def _first_error(failure: Failure) -> Failure:
     return failure
 
 
-def failure_reason(error: BaseException) -> str:
-    """A one-line reason for a failed download (no traceback, no credentials)."""
-    if isinstance(error, DownloadError):
-        return error.message
-    return f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
-
-
 def group_sources(entries: Iterable[CatalogEntry]) -> Iterator[list[CatalogEntry]]:
     """Group consecutive entries of one served path: the sources of one file, in order."""
     for _path, sources in groupby(entries, key=attrgetter("path")):
         yield sorted(sources, key=attrgetter("position"))
 
 
-def flush_filesystem(path: str) -> None:
-    """Write every dirty page of the filesystem holding *path* to disk (Linux ``syncfs``;
-    ``sync`` elsewhere). One call makes a whole batch of closed files durable."""
-    libc = _libc()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc is not None and libc.syncfs(fd) == 0:
-            return
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-def _flushed(path: str) -> bool:
-    """`flush_filesystem`; False when it failed (each file is then fsynced instead)."""
-    try:
-        flush_filesystem(path)
-    except OSError:
-        return False
-    return True
-
-
-@functools.cache
-def _libc() -> Any:
-    """The C library with ``syncfs``, or None; loaded on the first flush, not at import
-    (``ctypes`` and finding the library cost about 10 ms of every process's start)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's
-        libc.syncfs  # noqa: B018 - AttributeError where there is no syncfs
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-class GroupCommitter:
-    """Commits validated temp files into storage in batches, off the reactor thread.
-
-    A per-file fsync costs a journal commit (a few ms; a few hundred files/s on a common
-    disk). Instead, while one batch is being committed the next accumulates; each batch
-    costs one ``syncfs`` (the data of every file in it reaches the disk) and then one atomic
-    rename per file, so a file still enters ``artifacts/`` only whole and durable.
-
-    ``inline_renames``: the flush still runs in a thread, but the renames (two metadata calls
-    per file) run in the reactor thread once it is done, instead of handing the GIL back and
-    forth with a thread around each of them. For a process that serves nobody meanwhile (a
-    sync); a server keeps the default, so a slow disk never stalls its clients.
-    """
-
-    def __init__(
-        self,
-        storage: Any,
-        max_batch: int = 256,
-        delay: float = 0.05,
-        clock: Any = None,
-        inline_renames: bool = False,
-    ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.storage = storage
-        self.max_batch = max_batch
-        self.delay = delay
-        self.clock = clock
-        self.inline_renames = inline_renames
-        self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
-        self._busy = False
-        self._timer: Any = None
-
-    def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
-        """Fires once the file is in storage (or fails with the StorageError)."""
-        done: defer.Deferred[None] = defer.Deferred(self._drop)
-        self._queue.append((temp_path, sha256, size, done))
-        self._schedule()
-        return done
-
-    def _drop(self, done: defer.Deferred[None]) -> None:
-        """Canceller: a file still waiting for its batch is removed, not committed.
-
-        (A file whose batch is being committed enters storage anyway: it is whole.)
-        """
-        for index, item in enumerate(self._queue):
-            if item[3] is done:
-                del self._queue[index]
-                remove_quietly(item[0])
-                return
-
-    def flush(self) -> None:
-        """Commit what is queued now, without waiting for more files (the last batch)."""
-        if not self._busy and self._queue:
-            self._next_batch()
-        else:
-            self.delay = 0.0
-
-    def _schedule(self) -> None:
-        if self._busy or not self._queue:
-            return
-        if len(self._queue) >= self.max_batch:
-            self._next_batch()
-        elif self._timer is None:
-            # Gather files for a moment: each batch costs one journal commit, and a journal
-            # commit stalls every file creation on the disk meanwhile (the downloads' too).
-            self._timer = self.clock.callLater(self.delay, self._next_batch)
-
-    def _next_batch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        if not batch:
-            return
-        self._busy = True
-        items = [item[:3] for item in batch]
-        if self.inline_renames:
-            work = threads.deferToThread(_flushed, self.storage.temp_dir)
-            work.addCallback(self._commit_flushed, items)
-        else:
-            work = threads.deferToThread(self._commit_batch, items)
-        work.addBoth(self._batch_done, batch)
-
-    def _commit_flushed(self, flushed: bool, items: list[tuple[str, str, int]]) -> Any:
-        if flushed:  # the data is on disk: only the renames are left, done here
-            return self._commit_all(items, durable=False)
-        return threads.deferToThread(self._commit_all, items, True)  # an fsync per file
-
-    def _commit_batch(self, items: list[tuple[str, str, int]]) -> list[BaseException | None]:
-        return self._commit_all(items, durable=not _flushed(self.storage.temp_dir))
-
-    def _commit_all(
-        self, items: list[tuple[str, str, int]], durable: bool
-    ) -> list[BaseException | None]:
-        outcomes: list[BaseException | None] = []
-        for path, sha256, size in items:
-            try:
-                self.storage.commit(path, sha256, size, durable=durable)
-                outcomes.append(None)
-            except Exception as error:
-                outcomes.append(error)
-        return outcomes
-
-    def _batch_done(self, outcomes: Any, batch: list[Any]) -> None:
-        for index, (path, _sha256, _size, done) in enumerate(batch):
-            if isinstance(outcomes, Failure):
-                remove_quietly(path)
-                outcome: Any = outcomes
-            else:
-                outcome = outcomes[index]
-            if done.called:  # cancelled meanwhile; the file is committed (or gone) anyway
-                continue
-            if outcome is None:
-                done.callback(None)
-            else:
-                done.errback(outcome)
-        self._busy = False
-        self._schedule()
-
-
 class _Sync:
     """The state of one remote's sync (see the module docstring)."""
 
-    #: Downloads finished but not yet committed before workers wait for the committer.
-    max_backlog = 256
-
-    def __init__(self, remote: Any, catalog: Any, storage: Any, progress: Any) -> None:
+    def __init__(
+        self, remote: Any, catalog: Any, storage: Any, progress: Any, workers: Any = None
+    ) -> None:
         self.remote = remote
         self.catalog = catalog
         self.storage = storage
         self.progress = progress
+        self.workers = workers
         self.importer = remote.get_importer()
         self.report = SyncReport(remote=remote.name, policy=remote.policy)
         self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
-        #: Commits and catalog updates under way (the download slots are free meanwhile).
+        #: Catalog updates and re-runs of a lost worker's files under way.
         self._pending: set[defer.Deferred[Any]] = set()
-        # This process serves nobody while it syncs: renames run in the reactor thread.
-        self._committer = GroupCommitter(storage, inline_renames=True)
+        self._fetcher = FileFetcher(remote, storage, self._stored, self._failed)
         #: Stored files whose catalog entries are marked at the end of this reactor turn.
-        self._to_mark: list[CatalogEntry] = []
+        self._to_mark: list[tuple[str, str]] = []
         from twisted.internet import reactor
 
         self._clock = reactor
@@ -362,12 +236,16 @@ class _Sync:
     def run(self) -> Any:
         started = time.monotonic()
         listing = yield self._fetch_listing()
+        own_workers = None
         try:
             try:
                 total = yield threads.deferToThread(self.importer.validate_listing, listing)
             except ValueError as error:
                 raise SyncError(self.remote.name, f"bad listing, catalog unchanged: {error}")
             self.report.total = total
+            if self.workers is None and self.remote.policy == "immediate":
+                # Started now, they get ready while the catalog is being updated.
+                self.workers = own_workers = workers_for(self.remote, total)
             entries = self.importer.catalog_entries(listing, self._stored_check())
             replaced = yield self.catalog.replace_remote(self.remote.name, entries)
             self.report.removed = replaced.removed
@@ -377,6 +255,8 @@ class _Sync:
                 self.report.recorded_lazily = total
         finally:
             remove_quietly(listing)
+            if own_workers is not None:
+                yield own_workers.close()
             self.report.duration = time.monotonic() - started
         return self.report
 
@@ -392,24 +272,49 @@ class _Sync:
     def _download_all(self, listing: str, total: int) -> Any:
         files = group_sources(self.importer.catalog_entries(listing, self._stored_check()))
         self.progress.start(self.remote.name, total)
-        factory = self._factory()
-        if factory is not None:  # temp files are created with the artifacts' mode (the
-            # commit then needs no chmod), inline: a create costs less than handing the GIL
-            # to a thread and back (measured in bench/RESULTS.md)
-            factory.temp_files(self.storage.temp_dir, mode=ARTIFACT_MODE, ahead=0)
+        fetcher = self._fetcher
+        fetcher.start()
+        links = self._links()
+        local = self.remote.download_concurrency - sum(link.slots for link in links)
+        helpers = [
+            (functools.partial(self._one_file, fetch=link.fetch), link.ready)
+            for link in links
+            for _slot in range(link.slots)
+        ]
         try:
-            yield run_bounded(files, self._one_file, self.remote.download_concurrency)
-            self._committer.flush()  # no more files are coming
-            while self._pending:  # commits and catalog updates still under way
+            yield run_bounded(files, self._one_file, local, helpers)
+            finishing = [fetcher.finish()] + [link.finish() for link in links]
+            yield defer.gatherResults(finishing, consumeErrors=True)
+            while self._pending:  # catalog updates still under way
                 yield defer.gatherResults(list(self._pending), consumeErrors=True)
         except BaseException:
-            for pending in list(self._pending):  # files waiting for a batch are dropped
+            for link in links:  # its files waiting for a batch are dropped, never stored
+                link.abort()
+            for pending in list(self._pending):
                 pending.cancel()
             raise
         finally:
-            if factory is not None:
-                yield factory.release_temp_files(self.storage.temp_dir)
+            yield fetcher.stop()
             self.progress.finish()
+
+    def _links(self) -> list[Any]:
+        """This sync's share of the worker processes (none without workers)."""
+        if self.workers is None:
+            return []
+        return self.workers.serve(
+            self.remote,
+            self.storage,
+            on_stored=self._stored,
+            on_failed=self._failed,
+            fallback=self._fetch_here,
+        )
+
+    def _fetch_here(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+        """A lost worker's file, fetched by this process instead (tracked until its slot is
+        free: the sync does not end before it)."""
+        fetching = self._fetcher.fetch(sources)
+        self._track(fetching)
+        return fetching
 
     def _stored_check(self) -> Callable[[str], bool]:
         """``storage.has`` for one pass over the listing, minus the ``stat`` for content whose
@@ -424,12 +329,9 @@ class _Sync:
             return has
         return lambda sha256: sha256[:2] in folders and has(sha256)
 
-    def _factory(self) -> Any:
-        """The remote's `DownloaderFactory`, if it has one (a duck-typed remote may not)."""
-        make = getattr(self.remote, "downloader_factory", None)
-        return make() if make is not None else None
-
-    def _one_file(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+    def _one_file(
+        self, sources: list[CatalogEntry], fetch: Callable[..., defer.Deferred[None]] | None = None
+    ) -> defer.Deferred[None]:
         """Fires when the download slot is free again (the commit may still be under way)."""
         sha256 = sources[0].sha256
         if sources[0].stored:  # checked in storage as the listing was read, a moment ago
@@ -439,15 +341,18 @@ class _Sync:
         if waiters is not None:  # the same content under another path is on its way in
             waiter: defer.Deferred[None] = defer.Deferred()
             waiters.append(waiter)
-            return waiter.addCallback(lambda _: self._after_twin(sources))
+            return waiter.addCallback(lambda _: self._after_twin(sources, fetch))
         self._in_flight[sha256] = []
-        return self._download(sources).addErrback(self._release, sha256)
+        fetching = (fetch or self._fetcher.fetch)(sources)
+        return fetching.addErrback(self._release, sha256)
 
-    def _after_twin(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
+    def _after_twin(
+        self, sources: list[CatalogEntry], fetch: Callable[..., defer.Deferred[None]] | None
+    ) -> defer.Deferred[None]:
         if self.storage.has(sources[0].sha256):
             self._count(ALREADY_PRESENT)
             return defer.succeed(None)
-        return self._one_file(sources)  # the twin failed: try this path's own sources
+        return self._one_file(sources, fetch)  # the twin failed: try this path's own sources
 
     def _release(self, result: Any, sha256: str) -> Any:
         """The content *sha256* is in storage, or failed: let its twins go on."""
@@ -460,121 +365,41 @@ class _Sync:
         self._pending.add(d)
         d.addBoth(lambda _: self._pending.discard(d))
 
-    def _download(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
-        """Try each source in order; hand the first valid file to the group committer.
-
-        Fires when the download slot is free again. Plain callbacks, not a coroutine: this
-        runs once per file, and a generator with its Deferreds cost more than the rest.
-        """
-        return self._try_source(sources, 0, [])
-
-    def _try_source(
-        self, sources: list[CatalogEntry], index: int, problems: list[tuple[str, str]]
-    ) -> defer.Deferred[None]:
-        if index == len(sources):  # every source failed
-            if len(problems) == 1:
-                self._fail(*problems[0])
-            else:
-                self._fail(sources[0].url, "; ".join(f"{url}: {why}" for url, why in problems))
-            self._release(None, sources[0].sha256)
-            return defer.succeed(None)
-        entry = sources[index]
-        try:
-            downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
-            running = downloader.run()
-        except Exception:
-            return self._source_failed(Failure(), sources, index, problems)
-        args = (sources, index, problems)
-        return running.addCallbacks(
-            self._downloaded, self._source_failed, callbackArgs=args, errbackArgs=args
-        )
-
-    def _source_failed(
-        self,
-        failure: Failure,
-        sources: list[CatalogEntry],
-        index: int,
-        problems: list[tuple[str, str]],
-    ) -> Any:
-        if failure.check(defer.CancelledError) or not failure.check(Exception):
-            return failure
-        url = sources[index].url
-        problems.append((url, failure_reason(failure.value)))
-        if len(sources) > 1:
-            log.info("{url}: {reason}; trying the next source", url=url, reason=problems[-1][1])
-        return self._try_source(sources, index + 1, problems)
-
-    def _downloaded(
-        self,
-        result: Any,
-        sources: list[CatalogEntry],
-        index: int,
-        problems: list[tuple[str, str]],
-    ) -> Any:
-        entry = sources[index]
-        try:
-            self._check(result, entry)
-        except Exception:
-            return self._source_failed(Failure(), sources, index, problems)
-        keep_upstream_date(result.path, result)
-        # Flush + atomic rename, in batches, off the reactor thread: even a cancelled or
-        # killed sync never leaves a partial artifact. The slot is free meanwhile, unless
-        # too many files wait for their commit.
-        stored = self._committer.commit(result.path, entry.sha256, entry.size)
-        stored.addCallbacks(
-            self._stored, self._not_stored, callbackArgs=(entry,), errbackArgs=(entry,)
-        )
-        self._track(stored)
-        if len(self._pending) > self.max_backlog:
-            return stored
-        return None
-
-    @staticmethod
-    def _check(result: Any, entry: CatalogEntry) -> None:
-        """Refuse a result whose bytes are not the entry's (a custom downloader that skipped
-        validation): it must never be committed under the entry's sha256."""
-        attributes = result.artifact_attributes
-        if attributes.get("sha256") != entry.sha256 or attributes.get("size") != entry.size:
-            remove_quietly(result.path)
-            raise DownloadError(entry.url, "the downloader did not validate size and sha256")
-
-    def _stored(self, _: None, entry: CatalogEntry) -> None:
+    def _stored(self, sha256: str, url: str) -> None:
         self._count(DOWNLOADED)
-        self._release(None, entry.sha256)
+        self._release(None, sha256)
         # The files of one commit batch arrive here one after another, in one reactor turn:
         # they are marked in the catalog together, in one transaction.
         if not self._to_mark:
             marking: defer.Deferred[None] = defer.Deferred()
             self._track(marking)
             self._clock.callLater(0, self._mark_stored, marking)
-        self._to_mark.append(entry)
+        self._to_mark.append((sha256, url))
 
     def _mark_stored(self, done: defer.Deferred[None]) -> None:
-        entries, self._to_mark = self._to_mark, []
+        stored, self._to_mark = self._to_mark, []
         if done.called:  # cancelled: the sync is being stopped
             return
         many = getattr(self.catalog, "mark_stored_many", None)
         if many is not None:
-            marking = many([entry.sha256 for entry in entries])
+            marking = many([sha256 for sha256, _url in stored])
         else:  # an ICatalog without the batched call
             marking = defer.gatherResults(
-                [self.catalog.mark_stored(entry.sha256) for entry in entries], consumeErrors=True
+                [self.catalog.mark_stored(sha256) for sha256, _url in stored], consumeErrors=True
             )
 
         def failed(failure: Failure) -> None:
             reason = _first_error(failure).getErrorMessage()
-            for entry in entries:
+            for _sha256, url in stored:
                 self.report.failed.append(
-                    (entry.url, f"stored, but the catalog was not updated: {reason}")
+                    (url, f"stored, but the catalog was not updated: {reason}")
                 )
 
         marking.addCallbacks(lambda _: None, failed).chainDeferred(done)
 
-    def _not_stored(self, failure: Failure, entry: CatalogEntry) -> None:
-        self._release(None, entry.sha256)
-        if failure.check(defer.CancelledError):
-            return
-        self._fail(entry.url, f"cannot store: {failure.getErrorMessage()}")
+    def _failed(self, sha256: str, url: str, reason: str) -> None:
+        self._release(None, sha256)
+        self._fail(url, reason)
 
     def _fail(self, url: str, reason: str) -> None:
         self.report.failed.append((url, reason))
@@ -589,12 +414,17 @@ class _Sync:
 
 
 def sync_remote(
-    remote: Any, catalog: Any, storage: Any, progress: Any = None
+    remote: Any, catalog: Any, storage: Any, progress: Any = None, workers: Any = None
 ) -> defer.Deferred[SyncReport]:
     """Sync *remote* into *catalog* (an open ICatalog) and *storage* (IArtifactStorage).
 
     Fires with a `SyncReport` (per-file failures are in it), or fails with `SyncError` when
     the listing cannot be fetched or is malformed. Cancelling stops the sync: downloads in
     flight are aborted and their temporary files removed.
+
+    *workers*: `SyncWorkers` to share the downloads with (started early by the caller, so
+    their start-up overlaps other work; the caller closes them). By default an ``immediate``
+    sync starts its own when the remote's ``sync_processes`` asks for them (see
+    `workers_for`) and closes them at the end.
     """
-    return _Sync(remote, catalog, storage, progress or NoProgress()).run()
+    return _Sync(remote, catalog, storage, progress or NoProgress(), workers).run()

@@ -53,7 +53,7 @@ class InFlight:
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
         applied to a downloader that has a ``backoff`` (the built-in ones), None: as built.
     :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
-        the file is in storage (the streamer's shared `importer.sync.GroupCommitter`, so
+        the file is in storage (the streamer's shared `importer.commit.GroupCommitter`, so
         many small artifacts share one flush); by default one ``storage.commit`` in a thread.
     """
 

@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
-from importer.sync import GroupCommitter
+from importer.commit import GroupCommitter
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight

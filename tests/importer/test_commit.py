@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from importer.sync import GroupCommitter, flush_filesystem
+from importer.commit import GroupCommitter, flush_filesystem
 
 
 def temp_file(storage, data: bytes) -> tuple[str, str, int]:
@@ -27,7 +27,7 @@ def test_flush_filesystem_runs(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_files_gather_into_one_batch(storage, monkeypatch):
     flushes = []
-    monkeypatch.setattr("importer.sync.flush_filesystem", flushes.append)
+    monkeypatch.setattr("importer.commit.flush_filesystem", flushes.append)
     clock = task.Clock()
     committer = GroupCommitter(storage, delay=0.05, clock=clock)
     files = [temp_file(storage, b"x" * n) for n in (1, 2, 3)]
@@ -99,7 +99,7 @@ async def test_inline_renames_flush_in_a_thread_then_rename_in_the_reactor(stora
         where.setdefault("commits", []).append((threading.current_thread(), durable))
         return commit(path, sha256, size, durable=durable)
 
-    monkeypatch.setattr("importer.sync.flush_filesystem", flush)
+    monkeypatch.setattr("importer.commit.flush_filesystem", flush)
     monkeypatch.setattr(storage, "commit", recording_commit)
     committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
     files = [temp_file(storage, b"inline %d" % n) for n in range(3)]
@@ -126,7 +126,7 @@ async def test_inline_renames_fsync_each_file_in_a_thread_when_the_flush_fails(
         durable.append((threading.current_thread(), kwargs["durable"]))
         return commit(path, sha256, size, **kwargs)
 
-    monkeypatch.setattr("importer.sync.flush_filesystem", flush)
+    monkeypatch.setattr("importer.commit.flush_filesystem", flush)
     monkeypatch.setattr(storage, "commit", recording_commit)
     committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
     good = temp_file(storage, b"good")

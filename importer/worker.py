@@ -1,0 +1,158 @@
+"""A sync's worker process: ``python -m importer.worker FD`` (started by `SyncWorkers`).
+
+It speaks the messages described in `importer.workers` over the socket *FD*: for each
+``config`` it rebuilds the remote and opens the storage, then fetches every file it is given
+with a `FileFetcher` (the code the syncing process runs for its own files) and reports each
+outcome. When the connection closes (the sync is over, stopped, or the syncing process
+died) it aborts what is in flight, removes its temporary files and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from importer.fetcher import FileFetcher
+from importer.remote import Remote
+from importer.workers import MAX_LINE, SingleProtocolFactory, decode_sources
+from store.storage import ArtifactStorage
+
+log = Logger()
+
+
+class WorkerSide(LineReceiver):
+    """The worker's end of the connection: one sync (one ``config``) at a time."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self) -> None:
+        self.remote: Any = None
+        self.fetcher: FileFetcher | None = None
+        self._fetching: set[defer.Deferred[None]] = set()
+        #: Fires once the connection is gone and everything is cleaned up.
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self._previous: defer.Deferred[Any] = defer.succeed(None)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+        message = json.loads(line)
+        op = message["op"]
+        if op == "fetch":
+            self._fetch(message["sources"])
+        elif op == "flush":
+            if self.fetcher is not None:
+                self.fetcher.committer.flush()
+        elif op == "config":
+            self._configure(message["remote"], message["storage"])
+        else:
+            raise ValueError(f"unknown message {op!r}")
+
+    def _configure(self, fields: dict[str, Any], root: str) -> None:
+        self._previous = self._end_sync()
+        try:
+            remote = Remote(**fields)
+            storage = ArtifactStorage(root)
+        except Exception as error:
+            self._send(op="error", reason=f"cannot configure: {error}")
+            return
+
+        def begin(_: Any) -> None:
+            self.remote = remote
+            self.fetcher = FileFetcher(remote, storage, self._stored, self._failed)
+            self.fetcher.start()
+            self._send(op="ready")
+
+        self._previous.addBoth(begin)
+
+    def _fetch(self, sources: list[list[Any]]) -> None:
+        if self.fetcher is None:
+            raise ValueError("fetch before config")
+        entries = decode_sources(sources)
+        fetching = self.fetcher.fetch(entries)
+        self._fetching.add(fetching)
+        fetching.addBoth(self._free, fetching, entries[0].sha256)
+
+    def _free(self, result: Any, fetching: defer.Deferred[None], sha256: str) -> None:
+        self._fetching.discard(fetching)
+        if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            log.failure("fetching {sha256}", result, sha256=sha256)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._send(op="free", sha256=sha256)
+
+    def _stored(self, sha256: str, url: str) -> None:
+        self._send(op="stored", sha256=sha256, url=url)
+
+    def _failed(self, sha256: str, url: str, reason: str) -> None:
+        self._send(op="failed", sha256=sha256, url=url, reason=reason)
+
+    def _send(self, **message: Any) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(json.dumps(message, separators=(",", ":")).encode())
+
+    @defer.inlineCallbacks
+    def _end_sync(self) -> Any:
+        """Abort what is in flight, drop files waiting for a batch, close the remote."""
+        for fetching in list(self._fetching):
+            fetching.cancel()
+        fetcher, self.fetcher = self.fetcher, None
+        remote, self.remote = self.remote, None
+        if fetcher is not None:
+            yield fetcher.stop()
+        if remote is not None:
+            yield remote.close()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.connected = False
+        done = self._end_sync()
+        done.addErrback(lambda failure: log.failure("stopping", failure))
+        done.addBoth(lambda _: self.finished.callback(None))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m importer.worker FD``: serve the syncing process on the socket *FD*."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m importer.worker FD (started by a sync)", file=sys.stderr)
+        return 2
+    return serve(int(args[0]))
+
+
+def serve(fd: int) -> int:
+    """Serve the syncing process on the connected socket *fd* until it closes; the exit
+    status. Installs and runs this process's reactor: call it in a fresh process (or one
+    forked before any reactor was installed)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the syncing process,
+    # which decides; the worker stops when the connection closes
+    from twisted.internet import reactor
+
+    warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [warnings])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    side = WorkerSide()
+    os.set_blocking(fd, False)
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, SingleProtocolFactory(side))
+    os.close(fd)
+    side.finished.addBoth(lambda _: reactor.stop())
+    reactor.run(installSignalHandlers=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
