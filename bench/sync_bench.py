@@ -7,8 +7,11 @@
 Runs, on loopback only, against one nginx serving a fixture made by
 ``<shared>/peers/make_fixture.py`` (``--shared`` defaults to ``<repo>/../shared``):
 
-* our ``immediate`` sync (``importer.sync_remote``: concurrency N, sha256 and size validated,
-  atomic commit into artifact storage, SQLite catalog), in a fresh process per run;
+* our ``immediate`` sync as a user runs it, ``streamer --config FILE sync`` (concurrency N,
+  sha256 and size validated, atomic commit into artifact storage, SQLite catalog; worker
+  processes as the remote's default ``sync_processes = 0`` decides), and the same through
+  the ``importer.sync_remote`` API in a small program that also times the sync's phases,
+  each in a fresh process per run;
 * ``<shared>/peers/aiohttp_sync.py`` (same concurrency and validation; aiohttp is needed for
   the bench only: ``pip install aiohttp``);
 * ``aria2c -j N`` with the sha-256 of every file (Debian's aria2).
@@ -81,25 +84,31 @@ def run_ours(args: argparse.Namespace) -> None:
     from twisted.internet import defer, task
 
     from importer import Remote, sync_remote
+    from importer.workers import workers_for
     from store import ArtifactStorage, open_catalog
 
     rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    remote = Remote(
+        name="bench",
+        url=args.manifest_url,
+        policy=args.policy,
+        download_concurrency=args.concurrency,
+        sync_processes=args.processes,
+    )
+    # As `streamer sync` does: worker processes start before the reactor (forked).
+    workers = workers_for(remote)
 
     @defer.inlineCallbacks
     def main(reactor: object) -> object:
         storage = ArtifactStorage(args.storage)
         catalog = open_catalog("", storage.root)
         yield catalog.open()
-        remote = Remote(
-            name="bench",
-            url=args.manifest_url,
-            policy=args.policy,
-            download_concurrency=args.concurrency,
-        )
         phases = PhaseTimer(profiler)
         started = time.perf_counter()
-        report = yield sync_remote(remote, catalog, storage, phases)
+        report = yield sync_remote(remote, catalog, storage, phases, workers)
         seconds = time.perf_counter() - started
+        if workers is not None:
+            yield workers.close()
         yield remote.close()
         yield catalog.close()
         print(
@@ -290,6 +299,28 @@ def ours(
     return wall, json.loads(out.strip().splitlines()[-1])
 
 
+def ours_cli(manifest_url: str, folder: Path, concurrency: int) -> float:
+    """``streamer --config FILE sync``, as a user runs it; its wall time."""
+    set_aside(folder)
+    folder.mkdir(parents=True)
+    config = folder / "streamer.toml"
+    config.write_text(
+        "[storage]\n"
+        'path = "var"\n\n'
+        "[[remotes]]\n"
+        'name = "bench"\n'
+        f'url = "{manifest_url}"\n'
+        'policy = "immediate"\n'
+        f"download_concurrency = {concurrency}\n"
+    )
+    cmd = [sys.executable, "-m", "streamer.cli", "--config", str(config), "sync"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    wall, out = timed(cmd, "cli", cwd=folder, env=env)
+    if " 0 failed" not in out:
+        raise RuntimeError(f"streamer sync failed: {out}")
+    return wall
+
+
 def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
     set_aside(storage)
     cmd = [
@@ -379,6 +410,7 @@ def main() -> None:
     child.add_argument("--concurrency", type=int, default=10)
     child.add_argument("--policy", default="immediate")
     child.add_argument("--profile-out", default="")
+    child.add_argument("--processes", type=int, default=0)
     agent = sub.add_parser("_agent", help=argparse.SUPPRESS)
     agent.add_argument("manifest_url")
     agent.add_argument("storage")
@@ -435,6 +467,7 @@ def main() -> None:
         manifest = f"{base}/upstream/PULP_MANIFEST"
         n, c = args.count, args.concurrency
         results: dict[str, list[float]] = {
+            "cli": [],
             "ours": [],
             "ours_sync": [],
             "ours_downloads": [],
@@ -453,6 +486,7 @@ def main() -> None:
             CPU.setdefault("ours_reactor", []).append(child_report["download_reactor_cpu"])
 
         contenders = [
+            lambda: results["cli"].append(ours_cli(manifest, work / "cli", c)),
             our_round,
             lambda: results["agent"].append(agent_floor(manifest, work / "agent", c)),
             lambda: results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c)),
@@ -477,7 +511,16 @@ def main() -> None:
         print("| sync | seconds | files/s | vs aiohttp | CPU s (process) |")
         print("| --- | ---: | ---: | ---: | ---: |")
         rows = [
-            ("ours (process, start-up included)", best["ours"], f"{cpu['immediate']:.2f}"),
+            (
+                "ours: `streamer sync` (process, start-up included)",
+                best["cli"],
+                f"{cpu['cli']:.2f}",
+            ),
+            (
+                "ours: `sync_remote` API (process, start-up included)",
+                best["ours"],
+                f"{cpu['immediate']:.2f}",
+            ),
             ("ours (sync itself: listing, catalog, downloads)", best["ours_sync"], ""),
             (
                 "ours (download phase alone)",

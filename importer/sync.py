@@ -82,6 +82,7 @@ def run_bounded(
     work: Callable[[T], defer.Deferred[Any]],
     concurrency: int,
     helpers: Sequence[tuple[Callable[[T], defer.Deferred[Any]], defer.Deferred[Any]]] = (),
+    on_exhausted: Callable[[], object] | None = None,
 ) -> defer.Deferred[None]:
     """Call ``work(item)`` for every item, at most *concurrency* at a time.
 
@@ -93,8 +94,9 @@ def run_bounded(
     *helpers*: further workers, each a ``(work, ready)`` pair: it calls its own ``work`` and
     starts pulling items once *ready* fires (never, if *ready* fails or the items run out
     first). A sync's worker processes join this way as soon as they have started.
+    *on_exhausted* is called once, when the last item has been taken.
     """
-    shared = _Shared(iter(items))
+    shared = _Shared(iter(items), on_exhausted)
     workers = [_Worker(shared, work) for _ in range(max(1, concurrency))]
     for helper_work, ready in helpers:
         helper = _Worker(shared, helper_work)
@@ -110,8 +112,11 @@ def run_bounded(
 class _Shared:
     """The iterator `run_bounded`'s workers share, and the helpers not started yet."""
 
-    def __init__(self, iterator: Iterator[Any]) -> None:
+    def __init__(
+        self, iterator: Iterator[Any], on_exhausted: Callable[[], object] | None = None
+    ) -> None:
         self.iterator = iterator
+        self.on_exhausted = on_exhausted
         self.exhausted = False
         self.waiting: list[_Worker] = []
 
@@ -121,6 +126,8 @@ class _Shared:
             self.exhausted = True
             for helper in list(self.waiting):  # nothing left for them
                 self.drop(helper)
+            if self.on_exhausted is not None:
+                self.on_exhausted()
         return item
 
     def begin(self, helper: _Worker) -> None:
@@ -279,10 +286,13 @@ class _Sync:
         helpers = [
             (functools.partial(self._one_file, fetch=link.fetch), link.ready)
             for link in links
-            for _slot in range(link.slots)
+            for _slot in range(link.window)
         ]
         try:
-            yield run_bounded(files, self._one_file, local, helpers)
+            # Once every file is handed out, the workers give back what has not started
+            # (it would wait behind their downloads while this process's slots idle).
+            reclaim = lambda: [link.reclaim() for link in links]  # noqa: E731
+            yield run_bounded(files, self._one_file, local, helpers, reclaim)
             finishing = [fetcher.finish()] + [link.finish() for link in links]
             yield defer.gatherResults(finishing, consumeErrors=True)
             while self._pending:  # catalog updates still under way

@@ -9,6 +9,8 @@ died) it aborts what is in flight, removes its temporary files and exits.
 
 from __future__ import annotations
 
+import collections
+import gc
 import json
 import os
 import signal
@@ -32,6 +34,7 @@ from twisted.python.failure import Failure
 from importer.fetcher import FileFetcher
 from importer.remote import Remote
 from importer.workers import MAX_LINE, SingleProtocolFactory, decode_sources
+from store.catalog import CatalogEntry
 from store.storage import ArtifactStorage
 
 log = Logger()
@@ -46,6 +49,9 @@ class WorkerSide(LineReceiver):
     def __init__(self) -> None:
         self.remote: Any = None
         self.fetcher: FileFetcher | None = None
+        self.slots = 1
+        #: Files given ahead of a free slot, in order: ``(sha256, sources)``.
+        self._queue: collections.deque[tuple[str, list[CatalogEntry]]] = collections.deque()
         self._fetching: set[defer.Deferred[None]] = set()
         #: Fires once the connection is gone and everything is cleaned up.
         self.finished: defer.Deferred[None] = defer.Deferred()
@@ -55,7 +61,13 @@ class WorkerSide(LineReceiver):
         message = json.loads(line)
         op = message["op"]
         if op == "fetch":
-            self._fetch(message["sources"])
+            if self.fetcher is None:
+                raise ValueError("fetch before config")
+            entries = decode_sources(message["sources"])
+            self._queue.append((entries[0].sha256, entries))
+            self._pump()
+        elif op == "return":
+            self._give_back(set(message["sha256s"]))
         elif op == "flush":
             if self.fetcher is not None:
                 self.fetcher.committer.flush()
@@ -75,19 +87,32 @@ class WorkerSide(LineReceiver):
 
         def begin(_: Any) -> None:
             self.remote = remote
+            self.slots = remote.download_concurrency
             self.fetcher = FileFetcher(remote, storage, self._stored, self._failed)
             self.fetcher.start()
             self._send(op="ready")
 
         self._previous.addBoth(begin)
 
-    def _fetch(self, sources: list[list[Any]]) -> None:
-        if self.fetcher is None:
-            raise ValueError("fetch before config")
-        entries = decode_sources(sources)
-        fetching = self.fetcher.fetch(entries)
-        self._fetching.add(fetching)
-        fetching.addBoth(self._free, fetching, entries[0].sha256)
+    def _pump(self) -> None:
+        """Start queued files while a download slot is free."""
+        while self._queue and len(self._fetching) < self.slots and self.fetcher is not None:
+            sha256, entries = self._queue.popleft()
+            fetching = self.fetcher.fetch(entries)
+            if not fetching.called:
+                self._fetching.add(fetching)
+            fetching.addBoth(self._free, fetching, sha256)
+
+    def _give_back(self, wanted: set[str]) -> None:
+        """The syncing process takes back files that have not started here (its own slots
+        are idle at the end of a sync: they should not wait behind a slow download here)."""
+        kept: collections.deque[tuple[str, list[CatalogEntry]]] = collections.deque()
+        for sha256, entries in self._queue:
+            if sha256 in wanted:
+                self._send(op="returned", sha256=sha256)
+            else:
+                kept.append((sha256, entries))
+        self._queue = kept
 
     def _free(self, result: Any, fetching: defer.Deferred[None], sha256: str) -> None:
         self._fetching.discard(fetching)
@@ -95,6 +120,7 @@ class WorkerSide(LineReceiver):
             log.failure("fetching {sha256}", result, sha256=sha256)
         if self.transport is not None and not self.transport.disconnecting:
             self._send(op="free", sha256=sha256)
+            self._pump()
 
     def _stored(self, sha256: str, url: str) -> None:
         self._send(op="stored", sha256=sha256, url=url)
@@ -109,6 +135,7 @@ class WorkerSide(LineReceiver):
     @defer.inlineCallbacks
     def _end_sync(self) -> Any:
         """Abort what is in flight, drop files waiting for a batch, close the remote."""
+        self._queue.clear()
         for fetching in list(self._fetching):
             fetching.cancel()
         fetcher, self.fetcher = self.fetcher, None
@@ -142,6 +169,7 @@ def serve(fd: int) -> int:
     # which decides; the worker stops when the connection closes
     from twisted.internet import reactor
 
+    gc.freeze()  # see `importer.commands.settle_imports` (a no-op when forked after it)
     warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [warnings])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

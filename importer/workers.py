@@ -12,9 +12,11 @@ nothing with it: its unfinished files are fetched by the syncing process instead
 Messages are JSON lines over a socket pair (``op`` names the message):
 
 * to a worker: ``config`` (the remote's settings, the storage root), ``fetch`` (a file's
-  sources), ``flush`` (commit what waits for a batch now);
-* from a worker: ``ready`` / ``error`` (answering ``config``), then per file ``free`` (its
-  download slot is free) and ``stored`` or ``failed``.
+  sources; a worker holds up to `WINDOW_PER_SLOT` files per download slot, the others wait
+  for a slot), ``return`` (give back the files that have not started), ``flush`` (commit
+  what waits for a batch now);
+* from a worker: ``ready`` / ``error`` (answering ``config``), then per file ``free`` (it no
+  longer takes a place in the worker's window), ``stored`` or ``failed``, or ``returned``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ AUTO_MIN_FILES = 1000
 AUTO_MAX_PROCESSES = 4
 #: Longest wait for the workers to exit once their connections are closed.
 EXIT_TIMEOUT = 10.0
+#: Files handed to a worker ahead of its free download slots, per slot: its slots never wait
+#: for the (busy) syncing process to hand out the next file; its own ``download_concurrency``
+#: still bounds its connections.
+WINDOW_PER_SLOT = 2
 #: Longest message line (a file's sources, with every mirror's url).
 MAX_LINE = 1 << 20
 
@@ -316,6 +322,11 @@ class WorkerLink(LineReceiver):
 
     # Used by the sync ------------------------------------------------------------------------
 
+    @property
+    def window(self) -> int:
+        """How many files the worker may hold at once (downloading or waiting for a slot)."""
+        return self.slots * WINDOW_PER_SLOT
+
     def configure(
         self,
         fields: dict[str, Any],
@@ -349,6 +360,21 @@ class WorkerLink(LineReceiver):
         self._idle.append(idle)
         return idle
 
+    def reclaim(self) -> None:
+        """Take back the files the worker holds but has not started (they would wait behind
+        its downloads while this process has slots free: the end of a sync)."""
+        waiting = [sha256 for sha256, task_ in self._tasks.items() if task_.free is not None]
+        if waiting and self.alive:
+            self._send({"op": "return", "sha256s": waiting})
+
+    def _fetch_here(self, task_: _Task | None) -> None:
+        if task_ is None:
+            return
+        assert self._fallback is not None
+        again = self._fallback(task_.sources)
+        if task_.free is not None:
+            again.chainDeferred(task_.free)
+
     def abort(self) -> None:
         """The sync is being stopped: end the worker (its files in flight are dropped)."""
         self._closing = True
@@ -377,6 +403,8 @@ class WorkerLink(LineReceiver):
                 self._worker_failed(WorkerError(message["reason"]))
             elif op == "free":
                 self._free(self._tasks.get(message["sha256"]))
+            elif op == "returned":
+                self._fetch_here(self._tasks.pop(message["sha256"], None))
             elif op == "stored":
                 self._end(message["sha256"])
                 self._on_stored(message["sha256"], message["url"])
@@ -423,11 +451,8 @@ class WorkerLink(LineReceiver):
                 pid=self.process.pid,
                 count=len(tasks),
             )
-            assert self._fallback is not None
             for task_ in tasks.values():
-                again = self._fallback(task_.sources)
-                if task_.free is not None:
-                    again.chainDeferred(task_.free)
+                self._fetch_here(task_)
         idle, self._idle = self._idle, []
         for waiter in idle:
             self._fire(waiter)
