@@ -57,6 +57,9 @@ class WorkerSide(LineReceiver):
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._previous: defer.Deferred[Any] = defer.succeed(None)
 
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        self._send(op="hello", pid=os.getpid())
+
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted API
         message = json.loads(line)
         op = message["op"]

@@ -15,7 +15,8 @@ Messages are JSON lines over a socket pair (``op`` names the message):
   sources; a worker holds up to `WINDOW_PER_SLOT` files per download slot, the others wait
   for a slot), ``return`` (give back the files that have not started), ``flush`` (commit
   what waits for a batch now);
-* from a worker: ``ready`` / ``error`` (answering ``config``), then per file ``free`` (it no
+* from a worker: ``hello`` once it has started, ``ready`` / ``error`` (answering
+  ``config``), then per file ``free`` (it no
   longer takes a place in the worker's window), ``stored`` or ``failed``, or ``returned``.
 """
 
@@ -176,6 +177,21 @@ class SyncWorkers:
             link.configure(fields, storage.root, slots, on_stored, on_failed, fallback)
         return links
 
+    def wait_started(self) -> defer.Deferred[None]:
+        """Fires once every worker has started (said hello) or ended."""
+        started = [link.started for link in self._connect()]
+        return defer.gatherResults(started).addCallback(lambda _: None)
+
+    @property
+    def links(self) -> list[WorkerLink]:
+        """The workers' connections (empty until the first `serve`)."""
+        return list(self._links or [])
+
+    @property
+    def processes(self) -> list[Any]:
+        """The worker processes (``pid``, ``poll()``), in start order."""
+        return [process for process, _sock in self._spawned]
+
     def _connect(self) -> list[WorkerLink]:
         if self._links is None:
             from twisted.internet import reactor
@@ -311,6 +327,10 @@ class WorkerLink(LineReceiver):
         self.process = process
         self.alive = True
         self.slots = 0
+        #: Files this worker stored (all syncs): for logs and tests.
+        self.stored = 0
+        #: Fires when the worker has started (its first message) or ended.
+        self.started: defer.Deferred[None] = defer.Deferred()
         #: Fires once the worker is configured for the current sync (fails if it cannot be).
         self.ready: defer.Deferred[None] | None = None
         self._tasks: dict[str, _Task] = {}
@@ -396,7 +416,9 @@ class WorkerLink(LineReceiver):
         try:
             message = json.loads(line)
             op = message["op"]
-            if op == "ready":
+            if op == "hello":
+                self._fire(self.started)
+            elif op == "ready":
                 if self.ready is not None:
                     self._fire(self.ready)
             elif op == "error":
@@ -406,6 +428,7 @@ class WorkerLink(LineReceiver):
             elif op == "returned":
                 self._fetch_here(self._tasks.pop(message["sha256"], None))
             elif op == "stored":
+                self.stored += 1
                 self._end(message["sha256"])
                 self._on_stored(message["sha256"], message["url"])
             elif op == "failed":
@@ -441,6 +464,7 @@ class WorkerLink(LineReceiver):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.alive = False
+        self._fire(self.started)
         if self.ready is not None and not self.ready.called:
             self.ready.errback(WorkerError("the worker process ended"))
         tasks, self._tasks = self._tasks, {}

@@ -1,0 +1,241 @@
+"""Sync worker processes (`importer.workers`): real worker processes, a real loopback upstream,
+SQLite catalog and artifact storage. Requests are held at the upstream (`Gated`) until both
+the syncing process and its worker have files in flight, so each test knows who did what."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from downloaders.settings import SettingsError
+from importer import sync_remote
+from importer.workers import AUTO_MIN_FILES, SyncWorkers, helper_count
+from tests.importer.conftest import artifacts, sha, temp_files
+from tests.support.faults import Gated, Serve, WrongBytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gate_every_file(repo, upstream, then=Serve) -> list[Gated]:
+    gates = []
+    for relative, data in sorted(repo.files.items()):
+        gate = Gated(then(data))
+        upstream.register(f"/repo/{relative}", gate)
+        gates.append(gate)
+    return gates
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+async def started_workers(count: int = 1) -> SyncWorkers:
+    workers = SyncWorkers(count).start()
+    await workers.wait_started()
+    return workers
+
+
+def waiting(gates: list[Gated]) -> int:
+    return sum(gate.waiting for gate in gates)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_process_shares_the_downloads(repo, storage, catalog, make_remote, upstream):
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    workers = await started_workers()
+    try:
+        gates = gate_every_file(repo, upstream)
+        syncing = sync_remote(remote, catalog, storage, None, workers)
+        await until(lambda: waiting(gates) == 4)  # 2 slots here, 2 in the worker
+        for gate in gates:
+            gate.release()
+        report = await syncing
+    finally:
+        await workers.close()
+
+    assert (report.downloaded, report.failed, report.already_present) == (10, [], 0)
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+    [link] = workers.links
+    assert 2 <= link.stored <= 8  # the worker stored its share, the syncing process the rest
+    assert all(process.poll() is not None for process in workers.processes)
+    assert temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_in_a_worker_are_reported_like_our_own(
+    repo, storage, catalog, make_remote, upstream
+):
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    workers = await started_workers()
+    try:
+        gates = gate_every_file(repo, upstream, then=WrongBytes)
+        syncing = sync_remote(remote, catalog, storage, None, workers)
+        await until(lambda: waiting(gates) == 4)
+        for gate in gates:
+            gate.release()
+        report = await syncing
+    finally:
+        await workers.close()
+
+    assert report.downloaded == 0 and len(report.failed) == 10
+    assert sorted(url for url, _ in report.failed) == [
+        upstream.url(f"/repo/{relative}") for relative in sorted(repo.files)
+    ]
+    assert all("sha256 mismatch" in reason for _, reason in report.failed)
+    assert artifacts(storage) == {} and temp_files(storage) == []
+    assert not any(e.stored for e in await catalog.entries_for_remote("fixtures"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_s_files_are_fetched_by_the_syncing_process(
+    repo, storage, catalog, make_remote, upstream
+):
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    workers = await started_workers()
+    try:
+        gates = gate_every_file(repo, upstream)
+        syncing = sync_remote(remote, catalog, storage, None, workers)
+        await until(lambda: waiting(gates) == 4)
+        [process] = workers.processes
+        os.kill(process.pid, signal.SIGKILL)
+        await until(lambda: not workers.links[0].alive)
+        for gate in gates:
+            gate.release()
+        report = await syncing
+    finally:
+        await workers.close()
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+    assert workers.links[0].stored == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_sync_stops_its_worker_and_leaves_no_partial_file(
+    repo, storage, catalog, make_remote, upstream
+):
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    workers = await started_workers()
+    try:
+        gates = gate_every_file(repo, upstream)
+        syncing = sync_remote(remote, catalog, storage, None, workers)
+        await until(lambda: waiting(gates) == 4)
+        syncing.cancel()
+        with pytest.raises(defer.CancelledError):
+            await syncing
+        await until(lambda: not workers.links[0].alive)  # the worker was stopped
+    finally:
+        await workers.close()
+
+    assert all(process.poll() is not None for process in workers.processes)
+    assert artifacts(storage) == {} and temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_serve_one_remote_after_another(
+    repo, storage, catalog, make_remote, upstream
+):
+    workers = await started_workers()
+    try:
+        first = make_remote("immediate", download_concurrency=4, sync_processes=2)
+        report = await sync_remote(first, catalog, storage, None, workers)
+        assert (report.downloaded, report.failed) == (10, [])
+        repo.put("files/new.bin", b"added later\n" * 100)
+        repo.publish()
+        second = make_remote("immediate", name="again", download_concurrency=4, sync_processes=2)
+        report = await sync_remote(second, catalog, storage, None, workers)
+    finally:
+        await workers.close()
+
+    assert (report.downloaded, report.already_present, report.failed) == (1, 10, [])
+    assert storage.has(sha(b"added later\n" * 100))
+
+
+def test_sync_processes_is_validated(make_remote):
+    for bad in (-1, 65, "2", True, 1.5):
+        with pytest.raises(SettingsError, match="sync_processes"):
+            make_remote("immediate", sync_processes=bad)
+    assert make_remote("immediate").sync_processes == 0  # auto
+
+
+def test_who_gets_workers(make_remote, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert helper_count(make_remote("immediate")) == 1  # auto: one per CPU
+    assert helper_count(make_remote("immediate"), AUTO_MIN_FILES - 1) == 0  # not worth it
+    assert helper_count(make_remote("immediate"), AUTO_MIN_FILES) == 1
+    assert helper_count(make_remote("immediate", sync_processes=1)) == 0
+    assert helper_count(make_remote("immediate", sync_processes=3)) == 2  # as configured
+    assert helper_count(make_remote("immediate", sync_processes=8, download_concurrency=3)) == 2
+    assert helper_count(make_remote("immediate", download_concurrency=1)) == 0
+    assert helper_count(make_remote("on_demand")) == 0  # nothing to download
+    assert helper_count(make_remote("immediate", rate_limit=5)) == 0  # each would apply it
+    importer = "tests.importer.plugins:JsonListingImporter"
+    assert helper_count(make_remote("immediate", importer=importer)) == 0
+
+
+FORKED_SYNC = """
+import json, sys
+from twisted.internet import defer, task
+from importer import Remote, sync_remote
+from importer.workers import SyncWorkers, _ForkedProcess, can_fork
+from store import ArtifactStorage, open_catalog
+
+assert can_fork()
+remote = Remote(name="fixtures", url=sys.argv[1], policy="immediate", download_concurrency=4)
+workers = SyncWorkers(1).start()  # before the reactor: forked
+assert isinstance(workers.processes[0], _ForkedProcess)
+
+@defer.inlineCallbacks
+def main(reactor):
+    storage = ArtifactStorage(sys.argv[2])
+    catalog = open_catalog("", storage.root)
+    yield catalog.open()
+    report = yield sync_remote(remote, catalog, storage, None, workers)
+    yield workers.close()
+    yield remote.close()
+    yield catalog.close()
+    print(json.dumps({"downloaded": report.downloaded, "failed": report.failed,
+                      "exited": [p.poll() for p in workers.processes]}))
+
+task.react(main)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_started_before_the_reactor_are_forked(repo, upstream, tmp_path):
+    from twisted.internet import utils
+
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable,
+        ["-c", FORKED_SYNC, upstream.url("/repo/PULP_MANIFEST"), str(tmp_path / "var")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        path=str(REPO),
+    )
+    assert code == 0, err.decode()
+    result = json.loads(out.decode().splitlines()[-1])
+    assert result == {"downloaded": 10, "failed": [], "exited": [0]}
+
+
+def test_the_worker_module_refuses_a_bad_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "importer.worker", "nonsense"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "usage" in done.stderr
