@@ -1,18 +1,20 @@
 """Sync one remote: fetch its listing, record it in the catalog, download what `immediate` needs.
 
-Steps, each finished before the next begins:
+Steps:
 
 1. The remote's importer downloads the listing (the ``PULP_MANIFEST``) into the storage's
    ``tmp/`` and checks every line; a bad line fails the sync before the catalog is touched.
 2. The listing is streamed, in the catalog's worker thread, into ``catalog.replace_remote``:
    new entries are added, changed ones updated, vanished ones removed, all in one transaction.
-3. ``on_demand`` / ``streamed``: done, every file is recorded lazily. ``immediate``: every file
+3. ``on_demand`` / ``streamed``: done, every file is recorded lazily. ``immediate``: while the
+   catalog records the listing (files stored meanwhile are marked once it is), every file
    not already stored is downloaded by at most ``download_concurrency`` workers pulling from
    one lazy iterator over the listing (so memory stays flat for 100,000 files), failing over
    to the file's next source (mirror) when one fails. Validated files enter storage in
    batches (`GroupCommitter`: one filesystem flush, then an atomic rename per file), then the
    catalog marks each stored. A worker takes its next file while its last one waits for its
-   batch (at most ``max_backlog`` files wait).
+   batch (at most ``max_backlog`` files wait). Worker processes (`importer.workers`) may
+   share the downloads; the catalog stays this process's.
 
 A sync stopped half-way (cancelled, killed) leaves at most temporary files under ``tmp/``,
 never a partial artifact; the next sync downloads what is missing.
@@ -235,6 +237,9 @@ class _Sync:
         self._fetcher = FileFetcher(remote, storage, self._stored, self._failed)
         #: Stored files whose catalog entries are marked at the end of this reactor turn.
         self._to_mark: list[tuple[str, str]] = []
+        #: Whether the catalog holds the listing (stored files can be marked).
+        self._catalog_ready = False
+        self._waiting_mark: defer.Deferred[None] | None = None
         from twisted.internet import reactor
 
         self._clock = reactor
@@ -254,11 +259,11 @@ class _Sync:
                 # Started now, they get ready while the catalog is being updated.
                 self.workers = own_workers = workers_for(self.remote, total)
             entries = self.importer.catalog_entries(listing, self._stored_check())
-            replaced = yield self.catalog.replace_remote(self.remote.name, entries)
-            self.report.removed = replaced.removed
+            recording = self.catalog.replace_remote(self.remote.name, entries)
             if self.remote.policy == "immediate":
-                yield self._download_all(listing, total)
+                yield self._record_and_download(recording, listing, total)
             else:
+                self.report.removed = (yield recording).removed
                 self.report.recorded_lazily = total
         finally:
             remove_quietly(listing)
@@ -266,6 +271,24 @@ class _Sync:
                 yield own_workers.close()
             self.report.duration = time.monotonic() - started
         return self.report
+
+    @defer.inlineCallbacks
+    def _record_and_download(self, recording: defer.Deferred[Any], listing: str, total: int) -> Any:
+        """Download while the catalog records the listing (the worker processes, and any
+        core the catalog's thread leaves, have work meanwhile); files stored before it is
+        done are marked once it is. If recording fails, the downloads are stopped."""
+        downloading = self._download_all(listing, total)
+        try:
+            replaced = yield recording
+        except BaseException:
+            downloading.cancel()
+            yield downloading.addErrback(lambda failure: failure.trap(defer.CancelledError))
+            raise
+        self.report.removed = replaced.removed
+        self._catalog_ready = True
+        if self._to_mark:  # marks that waited for the catalog
+            self._mark_stored(self._waiting_mark)
+        yield downloading
 
     @defer.inlineCallbacks
     def _fetch_listing(self) -> Any:
@@ -383,7 +406,10 @@ class _Sync:
         if not self._to_mark:
             marking: defer.Deferred[None] = defer.Deferred()
             self._track(marking)
-            self._clock.callLater(0, self._mark_stored, marking)
+            if self._catalog_ready:
+                self._clock.callLater(0, self._mark_stored, marking)
+            else:  # the listing is still being recorded: see `_record_and_download`
+                self._waiting_mark = marking
         self._to_mark.append((sha256, url))
 
     def _mark_stored(self, done: defer.Deferred[None]) -> None:

@@ -261,3 +261,56 @@ async def test_stored_files_keep_the_upstreams_last_modified(
     await sync_remote(make_remote("immediate"), catalog, storage)
     for data in repo.files.values():
         assert os.stat(storage.path_for(sha(data))).st_mtime == published
+
+
+class SlowRecordingCatalog:
+    """The real catalog, but ``replace_remote`` ends only when the test says so (or fails)."""
+
+    def __init__(self, catalog, fail: Exception | None = None) -> None:
+        self.catalog = catalog
+        self.fail = fail
+        self.release: defer.Deferred[None] = defer.Deferred()
+
+    def __getattr__(self, name):
+        return getattr(self.catalog, name)
+
+    def replace_remote(self, remote, entries):
+        recorded = self.catalog.replace_remote(remote, entries)
+
+        def later(result):
+            if self.fail is not None:
+                raise self.fail
+            return self.release.addCallback(lambda _: result)
+
+        return recorded.addCallback(later)
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_stored_while_the_listing_is_recorded_are_marked_after(
+    repo, storage, catalog, make_remote
+):
+    slow = SlowRecordingCatalog(catalog)
+    syncing = sync_remote(make_remote("immediate"), slow, storage)
+    for _ in range(500):  # every file is stored before the catalog has the listing
+        if len(artifacts(storage)) == 10:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert len(artifacts(storage)) == 10 and not syncing.called
+    slow.release.callback(None)
+    report = await syncing
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_catalog_that_cannot_record_the_listing_stops_the_downloads(
+    repo, storage, catalog, make_remote, upstream
+):
+    stalled = repo.files["files/05.bin"]
+    upstream.register("/repo/files/05.bin", StallMidBody(len(stalled) // 2, stalled))
+    slow = SlowRecordingCatalog(catalog, fail=RuntimeError("database is locked"))
+    with pytest.raises(RuntimeError, match="database is locked"):
+        await sync_remote(make_remote("immediate"), slow, storage)
+    assert temp_files(storage) == []
+    assert not storage.has(sha(stalled))
