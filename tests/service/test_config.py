@@ -90,6 +90,7 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         (REMOTE + 'base_path = "healthz/x"\n', "remotes[0].base_path: /healthz is reserved"),
         (REMOTE + 'max_retries = "3"\n', "remotes[0].max_retries: must be an integer"),
         (REMOTE + "colour = 1\n", "remotes[0].colour: unknown key"),
+        (REMOTE + "sync_processes = -1\n", "remotes[0].sync_processes: must be an integer"),
         (REMOTE + 'allowed_import_paths = ["/"]\n', "remotes[0].allowed_import_paths: not a"),
         ('[[remotes]]\nname = "fx"\n', "remotes[0].url: required"),
         (REMOTE + REMOTE, "remotes[1].name: 'fx' is already used by remotes[0]"),
