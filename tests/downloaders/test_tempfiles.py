@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, task
 from downloaders import DigestValidationError, DownloaderFactory, RemoteSettings
 from downloaders.tempfiles import TEMP_PREFIX, TempFilePool, create_temp_file
 from tests.support.faults import Serve
+from tests.support.polling import until
 
 BODY = b"pooled body\n" * 100
 SHA256 = hashlib.sha256(BODY).hexdigest()
@@ -39,21 +40,13 @@ def test_create_temp_file_reports_a_missing_folder(tmp_path: Path) -> None:
         create_temp_file(str(tmp_path / "missing"))
 
 
-async def _until(condition, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached")
-
-
 @pytest_twisted.ensureDeferred
 async def test_pool_refills_in_a_thread_and_close_removes_the_spares(tmp_path: Path) -> None:
     pool = TempFilePool(str(tmp_path), size=8)
     assert list(tmp_path.iterdir()) == []  # nothing is made before the first take
     fd, path = pool.take()  # the pool is empty: made inline
     os.close(fd)
-    await _until(lambda: len(list(tmp_path.iterdir())) == 1 + 8)
+    await until(lambda: len(list(tmp_path.iterdir())) == 1 + 8)
     taken = [pool.take() for _ in range(5)]  # ready-made files
     assert all(os.path.exists(p) for _fd, p in taken)
     for fd, _p in taken:

@@ -4,6 +4,7 @@ the syncing process and its worker have files in flight, so each test knows who 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from downloaders.settings import SettingsError
 from importer import sync_remote
 from importer.workers import AUTO_MIN_FILES, SyncWorkers, helper_count
 from tests.importer.conftest import artifacts, sha, temp_files
 from tests.support.faults import Gated, Serve, WrongBytes
+from tests.support.polling import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,14 +35,6 @@ def gate_every_file(repo, upstream, then=Serve) -> list[Gated]:
     return gates
 
 
-async def until(condition, timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached")
-
-
 async def started_workers(count: int = 1) -> SyncWorkers:
     workers = SyncWorkers(count).start()
     await workers.wait_started()
@@ -51,19 +45,31 @@ def waiting(gates: list[Gated]) -> int:
     return sum(gate.waiting for gate in gates)
 
 
+@contextlib.asynccontextmanager
+async def gated_sync(repo, upstream, remote, catalog, storage, then=Serve):
+    """A sync with one started worker, every file held at the upstream until both processes
+    have two in flight; yields ``(workers, gates, syncing)``; the worker is closed after."""
+    workers = await started_workers()
+    try:
+        gates = gate_every_file(repo, upstream, then)
+        syncing = sync_remote(remote, catalog, storage, None, workers)
+        await until(lambda: waiting(gates) == 4, timeout=20)  # 2 here, 2 in the worker
+        yield workers, gates, syncing
+    finally:
+        await workers.close()
+
+
+def release(gates: list[Gated]) -> None:
+    for gate in gates:
+        gate.release()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_worker_process_shares_the_downloads(repo, storage, catalog, make_remote, upstream):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    workers = await started_workers()
-    try:
-        gates = gate_every_file(repo, upstream)
-        syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4)  # 2 slots here, 2 in the worker
-        for gate in gates:
-            gate.release()
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, gates, syncing):
+        release(gates)
         report = await syncing
-    finally:
-        await workers.close()
 
     assert (report.downloaded, report.failed, report.already_present) == (10, [], 0)
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
@@ -79,16 +85,10 @@ async def test_failures_in_a_worker_are_reported_like_our_own(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    workers = await started_workers()
-    try:
-        gates = gate_every_file(repo, upstream, then=WrongBytes)
-        syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4)
-        for gate in gates:
-            gate.release()
+    async with gated_sync(repo, upstream, remote, catalog, storage, WrongBytes) as started:
+        _workers, gates, syncing = started
+        release(gates)
         report = await syncing
-    finally:
-        await workers.close()
 
     assert report.downloaded == 0 and len(report.failed) == 10
     assert sorted(url for url, _ in report.failed) == [
@@ -104,19 +104,12 @@ async def test_a_killed_worker_s_files_are_fetched_by_the_syncing_process(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    workers = await started_workers()
-    try:
-        gates = gate_every_file(repo, upstream)
-        syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4)
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, gates, syncing):
         [process] = workers.processes
         os.kill(process.pid, signal.SIGKILL)
         await until(lambda: not workers.links[0].alive)
-        for gate in gates:
-            gate.release()
+        release(gates)
         report = await syncing
-    finally:
-        await workers.close()
 
     assert (report.downloaded, report.failed) == (10, [])
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
@@ -129,17 +122,11 @@ async def test_a_cancelled_sync_stops_its_worker_and_leaves_no_partial_file(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    workers = await started_workers()
-    try:
-        gates = gate_every_file(repo, upstream)
-        syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4)
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, _gates, syncing):
         syncing.cancel()
         with pytest.raises(defer.CancelledError):
             await syncing
         await until(lambda: not workers.links[0].alive)  # the worker was stopped
-    finally:
-        await workers.close()
 
     assert all(process.poll() is not None for process in workers.processes)
     assert artifacts(storage) == {} and temp_files(storage) == []
