@@ -235,12 +235,13 @@ class SyncWorkers:
 
 
 def can_fork() -> bool:
-    """Whether a worker can be forked from this process as it is: on POSIX, before any
+    """Whether a worker can be forked from this process as it is: on Linux, before any
     reactor is installed and while no other thread runs (a fork then copies nothing a worker
     must not touch, and the worker needs no second start of Python and its imports: ready in
-    milliseconds instead of a third of a second). Otherwise workers are started afresh."""
+    milliseconds instead of a third of a second). Otherwise workers are started afresh
+    (macOS too: system libraries there are not safe to use in a forked child)."""
     return (
-        hasattr(os, "fork")
+        sys.platform.startswith("linux")
         and "twisted.internet.reactor" not in sys.modules
         and threading.active_count() == 1
     )
