@@ -33,6 +33,7 @@ from zope.interface import implementer
 import twisted
 from downloaders.auth import BasicAuthAgent
 from downloaders.base import BaseDownloader
+from downloaders.client import Http11Agent
 from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.proxy import ProxyingAgent
@@ -159,6 +160,7 @@ class DownloaderFactory:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max(concurrency, 2)
         self.tls_policy = RemoteTLSPolicy.from_settings(remote)
+        self._direct: Http11Agent | None = None
         self.agent = self._compose_agent()
         self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
@@ -182,7 +184,12 @@ class DownloaderFactory:
             )
         else:
             endpoints = CachingEndpointFactory(self.reactor, self.tls_policy, connect_timeout)
-            agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
+            # GETs on our own keep-alive client (responses parsed in C); HEAD and anything
+            # with a body on Twisted's. Proxied requests above stay on Twisted's client.
+            twisted_agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
+            agent = self._direct = Http11Agent(
+                endpoints, twisted_agent, max_idle=self.pool.maxPersistentPerHost
+            )
         if remote.username:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
         rate = getattr(remote, "rate_limit", 0)
@@ -260,12 +267,19 @@ class DownloaderFactory:
         pool = self._temp_pools.pop(folder, None)
         return pool.close() if pool is not None else defer.succeed(None)
 
+    def idle_connections(self) -> int:
+        """Keep-alive connections kept for reuse (both clients'), for checks and metrics."""
+        idle = sum(len(c) for c in self.pool._connections.values())
+        return idle + (self._direct.idle_count() if self._direct is not None else 0)
+
     def close(self) -> defer.Deferred[None]:
         """Remove the temporary files made ahead and not used, and close the pool's idle
         connections; fires when they are closed."""
         closing = [pool.close() for pool in self._temp_pools.values()]
         self._temp_pools.clear()
         closing.append(self.pool.closeCachedConnections())
+        if self._direct is not None:
+            closing.append(self._direct.close_idle())
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 

@@ -92,6 +92,12 @@ class FactoryBuilder(Builder):
     def pool(self) -> Any:
         return self.factory.pool
 
+    def idle_connections(self) -> int:
+        return self.factory.idle_connections()  # Twisted's pool and the factory's own client
+
+    def close(self) -> defer.Deferred[None]:
+        return self.factory.close()
+
 
 @pytest.fixture(params=["HttpDownloader", "DownloaderFactory"])
 def builder(request, tmp_path, certs):
