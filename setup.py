@@ -28,6 +28,7 @@ setup(
         "attrs>=23.1",
         "prometheus-client>=0.17",
         "tqdm>=4.66",
+        "httptools>=0.6",
     ],
     extras_require={
         "test": [

@@ -17,6 +17,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -220,6 +221,12 @@ class _Connection(protocol.Protocol):
         self.idle_in: list[_Connection] | None = None
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._closed = False
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+        # A request is one small write: never hold it back for an ACK (Nagle), as Twisted's
+        # own client does not either.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
 
     def usable(self) -> bool:
         return not self._closed and self.transport is not None and not self.transport.disconnecting

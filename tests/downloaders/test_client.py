@@ -1,0 +1,314 @@
+"""`Http11Agent`, the downloaders' keep-alive GET client with responses parsed by llhttp: against
+a scripted raw server on loopback (exact bytes on the wire), the fault upstream and through
+`HttpDownloader`, so each answer shape is checked where the downloader sees it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    readBody,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings, TruncatedBody
+from downloaders.client import Http11Agent
+from downloaders.factory import CachingEndpointFactory
+from downloaders.tls import RemoteTLSPolicy
+from tests.support.faults import Serve
+from tests.support.polling import until
+
+BODY = b"0123456789" * 100
+
+
+def ok(body: bytes = BODY, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+class Scripted(protocol.Protocol):
+    """Answers each request head with the next scripted answer: bytes, or a callable given the
+    transport (to close, stall...)."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.factory.connections.append(self)
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.factory.heads.append(head)
+            answer = self.factory.answers.pop(0) if self.factory.answers else ok()
+            if callable(answer):
+                answer(self.transport)
+            else:
+                self.transport.write(answer)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.factory.closed += 1
+
+
+class ScriptedServer(protocol.Factory):
+    protocol = Scripted
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+        self.heads: list[bytes] = []
+        self.connections: list[Scripted] = []
+        self.closed = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.connections) - self.closed
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedServer()
+    port = pytest_twisted.blockon(
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
+    )
+    server.url = f"http://127.0.0.1:{port.getHost().port}"
+    yield server
+    for connection in server.connections:
+        connection.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest.fixture
+def agent():
+    endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    made = Http11Agent(endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), 4)
+    yield made
+    pytest_twisted.blockon(made.close_idle())
+
+
+def _settings() -> RemoteSettings:
+    return RemoteSettings(url="http://127.0.0.1/")
+
+
+async def get(agent: Http11Agent, url: str, headers: Headers | None = None) -> tuple[Any, bytes]:
+    response = await agent.request(b"GET", url.encode(), headers)
+    return response, await readBody(response)
+
+
+class Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: defer.Deferred[Any] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.reason = reason
+        self.ended.callback(None)  # (a Failure given to callback would be an errback)
+
+
+async def body_and_reason(response: Any) -> tuple[bytes, Any]:
+    collect = Collect()
+    response.deliverBody(collect)
+    await collect.ended
+    return collect.data, collect.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_share_one_keep_alive_connection_and_send_their_headers(agent, scripted):
+    headers = Headers({b"User-Agent": [b"tester/1"], b"X-Token": [b"abc"]})
+    for _ in range(5):
+        response, body = await get(agent, scripted.url + "/a%20b?x=1", headers)
+        assert (response.code, response.phrase, body) == (200, b"OK", BODY)
+        assert response.length == len(BODY) and response.version == (b"HTTP", 1, 1)
+    assert len(scripted.connections) == 1 and agent.idle_count() == 1
+    first = scripted.heads[0].split(b"\r\n")
+    assert first[0] == b"GET /a%20b?x=1 HTTP/1.1"
+    host = scripted.url.removeprefix("http://").encode()
+    assert sorted(first[1:]) == sorted([b"Host: " + host, b"User-Agent: tester/1", b"X-Token: abc"])
+    await agent.close_idle()
+    await until(lambda: scripted.open == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_headers_are_kept_out_of_the_response_headers(agent, scripted):
+    scripted.answers = [ok(extra=b'Connection: keep-alive\r\nETag: "x"\r\nKeep-Alive: 5\r\n')]
+    response, _ = await get(agent, scripted.url + "/")
+    assert response.headers.getRawHeaders(b"etag") == [b'"x"']
+    for name in (b"connection", b"keep-alive", b"content-length"):
+        assert not response.headers.hasHeader(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_and_until_close_bodies(agent, scripted):
+    scripted.answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        lambda t: (t.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end"), t.loseConnection()),
+    ]
+    response, body = await get(agent, scripted.url + "/chunked")
+    assert body == b"hello world" and response.length is not None
+    response = await agent.request(b"GET", (scripted.url + "/close").encode())
+    data, reason = await body_and_reason(response)
+    assert data == b"until the end" and reason.check(PotentialDataLoss)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_close_is_not_kept(agent, scripted):
+    scripted.answers = [ok(extra=b"Connection: close\r\n"), ok()]
+    await get(agent, scripted.url + "/")
+    await get(agent, scripted.url + "/")
+    assert len(scripted.connections) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_the_server_closed_while_idle_is_retried_once(agent, scripted):
+    await get(agent, scripted.url + "/")
+    scripted.answers = [lambda t: t.abortConnection(), ok(b"second try")]
+    response, body = await get(agent, scripted.url + "/")
+    assert body == b"second try" and len(scripted.connections) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_connection_closed_before_an_answer_is_not_retried(agent, scripted):
+    scripted.answers = [lambda t: t.abortConnection()]
+    with pytest.raises(ResponseNeverReceived):
+        await agent.request(b"GET", (scripted.url + "/").encode())
+    assert len(scripted.heads) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_cut_short_is_a_response_failure(agent, scripted):
+    scripted.answers = [lambda t: (t.write(ok()[:-10]), t.loseConnection())]
+    response = await agent.request(b"GET", (scripted.url + "/").encode())
+    data, reason = await body_and_reason(response)
+    assert len(data) == len(BODY) - 10 and reason.check(ResponseFailed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_informational_answers_are_skipped(agent, scripted):
+    scripted.answers = [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok()]
+    response, body = await get(agent, scripted.url + "/")
+    assert (response.code, body) == (200, BODY) and not response.headers.hasHeader(b"link")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: yes\r\n" * 10_000 + b"Content-Length: 2\r\n\r\nok",
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: twelve\r\n\r\n",
+    ],
+    ids=["huge-header", "huge-head", "garbage", "bad-length"],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_or_oversized_heads_are_refused(agent, scripted, answer):
+    scripted.answers = [answer]
+    with pytest.raises(ResponseNeverReceived):
+        await agent.request(b"GET", (scripted.url + "/").encode())
+    await until(lambda: scripted.open == 0)  # and the connection is dropped
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_after_the_answer_make_the_connection_unusable(agent, scripted):
+    scripted.answers = [ok() + b"HTTP/1.1 200 OK\r\n", ok()]
+    _, body = await get(agent, scripted.url + "/")
+    assert body == BODY
+    await get(agent, scripted.url + "/")
+    assert len(scripted.connections) == 2  # the first was not reused
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_nobody_reads_yet_is_kept_then_delivered(agent, scripted):
+    response = await agent.request(b"GET", (scripted.url + "/").encode())
+    await until(lambda: agent.idle_count() == 1)  # fully received, connection back in the pool
+    data, reason = await body_and_reason(response)
+    assert data == BODY and reason.check(ResponseDone)
+    with pytest.raises(RuntimeError):
+        response.deliverBody(Collect())
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_body_aborts_the_connection(agent, scripted):
+    scripted.answers = [lambda t: t.write(ok()[:-500])]  # then nothing more
+    response = await agent.request(b"GET", (scripted.url + "/").encode())
+    collect = Collect()
+    response.deliverBody(collect)
+    await until(lambda: collect.data)
+    collect.transport.stopProducing()
+    await collect.ended
+    assert collect.reason.check(ResponseFailed)
+    await until(lambda: scripted.open == 0)
+    assert agent.idle_count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_before_the_answer_aborts(agent, scripted):
+    scripted.answers = [lambda t: None]  # never answers
+    d = agent.request(b"GET", (scripted.url + "/").encode())
+    await until(lambda: scripted.heads)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    await until(lambda: scripted.open == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_and_other_methods_go_to_the_fallback(scripted):
+    calls = []
+
+    class Fallback:
+        def request(self, method, uri, headers=None, bodyProducer=None):  # noqa: N803
+            calls.append(method)
+            return defer.succeed("fallback")
+
+    endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
+    made = Http11Agent(endpoints, Fallback())
+    assert await made.request(b"HEAD", (scripted.url + "/").encode()) == "fallback"
+    assert await made.request(b"POST", b"http://x/", None, object()) == "fallback"
+    assert calls == [b"HEAD", b"POST"] and scripted.heads == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_downloads_through_the_factory_use_it_and_validate(upstream, tmp_path):
+    body = b"through the factory\n" * 1000
+    url = upstream.register("/f.bin", Serve(body))
+    chunked = upstream.register("/c.bin", Serve(body, chunked=True))
+    factory = DownloaderFactory(RemoteSettings(url=url, max_retries=0), temp_dir=str(tmp_path))
+    digest = {"sha256": hashlib.sha256(body).hexdigest()}
+    try:
+        for target in (url, chunked, url):
+            result = await factory.build(target, expected_digests=digest).run()
+            assert Path(result.path).read_bytes() == body
+        assert upstream.total_connections == 1  # one keep-alive connection for all three
+        assert factory.idle_connections() == 1
+    finally:
+        await factory.close()
+    assert await upstream.wait_until_idle(2.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_truncated_body_is_reported_by_the_downloader(scripted, tmp_path):
+    scripted.answers = [lambda t: (t.write(ok()[:-100]), t.loseConnection())]
+    factory = DownloaderFactory(
+        RemoteSettings(url=scripted.url, max_retries=0), temp_dir=str(tmp_path)
+    )
+    downloader = factory.build(scripted.url + "/x", expected_size=len(BODY))
+    assert isinstance(downloader, HttpDownloader)
+    try:
+        with pytest.raises(TruncatedBody, match="body truncated after 900 of 1000 bytes"):
+            await downloader.run()
+    finally:
+        await factory.close()
