@@ -161,15 +161,22 @@ class SyncWorkers:
     ) -> list[WorkerLink]:
         """Configure the live workers for one sync of *remote* into *storage*; return them.
 
-        Each link gets ``download_concurrency // (workers + 1)`` slots (the syncing process
-        keeps the rest) and joins once its ``ready`` fires. Outcomes go to *on_stored* and
-        *on_failed*; a dead worker's unfinished files go to *fallback*. None for a remote
-        the workers cannot serve (see `eligible`).
+        The syncing process keeps about half a share of ``download_concurrency``, the links
+        split the rest (`WorkerLink.slots`); each joins once its ``ready`` fires. Outcomes
+        go to *on_stored* and *on_failed*; a dead worker's unfinished files go to
+        *fallback*. None for a remote the workers cannot serve (see `eligible`).
         """
         if not eligible(remote):
             return []
         links = [link for link in self._connect() if link.alive]
-        slots = remote.download_concurrency // (len(links) + 1)
+        if not links:
+            return []
+        # The syncing process also reads the listing, writes the catalog and hands out the
+        # files: it keeps half a share of the connections (3 of 10 beside one worker: 5-10%
+        # faster than 5, in interleaved runs) and the workers split the rest.
+        concurrency = remote.download_concurrency
+        own = max(1, concurrency // (2 * len(links) + 1))
+        slots = (concurrency - own) // len(links)
         if not slots:
             return []
         fields = remote_fields(remote, slots)

@@ -48,12 +48,13 @@ def waiting(gates: list[Gated]) -> int:
 @contextlib.asynccontextmanager
 async def gated_sync(repo, upstream, remote, catalog, storage, then=Serve):
     """A sync with one started worker, every file held at the upstream until both processes
-    have two in flight; yields ``(workers, gates, syncing)``; the worker is closed after."""
+    have files in flight (4 in all); yields ``(workers, gates, syncing)``; closes the
+    worker after."""
     workers = await started_workers()
     try:
         gates = gate_every_file(repo, upstream, then)
         syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4, timeout=20)  # 2 here, 2 in the worker
+        await until(lambda: waiting(gates) == 4, timeout=20)  # 1 here, 3 in the worker
         yield workers, gates, syncing
     finally:
         await workers.close()
