@@ -13,6 +13,8 @@ control headers, ``length``, ``deliverBody``), and failures are Twisted's except
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -40,6 +42,8 @@ CONNECTION_HEADERS = frozenset(
         b"proxy-connection",
     }
 )
+#: An idle connection older than this is closed instead of reused (Twisted's pool: 240 s).
+IDLE_TIMEOUT = 240.0
 #: Largest status line plus headers accepted (Twisted refuses header lines over 16 KiB).
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_LINE = 16 * 1024
@@ -59,10 +63,17 @@ class Http11Agent:
     sent again once, on a new connection (GET is idempotent; Twisted does the same).
     """
 
-    def __init__(self, endpoint_factory: Any, fallback: IAgent, max_idle: int = 10) -> None:
+    def __init__(
+        self,
+        endpoint_factory: Any,
+        fallback: IAgent,
+        max_idle: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._endpoints = endpoint_factory
         self._fallback = fallback
         self._max_idle = max_idle
+        self._clock = clock
         self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
 
     def request(
@@ -101,14 +112,19 @@ class Http11Agent:
         connections = self._idle.get(key)
         while connections:
             connection = connections.pop()
-            if connection.usable():
-                return connection
+            if not connection.usable():
+                continue
+            if self._clock() - connection.idle_since > IDLE_TIMEOUT:
+                connection.transport.loseConnection()  # likely closed at the other end soon
+                continue
+            return connection
         return None
 
     def _put(self, key: tuple[bytes, bytes, int], connection: _Connection) -> None:
         connections = self._idle.setdefault(key, [])
         if len(connections) < self._max_idle and connection.usable():
             connection.idle_in = connections
+            connection.idle_since = self._clock()
             connections.append(connection)
         else:
             connection.transport.loseConnection()
@@ -219,6 +235,7 @@ class _Connection(protocol.Protocol):
     def __init__(self) -> None:
         self.exchange: _Exchange | None = None
         self.idle_in: list[_Connection] | None = None
+        self.idle_since = 0.0
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._closed = False
 

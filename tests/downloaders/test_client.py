@@ -24,7 +24,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings, TruncatedBody
-from downloaders.client import Http11Agent
+from downloaders.client import IDLE_TIMEOUT, Http11Agent
 from downloaders.factory import CachingEndpointFactory
 from downloaders.tls import RemoteTLSPolicy
 from tests.support.faults import Serve
@@ -312,3 +312,21 @@ async def test_a_truncated_body_is_reported_by_the_downloader(scripted, tmp_path
             await downloader.run()
     finally:
         await factory.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_idle_too_long_is_not_reused(scripted):
+    now = [1000.0]
+    endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
+    made = Http11Agent(endpoints, None, clock=lambda: now[0])
+    try:
+        await get(made, scripted.url + "/")
+        now[0] += IDLE_TIMEOUT - 1
+        await get(made, scripted.url + "/")
+        assert len(scripted.connections) == 1  # still fresh enough
+        now[0] += IDLE_TIMEOUT + 1
+        await get(made, scripted.url + "/")
+        assert len(scripted.connections) == 2
+        await until(lambda: scripted.open == 1)  # the stale one was closed
+    finally:
+        await made.close_idle()
