@@ -13,6 +13,7 @@ control headers, ``length``, ``deliverBody``), and failures are Twisted's except
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,10 @@ CONNECTION_HEADERS = frozenset(
         b"proxy-connection",
     }
 )
+#: Bytes never sent in a request line (whitespace would split it, CR/LF end it).
+_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
+#: Origins whose parsed form is kept (a redirect may lead anywhere: past this, start over).
+MAX_ORIGINS = 64
 #: An idle connection older than this is closed instead of reused (Twisted's pool: 240 s).
 IDLE_TIMEOUT = 240.0
 #: Largest status line plus headers accepted (Twisted refuses header lines over 16 KiB).
@@ -75,6 +80,7 @@ class Http11Agent:
         self._max_idle = max_idle
         self._clock = clock
         self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
+        self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], Any, bytes]] = {}
 
     def request(
         self,
@@ -85,14 +91,27 @@ class Http11Agent:
     ) -> defer.Deferred[IResponse]:
         if method != b"GET" or bodyProducer is not None:
             return self._fallback.request(method, uri, headers, bodyProducer)
-        parsed = URI.fromBytes(uri)
         try:
-            endpoint = self._endpoints.endpointForURI(parsed)
-            head = _request_head(parsed, headers)
+            origin, target = _split_target(uri)
+            known = self._origins.get(origin)
+            if known is None:
+                known = self._origin(origin)
+            key, endpoint, host = known
+            head = _request_head(target, host, headers)
         except Exception:
             return defer.fail()
-        key = (parsed.scheme, parsed.host, parsed.port)
         return _Exchange(self, key, endpoint, head).start()
+
+    def _origin(self, origin: bytes) -> tuple[tuple[bytes, bytes, int], Any, bytes]:
+        """Key, endpoint and Host header of an origin (``scheme://netloc``), parsed once: a
+        full url parse per request cost as much as the rest of sending it."""
+        parsed = URI.fromBytes(origin + b"/")
+        key = (parsed.scheme, parsed.host, parsed.port)
+        known = (key, self._endpoints.endpointForURI(parsed), origin.split(b"://", 1)[1])
+        if len(self._origins) >= MAX_ORIGINS:  # redirects may lead anywhere
+            self._origins.clear()
+        self._origins[origin] = known
+        return known
 
     def idle_count(self) -> int:
         """How many idle connections are kept."""
@@ -130,10 +149,24 @@ class Http11Agent:
             connection.transport.loseConnection()
 
 
-def _request_head(uri: URI, headers: Headers | None) -> bytes:
-    default_port = 443 if uri.scheme == b"https" else 80
-    host = uri.host if uri.port == default_port else b"%s:%d" % (uri.host, uri.port)
-    lines = [b"GET " + uri.originForm + b" HTTP/1.1", b"Host: " + host]
+def _split_target(uri: bytes) -> tuple[bytes, bytes]:
+    """``(scheme://netloc, path?query)`` of an absolute url, the fragment dropped."""
+    start = uri.index(b"://") + 3
+    end = len(uri)
+    for mark in (b"/", b"?", b"#"):
+        found = uri.find(mark, start, end)
+        if found >= 0:
+            end = found
+    origin, target = uri[:end], uri[end:].partition(b"#")[0]
+    if not target.startswith(b"/"):
+        target = b"/" + target
+    if end == start or b"@" in origin or _UNSAFE.search(target):
+        raise ValueError(f"not a url this client sends: {uri!r}")
+    return origin, target
+
+
+def _request_head(target: bytes, host: bytes, headers: Headers | None) -> bytes:
+    lines = [b"GET " + target + b" HTTP/1.1", b"Host: " + host]
     if headers is not None:
         for name, values in headers.getAllRawHeaders():
             if name.lower() == b"host":

@@ -24,7 +24,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings, TruncatedBody
-from downloaders.client import IDLE_TIMEOUT, Http11Agent
+from downloaders.client import IDLE_TIMEOUT, Http11Agent, _split_target
 from downloaders.factory import CachingEndpointFactory
 from downloaders.tls import RemoteTLSPolicy
 from tests.support.faults import Serve
@@ -330,3 +330,31 @@ async def test_a_connection_idle_too_long_is_not_reused(scripted):
         await until(lambda: scripted.open == 1)  # the stale one was closed
     finally:
         await made.close_idle()
+
+
+@pytest.mark.parametrize(
+    ("url", "origin", "target"),
+    [
+        (b"http://h:8080/a/b?c=d#frag", b"http://h:8080", b"/a/b?c=d"),
+        (b"http://h?x=1", b"http://h", b"/?x=1"),
+        (b"https://[::1]:8443", b"https://[::1]:8443", b"/"),
+        (b"http://h/p;params?q", b"http://h", b"/p;params?q"),
+    ],
+)
+def test_request_targets(url, origin, target):
+    assert _split_target(url) == (origin, target)
+
+
+@pytest.mark.parametrize(
+    "url", [b"http://h/a b", b"http://h/a\r\nX: y", b"http://user:pw@h/", b"http:///path"]
+)
+def test_unsafe_urls_are_refused_before_anything_is_sent(url):
+    with pytest.raises(ValueError):
+        _split_target(url)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_request_line_and_host_come_from_the_url(agent, scripted):
+    await get(agent, scripted.url + "?x=1#ignored")
+    host = scripted.url.removeprefix("http://").encode()
+    assert scripted.heads[0].split(b"\r\n")[:2] == [b"GET /?x=1 HTTP/1.1", b"Host: " + host]
