@@ -127,9 +127,15 @@ class SyncWorkers:
         self._links: list[WorkerLink] | None = None
 
     def start(self) -> SyncWorkers:
-        """Start the processes now (once); returns self."""
+        """Start the processes now (once); returns self. A process that cannot be started
+        (no memory, a process limit) is a warning, not an error: the sync then runs with the
+        workers that did start, or alone."""
         while len(self._spawned) < self.count:
-            self._spawned.append(self._spawn())
+            try:
+                self._spawned.append(self._spawn())
+            except OSError as error:
+                log.warn("cannot start a sync worker process: {error}", error=error)
+                self.count = len(self._spawned)
         return self
 
     def _spawn(self) -> tuple[Any, socket.socket]:

@@ -227,3 +227,21 @@ def test_the_worker_module_refuses_a_bad_command_line():
         cwd=REPO,
     )
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_cannot_start_leaves_the_sync_to_this_process(
+    repo, storage, catalog, make_remote, monkeypatch
+):
+    def refuse(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(SyncWorkers, "_spawn", refuse)
+    workers = SyncWorkers(2).start()
+    assert workers.processes == [] and workers.count == 0
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=3)
+    try:
+        report = await sync_remote(remote, catalog, storage, None, workers)
+    finally:
+        await workers.close()
+    assert (report.downloaded, report.failed) == (10, [])
