@@ -42,3 +42,16 @@ def cpu_model() -> str:
 def machine() -> str:
     """One line for a results table: cores, CPU model, Python version."""
     return f"{os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}"
+
+
+def set_aside(path: Path, trash: Path) -> None:
+    """Move *path* (if it exists) into the folder *trash*, to be deleted after the last run.
+
+    Deleting thousands of files right before a timed run would time ext4's inode allocator,
+    not the contender: for some 30 s after a mass deletion, each new inode in the same block
+    group is found by skipping over every recently deleted one (``recently_deleted`` in
+    ``find_inode_bit``: about 45% of all CPU samples of one bare-loop sync under ``perf``), so
+    whoever creates files after a deletion pays several times for each."""
+    if path.exists():
+        trash.mkdir(parents=True, exist_ok=True)
+        path.rename(trash / f"{path.name}-{time.monotonic_ns()}")

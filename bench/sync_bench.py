@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import free_port, machine, wait_port
+from benchlib import free_port, machine, set_aside, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("downloaders", "importer", "store", "streamer")
@@ -243,20 +243,6 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def set_aside(path: Path) -> None:
-    """Move the last run's output out of the way; `main` deletes it all after the last run.
-
-    Deleting it right before the next run would time ext4's inode allocator, not the
-    contender: for some 30 s after thousands of files are deleted, each new inode in their
-    block group is found by skipping over every recently deleted one (``recently_deleted`` in
-    ``find_inode_bit``: about 45% of all CPU samples of one bare-loop run under ``perf``), so
-    whoever runs after a deletion pays 4-5x for every file it creates."""
-    if path.exists():
-        trash = path.parent / "trash"
-        trash.mkdir(exist_ok=True)
-        path.rename(trash / f"{path.name}-{time.monotonic_ns()}")
-
-
 def timed(cmd: list[str], label: str = "", **kwargs: object) -> tuple[float, str]:
     """Run *cmd* to completion; return its wall time and stdout, record its CPU time.
 
@@ -282,7 +268,7 @@ def ours(
     policy: str = "immediate",
     profile_out: str = "",
 ) -> tuple[float, dict]:
-    set_aside(storage)
+    set_aside(storage, storage.parent / "trash")
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -303,7 +289,7 @@ def ours(
 
 def ours_cli(manifest_url: str, folder: Path, concurrency: int) -> float:
     """``streamer --config FILE sync``, as a user runs it; its wall time."""
-    set_aside(folder)
+    set_aside(folder, folder.parent / "trash")
     folder.mkdir(parents=True)
     config = folder / "streamer.toml"
     config.write_text(
@@ -324,7 +310,7 @@ def ours_cli(manifest_url: str, folder: Path, concurrency: int) -> float:
 
 
 def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
-    set_aside(storage)
+    set_aside(storage, storage.parent / "trash")
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -341,7 +327,7 @@ def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
 
 
 def aiohttp_peer(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest)
+    set_aside(dest, dest.parent / "trash")
     wall, out = timed(
         [
             sys.executable,
@@ -374,7 +360,7 @@ def run_aiohttp_inner(args: argparse.Namespace) -> None:
 
 
 def aiohttp_inner(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest)
+    set_aside(dest, dest.parent / "trash")
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -393,7 +379,7 @@ def aiohttp_inner(shared: Path, manifest_url: str, dest: Path, concurrency: int)
 
 
 def aria2c_peer(fixture: Path, base_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest)
+    set_aside(dest, dest.parent / "trash")
     dest.mkdir(parents=True)
     listing = dest.parent / "aria2c-input.txt"
     with open(listing, "w") as f:
