@@ -111,10 +111,7 @@ class InFlight:
         """
         self._headers_filter = headers_filter
         try:
-            temp = self.storage.new_temp_file()
-            self.path = temp.name
-            self._write_fd = os.dup(temp.fileno())
-            temp.close()
+            self._write_fd, self.path = self.storage.create_temp()
             self._read_fd = os.open(self.path, os.O_RDONLY)
             downloader = self.remote.get_downloader(
                 entry=self.entry,
