@@ -76,7 +76,9 @@ async def test_a_worker_process_shares_the_downloads(repo, storage, catalog, mak
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
     [link] = workers.links
-    assert 2 <= link.stored <= 8  # the worker stored its share, the syncing process the rest
+    # The worker stored the 3 files it had in flight and maybe more; the syncing process at
+    # least the one it had in flight.
+    assert 3 <= link.stored <= 9
     assert all(process.poll() is not None for process in workers.processes)
     assert temp_files(storage) == []
 
