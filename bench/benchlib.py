@@ -44,8 +44,9 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}"
 
 
-def set_aside(path: Path, trash: Path) -> None:
-    """Move *path* (if it exists) into the folder *trash*, to be deleted after the last run.
+def set_aside(path: Path, trash: Path | None = None) -> None:
+    """Move *path* (if it exists) into the folder *trash* (default: ``trash`` beside it), to
+    be deleted after the last run.
 
     Deleting thousands of files right before a timed run would time ext4's inode allocator,
     not the contender: for some 30 s after a mass deletion, each new inode in the same block
@@ -53,5 +54,6 @@ def set_aside(path: Path, trash: Path) -> None:
     ``find_inode_bit``: about 45% of all CPU samples of one bare-loop sync under ``perf``), so
     whoever creates files after a deletion pays several times for each."""
     if path.exists():
+        trash = trash or path.parent / "trash"
         trash.mkdir(parents=True, exist_ok=True)
         path.rename(trash / f"{path.name}-{time.monotonic_ns()}")

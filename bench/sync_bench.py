@@ -261,6 +261,14 @@ def timed(cmd: list[str], label: str = "", **kwargs: object) -> tuple[float, str
     return wall, out.stdout
 
 
+def run_mode(mode: str, args: list[str], label: str = "") -> tuple[float, dict]:
+    """Run this script's *mode* (``_child``, ``_agent``, ``_aiohttp``) in a fresh process on
+    our checkout; its wall time and the JSON report it prints last."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, *args]
+    wall, out = timed(cmd, label, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return wall, json.loads(out.strip().splitlines()[-1])
+
+
 def ours(
     manifest_url: str,
     storage: Path,
@@ -268,28 +276,16 @@ def ours(
     policy: str = "immediate",
     profile_out: str = "",
 ) -> tuple[float, dict]:
-    set_aside(storage, storage.parent / "trash")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_child",
-        manifest_url,
-        str(storage),
-        "--concurrency",
-        str(concurrency),
-        "--policy",
-        policy,
-    ]
+    set_aside(storage)
+    args = [manifest_url, str(storage), "--concurrency", str(concurrency), "--policy", policy]
     if profile_out:
-        cmd += ["--profile-out", profile_out]
-    label = "" if profile_out else policy
-    wall, out = timed(cmd, label, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return wall, json.loads(out.strip().splitlines()[-1])
+        args += ["--profile-out", profile_out]
+    return run_mode("_child", args, "" if profile_out else policy)
 
 
 def ours_cli(manifest_url: str, folder: Path, concurrency: int) -> float:
     """``streamer --config FILE sync``, as a user runs it; its wall time."""
-    set_aside(folder, folder.parent / "trash")
+    set_aside(folder)
     folder.mkdir(parents=True)
     config = folder / "streamer.toml"
     config.write_text(
@@ -310,24 +306,15 @@ def ours_cli(manifest_url: str, folder: Path, concurrency: int) -> float:
 
 
 def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
-    set_aside(storage, storage.parent / "trash")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_agent",
-        manifest_url,
-        str(storage),
-        "--concurrency",
-        str(concurrency),
-    ]
-    _wall, out = timed(cmd, "agent", cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    report = json.loads(out.strip().splitlines()[-1])
+    set_aside(storage)
+    args = [manifest_url, str(storage), "--concurrency", str(concurrency)]
+    _wall, report = run_mode("_agent", args, "agent")
     CPU.setdefault("agent_reactor", []).append(report["reactor_cpu"])
     return report["seconds"]
 
 
 def aiohttp_peer(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest, dest.parent / "trash")
+    set_aside(dest)
     wall, out = timed(
         [
             sys.executable,
@@ -360,26 +347,18 @@ def run_aiohttp_inner(args: argparse.Namespace) -> None:
 
 
 def aiohttp_inner(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest, dest.parent / "trash")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_aiohttp",
-        str(shared / "peers" / "aiohttp_sync.py"),
-        manifest_url,
-        str(dest),
-        "--concurrency",
-        str(concurrency),
-    ]
-    _wall, out = timed(cmd)
-    report = json.loads(out.strip().splitlines()[-1])
+    set_aside(dest)
+    peer = str(shared / "peers" / "aiohttp_sync.py")
+    _wall, report = run_mode(
+        "_aiohttp", [peer, manifest_url, str(dest), "--concurrency", str(concurrency)]
+    )
     if report["failed"]:
-        raise RuntimeError(f"aiohttp sync failed: {out}")
+        raise RuntimeError(f"aiohttp sync failed: {report}")
     return report["seconds"]
 
 
 def aria2c_peer(fixture: Path, base_url: str, dest: Path, concurrency: int) -> float:
-    set_aside(dest, dest.parent / "trash")
+    set_aside(dest)
     dest.mkdir(parents=True)
     listing = dest.parent / "aria2c-input.txt"
     with open(listing, "w") as f:
