@@ -29,11 +29,6 @@ class IArtifactStorage(Interface):
     def new_temp_file():
         """Return a new named, writable binary file in temp_dir, to be committed or removed."""
 
-    def create_temp():
-        """Create a new empty file in temp_dir, with the artifacts' permissions; return its
-        write-only descriptor and path (the caller closes the one and commits or discards
-        the other). Cheaper than `new_temp_file` for a file written through ``os.write``."""
-
     def discard(temp_path):
         """Remove a temp file that will not be committed (a missing file is fine)."""
 

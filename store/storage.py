@@ -32,7 +32,6 @@ from store.interfaces import IArtifactStorage
 CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = "part-"
 ARTIFACT_MODE = 0o644
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 @attrs.frozen
@@ -200,17 +199,6 @@ class ArtifactStorage:
         return tempfile.NamedTemporaryFile(  # noqa: SIM115 - the caller owns the file
             mode="wb", dir=self.temp_dir, prefix=TEMP_PREFIX, delete=False
         )
-
-    def create_temp(self) -> tuple[int, str]:
-        """A new empty file in tmp/ with the artifacts' mode (the commit then needs no
-        ``chmod``): ``(write-only descriptor, path)``. Raises ``OSError``."""
-        for _ in range(100):
-            path = os.path.join(self.temp_dir, f"{TEMP_PREFIX}{os.urandom(8).hex()}")
-            try:
-                return os.open(path, _CREATE_FLAGS, ARTIFACT_MODE), path
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free temporary file name in {self.temp_dir}")
 
     def discard(self, temp_path: str) -> None:
         """Remove a temp file that will not be committed (missing is fine)."""

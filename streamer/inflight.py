@@ -24,6 +24,8 @@ from twisted.python.failure import Failure
 
 from downloaders.errors import SizeValidationError
 from downloaders.result import keep_upstream_date
+from downloaders.tempfiles import create_temp_file
+from store.storage import ARTIFACT_MODE
 
 __all__ = ["CappedBackoff", "InFlight"]
 
@@ -111,7 +113,8 @@ class InFlight:
         """
         self._headers_filter = headers_filter
         try:
-            self._write_fd, self.path = self.storage.create_temp()
+            # One os.open, already with the artifacts' mode (the commit needs no chmod).
+            self._write_fd, self.path = create_temp_file(self.storage.temp_dir, ARTIFACT_MODE)
             self._read_fd = os.open(self.path, os.O_RDONLY)
             downloader = self.remote.get_downloader(
                 entry=self.entry,

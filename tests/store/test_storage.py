@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import stat
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -170,20 +169,3 @@ def test_verify_quarantines_corrupted_artifact(storage, tmp_path):
         assert f.read() == b"B" + bad_data[1:]
     again = storage.verify()
     assert (again.checked, again.good, again.bad) == (1, 1, [])
-
-
-def test_create_temp_makes_a_new_file_with_the_artifacts_mode(tmp_path):
-    storage = ArtifactStorage(tmp_path)
-    old = os.umask(0o022)
-    try:
-        fd, path = storage.create_temp()
-        os.write(fd, b"data")
-        os.close(fd)
-        other_fd, other = storage.create_temp()
-        os.close(other_fd)
-    finally:
-        os.umask(old)
-    assert os.path.dirname(path) == storage.temp_dir and path != other
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
-    sha = hashlib.sha256(b"data").hexdigest()
-    assert storage.commit(path, sha, 4) == storage.path_for(sha)

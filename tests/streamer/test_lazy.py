@@ -3,6 +3,9 @@ Range on content that is still downloading, and the streamed policy."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest_twisted
 import treq
 
@@ -33,6 +36,8 @@ def test_cold_get_streams_stores_and_next_get_is_a_hit(lazy_env):
     assert env.temp_files() == []
     entries = yield env.catalog.lookup("repo/a.bin")
     assert entries[0].stored
+    # Stored with the artifacts' mode (the tee file is made with it; commit fixes any other).
+    assert stat.S_IMODE(os.stat(env.storage.path_for(sha256(BODY))).st_mode) == 0o644
 
     code, out, _ = yield run_curl("-f", env.url("repo/a.bin"))
     assert code == 0 and out == BODY
