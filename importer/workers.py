@@ -100,7 +100,6 @@ def remote_fields(remote: Any, slots: int) -> dict[str, Any]:
     """*remote*'s settings as a worker rebuilds its `Remote`, with *slots* downloads."""
     fields = {a.alias: getattr(remote, a.name) for a in attrs.fields(type(remote)) if a.init}
     fields.update(download_concurrency=slots, sync_processes=1)
-    fields["allowed_import_paths"] = list(fields.get("allowed_import_paths", ()))
     return fields
 
 
