@@ -9,6 +9,7 @@ never by a long wait.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import socket
@@ -56,19 +57,9 @@ def assert_sane(data: bytes, allowed: tuple[int, ...] = (400, 404, 405, 414, 431
 
 
 @pytest.fixture
-def make_service(tmp_path, upstream):
-    started: list[ServiceEnv] = []
-
-    def make(**options) -> defer.Deferred[ServiceEnv]:
-        folder = tmp_path / f"service{len(started)}"
-        folder.mkdir()
-        env = ServiceEnv(folder, upstream, stall_timeout=STALL, **options)
-        started.append(env)
-        return defer.ensureDeferred(env.start())
-
-    yield make
-    for env in started:
-        pytest_twisted.blockon(defer.ensureDeferred(env.stop()))
+def make_service(make_service):
+    """The shared fixture, with this file's short ``stall_timeout``."""
+    return functools.partial(make_service, stall_timeout=STALL)
 
 
 @pytest.fixture

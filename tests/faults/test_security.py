@@ -33,7 +33,7 @@ from downloaders import (
 )
 from downloaders.http import default_pool
 from streamer.signing import sign_path
-from tests.faults.service_env import ServiceEnv, settle
+from tests.faults.service_env import settle
 from tests.faults.test_hostile_clients import request, status_of
 from tests.support import faults
 from tests.support.clients import free_port, raw_http, run_curl
@@ -51,22 +51,6 @@ SECRETS = (
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def make_service(tmp_path, upstream):
-    started: list[ServiceEnv] = []
-
-    def make(server=None, **options) -> defer.Deferred[ServiceEnv]:
-        folder = tmp_path / f"service{len(started)}"
-        folder.mkdir()
-        env = ServiceEnv(folder, server or upstream, **options)
-        started.append(env)
-        return defer.ensureDeferred(env.start())
-
-    yield make
-    for env in started:
-        pytest_twisted.blockon(defer.ensureDeferred(env.stop()))
 
 
 @pytest.fixture
