@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.error import ProcessDone, ProcessTerminated
 
 from store import ArtifactStorage
 from tests.importer.conftest import artifacts, sha
+from tests.support.clients import exit_code
 from tests.support.faults import Serve, StallMidBody
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,13 +33,8 @@ class Child(protocol.ProcessProtocol):
         self.err.append(data)
 
     def processEnded(self, reason) -> None:  # noqa: N802 - Twisted API
-        value = reason.value
-        code = 0
-        if isinstance(value, ProcessTerminated):
-            code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
-        elif not isinstance(value, ProcessDone):
-            code = -1
-        self.ended.callback((code, b"".join(self.out).decode(), b"".join(self.err).decode()))
+        out, err = b"".join(self.out).decode(), b"".join(self.err).decode()
+        self.ended.callback((exit_code(reason), out, err))
 
 
 def streamer(config: Path, *args: str) -> Child:

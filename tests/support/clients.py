@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 __all__ = [
     "ProcessResult",
     "RawResult",
+    "exit_code",
     "free_port",
     "raw_http",
     "run_aria2c",
@@ -64,13 +65,17 @@ class _Collector(protocol.ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        value = reason.value
-        code = 0
-        if isinstance(value, ProcessTerminated):
-            code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
-        elif not isinstance(value, ProcessDone):
-            code = -1
+        code = exit_code(reason)
         self._done.callback(ProcessResult(code, b"".join(self._out), b"".join(self._err)))
+
+
+def exit_code(reason: Failure) -> int:
+    """A process's exit status from its ``processEnded`` reason: minus the signal's number
+    when a signal ended it, -1 for anything else unexpected."""
+    value = reason.value
+    if isinstance(value, ProcessTerminated):
+        return value.exitCode if value.exitCode is not None else -(value.signal or 0)
+    return 0 if isinstance(value, ProcessDone) else -1
 
 
 def run_process(
