@@ -11,17 +11,17 @@ Backoffs are recorded and shortened, so no test sleeps through one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings
 from downloaders.http import default_pool
 from tests.faults.matrix import BODY, FAULTS, Fault, RecordingBackoff, fault_ids, sha256
+from tests.faults.service_env import settle
 from tests.support import faults
 from tests.support.upstream import UpstreamServer
 
@@ -116,16 +116,6 @@ def temp_files(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "tmp").iterdir())
 
 
-async def settle(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    """Let the reactor run until ``predicate`` holds (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await task.deferLater(reactor, 0.01, lambda: None)
-    return True
-
-
 async def download(downloader: Any) -> tuple[Any, BaseException | None]:
     try:
         return await downloader.run(), None
@@ -179,7 +169,9 @@ async def test_fault(fault: Fault, builder: Builder, upstream_factory, certs, tm
 
     # No temp file, and no connection left open beyond the pool's idle keep-alive ones.
     assert temp_files(tmp_path) == []
-    assert await settle(lambda: server.open_connections <= builder.idle_connections()), (
+    assert await settle(
+        lambda: server.open_connections <= builder.idle_connections(), timeout=2.0
+    ), (
         f"{server.open_connections} open at the upstream, "
         f"{builder.idle_connections()} idle in the pool"
     )
