@@ -9,10 +9,10 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 
 from tests.support import faults
 from tests.support.clients import free_port, raw_http, run_aria2c, run_curl, run_process, run_wget
+from tests.support.polling import until
 
 BODY = bytes(range(256)) * 64  # 16 KiB, every byte value
 
@@ -36,13 +36,6 @@ def sha256(data: bytes) -> str:
 def no_timer_left_behind():
     yield
     assert faults.pending_timers() == []
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 # --- success paths ---------------------------------------------------------------------------
@@ -257,7 +250,7 @@ async def test_gated_holds_concurrent_requests(upstream):
     gate = faults.Gated(faults.Serve(b"go"))
     url = upstream.register("/g", gate)
     runs = [run_curl(url) for _ in range(3)]
-    await wait_for(lambda: gate.waiting == 3)
+    await until(lambda: gate.waiting == 3)
     assert upstream.max_concurrent_connections == 3 and upstream.open_connections == 3
     gate.release()
     for run in runs:
@@ -373,7 +366,7 @@ async def test_stop_aborts_open_connections_and_leak_detection(upstream_factory)
     server = upstream_factory()
     server.register("/hang", faults.StallAfterHeaders())
     pending = raw_http("127.0.0.1", server.port, get("/hang"), timeout=10)
-    await wait_for(lambda: server.open_connections == 1)
+    await until(lambda: server.open_connections == 1)
     assert await server.wait_until_idle(0.2) is False  # a leak is reported, not hidden
     await server.stop()
     assert server.open_connections == 0 and server.total_connections == 1

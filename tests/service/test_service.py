@@ -22,6 +22,7 @@ from streamer.metrics import CONTENT_TYPE
 from streamer.service import StreamerService
 from streamer.signing import sign_path
 from tests.service.support import EchoContent, service_config
+from tests.support.polling import until
 
 
 def start(config, **kwargs) -> tuple[StreamerService, EchoContent, str]:
@@ -34,14 +35,6 @@ def start(config, **kwargs) -> tuple[StreamerService, EchoContent, str]:
     service = StreamerService(config, content_factory=factory, **kwargs)
     service.startService()
     return service, built[0], f"http://127.0.0.1:{service.address.port}"
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01)
-    raise AssertionError("condition not reached")
 
 
 @pytest_twisted.ensureDeferred
