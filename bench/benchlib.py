@@ -1,12 +1,24 @@
-"""Small helpers the benchmark scripts share: free ports, waiting for a listener, the machine."""
+"""Small helpers the benchmark scripts share: free ports, waiting for a listener, the machine,
+nginx as upstream and proxy, and the raw record of each run."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import attrs
+
+BENCH = Path(__file__).resolve().parent
+PEERS = BENCH / "peers"
+RAW = BENCH / "raw"
 
 
 def free_port() -> int:
@@ -57,3 +69,92 @@ def set_aside(path: Path, trash: Path | None = None) -> None:
         trash = trash or path.parent / "trash"
         trash.mkdir(parents=True, exist_ok=True)
         path.rename(trash / f"{path.name}-{time.monotonic_ns()}")
+
+
+@attrs.define
+class Nginx:
+    """nginx from ``peers/nginx.conf.in``: *root* served on *static_port* (the upstream, with
+    an access log that counts requests) and proxied on *proxy_port*, state kept in *work*."""
+
+    root: Path
+    static_port: int
+    proxy_port: int
+    work: Path
+
+    @property
+    def access_log(self) -> Path:
+        return self.work / "access.log"
+
+    def start(self) -> None:
+        """Write the configuration and start nginx; return once the upstream port answers."""
+        (self.work / "tmp").mkdir(parents=True, exist_ok=True)
+        # As root, nginx's workers would become nobody and could not read a private (0700)
+        # fixture folder such as a test's tmp_path: keep the invoking user.
+        user_line = "user root;" if os.geteuid() == 0 else ""
+        config = (
+            (PEERS / "nginx.conf.in")
+            .read_text()
+            .format(
+                user_line=user_line,
+                root=self.root.resolve(),
+                work=self.work.resolve(),
+                static_port=self.static_port,
+                proxy_port=self.proxy_port,
+            )
+        )
+        conf = self.work / "nginx.conf"
+        conf.write_text(config)
+        subprocess.run(["nginx", "-c", str(conf.resolve())], check=True, capture_output=True)
+        wait_port(self.static_port)
+        wait_port(self.proxy_port)
+
+    def stop(self) -> None:
+        """Stop the master (it stops its workers); nothing when it never started."""
+        try:
+            os.kill(int((self.work / "nginx.pid").read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+def make_fixture(root: Path, count: int, size: int, big: int = 0) -> None:
+    """The upstream repository: ``peers/fixture.py`` run as a script (standard library only)."""
+    args = [str(root), "--count", str(count), "--size", str(size), "--big", str(big)]
+    subprocess.run(
+        [sys.executable, str(PEERS / "fixture.py"), *args], check=True, capture_output=True
+    )
+
+
+def git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` when it has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=BENCH,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{commit}+dirty" if commit and dirty else commit or "unknown"
+
+
+def record_raw(bench: str, raw: dict) -> Path:
+    """Keep one run's raw numbers beside RESULTS.md: ``raw/<bench>-<UTC time>-<commit>.json``,
+    with the command line, commit and machine, so a figure in RESULTS.md can be traced."""
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    commit = git_commit()
+    RAW.mkdir(exist_ok=True)
+    path = RAW / f"{bench}-{when}-{commit}.json"
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "commit": commit,
+        "utc": when,
+        "machine": machine(),
+        "raw": raw,
+    }
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"raw numbers: {path.relative_to(BENCH.parent)}")
+    return path

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Streaming benchmark: the streamer beside its peers, in one run, reported as ratios.
 
-    python bench/stream_bench.py [--shared DIR] [--big-mib 1024] [--work DIR]
+    python bench/stream_bench.py [--big-mib 1024] [--small 2000] [--repeat 3] [--work DIR]
 
 Runs, on loopback only:
 * cold 1 GiB through the streamer (tee + sha256), the aiohttp peer shaped like Pulp 3's content
@@ -12,7 +12,9 @@ Runs, on loopback only:
 * coalescing: 50 concurrent cold requests for one file, upstream requests counted in nginx's
   access log.
 
-Needs Debian's nginx and curl, and aiohttp for the peer (`pip install aiohttp`: bench only).
+The peers are the project's own (``bench/peers/``), so a clone runs this with nothing beside
+it. Needs Debian's nginx and curl, and aiohttp for the peer (`pip install aiohttp`: bench
+only). Each run's raw numbers (every round) go to ``bench/raw/``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import free_port, machine, wait_port
-
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import PEERS, Nginx, free_port, machine, make_fixture, record_raw, wait_port
 
 
 def rss_kib(pid: int) -> int:
@@ -96,7 +96,6 @@ def concurrent_get(url: str, n: int) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--work", default="")
@@ -104,7 +103,6 @@ def main() -> int:
         "--repeat", type=int, default=3, help="rounds per throughput row (best one kept)"
     )
     args = parser.parse_args()
-    peers = Path(args.shared) / "peers"
     work = Path(args.work or tempfile.mkdtemp(prefix="stream-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # nginx's workers (www-data when started as root) read the fixture
@@ -112,23 +110,11 @@ def main() -> int:
     big = args.big_mib << 20
     results: dict[str, float | str] = {}
     procs: list[subprocess.Popen] = []
-    nginx_work = work / "nginx"
+    nginx: Nginx | None = None
+    samples: dict[str, list[float]] = {}
     try:
         print(f"# {machine()}", flush=True)
-        subprocess.run(
-            [
-                sys.executable,
-                peers / "make_fixture.py",
-                fixture,
-                "--count",
-                str(args.small),
-                "--size",
-                "16384",
-                "--big",
-                str(big),
-            ],
-            check=True,
-        )
+        make_fixture(fixture, args.small, 16384, big)
         # A 64 MiB file for the coalescing round.
         mid = fixture / "files" / "mid.bin"
         subprocess.run(
@@ -141,20 +127,16 @@ def main() -> int:
             f.write(f"files/mid.bin,{sha},{64 << 20}\n")
 
         static, proxy, aio, ours = free_port(), free_port(), free_port(), free_port()
-        subprocess.run(
-            [peers / "nginx.sh", "start", fixture, str(static), str(proxy), nginx_work],
-            check=True,
-            capture_output=True,
-        )
-        wait_port(static)
+        nginx = Nginx(fixture, static, proxy, work / "nginx")
+        nginx.start()
         upstream = f"http://127.0.0.1:{static}"
-        access_log = nginx_work / "access.log"
+        access_log = nginx.access_log
 
         procs.append(
             subprocess.Popen(
                 [
                     sys.executable,
-                    peers / "aiohttp_proxy.py",
+                    PEERS / "aiohttp_proxy.py",
                     "--upstream",
                     upstream,
                     "--port",
@@ -213,6 +195,7 @@ def main() -> int:
         # another process on the machine does not decide a ratio.
         def best(key: str, measure) -> None:  # noqa: ANN001
             value = measure()
+            samples.setdefault(key, []).append(value)
             results[key] = max(float(results.get(key, 0.0)), value)
 
         def rotated(rows: list, turn: int) -> list:  # noqa: ANN001
@@ -301,7 +284,8 @@ def main() -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run([peers / "nginx.sh", "stop", nginx_work], capture_output=True)
+        if nginx is not None:
+            nginx.stop()
 
     def ratio(a: str, b: str) -> str:
         return f"{float(results[a]) / float(results[b]):.2f}x"
@@ -322,6 +306,7 @@ def main() -> int:
     for key, value in results.items():
         shown = f"{value:.1f}" if isinstance(value, float) else value
         print(f"| {key} | {shown} |")
+    record_raw("stream", {"best": results, "rounds": samples})
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """Sync benchmark: our immediate sync beside an aiohttp sync and aria2c, in one run.
 
-    python bench/sync_bench.py [--shared DIR] [--count 2000] [--size 16384] [--concurrency 10]
+    python bench/sync_bench.py [--count 2000] [--size 16384] [--concurrency 10]
                                [--repeat 3] [--lazy-count 100000] [--work DIR] [--profile]
 
-Runs, on loopback only, against one nginx serving a fixture made by
-``<shared>/peers/make_fixture.py`` (``--shared`` defaults to ``<repo>/../shared``):
+Runs, on loopback only, against one nginx serving a fixture made by ``bench/peers/fixture.py``
+(the peers are the project's own, so a clone runs this with nothing beside it):
 
 * our ``immediate`` sync as a user runs it, ``streamer --config FILE sync`` (concurrency N,
   sha256 and size validated, atomic commit into artifact storage, SQLite catalog; worker
   processes as the remote's default ``sync_processes = 0`` decides), and the same through
   the ``importer.sync_remote`` API in a small program that also times the sync's phases,
   each in a fresh process per run;
-* ``<shared>/peers/aiohttp_sync.py`` (same concurrency and validation; aiohttp is needed for
+* ``bench/peers/aiohttp_sync.py`` (same concurrency and validation; aiohttp is needed for
   the bench only: ``pip install aiohttp``);
 * ``aria2c -j N`` with the sha-256 of every file (Debian's aria2).
 
@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import free_port, machine, set_aside, wait_port
+from benchlib import PEERS, Nginx, free_port, machine, make_fixture, record_raw, set_aside
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("downloaders", "importer", "store", "streamer")
@@ -313,12 +313,12 @@ def agent_floor(manifest_url: str, storage: Path, concurrency: int) -> float:
     return report["seconds"]
 
 
-def aiohttp_peer(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
+def aiohttp_peer(manifest_url: str, dest: Path, concurrency: int) -> float:
     set_aside(dest)
     wall, out = timed(
         [
             sys.executable,
-            str(shared / "peers" / "aiohttp_sync.py"),
+            str(PEERS / "aiohttp_sync.py"),
             manifest_url,
             str(dest),
             "--concurrency",
@@ -346,9 +346,9 @@ def run_aiohttp_inner(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "failed": failed}), flush=True)
 
 
-def aiohttp_inner(shared: Path, manifest_url: str, dest: Path, concurrency: int) -> float:
+def aiohttp_inner(manifest_url: str, dest: Path, concurrency: int) -> float:
     set_aside(dest)
-    peer = str(shared / "peers" / "aiohttp_sync.py")
+    peer = str(PEERS / "aiohttp_sync.py")
     _wall, report = run_mode(
         "_aiohttp", [peer, manifest_url, str(dest), "--concurrency", str(concurrency)]
     )
@@ -422,7 +422,6 @@ def main() -> None:
     inner.add_argument("manifest_url")
     inner.add_argument("dest")
     inner.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--size", type=int, default=16384)
     parser.add_argument("--concurrency", type=int, default=10)
@@ -441,7 +440,6 @@ def main() -> None:
         run_aiohttp_inner(args)
         return
 
-    shared = args.shared.resolve()
     work = args.work or Path(tempfile.mkdtemp(prefix="sync-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # mkdtemp makes it 0700; nginx's worker (nobody) must read the fixture
@@ -449,33 +447,16 @@ def main() -> None:
     if closed:  # nginx would answer 403 to every request: say why instead
         parser.error(f"nginx's worker cannot reach --work: run `chmod o+x {closed[0]}` first")
     fixture = work / "upstream"
-    subprocess.run(
-        [
-            sys.executable,
-            str(shared / "peers" / "make_fixture.py"),
-            str(fixture),
-            "--count",
-            str(args.count),
-            "--size",
-            str(args.size),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    make_fixture(fixture, args.count, args.size)
     write_lazy_manifest(work / "lazy", args.lazy_count)
     # Our packages are a checkout; the peers (aiohttp, Twisted) are installed, byte-compiled.
     # Compile ours too, so no run of ours compiles its modules at start-up (with
     # PYTHONDONTWRITEBYTECODE set, every run would).
     subprocess.run([sys.executable, "-m", "compileall", "-q", *PACKAGES], cwd=REPO, check=True)
     static, proxy = free_port(), free_port()
-    nginx = shared / "peers" / "nginx.sh"
-    subprocess.run(
-        ["bash", str(nginx), "start", str(work), str(static), str(proxy), str(work / "nginx")],
-        check=True,
-        capture_output=True,
-    )
+    nginx = Nginx(work, static, proxy, work / "nginx")
     try:
-        wait_port(static)
+        nginx.start()
         base = f"http://127.0.0.1:{static}"
         manifest = f"{base}/upstream/PULP_MANIFEST"
         n, c = args.count, args.concurrency
@@ -503,9 +484,9 @@ def main() -> None:
             lambda: results["cli"].append(ours_cli(manifest, work / "cli", c)),
             our_round,
             lambda: results["agent"].append(agent_floor(manifest, work / "agent", c)),
-            lambda: results["aiohttp"].append(aiohttp_peer(shared, manifest, work / "aiohttp", c)),
+            lambda: results["aiohttp"].append(aiohttp_peer(manifest, work / "aiohttp", c)),
             lambda: results["aiohttp_sync"].append(
-                aiohttp_inner(shared, manifest, work / "aiohttp-inner", c)
+                aiohttp_inner(manifest, work / "aiohttp-inner", c)
             ),
             lambda: results["aria2c"].append(
                 aria2c_peer(fixture, f"{base}/upstream", work / "aria2c", c)
@@ -568,13 +549,22 @@ def main() -> None:
             f"{peak / 1024:.0f} MiB (after imports {imported / 1024:.0f} MiB; "
             f"growth {(peak - imported) / 1024:.0f} MiB)"
         )
+        record_raw(
+            "sync",
+            {
+                "fixture": {"count": n, "size": args.size, "concurrency": c},
+                "runs_seconds": results,
+                "cpu_seconds": CPU,
+                "on_demand": {"entries": args.lazy_count, **lazy},
+            },
+        )
         if args.profile:
             out = str(work / "sync.prof")
             ours(manifest, work / "ours", c, profile_out=out)
             print("\ncProfile of one immediate sync (top by own time):")
             print_profile(out)
     finally:
-        subprocess.run(["bash", str(nginx), "stop", str(work / "nginx")], check=False)
+        nginx.stop()
         shutil.rmtree(work / "trash", ignore_errors=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
