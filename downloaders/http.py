@@ -203,7 +203,9 @@ class _Attempt:
                 response.headers,
                 _retry_after(response.headers),
             )
-            if response.length is not None and response.length > ERROR_BODY_LIMIT:
+            # ``length`` is an int, or Twisted's UNKNOWN_LENGTH (a string: chunked or
+            # close-delimited), which the receiver bounds by ERROR_BODY_LIMIT as it reads.
+            if isinstance(response.length, int) and response.length > ERROR_BODY_LIMIT:
                 response.deliverBody(_Discard())
                 self.fail(failure)
             else:

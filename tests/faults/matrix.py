@@ -32,6 +32,7 @@ from downloaders import (
     DownloadError,
     DownloadTimeout,
     HttpError,
+    NotFound,
     SizeValidationError,
     TooManyRedirects,
     TruncatedBody,
@@ -100,7 +101,8 @@ class Sync:
 
 @attrs.frozen
 class Lazy:
-    """A streamer client's documented outcome: ``"ok"``, ``"aborted"``, ``502`` or ``504``."""
+    """A streamer client's documented outcome: ``"ok"``, ``"aborted"``, or a plain ``404``,
+    ``502``, ``503`` or ``504`` before the first byte."""
 
     outcome: str | int
     requests: int = 1
@@ -283,6 +285,19 @@ FAULTS = [
         Sync(HttpError, "HTTP 500", 3),
         Lazy(502, 3),
         {"max_retries": 2},
+    ),
+    # --- error statuses whose body is chunked or close-delimited (no Content-Length): the
+    # status decides at once; the body is read (up to 64 KiB) and dropped, never a timeout ----
+    *(
+        Fault(
+            f"{code}-{framing}-error-body",
+            lambda code=code, framing=framing: faults.Status(code, framing=framing),
+            Sync(NotFound, "HTTP 404", 1) if code == 404 else Sync(HttpError, f"HTTP {code}", 2),
+            Lazy(404, 1) if code == 404 else Lazy(502, 2),
+            RETRY_ONCE,
+        )
+        for code in (404, 500, 503)
+        for framing in ("chunked", "close")
     ),
     # --- redirects: followed, but loops and non-HTTP targets refused ---------------------------
     Fault(

@@ -3,7 +3,7 @@
 A real `ContentResource` in a Site on 127.0.0.1, a real SQLite catalog and `ArtifactStorage`
 under tmp_path, catalog entries pointing at the fault upstream, and real curl. For each fault
 of `tests.faults.matrix`: the documented client outcome (200 with the whole body, a response
-aborted after some bytes, or 502/504 before the first byte), then
+aborted after some bytes, or 404/502/504 before the first byte), then
 
 * the store holds only valid artifacts (the good one after success, nothing after a failure),
 * no temp file, no download in flight, no upstream connection beyond idle keep-alive ones,
@@ -140,6 +140,9 @@ async def test_lazy_get_under_fault(fault: Fault, lazy_env: LazyEnv, upstream_fa
     assert len(server.requests(UPSTREAM_PATH)) == expected.requests
     if expected.outcome == "ok":
         assert (code, status, body) == (0, 200, fault.body)
+    elif expected.outcome == 404:
+        # The upstream said the file is gone: the same answer, with no date to retry at.
+        assert status == 404 and "retry-after" not in headers, (status, headers)
     else:
         assert status in (502, 504) and "retry-after" in headers, (status, headers)
 

@@ -303,6 +303,24 @@ async def test_status_forever_and_auth(upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_status_with_chunked_and_close_delimited_bodies(upstream):
+    upstream.register("/chunked", faults.Status(404, framing="chunked"))
+    upstream.register("/close", faults.Status(503, framing="close"))
+    result = await raw_http("127.0.0.1", upstream.port, get("/chunked"))
+    head, body = split(result.data)
+    assert head.startswith(b"HTTP/1.1 404") and b"Transfer-Encoding: chunked" in head
+    assert b"Content-Length" not in head and body.endswith(b"\r\n0\r\n\r\n")
+    result = await raw_http("127.0.0.1", upstream.port, get("/close"))
+    head, body = split(result.data)
+    assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head
+    assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+    assert body == b"503 from upstream\n"
+    for path, status in (("/chunked", b"404"), ("/close", b"503")):
+        code, out, _ = await run_curl("-s", "-w", " %{http_code}", upstream.url(path))
+        assert code == 0 and out.endswith(b"from upstream\n " + status)
+
+
+@pytest_twisted.ensureDeferred
 async def test_steps_fault_once_then_succeed(upstream):
     url = upstream.register(
         "/once", faults.Steps([faults.ResetAfter(10, BODY), faults.Serve(BODY)])

@@ -26,7 +26,7 @@ import attrs
 from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.web import static
-from twisted.web.http import Request, stringToDatetime
+from twisted.web.http import RESPONSES, Request, stringToDatetime
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -390,16 +390,49 @@ class Status(Behaviour):
     """Always answer ``code``.
 
     Wire: ``code`` with ``headers``, ``Content-Type: text/plain`` and a short body
-    ``b"<code> from upstream\\n"`` with its Content-Length (no body on HEAD).
+    ``b"<code> from upstream\\n"`` (no body on HEAD), framed by ``framing``:
+
+    * ``"length"``: with its Content-Length;
+    * ``"chunked"``: ``Transfer-Encoding: chunked`` and the terminating 0-chunk (an
+      HTTP/1.1 request; HTTP/1.0 gets a close-delimited body);
+    * ``"close"``: neither Content-Length nor chunked, ``Connection: close``, and the body
+      ends when the connection closes (a clean FIN after the bytes; RFC 9112 section 6.3).
     """
 
     code: int
     headers: Mapping[str, str] = attrs.field(factory=dict)
+    framing: str = attrs.field(
+        default="length", validator=attrs.validators.in_(("length", "chunked", "close"))
+    )
 
     def render(self, request: Request) -> RenderResult:
         body = b"%d from upstream\n" % self.code
-        _start(request, self.code, self.headers, len(body), "text/plain")
-        return b"" if request.method == b"HEAD" else body
+        head = request.method == b"HEAD"
+        if self.framing == "length":
+            _start(request, self.code, self.headers, len(body), "text/plain")
+            return b"" if head else body
+        if self.framing == "chunked":
+            _start(request, self.code, self.headers, None, "text/plain")
+            if not head:
+                request.write(body)
+            request.finish()
+            return NOT_DONE_YET
+        _write_raw_head(request, self.code, {**self.headers, "Connection": "close"})
+        if not head:
+            _transport(request).write(body)
+        close_after_flush(request)
+        return NOT_DONE_YET
+
+
+def _write_raw_head(request: Request, code: int, headers: Mapping[str, str]) -> None:
+    """Write an ``HTTP/1.1`` status line and *headers* (plus a text/plain Content-Type)
+    straight to the transport, bypassing twisted.web's framing: no Content-Length, no
+    chunking, so whatever follows is a close-delimited body."""
+
+    phrase = RESPONSES.get(code, b"Status")
+    lines = [b"HTTP/1.1 %d %s" % (code, phrase), b"Content-Type: text/plain"]
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in headers.items()]
+    _transport(request).write(b"\r\n".join(lines) + b"\r\n\r\n")
 
 
 @attrs.define
