@@ -128,6 +128,9 @@ class BaseDownloader:
         self._finalized = False
         self._handed_over = False
         self._headers_reported = False
+        #: An `ITap` attached with `add_tap` (the streamer's), or None.
+        self._tap: Any = None
+        self._tap_got_headers = False
 
     # The two calls every subclass keeps -------------------------------------------------------
 
@@ -139,6 +142,11 @@ class BaseDownloader:
         self._calculator.update(data)
         if self.expected_size is not None and self._calculator.size > self.expected_size:
             raise SizeValidationError(self.url, self.expected_size, self._calculator.size)
+        if self._tap is not None:
+            self._handed_over = True
+            self._tap.write(data)
+            if self.writer is None:
+                return
         if self.writer is not None:
             self._handed_over = True
             self.writer.write(data)
@@ -160,7 +168,7 @@ class BaseDownloader:
         if self._finalized:
             return
         self._finalized = True
-        if self.writer is None:
+        if self.writer is None and self._tap is None:
             fd = self._fd if self._fd is not None else self._open_temp()
             self._fd = None
             try:
@@ -168,6 +176,8 @@ class BaseDownloader:
             except OSError as exc:
                 raise self._temp_file_error(exc) from exc
         self.validate()
+        if self._tap is not None:
+            self._tap.finalized()
 
     # Hooks for subclasses ----------------------------------------------------------------------
 
@@ -176,13 +186,26 @@ class BaseDownloader:
         raise NotImplementedError
 
     def headers_ready(self, headers: Any) -> None:
-        """Record the final response headers; call the caller's callback the first time."""
+        """Record the final response headers; tell the tap and call the caller's callback the
+        first time. Protocols with headers call this before the first `handle_data`."""
         self.headers = headers
+        if self._tap is not None and not self._tap_got_headers:
+            self._tap_got_headers = True
+            self._handed_over = True
+            self._tap.headers_ready(headers)
         if self.headers_ready_callback is not None and not self._headers_reported:
             self._headers_reported = True
             if self.writer is not None:
                 self._handed_over = True
             self.headers_ready_callback(headers)
+
+    def add_tap(self, tap: Any) -> None:
+        """Attach an `ITap`: it takes every chunk `handle_data` gets (instead of the temporary
+        file), the headers `headers_ready` gets, and hears when `finalize` validated. Once it
+        got anything, no retry follows. See `downloaders.tap.tap` for any downloader."""
+        if self._tap is not None and self._tap is not tap:
+            raise ValueError("this downloader already has a tap")
+        self._tap = tap
 
     # Public entry points -------------------------------------------------------------------------
 

@@ -51,7 +51,16 @@ class IImporter(Interface):
 
     def get_downloader(url=None, entry=None, **kwargs):  # type: ignore[no-untyped-def]
         """A configured `IDownloader` for *url* or for a catalog *entry* (expecting its
-        size and digests)."""
+        size and digests).
+
+        The streamer calls ``get_downloader(entry=entry)`` and nothing more, and streams the
+        downloader through the contract of `downloaders.interfaces` alone: ``run()``, every
+        byte through ``handle_data()``, then ``finalize()``. A `BaseDownloader` subclass
+        whose ``_run`` does that (with any client) streams to clients as it downloads; one
+        that reports headers through ``headers_ready`` has them forwarded, otherwise clients
+        get the catalog's size and a type by extension. A downloader that finishes without
+        passing the artifact's bytes through ``handle_data`` is answered with 502 at once.
+        """
 
 
 @implementer(IImporter)

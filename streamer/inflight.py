@@ -1,19 +1,25 @@
 """One shared upstream download of one artifact, teed to a temp file that its followers read.
 
-An `InFlight` runs the remote's black-box downloader with itself as the ``writer``: every
-chunk is appended to a temp file under the storage's temp folder (nothing but the latest
-chunk stays in memory) and the followers (`streamer.follower.Follower`, one per client) are
-woken to send what they can. Followers read through `read`, which answers from the latest
-chunk when it covers the offset (a caught-up client never re-reads) and from the file
+An `InFlight` runs the remote's black-box downloader with itself as its tap (`downloaders.tap.tap`,
+an `ITap`): it relies on nothing but the contract every downloader keeps (`downloaders.interfaces`:
+bytes through ``handle_data``, then ``finalize``), so a plugin's own downloader streams as the
+built-in ones do. Every chunk is appended to a temp file under the storage's temp folder (nothing
+but the latest chunk stays in memory) and the followers (`streamer.follower.Follower`, one per
+client) are woken to send what they can. Followers read through `read`, which answers from the
+latest chunk when it covers the offset (a caught-up client never re-reads) and from the file
 otherwise (`os.pread` on one read-only descriptor shared by all followers).
 
 The artifact's last byte is withheld (`readable`) until the downloader validated size and
 digests, so no client can receive a complete-looking body that turns out to be wrong: on a
-failure the followers that already sent bytes abort their connections instead.
+failure the followers that already sent bytes abort their connections instead. A downloader
+that reports success without having passed the artifact's bytes through ``handle_data`` (or
+bytes that are not the artifact's) fails the download at once: followers that sent nothing
+fail over or answer 502, never wait.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +28,10 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from downloaders.errors import SizeValidationError
+from downloaders.base import BaseDownloader
+from downloaders.errors import DigestValidationError, DownloadError, SizeValidationError
 from downloaders.result import keep_upstream_date
+from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
 from store.storage import ARTIFACT_MODE
 
@@ -98,6 +106,9 @@ class InFlight:
         self._running: defer.Deferred[Any] | None = None
         self._cancelled = False
         self._done_called = False
+        self._downloader: Any = None
+        #: sha256 of the bytes seen, for downloaders whose digests are not ours to trust.
+        self._hasher: Any = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -116,12 +127,12 @@ class InFlight:
             # One os.open, already with the artifacts' mode (the commit needs no chmod).
             self._write_fd, self.path = create_temp_file(self.storage.temp_dir, ARTIFACT_MODE)
             self._read_fd = os.open(self.path, os.O_RDONLY)
-            downloader = self.remote.get_downloader(
-                entry=self.entry,
-                writer=self,
-                headers_ready_callback=self._headers_ready,
-                temp_dir=self.storage.temp_dir,
-            )
+            # Only the entry: a plugin's get_downloader may take nothing else.
+            downloader = self.remote.get_downloader(entry=self.entry)
+            tap(downloader, self)
+            self._downloader = downloader
+            if not isinstance(downloader, BaseDownloader):
+                self._hasher = hashlib.sha256()
             backoff = getattr(downloader, "backoff", None)
             if self._retry_delay_cap is not None and callable(getattr(backoff, "delay", None)):
                 downloader.backoff = CappedBackoff(backoff, self._retry_delay_cap)
@@ -152,9 +163,9 @@ class InFlight:
         self._running.addBoth(fire)
         return settled
 
-    # -- the downloader's writer ------------------------------------------------------------
+    # -- the downloader's tap ---------------------------------------------------------------
 
-    def _headers_ready(self, headers: Any) -> None:
+    def headers_ready(self, headers: Any) -> None:
         """Keep the headers to forward; refuse a Content-Length other than the catalog's
         size now, before any byte went to a client (so the request can still fail over)."""
         lengths = headers.getRawHeaders(b"content-length") if headers is not None else None
@@ -166,12 +177,39 @@ class InFlight:
         """Append one chunk to the temp file and wake the followers."""
         if self._write_fd is None:
             raise OSError("the download was stopped")
+        if self.written + len(data) > self.size:
+            raise SizeValidationError(self.entry.url, self.size, self.written + len(data))
+        if self._hasher is not None:
+            self._hasher.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self._write_fd, view) :]
         self._last_chunk, self._last_offset = bytes(data), self.written
         self.written += len(data)
         self._wake()
+
+    def finalized(self) -> None:
+        """The downloader validated what it passed on; `_succeeded` checks it was all."""
+
+    def _broken_contract(self) -> DownloadError | None:
+        """Why a download that reported success cannot be served or stored, if it cannot: not
+        every byte passed through ``handle_data``, or the bytes are not the artifact's."""
+        url = self.entry.url
+        if self.written != self.size:
+            return DownloadError(
+                url,
+                f"the downloader finished after passing {self.written} of {self.size} bytes "
+                "through handle_data()",
+            )
+        if self._hasher is not None:
+            actual = self._hasher.hexdigest()
+            if actual != self.sha256:
+                return DigestValidationError(url, "sha256", self.sha256, actual)
+            return None
+        attributes = self._downloader.artifact_attributes
+        if attributes.get("sha256") != self.sha256 or attributes.get("size") != self.size:
+            return DownloadError(url, "the downloader did not validate size and sha256")
+        return None
 
     # -- what followers use -------------------------------------------------------------------
 
@@ -213,6 +251,9 @@ class InFlight:
             follower.progress()
 
     def _succeeded(self, result: Any) -> defer.Deferred[None] | None:
+        broken = self._broken_contract()
+        if broken is not None:
+            return self._failed(Failure(broken))
         self._close_write()
         self.succeeded = True
         self._last_chunk = None

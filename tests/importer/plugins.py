@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import treq
 from zope.interface import implementer
 
+from downloaders import BaseDownloader, DownloadError
 from importer import IImporter
 from store import CatalogEntry
 
@@ -67,3 +69,75 @@ class CarelessImporter(JsonListingImporter):
 
     def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
         return self.remote.downloader_factory().build(url or entry.url, **kwargs)
+
+
+class OwnClientDownloader(BaseDownloader):
+    """A plugin's downloader written by Pulp's documentation alone: it fetches with its own
+    client (treq, not the remote's agent) and only passes the bytes to ``handle_data`` and
+    calls ``finalize``; it takes none of the built-in downloaders' keywords."""
+
+    async def _run(self, extra_data: Any = None) -> None:
+        response = await treq.get(
+            self.url, headers={"X-Client": "own"}, unbuffered=True, persistent=False
+        )
+        if response.code != 200:
+            raise DownloadError(self.url, f"HTTP {response.code}")
+        await treq.collect(response, self.handle_data)
+        self.finalize()
+
+
+class DuckDownloader:
+    """No `BaseDownloader` at all: only the contract (``run``, ``handle_data``, ``finalize``)."""
+
+    def __init__(self, url: str, expected_size: int) -> None:
+        self.url = url
+        self.expected_size = expected_size
+        self.received = b""
+
+    def handle_data(self, data: bytes) -> None:
+        self.received += data
+
+    def finalize(self) -> None:
+        if len(self.received) != self.expected_size:
+            raise DownloadError(self.url, "wrong size")
+
+    async def run(self, extra_data: Any = None) -> Any:
+        response = await treq.get(
+            self.url, headers={"X-Client": "duck"}, unbuffered=True, persistent=False
+        )
+        await treq.collect(response, self.handle_data)
+        self.finalize()
+        return self.received
+
+
+class SilentDownloader(BaseDownloader):
+    """Breaks the contract: downloads into a file of its own and never calls ``handle_data``."""
+
+    async def _run(self, extra_data: Any = None) -> None:
+        response = await treq.get(self.url, persistent=False)
+        self.body = await response.content()
+
+
+@implementer(IImporter)
+class OwnClientImporter(JsonListingImporter):
+    """Hands out `OwnClientDownloader` objects, dropping any keyword it does not know (as a
+    plugin written from the seeds may)."""
+
+    def get_downloader(self, url: str | None = None, entry: Any = None, **ignored: Any) -> Any:
+        if entry is None:
+            return OwnClientDownloader(url)
+        return OwnClientDownloader(entry.url, dict(entry.digests), entry.size)
+
+
+@implementer(IImporter)
+class DuckImporter(OwnClientImporter):
+    def get_downloader(self, url: str | None = None, entry: Any = None, **ignored: Any) -> Any:
+        return DuckDownloader(entry.url, entry.size)
+
+
+@implementer(IImporter)
+class SilentImporter(OwnClientImporter):
+    """Its downloaders expect nothing (no size, no digest) and never call ``handle_data``."""
+
+    def get_downloader(self, url: str | None = None, entry: Any = None, **ignored: Any) -> Any:
+        return SilentDownloader(url or entry.url)
