@@ -119,7 +119,8 @@ class LazyStreamer:
         self.log = RequestLog()
         #: Downloads taking followers now, by artifact sha256.
         self.in_flight: dict[str, InFlight] = {}
-        self._cooling: dict[tuple[str, str], _Cooling] = {}
+        #: Cooldowns by `_cooling_key`: a source *for one artifact*.
+        self._cooling: dict[tuple[str, str, str], _Cooling] = {}
         self._committer: GroupCommitter | None = None
         self.stopped = False
 
@@ -150,7 +151,7 @@ class LazyStreamer:
 
     def cooling_error(self, entry: Any) -> BaseException | None:
         """The error that put *entry* on a cooldown, while that cooldown lasts."""
-        key = (entry.remote, entry.url)
+        key = _cooling_key(entry)
         cooling = self._cooling.get(key)
         if cooling is None:
             return None
@@ -164,7 +165,7 @@ class LazyStreamer:
         now = self.reactor.seconds()
         left = [
             cooling.until - now
-            for cooling in (self._cooling.get((e.remote, e.url)) for e in entries)
+            for cooling in (self._cooling.get(_cooling_key(e)) for e in entries)
             if cooling is not None and cooling.until > now
         ]
         return min(left) if len(left) == len(entries) else 0.0
@@ -208,7 +209,7 @@ class LazyStreamer:
         now = self.reactor.seconds()
         if len(self._cooling) >= _PRUNE_COOLING_AT:
             self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
-        self._cooling[(entry.remote, entry.url)] = _Cooling(now + self.options.cooldown, error)
+        self._cooling[_cooling_key(entry)] = _Cooling(now + self.options.cooldown, error)
         self.log.upstream_failure(
             entry.url, failure_reason(error), _describe(error), metrics=self.metrics
         )
@@ -231,6 +232,15 @@ class LazyStreamer:
         request.setHeader(b"accept-ranges", b"bytes")
         request.write(b"")
         request.finish()
+
+
+def _cooling_key(entry: Any) -> tuple[str, str, str]:
+    """What a cooldown is for: one source (remote and url) of one artifact (its sha256).
+
+    A failure says nothing about other content at the same url: after a publish and a sync
+    the catalog entry of ``repodata/repomd.xml`` names new bytes, and the old entry's size or
+    digest mismatch must not keep answering 502 for the new one."""
+    return (entry.remote, entry.url, entry.sha256)
 
 
 def answer_conditions(request: Any, entry: Any) -> bool:

@@ -1,0 +1,73 @@
+"""Upstream statuses, conditions, retries and cooldowns, driven through the running service.
+
+The whole `StreamerService` in-process (`make_service`), the fault upstream of
+`tests.support`, real clients (curl, wget) and the real ``streamer sync`` command in a child
+process writing the catalog the service reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+
+import pytest_twisted
+
+from tests.support import faults
+from tests.support.clients import run_curl, run_process
+from tests.support.polling import until
+
+V1 = b"<repomd>" + b"1" * 3056 + b"</repomd>\n"
+V2 = b"<repomd>" + b"2" * 3065 + b"</repomd>\n"
+
+
+def manifest(*files: tuple[str, bytes]) -> bytes:
+    """A PULP_MANIFEST listing *files* (relative path, body)."""
+    return b"".join(
+        b"%s,%s,%d\n" % (path.encode(), hashlib.sha256(body).hexdigest().encode(), len(body))
+        for path, body in files
+    )
+
+
+async def streamer_sync(env) -> None:
+    """``streamer --config FILE sync`` in a child process, as an operator runs it."""
+    config = env.tmp_path / "streamer.toml"
+    code, out, err = await run_process(
+        sys.executable, "-m", "streamer.cli", "--config", str(config), "sync", timeout=60
+    )
+    assert code == 0, (out, err)
+
+
+async def curl(env, path: str, *args: str) -> tuple[int, bytes]:
+    """(status, body) of ``GET path``."""
+    code, out, err = await run_curl("-s", "-w", "\n%{http_code}", *args, env.url(path))
+    assert code == 0, err
+    body, _, status = out.rpartition(b"\n")
+    return int(status), body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cooldown_ends_when_a_sync_changes_the_entry(make_service, upstream):
+    # The upstream already publishes v2, the catalog still lists v1: the size differs, so the
+    # source fails and goes on a cooldown. A sync of v2 makes it a new entry, tried at once.
+    upstream.register("/repodata/repomd.xml", faults.Serve(V2))
+    upstream.register("/PULP_MANIFEST", faults.Serve(manifest(("repodata/repomd.xml", V1))))
+    env = await make_service()
+    await streamer_sync(env)
+    status, body = await curl(env, "fixtures/repodata/repomd.xml")
+    assert status == 502 and b"expected 3074 bytes, got 3083" in body, body
+    assert len(upstream.requests("/repodata/repomd.xml")) == 1
+    status, _ = await curl(env, "fixtures/repodata/repomd.xml")
+    assert status == 502, "the old entry stays on its cooldown"
+    assert len(upstream.requests("/repodata/repomd.xml")) == 1
+
+    upstream.register("/PULP_MANIFEST", faults.Serve(manifest(("repodata/repomd.xml", V2))))
+    await streamer_sync(env)
+    # The service keeps a path's catalog entries for up to a second; then the new entry.
+    deadline = time.monotonic() + 5
+    status, body = await curl(env, "fixtures/repodata/repomd.xml")
+    while status == 502 and time.monotonic() < deadline:
+        status, body = await curl(env, "fixtures/repodata/repomd.xml")
+    assert (status, body) == (200, V2), status
+    assert len(upstream.requests("/repodata/repomd.xml")) == 2
+    await until(lambda: env.storage.has(hashlib.sha256(V2).hexdigest()))
