@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import attrs
@@ -24,21 +25,34 @@ class DownloadResult:
 
     @property
     def last_modified(self) -> float | None:
-        """The response's ``Last-Modified`` as a POSIX time; None when absent or invalid."""
+        """The response's ``Last-Modified`` as a POSIX time, never later than now (a date in
+        the future is taken as now, RFC 9110 section 8.8.2.1); None when absent or invalid."""
         values = self.headers.getRawHeaders(b"last-modified") if self.headers is not None else None
         if not values:
             return None
-        try:
-            return float(stringToDatetime(values[0].strip()))
-        except (ValueError, IndexError, TypeError, OverflowError):
-            return None
+        return parse_last_modified(values[0])
+
+
+def parse_last_modified(value: bytes, now: float | None = None) -> float | None:
+    """A ``Last-Modified`` value as a POSIX time, clamped to *now* (default: the current time)
+    because an origin's date in the future is its clock's error, not a fact (RFC 9110 section
+    8.8.2.1); None when it is not a valid HTTP-date."""
+    try:
+        when = float(stringToDatetime(value.strip()))
+    except (ValueError, IndexError, TypeError, OverflowError):
+        return None
+    return min(when, time.time() if now is None else now)
 
 
 def keep_upstream_date(path: str, result: Any) -> None:
     """Give the file at *path* the upstream's ``Last-Modified`` as its modification time, so
     a stored copy answers with the date the upstream published (mirrors comparing dates then
     fetch nothing twice). Without a usable date the file keeps its own."""
-    when = getattr(result, "last_modified", None)
+    keep_date(path, getattr(result, "last_modified", None))
+
+
+def keep_date(path: str, when: float | None) -> None:
+    """Set the modification time of the file at *path* to *when* (None: leave it)."""
     if when is not None:
         try:
             os.utime(path, (when, when))

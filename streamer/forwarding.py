@@ -15,13 +15,19 @@ published bytes (its sha256 is theirs), so a ``.gz`` labelled ``Content-Encoding
 misconfigured upstream is still the ``.gz`` file, and a client decoding it cold would save
 something else than it saves warm. Cold and warm answers both take their type from the path's
 extension. ``Last-Modified`` is forwarded and kept as the stored file's modification time, so
-the warm answer carries the same date.
+the warm answer carries the same date; a date in the future is sent as now (RFC 9110 section
+8.8.2.1: a clock error of the origin must not make caches think the copy is newer than it is).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
+
+from twisted.web.http import datetimeToString
+
+from downloaders.result import parse_last_modified
 
 __all__ = ["FORWARDED", "HOP_BY_HOP", "forwarded_headers"]
 
@@ -60,11 +66,12 @@ def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     return tokens
 
 
-def forwarded_headers(headers: Any) -> list[tuple[bytes, list[bytes]]]:
+def forwarded_headers(headers: Any, now: float | None = None) -> list[tuple[bytes, list[bytes]]]:
     """``[(lower-case name, [values])]`` of *headers* (a twisted ``Headers``) to forward.
 
     Hop-by-hop names (fixed or listed in ``Connection``), names starting with ``proxy-``,
-    ``Set-Cookie`` and anything not in `FORWARDED` are dropped; empty values are dropped.
+    ``Set-Cookie`` and anything not in `FORWARDED` are dropped; empty values are dropped. A
+    ``Last-Modified`` later than *now* (default: the current time) becomes *now*.
     """
     if headers is None:
         return []
@@ -74,6 +81,16 @@ def forwarded_headers(headers: Any) -> list[tuple[bytes, list[bytes]]]:
         if name in dropped or name.startswith(b"proxy-"):
             continue
         values = [v.strip() for v in headers.getRawHeaders(name) or [] if v.strip()]
+        if values and name == b"last-modified":
+            values = [_not_after(values[0], time.time() if now is None else now)]
         if values:
             out.append((name, values))
     return out
+
+
+def _not_after(value: bytes, now: float) -> bytes:
+    """An HTTP-date *value*, or *now* when it is later; an invalid date is kept as it is."""
+    when = parse_last_modified(value, now=float("inf"))
+    if when is None or when <= now:
+        return value
+    return datetimeToString(int(now))

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from downloaders.base import BaseDownloader
 from downloaders.errors import DigestValidationError, DownloadError, SizeValidationError
-from downloaders.result import keep_upstream_date
+from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
 from store.storage import ARTIFACT_MODE
@@ -263,12 +263,20 @@ class InFlight:
             self._discard_temp()
             return None
         if self.path is not None:
-            keep_upstream_date(self.path, result)
+            keep_date(self.path, self._upstream_date(result))
         d = self._commit(self.path, self.sha256, self.size)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
         d.addBoth(lambda _: self._done())
         return d
+
+    def _upstream_date(self, result: Any) -> float | None:
+        """The date the clients were sent (the forwarded ``Last-Modified``, already no later
+        than the moment it arrived), else the result's: the stored copy answers with it."""
+        values = dict(self.headers or []).get(b"last-modified")
+        if values:
+            return parse_last_modified(values[0])
+        return getattr(result, "last_modified", None)
 
     def _commit_in_thread(self, path: str, sha256: str, size: int) -> defer.Deferred[Any]:
         return threads.deferToThread(self.storage.commit, path, sha256, size)

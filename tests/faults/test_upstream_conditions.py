@@ -7,7 +7,9 @@ process writing the catalog the service reads.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import os
 import sys
 import time
 
@@ -46,6 +48,24 @@ async def curl(env, path: str, *args: str) -> tuple[int, bytes]:
     return int(status), body
 
 
+async def head_and_body(env, path: str, *args: str) -> dict[str, str]:
+    """The response headers (lower-case names) of ``GET path``, plus ``status`` and ``body``
+    (latin-1)."""
+    code, out, err = await run_curl("-s", "-i", *args, env.url(path))
+    assert code == 0, err
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {"status": lines[0].split()[1], "body": body.decode("latin-1")}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def parsedate(value: str) -> int:
+    return int(email.utils.parsedate_to_datetime(value).timestamp())
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_cooldown_ends_when_a_sync_changes_the_entry(make_service, upstream):
     # The upstream already publishes v2, the catalog still lists v1: the size differs, so the
@@ -71,3 +91,22 @@ async def test_a_cooldown_ends_when_a_sync_changes_the_entry(make_service, upstr
     assert (status, body) == (200, V2), status
     assert len(upstream.requests("/repodata/repomd.xml")) == 2
     await until(lambda: env.storage.has(hashlib.sha256(V2).hexdigest()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_last_modified_in_the_future_is_sent_and_stored_as_now(make_service, upstream):
+    body = b"dated by an upstream whose clock runs a week ahead\n"
+    ahead = email.utils.formatdate(time.time() + 7 * 86400, usegmt=True)
+    url = upstream.register("/ahead.txt", faults.Serve(body, last_modified=ahead))
+    env = await make_service()
+    await env.add("ahead.txt", body, stored=False, url=url)
+    before = int(time.time())
+    cold = await head_and_body(env, "fixtures/ahead.txt")
+    cold_date = parsedate(cold["last-modified"])
+    assert before <= cold_date <= time.time(), cold["last-modified"]
+    await until(lambda: env.storage.has(hashlib.sha256(body).hexdigest()))
+    stored = os.stat(env.storage.path_for(hashlib.sha256(body).hexdigest())).st_mtime
+    assert int(stored) == cold_date
+    warm = await head_and_body(env, "fixtures/ahead.txt")
+    assert warm["last-modified"] == cold["last-modified"]
+    assert len(upstream.requests("/ahead.txt")) == 1

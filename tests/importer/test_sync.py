@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import pytest_twisted
@@ -261,6 +262,21 @@ async def test_stored_files_keep_the_upstreams_last_modified(
     await sync_remote(make_remote("immediate"), catalog, storage)
     for data in repo.files.values():
         assert os.stat(storage.path_for(sha(data))).st_mtime == published
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_last_modified_in_the_future_is_stored_as_now(
+    repo, storage, catalog, make_remote, upstream
+):
+    """An upstream clock ahead of ours must not date the stored copy in the future (RFC 9110
+    section 8.8.2.1): the modification time is the moment of the download instead."""
+    future = time.time() + 7 * 86400
+    for relative in repo.files:
+        os.utime(repo.folder / relative, (future, future))
+    before = time.time()
+    await sync_remote(make_remote("immediate"), catalog, storage)
+    for data in repo.files.values():
+        assert before - 1 <= os.stat(storage.path_for(sha(data))).st_mtime <= time.time()
 
 
 class SlowRecordingCatalog:
