@@ -6,8 +6,15 @@ half-open byte ranges ``(start, end)`` of the artifact) from a *source* (an
 ``pauseProducing``/``resumeProducing``), reading what the source has already written; so a
 slow client costs one chunk of memory at most and never holds back the source or the other
 clients. The response starts (``on_start`` writes the status and headers) only once the
-first byte of content is available, so until then the source may fail and the caller can
+first byte of content can be sent, so until then the source may fail and the caller can
 fail over to another one without the client noticing.
+
+The last byte of the body (the final byte of the last range, before any multipart trailer) is
+held back until the source validated the whole artifact (``source.succeeded``), whatever part
+of the artifact the client asked for: a client that asked for ``bytes=0-99`` gets 99 bytes as
+they arrive and the 100th once size and digests were checked, or an aborted connection if they
+were wrong. So no response completes with bytes that no digest checked, and every client keeps
+the download going to its end (a ``streamed`` download is only cancelled when nobody follows).
 
 A follower paused for ``no_progress_timeout`` seconds (a client that stopped reading) has
 its connection aborted.
@@ -68,8 +75,10 @@ class Follower:
         self._index = 0
         self._position = self._segment_start(0)
         self._timer: IDelayedCall | None = None
-        first = next((s for s in self.segments if isinstance(s, tuple)), None)
-        self._first_byte = first[0] if first is not None else None
+        ranges = [i for i, s in enumerate(self.segments) if isinstance(s, tuple)]
+        self._first_range = ranges[0] if ranges else None
+        #: The segment whose last byte waits for validation.
+        self._final_range = ranges[-1] if ranges else None
 
     # -- driven by the caller and the source ----------------------------------------------
 
@@ -130,7 +139,19 @@ class Follower:
     def _can_start(self) -> bool:
         if self.source.succeeded:
             return True
-        return self._first_byte is not None and self.source.readable() > self._first_byte
+        if self._first_range is None:
+            return False
+        return self._sendable_end(self._first_range) > self._segment_start(self._first_range)
+
+    def _sendable_end(self, index: int) -> int:
+        """Where sending segment *index* must stop for now: what the source has written,
+        less the body's last byte while the artifact is not validated."""
+        end: int = self.segments[index][1]  # type: ignore[index]
+        if self.source.succeeded:
+            return end
+        if index == self._final_range:
+            end -= 1
+        return min(end, self.source.readable())
 
     def _segment_start(self, index: int) -> int:
         if index < len(self.segments) and isinstance(self.segments[index], tuple):
@@ -152,7 +173,7 @@ class Follower:
                 self._next_segment()
                 request.write(segment)
                 continue
-            end = min(segment[1], self.source.readable())
+            end = self._sendable_end(self._index)
             if self._position >= end:
                 return  # wait for the source
             data = self.source.read(self._position, min(self._read_size, end - self._position))

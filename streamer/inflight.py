@@ -9,12 +9,12 @@ client) are woken to send what they can. Followers read through `read`, which an
 latest chunk when it covers the offset (a caught-up client never re-reads) and from the file
 otherwise (`os.pread` on one read-only descriptor shared by all followers).
 
-The artifact's last byte is withheld (`readable`) until the downloader validated size and
-digests, so no client can receive a complete-looking body that turns out to be wrong: on a
-failure the followers that already sent bytes abort their connections instead. A downloader
-that reports success without having passed the artifact's bytes through ``handle_data`` (or
-bytes that are not the artifact's) fails the download at once: followers that sent nothing
-fail over or answer 502, never wait.
+Each follower holds back the last byte of its response until `succeeded` (the downloader
+validated size and digests), so no client can receive a complete-looking body, whole or a
+range, that turns out to be wrong: on a failure the followers that already sent bytes abort
+their connections instead. A downloader that reports success without having passed the
+artifact's bytes through ``handle_data`` (or bytes that are not the artifact's) fails the
+download at once: followers that sent nothing fail over or answer 502, never wait.
 """
 
 from __future__ import annotations
@@ -214,10 +214,10 @@ class InFlight:
     # -- what followers use -------------------------------------------------------------------
 
     def readable(self) -> int:
-        """How many bytes followers may send: all once validated, else all but the last."""
+        """How many bytes followers may read: what was written (never more than the size)."""
         if self.succeeded:
             return self.size
-        return max(0, min(self.written, self.size - 1))
+        return min(self.written, self.size)
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to *length* bytes at *offset* (below `readable`): from the latest chunk if it

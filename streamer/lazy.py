@@ -8,15 +8,16 @@ knows but storage does not hold:
 * ``GET`` joins the download of that artifact already in flight (keyed by sha256, so many
   clients cause one upstream request) or starts one through the entry's remote (the
   black-box ``remote.get_downloader``). The client follows the download from the temp file
-  at its own pace (`streamer.follower.Follower`); ``Range`` requests are answered as soon as
-  their bytes arrived, while the whole artifact is still downloaded.
+  at its own pace (`streamer.follower.Follower`); the bytes of a ``Range`` answer are sent
+  as soon as they arrived, but the whole artifact is downloaded (from byte 0) and the
+  answer completes only once it was validated.
 * Entries are tried in catalog order while nothing was sent to the client, skipping entries
   that failed recently (``cooldown``). When every entry failed the answer is a short plain
   text: ``404`` when every upstream said 404 (the catalog is stale), ``504`` when every
   failure was a timeout, otherwise ``502``.
 * Once bytes were sent a failure aborts the connection, so the client cannot mistake a
-  truncated or wrong body for a complete one; the artifact's last byte is only sent after
-  the downloader validated size and digests.
+  truncated or wrong body for a complete one; the last byte of every answer (whole body,
+  range or multipart) is only sent after the downloader validated size and digests.
 """
 
 from __future__ import annotations

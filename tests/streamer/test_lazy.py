@@ -225,15 +225,18 @@ def test_single_ranges_on_cold_content_across_chunk_boundaries(lazy_env):
 
 
 @pytest_twisted.inlineCallbacks
-def test_range_is_answered_before_the_download_ends(lazy_env):
+def test_range_starts_before_the_download_ends_and_completes_once_validated(lazy_env):
     env = lazy_env.start()
     env.remote("up")
-    url = env.upstream.register("/slow", Trickle(BODY, bytes_per_sec=len(BODY) / 2.0))
+    url = env.upstream.register("/slow", Trickle(BODY, bytes_per_sec=len(BODY) / 1.0))
     yield env.publish("repo/slow", BODY, ("up", url))
     response = yield treq.get(env.url("repo/slow"), headers={"Range": "bytes=10-19"})
     assert response.code == 206
+    (inflight,) = env.streamer.in_flight.values()
+    assert not inflight.succeeded, "the range should start while the download still runs"
     assert (yield response.content()) == BODY[10:20]
-    assert env.streamer.in_flight, "the range should be served while the download still runs"
+    # Its last byte waited for the whole artifact's size and digest check.
+    assert inflight.succeeded
     assert (yield wait_until(lambda: env.stored(BODY)))
 
 

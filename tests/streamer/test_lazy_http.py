@@ -175,8 +175,27 @@ def test_range_on_streamed_content_nobody_else_reads(lazy_env):
     yield env.publish("repo/s", BODY, ("up", url))
     response = yield treq.get(env.url("repo/s"), headers={"Range": "bytes=100-199"})
     assert response.code == 206
+    (inflight,) = env.streamer.in_flight.values()
     assert (yield response.content()) == BODY[100:200]
-    # Nobody reads the rest of a streamed artifact: the download is cancelled, nothing kept.
+    # The range completes only once the whole artifact was downloaded (from byte 0) and
+    # validated; a streamed artifact is then dropped: nothing kept.
+    assert inflight.succeeded
+    assert "range" not in env.upstream.requests("/s")[0].headers
+    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert env.temp_files() == [] and not env.stored(BODY)
+
+
+@pytest_twisted.inlineCallbacks
+def test_range_client_leaving_a_streamed_download_cancels_it(lazy_env):
+    env = lazy_env.start()
+    env.remote("up", policy="streamed")
+    url = env.upstream.register("/s", Trickle(BODY, bytes_per_sec=64 * 1024, interval=0.02))
+    yield env.publish("repo/s", BODY, ("up", url))
+    head = b"GET /repo/s HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n"
+    result = yield raw_http("127.0.0.1", env.port.getHost().port, head, timeout=0.3)
+    # Nine bytes at once; the tenth waits for validation, and the client gives up first.
+    assert result.timed_out and result.data.endswith(b"\r\n\r\n" + BODY[:9])
+    # Nobody follows the streamed download any more: it is cancelled, nothing kept.
     assert (yield wait_until(lambda: not env.streamer.in_flight))
     assert (yield env.upstream.wait_until_idle(timeout=2.0))
     assert env.temp_files() == [] and not env.stored(BODY)
