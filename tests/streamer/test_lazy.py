@@ -178,6 +178,51 @@ def test_streamed_policy_serves_and_keeps_nothing(lazy_env):
 
 
 @pytest_twisted.inlineCallbacks
+def test_streamed_policy_serves_an_artifact_another_remote_stored(lazy_env):
+    """`streamed` keeps nothing of its own, but the store is by sha256: once another remote
+    stored the same bytes, the streamed path is answered from disk, with no upstream request."""
+    env = lazy_env.start()
+    env.remote("kept")
+    env.remote("live", policy="streamed")
+    kept = env.upstream.register("/kept/a.bin", Serve(BODY))
+    live = env.upstream.register("/live/a.bin", Serve(BODY))
+    yield env.publish("kept/a.bin", BODY, ("kept", kept))
+    yield env.publish("live/a.bin", BODY, ("live", live))
+    code, out, err = yield run_curl("-f", env.url("kept/a.bin"))
+    assert (code, out) == (0, BODY), err
+    assert (yield wait_until(lambda: env.stored(BODY)))
+    for _ in range(2):
+        code, out, err = yield run_curl("-f", "-H", "Range: bytes=10-19", env.url("live/a.bin"))
+        assert (code, out) == (0, BODY[10:20]), err
+        code, out, err = yield run_curl("-f", env.url("live/a.bin"))
+        assert (code, out) == (0, BODY), err
+    assert env.upstream.requests("/live/a.bin") == []
+    assert env.finished[-1][3] == "hit"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_range_on_streamed_content_downloads_from_byte_0(lazy_env):
+    """Only whole validated artifacts answer ranges, so a range of content nobody stored is
+    cut from a download of the artifact from its first byte: the last 100 bytes of a
+    streamed file cost the whole file upstream, on every request."""
+    env = lazy_env.start()
+    env.remote("live", policy="streamed")
+    url = env.upstream.register("/live/b.bin", Serve(BODY))
+    yield env.publish("live/b.bin", BODY, ("live", url))
+    for _ in range(2):
+        code, out, err = yield run_curl("-sSi", "-H", "Range: bytes=-100", env.url("live/b.bin"))
+        assert code == 0, err
+        status, headers, body = parse_response(out)
+        assert (status, body) == (206, BODY[-100:])
+        assert headers["content-range"] == [f"bytes {len(BODY) - 100}-{len(BODY) - 1}/{len(BODY)}"]
+        assert (yield wait_until(lambda: not env.streamer.in_flight))
+    requests = env.upstream.requests("/live/b.bin")
+    assert len(requests) == 2
+    assert all("range" not in headers for _method, headers in requests), requests
+    assert not env.stored(BODY) and env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
 def test_empty_artifact(lazy_env):
     env = lazy_env.start()
     env.remote("up")
