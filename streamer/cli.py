@@ -86,6 +86,7 @@ def _error(message: str, status: int = 2) -> int:
 def sign_command(config: Config, path: str, lifetime: int, now: float | None = None) -> int:
     """Print *path* (or the path of URL *path*) signed with the configured key, valid for
     *lifetime* seconds."""
+    from streamer.paths import RefusedPath
     from streamer.signing import sign_path
 
     key = config.security.signing_key()
@@ -98,7 +99,11 @@ def sign_command(config: Config, path: str, lifetime: int, now: float | None = N
         return _error(f"PATH: must not carry a query or fragment: {path!r}")
     origin = urlunsplit((parts.scheme, parts.netloc, "", "", "")) if parts.netloc else ""
     now = time.time() if now is None else now
-    print(origin + sign_path(key, parts.path if origin else path, int(now) + lifetime))
+    try:
+        signed = sign_path(key, parts.path if origin else path, int(now) + lifetime)
+    except RefusedPath as refused:
+        return _error(f"PATH: the server would refuse {path!r}: {refused.reason}")
+    print(origin + signed)
     return 0
 
 

@@ -22,7 +22,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from store import ArtifactNotFound, CatalogEntry, ListingItem
 from streamer.listing import respond_listing
-from streamer.paths import RefusedPath, RequestPath, parse_request_target
+from streamer.paths import RefusedPath, RequestPath, request_path
+from streamer.signing import client_query
 from streamer.static import client_gone, respond_text, serve_file
 
 __all__ = ["ALLOWED_METHODS", "ContentResource"]
@@ -128,7 +129,7 @@ class ContentResource(Resource):
             )
             return
         try:
-            target = parse_request_target(request.uri)
+            target = request_path(request)
         except RefusedPath as refused:
             respond_text(request, refused.status, refused.reason)
             return
@@ -162,8 +163,7 @@ class ContentResource(Resource):
             return
         if await self._folder_items(target.path) is not None:
             location = RequestPath(target.path, folder=True).url_path
-            query = request.uri.partition(b"?")[2]
-            self._redirect(request, location, query)
+            self._redirect(request, location, client_query(request))
             return
         respond_text(request, 404, "not found")
 

@@ -40,17 +40,23 @@ class MetricsResource(Resource):
 
 
 class HealthResource(Resource):
-    """200 ``ok`` while the service accepts work; 503 once it is shutting down."""
+    """200 ``ok`` while the service accepts work; 503 ``starting`` before it is ready (while
+    *starting* says so), 503 ``shutting down`` after."""
 
     isLeaf = True
 
-    def __init__(self, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self, healthy: Callable[[], bool], starting: Callable[[], bool] = lambda: False
+    ) -> None:
         super().__init__()
         self._healthy = healthy
+        self._starting = starting
 
     def render_GET(self, request: Request) -> bytes:
         if self._healthy():
             return plain_text(request, 200, "ok\n")
+        if self._starting():
+            return plain_text(request, 503, "starting\n")
         return plain_text(request, 503, "shutting down\n")
 
     def render_HEAD(self, request: Request) -> bytes:

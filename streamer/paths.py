@@ -1,27 +1,51 @@
 """Turn a raw request target into a catalog path, or refuse it.
 
 The catalog is the streamer's whole namespace: a served path is only ever a key looked up
-there, never joined to a filesystem path or an upstream URL. Still, a path that could mean
-something else to a fronting server, a log reader or a later change (``..``, ``.``, NUL and
-control characters, backslashes, empty segments, absolute URLs, overlong targets) is refused
-here, before anything else sees it.
+there, never joined to a filesystem path or an upstream URL. The target is normalised once,
+before anything else sees it (the reserved paths, the signed-URL check, the catalog), the way
+RFC 3986 §5.2.4 removes dot segments: ``.`` segments are dropped, ``..`` removes the segment
+before it, and empty segments are merged (``/base/./x``, ``/base//x`` and ``/base/y/../x`` are
+all ``base/x``; apt's flat repositories ask for ``/base/./Packages``). A ``..`` above the root is
+refused, as is anything that could mean something else to a fronting server, a log reader or a
+later change: NUL and control characters, backslashes, ``#``, absolute-form and other non-path
+targets, overlong targets, bytes that are not UTF-8.
 
-Percent-escapes are decoded exactly once: ``%2e%2e`` is ``..`` and refused, while
-``%252e%252e`` is the literal name ``%2e%2e`` (looked up as such, and not found).
+Percent-escapes are decoded exactly once, after the dot segments are removed. A segment that
+only becomes ``.``, ``..`` or empty by decoding (``%2e``, ``.%2e``, ``%2e%2e``, ``..%2f``,
+``a%2f%2fb``) is refused (400), never resolved: no client sends one (RFC 3986 §6.2.2.2: URIs are
+produced with unreserved characters unencoded), they are what traversal probes look like, and
+resolving them would let a request that a fronting server or filter sees under one prefix land
+under another. ``%2f`` otherwise separates segments (``a%2fb`` is ``a/b``; a file name never
+holds a slash), and ``%252e%252e`` is the literal name ``%2e%2e`` (looked up as such).
 """
 
 from __future__ import annotations
 
-from urllib.parse import unquote_to_bytes
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 import attrs
 
-__all__ = ["MAX_TARGET_LENGTH", "RefusedPath", "RequestPath", "parse_request_target"]
+__all__ = [
+    "MAX_TARGET_LENGTH",
+    "RefusedPath",
+    "RequestPath",
+    "parse_path_text",
+    "parse_request_target",
+    "request_path",
+]
 
 #: Longest request target (path and query, as received) we accept.
 MAX_TARGET_LENGTH = 4096
 
 _FORBIDDEN_RAW = frozenset(b"\\#") | frozenset(range(0x00, 0x21)) | {0x7F}
+#: Literal segments that RFC 3986 §5.2.4 (and our merging of empty segments) removes.
+_DOT_OR_EMPTY = (b"", b".", b"..")
+#: What `parse_path_text` leaves unencoded: the characters a request target carries as they
+#: are (RFC 3986 pchar and "/"), and "%" so that escapes already there are kept.
+_PATH_TEXT_SAFE = "/%!$&'()*+,;=:@~"
+#: The attribute `request_path` keeps its answer in, so a request is parsed once.
+_PARSED = "_streamer_request_path"
 
 
 class RefusedPath(Exception):
@@ -38,7 +62,8 @@ class RequestPath:
     """A normalised request path.
 
     *path* is the catalog key (``base/dir/file``, no leading or trailing slash; ``""`` for the
-    top); *folder* is True when the request named a folder (trailing slash, or the top).
+    top); *folder* is True when the request named a folder (trailing slash, a final ``.`` or
+    ``..`` segment, or the top).
     """
 
     path: str
@@ -58,7 +83,7 @@ class RequestPath:
 
 
 def parse_request_target(target: bytes) -> RequestPath:
-    """Parse the raw request target (``request.uri``) into a `RequestPath`.
+    """Parse the raw request target (``request.uri``) into a normalised `RequestPath`.
 
     The query string is dropped (it carries signatures and the like, never part of the key).
     Raises `RefusedPath` (400, 404 or 414) for anything that is not a plain origin-form path.
@@ -71,23 +96,64 @@ def parse_request_target(target: bytes) -> RequestPath:
         raise RefusedPath(400, "request target must be a path starting with /")
     if any(byte in _FORBIDDEN_RAW for byte in raw_path):
         raise RefusedPath(400, "request path contains forbidden characters")
-    decoded = unquote_to_bytes(raw_path)
+    raw_segments = raw_path[1:].split(b"/")
+    # Decode (and check) every segment first, so that a segment removed by a later ``..`` was
+    # still refused if it was an encoded dot segment: each target has one meaning or none.
+    decoded = [raw if raw in _DOT_OR_EMPTY else _decode_segment(raw) for raw in raw_segments]
+    kept: list[list[str]] = []
+    for segment in decoded:
+        if segment == b"..":
+            if not kept:
+                raise RefusedPath(400, "request path goes above the root")
+            kept.pop()
+        elif isinstance(segment, list):
+            kept.append(segment)
+    segments = [part for parts in kept for part in parts]
+    folder = raw_segments[-1] in _DOT_OR_EMPTY or not segments
+    return RequestPath(path="/".join(segments), folder=folder)
+
+
+def _decode_segment(raw: bytes) -> list[str]:
+    """One raw segment, percent-decoded once: its parts (several when it holds ``%2f``)."""
     try:
-        text = decoded.decode("utf-8")
+        text = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise RefusedPath(404, "not found") from None
     if any(_is_forbidden_char(ch) for ch in text):
         raise RefusedPath(400, "request path contains forbidden characters")
-    if text == "/":
-        return RequestPath(path="", folder=True)
-    folder = text.endswith("/")
-    segments = text[1 : -1 if folder else None].split("/")
-    for segment in segments:
-        if segment in ("", ".", ".."):
-            raise RefusedPath(400, "request path has empty, '.' or '..' segments")
-    return RequestPath(path="/".join(segments), folder=folder)
+    parts = text.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise RefusedPath(400, "request path has a percent-encoded '.', '..' or '/' segment")
+    return parts
 
 
 def _is_forbidden_char(ch: str) -> bool:
     code = ord(ch)
     return code < 0x20 or 0x7F <= code <= 0x9F or ch == "\\"
+
+
+def parse_path_text(text: str) -> RequestPath:
+    """Parse a path as a person writes it (``fixtures/a b.rpm`` or ``/fixtures/a%20b.rpm``),
+    the way the server parses the request target a client would send for it.
+
+    Characters a request target cannot carry as they are (spaces, non-ASCII, ``?``, ``#``) are
+    percent-encoded first; escapes already there are decoded once, as the server does.
+    """
+    if not text.startswith("/"):
+        text = "/" + text
+    return parse_request_target(quote(text, safe=_PATH_TEXT_SAFE).encode("ascii"))
+
+
+def request_path(request: Any) -> RequestPath:
+    """``parse_request_target(request.uri)``, parsed once per request and remembered on it, so
+    the root, the signed-URL check and the content resource all see one normalised path."""
+    parsed = getattr(request, _PARSED, None)
+    if parsed is None:
+        try:
+            parsed = parse_request_target(request.uri)
+        except RefusedPath as refused:
+            parsed = refused
+        setattr(request, _PARSED, parsed)
+    if isinstance(parsed, RefusedPath):
+        raise RefusedPath(parsed.status, parsed.reason)
+    return parsed

@@ -35,6 +35,7 @@ from streamer.config import CONFIG_ENV, Config
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
+from streamer.paths import RefusedPath, request_path
 from streamer.signing import SignedResource
 
 __all__ = [
@@ -81,17 +82,18 @@ def exit_status_at_exit(status: int) -> None:
     atexit.register(exit_now)
 
 
-class _Unavailable(Resource):
-    """503 with a short reason: starting, shutting down, or no content resource."""
+class _Answer(Resource):
+    """A short plain-text answer: a refused path, or 503 while starting or without content."""
 
     isLeaf = True
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: int = 503) -> None:
         super().__init__()
         self._reason = reason
+        self._code = code
 
     def render(self, request: server.Request) -> bytes:
-        return plain_text(request, 503, f"{self._reason}\n")
+        return plain_text(request, self._code, f"{self._reason}\n")
 
 
 def default_content_factory(**kwargs: Any) -> IResource:
@@ -102,12 +104,17 @@ def default_content_factory(**kwargs: Any) -> IResource:
         if exc.name != "streamer.content":
             raise
         log.warn("streamer.content is not available: content requests get 503")
-        return _Unavailable("content serving is not available in this build")
+        return _Answer("content serving is not available in this build")
     return ContentResource(**kwargs)
 
 
 class RootResource(Resource):
-    """``/metrics`` and ``/healthz`` here; every other path goes whole to *content*."""
+    """``/metrics`` and ``/healthz`` here; every other path goes whole to *content*.
+
+    The path is normalised once (`streamer.paths.request_path`) before anything else: a
+    refused one is answered here, ``/./healthz`` is ``/healthz``, and anything below a
+    reserved name (``/metrics/x``, ``/healthz/``) is 404.
+    """
 
     def __init__(
         self, content: IResource, ops: dict[bytes, IResource], ready: Callable[[], bool]
@@ -118,16 +125,23 @@ class RootResource(Resource):
         self._ready = ready
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:
-        if path in self._ops:
-            return self._ops[path]
+        try:
+            target = request_path(request)
+        except RefusedPath as refused:
+            return _Answer(refused.reason, refused.status)
+        first = target.segments[0].encode("utf-8") if target.segments else b""
+        if first in self._ops:
+            if len(target.segments) == 1 and not target.folder:
+                return self._ops[first]
+            return _Answer("not found", 404)
         if not self._ready():
-            return _Unavailable("service not ready")
+            return _Answer("service not ready")
         # Give the segment back: the content resource sees the full path in postpath.
         request.postpath.insert(0, request.prepath.pop())
         return self._content
 
     def render(self, request: server.Request) -> bytes:
-        return _Unavailable("service not ready").render(request)
+        return _Answer("service not ready").render(request)
 
 
 class StreamerRequest(server.Request):
@@ -308,7 +322,10 @@ class StreamerService(MultiService):
         self.stopping = False
         ops: dict[bytes, IResource] = {
             b"metrics": MetricsResource(self.metrics),
-            b"healthz": HealthResource(lambda: self.ready and not self.stopping),
+            b"healthz": HealthResource(
+                lambda: self.ready and not self.stopping,
+                starting=lambda: not (self.ready or self.stopping or self.failure),
+            ),
         }
         self.root = RootResource(served, ops, lambda: self.ready)
         self.site = StreamerSite(

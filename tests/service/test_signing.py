@@ -14,6 +14,7 @@ from tests.service.support import EchoContent
 
 KEY = b"k" * 32
 NOW = 1_700_000_000
+EXPIRY = "invalid expiry (expected unix seconds in ASCII digits)"
 
 
 def query_of(signed: str) -> str:
@@ -36,7 +37,11 @@ def test_signed_path_verifies_until_it_expires():
         ("/fx/a b.rpm", "", "missing signature"),
         ("/fx/a b.rpm", f"expires={NOW + 60}", "missing signature"),
         ("/fx/other.rpm", None, "invalid signature"),  # signature of another path
-        ("/fx/a b.rpm", "expires=soon&signature=00", "invalid expiry"),
+        ("/fx/a b.rpm", "expires=soon&signature=00", EXPIRY),
+        ("/fx/a b.rpm", "expires=%C2%B2&signature=SIG", EXPIRY),  # "²": a digit, not ASCII
+        ("/fx/a b.rpm", "expires=%D9%A1%D9%A2&signature=SIG", EXPIRY),  # Arabic-Indic 12
+        ("/fx/a b.rpm", "expires=+12&signature=SIG", EXPIRY),
+        ("/fx/a b.rpm", "expires=1_000&signature=SIG", EXPIRY),
         ("/fx/a b.rpm", f"expires={NOW + 61}&signature=SIG", "invalid signature"),
         ("/fx/a b.rpm", "expires=1&expires=2&signature=SIG", "ambiguous signature"),
     ],

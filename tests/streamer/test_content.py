@@ -276,8 +276,16 @@ def test_behind_the_service_root_resource(server):
         assert out.stdout == b"deep"
         out = yield run_curl("--path-as-is", base + "/healthz")
         assert out.stdout == b"ok"
-        out = yield run_curl("--path-as-is", "-w", "%{http_code}", base + "/fixtures/../healthz")
+        # One normalised path for the root and the content: /fixtures/../healthz is /healthz,
+        # a '..' above the root is refused by the root, below a reserved name is 404.
+        out = yield run_curl("--path-as-is", base + "/fixtures/../healthz")
+        assert out.stdout == b"ok"
+        out = yield run_curl("--path-as-is", "-w", "%{http_code}", base + "/fixtures/../../x")
         assert out.stdout.endswith(b"400")
+        out = yield run_curl("--path-as-is", "-w", "%{http_code}", base + "/healthz/x")
+        assert out.stdout.endswith(b"404")
+        out = yield run_curl("--path-as-is", base + "/fixtures/deep/./file.txt")
+        assert out.stdout == b"deep"
         out = yield run_curl("--path-as-is", base + "/fixtures/deep/")
         assert b'href="file.txt"' in out.stdout
         raw = yield raw_http(

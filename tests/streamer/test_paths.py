@@ -28,6 +28,23 @@ SECRET = b"TOP-SECRET-OUTSIDE-THE-CATALOG"
         (b"/fixtures/%C3%A9t%C3%A9.txt", RequestPath("fixtures/\u00e9t\u00e9.txt", False)),
         (b"/fixtures/a%2Fb", RequestPath("fixtures/a/b", False)),
         (b"/fixtures/..a/b..", RequestPath("fixtures/..a/b..", False)),
+        # RFC 3986 §5.2.4 dot-segment removal, and empty segments merged
+        (b"/fixtures/./Packages", RequestPath("fixtures/Packages", False)),
+        (b"/fixtures/./InRelease?x=1", RequestPath("fixtures/InRelease", False)),
+        (b"/fixtures/./", RequestPath("fixtures", True)),
+        (b"/fixtures/.", RequestPath("fixtures", True)),
+        (b"/fixtures/a/..", RequestPath("fixtures", True)),
+        (b"/fixtures/a/../b", RequestPath("fixtures/b", False)),
+        (b"/fixtures/a/./../b/./c", RequestPath("fixtures/b/c", False)),
+        (b"/fixtures/..", RequestPath("", True)),
+        (b"/fixtures/../other/x", RequestPath("other/x", False)),
+        (b"/./fixtures", RequestPath("fixtures", False)),
+        (b"/fixtures//a", RequestPath("fixtures/a", False)),
+        (b"/fixtures/a//", RequestPath("fixtures/a", True)),
+        (b"//etc/passwd", RequestPath("etc/passwd", False)),
+        (b"//", RequestPath("", True)),
+        (b"/.", RequestPath("", True)),
+        (b"/fixtures/a%2Fb/../c", RequestPath("fixtures/c", False)),  # one segment, removed
     ],
 )
 def test_accepted_targets(target, expected):
@@ -37,10 +54,16 @@ def test_accepted_targets(target, expected):
 @pytest.mark.parametrize(
     "target, status",
     [
-        (b"/fixtures/../etc/passwd", 400),
         (b"/../etc/passwd", 400),
-        (b"/fixtures/./a", 400),
+        (b"/..", 400),
+        (b"/fixtures/../../etc/passwd", 400),
+        (b"/fixtures/a/../../../etc/passwd", 400),
+        (b"/fixtures/./.././../etc", 400),
+        # percent-encoded dot segments are refused, never resolved (even when a later '..'
+        # would remove them)
         (b"/fixtures/%2e%2e/%2e%2e/etc/passwd", 400),
+        (b"/fixtures/%2e%2e/../x", 400),
+        (b"/fixtures/%2e/x", 400),
         (b"/fixtures/%2E%2E/x", 400),
         (b"/fixtures/.%2e/x", 400),
         (b"/fixtures/..%2f..%2fetc", 400),
@@ -52,9 +75,9 @@ def test_accepted_targets(target, expected):
         (b"/fixtures/%c2%85", 400),
         (b"/fixtures\\..\\secret", 400),
         (b"/fixtures/%5c..%5csecret", 400),
-        (b"//etc/passwd", 400),
-        (b"/fixtures//a", 400),
-        (b"/fixtures/a//", 400),
+        (b"/fixtures/a%2F%2Fb", 400),
+        (b"/fixtures/a%2F", 400),
+        (b"/%2Fetc", 400),
         (b"http://evil.example/fixtures/a", 400),
         (b"https://127.0.0.1/x", 400),
         (b"evil.example:443", 400),
@@ -120,8 +143,8 @@ CURL_ATTEMPTS = [
     "/fixtures/public.txt%00.html",
     "/fixtures/%5c..%5c..%5csecret.txt",
     "//secret.txt",
-    "/fixtures//public.txt",
-    "/fixtures/./public.txt",
+    "/fixtures/a/../../../secret.txt",
+    "/fixtures/%2e%2e/../public.txt",
     "/storage/secret.txt",
     "/storage/",
     "/artifacts/",
@@ -139,6 +162,24 @@ def test_traversal_with_curl_never_leaves_the_catalog(server, looked_up, target)
     for path in looked_up:  # nothing with a dot segment ever reached the catalog
         assert ".." not in path.split("/") and "." not in path.split("/")
         assert "\x00" not in path and "\\" not in path
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/fixtures/./public.txt",
+        "/fixtures//public.txt",
+        "//fixtures/public.txt",
+        "/fixtures/sub/../public.txt",
+        "/./fixtures/./sub/.././/public.txt",
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_dot_and_empty_segments_are_normalised(server, looked_up, target):
+    """The forms apt and other clients send (``./`` from flat repositories) serve the file."""
+    got = yield server.curl(target)
+    assert (got.status, got.body) == (200, b"public"), target
+    assert looked_up == ["fixtures/public.txt"]
 
 
 @pytest_twisted.inlineCallbacks
