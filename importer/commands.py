@@ -25,10 +25,7 @@ from importer.remote import Remote
 from importer.sync import SyncError, sync_remote
 from importer.workers import SyncWorkers, helper_count
 from store import ArtifactStorage, open_catalog
-
-#: Temporary files older than this are left-overs of a crashed run (a streamer sharing the
-#: storage may own younger ones), removed when a sync starts.
-STALE_TEMP_SECONDS = 3600.0
+from store.storage import STALE_TEMP_SECONDS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -155,6 +152,7 @@ def sync_remotes(
         if workers is not None:
             yield workers.close()
         yield catalog.close()
+        storage.close()
     return status
 
 

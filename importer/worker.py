@@ -48,6 +48,7 @@ class WorkerSide(LineReceiver):
 
     def __init__(self) -> None:
         self.remote: Any = None
+        self.storage: ArtifactStorage | None = None
         self.fetcher: FileFetcher | None = None
         self.slots = 1
         #: Files given ahead of a free slot, in order: ``(sha256, sources)``.
@@ -91,6 +92,7 @@ class WorkerSide(LineReceiver):
         def begin(_: Any) -> None:
             self.remote = remote
             self.slots = remote.download_concurrency
+            self.storage = storage
             self.fetcher = FileFetcher(remote, storage, self._stored, self._failed)
             self.fetcher.start()
             self._send(op="ready")
@@ -143,10 +145,13 @@ class WorkerSide(LineReceiver):
             fetching.cancel()
         fetcher, self.fetcher = self.fetcher, None
         remote, self.remote = self.remote, None
+        storage, self.storage = self.storage, None
         if fetcher is not None:
             yield fetcher.stop()
         if remote is not None:
             yield remote.close()
+        if storage is not None:
+            storage.close()  # this process's temporary folder
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.connected = False

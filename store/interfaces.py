@@ -12,7 +12,10 @@ class IArtifactStorage(Interface):
     """Content-addressed artifact storage (files named by their sha256)."""
 
     root = Attribute("The storage root folder (str).")
-    temp_dir = Attribute("The folder for partial and temporary files, on the same filesystem.")
+    temp_dir = Attribute(
+        "This process's folder for partial and temporary files, on the same filesystem; no "
+        "other process removes a file in it while this one lives."
+    )
 
     def path_for(sha256):
         """Return the path where the artifact with this sha256 lives (or would live)."""
@@ -24,7 +27,11 @@ class IArtifactStorage(Interface):
         """Open the stored artifact for binary reading; raise ArtifactNotFound if absent."""
 
     def clean_temp(min_age=0.0):
-        """Remove temporary files (older than min_age seconds); return how many were removed."""
+        """Remove this process's temporary files (older than min_age seconds) and those of
+        processes that are gone; return how many were removed."""
+
+    def close():
+        """Remove this process's temporary folder (at the end); return the files removed."""
 
     def new_temp_file():
         """Return a new named, writable binary file in temp_dir, to be committed or removed."""

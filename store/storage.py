@@ -3,7 +3,8 @@
 Layout under the storage root::
 
     artifacts/ab/cdef...   one file per artifact, named by its sha256 (first 2 hex chars as folder)
-    tmp/                   partial downloads and other temporary files (same filesystem)
+    tmp/                   partial downloads and other temporary files (same filesystem),
+                           one folder per process (see `store.tempdirs`)
     quarantine/            artifacts whose bytes no longer match their name (found by verify)
 
 A file enters ``artifacts/`` only by an atomic rename of a complete, fsynced temp file whose
@@ -28,10 +29,14 @@ from zope.interface import implementer
 from store.digests import is_sha256_hex
 from store.errors import ArtifactNotFound, StorageError
 from store.interfaces import IArtifactStorage
+from store.tempdirs import OwnTempDir, remove_stale
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = "part-"
 ARTIFACT_MODE = 0o644
+#: Loose files in tmp/ (made by no process that keeps its own locked folder) older than this
+#: are left-overs; a process cleaning up at start passes it as ``clean_temp``'s *min_age*.
+STALE_TEMP_SECONDS = 3600.0
 
 
 @attrs.frozen
@@ -136,13 +141,15 @@ class ArtifactStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.artifacts_dir = os.path.join(self.root, "artifacts")
-        self.temp_dir = os.path.join(self.root, "tmp")
+        #: Shared by every process using this storage; each has its own folder in it.
+        self.temp_root = os.path.join(self.root, "tmp")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
         #: The ``artifacts/xx`` folders known to exist (at most 256 names).
         self._folders: set[str] = set()
+        self._own_temp: OwnTempDir | None = None
         try:
             os.makedirs(self.artifacts_dir, exist_ok=True)
-            os.makedirs(self.temp_dir, exist_ok=True)
+            os.makedirs(self.temp_root, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create storage folders under {self.root!r}: {exc}") from exc
 
@@ -169,27 +176,39 @@ class ArtifactStorage:
         except OSError as exc:
             raise StorageError(f"cannot open artifact {sha256}: {exc}") from exc
 
-    def clean_temp(self, min_age: float = 0.0) -> int:
-        """Remove files in tmp/ last modified at least *min_age* seconds ago; return the count.
+    @property
+    def temp_dir(self) -> str:
+        """This process's own folder under tmp/, made and locked on first use (and again
+        in a forked child), so no other process ever removes a file in it while we live.
+        Raises StorageError when it cannot be made (storage read-only or full)."""
+        own = self._own_temp
+        if own is None or not own.alive:
+            try:
+                own = self._own_temp = OwnTempDir.claim(self.temp_root)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot make a temporary folder in {self.temp_root!r}: {exc}"
+                ) from exc
+        return own.folder
 
-        Call at start-up with the default to drop what a crash left behind. A process that
-        shares the storage root with another running one should pass a generous *min_age*
-        so it does not remove the other's files in progress.
+    def clean_temp(self, min_age: float = 0.0) -> int:
+        """Remove temporary files that nobody will use; return how many were removed.
+
+        That is: this process's own files last modified at least *min_age* seconds ago, the
+        folders of processes that are gone (whose lock is free: however young), and loose
+        files in tmp/ older than *min_age*. Files of another live process are never touched,
+        so a service (re)starting beside a running sync leaves its downloads alone.
         """
-        removed = 0
-        cutoff = time.time() - min_age
-        with os.scandir(self.temp_dir) as it:
-            for entry in it:
-                try:
-                    if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
-                        continue
-                    if min_age and entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-        return removed
+        own = self._own_temp if self._own_temp is not None and self._own_temp.alive else None
+        removed = own.clear(min_age) if own is not None else 0
+        return removed + remove_stale(self.temp_root, own, min_age)
+
+    def close(self) -> int:
+        """Remove this process's temporary folder and everything in it (at the end of a
+        service or a sync); return the number of files removed. A later `temp_dir` makes a
+        new one."""
+        own, self._own_temp = self._own_temp, None
+        return own.release() if own is not None else 0
 
     def new_temp_file(self) -> IO[bytes]:
         """Return a new writable binary file in tmp/ (its ``.name`` is its path).

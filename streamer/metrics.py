@@ -80,17 +80,21 @@ class _WithoutCreated:
             yield family
 
 
-def _dir_bytes(path: str) -> float:
-    total = 0
+def _dir_bytes(path: str, depth: int = 1) -> float:
+    """Bytes of the files in *path* and, *depth* levels down, in its folders (the storage's
+    tmp/ holds one folder per process)."""
+    total = 0.0
     try:
         with os.scandir(path) as it:
             for entry in it:
                 try:
                     if entry.is_file(follow_symlinks=False):
                         total += entry.stat(follow_symlinks=False).st_size
+                    elif depth > 0 and entry.is_dir(follow_symlinks=False):
+                        total += _dir_bytes(entry.path, depth - 1)
                 except FileNotFoundError:
                     continue
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return 0.0
     return float(total)
 
@@ -188,7 +192,8 @@ class Metrics:
     # -- wiring -------------------------------------------------------------------------
 
     def watch_temp_dir(self, path: str) -> None:
-        """Report the size of the files in *path* as ``streamer_temp_bytes`` at each scrape."""
+        """Report the size of the files in *path* (and its folders) as ``streamer_temp_bytes``
+        at each scrape."""
         self.temp_bytes.set_function(lambda: _dir_bytes(path))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:

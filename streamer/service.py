@@ -303,7 +303,7 @@ class StreamerService(MultiService):
         self.standalone = standalone
         self.metrics = metrics if metrics is not None else Metrics()
         self.storage = ArtifactStorage(config.storage.path)
-        self.metrics.watch_temp_dir(self.storage.temp_dir)
+        self.metrics.watch_temp_dir(self.storage.temp_root)
         self.catalog = open_catalog(config.catalog.url, config.storage.path, reactor=reactor)
         self.remotes = config.remotes_by_name()
         self.request_log = RequestLog.open(config.server.access_log, config.server.access_log_json)
@@ -426,7 +426,7 @@ class StreamerService(MultiService):
             yield _maybe_close(remote)
         yield _maybe_close(self.catalog)
         self.ready = False
-        removed = self.storage.clean_temp()
+        removed = self.storage.close()  # our own temp files only: a sync beside us goes on
         if removed:
             log.info("removed {n} temp file(s)", n=removed)
         self.request_log.close()

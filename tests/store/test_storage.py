@@ -36,7 +36,8 @@ def test_layout_and_interface(storage, tmp_path):
     assert verifyObject(IArtifactStorage, storage)
     assert storage.root == str(tmp_path / "var")
     assert os.path.isdir(storage.temp_dir)
-    assert storage.temp_dir == os.path.join(storage.root, "tmp")
+    # tmp/ holds one folder per process (see store.tempdirs), this process's among them.
+    assert os.path.dirname(storage.temp_dir) == os.path.join(storage.root, "tmp")
     sha = _sha(b"x")
     assert storage.path_for(sha) == os.path.join(storage.root, "artifacts", sha[:2], sha[2:])
 
@@ -169,3 +170,22 @@ def test_verify_quarantines_corrupted_artifact(storage, tmp_path):
         assert f.read() == b"B" + bad_data[1:]
     again = storage.verify()
     assert (again.checked, again.good, again.bad) == (1, 1, [])
+
+
+def test_clean_temp_leaves_the_files_of_another_live_user_of_the_storage(tmp_path):
+    """Two users of one storage (two processes, or two storages in one process: an flock
+    is per open file): each cleans only its own files and those of users that are gone."""
+    ours, theirs = ArtifactStorage(tmp_path / "var"), ArtifactStorage(tmp_path / "var")
+    their_file = _write_temp(theirs, b"in progress")
+    our_file = _write_temp(ours, b"ours")
+    assert ours.temp_dir != theirs.temp_dir
+    assert ours.clean_temp() == 1
+    assert os.path.exists(their_file) and not os.path.exists(our_file)
+    theirs._own_temp.forget()  # its lock dropped as the kernel drops a dead process's
+    assert ours.clean_temp() == 1
+    assert not os.path.exists(their_file)
+    assert sorted(os.listdir(os.path.join(ours.root, "tmp"))) == sorted(
+        [os.path.basename(ours.temp_dir), os.path.basename(ours.temp_dir) + ".lock"]
+    )
+    assert ours.close() == 0
+    assert os.listdir(os.path.join(ours.root, "tmp")) == []
