@@ -79,9 +79,14 @@ def exit_code(reason: Failure) -> int:
 
 
 def run_process(
-    executable: str, *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+    executable: str,
+    *args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
 ) -> defer.Deferred[ProcessResult]:
-    """Run ``executable`` (looked up on PATH) with ``args``; fires with its ProcessResult.
+    """Run ``executable`` (looked up on PATH) with ``args`` (in folder *cwd*, if given); fires
+    with its ProcessResult.
 
     The child is killed after ``timeout`` seconds (exit code -9) so a hung client never hangs
     the test run. Proxy environment variables are removed.
@@ -93,7 +98,7 @@ def run_process(
         return defer.fail(FileNotFoundError(f"{executable} is not installed"))
     done: defer.Deferred[ProcessResult] = defer.Deferred()
     collector = _Collector(done)
-    reactor.spawnProcess(collector, path, [path, *args], env=env or _clean_env())
+    reactor.spawnProcess(collector, path, [path, *args], env=env or _clean_env(), path=cwd)
     collector.timer = reactor.callLater(timeout, collector.kill)
     return done
 
