@@ -10,6 +10,7 @@ defaults used without any file are relative to the working directory.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
@@ -133,6 +134,11 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> No
         raise SettingsError(attribute.name, f"must be >= 0, not {value!r}")
 
 
+def _finite_non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(attribute.name, f"must be a finite number >= 0, not {value!r}")
+
+
 def _accel_prefix(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value and not value.startswith("/"):
         raise SettingsError(attribute.name, f"must be empty or a path starting with '/': {value!r}")
@@ -167,6 +173,12 @@ class ServerConfig:
     access_log: str = ""
     #: Write the access log as one JSON object per line (needs access_log set).
     access_log_json: bool = False
+    #: Seconds a client has to send a whole request head (from the connection's start, or
+    #: the end of the previous response); then 408 and close. 0: no deadline.
+    request_header_timeout: float = attrs.field(default=30.0, validator=_finite_non_negative)
+    #: Open connections allowed per client address; 0: no cap (behind a load balancer every
+    #: client has its address).
+    max_connections_per_client: int = attrs.field(default=0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.access_log_json and not self.access_log:

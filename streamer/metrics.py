@@ -176,6 +176,10 @@ class Metrics:
         if duration is not None:
             self.request_duration.observe(max(duration, 0.0))
 
+    def request_refused(self, method: str, status: int) -> None:
+        """Count a request refused at the connection (413, 414, 431, 408, 400)."""
+        self.requests.labels(method, str(status)).inc()
+
     # -- called by the content resource -------------------------------------------------
 
     def upstream_failure(self, reason: str) -> None:

@@ -31,6 +31,7 @@ from twisted.web.resource import IResource, Resource
 
 from store.catalog import open_catalog
 from store.storage import ArtifactStorage
+from streamer.channel import ClientLimit, StreamerChannel
 from streamer.config import CONFIG_ENV, Config
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
@@ -172,17 +173,32 @@ class StreamerRequest(server.Request):
 
 
 class StreamerSite(server.Site):
-    """A twisted.web Site that counts, logs and can drain its in-flight requests."""
+    """A twisted.web Site that counts, logs and can drain its in-flight requests.
 
+    Its connections are `StreamerChannel`s: each request head must arrive within
+    *request_header_timeout* seconds (0: no deadline), and a client address may hold at most
+    *max_connections_per_client* connections (0: no cap).
+    """
+
+    protocol = StreamerChannel
     requestFactory = StreamerRequest
     displayTracebacks = False
 
     def __init__(
-        self, resource: IResource, *, metrics: Metrics, request_log: RequestLog, reactor: Any
+        self,
+        resource: IResource,
+        *,
+        metrics: Metrics,
+        request_log: RequestLog,
+        reactor: Any,
+        request_header_timeout: float = 0.0,
+        max_connections_per_client: int = 0,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.metrics = metrics
         self.request_log = request_log
+        self.request_header_timeout = request_header_timeout
+        self.client_limit = ClientLimit(max_connections_per_client, reactor.seconds)
         self.draining = False
         self.in_flight: set[StreamerRequest] = set()
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -192,10 +208,20 @@ class StreamerSite(server.Site):
         """Access lines are written when the request ends (see `track`), not here."""
 
     def buildProtocol(self, addr: Any) -> Any:
+        release = self.client_limit.admit(addr)
+        if release is None:
+            return self.client_limit.busy()
         channel = super().buildProtocol(addr)
-        if channel is not None:
-            self._channels.add(channel)
+        channel.head_timeout = self.request_header_timeout
+        channel.on_close = release
+        channel.on_refused = self._refused
+        self._channels.add(channel)
         return channel
+
+    def _refused(self, status: int, method: bytes | None) -> None:
+        """Count a request the channel refused before it reached a resource."""
+        name = (method or b"").decode("ascii", "replace")
+        self.metrics.request_refused(name if name in _METHODS else "other", status)
 
     def close_idle(self) -> None:
         """Close every connection still open (idle keep-alive ones, after a drain)."""
@@ -329,7 +355,12 @@ class StreamerService(MultiService):
         }
         self.root = RootResource(served, ops, lambda: self.ready)
         self.site = StreamerSite(
-            self.root, metrics=self.metrics, request_log=self.request_log, reactor=reactor
+            self.root,
+            metrics=self.metrics,
+            request_log=self.request_log,
+            reactor=reactor,
+            request_header_timeout=config.server.request_header_timeout,
+            max_connections_per_client=config.server.max_connections_per_client,
         )
         self.port: IListeningPort | None = None
         #: Why start-up failed after listening (the catalog would not open), else None.

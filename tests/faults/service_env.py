@@ -55,6 +55,7 @@ class ServiceEnv:
         signed: bool = False,
         remote_extra: str = "",
         security_extra: str = "",
+        server_extra: str = "",
     ) -> None:
         self.tmp_path = tmp_path
         self.upstream = upstream
@@ -68,8 +69,7 @@ class ServiceEnv:
             "[server]\n"
             'listen = "tcp:0:interface=127.0.0.1"\n'
             "grace_period = 1\n"
-            f"stall_timeout = {stall_timeout}\n"
-            "[storage]\n"
+            f"stall_timeout = {stall_timeout}\n" + server_extra + "[storage]\n"
             'path = "var"\n'
             "[security]\n" + key_line + security_extra + "[[remotes]]\n"
             'name = "fixtures"\n'

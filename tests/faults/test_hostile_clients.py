@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import shutil
 import socket
 import time
 
@@ -19,10 +20,12 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import capturedLogs
 
 from tests.faults.service_env import ServiceEnv, settle
+from tests.service.test_twistd import healthy, sigterm, twistd_run
 from tests.support import faults
-from tests.support.clients import raw_http, run_curl
+from tests.support.clients import RawResult, raw_http, run_curl
 
 BODY = bytes(range(256)) * 256  # 64 KiB
 BIG = 16 * 1024 * 1024  # fills any socket buffer
@@ -299,26 +302,182 @@ async def test_malformed_request_lines(service):
     await assert_serving(service)
 
 
+def assert_refused(result: RawResult, status: int) -> None:
+    """*status* with ``Connection: close``, then an orderly close (FIN, not a reset)."""
+    assert not result.timed_out, result
+    assert status_of(result.data) == status, result.data[:300]
+    head = result.data.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nconnection: close" in head, head
+    assert result.clean, result
+
+
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "status"),
     [
-        ["X-Big: " + "a" * 100_000],
-        [f"X-H-{i}: {i}" for i in range(10_000)],
-        ["Cookie: " + "c=1; " * 20_000],
+        (["X-Big: " + "a" * 100_000], 431),
+        ([f"X-H-{i}: {i}" for i in range(10_000)], 431),
+        (["Cookie: " + "c=1; " * 20_000], 431),
+        ([f"X-H-{i}: " + "a" * 1000 for i in range(20)], 431),
     ],
-    ids=["100KiB-header-line", "10000-headers", "huge-cookie"],
+    ids=["100KiB-header-line", "10000-headers", "huge-cookie", "20KiB-head"],
 )
 @pytest_twisted.ensureDeferred
-async def test_oversized_and_countless_headers(service, headers):
+async def test_oversized_and_countless_headers(service, headers, status):
     await service.add("a.bin", BODY, stored=True)
     result = await raw_http("127.0.0.1", service.port, request("/fixtures/a.bin", *headers), 5)
-    assert not result.timed_out
-    assert assert_sane(result.data) != 200
+    assert_refused(result, status)
     await assert_serving(service)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /" + b"a" * 20_000,
+    ],
+    ids=["20KiB-request-line", "20KiB-without-line-end"],
+)
+@pytest_twisted.ensureDeferred
+async def test_oversized_request_line_gets_414(service, sent):
+    result = await raw_http("127.0.0.1", service.port, sent, 5)
+    assert_refused(result, 414)
+    await assert_serving(service)
+
+
+# --- request bodies: the service takes no uploads ----------------------------------------------
+
+BODY_HEADS = {
+    "healthz-GET-1GB-length": request("/healthz", "Content-Length: 1000000000", close=False),
+    "content-HEAD-1GB-length": request(
+        "/fixtures/a.bin", "Content-Length: 1000000000", method="HEAD", close=False
+    ),
+    "content-GET-chunked": request("/fixtures/a.bin", "Transfer-Encoding: chunked", close=False),
+    "POST-expect-100-continue": request(
+        "/fixtures/a.bin", "Content-Length: 10", "Expect: 100-continue", method="POST"
+    ),
+}
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["open", "signed-unsigned-request"])
+@pytest.mark.parametrize("head", BODY_HEADS.values(), ids=BODY_HEADS.keys())
+@pytest_twisted.ensureDeferred
+async def test_request_body_is_refused_before_it_is_read(make_service, head, signed):
+    env = await make_service(signed=signed)
+    await env.add("a.bin", BODY, stored=True)
+    started = time.monotonic()
+    # The head alone: the answer must not wait for the announced body.
+    result = await raw_http("127.0.0.1", env.port, head, timeout=5)
+    assert_refused(result, 413)
+    assert b" 100 " not in result.data  # no "100 Continue" invitation to send it
+    assert time.monotonic() - started < 2.0
+    method = head.split(b" ", 1)[0].decode()
+    assert env.service.metrics.value("streamer_requests_total", {"method": method, "status": "413"})
+    # With a body that keeps coming: still the answer, then an orderly close.
+    result = await raw_http("127.0.0.1", env.port, head + b"x" * (4 << 20), timeout=5)
+    assert_refused(result, 413)
+    if signed:
+        served = await raw_http("127.0.0.1", env.port, request("/healthz"), timeout=3)
+        assert status_of(served.data) == 200
+    else:
+        await assert_serving(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_request_body_is_fine(service):
+    await service.add("a.bin", BODY, stored=True)
+    for head in (
+        request("/healthz", "Content-Length: 0"),
+        request("/fixtures/a.bin", "Content-Length: 0", method="HEAD"),
+    ):
+        result = await raw_http("127.0.0.1", service.port, head, timeout=5)
+        assert status_of(result.data) == 200 and result.clean
+
+
+# --- slow heads and connection caps ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_request_heads_get_408_and_idle_connections_close(make_service):
+    env = await make_service(server_extra="request_header_timeout = 1\n")
+    started = time.monotonic()
+    # 44 bytes at one per 0.1 s: a head that would take 4.4 s.
+    slow = [
+        raw_http("127.0.0.1", env.port, request("/healthz", close=False), timeout=6, drip=0.1)
+        for _ in range(20)
+    ]
+    idle = raw_http("127.0.0.1", env.port, b"", timeout=6)
+    served = await raw_http("127.0.0.1", env.port, request("/healthz"), timeout=3)
+    assert status_of(served.data) == 200
+    for result in await defer.gatherResults(slow):
+        assert_refused(result, 408)
+    assert time.monotonic() - started < 3.0
+    # A connection that never sent a byte is closed without an answer.
+    quiet = await idle
+    assert quiet.data == b"" and quiet.clean and not quiet.timed_out
+    # On a keep-alive connection the deadline restarts when a response ends: the idle
+    # connection after it is closed without a 408.
+    kept = await raw_http("127.0.0.1", env.port, request("/healthz", close=False), timeout=6)
+    assert status_of(kept.data) == 200 and b" 408 " not in kept.data
+    assert kept.clean and not kept.timed_out
+    await assert_serving(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowloris_cannot_take_the_service_offline(tmp_path):
+    """Many slow-drip connections against twistd with 64 open files: /healthz still answers."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("needs prlimit (util-linux)")
+    (tmp_path / "streamer.toml").write_text("[server]\nrequest_header_timeout = 1\n")
+    proto, process, base = await twistd_run(
+        tmp_path,
+        ["--config", "streamer.toml"],
+        prefix=[prlimit, "--nofile=64:64", "--"],
+    )
+    port = int(base.rsplit(":", 1)[1])
+    attackers: list[defer.Deferred[RawResult]] = []
+    try:
+        await healthy(base, proto)
+        # More connections than the process has descriptors, each dripping a byte every
+        # 0.5 s and staying for up to 8 s unless the service closes it. Without a deadline
+        # they hold every descriptor, and Twisted closes each new connection at once.
+        head = request("/healthz", "X-Pad: " + "p" * 100, close=False)
+        attackers.extend(raw_http("127.0.0.1", port, head, timeout=8, drip=0.5) for _ in range(80))
+        await task.deferLater(reactor, 2.0, lambda: None)
+        for _ in range(5):
+            result = await raw_http("127.0.0.1", port, request("/healthz"), timeout=4)
+            assert status_of(result.data) == 200, (result, proto.output.decode()[-2000:])
+        # Every attacker was cut off by the service, none lasted to its own 8 s.
+        for outcome in await defer.gatherResults(attackers):
+            assert not outcome.timed_out and status_of(outcome.data) in (0, 408), outcome
+    finally:
+        await defer.DeferredList(attackers, consumeErrors=True)
+        code = await sigterm(proto, process)
+    assert code == 0, proto.output.decode()[-2000:]
+    assert "Traceback" not in proto.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_over_the_per_client_cap_get_503(make_service):
+    env = await make_service(server_extra="max_connections_per_client = 3\n")
+    limit = env.service.site.client_limit
+    held = [raw_http("127.0.0.1", env.port, b"GET /hea", timeout=1.5) for _ in range(3)]
+    assert await settle(lambda: limit.open_connections("127.0.0.1") == 3)
+    with capturedLogs() as events:
+        for _ in range(4):
+            result = await raw_http("127.0.0.1", env.port, request("/healthz"), timeout=3)
+            assert_refused(result, 503)
+    reports = [e for e in events if "max_connections_per_client" in e.get("log_format", "")]
+    assert len(reports) == 1, reports  # once per address per interval, not per connection
+    assert (await held[0]).timed_out  # the held connections were never answered
+    await defer.gatherResults(held)
+    assert await settle(lambda: limit.open_connections("127.0.0.1") == 0)
+    await assert_serving(env)
 
 
 # Dot and empty segments inside the root (/fixtures/./a.bin, /fixtures//a.bin) are served as the
 # normalised path: see tests/faults/test_paths_and_signatures.py.
+
 TRAVERSALS = [
     "/fixtures/../../../../etc/passwd",
     "/fixtures/%2e%2e/%2e%2e/%2e%2e/etc/passwd",

@@ -25,6 +25,8 @@ def test_shipped_configuration_loads_with_documented_defaults():
     config = load_config(REPO / "conf" / "streamer.toml", environ={})
     assert config.server.listen == DEFAULT_LISTEN
     assert config.server.grace_period == 30.0
+    assert config.server.request_header_timeout == 30.0
+    assert config.server.max_connections_per_client == 0
     assert config.storage.path == str(REPO / "conf" / "var")
     assert config.catalog_location() == str(REPO / "conf" / "var" / "catalog.sqlite3")
     assert config.remotes == []
@@ -83,6 +85,26 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         ("[server]\ngrace_period = -1\n", "server.grace_period: must be >= 0"),
         ('[server]\ngrace_period = "soon"\n', "server.grace_period: must be a number"),
         ("[server]\naccess_log_json = true\n", "server.access_log_json: needs server.access_log"),
+        (
+            "[server]\nrequest_header_timeout = -1\n",
+            "server.request_header_timeout: must be a finite number >= 0, not -1.0",
+        ),
+        (
+            "[server]\nrequest_header_timeout = inf\n",
+            "server.request_header_timeout: must be a finite number >= 0, not inf",
+        ),
+        (
+            '[server]\nrequest_header_timeout = "30s"\n',
+            "server.request_header_timeout: must be a number",
+        ),
+        (
+            "[server]\nmax_connections_per_client = 2.5\n",
+            "server.max_connections_per_client: must be an integer",
+        ),
+        (
+            "[server]\nmax_connections_per_client = -1\n",
+            "server.max_connections_per_client: must be >= 0",
+        ),
         ('[stroage]\npath = "x"\n', "stroage: unknown section"),
         ('[catalog]\nurl = "mysql://db"\n', "catalog.url: expected sqlite:///path"),
         (REMOTE + 'policy = "lazy"\n', "remotes[0].policy: must be one of immediate"),

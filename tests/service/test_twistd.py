@@ -92,11 +92,16 @@ async def healthy(base: str, proto: _Collect) -> None:
 
 
 async def twistd_run(
-    tmp_path: Path, args: list[str], before: list[str] = (), **extra: str
+    tmp_path: Path,
+    args: list[str],
+    before: list[str] = (),
+    prefix: list[str] = (),
+    **extra: str,
 ) -> tuple[_Collect, object, str]:
-    """Start ``twistd -n --pidfile= BEFORE streamer ARGS --listen <free port>`` in tmp_path."""
+    """Start ``PREFIX twistd -n --pidfile= BEFORE streamer ARGS --listen <free port>`` in
+    tmp_path (*prefix*: a wrapper command such as ``prlimit --nofile=N``, its full path first)."""
     port = free_port()
-    argv = [*TWISTD, "-n", "--pidfile=", *before, "streamer", *args]
+    argv = [*prefix, *TWISTD, "-n", "--pidfile=", *before, "streamer", *args]
     argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
     proto = _Collect()
     process = reactor.spawnProcess(proto, argv[0], argv, env=env(**extra), path=str(tmp_path))

@@ -135,20 +135,35 @@ class RawResult:
 
 
 class _RawClient(protocol.Protocol):
-    def __init__(self, request: bytes, done: defer.Deferred[RawResult], timeout: float) -> None:
+    def __init__(
+        self, request: bytes, done: defer.Deferred[RawResult], timeout: float, drip: float = 0.0
+    ) -> None:
         self._request = request
         self._done = done
         self._timeout = timeout
+        self._drip = drip
         self._chunks: list[bytes] = []
         self._timed_out = False
         self._timer: IDelayedCall | None = None
+        self._drip_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted API
         from twisted.internet import reactor
 
         self._timer = reactor.callLater(self._timeout, self._give_up)
-        if self._request:
+        if self._drip > 0:
+            self._send_one_byte()
+        elif self._request:
             self.transport.write(self._request)
+
+    def _send_one_byte(self) -> None:
+        from twisted.internet import reactor
+
+        self._drip_call = None
+        if self._request:
+            byte, self._request = self._request[:1], self._request[1:]
+            self.transport.write(byte)
+            self._drip_call = reactor.callLater(self._drip, self._send_one_byte)
 
     def _give_up(self) -> None:
         self._timed_out = True
@@ -158,8 +173,9 @@ class _RawClient(protocol.Protocol):
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        for call in (self._timer, self._drip_call):
+            if call is not None and call.active():
+                call.cancel()
         clean = reason.check(ConnectionDone) is not None and not self._timed_out
         self._done.callback(
             RawResult(
@@ -172,16 +188,17 @@ class _RawClient(protocol.Protocol):
 
 
 def raw_http(
-    host: str, port: int, request: bytes, timeout: float = 10.0
+    host: str, port: int, request: bytes, timeout: float = 10.0, drip: float = 0.0
 ) -> defer.Deferred[RawResult]:
     """Connect over TCP, send ``request`` verbatim (malformed or pipelined requests welcome),
-    and collect everything until the server closes or ``timeout`` passes."""
+    and collect everything until the server closes or ``timeout`` passes. With *drip*
+    (seconds), the request is sent one byte at a time, one every *drip* seconds (slowloris)."""
     from twisted.internet import reactor
 
     done: defer.Deferred[RawResult] = defer.Deferred()
     factory = protocol.ClientFactory()
     factory.noisy = False
-    factory.protocol = lambda: _RawClient(request, done, timeout)
+    factory.protocol = lambda: _RawClient(request, done, timeout, drip)
 
     def failed(_connector: object, reason: Failure) -> None:
         done.errback(reason)

@@ -1,0 +1,296 @@
+"""The HTTP/1.1 connection as this service needs it: heads on a deadline, no request bodies.
+
+`StreamerChannel` is twisted.web's `HTTPChannel` with the edge rules of a download-only
+server, each answered with a real status and ``Connection: close`` instead of Twisted's bare
+400 or a silent close:
+
+* a request that announces a body (``Content-Length`` other than 0, or ``Transfer-Encoding:
+  chunked``) gets 413 as soon as its head is parsed, before one byte of the body is read (the
+  service takes no uploads; Twisted would spool the body to a temporary file first);
+* a request line over `HTTPChannel.MAX_LENGTH` gets 414; a header line over it, a head over
+  `HTTPChannel.totalHeadersSize` or more than `HTTPChannel.maxHeaders` fields get 431;
+* each request head must arrive within ``request_header_timeout`` seconds, counted from the
+  connection's start or from the end of the previous response on a keep-alive connection:
+  408 when part of a head arrived, a plain close when nothing did (an idle keep-alive
+  connection), so slow-drip clients cannot hold connections open.
+
+After a refusal the write side is closed and the rest of what the client sends is read and
+discarded for up to `LINGER_SECONDS`, so the client reads the answer instead of a reset.
+
+`ClientLimit` caps connections per client address (``max_connections_per_client``); the site
+asks it at accept and answers a connection over the cap with a short 503.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+
+__all__ = ["LINGER_SECONDS", "ClientLimit", "StreamerChannel", "refusal"]
+
+log = Logger()
+
+#: How long a refused connection is drained (read and discarded) before it is closed.
+LINGER_SECONDS = 2.0
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+def refusal(status: int, reason: str) -> bytes:
+    """A complete HTTP/1.1 response: *status*, ``Connection: close`` and *reason* as body."""
+    body = reason.encode("utf-8") + b"\n"
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"Connection: close\r\n",
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Cache-Control: no-store\r\n",
+            b"Content-Length: %d\r\n\r\n" % len(body),
+            body,
+        ]
+    )
+
+
+class StreamerChannel(HTTPChannel):
+    """`HTTPChannel` with a head deadline, no request bodies and real statuses for
+    oversized heads (see the module docstring). The site sets `head_timeout` (seconds;
+    0 turns the deadline off) and may set `on_refused` (called with the status and the
+    request method, or None before the request line was read) and `on_close`."""
+
+    head_timeout: float = 0.0
+    on_refused: Callable[[int, bytes | None], None] | None = None
+    on_close: Callable[[], None] | None = None
+
+    _head_timer: Any = None
+    _head_lines = 0
+    _head_bytes = 0
+    _header_fields = 0
+    _refused = False
+    _linger_timer: Any = None
+
+    # -- the head deadline ----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        if self.head_timeout > 0:
+            self._head_timer = self.callLater(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._refused or self.transport is None:
+            return
+        # Part of a head arrived: whole lines of it, or bytes waiting for their line end.
+        if self._head_lines or self._buffer:
+            self._refuse(408, "request head not received in time")
+        else:
+            # Nothing of a request arrived (a fresh or idle keep-alive connection): a 408
+            # here could be read as the answer to a request the client is just sending.
+            self.setTimeout(None)
+            self.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and discard
+        super().dataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        # Re-arm before Twisted replays pipelined bytes: they may complete the next head.
+        if self.persistent:
+            self._arm_head_timer()
+        super().requestDone(request)
+
+    # -- head size limits -----------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if line or self._head_lines:
+            self._head_lines += 1
+            self._head_bytes += len(line)
+            if self._head_lines > 1 and line and line[:1] not in b" \t":
+                self._header_fields += 1
+            if self._head_bytes > self.totalHeadersSize:
+                self._refuse_oversized(request_line=self._head_lines == 1)
+                return
+            if self._header_fields > self.maxHeaders:
+                self._refuse(431, "too many header fields")
+                return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_oversized(request_line=self._head_lines == 0)
+
+    def _refuse_oversized(self, request_line: bool) -> None:
+        if request_line:
+            self._refuse(414, "request line too long")
+        else:
+            self._refuse(431, "request header fields too large")
+
+    # -- no request bodies ----------------------------------------------------------------
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_timer()
+        self._head_lines = self._head_bytes = self._header_fields = 0
+        if self.length != 0:
+            # Refused before Twisted picks a file for the body or answers Expect: 100-continue.
+            self._refuse(413, "request bodies are not accepted")
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    # -- refusing -------------------------------------------------------------------------
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own answer to a malformed head is a bare 400 with no headers.
+        self._refuse(400, "bad request")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer *status* with ``Connection: close``, then drain and close the connection."""
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self.persistent = False
+        self._cancel_head_timer()
+        self.setTimeout(None)
+        self.clearLineBuffer()
+        if self.on_refused is not None:
+            self.on_refused(status, getattr(self, "_command", None))
+        peer = self.transport.getPeer()
+        log.info(
+            "refused a request from {peer}: {status} {reason}",
+            peer=getattr(peer, "host", None) or "-",
+            status=status,
+            reason=reason,
+        )
+        self.transport.write(refusal(status, reason))
+        self._networkProducer.unregisterProducer()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        # Send the answer and a FIN, keep reading (and discarding) what the client is still
+        # sending, so its kernel does not see a reset that could swallow the answer.
+        half_close()
+        self.transport.resumeProducing()
+        self._linger_timer = self.callLater(LINGER_SECONDS, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head_timer()
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
+        self._linger_timer = None
+        super().connectionLost(reason)
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()
+
+
+class _Busy(Protocol):
+    """Answers a connection over the per-client cap with a short 503 and closes it."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(refusal(503, "too many connections from this address"))
+        self.transport.loseConnection()
+
+
+class ClientLimit:
+    """At most *cap* open connections per client host (0: no cap).
+
+    Refusals are logged once per host per *log_interval* seconds, with the count since the
+    last line, so a flood costs one log line, not one per connection.
+    """
+
+    def __init__(self, cap: int, seconds: Callable[[], float], log_interval: float = 60.0):
+        self.cap = cap
+        self._seconds = seconds
+        self._log_interval = log_interval
+        self._open: collections.Counter[str] = collections.Counter()
+        #: host -> (time of its last log line, refusals since then)
+        self._refused: dict[str, tuple[float, int]] = {}
+
+    def admit(self, addr: IAddress) -> Callable[[], None] | None:
+        """Count a new connection from *addr*: a callable to call once it closes, or None
+        when *addr* is over the cap."""
+        host = getattr(addr, "host", None)
+        if not self.cap or not host:
+            return _nothing
+        if self._open[host] >= self.cap:
+            self._note_refusal(host)
+            return None
+        self._open[host] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._open[host] -= 1
+                if self._open[host] <= 0:
+                    del self._open[host]
+
+        return release
+
+    def busy(self) -> Protocol:
+        """The protocol for a refused connection."""
+        return _Busy()
+
+    def open_connections(self, host: str) -> int:
+        return self._open.get(host, 0)
+
+    def _note_refusal(self, host: str) -> None:
+        now = self._seconds()
+        last, count = self._refused.get(host, (None, 0))
+        count += 1
+        if last is None or now - last >= self._log_interval:
+            log.warn(
+                "refusing connections from {host}: over max_connections_per_client ({cap}); "
+                "{count} refused since the last report",
+                host=host,
+                cap=self.cap,
+                count=count,
+            )
+            self._refused[host] = (now, 0)
+            self._forget_quiet_hosts(now)
+        else:
+            self._refused[host] = (last, count)
+
+    def _forget_quiet_hosts(self, now: float) -> None:
+        stale = [h for h, (t, _) in self._refused.items() if now - t >= 2 * self._log_interval]
+        for h in stale:
+            del self._refused[h]
+
+
+def _nothing() -> None:
+    """Release of an uncounted connection."""

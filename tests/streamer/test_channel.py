@@ -1,0 +1,182 @@
+"""`StreamerChannel` and `ClientLimit` on a `Clock`: the head deadline and the per-address cap.
+
+The channel runs inside a real `StreamerSite` over a `StringTransport`; time moves only when
+the test advances the clock. The same rules are driven over real sockets in
+tests/faults/test_hostile_clients.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.web.resource import Resource
+
+from streamer.channel import ClientLimit, StreamerChannel
+from streamer.logs import RequestLog
+from streamer.metrics import Metrics
+from streamer.ops import HealthResource
+from streamer.service import StreamerSite
+
+TIMEOUT = 30.0
+GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class _Transport(StringTransport):
+    """A StringTransport that records whether the write side was closed first."""
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+def site(clock: Clock, cap: int = 0) -> StreamerSite:
+    root = Resource()
+    root.putChild(b"healthz", HealthResource(lambda: True))
+    return StreamerSite(
+        root,
+        metrics=Metrics(),
+        request_log=RequestLog(),
+        reactor=clock,
+        request_header_timeout=TIMEOUT,
+        max_connections_per_client=cap,
+    )
+
+
+def connect(clock: Clock, host: str = "10.0.0.1") -> tuple[StreamerChannel, StringTransport]:
+    channel = site(clock).buildProtocol(IPv4Address("TCP", host, 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_partial_head_gets_408_when_the_deadline_passes():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"GET /healthz HT")
+    clock.advance(TIMEOUT - 0.1)
+    assert transport.value() == b"" and not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"\r\nConnection: close\r\n" in transport.value()
+    assert transport.disconnecting
+
+
+def test_dripping_bytes_does_not_move_the_deadline():
+    clock = Clock()
+    channel, transport = connect(clock)
+    for byte in GET[:-4]:
+        channel.dataReceived(bytes([byte]))
+        clock.advance(1.0)
+        if transport.value():
+            break
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert clock.seconds() == pytest.approx(TIMEOUT)
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer():
+    clock = Clock()
+    _, transport = connect(clock)
+    clock.advance(TIMEOUT)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_keep_alive_deadline_starts_when_the_response_ends():
+    clock = Clock()
+    channel, transport = connect(clock)
+    clock.advance(TIMEOUT - 1)  # a slow but complete head is fine
+    channel.dataReceived(GET)
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and not transport.disconnecting
+    transport.clear()
+    clock.advance(TIMEOUT - 1)  # counted from the response, not from the connection
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET /hea")
+    clock.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+
+
+def test_idle_keep_alive_connection_is_closed_quietly():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(GET)
+    transport.clear()
+    clock.advance(TIMEOUT)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_pipelined_heads_each_get_their_own_deadline():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(GET + GET + b"GET /hea")
+    assert transport.value().count(b"HTTP/1.1 200 ") == 2
+    clock.advance(TIMEOUT)
+    assert transport.value().endswith(b"request head not received in time\n")
+
+
+def test_no_deadline_when_turned_off():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.head_timeout = 0.0
+    channel._cancel_head_timer()
+    # A byte every 10 s keeps Twisted's own idle timeout (60 s) from firing.
+    for byte in GET[:-4]:
+        channel.dataReceived(bytes([byte]))
+        clock.advance(10)
+    assert transport.value() == b"" and not transport.disconnecting
+
+
+def test_refusal_half_closes_then_drains_for_a_bounded_time():
+    clock = Clock()
+    channel = site(clock).buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+    transport = _Transport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.write_closed and not transport.disconnecting
+    channel.dataReceived(b"more body" * 1000)  # read and discarded
+    assert transport.value().count(b"HTTP/1.1") == 1
+    clock.advance(5)
+    assert transport.disconnecting  # aborted after the linger time
+
+
+def test_client_limit_counts_per_host_and_reports_once_per_interval():
+    clock = Clock()
+    limit = ClientLimit(2, clock.seconds, log_interval=60.0)
+    a = IPv4Address("TCP", "10.0.0.1", 1)
+    releases = [limit.admit(a), limit.admit(a)]
+    assert all(releases) and limit.open_connections("10.0.0.1") == 2
+    assert limit.admit(IPv4Address("TCP", "10.0.0.2", 1)) is not None  # another host
+    with capturedLogs() as events:
+        for _ in range(100):
+            assert limit.admit(a) is None
+        clock.advance(61)
+        assert limit.admit(a) is None
+    reports = [e for e in events if "max_connections_per_client" in e["log_format"]]
+    assert [e["count"] for e in reports] == [1, 100]
+    releases[0]()
+    releases[0]()  # a second release of the same connection changes nothing
+    assert limit.open_connections("10.0.0.1") == 1
+    assert limit.admit(a) is not None
+
+
+def test_client_limit_off_and_unix_sockets_are_not_counted():
+    clock = Clock()
+    assert ClientLimit(0, clock.seconds).admit(IPv4Address("TCP", "10.0.0.1", 1)) is not None
+    unix = ClientLimit(1, clock.seconds)
+    assert unix.admit(UNIXAddress(None)) is not None
+    assert unix.admit(UNIXAddress(None)) is not None
+
+
+def test_site_answers_over_the_cap_with_503_and_releases_on_close():
+    clock = Clock()
+    capped = site(clock, cap=1)
+    addr = IPv4Address("TCP", "10.0.0.1", 40000)
+    first = capped.buildProtocol(addr)
+    first.makeConnection(StringTransport(peerAddress=addr))
+    busy = capped.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    busy.makeConnection(transport)
+    assert transport.value().startswith(b"HTTP/1.1 503 ") and transport.disconnecting
+    first.connectionLost(None)
+    assert isinstance(capped.buildProtocol(addr), StreamerChannel)
