@@ -167,7 +167,8 @@ class ServerConfig:
     #: Seconds without progress after which a client or upstream transfer is aborted.
     stall_timeout: float = attrs.field(default=60.0, validator=_non_negative)
     #: When set (e.g. "/protected"), stored files are handed to a fronting nginx with
-    #: ``X-Accel-Redirect: <prefix>/<artifact path under storage>`` instead of being sent.
+    #: ``X-Accel-Redirect: <prefix>/<artifact path under storage>`` instead of being sent, when
+    #: the request carries ``X-Sendfile-Type: X-Accel-Redirect`` (set by the front).
     x_accel_redirect: str = attrs.field(default="", validator=_accel_prefix)
     #: Where access lines go: "" the service's log, "-" standard output, or a file path.
     access_log: str = ""

@@ -30,6 +30,12 @@ __all__ = ["ALLOWED_METHODS", "ContentResource"]
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
 INDEX_FILE = "index.html"
+#: With ``[server] x_accel_redirect`` set, a stored file is handed to the front only when the
+#: request says it came through a front that acts on ``X-Accel-Redirect``: nginx sets this
+#: request header (``proxy_set_header X-Sendfile-Type X-Accel-Redirect;``, the convention of
+#: Rack::Sendfile). A client reaching the streamer directly does not, and gets the content.
+ACCEL_REQUEST_HEADER = b"x-sendfile-type"
+ACCEL_REQUEST_VALUE = b"x-accel-redirect"
 #: Seconds a path's catalog entries are reused without asking the catalog again, and how many
 #: paths are remembered. A lookup is a round trip to the catalog's thread (most of the cost of
 #: a small stored file); entries change only when a sync replaces a remote (possibly in another
@@ -247,7 +253,7 @@ class ContentResource(Resource):
                 fileobj,
                 sha256=entry.sha256,
                 served_path=path,
-                x_accel_redirect=self._accel_value(entry.sha256),
+                x_accel_redirect=self._accel_value(request, entry.sha256),
                 clock=self.reactor,
                 stall_timeout=self.stall_timeout,
             )
@@ -257,9 +263,13 @@ class ContentResource(Resource):
             return
         await defer.maybeDeferred(self.lazy.serve, request, entries, path)
 
-    def _accel_value(self, sha256: str) -> str | None:
-        """The ``X-Accel-Redirect`` value for an artifact, or None when the mode is off."""
+    def _accel_value(self, request: IRequest, sha256: str) -> str | None:
+        """The ``X-Accel-Redirect`` value for an artifact, or None when the mode is off or the
+        request did not come through a front that acts on it (`ACCEL_REQUEST_HEADER`)."""
         if not self.x_accel_redirect:
+            return None
+        front = request.getHeader(ACCEL_REQUEST_HEADER) or b""
+        if front.strip().lower() != ACCEL_REQUEST_VALUE:
             return None
         relative = os.path.relpath(self.storage.path_for(sha256), self.storage.root)
         return self.x_accel_redirect.rstrip("/") + "/" + relative.replace(os.sep, "/")
