@@ -11,12 +11,13 @@ later change: NUL and control characters, backslashes, ``#``, absolute-form and 
 targets, overlong targets, bytes that are not UTF-8.
 
 Percent-escapes are decoded exactly once, after the dot segments are removed. A segment that
-only becomes ``.``, ``..`` or empty by decoding (``%2e``, ``.%2e``, ``%2e%2e``, ``..%2f``,
-``a%2f%2fb``) is refused (400), never resolved: no client sends one (RFC 3986 §6.2.2.2: URIs are
-produced with unreserved characters unencoded), they are what traversal probes look like, and
-resolving them would let a request that a fronting server or filter sees under one prefix land
-under another. ``%2f`` otherwise separates segments (``a%2fb`` is ``a/b``; a file name never
-holds a slash), and ``%252e%252e`` is the literal name ``%2e%2e`` (looked up as such).
+only becomes ``.`` or ``..`` by decoding (``%2e``, ``.%2e``, ``%2e%2e``), or that holds an
+encoded slash (``%2f``: ``..%2f``, ``a%2fb``), is refused (400), never resolved or split: no
+client sends one (RFC 3986 §6.2.2.2: URIs are produced with unreserved characters unencoded,
+and a catalog name never holds a slash), they are what traversal probes look like, and
+resolving them would let a request that a fronting server or filter sees under one prefix
+land under another (Apache refuses encoded slashes by default too). ``%252e%252e`` is the
+literal name ``%2e%2e`` (looked up as such).
 """
 
 from __future__ import annotations
@@ -99,32 +100,32 @@ def parse_request_target(target: bytes) -> RequestPath:
     raw_segments = raw_path[1:].split(b"/")
     # Decode (and check) every segment first, so that a segment removed by a later ``..`` was
     # still refused if it was an encoded dot segment: each target has one meaning or none.
-    decoded = [raw if raw in _DOT_OR_EMPTY else _decode_segment(raw) for raw in raw_segments]
-    kept: list[list[str]] = []
-    for segment in decoded:
-        if segment == b"..":
-            if not kept:
+    decoded = [None if raw in _DOT_OR_EMPTY else _decode_segment(raw) for raw in raw_segments]
+    segments: list[str] = []
+    for raw, text in zip(raw_segments, decoded, strict=True):
+        if text is not None:
+            segments.append(text)
+        elif raw == b"..":
+            if not segments:
                 raise RefusedPath(400, "request path goes above the root")
-            kept.pop()
-        elif isinstance(segment, list):
-            kept.append(segment)
-    segments = [part for parts in kept for part in parts]
+            segments.pop()
     folder = raw_segments[-1] in _DOT_OR_EMPTY or not segments
     return RequestPath(path="/".join(segments), folder=folder)
 
 
-def _decode_segment(raw: bytes) -> list[str]:
-    """One raw segment, percent-decoded once: its parts (several when it holds ``%2f``)."""
+def _decode_segment(raw: bytes) -> str:
+    """One raw segment, percent-decoded once and checked."""
     try:
         text = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise RefusedPath(404, "not found") from None
     if any(_is_forbidden_char(ch) for ch in text):
         raise RefusedPath(400, "request path contains forbidden characters")
-    parts = text.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise RefusedPath(400, "request path has a percent-encoded '.', '..' or '/' segment")
-    return parts
+    if "/" in text:
+        raise RefusedPath(400, "request path has a percent-encoded '/'")
+    if text in (".", ".."):
+        raise RefusedPath(400, "request path has a percent-encoded '.' or '..' segment")
+    return text
 
 
 def _is_forbidden_char(ch: str) -> bool:

@@ -78,6 +78,8 @@ async def test_dot_and_empty_segments_serve_the_normalised_path(make_service, up
         ("/fixtures/x/%2e%2e/a.bin", 400),
         ("/fixtures/%2e%2e/../a.bin", 400),  # even when a later '..' would remove them
         ("/fixtures/x/..%2fa.bin", 400),
+        ("/fixtures%2Fa.bin", 400),  # encoded slashes are refused, not split
+        ("/fixtures/sub%2f..%2fa.bin", 400),
         ("/fixtures/../other/a.bin", 404),  # inside the root: another (unknown) path
     ],
 )

@@ -26,7 +26,6 @@ SECRET = b"TOP-SECRET-OUTSIDE-THE-CATALOG"
         (b"/fixtures/with%20space.txt", RequestPath("fixtures/with space.txt", False)),
         (b"/fixtures/%252e%252e/x", RequestPath("fixtures/%2e%2e/x", False)),
         (b"/fixtures/%C3%A9t%C3%A9.txt", RequestPath("fixtures/\u00e9t\u00e9.txt", False)),
-        (b"/fixtures/a%2Fb", RequestPath("fixtures/a/b", False)),
         (b"/fixtures/..a/b..", RequestPath("fixtures/..a/b..", False)),
         # RFC 3986 §5.2.4 dot-segment removal, and empty segments merged
         (b"/fixtures/./Packages", RequestPath("fixtures/Packages", False)),
@@ -44,7 +43,6 @@ SECRET = b"TOP-SECRET-OUTSIDE-THE-CATALOG"
         (b"//etc/passwd", RequestPath("etc/passwd", False)),
         (b"//", RequestPath("", True)),
         (b"/.", RequestPath("", True)),
-        (b"/fixtures/a%2Fb/../c", RequestPath("fixtures/c", False)),  # one segment, removed
     ],
 )
 def test_accepted_targets(target, expected):
@@ -75,6 +73,10 @@ def test_accepted_targets(target, expected):
         (b"/fixtures/%c2%85", 400),
         (b"/fixtures\\..\\secret", 400),
         (b"/fixtures/%5c..%5csecret", 400),
+        # encoded slashes are refused, not split (a front sees /fixtures%2Fa as one segment)
+        (b"/fixtures/a%2Fb", 400),
+        (b"/fixtures%2Fa", 400),
+        (b"/fixtures/a%2Fb/../c", 400),
         (b"/fixtures/a%2F%2Fb", 400),
         (b"/fixtures/a%2F", 400),
         (b"/%2Fetc", 400),
