@@ -160,6 +160,9 @@ class ContentResource(Resource):
     # -- dispatch ---------------------------------------------------------------------------
 
     async def _dispatch(self, request: IRequest, target: RequestPath) -> None:
+        if target.dot_ended:
+            self._redirect(request, target.url_path, client_query(request))
+            return
         if target.folder:
             await self._serve_folder(request, target)
             return

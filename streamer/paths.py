@@ -69,6 +69,10 @@ class RequestPath:
 
     path: str
     folder: bool
+    #: The target ended with a ``.`` or ``..`` segment (``/base/dir/..``): a page served there
+    #: would have its relative links resolved against another folder, so it is redirected to
+    #: `url_path`. Not part of equality.
+    dot_ended: bool = attrs.field(default=False, eq=False)
 
     @property
     def segments(self) -> list[str]:
@@ -110,7 +114,8 @@ def parse_request_target(target: bytes) -> RequestPath:
                 raise RefusedPath(400, "request path goes above the root")
             segments.pop()
     folder = raw_segments[-1] in _DOT_OR_EMPTY or not segments
-    return RequestPath(path="/".join(segments), folder=folder)
+    dot_ended = raw_segments[-1] in (b".", b"..")
+    return RequestPath(path="/".join(segments), folder=folder, dot_ended=dot_ended)
 
 
 def _decode_segment(raw: bytes) -> str:

@@ -185,10 +185,35 @@ async def test_signed_folder_redirect_keeps_the_signature(make_service):
     assert status == 200
     status, _, _ = await get(env, f"/fixtures/dir/a.bin?{query}")
     assert status == 403
+    # A final '..' redirects to the folder, keeping the signature.
+    status, head, _ = await get(env, f"/fixtures/dir/a.bin/..?{query}")
+    assert (status, header(head, b"location")) == (301, f"/fixtures/dir/?{query}".encode())
     # A folder signed with its slash is still good (signatures made before this rule).
     slashed = sign_path(env.key, "/fixtures/dir/", int(time.time()) + 60)
     status, _, _ = await get(env, slashed)
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    "target, location",
+    [
+        ("/fixtures/dir/..", b"/fixtures/"),
+        ("/fixtures/dir/.", b"/fixtures/dir/"),
+        ("/fixtures/dir/a.bin/..?x=1", b"/fixtures/dir/?x=1"),
+        ("/fixtures/..", b"/"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_final_dot_segment_redirects_to_the_folder(make_service, target, location):
+    """A listing's links are relative: served at /fixtures/dir/.. they would resolve under
+    /fixtures/dir/, so a target ending in '.' or '..' is redirected to the folder itself."""
+    env = await make_service()
+    await env.add("dir/a.bin", BODY, stored=True)
+    status, head, _ = await get(env, target)
+    assert (status, header(head, b"location")) == (301, location)
+    result = await run_curl("-L", "--path-as-is", "-w", "\n%{http_code}", env.url(target))
+    page, _, code = result.stdout.rpartition(b"\n")
+    assert code == b"200" and b"<html" in page, result.stdout
 
 
 @pytest.mark.parametrize(
@@ -198,7 +223,7 @@ async def test_signed_folder_redirect_keeps_the_signature(make_service):
         ("/healthz/x", 404),
         ("/metrics/", 404),
         ("/healthz/", 404),
-        ("/healthz/..", 200),  # the top: a listing of the remotes
+        ("/healthz/..", 301),  # the top, redirected to "/"
         ("/metrics/../healthz", 200),
         ("/./healthz", 200),
         ("/metrics?x=1", 200),
