@@ -379,7 +379,8 @@ class _Plan:
         header = request.getHeader(b"range")
         if not if_range_allows(request, etag_for(entry.sha256), None):
             header = None
-        ranges = parse_range(header, size)
+        content_type = content_type_for(path)
+        ranges = parse_range(header, size, content_type)
         if not ranges:
             return cls(entry, path, 200, [(0, size)], size)
         if len(ranges) == 1:
@@ -392,7 +393,7 @@ class _Plan:
                 last - first + 1,
                 content_range=content_range(first, last, size),
             )
-        multipart = MultipartByteranges(ranges, size, content_type_for(path))
+        multipart = MultipartByteranges(ranges, size, content_type)
         segments: list[Segment] = []
         for prefix, first, last in multipart.parts():
             segments += [prefix, (first, last + 1)]

@@ -3,14 +3,27 @@ write ``Content-Range`` values and ``multipart/byteranges`` bodies.
 
 Shared by stored (static) and lazy serving, so both answer ranges the same way.
 
-Abuse protection: overlapping and adjacent ranges are coalesced (so ``bytes=0-0,0-0,...``
-thousands of times is one part), a header with more than `MAX_RANGES` distinct parts or more
-than `MAX_RANGE_SPECS` specs is ignored (a plain 200), and a syntactically invalid header
-(including a reversed range such as ``5-2``) is ignored as RFC 9110 requires.
+Ranges that overlap or touch are merged first (``bytes=0-0,0-0,...`` thousands of times is one
+part; 150 overlapping ranges covering the file are one range), and the merged parts keep the
+client's order (RFC 9110 section 14.6: each takes the place of its first member). Then the
+limits against range amplification (Apache's rule, CVE-2011-3192) apply to what is left, not
+to the raw list, and a request over any of them gets the whole representation (a plain 200,
+which RFC 9110 allows for any Range header):
+
+* more than `MAX_RANGE_SPECS` comma-separated specs: ignored without parsing them;
+* more than `MAX_RANGES` parts after merging (zchunk asks for ~150 at once);
+* a multipart body longer than the whole representation (many small ranges: their framing
+  would cost more than the file itself);
+* more than `MAX_RANGE_REVERSALS` parts that start before the part sent before them (many
+  ranges out of ascending order, which RFC 9110 section 14.2 names as a sign of attack).
+
+A syntactically invalid header (including a reversed range such as ``5-2``) is ignored as
+RFC 9110 requires.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +32,7 @@ import attrs
 
 __all__ = [
     "MAX_RANGES",
+    "MAX_RANGE_REVERSALS",
     "MAX_RANGE_SPECS",
     "MultipartByteranges",
     "UnsatisfiableRange",
@@ -28,8 +42,13 @@ __all__ = [
     "unsatisfiable_content_range",
 ]
 
-#: More distinct parts than this (after coalescing): ignore the header, serve the whole body.
-MAX_RANGES = 100
+#: More distinct parts than this (after merging): ignore the header, serve the whole body.
+#: Enough for zchunk and other delta clients (~150 parts, at most 256 in librepo), and each
+#: part costs a segment and ~120 bytes of framing in memory while its answer is sent.
+MAX_RANGES = 1000
+#: More parts than this starting before their predecessor: ignore the header (Apache's
+#: ``MaxRangeReversals`` default).
+MAX_RANGE_REVERSALS = 20
 #: More comma-separated specs than this: ignore the header without coalescing them.
 MAX_RANGE_SPECS = 5000
 #: Longer numbers than this are not byte positions anyone can mean; the header is invalid.
@@ -47,14 +66,19 @@ class UnsatisfiableRange(ValueError):
         self.size = size
 
 
-def parse_range(header_value: bytes | str | None, size: int) -> list[tuple[int, int]] | None:
-    """Parse a ``Range`` header value for a representation of *size* bytes.
+def parse_range(
+    header_value: bytes | str | None,
+    size: int,
+    content_type: bytes | str = b"application/octet-stream",
+) -> list[tuple[int, int]] | None:
+    """Parse a ``Range`` header value for a representation of *size* bytes of *content_type*
+    (the type each part of a multipart answer would name).
 
-    Returns a sorted list of inclusive ``(first, last)`` byte positions with overlapping and
-    adjacent ranges coalesced, or None when the header must be ignored (absent, invalid, not
-    in ``bytes``, too many parts, or an empty representation): serve a plain 200 then.
-    Raises `UnsatisfiableRange` when the header is valid but no range overlaps the content
-    (answer 416).
+    Returns inclusive ``(first, last)`` byte positions with overlapping and adjacent ranges
+    merged, in the client's order; or None when the header must be ignored (absent, invalid,
+    not in ``bytes``, over one of the module's limits, or an empty representation): serve a
+    plain 200 then. Raises `UnsatisfiableRange` when the header is valid but no range
+    overlaps the content (answer 416).
     """
     if header_value is None:
         return None
@@ -106,23 +130,35 @@ def parse_range(header_value: bytes | str | None, size: int) -> list[tuple[int, 
     if not wanted:
         raise UnsatisfiableRange(size)
     merged = _coalesce(wanted)
-    if len(merged) > MAX_RANGES:
+    if len(merged) == 1:
+        return merged
+    if len(merged) > MAX_RANGES or _reversals(merged) > MAX_RANGE_REVERSALS:
         return None
+    if MultipartByteranges(merged, size, content_type).content_length > size:
+        return None  # the whole representation is the smaller answer
     return merged
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sort *ranges* and merge those that overlap or touch."""
-    ranges = sorted(ranges)
-    merged = [ranges[0]]
-    for first, last in ranges[1:]:
-        prev_first, prev_last = merged[-1]
-        if first <= prev_last + 1:
-            if last > prev_last:
-                merged[-1] = (prev_first, last)
+    """Merge the *ranges* that overlap or touch; each merged range takes the place of the
+    first of its members in the client's order (RFC 9110 section 14.6)."""
+    # [first, last, position of the earliest member], built in ascending order of first.
+    merged: list[list[int]] = []
+    for position in sorted(range(len(ranges)), key=ranges.__getitem__):
+        first, last = ranges[position]
+        if merged and first <= merged[-1][1] + 1:
+            top = merged[-1]
+            top[1] = max(top[1], last)
+            top[2] = min(top[2], position)
         else:
-            merged.append((first, last))
-    return merged
+            merged.append([first, last, position])
+    merged.sort(key=lambda item: item[2])
+    return [(first, last) for first, last, _ in merged]
+
+
+def _reversals(ranges: list[tuple[int, int]]) -> int:
+    """How many of *ranges* start before the range listed before them."""
+    return sum(1 for before, after in itertools.pairwise(ranges) if after[0] < before[0])
 
 
 def ranges_length(ranges: list[tuple[int, int]]) -> int:

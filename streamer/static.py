@@ -335,7 +335,7 @@ def serve_file(
         and if_range_allows(request, etag, mtime)
     ):
         try:
-            ranges = parse_range(range_header, size)
+            ranges = parse_range(range_header, size, ctype)
         except UnsatisfiableRange:
             fileobj.close()
             respond_text(

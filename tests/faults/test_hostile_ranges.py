@@ -12,6 +12,8 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import hashlib
+import random
+import shutil
 
 import pytest
 import pytest_twisted
@@ -20,7 +22,7 @@ from store import CatalogEntry
 from tests.faults.service_env import ServiceEnv, settle
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
-from tests.support.clients import RawResult, raw_http, run_curl
+from tests.support.clients import RawResult, raw_http, run_curl, run_process
 
 BODY = bytes(range(256)) * 256  # 64 KiB; WrongBytes flips byte 32768
 SIZE = len(BODY)
@@ -150,4 +152,127 @@ async def test_one_byte_range_of_a_bad_source_fails_over(make_service, upstream)
     assert headers[b"content-range"] == b"bytes 0-0/%d" % SIZE
     assert [len(upstream.requests(p)) for p in ("/bad.bin", "/good.bin")] == [1, 1]
     assert await settle(lambda: env.storage.has(sha256(BODY)))
+    await assert_serving(env)
+
+
+# --- item: many ranges are merged, then limited (not by their raw count) ---------------------
+
+#: 150 small disjoint ranges, as zchunk's downloader asks for the chunks it lacks.
+ZCHUNK_LIKE = [(i * 400, i * 400 + 99) for i in range(150)]
+
+
+def requests_answered(env: ServiceEnv, status: int) -> int:
+    """GET requests the service answered with *status* so far (its own metrics)."""
+    labels = {"method": "GET", "status": str(status)}
+    return int(env.service.metrics.value("streamer_requests_total", labels))
+
+
+async def ranges_target(make_service, upstream, stored: bool) -> ServiceEnv:
+    env = await make_service()
+    url = upstream.register("/many.bin", faults.Serve(BODY))
+    await env.add("many.bin", BODY, stored=stored, url=url)
+    return env
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_150_small_ranges_get_one_multipart_answer(make_service, upstream, stored):
+    env = await ranges_target(make_service, upstream, stored)
+    spec = ",".join(f"{first}-{last}" for first, last in ZCHUNK_LIKE)
+    result = await ranged_get(env, "many.bin", spec)
+    status, headers, body = split_response(result.data)
+    assert status == 206 and len(body) == int(headers[b"content-length"])
+    parts = parts_of(headers[b"content-type"], body)
+    assert parts == [(f"bytes {a}-{b}/{SIZE}", BODY[a : b + 1]) for a, b in ZCHUNK_LIKE]
+    # The client's order is kept, and touching ranges are merged, whatever their order.
+    result = await ranged_get(env, "many.bin", "2000-2099,0-99,100-199,1950-1999")
+    status, headers, body = split_response(result.data)
+    assert status == 206
+    assert parts_of(headers[b"content-type"], body) == [
+        (f"bytes 1950-2099/{SIZE}", BODY[1950:2100]),
+        (f"bytes 0-199/{SIZE}", BODY[:200]),
+    ]
+    assert len(upstream.requests("/many.bin")) == (0 if stored else 1)
+    await assert_serving(env)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_150_overlapping_ranges_covering_the_file_are_merged(make_service, upstream, stored):
+    env = await ranges_target(make_service, upstream, stored)
+    spans = [f"{i * 437}-{i * 437 + 999}" for i in range(150)]
+    random.Random(11).shuffle(spans)
+    result = await ranged_get(env, "many.bin", ",".join(spans))
+    status, headers, body = split_response(result.data)
+    assert status == 206 and headers[b"content-range"] == b"bytes 0-%d/%d" % (SIZE - 1, SIZE)
+    assert body == BODY
+    await assert_serving(env)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ",".join(f"{i * 2}-{i * 2}" for i in range(1200)),
+        ",".join(f"{i * 90}-{i * 90}" for i in range(700)),
+        ",".join(f"{i * 1000}-{i * 1000 + 9}" for i in reversed(range(30))),
+    ],
+    ids=["1200-one-byte-parts", "framing-larger-than-the-file", "30-parts-descending"],
+)
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_range_amplification_gets_the_whole_file(make_service, upstream, stored, spec):
+    """Too many parts after merging, a multipart body longer than the file, or many parts out
+    of order: the Range header is ignored and the answer is the whole file (200), as before."""
+    env = await ranges_target(make_service, upstream, stored)
+    result = await ranged_get(env, "many.bin", spec)
+    status, headers, body = split_response(result.data)
+    assert status == 200 and body == BODY
+    assert b"content-range" not in headers
+    await assert_serving(env)
+
+
+ZCKDL = shutil.which("zckdl")
+
+
+@pytest.mark.skipif(ZCKDL is None or shutil.which("zck") is None, reason="zchunk not installed")
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lazy"])
+@pytest_twisted.ensureDeferred
+async def test_zckdl_fetches_150_missing_chunks_in_one_request(
+    make_service, upstream, tmp_path, stored
+):
+    """zchunk's own downloader: from an old version, 150 changed chunks of the new one come in
+    one multipart answer (after two for the header), never as the whole file."""
+    rng = random.Random(2)
+
+    def record(i: int) -> str:
+        return f"<package n={i}>" + "".join(rng.choices("abcdefghij", k=1000)) + "\n"
+
+    records = [record(i) for i in range(400)]
+    (tmp_path / "old.xml").write_text("".join(records))
+    for i in range(0, 300, 2):  # 150 changed chunks, none adjacent
+        records[i] = record(i)
+    (tmp_path / "new.xml").write_text("".join(records))
+    for name in ("old.xml", "new.xml"):
+        code, _, err = await run_process("zck", "-s", "<package", name, cwd=str(tmp_path))
+        assert code == 0, err
+    new = (tmp_path / "new.xml.zck").read_bytes()
+    out = tmp_path / "client"
+    out.mkdir()
+    (out / "seed.zck").write_bytes((tmp_path / "old.xml.zck").read_bytes())
+
+    env = await make_service()
+    url = upstream.register("/repodata/primary.xml.zck", faults.Serve(new))
+    await env.add("repodata/primary.xml.zck", new, stored=stored, url=url)
+    code, stdout, stderr = await run_process(
+        "zckdl",
+        "--fail-no-ranges",
+        "-s",
+        "seed.zck",
+        env.url("fixtures/repodata/primary.xml.zck"),
+        cwd=str(out),
+    )
+    assert code == 0, stdout + stderr
+    assert (out / "primary.xml.zck").read_bytes() == new
+    assert b"Missing chunks: 150" in stdout + stderr
+    assert requests_answered(env, 206) == 3 and requests_answered(env, 200) == 0
     await assert_serving(env)

@@ -8,6 +8,7 @@ import email.policy
 import pytest
 
 from streamer.ranges import (
+    MAX_RANGE_REVERSALS,
     MAX_RANGES,
     MultipartByteranges,
     UnsatisfiableRange,
@@ -27,20 +28,35 @@ from streamer.ranges import (
         (b"bytes=-10", [(90, 99)]),
         (b"bytes=-1000", [(0, 99)]),
         (b"bytes=50-1000", [(50, 99)]),
-        ("bytes=0-9,20-29", [(0, 9), (20, 29)]),
         (b"BYTES=0-9", [(0, 9)]),
-        (b"bytes= 0-9 , 20-29 ", [(0, 9), (20, 29)]),
         (b"bytes=0-9,", [(0, 9)]),
-        (b"bytes=20-29,0-9", [(0, 9), (20, 29)]),
         (b"bytes=0-9,5-19", [(0, 19)]),
         (b"bytes=0-9,10-19", [(0, 19)]),
-        (b"bytes=0-9,-5", [(0, 9), (95, 99)]),
         (b"bytes=0-9,200-300", [(0, 9)]),
         (b"bytes=0-,-1", [(0, 99)]),
     ],
 )
 def test_valid_headers(header, expected):
     assert parse_range(header, 100) == expected
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("bytes=0-9,20-29", [(0, 9), (20, 29)]),
+        (b"bytes= 0-9 , 20-29 ", [(0, 9), (20, 29)]),
+        (b"bytes=20-29,0-9", [(20, 29), (0, 9)]),
+        (b"bytes=0-9,-5", [(0, 9), (9995, 9999)]),
+        (b"bytes=-5,0-9", [(9995, 9999), (0, 9)]),
+        # Merged parts take the place of their first member in the client's order.
+        (b"bytes=500-599,0-9,550-649,10-19", [(500, 649), (0, 19)]),
+        (b"bytes=500-599,0-9,10-19,590-649", [(500, 649), (0, 19)]),
+        (b"bytes=0-9,500-599,450-499,20-29", [(0, 9), (450, 599), (20, 29)]),
+    ],
+)
+def test_several_ranges_keep_the_client_order(header, expected):
+    """RFC 9110 section 14.6: parts in the order the client listed them."""
+    assert parse_range(header, 10_000) == expected
 
 
 @pytest.mark.parametrize(
@@ -93,10 +109,43 @@ def test_overlapping_ranges_coalesce():
 
 
 def test_too_many_distinct_ranges_are_ignored():
-    ok = "bytes=" + ",".join(f"{i * 10}-{i * 10}" for i in range(MAX_RANGES))
-    assert len(parse_range(ok, 10_000)) == MAX_RANGES
-    too_many = "bytes=" + ",".join(f"{i * 10}-{i * 10}" for i in range(MAX_RANGES + 1))
-    assert parse_range(too_many, 10_000) is None
+    # Parts of 1000 bytes, so the multipart body stays smaller than the representation.
+    ok = "bytes=" + ",".join(f"{i * 2000}-{i * 2000 + 999}" for i in range(MAX_RANGES))
+    assert len(parse_range(ok, 10_000_000)) == MAX_RANGES
+    too_many = "bytes=" + ",".join(f"{i * 2000}-{i * 2000 + 999}" for i in range(MAX_RANGES + 1))
+    assert parse_range(too_many, 10_000_000) is None
+
+
+def test_zchunk_like_requests_are_served():
+    """~150 small disjoint chunks at once, as zchunk's downloader asks: one multipart answer."""
+    header = "bytes=" + ",".join(f"{i * 400}-{i * 400 + 99}" for i in range(150))
+    assert parse_range(header, 65_536) == [(i * 400, i * 400 + 99) for i in range(150)]
+
+
+def test_many_overlapping_ranges_covering_the_file_are_one_range():
+    header = "bytes=" + ",".join(f"{i * 437}-{i * 437 + 999}" for i in reversed(range(150)))
+    assert parse_range(header, 65_536) == [(0, 65_535)]
+
+
+def test_a_multipart_body_longer_than_the_file_gives_the_whole_file():
+    # 700 one-byte parts of a 64 KiB file: ~80 KiB of framing for 700 bytes.
+    header = "bytes=" + ",".join(f"{i * 90}-{i * 90}" for i in range(700))
+    assert parse_range(header, 65_536) is None
+    # The same parts in a file where they are worth it are served.
+    assert len(parse_range(header, 1_000_000)) == 700
+    # The content type named in every part counts.
+    few = "bytes=" + ",".join(f"{i * 90}-{i * 90}" for i in range(500))
+    assert len(parse_range(few, 65_536)) == 500
+    assert parse_range(few, 65_536, b"application/" + b"x" * 100) is None
+
+
+def test_many_ranges_out_of_order_are_ignored():
+    ascending = [f"{i * 1000}-{i * 1000 + 99}" for i in range(MAX_RANGE_REVERSALS + 2)]
+    shuffled = ascending[::2] + ascending[1::2]  # one reversal
+    assert len(parse_range("bytes=" + ",".join(shuffled), 100_000)) == len(ascending)
+    descending = ascending[::-1]  # MAX_RANGE_REVERSALS + 1 reversals
+    assert parse_range("bytes=" + ",".join(descending[1:]), 100_000) is not None
+    assert parse_range("bytes=" + ",".join(descending), 100_000) is None
 
 
 def test_too_many_specs_are_ignored_without_work():
