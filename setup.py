@@ -29,6 +29,8 @@ setup(
         "prometheus-client>=0.17",
         "tqdm>=4.66",
         "httptools>=0.6",
+        # The PostgreSQL catalog; the binary extra brings its own libpq.
+        "psycopg[binary]>=3.1",
     ],
     extras_require={
         "test": [

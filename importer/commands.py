@@ -24,7 +24,7 @@ from importer.progress import format_report, make_progress
 from importer.remote import Remote
 from importer.sync import SyncError, sync_remote
 from importer.workers import SyncWorkers, helper_count
-from store import ArtifactStorage, open_catalog
+from store import ArtifactStorage, CatalogError, open_catalog, open_for_storage
 from store.storage import STALE_TEMP_SECONDS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -128,8 +128,10 @@ def sync_remotes(
     try:
         storage = ArtifactStorage(config.storage.path)
         storage.clean_temp(min_age=STALE_TEMP_SECONDS)
-        catalog = open_catalog(config.catalog.url, config.storage.path)
-        yield catalog.open()
+        catalog = open_catalog(
+            config.catalog.url, config.storage.path, pool_size=config.catalog.pool_size
+        )
+        yield open_for_storage(catalog, storage)
     except BaseException:
         if workers is not None:
             yield workers.close()
@@ -248,6 +250,33 @@ def fetch_command(
         except (DownloadError, SettingsError, ValueError, OSError) as error:
             print(f"error: fetch failed: {error}", file=sys.stderr)
             return EXIT_FAILED
+        return EXIT_OK
+
+    return _run_reactor(main)
+
+
+# -- migrate --------------------------------------------------------------------------------
+
+
+def migrate_command(config: Any, out: TextIO | None = None) -> int:
+    """``streamer migrate``: create or upgrade the configured catalog's schema, print one
+    line saying what it did; 1 (one line on stderr) when the database cannot be reached or
+    refuses (a schema newer than this code)."""
+    out = out or sys.stdout
+
+    @defer.inlineCallbacks
+    def main(reactor: Any) -> Any:
+        catalog = open_catalog(
+            config.catalog.url, config.storage.path, reactor=reactor, pool_size=1
+        )
+        try:
+            report = yield catalog.migrate()
+        except CatalogError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            yield catalog.close()
+        print(report.describe(), file=out)
         return EXIT_OK
 
     return _run_reactor(main)

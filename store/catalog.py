@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+from twisted.internet import defer
 
 from store.digests import is_sha256_hex
 from store.errors import CatalogError
-from store.interfaces import ICatalog
+from store.interfaces import IArtifactStorage, ICatalog
+from store.schema import check_storage_id
 
 DEFAULT_CATALOG_FILE = "catalog.sqlite3"
 
@@ -93,13 +96,16 @@ def open_catalog(
     *,
     base_dir: str | os.PathLike[str] | None = None,
     reactor: object | None = None,
+    pool_size: int | None = None,
 ) -> ICatalog:
     """Return an (unopened) ICatalog for *url*; call its ``open()`` before use.
 
     * ``""``: SQLite file ``catalog.sqlite3`` under *storage_root* (the default).
     * ``sqlite:///relative/path`` (relative to *base_dir*, default the current folder),
       ``sqlite:////absolute/path``, or ``sqlite:///:memory:`` (for tests).
-    * ``postgresql://...``: not available yet (CatalogError).
+    * ``postgresql://[user[:password]@][host][:port][/database][?param=value...]``
+      (``postgres://`` too; any libpq parameter in the query): a `PostgresCatalog` with
+      *pool_size* connections (default 4).
     """
     from store.sqlite import SQLiteCatalog
 
@@ -119,11 +125,36 @@ def open_catalog(
             path = os.path.join(os.fspath(base_dir) if base_dir else os.getcwd(), path)
         return SQLiteCatalog(path, reactor)
     if scheme in ("postgresql", "postgres"):
-        raise CatalogError(
-            "catalog url uses PostgreSQL, which is not available yet; "
-            "use sqlite:///path or leave the url empty for the default SQLite file"
-        )
+        try:
+            from store.postgres import DEFAULT_POOL_SIZE, PostgresCatalog
+        except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+            raise CatalogError(
+                f"catalog url uses PostgreSQL, but psycopg is not installed ({exc})"
+            ) from None
+        return PostgresCatalog(url, reactor, pool_size or DEFAULT_POOL_SIZE)
     raise CatalogError(
         f"unsupported catalog url scheme {scheme or '(none)'!r}; "
-        "expected sqlite:///path (or an empty url for the default)"
+        "expected sqlite:///path, postgresql://... (or an empty url for the default)"
     )
+
+
+@defer.inlineCallbacks
+def open_for_storage(catalog: ICatalog, storage: IArtifactStorage) -> Any:
+    """Open *catalog* (creating or upgrading its schema) and bind it to *storage*.
+
+    The first process to open a catalog records the id of its storage folder in it; every
+    later one must bring the same folder (shared storage), else CatalogRefused, one line,
+    and the catalog is closed again. Fires with None.
+    """
+    yield catalog.open()
+    try:
+        ours = storage.identity()
+        recorded = yield catalog.claim_storage(ours)
+        check_storage_id(recorded, ours, storage.root, _location(catalog))
+    except BaseException:
+        yield catalog.close()
+        raise
+
+
+def _location(catalog: object) -> str:
+    return str(getattr(catalog, "location", None) or getattr(catalog, "database", catalog))

@@ -11,3 +11,15 @@ class ArtifactNotFound(StorageError):
 
 class CatalogError(Exception):
     """The catalog could not be opened, read or updated (bad URL, bad entry, database error)."""
+
+
+class CatalogUnavailable(CatalogError):
+    """The catalog's database cannot be reached right now (down, restarting, unreachable).
+
+    Worth retrying later: the streamer answers 503 while it lasts and recovers by itself.
+    """
+
+
+class CatalogRefused(CatalogError):
+    """The catalog cannot be used by this code or this node: its schema is newer than this
+    code knows, or it belongs to another storage folder. Retrying does not help."""

@@ -63,7 +63,17 @@ class ICatalog(Interface):
     """
 
     def open():
-        """Connect and create the schema if needed. Deferred firing with None."""
+        """Connect and create or upgrade the schema if needed (see `migrate`). Deferred firing
+        with None; fails with CatalogUnavailable when the database cannot be reached and with
+        CatalogRefused when its schema is newer than this code."""
+
+    def migrate():
+        """Open if needed, create or upgrade the schema; Deferred firing with a SchemaReport
+        (the version found, 0 for none, and the version now)."""
+
+    def claim_storage(storage_id):
+        """Record *storage_id* as the storage folder this catalog describes, unless one is
+        recorded already. Deferred firing with the recorded id (compare it with yours)."""
 
     def close():
         """Release connections and threads. Deferred firing with None."""

@@ -25,8 +25,10 @@ from zope.interface import implementer
 from store.catalog import CatalogEntry, ListingItem, ReplaceReport
 from store.errors import CatalogError
 from store.interfaces import ICatalog
+from store.schema import SchemaReport, check_version, parse_version
 
-SCHEMA_VERSION = "1"
+#: The schema this code writes; older ones are upgraded at open, newer ones refused.
+SCHEMA_VERSION = 1
 BATCH_SIZE = 1000
 LISTING_BATCH = 1000
 BUSY_TIMEOUT_MS = 10_000
@@ -35,14 +37,17 @@ READ_BUSY_TIMEOUT_MS = 20
 
 _COLUMNS = "path, remote, url, size, digests, stored, position"
 
-_SCHEMA = (
-    """
+_META = """
     CREATE TABLE IF NOT EXISTS catalog_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     )
-    """,
-    """
+"""
+
+#: The statements of each schema version, applied in order to reach SCHEMA_VERSION.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
     CREATE TABLE IF NOT EXISTS catalog_entries (
         path TEXT NOT NULL,
         remote TEXT NOT NULL,
@@ -55,9 +60,10 @@ _SCHEMA = (
         PRIMARY KEY (path, remote, url)
     ) WITHOUT ROWID
     """,
-    "CREATE INDEX IF NOT EXISTS catalog_entries_sha256 ON catalog_entries (sha256)",
-    "CREATE INDEX IF NOT EXISTS catalog_entries_remote ON catalog_entries (remote, path)",
-)
+        "CREATE INDEX IF NOT EXISTS catalog_entries_sha256 ON catalog_entries (sha256)",
+        "CREATE INDEX IF NOT EXISTS catalog_entries_remote ON catalog_entries (remote, path)",
+    ),
+}
 
 # Per-connection staging table for replace_remote (TEMP tables live with the connection).
 _STAGING = """
@@ -116,9 +122,15 @@ class SQLiteCatalog:
     # -- life cycle ---------------------------------------------------------------------
 
     def open(self) -> Deferred[None]:
-        """Start the worker thread, connect (WAL mode) and create the schema if needed."""
+        """Start the worker thread, connect (WAL mode) and create or upgrade the schema."""
         if self._pool is not None:
             return succeed(None)
+        return self.migrate().addCallback(lambda _: None)
+
+    def migrate(self) -> Deferred[SchemaReport]:
+        """Open if needed; create or upgrade the schema. Fires with a SchemaReport."""
+        if self._pool is not None:
+            return self._run(_migrate, self.database)
         if self.database != ":memory:":
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.database)), exist_ok=True)
@@ -138,15 +150,19 @@ class SQLiteCatalog:
         if self._reactor is not None:
             kwargs["cp_reactor"] = self._reactor
         self._pool = adbapi.ConnectionPool("sqlite3", **kwargs)
-        d = self._run(_create_schema)
+        d = self._run(_migrate, self.database)
+
+        def opened(report: SchemaReport) -> SchemaReport:
+            self._open_reader()
+            return report
 
         def failed(f: Failure) -> Failure:
             self._close_pool()
             return f
 
-        return d.addCallbacks(self._open_reader, failed)
+        return d.addCallbacks(opened, failed)
 
-    def _open_reader(self, _: Any = None) -> None:
+    def _open_reader(self) -> None:
         """The read-only connection `lookup` uses in the calling thread (not for ``:memory:``,
         which is private to the worker's connection)."""
         if self.database == ":memory:" or self._pool is None:
@@ -211,6 +227,10 @@ class SQLiteCatalog:
 
     # -- updates ------------------------------------------------------------------------
 
+    def claim_storage(self, storage_id: str) -> Deferred[str]:
+        """Record *storage_id* unless another is recorded; fires with the recorded one."""
+        return self._run(_claim_storage, storage_id)
+
     def mark_stored(self, sha256: str, stored: bool = True) -> Deferred[int]:
         """Set the stored flag of every entry with *sha256*; fires with how many rows."""
         return self._run(_mark_stored, sha256.lower(), bool(stored))
@@ -235,19 +255,36 @@ class SQLiteCatalog:
 # -- interactions (run in the database thread) --------------------------------------------
 
 
-def _create_schema(txn: Any) -> None:
-    for statement in _SCHEMA:
-        txn.execute(statement)
-    txn.execute(
-        "INSERT OR IGNORE INTO catalog_meta (key, value) VALUES ('schema_version', ?)",
-        (SCHEMA_VERSION,),
-    )
+def _migrate(txn: Any, location: str) -> SchemaReport:
+    """Bring the schema to SCHEMA_VERSION in one write transaction (others wait for it)."""
+    try:
+        # Python's sqlite3 opens no transaction before DDL: take the write lock ourselves,
+        # so two processes starting together migrate one after the other.
+        txn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        pass  # already in a transaction
+    txn.execute(_META)
     txn.execute("SELECT value FROM catalog_meta WHERE key = 'schema_version'")
-    (version,) = txn.fetchone()
-    if version != SCHEMA_VERSION:
-        raise CatalogError(
-            f"catalog schema version {version} is not supported (expected {SCHEMA_VERSION})"
+    row = txn.fetchone()
+    found = parse_version(row[0], location) if row else 0
+    check_version(found, SCHEMA_VERSION, location)
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version]:
+            txn.execute(statement)
+    if found != SCHEMA_VERSION:
+        txn.execute(
+            "INSERT OR REPLACE INTO catalog_meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
         )
+    return SchemaReport(location, found, SCHEMA_VERSION)
+
+
+def _claim_storage(txn: Any, storage_id: str) -> str:
+    txn.execute(
+        "INSERT OR IGNORE INTO catalog_meta (key, value) VALUES ('storage_id', ?)", (storage_id,)
+    )
+    txn.execute("SELECT value FROM catalog_meta WHERE key = 'storage_id'")
+    return txn.fetchone()[0]
 
 
 def _lookup(txn: Any, path: str) -> list[CatalogEntry]:

@@ -20,6 +20,7 @@ import os
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
@@ -33,6 +34,8 @@ from store.tempdirs import OwnTempDir, remove_stale
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = "part-"
+#: The file naming the storage folder (a random id), recorded by the catalog it belongs to.
+IDENTITY_FILE = "storage-id"
 ARTIFACT_MODE = 0o644
 #: Loose files in tmp/ (made by no process that keeps its own locked folder) older than this
 #: are left-overs; a process cleaning up at start passes it as ``clean_temp``'s *min_age*.
@@ -209,6 +212,44 @@ class ArtifactStorage:
         new one."""
         own, self._own_temp = self._own_temp, None
         return own.release() if own is not None else 0
+
+    def identity(self) -> str:
+        """The folder's id (the ``storage-id`` file), made on first use.
+
+        A catalog records the id of the storage folder it describes, so a process configured
+        with another folder for the same catalog is refused (`store.schema`). The id is written
+        to a temp file then hard-linked into place, which is atomic even on NFS: processes or
+        nodes starting together on one new folder all read the same id.
+        """
+        path = os.path.join(self.root, IDENTITY_FILE)
+        for _ in range(3):
+            try:
+                with open(path, encoding="ascii") as f:
+                    value = f.read().strip()
+            except FileNotFoundError:
+                pass
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StorageError(f"cannot read the storage id {path!r}: {exc}") from exc
+            else:
+                if value:
+                    return value
+                raise StorageError(f"the storage id file {path!r} is empty")
+            value = uuid.uuid4().hex
+            temp = f"{path}.{value}.tmp"
+            try:
+                with open(temp, "x", encoding="ascii") as f:
+                    f.write(value + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(temp, path)
+                except FileExistsError:
+                    pass  # another process made it first: read theirs
+                finally:
+                    _remove_quietly(temp)
+            except OSError as exc:
+                raise StorageError(f"cannot write the storage id {path!r}: {exc}") from exc
+        raise StorageError(f"the storage id file {path!r} keeps disappearing")
 
     def new_temp_file(self) -> IO[bytes]:
         """Return a new writable binary file in tmp/ (its ``.name`` is its path).

@@ -1,4 +1,4 @@
-"""The ``streamer`` console script: sync, fetch, verify, sign.
+"""The ``streamer`` console script: sync, fetch, verify, sign, migrate.
 
 ``streamer [--config FILE] COMMAND ...``; ``$STREAMER_CONFIG`` names the file when --config
 is absent. Exit statuses: see `EXIT_STATUSES`.
@@ -21,7 +21,8 @@ __all__ = ["main"]
 DEFAULT_SIGNATURE_LIFETIME = 3600
 EXIT_STATUSES = """exit status:
   0    done (verify: every artifact is good)
-  1    the work failed (verify: bad artifacts found and moved aside; sync or fetch: failures)
+  1    the work failed (verify: bad artifacts found and moved aside; sync or fetch: failures;
+       migrate: the database could not be reached, or its schema is newer than this code)
   2    usage or configuration error (one line on stderr names the key at fault)
   130  interrupted (Ctrl-C)"""
 
@@ -57,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
         "damaged artifact (moved to quarantine/ and unmarked in the catalog, so it is fetched "
         "again), then 'verified N artifact(s) in FOLDER: G good, B bad'. Exit status 1 when "
         "any was bad.",
+    )
+
+    commands.add_parser(
+        "migrate",
+        help="create or upgrade the catalog schema",
+        description="Create the configured catalog's schema, or upgrade it to this version's, "
+        "then print 'catalog LOCATION: schema version N (created | up to date | upgraded from "
+        "version M)'. The streamer and sync do the same when they start; run it by hand to "
+        "upgrade with a database user that may change the schema while the service runs "
+        "with one that may not. A schema newer than this code is refused (exit status 1).",
     )
 
     sign = commands.add_parser(
@@ -135,11 +146,17 @@ def _unmark_in_catalog(config: Config, digests: list[str]) -> None:
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 
-    from store.catalog import open_catalog
+    from store.catalog import open_catalog, open_for_storage
+    from store.storage import ArtifactStorage
 
     async def unmark(reactor: object) -> None:
-        catalog = open_catalog(config.catalog.url, config.storage.path, reactor=reactor)
-        await catalog.open()
+        catalog = open_catalog(
+            config.catalog.url,
+            config.storage.path,
+            reactor=reactor,
+            pool_size=config.catalog.pool_size,
+        )
+        await open_for_storage(catalog, ArtifactStorage(config.storage.path))
         try:
             for sha256 in digests:
                 await catalog.mark_stored(sha256, False)
@@ -175,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sign_command(config, args.path, args.expires)
         if args.command == "verify":
             return verify_command(config)
+        if args.command == "migrate":
+            command = _importer_command("migrate_command")
+            if command is None:
+                return _error("the migrate command is not available (importer.commands is missing)")
+            return command(config)
         if args.command == "sync":
             command = _importer_command("sync_command")
             if command is None:

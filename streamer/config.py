@@ -139,6 +139,11 @@ def _finite_non_negative(instance: Any, attribute: attrs.Attribute, value: float
         raise SettingsError(attribute.name, f"must be a finite number >= 0, not {value!r}")
 
 
+def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise SettingsError(attribute.name, f"must be >= 1, not {value!r}")
+
+
 def _accel_prefix(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value and not value.startswith("/"):
         raise SettingsError(attribute.name, f"must be empty or a path starting with '/': {value!r}")
@@ -154,6 +159,14 @@ def _catalog_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise SettingsError(
             attribute.name, "expected sqlite:///path, postgresql://..., or empty for the default"
         )
+    if scheme != "sqlite":
+        from store.errors import CatalogError
+        from store.postgres import connection_params
+
+        try:
+            connection_params(value)
+        except CatalogError as exc:
+            raise SettingsError(attribute.name, str(exc)) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -200,6 +213,8 @@ class CatalogConfig:
     """``[catalog]``: the catalog database; empty url means SQLite under the storage path."""
 
     url: str = attrs.field(default="", validator=_catalog_url, repr=False)
+    #: PostgreSQL: connections (and threads) per process; SQLite has one of each.
+    pool_size: int = attrs.field(default=4, validator=_positive)
 
     def describe(self, storage_path: str) -> str:
         """Where the catalog lives, for logs: the SQLite file, or the url without password."""
@@ -414,7 +429,9 @@ def _catalog_with_base(catalog: CatalogConfig, base_dir: str) -> CatalogConfig:
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and path != ":memory:" and not os.path.isabs(path):
-            return CatalogConfig(url="sqlite:///" + os.path.normpath(os.path.join(base_dir, path)))
+            return attrs.evolve(
+                catalog, url="sqlite:///" + os.path.normpath(os.path.join(base_dir, path))
+            )
     return catalog
 
 

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import IResource, Resource
 
-from store.catalog import open_catalog
+from store.catalog import open_catalog, open_for_storage
 from store.storage import ArtifactStorage
 from streamer.channel import ClientLimit, StreamerChannel
 from streamer.config import CONFIG_ENV, Config
@@ -330,7 +330,12 @@ class StreamerService(MultiService):
         self.metrics = metrics if metrics is not None else Metrics()
         self.storage = ArtifactStorage(config.storage.path)
         self.metrics.watch_temp_dir(self.storage.temp_root)
-        self.catalog = open_catalog(config.catalog.url, config.storage.path, reactor=reactor)
+        self.catalog = open_catalog(
+            config.catalog.url,
+            config.storage.path,
+            reactor=reactor,
+            pool_size=config.catalog.pool_size,
+        )
         self.remotes = config.remotes_by_name()
         self.request_log = RequestLog.open(config.server.access_log, config.server.access_log_json)
         factory = content_factory or default_content_factory
@@ -386,7 +391,7 @@ class StreamerService(MultiService):
         )
         self._listen()
         super().startService()
-        d = defer.maybeDeferred(self.catalog.open)
+        d = open_for_storage(self.catalog, self.storage)
         d.addCallbacks(self._catalog_opened, self._catalog_failed)
         if self.standalone:
             self.reactor.callWhenRunning(self._install_sigterm)

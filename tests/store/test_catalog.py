@@ -1,4 +1,6 @@
-"""SQLiteCatalog on a real SQLite file: lookup order, listings, replace_remote, open_catalog."""
+"""The catalog conformance suite: every test taking ``catalog`` runs against a SQLite file and
+against a real PostgreSQL database (a private cluster, see tests/support/postgres.py); the
+SQLite-only ones (WAL, in-thread reads, file urls) take ``sqlite_catalog``."""
 
 import hashlib
 import os
@@ -37,7 +39,16 @@ def entry(path, remote="r1", url=None, size=10, content=None, **kw) -> CatalogEn
 
 
 @pytest.fixture
-def catalog(tmp_path):
+def catalog(catalog_url, tmp_path):
+    """An open catalog of each kind (see ``catalog_url``), empty."""
+    cat = open_catalog(catalog_url, str(tmp_path / "storage"))
+    pytest_twisted.blockon(cat.open())
+    yield cat
+    pytest_twisted.blockon(cat.close())
+
+
+@pytest.fixture
+def sqlite_catalog(tmp_path):
     cat = SQLiteCatalog(str(tmp_path / "db" / "catalog.sqlite3"))
     pytest_twisted.blockon(cat.open())
     yield cat
@@ -58,19 +69,27 @@ def test_catalog_entry_validation():
 
 
 @pytest_twisted.inlineCallbacks
-def test_open_creates_file_in_wal_mode(catalog, tmp_path):
-    assert verifyObject(ICatalog, catalog)
+def test_open_creates_file_in_wal_mode(sqlite_catalog, tmp_path):
+    assert verifyObject(ICatalog, sqlite_catalog)
     assert os.path.isfile(tmp_path / "db" / "catalog.sqlite3")
     with closing(sqlite3.connect(tmp_path / "db" / "catalog.sqlite3")) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert (yield catalog.count()) == 0
+    assert (yield sqlite_catalog.count()) == 0
 
 
 @pytest_twisted.inlineCallbacks
-def test_two_catalogs_on_one_file_write_concurrently(tmp_path):
-    """A sync process and a streamer share the file: concurrent writers wait, never fail."""
-    path = str(tmp_path / "shared.sqlite3")
-    first, second = SQLiteCatalog(path), SQLiteCatalog(path)
+def test_open_provides_the_interface_and_starts_empty(catalog):
+    assert verifyObject(ICatalog, catalog)
+    assert (yield catalog.count()) == 0
+    assert (yield catalog.lookup("a")) == []
+    assert (yield catalog.list_dir("")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_catalogs_on_one_database_write_concurrently(catalog_url, tmp_path):
+    """A sync process and a streamer share the database: concurrent writers wait, never fail."""
+    first = open_catalog(catalog_url, str(tmp_path))
+    second = open_catalog(catalog_url, str(tmp_path))
     yield first.open()
     yield second.open()
     try:
@@ -326,8 +345,8 @@ def test_open_catalog_urls(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://user:secret@db.invalid/catalog", "PostgreSQL, which is not available yet"),
-        ("postgres://db.invalid/catalog", "PostgreSQL, which is not available yet"),
+        ("postgresql://user:secret@db.invalid:notaport/catalog", "postgresql://user@db.invalid"),
+        ("postgres://db.invalid/catalog?nosuchparam=1&password=secret", "nosuchparam"),
         ("mysql://user:secret@db.invalid/catalog", "unsupported catalog url scheme 'mysql'"),
         ("var/catalog.sqlite3", "unsupported catalog url scheme '(none)'"),
         ("sqlite://host/catalog", "three slashes"),
@@ -352,9 +371,10 @@ def test_open_fails_cleanly_on_unusable_file(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
-def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(catalog, tmp_path):
+def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(sqlite_catalog, tmp_path):
     """A lookup on a file catalog answers at once (no worker-thread hop) and sees what
     another catalog object on the same file (another process, say `streamer sync`) wrote."""
+    catalog = sqlite_catalog
     writer = SQLiteCatalog(catalog.database)
     yield writer.open()
     try:

@@ -1,11 +1,12 @@
-"""SQLiteCatalog.mark_stored_many: one transaction marks every entry of a batch of sha256s."""
+"""mark_stored_many (SQLite and PostgreSQL): one transaction marks every entry of a batch of
+sha256s."""
 
 import hashlib
 
 import pytest
 import pytest_twisted
 
-from store import CatalogEntry, SQLiteCatalog
+from store import CatalogEntry, open_catalog
 
 
 def _sha(text: str) -> str:
@@ -23,8 +24,8 @@ def entry(path: str, content: str, remote: str = "r1") -> CatalogEntry:
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    cat = SQLiteCatalog(tmp_path / "catalog.sqlite3")
+def catalog(catalog_url, tmp_path):
+    cat = open_catalog(catalog_url, str(tmp_path))
     pytest_twisted.blockon(cat.open())
     yield cat
     pytest_twisted.blockon(cat.close())

@@ -1,0 +1,159 @@
+"""PostgresCatalog beyond the conformance suite: its pool of connections, a server that goes
+away and comes back, one that is not there at all, and what a lookup costs."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from store import CatalogEntry, CatalogUnavailable, open_catalog
+from store.postgres import PostgresCatalog
+from tests.support.polling import until
+
+
+def entry(path: str, content: str = "x") -> CatalogEntry:
+    return CatalogEntry(
+        path=path,
+        remote="r",
+        url=f"http://upstream.invalid/{path}",
+        size=1,
+        digests={"sha256": hashlib.sha256(content.encode()).hexdigest()},
+    )
+
+
+def backends(url: str) -> int:
+    """Connections the streamer holds on the database (seen from another session)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'twisted-streamer' "
+            "AND datname = current_database()"
+        ).fetchone()[0]
+
+
+def terminate_backends(url: str) -> int:
+    """What an administrator's pg_terminate_backend (or a failover) does to our sessions."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return len(
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'twisted-streamer' AND datname = current_database()"
+            ).fetchall()
+        )
+
+
+@pytest.fixture
+def pg_catalog(postgres_url, tmp_path):
+    catalog = open_catalog(postgres_url, str(tmp_path), pool_size=2)
+    assert isinstance(catalog, PostgresCatalog)
+    pytest_twisted.blockon(catalog.open())
+    yield catalog
+    pytest_twisted.blockon(catalog.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_are_pooled_and_closed(pg_catalog, postgres_url):
+    await pg_catalog.replace_remote("r", [entry(f"p/{i}") for i in range(10)])
+    found = await defer.gatherResults([pg_catalog.lookup(f"p/{i % 10}") for i in range(200)])
+    assert all(len(entries) == 1 for entries in found)
+    assert 1 <= backends(postgres_url) <= 2  # pool_size=2: never one connection per request
+    await pg_catalog.close()
+    await until(lambda: backends(postgres_url) == 0)
+    with pytest.raises(Exception, match="not open"):
+        pg_catalog.lookup("p/1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dropped_connections_are_replaced_without_a_failed_call(pg_catalog, postgres_url):
+    await pg_catalog.replace_remote("r", [entry("a")])
+    assert len(await pg_catalog.lookup("a")) == 1
+    assert terminate_backends(postgres_url) >= 1
+    # Each call on a dead connection is retried once on a fresh one: no caller sees it.
+    results = await defer.gatherResults([pg_catalog.lookup("a") for _ in range(4)])
+    assert [len(r) for r in results] == [1, 1, 1, 1]
+    assert terminate_backends(postgres_url) >= 1
+    assert await pg_catalog.mark_stored(entry("a").sha256) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_server_is_used_again_without_reopening(
+    pg_catalog, postgres_cluster, postgres_url
+):
+    await pg_catalog.replace_remote("r", [entry("a")])
+    await postgres_cluster.stop()
+    with pytest.raises(CatalogUnavailable) as down:
+        await pg_catalog.lookup("a")
+    message = str(down.value)
+    assert message.startswith(f"catalog {pg_catalog.location}: ") and "\n" not in message
+    # While it is down, calls fail at once instead of each waiting on a connection attempt.
+    started = time.monotonic()
+    for _ in range(20):
+        with pytest.raises(CatalogUnavailable):
+            await pg_catalog.lookup("a")
+    assert time.monotonic() - started < 0.5
+    await postgres_cluster.start()
+
+    async def answers() -> bool:
+        try:
+            return len(await pg_catalog.lookup("a")) == 1
+        except CatalogUnavailable:
+            return False
+
+    deadline = time.monotonic() + 10
+    while not await answers():
+        assert time.monotonic() < deadline, "the catalog never came back"
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert await pg_catalog.count() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_server_at_open_is_one_line_and_quick(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    catalog = open_catalog(f"postgresql://u:s3cret@127.0.0.1:{port}/db", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(CatalogUnavailable) as down:
+        await catalog.open()
+    assert time.monotonic() - started < 5
+    message = str(down.value)
+    assert f"catalog postgresql://u@127.0.0.1:{port}/db: " in message
+    assert "\n" not in message and "s3cret" not in message
+    with pytest.raises(Exception, match="not open"):
+        catalog.lookup("a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookup_cost_and_the_reactor_keeps_turning(pg_catalog):
+    """What every content request pays (printed: the figure in docs/DESIGN.md comes from
+    here), and that the reactor is never the one waiting for the database."""
+    await pg_catalog.replace_remote("r", [entry(f"d/{i}", str(i)) for i in range(1000)])
+    for i in range(50):  # warm up: connections open, statements prepared
+        await pg_catalog.lookup(f"d/{i}")
+    n = 2000
+    started = time.monotonic()
+    for i in range(n):
+        await pg_catalog.lookup(f"d/{i % 1000}")
+    serial = (time.monotonic() - started) / n
+    ticks: list[float] = []
+    loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+    loop.start(0.005)
+    started = time.monotonic()
+    await defer.gatherResults([pg_catalog.lookup(f"d/{i % 1000}") for i in range(n)])
+    concurrent = time.monotonic() - started
+    loop.stop()
+    print(
+        f"\npostgres lookup: {serial * 1e6:.0f} us each one after the other, "
+        f"{n / concurrent:.0f}/s with {n} in flight (pool_size={pg_catalog.pool_size})"
+    )
+    assert serial < 0.01
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps, default=0) < 0.5
