@@ -271,6 +271,9 @@ class ContentResource(Resource):
         request did not come through a front that acts on it (`ACCEL_REQUEST_HEADER`)."""
         if not self.x_accel_redirect:
             return None
+        # The answer depends on that header: a cache between a client and the streamer must
+        # not hand the front's empty answer to a client that reached us directly.
+        request.responseHeaders.addRawHeader(b"Vary", b"X-Sendfile-Type")
         front = request.getHeader(ACCEL_REQUEST_HEADER) or b""
         if front.strip().lower() != ACCEL_REQUEST_VALUE:
             return None

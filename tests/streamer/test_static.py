@@ -218,6 +218,9 @@ def test_x_accel_redirect_mode(tmp_path):
         got = yield srv.curl("/fixtures/data.bin")
         assert (got.status, got.body) == (200, DATA)
         assert got.header("x-accel-redirect") is None
+        # Both answers say they depend on the header, so no cache mixes them up.
+        assert got.header("vary") == "X-Sendfile-Type"
+        assert (yield srv.curl("/fixtures/data.bin", *front)).header("vary") == "X-Sendfile-Type"
         got = yield srv.curl("/fixtures/data.bin", "-H", "X-Sendfile-Type: X-Sendfile")
         assert (got.status, got.body) == (200, DATA)
     finally:
