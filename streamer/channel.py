@@ -27,7 +27,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHalfCloseableDescriptor, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -191,13 +191,12 @@ class StreamerChannel(HTTPChannel):
         )
         self.transport.write(refusal(status, reason))
         self._networkProducer.unregisterProducer()
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:
+        if not _can_half_close(self.transport):
             self.transport.loseConnection()
             return
         # Send the answer and a FIN, keep reading (and discarding) what the client is still
         # sending, so its kernel does not see a reset that could swallow the answer.
-        half_close()
+        self.transport.loseWriteConnection()
         self.transport.resumeProducing()
         self._linger_timer = self.callLater(LINGER_SECONDS, self._linger_over)
 
@@ -215,6 +214,15 @@ class StreamerChannel(HTTPChannel):
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close()
+
+
+def _can_half_close(transport: Any) -> bool:
+    """True for a plain TCP or UNIX socket. A TLS transport is a wrapper that claims its
+    socket's interfaces and forwards unknown attributes to it: half-closing that socket
+    would cut the TLS stream under the answer."""
+    return IHalfCloseableDescriptor.providedBy(transport) and not ISSLTransport.providedBy(
+        transport
+    )
 
 
 class _Busy(Protocol):

@@ -56,6 +56,7 @@ class ServiceEnv:
         remote_extra: str = "",
         security_extra: str = "",
         server_extra: str = "",
+        listen: str = "tcp:0:interface=127.0.0.1",
     ) -> None:
         self.tmp_path = tmp_path
         self.upstream = upstream
@@ -67,7 +68,7 @@ class ServiceEnv:
         config = tmp_path / "streamer.toml"
         config.write_text(
             "[server]\n"
-            'listen = "tcp:0:interface=127.0.0.1"\n'
+            f'listen = "{listen}"\n'
             "grace_period = 1\n"
             f"stall_timeout = {stall_timeout}\n" + server_extra + "[storage]\n"
             'path = "var"\n'

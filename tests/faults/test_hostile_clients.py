@@ -19,6 +19,7 @@ import time
 import attrs
 import pytest
 import pytest_twisted
+import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import capturedLogs
 
@@ -380,6 +381,29 @@ async def test_request_body_is_refused_before_it_is_read(make_service, head, sig
         assert status_of(served.data) == 200
     else:
         await assert_serving(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_reach_the_client_over_tls(make_service, tmp_path):
+    """Over TLS the answer goes out inside the TLS stream (never a half-closed socket under it)."""
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    listen = f"ssl:0:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
+    env = await make_service(
+        listen=listen + ":interface=127.0.0.1", server_extra="request_header_timeout = 1\n"
+    )
+    body = request("/healthz", "Content-Length: 1000000000", close=False)
+    for sent, status, drip in [
+        (body, 413, 0.0),
+        (body + b"x" * (1 << 20), 413, 0.0),
+        (b"GET /" + b"a" * 20_000, 414, 0.0),
+        (request("/healthz", close=False), 408, 0.2),
+    ]:
+        result = await raw_http("127.0.0.1", env.port, sent, timeout=5, drip=drip, tls=True)
+        assert not result.timed_out and status_of(result.data) == status, result
+    result = await raw_http("127.0.0.1", env.port, request("/healthz"), timeout=5, tls=True)
+    assert status_of(result.data) == 200
 
 
 @pytest_twisted.ensureDeferred

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from streamer.channel import ClientLimit, StreamerChannel
 from streamer.logs import RequestLog
@@ -24,8 +26,11 @@ TIMEOUT = 30.0
 GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+@implementer(IHalfCloseableDescriptor)
 class _Transport(StringTransport):
-    """A StringTransport that records whether the write side was closed first."""
+    """A socket-like StringTransport that records whether the write side was closed first."""
+
+    write_closed = False
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True

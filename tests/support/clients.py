@@ -188,11 +188,17 @@ class _RawClient(protocol.Protocol):
 
 
 def raw_http(
-    host: str, port: int, request: bytes, timeout: float = 10.0, drip: float = 0.0
+    host: str,
+    port: int,
+    request: bytes,
+    timeout: float = 10.0,
+    drip: float = 0.0,
+    tls: bool = False,
 ) -> defer.Deferred[RawResult]:
     """Connect over TCP, send ``request`` verbatim (malformed or pipelined requests welcome),
     and collect everything until the server closes or ``timeout`` passes. With *drip*
-    (seconds), the request is sent one byte at a time, one every *drip* seconds (slowloris)."""
+    (seconds), the request is sent one byte at a time, one every *drip* seconds (slowloris).
+    With *tls*, over TLS without checking the server's certificate."""
     from twisted.internet import reactor
 
     done: defer.Deferred[RawResult] = defer.Deferred()
@@ -204,7 +210,12 @@ def raw_http(
         done.errback(reason)
 
     factory.clientConnectionFailed = failed
-    reactor.connectTCP(host, port, factory, timeout=timeout)
+    if tls:
+        from twisted.internet.ssl import CertificateOptions
+
+        reactor.connectSSL(host, port, factory, CertificateOptions(verify=False), timeout=timeout)
+    else:
+        reactor.connectTCP(host, port, factory, timeout=timeout)
     return done
 
 
