@@ -1,7 +1,12 @@
 """Fetch bytes: Deferred-based downloaders that validate size and digests while they download."""
 
 from downloaders.base import BaseDownloader
-from downloaders.digests import DEFAULT_DIGESTS, SUPPORTED_DIGESTS
+from downloaders.digests import (
+    DEFAULT_ALLOWED_DIGESTS,
+    DEFAULT_DIGESTS,
+    KNOWN_DIGESTS,
+    SUPPORTED_DIGESTS,
+)
 from downloaders.errors import (
     ConnectionFailed,
     DigestValidationError,
@@ -22,14 +27,18 @@ from downloaders.errors import (
 from downloaders.factory import DownloaderFactory
 from downloaders.file import FileDownloader
 from downloaders.group import Group, GroupDownloader, GroupResult, GroupSummary
+from downloaders.headers import ResponseHeaders
 from downloaders.http import HttpDownloader
-from downloaders.interfaces import IDownloader, IWriter
+from downloaders.interfaces import IDownloader, ITap, IWriter
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
 from downloaders.settings import RemoteSettings, SettingsError
+from downloaders.tap import tap
 
 __all__ = [
+    "DEFAULT_ALLOWED_DIGESTS",
     "DEFAULT_DIGESTS",
+    "KNOWN_DIGESTS",
     "SUPPORTED_DIGESTS",
     "Backoff",
     "BaseDownloader",
@@ -49,15 +58,18 @@ __all__ = [
     "HttpDownloader",
     "HttpError",
     "IDownloader",
+    "ITap",
     "IWriter",
     "NotAuthorized",
     "NotFound",
     "ProxyError",
     "RemoteSettings",
+    "ResponseHeaders",
     "SettingsError",
     "SizeValidationError",
     "TooManyRedirects",
     "TruncatedBody",
     "UnsupportedDigestValidationError",
     "ValidationError",
+    "tap",
 ]

@@ -12,7 +12,7 @@ import inspect
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -24,9 +24,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from downloaders.digests import (
+    DEFAULT_ALLOWED_DIGESTS,
     DEFAULT_DIGESTS,
     DigestCalculator,
+    check_allowed,
     normalise_digests,
+    refusal,
     unsupported_digest,
 )
 from downloaders.errors import (
@@ -35,6 +38,7 @@ from downloaders.errors import (
     DownloadTimeout,
     SizeValidationError,
     UnsupportedDigestValidationError,
+    ValidationError,
     redact_url,
 )
 from downloaders.interfaces import IDownloader
@@ -45,16 +49,55 @@ from downloaders.tempfiles import TempFilePool, create_temp_file
 HeadersCallback = Callable[[Any], None]
 
 
+class _Done:
+    """What `BaseDownloader.handle_data` and `finalize` return: work already done, and
+    awaitable, so a downloader ported from Pulp can keep ``await self.handle_data(data)`` in an
+    ``async def _run`` (or ``yield`` it under ``inlineCallbacks``)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __repr__(self) -> str:
+        return "<done>"
+
+
+DONE = _Done()
+
+#: ``validators`` entries: called with the downloader at `finalize`, after size and digests.
+Validator = Callable[["BaseDownloader"], Any]
+#: ``progress``: called with (bytes so far in this attempt, expected size or None).
+Progress = Callable[[int, "int | None"], Any]
+
+
 @implementer(IDownloader)
 class BaseDownloader:
     """Download one url, validating size and digests while the bytes arrive.
 
+    The positional parameters are Pulp's: ``url, expected_digests, expected_size, semaphore,
+    custom_file_object``; the rest are keywords.
+
     :param expected_digests: ``{"sha256": hex, ...}``; every named algorithm is computed and
-        checked. An unsupported or untrusted one raises `UnsupportedDigestValidationError` here,
-        before any byte is fetched.
+        checked, and lands in ``artifact_attributes``. An unknown algorithm, or one not in
+        ``allowed_digests``, raises `UnsupportedDigestValidationError` here, before any byte is
+        fetched; the message names the switch that would allow it.
     :param expected_size: checked at the end, and as soon as more bytes than this arrive.
-    :param semaphore: a `DeferredSemaphore` shared by the downloads of one remote.
+    :param semaphore: a `DeferredSemaphore` (or anything with ``run(f, *args)``) shared by the
+        downloads of one remote.
+    :param custom_file_object: a file-like object (``write``; ``flush`` if it has one) taking
+        the bytes instead of a temporary file; flushed by `finalize`, never closed, and
+        ``result.path`` is its ``name`` when that is a path. No retry once it got a byte.
+    :param allowed_digests: the algorithms ``expected_digests`` and ``digest_algorithms`` may
+        name (default: sha224, sha256, sha384, sha512; add ``"md5"`` or ``"sha1"`` for a
+        repository that publishes nothing better).
     :param digest_algorithms: computed on top of the expected ones (default: sha256 only).
+    :param validators: callables run by `finalize` after size and digests, each with the
+        downloader (``url``, ``path``, ``artifact_attributes``, ``headers``): raising fails
+        the download (anything but a `ValidationError` is wrapped in one), returning False
+        fails it too.
+    :param progress: called after every chunk with (bytes so far in this attempt, expected size
+        or None), for a progress bar; a retry starts again from 0.
     :param temp_dir: where the temporary file goes (default: the system's).
     :param temp_files: a `TempFilePool` that hands out ready-made temporary files (the
         factory passes one per ``temp_dir``); None: each attempt creates its own in
@@ -63,16 +106,18 @@ class BaseDownloader:
         temporary file; then ``result.path`` is None and no retry happens once a byte or the
         headers were handed over (they cannot be taken back). Each chunk is written the moment
         it arrives, on the reactor thread, with no backpressure: ``write`` must not block, and
-        a writer that cannot keep up must queue to disk itself (the streamer's `InFlight`
-        appends to a file that slow clients read at their own pace). The writer is never
-        closed by the downloader. An exception raised by ``write`` aborts the download and
-        reaches the caller unchanged (no retry: it is the caller's own failure).
-    :param headers_ready_callback: called once with the final response headers, before any
-        body byte is handed to ``handle_data``. If a retry follows (only possible without a
-        ``writer``), it is not called again; ``result.headers`` are the last attempt's.
+        a writer that cannot keep up must queue to disk itself. The writer is never closed by
+        the downloader. An exception raised by ``write`` aborts the download and reaches the
+        caller unchanged (no retry: it is the caller's own failure).
+    :param headers_ready_callback: called once with the final response headers (a dict of
+        ``name -> value``, case-insensitive: `downloaders.headers.ResponseHeaders`), before
+        any body byte is handed to ``handle_data``. If a retry follows (only possible without
+        a ``writer``), it is not called again; ``result.headers`` are the last attempt's.
     :param max_retries: further attempts after a retryable failure (0: no retry).
     :param backoff: the delays between attempts (`Backoff`: exponential, jittered, honouring
         ``Retry-After`` up to a cap).
+    :param context: the shared state of the downloads of one remote (the factory passes its
+        `downloaders.context.DownloadContext`); None: one of the downloader's own.
     :param reactor: the clock for backoff and timeouts (a ``task.Clock`` in tests).
     """
 
@@ -81,33 +126,45 @@ class BaseDownloader:
         url: str,
         expected_digests: Mapping[str, str] | None = None,
         expected_size: int | None = None,
-        semaphore: defer.DeferredSemaphore | None = None,
+        semaphore: Any = None,
+        custom_file_object: Any = None,
         *,
+        allowed_digests: Iterable[str] | None = None,
         digest_algorithms: Iterable[str] = DEFAULT_DIGESTS,
+        validators: Iterable[Validator] = (),
+        progress: Progress | None = None,
         temp_dir: str | None = None,
         temp_files: TempFilePool | None = None,
         writer: Any = None,
         headers_ready_callback: HeadersCallback | None = None,
         max_retries: int = 3,
         backoff: Backoff | None = None,
+        context: Any = None,
         reactor: IReactorTime | None = None,
     ) -> None:
         #: The url without credentials: what results, errors and logs show.
         self.url = redact_url(url) if "@" in url else url
         #: ``(username, password)`` from the url's userinfo, for protocols that can send them.
         self.url_credentials = _userinfo(url) if "@" in url else None
+        self.allowed_digests = (
+            DEFAULT_ALLOWED_DIGESTS if allowed_digests is None else check_allowed(allowed_digests)
+        )
         self.expected_digests = normalise_digests(expected_digests)
-        bad = unsupported_digest(self.expected_digests)
-        if bad is not None:
-            raise UnsupportedDigestValidationError(url, bad)
         self.expected_size = expected_size
         self.semaphore = semaphore
-        self.digest_algorithms = tuple(dict.fromkeys([*self.expected_digests, *digest_algorithms]))
-        bad = unsupported_digest(self.digest_algorithms)
+        self.digest_algorithms = tuple(
+            dict.fromkeys([*self.expected_digests, *(a.lower() for a in digest_algorithms)])
+        )
+        bad = unsupported_digest(self.digest_algorithms, self.allowed_digests)
         if bad is not None:
-            raise UnsupportedDigestValidationError(url, bad)
+            raise UnsupportedDigestValidationError(url, bad, refusal(bad, self.allowed_digests))
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        self.custom_file_object = custom_file_object
+        if writer is None and custom_file_object is not None:
+            writer = custom_file_object
+        self.validators = tuple(validators)
+        self.progress = progress
         self.temp_dir = temp_dir
         self.temp_files = temp_files
         self.writer = writer
@@ -119,6 +176,7 @@ class BaseDownloader:
 
             reactor = _reactor  # type: ignore[assignment]
         self.reactor = reactor
+        self._context = context
         self.headers: Any = None
         self.attempts = 0
         self._calculator = DigestCalculator(self.digest_algorithms)
@@ -134,23 +192,27 @@ class BaseDownloader:
 
     # The two calls every subclass keeps -------------------------------------------------------
 
-    def handle_data(self, data: bytes) -> None:
+    def handle_data(self, data: bytes) -> _Done:
         """Count, hash and store one chunk; fail at once if it overflows the expected size.
 
-        Repeated calls are equivalent to one call with the concatenated data.
+        Repeated calls are equivalent to one call with the concatenated data. The work is done
+        when this returns; the value returned may be awaited (``await self.handle_data(d)``).
         """
-        self._calculator.update(data)
-        if self.expected_size is not None and self._calculator.size > self.expected_size:
-            raise SizeValidationError(self.url, self.expected_size, self._calculator.size)
+        calculator = self._calculator
+        calculator.update(data)
+        if self.expected_size is not None and calculator.size > self.expected_size:
+            raise SizeValidationError(calculator.size, self.expected_size, url=self.url)
+        if self.progress is not None:
+            self.progress(calculator.size, self.expected_size)
         if self._tap is not None:
             self._handed_over = True
             self._tap.write(data)
             if self.writer is None:
-                return
+                return DONE
         if self.writer is not None:
             self._handed_over = True
             self.writer.write(data)
-            return
+            return DONE
         fd = self._fd if self._fd is not None else self._open_temp()
         try:
             written = os.write(fd, data)
@@ -160,13 +222,15 @@ class BaseDownloader:
                     written += os.write(fd, view[written:])
         except OSError as exc:
             raise self._temp_file_error(exc) from exc
+        return DONE
 
-    def finalize(self) -> None:
+    def finalize(self) -> _Done:
         """Flush and close the temporary file (created empty for an empty body), then validate
-        size and digests. Called once per attempt after the last `handle_data`; a second call
-        in the same attempt does nothing."""
+        size, digests and the ``validators``. Called once per attempt after the last
+        `handle_data`; a second call in the same attempt does nothing. Done when it returns;
+        the value returned may be awaited."""
         if self._finalized:
-            return
+            return DONE
         self._finalized = True
         if self.writer is None and self._tap is None:
             fd = self._fd if self._fd is not None else self._open_temp()
@@ -175,9 +239,17 @@ class BaseDownloader:
                 os.close(fd)
             except OSError as exc:
                 raise self._temp_file_error(exc) from exc
+        elif self.custom_file_object is not None:
+            flush = getattr(self.custom_file_object, "flush", None)
+            if flush is not None:
+                flush()
         self.validate()
+        if self.custom_file_object is not None:
+            name = getattr(self.custom_file_object, "name", None)
+            self.path = name if isinstance(name, str) else None
         if self._tap is not None:
             self._tap.finalized()
+        return DONE
 
     # Hooks for subclasses ----------------------------------------------------------------------
 
@@ -214,15 +286,61 @@ class BaseDownloader:
         """``size`` and one key per computed digest, for the bytes received so far."""
         return self._calculator.artifact_attributes()
 
-    def validate(self) -> None:
-        """Raise `SizeValidationError` or `DigestValidationError` if the bytes are not right."""
+    @property
+    def context(self) -> Any:
+        """The state shared by the downloads of one remote (`DownloadContext`: auth tokens,
+        mirror lists, anything a plugin wants to resolve once); the factory's, or one of this
+        downloader's own."""
+        if self._context is None:
+            from downloaders.context import DownloadContext
+
+            self._context = DownloadContext()
+        return self._context
+
+    @context.setter
+    def context(self, value: Any) -> None:
+        self._context = value
+
+    def validate_size(self) -> None:
+        """Raise `SizeValidationError` if ``expected_size`` is set and not what arrived."""
         size = self._calculator.size
         if self.expected_size is not None and size != self.expected_size:
-            raise SizeValidationError(self.url, self.expected_size, size)
+            raise SizeValidationError(size, self.expected_size, url=self.url)
+
+    def validate_digests(self) -> None:
+        """Raise `DigestValidationError` for the first ``expected_digests`` entry that differs
+        from the digest of what arrived."""
+        if not self.expected_digests:
+            return
         actual = self._calculator.hexdigests()
         for algorithm, expected in self.expected_digests.items():
             if actual[algorithm] != expected:
-                raise DigestValidationError(self.url, algorithm, expected, actual[algorithm])
+                raise DigestValidationError(
+                    actual[algorithm], expected, url=self.url, algorithm=algorithm
+                )
+
+    def validate(self) -> None:
+        """Size, then digests, then each of the ``validators``; raise the first failure (a
+        `ValidationError`)."""
+        self.validate_size()
+        self.validate_digests()
+        for check in self.validators:
+            self._run_validator(check)
+
+    def _run_validator(self, check: Validator) -> None:
+        name = getattr(check, "__name__", None) or type(check).__name__
+        try:
+            verdict = check(self)
+        except ValidationError:
+            raise
+        except Exception as exc:
+            raise ValidationError(
+                url=self.url, message=f"validator {name} failed: {exc}", error_code="custom"
+            ) from exc
+        if verdict is False:
+            raise ValidationError(
+                url=self.url, message=f"validator {name} refused the download", error_code="custom"
+            )
 
     def run(self, extra_data: Any = None) -> defer.Deferred[DownloadResult]:
         """Download with retries under the semaphore; fire with a `DownloadResult`.
@@ -244,7 +362,7 @@ class BaseDownloader:
             return done.addBoth(_release, semaphore)
         return semaphore.run(self._run_with_retries, extra_data)
 
-    def fetch(self, timeout: float | None = None) -> DownloadResult:
+    def fetch(self, extra_data: Any = None, timeout: float | None = None) -> DownloadResult:
         """Run the download from plain (non-reactor) code and wait for its result.
 
         The reactor is driven in a background thread (started on first use). Calling this
@@ -260,13 +378,13 @@ class BaseDownloader:
             )
         _ensure_reactor_thread(reactor)
         if timeout is None:
-            return blockingCallFromThread(reactor, self.run)  # type: ignore[arg-type]
+            return blockingCallFromThread(reactor, self.run, extra_data)  # type: ignore[arg-type]
 
         def timed_out(result: Any, seconds: float) -> None:
             raise DownloadTimeout(self.url, "fetch", seconds)
 
         def run_with_timeout() -> defer.Deferred[DownloadResult]:
-            return self.run().addTimeout(timeout, reactor, timed_out)  # type: ignore[arg-type]
+            return self.run(extra_data).addTimeout(timeout, reactor, timed_out)  # type: ignore[arg-type]
 
         return blockingCallFromThread(reactor, run_with_timeout)  # type: ignore[arg-type]
 
@@ -368,10 +486,21 @@ class _Attempts:
         self.current = None
         dl = self.downloader
         try:
-            dl.finalize()
+            finishing = dl.finalize()
         except BaseException:
             self._failed(Failure())
             return
+        if finishing is not DONE and (
+            isinstance(finishing, defer.Deferred) or inspect.iscoroutine(finishing)
+        ):  # an ``async def finalize`` of a subclass
+            self.current = defer.ensureDeferred(finishing)
+            self.current.addCallbacks(lambda _: self._succeed(result), self._failed)
+            return
+        self._succeed(result)
+
+    def _succeed(self, result: Any) -> None:
+        self.current = None
+        dl = self.downloader
         if not isinstance(result, DownloadResult):  # a Pulp-style `_run` may build its own
             result = DownloadResult(dl.url, dl.artifact_attributes, dl.path, dl.headers)
         self.done.callback(result)
@@ -403,6 +532,19 @@ class _Attempts:
         current, self.current = self.current, None
         if current is not None:
             current.cancel()
+
+
+def credentials(value: Any, name: str = "auth") -> tuple[str, str] | None:
+    """``(user, password)`` from a pair, or from an object with ``login`` and ``password`` (as
+    ``aiohttp.BasicAuth``); None for None. A TypeError naming *name* otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return str(value[0]), str(value[1])
+    login = getattr(value, "login", None)
+    if login is not None:
+        return str(login), str(getattr(value, "password", "") or "")
+    raise TypeError(f"{name} must be a (user, password) pair, not {type(value).__name__}")
 
 
 def _userinfo(url: str) -> tuple[str, str] | None:

@@ -1,23 +1,60 @@
-"""Digest algorithms we compute while downloading, and the running state for one download."""
+"""Digest algorithms we compute while downloading, which ones are trusted, and the running
+state for one download."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
 
-#: Algorithms a caller may name in ``expected_digests``; md5 and sha1 are refused (untrusted).
+#: Every algorithm a download can compute (the names of ``hashlib``, as Pulp's artifacts).
+KNOWN_DIGESTS: tuple[str, ...] = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+
+#: Algorithms accepted unless ``allowed_digests`` says otherwise; md5 and sha1 are broken
+#: (collisions can be made), so a digest of theirs proves nothing unless a remote allows it.
 SUPPORTED_DIGESTS: tuple[str, ...] = ("sha224", "sha256", "sha384", "sha512")
+
+#: The default of ``allowed_digests`` (downloader, factory and remote).
+DEFAULT_ALLOWED_DIGESTS: tuple[str, ...] = SUPPORTED_DIGESTS
 
 #: Digests computed on every download unless configured otherwise.
 DEFAULT_DIGESTS: tuple[str, ...] = ("sha256",)
 
 
-def unsupported_digest(names: Iterable[str]) -> str | None:
-    """Return the first name that is not a supported algorithm, or None."""
+def unsupported_digest(
+    names: Iterable[str], allowed: Iterable[str] = DEFAULT_ALLOWED_DIGESTS
+) -> str | None:
+    """Return the first name that is not an allowed algorithm, or None."""
+    allowed = tuple(allowed)
     for name in names:
-        if name not in SUPPORTED_DIGESTS:
+        if name not in allowed:
             return name
     return None
+
+
+def refusal(name: str, allowed: Iterable[str]) -> str:
+    """Why *name* is refused, naming the switch that would accept it."""
+    if name not in KNOWN_DIGESTS:
+        return (
+            f"unsupported or untrusted digest algorithm {name!r}: unknown "
+            f"(known: {', '.join(KNOWN_DIGESTS)})"
+        )
+    return (
+        f"unsupported or untrusted digest algorithm {name!r}: not in allowed_digests "
+        f"({', '.join(allowed) or 'none'}); to accept it, add it to the remote's "
+        "allowed_digests setting, or pass allowed_digests=[...] to the downloader or the "
+        "DownloaderFactory"
+    )
+
+
+def check_allowed(allowed: Iterable[str]) -> tuple[str, ...]:
+    """*allowed* as a tuple of lower-case names; a ValueError for an unknown one."""
+    names = tuple(dict.fromkeys(str(name).lower() for name in allowed))
+    for name in names:
+        if name not in KNOWN_DIGESTS:
+            raise ValueError(
+                f"allowed_digests: unknown algorithm {name!r} (known: {', '.join(KNOWN_DIGESTS)})"
+            )
+    return names
 
 
 class DigestCalculator:

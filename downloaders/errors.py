@@ -28,7 +28,7 @@ class DownloadError(Exception):
         url = redact_url(url)
         self.url = url
         self.message = message or self.__class__.__name__
-        super().__init__(f"{self.message} ({url})")
+        super().__init__(f"{self.message} ({url})" if url else self.message)
 
 
 class HttpError(DownloadError):
@@ -111,34 +111,92 @@ class DownloadTimeout(DownloadError):
 
 
 class ValidationError(DownloadError):
-    """The bytes received are not the bytes expected."""
+    """The bytes received are not the bytes expected (or a custom validation refused them).
+
+    Called as in Pulp, ``ValidationError(error_code)``, or as every `DownloadError`,
+    ``ValidationError(url, message)``; ``url=``, ``message=`` and ``error_code=`` may be given
+    by keyword. ``error_code`` is a short stable name of the failure (``"digest"``,
+    ``"size"``, ...), fit for comparisons; the message says what happened in words.
+    """
+
+    #: The default code of the class; an instance may carry another.
+    error_code: str = "validation"
+
+    def __init__(
+        self,
+        *args: str,
+        url: str | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        if len(args) >= 2:  # DownloadError's order: (url, message)
+            url, message = args[0], args[1]
+        elif len(args) == 1:
+            if url is None and "://" in args[0]:
+                url = args[0]
+            elif error_code is None:
+                error_code = args[0]
+            else:
+                message = args[0]
+        if error_code is not None:
+            self.error_code = error_code
+        super().__init__(url or "", message or self.error_code)
 
 
 class DigestValidationError(ValidationError):
-    """A digest of the received bytes differs from the expected one."""
+    """A digest of the received bytes differs from the expected one.
 
-    def __init__(self, url: str, algorithm: str, expected: str, actual: str) -> None:
+    ``DigestValidationError(actual, expected, url=..., algorithm=...)`` as in Pulp; the older
+    ``DigestValidationError(url, algorithm, expected, actual)`` still works.
+    """
+
+    error_code = "digest"
+
+    def __init__(self, *args: str, url: str | None = None, algorithm: str = "") -> None:
+        if len(args) == 4:
+            url, algorithm, expected, actual = args
+        elif len(args) == 2:
+            actual, expected = args
+        else:
+            raise TypeError("DigestValidationError(actual, expected, url=..., algorithm=...)")
         self.algorithm = algorithm
         self.expected = expected
         self.actual = actual
-        super().__init__(url, f"{algorithm} mismatch: expected {expected}, got {actual}")
+        name = f"{algorithm} " if algorithm else "digest "
+        super().__init__(url=url, message=f"{name}mismatch: expected {expected}, got {actual}")
 
 
 class SizeValidationError(ValidationError):
-    """The number of bytes received differs from the expected size."""
+    """The number of bytes received differs from the expected size.
 
-    def __init__(self, url: str, expected: int, actual: int) -> None:
+    ``SizeValidationError(actual, expected, url=...)`` as in Pulp; the older
+    ``SizeValidationError(url, expected, actual)`` still works.
+    """
+
+    error_code = "size"
+
+    def __init__(self, *args: Any, url: str | None = None) -> None:
+        if len(args) == 3:
+            url, expected, actual = args
+        elif len(args) == 2:
+            actual, expected = args
+        else:
+            raise TypeError("SizeValidationError(actual, expected, url=...)")
         self.expected = expected
         self.actual = actual
-        super().__init__(url, f"size mismatch: expected {expected} bytes, got {actual}")
+        super().__init__(url=url, message=f"size mismatch: expected {expected} bytes, got {actual}")
 
 
 class UnsupportedDigestValidationError(ValidationError):
-    """An expected digest names an algorithm we do not compute or do not trust."""
+    """An expected digest names an algorithm we do not compute, or one not allowed (md5 and
+    sha1 unless ``allowed_digests`` lists them)."""
 
-    def __init__(self, url: str, algorithm: str) -> None:
+    error_code = "unsupported-digest"
+
+    def __init__(self, url: str, algorithm: str, reason: str = "") -> None:
         self.algorithm = algorithm
-        super().__init__(url, f"unsupported or untrusted digest algorithm {algorithm!r}")
+        message = reason or f"unsupported or untrusted digest algorithm {algorithm!r}"
+        super().__init__(url=url, message=message)
 
 
 class ForbiddenPath(DownloadError):

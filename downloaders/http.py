@@ -22,7 +22,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from downloaders import errors
-from downloaders.base import BaseDownloader
+from downloaders.base import DONE, BaseDownloader, credentials
+from downloaders.headers import ResponseHeaders
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
 
@@ -51,13 +52,32 @@ def default_pool(reactor: Any) -> HTTPConnectionPool:
 class HttpDownloader(BaseDownloader):
     """Download an ``http://`` or ``https://`` url with GET (or HEAD).
 
-    :param agent: an ``IAgent`` (the factory passes one carrying TLS, proxy, redirects and the
-        shared pool). None: an ``Agent`` following redirects, on a persistent pool shared by
-        such downloaders. The response that reaches us is final: a 3xx is an `HttpError`.
-    :param method: ``"GET"``, or ``"HEAD"`` for headers only (no body, no validation).
+    The positional parameters are Pulp's: ``url, session, auth, proxy, proxy_auth,
+    headers_ready_callback, headers, throttler, max_retries``; `BaseDownloader`'s
+    (``expected_digests``, ``expected_size``, ``semaphore``, ...) are keywords here.
+
+    :param session: the ``IAgent`` that sends the request and shares connections (the
+        factory's agent stack carries TLS, proxy, redirects, credentials and the remote's
+        pool; ``factory.agent``). None: an ``Agent`` following redirects, on a persistent pool
+        shared by such downloaders. The response that reaches us is final: a 3xx is an
+        `HttpError`. ``agent=`` is the older name of this parameter.
+    :param auth: ``(user, password)`` for Basic auth (or anything with ``login`` and
+        ``password``, as ``aiohttp.BasicAuth``); sent to the url's origin only, never to a
+        redirect target elsewhere.
+    :param proxy: an ``http://host:port`` proxy url for this download (https goes through a
+        CONNECT tunnel); it has its own agent, so ``session`` is then not used.
+    :param proxy_auth: ``(user, password)`` for the proxy (or its url's userinfo).
+    :param headers_ready_callback: called once with the response headers, a dict of
+        ``name -> value`` (case-insensitive: `ResponseHeaders`).
     :param headers: extra request headers, ``{name: value}``.
-    :param connect_timeout: seconds to establish the connection (only for the default agent;
-        the factory's agent carries the remote's). Default 60.
+    :param throttler: anything with ``acquire()`` (a Deferred, a coroutine or None) and
+        ``release()``: acquired before each request, released when the attempt ends (the
+        factory's `RateLimiter` for a remote's ``rate_limit`` is one).
+    :param max_retries: further attempts after a retryable failure (429, 5xx, connection
+        errors, timeouts). Default 3.
+    :param method: ``"GET"``, or ``"HEAD"`` for headers only (no body, no validation).
+    :param connect_timeout: seconds to establish the connection (only for an agent of the
+        downloader's own; the factory's agent carries the remote's). Default 60.
     :param sock_read_timeout: seconds without any byte (headers or body) before giving up with
         ``DownloadTimeout(kind="read")``; 0 disables it. Default 60. It measures idle time, so
         a long healthy download (hours, at any speed above one byte a minute) is never cut,
@@ -68,26 +88,47 @@ class HttpDownloader(BaseDownloader):
 
     Each timeout is per attempt; a `DownloadTimeout` is retried like a connection error.
 
-    Credentials in the url's userinfo become a Basic ``Authorization`` header unless one is
-    given; they never appear in the request line, results or error messages.
+    Credentials in the url's userinfo become a Basic ``Authorization`` header unless ``auth``
+    or an ``Authorization`` header is given; they never appear in the request line, results or
+    error messages.
     """
 
     def __init__(
         self,
         url: str,
-        expected_digests: Mapping[str, str] | None = None,
-        expected_size: int | None = None,
-        semaphore: defer.DeferredSemaphore | None = None,
+        session: IAgent | None = None,
+        auth: Any = None,
+        proxy: str | None = None,
+        proxy_auth: Any = None,
+        headers_ready_callback: Any = None,
+        headers: Mapping[str, str] | None = None,
+        throttler: Any = None,
+        max_retries: int = 3,
         *,
         agent: IAgent | None = None,
         method: str = "GET",
-        headers: Mapping[str, str] | None = None,
         connect_timeout: float = 60.0,
         sock_read_timeout: float = 60.0,
         total_timeout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(url, expected_digests, expected_size, semaphore, **kwargs)
+        if _old_positional_order(session, auth, proxy):
+            # HttpDownloader(url, expected_digests, expected_size, semaphore): the order before
+            # Pulp's; still understood.
+            for name, value in zip(
+                ("expected_digests", "expected_size", "semaphore"),
+                (session, auth, proxy),
+                strict=True,
+            ):
+                if value is not None:
+                    kwargs.setdefault(name, value)
+            session = auth = proxy = None
+        super().__init__(
+            url,
+            headers_ready_callback=headers_ready_callback,
+            max_retries=max_retries,
+            **kwargs,
+        )
         method = method.upper()
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -103,19 +144,62 @@ class HttpDownloader(BaseDownloader):
         self.connect_timeout = connect_timeout
         self.sock_read_timeout = sock_read_timeout
         self.total_timeout = total_timeout
-        if agent is None:
-            agent = self._default_agent()
-        self.agent = agent
+        #: ``(user, password)`` sent as Basic auth to the url's origin, or None.
+        self.auth = credentials(auth, "auth")
+        self.proxy = proxy or None
+        self.proxy_auth = credentials(proxy_auth, "proxy_auth")
+        self.throttler = throttler
+        if session is None:
+            session = agent
+        if self.proxy is not None:
+            session = self._proxy_agent()
+        elif session is None:
+            session = self._default_agent()
+        #: The ``IAgent`` requests go through (``agent`` is the same object).
+        self.session = self.agent = session
         #: The last response (status in ``.code``), None before the first one.
         self.response: IResponse | None = None
 
-    def _default_agent(self) -> IAgent:
+    def _proxy_agent(self) -> IAgent:
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        from downloaders.proxy import ProxyingAgent
+
+        reactor = self._connecting_reactor()
+        login = self.proxy_auth or _userinfo_credentials(self.proxy)
+        proxying = ProxyingAgent(
+            reactor,
+            self.proxy,
+            BrowserLikePolicyForHTTPS(),
+            default_pool(reactor),
+            credentials=login,
+            connect_timeout=self.connect_timeout or None,
+        )
+        return RedirectingAgent(proxying)
+
+    def _connecting_reactor(self) -> Any:
         reactor = self.reactor
         if not IReactorTCP.providedBy(reactor):
             # A test Clock drives our timers; connections still need the real reactor.
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        return reactor
+
+    def raise_for_status(self, response: IResponse) -> None:
+        """Raise the `HttpError` (`NotFound`, `NotAuthorized`, ...) of a status >= 400. A
+        subclass may return instead, for statuses whose body it wants as the content."""
+        if response.code >= 400:
+            raise errors.http_error(
+                self.url,
+                response.code,
+                _text(response.phrase),
+                response.headers,
+                _retry_after(response.headers),
+            )
+
+    def _default_agent(self) -> IAgent:
+        reactor = self._connecting_reactor()
         agent = Agent(
             reactor, connectTimeout=self.connect_timeout or None, pool=default_pool(reactor)
         )
@@ -125,8 +209,9 @@ class HttpDownloader(BaseDownloader):
         headers = Headers()
         for name, value in self.request_headers.items():
             headers.addRawHeader(name, value)
-        if self.url_credentials is not None and not headers.hasHeader(b"authorization"):
-            user, password = self.url_credentials
+        login = self.auth or self.url_credentials
+        if login is not None and not headers.hasHeader(b"authorization"):
+            user, password = login
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             headers.addRawHeader(b"authorization", f"Basic {token}".encode("ascii"))
         return headers
@@ -135,10 +220,11 @@ class HttpDownloader(BaseDownloader):
         """One attempt: request, check the status, report headers, stream the body."""
         return _Attempt(self).start()
 
-    def finalize(self) -> None:
+    def finalize(self) -> Any:
         """HEAD fetches no body: no file to keep and nothing to validate."""
         if self.method != "HEAD":
-            super().finalize()
+            return super().finalize()
+        return DONE
 
     @property
     def artifact_attributes(self) -> dict[str, Any]:
@@ -166,8 +252,27 @@ class _Attempt:
         self._response: IResponse | None = None
         self._idle: IDelayedCall | None = None
         self._total: IDelayedCall | None = None
+        self._throttled = False
 
     def start(self) -> defer.Deferred[None]:
+        throttler = self.downloader.throttler
+        if throttler is None:
+            self._send()
+            return self.done
+        # Wait for the throttler before the timers start: waiting for our turn is not idle.
+        self._request = defer.maybeDeferred(throttler.acquire)
+        self._request.addCallbacks(self._acquired, self._request_failed)
+        return self.done
+
+    def _acquired(self, _: Any) -> None:
+        self._request = None
+        if self.finished:
+            self.downloader.throttler.release()
+            return
+        self._throttled = True
+        self._send()
+
+    def _send(self) -> None:
         dl = self.downloader
         clock = dl.reactor
         if dl.total_timeout:
@@ -180,9 +285,8 @@ class _Attempt:
             )
         except Exception as exc:
             self.fail(_wrap(self.url, exc))
-            return self.done
+            return
         self._request.addCallbacks(self._got_response, self._request_failed)
-        return self.done
 
     # Events --------------------------------------------------------------------------------
 
@@ -195,14 +299,8 @@ class _Attempt:
         self._touch()
         dl = self.downloader
         dl.response = response
-        if response.code >= 300:  # a redirect here was not followed: it is not the content
-            failure = errors.http_error(
-                self.url,
-                response.code,
-                _text(response.phrase),
-                response.headers,
-                _retry_after(response.headers),
-            )
+        failure = self._status_error(response) if response.code >= 300 else None
+        if failure is not None:
             # ``length`` is an int, or Twisted's UNKNOWN_LENGTH (a string: chunked or
             # close-delimited), which the receiver bounds by ERROR_BODY_LIMIT as it reads.
             if isinstance(response.length, int) and response.length > ERROR_BODY_LIMIT:
@@ -212,12 +310,29 @@ class _Attempt:
                 response.deliverBody(_Receiver(self, discard_then=failure))
             return
         try:
-            dl.headers_ready(_end_to_end_headers(response))
+            dl.headers_ready(ResponseHeaders.from_twisted(_end_to_end_headers(response)))
         except Exception as exc:
             response.deliverBody(_Discard())
             self.fail(exc)
             return
         response.deliverBody(_Receiver(self))
+
+    def _status_error(self, response: IResponse) -> BaseException | None:
+        """The error a status >= 300 ends the attempt with; None when the downloader's
+        `raise_for_status` lets it through (its body is then the content)."""
+        if response.code < 400:  # a redirect here was not followed: it is not the content
+            return errors.http_error(
+                self.url,
+                response.code,
+                _text(response.phrase),
+                response.headers,
+                _retry_after(response.headers),
+            )
+        try:
+            self.downloader.raise_for_status(response)
+        except Exception as exc:
+            return exc
+        return None
 
     def _request_failed(self, failure: Failure) -> None:
         self._request = None
@@ -284,6 +399,9 @@ class _Attempt:
             request, self._request = self._request, None
             request.cancel()
         self._abort_body()
+        if self._throttled:
+            self._throttled = False
+            self.downloader.throttler.release()
 
     def _abort_body(self) -> None:
         transport, self._body_transport = self._body_transport, None
@@ -366,6 +484,24 @@ class _Discard(Protocol):
 
 
 # Turning Twisted's failures into DownloadErrors ---------------------------------------------
+
+
+def _old_positional_order(session: Any, auth: Any, proxy: Any) -> bool:
+    """Whether the positional arguments are (expected_digests, expected_size, semaphore)."""
+    if isinstance(session, Mapping):
+        return True
+    if isinstance(auth, int) and not isinstance(auth, bool):
+        return True
+    return proxy is not None and not isinstance(proxy, str) and hasattr(proxy, "acquire")
+
+
+def _userinfo_credentials(url: str) -> tuple[str, str] | None:
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    return unquote(parts.username), unquote(parts.password or "")
 
 
 def _text(value: bytes | str | None) -> str:

@@ -9,13 +9,16 @@ from typing import Any
 import attrs
 from twisted.web.http import stringToDatetime
 
+from downloaders.headers import header_value
+
 
 @attrs.frozen
 class DownloadResult:
     """What was downloaded: the url, ``size`` + digests, where the bytes are, response headers.
 
     ``path`` is None when the bytes went to a caller-supplied writer instead of a file.
-    ``headers`` are the final response's ``twisted.web.http_headers.Headers`` (None for file://).
+    ``headers`` are the final response's headers, a dict of ``name -> value`` looked up
+    case-insensitively (`downloaders.headers.ResponseHeaders`; None for file://).
     """
 
     url: str
@@ -27,10 +30,10 @@ class DownloadResult:
     def last_modified(self) -> float | None:
         """The response's ``Last-Modified`` as a POSIX time, never later than now (a date in
         the future is taken as now, RFC 9110 section 8.8.2.1); None when absent or invalid."""
-        values = self.headers.getRawHeaders(b"last-modified") if self.headers is not None else None
-        if not values:
+        value = header_value(self.headers, "last-modified")
+        if not value:
             return None
-        return parse_last_modified(values[0])
+        return parse_last_modified(value.encode("latin-1"))
 
 
 def parse_last_modified(value: bytes, now: float | None = None) -> float | None:

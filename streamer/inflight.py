@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from downloaders.base import BaseDownloader
 from downloaders.errors import DigestValidationError, DownloadError, SizeValidationError
+from downloaders.headers import as_twisted_headers, header_value
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
@@ -168,17 +169,17 @@ class InFlight:
     def headers_ready(self, headers: Any) -> None:
         """Keep the headers to forward; refuse a Content-Length other than the catalog's
         size now, before any byte went to a client (so the request can still fail over)."""
-        lengths = headers.getRawHeaders(b"content-length") if headers is not None else None
-        if lengths and lengths[0].strip().isdigit() and int(lengths[0]) != self.size:
-            raise SizeValidationError(self.entry.url, self.size, int(lengths[0]))
-        self.headers = self._headers_filter(headers)
+        length = (header_value(headers, "content-length") or "").strip()
+        if length.isdigit() and int(length) != self.size:
+            raise SizeValidationError(int(length), self.size, url=self.entry.url)
+        self.headers = self._headers_filter(as_twisted_headers(headers))
 
     def write(self, data: bytes) -> None:
         """Append one chunk to the temp file and wake the followers."""
         if self._write_fd is None:
             raise OSError("the download was stopped")
         if self.written + len(data) > self.size:
-            raise SizeValidationError(self.entry.url, self.size, self.written + len(data))
+            raise SizeValidationError(self.written + len(data), self.size, url=self.entry.url)
         if self._hasher is not None:
             self._hasher.update(data)
         view = memoryview(data)
@@ -204,7 +205,7 @@ class InFlight:
         if self._hasher is not None:
             actual = self._hasher.hexdigest()
             if actual != self.sha256:
-                return DigestValidationError(url, "sha256", self.sha256, actual)
+                return DigestValidationError(actual, self.sha256, url=url, algorithm="sha256")
             return None
         attributes = self._downloader.artifact_attributes
         if attributes.get("sha256") != self.sha256 or attributes.get("size") != self.size:

@@ -111,7 +111,9 @@ def test_unsupported_digest_refused_before_any_request(upstream, algorithm):
     with pytest.raises(UnsupportedDigestValidationError) as caught:
         HttpDownloader(url, expected_digests={algorithm: "00"})
     assert caught.value.algorithm == algorithm
-    assert str(caught.value) == f"unsupported or untrusted digest algorithm {algorithm!r} ({url})"
+    message = str(caught.value)
+    assert message.startswith(f"unsupported or untrusted digest algorithm {algorithm!r}")
+    assert message.endswith(f"({url})")
     assert upstream.requests("/a") == []
 
 
