@@ -516,6 +516,9 @@ class _Attempts:
             self.done.errback(failure)
             return
         delay = dl.backoff.delay(self.attempt, getattr(error, "retry_after", None))
+        if delay is None:  # the backoff says: not this origin, not now
+            self.done.errback(failure)
+            return
         self.attempt += 1
         self.current = task.deferLater(dl.reactor, delay, lambda: None)
         self.current.addCallbacks(self._next, self._backoff_cancelled)

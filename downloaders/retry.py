@@ -15,6 +15,9 @@ class Backoff:
     """Delay before retry number ``attempt`` (0-based): ``base * factor**attempt``, jittered.
 
     A server's ``Retry-After`` wins over the computed delay, but never beyond ``retry_after_cap``.
+    Any backoff's ``delay`` may answer None instead of seconds: no retry, the download ends
+    with its error (the streamer's live downloads do so rather than retry before a
+    ``Retry-After``).
     """
 
     base: float = 1.0

@@ -36,20 +36,28 @@ from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
 from store.storage import ARTIFACT_MODE
 
-__all__ = ["CappedBackoff", "InFlight"]
+__all__ = ["InFlight", "LiveBackoff"]
 
 _log = Logger()
 
 
-class CappedBackoff:
-    """A downloader's backoff whose delays never exceed *cap* seconds (live requests)."""
+class LiveBackoff:
+    """A downloader's backoff for a download clients are waiting for.
+
+    Delays are capped at *cap* seconds, so failover stays prompt; but a server's
+    ``Retry-After`` is never cut short: the answer is None (no retry), the download ends, and
+    the streamer fails over to the next entry, waits for the origin or answers 503.
+    """
 
     def __init__(self, backoff: Any, cap: float) -> None:
         self.backoff = backoff
         self.cap = cap
 
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        return min(self.cap, self.backoff.delay(attempt, retry_after))
+    def delay(self, attempt: int, retry_after: float | None = None) -> float | None:
+        delay = self.backoff.delay(attempt, retry_after)
+        if retry_after is not None and retry_after > 0:
+            return None
+        return None if delay is None else min(self.cap, delay)
 
 
 class InFlight:
@@ -62,7 +70,8 @@ class InFlight:
         cancelled): the streamer puts the entry on a cooldown and counts the failure.
     :param on_done: called once with this InFlight when it no longer takes new followers.
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
-        applied to a downloader that has a ``backoff`` (the built-in ones), None: as built.
+        applied, with no retry before a ``Retry-After`` (`LiveBackoff`), to a downloader that
+        has a ``backoff`` (the built-in ones); None: as built.
     :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
         the file is in storage (the streamer's shared `importer.commit.GroupCommitter`, so
         many small artifacts share one flush); by default one ``storage.commit`` in a thread.
@@ -136,7 +145,7 @@ class InFlight:
                 self._hasher = hashlib.sha256()
             backoff = getattr(downloader, "backoff", None)
             if self._retry_delay_cap is not None and callable(getattr(backoff, "delay", None)):
-                downloader.backoff = CappedBackoff(backoff, self._retry_delay_cap)
+                downloader.backoff = LiveBackoff(backoff, self._retry_delay_cap)
             self._running = defer.maybeDeferred(downloader.run)
         except Exception as error:
             self._running = defer.fail(error)

@@ -12,9 +12,12 @@ knows but storage does not hold:
   as soon as they arrived, but the whole artifact is downloaded (from byte 0) and the
   answer completes only once it was validated.
 * Entries are tried in catalog order while nothing was sent to the client, skipping entries
-  that failed recently (``cooldown``). When every entry failed the answer is a short plain
-  text: ``404`` when every upstream said 404 (the catalog is stale), ``504`` when every
-  failure was a timeout, otherwise ``502``.
+  that failed recently (``cooldown``) and origins that asked for time (``Retry-After`` on a
+  429 or 5xx: never asked again before it, `streamer.busy`). When no entry is left but a busy
+  origin will be free within its remote's ``sock_read_timeout`` (in all, per request), the
+  request waits for it and tries again. Otherwise the answer is a short plain text: ``404``
+  when every upstream said 404 (the catalog is stale), ``503`` with a ``Retry-After`` of ours
+  when a source is busy, ``504`` when every failure was a timeout, otherwise ``502``.
 * Once bytes were sent a failure aborts the connection, so the client cannot mistake a
   truncated or wrong body for a complete one; the last byte of every answer (whole body,
   range or multipart) is only sent after the downloader validated size and digests.
@@ -22,6 +25,7 @@ knows but storage does not hold:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
 from importer.commit import GroupCommitter
+from streamer.busy import BusyOrigins, busy_seconds
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight
@@ -63,10 +68,11 @@ class LazyOptions:
     :param cooldown: seconds an entry whose download failed is skipped by later requests.
     :param read_size: bytes a lagging client reads from the temp file at a time.
     :param retry_delay_cap: the longest wait, in seconds, between two attempts of a download
-        a client is waiting for. The remote's ``max_retries`` still applies (a flaky upstream
-        gets its retries), but a live request never sleeps through a long backoff or a long
-        ``Retry-After`` before failing over to the next entry or answering 502 (with a
-        ``Retry-After`` of the cooldown): with the defaults, three retries cost at most 1.5 s.
+        a client is waiting for. The remote's ``max_retries`` still applies to failures
+        without a ``Retry-After`` (a flaky upstream gets its retries; with the defaults three
+        retries cost at most 1.5 s). A ``Retry-After`` is never cut short: that download
+        ends at once, and the request fails over to the next entry, or waits for the origin
+        within the remote's ``sock_read_timeout``, or answers 503 with a ``Retry-After``.
     """
 
     no_progress_timeout: float = 60.0
@@ -122,6 +128,10 @@ class LazyStreamer:
         self.in_flight: dict[str, InFlight] = {}
         #: Cooldowns by `_cooling_key`: a source *for one artifact*.
         self._cooling: dict[tuple[str, str, str], _Cooling] = {}
+        #: Origins that asked for time (Retry-After), shared by all requests.
+        self.busy = BusyOrigins()
+        #: Requests waiting for a busy origin (answered at `stop`).
+        self.waiting: set[_LazyRequest] = set()
         self._committer: GroupCommitter | None = None
         self.stopped = False
 
@@ -142,6 +152,8 @@ class LazyStreamer:
         one that finished just before: its temp file must not be cleaned up under it.
         """
         self.stopped = True
+        for waiting in list(self.waiting):
+            waiting.wake()  # answers "shutting down"
         settling = []
         for inflight in list(self.in_flight.values()):
             inflight.cancel()
@@ -151,25 +163,38 @@ class LazyStreamer:
     # -- used by _LazyRequest ------------------------------------------------------------------
 
     def cooling_error(self, entry: Any) -> BaseException | None:
-        """The error that put *entry* on a cooldown, while that cooldown lasts."""
+        """The error that put *entry* on a cooldown, or its origin on hold (Retry-After),
+        while that lasts."""
         key = _cooling_key(entry)
         cooling = self._cooling.get(key)
-        if cooling is None:
-            return None
-        if self.reactor.seconds() >= cooling.until:
+        now = self.reactor.seconds()
+        if cooling is not None:
+            if now < cooling.until:
+                return cooling.error
             del self._cooling[key]
-            return None
-        return cooling.error
+        return self.busy.error(entry.url, now)
 
     def cooldown_left(self, entries: Sequence[Any]) -> float:
-        """Seconds until the first of *entries* leaves its cooldown (0 if none is cooling)."""
+        """Seconds until the first of *entries* may be tried again (0 if one may now)."""
         now = self.reactor.seconds()
-        left = [
-            cooling.until - now
-            for cooling in (self._cooling.get(_cooling_key(e)) for e in entries)
-            if cooling is not None and cooling.until > now
-        ]
-        return min(left) if len(left) == len(entries) else 0.0
+        left = []
+        for entry in entries:
+            cooling = self._cooling.get(_cooling_key(entry))
+            cool = cooling.until - now if cooling is not None else 0.0
+            wait = max(cool, self.busy.left(entry.url, now) or 0.0)
+            if wait <= 0:
+                return 0.0
+            left.append(wait)
+        return min(left, default=0.0)
+
+    def busy_left(self, entry: Any) -> float | None:
+        """Seconds until *entry*'s origin may be asked again after its Retry-After, when that
+        is all that keeps *entry* from being tried (no cooldown of its own); else None."""
+        cooling = self._cooling.get(_cooling_key(entry))
+        now = self.reactor.seconds()
+        if cooling is not None and now < cooling.until:
+            return None
+        return self.busy.left(entry.url, now)
 
     def join(self, entry: Any, remote: Any, follower_for: Any) -> None:
         """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
@@ -208,9 +233,11 @@ class LazyStreamer:
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         now = self.reactor.seconds()
-        if len(self._cooling) >= _PRUNE_COOLING_AT:
-            self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
-        self._cooling[_cooling_key(entry)] = _Cooling(now + self.options.cooldown, error)
+        # A Retry-After holds the whole origin for the time it named, instead of a cooldown.
+        if not self.busy.record(entry.url, error, now):
+            if len(self._cooling) >= _PRUNE_COOLING_AT:
+                self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
+            self._cooling[_cooling_key(entry)] = _Cooling(now + self.options.cooldown, error)
         self.log.upstream_failure(
             entry.url, failure_reason(error), _describe(error), metrics=self.metrics
         )
@@ -269,10 +296,15 @@ class _LazyRequest:
         self.request = request
         self.entries = entries
         self.path = path
-        self.errors: list[BaseException] = []
+        #: The last error of each source tried, by (remote, url).
+        self.errors: dict[tuple[str, str], BaseException] = {}
         self.follower: Follower | None = None
         self.gone = False
         self._tried: set[tuple[str, str]] = set()
+        self._trying: tuple[str, str] | None = None
+        #: Seconds this request waited for busy origins so far, and the timer of a wait.
+        self._waited = 0.0
+        self._wait: Any = None
         request.notifyFinish().addErrback(self._client_gone)
 
     def next(self) -> None:
@@ -291,11 +323,11 @@ class _LazyRequest:
             self._tried.add(key)
             cooling = streamer.cooling_error(entry)
             if cooling is not None:
-                self.errors.append(cooling)
+                self.errors[key] = cooling
                 continue
             remote = streamer.remotes.get(entry.remote)
             if remote is None:
-                self.errors.append(DownloadError(entry.url, f"unknown remote {entry.remote!r}"))
+                self.errors[key] = DownloadError(entry.url, f"unknown remote {entry.remote!r}")
                 continue
             if answer_conditions(self.request, entry):
                 return
@@ -316,9 +348,43 @@ class _LazyRequest:
                 self.request.cache_status = "hit"  # validated, only its commit is pending
             else:
                 self.request.cache_status = "coalesced"
+            self._trying = key
             streamer.join(entry, remote, lambda source, plan=plan: self._follower(source, plan))
             return
-        self._give_up()
+        if not self._wait_for_busy_origin():
+            self._give_up()
+
+    def _wait_for_busy_origin(self) -> bool:
+        """Every entry was tried. If one is held only by its origin's Retry-After and that
+        ends within its remote's ``sock_read_timeout`` (counting what this request waited
+        already), wait for it, then try the entries free by then; True if waiting."""
+        streamer = self.streamer
+        soonest: float | None = None
+        for entry in self.entries:
+            left = streamer.busy_left(entry)
+            if left is None:
+                continue
+            limit = getattr(streamer.remotes.get(entry.remote), "sock_read_timeout", 0) or 0
+            if self._waited + left <= limit and (soonest is None or left < soonest):
+                soonest = left
+        if soonest is None:
+            return False
+        self._waited += soonest
+        self._wait = streamer.reactor.callLater(soonest, self.wake)
+        streamer.waiting.add(self)
+        return True
+
+    def wake(self) -> None:
+        """End a wait for a busy origin: try again every entry that is free now."""
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
+        self._wait = None
+        self.streamer.waiting.discard(self)
+        for entry in self.entries:
+            key = (entry.remote, entry.url)
+            if key in self.errors and self.streamer.cooling_error(entry) is None:
+                self._tried.discard(key)
+        self.next()
 
     def _follower(self, source: InFlight, plan: _Plan) -> Follower:
         options = self.streamer.options
@@ -335,25 +401,35 @@ class _LazyRequest:
         return self.follower
 
     def _source_failed(self, error: BaseException) -> None:
-        self.errors.append(error)
+        if self._trying is not None:
+            self.errors[self._trying] = error
         self.next()
 
     def _client_gone(self, _reason: Any) -> None:
         self.gone = True
+        if self._wait is not None:
+            self._wait.cancel()
+            self._wait = None
+            self.streamer.waiting.discard(self)
         if self.follower is not None:
             self.follower.stop()
 
     def _give_up(self) -> None:
-        errors = self.errors
+        errors = list(self.errors.values())
         headers: dict[bytes, bytes] = {}
         if errors and all(isinstance(e, NotFound) for e in errors):
             status, what = 404, "not found upstream"
+        elif any(busy_seconds(e) is not None for e in errors):
+            # A source asked for time: say when to come back (ceil: never before it).
+            status, what = 503, "upstream busy"
+            left = self.streamer.cooldown_left(self.entries)
+            headers[b"retry-after"] = b"%d" % max(1, math.ceil(left))
         elif errors and all(isinstance(e, DownloadTimeout) for e in errors):
             status, what = 504, "upstream timed out"
         else:
             status, what = 502, "upstream failed"
         left = self.streamer.cooldown_left(self.entries)
-        if status != 404 and left > 0:
+        if status not in (404, 503) and left > 0:
             headers[b"retry-after"] = b"%d" % max(1, round(left))
         reasons = "; ".join(_describe(e) for e in errors)[:400] or "no usable source"
         respond_text(self.request, status, f"{self.path}: {what}: {reasons}", headers)

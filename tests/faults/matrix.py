@@ -102,10 +102,12 @@ class Sync:
 @attrs.frozen
 class Lazy:
     """A streamer client's documented outcome: ``"ok"``, ``"aborted"``, or a plain ``404``,
-    ``502``, ``503`` or ``504`` before the first byte."""
+    ``502``, ``503`` or ``504`` before the first byte; ``retry_after`` checks the seconds of
+    the ``Retry-After`` a 503 carries."""
 
     outcome: str | int
     requests: int = 1
+    retry_after: Callable[[int], bool] | None = None
 
     def describe(self) -> str:
         what = {
@@ -251,11 +253,14 @@ FAULTS = [
         {**TIMEOUTS, "total_timeout": 0.4},
     ),
     # --- busy servers: 429/503, with and without Retry-After, then success -------------------
+    # A live request never asks an origin again before its Retry-After: beyond the remote's
+    # sock_read_timeout (5 s here) the client gets our own 503 and Retry-After at once.
     Fault(
         "429-retry-after-seconds-then-ok",
         lambda: faults.StatusThenServe(429, 2, faults.Serve(BODY), retry_after=7),
         Sync(requests=3),
-        Lazy("ok", 3),
+        Lazy(503, 1, retry_after=lambda seconds: seconds == 7),
+        {"sock_read_timeout": 5},
         retry_after=[7.0, 7.0],
     ),
     Fault(
@@ -269,7 +274,8 @@ FAULTS = [
         "503-retry-after-http-date-then-ok",
         lambda: faults.StatusThenServe(503, 1, faults.Serve(BODY), retry_after=in_seconds(30)),
         Sync(requests=2),
-        Lazy("ok", 2),
+        Lazy(503, 1, retry_after=lambda seconds: 27 <= seconds <= 30),
+        {"sock_read_timeout": 5},
         retry_after=about(30),
     ),
     Fault(

@@ -15,6 +15,7 @@ import time
 
 import pytest_twisted
 
+from store import CatalogEntry
 from tests.support import faults
 from tests.support.clients import run_curl, run_process
 from tests.support.polling import until
@@ -110,3 +111,47 @@ async def test_a_last_modified_in_the_future_is_sent_and_stored_as_now(make_serv
     warm = await head_and_body(env, "fixtures/ahead.txt")
     assert warm["last-modified"] == cold["last-modified"]
     assert len(upstream.requests("/ahead.txt")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_fails_over_at_once_and_holds_the_origin(
+    make_service, upstream, upstream_factory
+):
+    # The first source answers 429 with "Retry-After: 120": its origin is not asked again
+    # before then. The request fails over to the mirror (another origin) at once; a path only
+    # the busy origin has gets our own 503 and Retry-After, without asking it again.
+    mirror = upstream_factory()
+    busy = upstream.register("/a.bin", faults.StatusThenServe(429, 1, faults.Serve(V1), 120))
+    only_busy = upstream.register("/b.bin", faults.Serve(V2))
+    good = mirror.register("/a.bin", faults.Serve(V1))
+    env = await make_service()
+    sha = hashlib.sha256
+    await env.catalog.replace_remote(
+        "fixtures",
+        [
+            CatalogEntry(
+                "fixtures/a.bin", "fixtures", busy, len(V1), {"sha256": sha(V1).hexdigest()}
+            ),
+            CatalogEntry(
+                "fixtures/a.bin",
+                "fixtures",
+                good,
+                len(V1),
+                {"sha256": sha(V1).hexdigest()},
+                position=1,
+            ),
+            CatalogEntry(
+                "fixtures/b.bin", "fixtures", only_busy, len(V2), {"sha256": sha(V2).hexdigest()}
+            ),
+        ],
+    )
+    started = time.monotonic()
+    answer = await head_and_body(env, "fixtures/a.bin")
+    assert (answer["status"], answer["body"].encode("latin-1")) == ("200", V1)
+    assert time.monotonic() - started < 2, "failover must not wait for the Retry-After"
+    assert len(upstream.requests("/a.bin")) == 1, "no retry before the Retry-After"
+    assert len(mirror.requests("/a.bin")) == 1
+    answer = await head_and_body(env, "fixtures/b.bin")
+    assert answer["status"] == "503" and "upstream busy" in answer["body"], answer
+    assert 118 <= int(answer["retry-after"]) <= 120
+    assert upstream.requests("/b.bin") == []

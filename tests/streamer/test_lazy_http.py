@@ -110,14 +110,16 @@ def test_if_range_on_cold_content(lazy_env):
 
 
 @pytest_twisted.inlineCallbacks
-def test_long_backoffs_do_not_delay_failover(lazy_env):
+def test_long_backoffs_do_not_delay_failover(lazy_env, upstream_factory):
     env = lazy_env.start()
-    # Three retries answered "Retry-After: 60" (and exponential backoff otherwise): a live
-    # request still moves on to the next entry within the retry delay cap.
+    # "Retry-After: 60": the origin is not asked again before then (its retries would all
+    # come too early), and the live request moves on to the next entry (a mirror on another
+    # origin) at once.
+    mirror = upstream_factory()
     env.remote("busy", max_retries=3)
-    env.remote("good")
+    env.remote("good", mirror)
     busy = env.upstream.register("/busy", StatusThenServe(503, 100, Serve(BODY), retry_after=60))
-    good = env.upstream.register("/good", Serve(BODY))
+    good = mirror.register("/good", Serve(BODY))
     yield env.publish("repo/f", BODY, ("busy", busy), ("good", good))
 
     started = time.monotonic()
@@ -125,10 +127,27 @@ def test_long_backoffs_do_not_delay_failover(lazy_env):
     elapsed = time.monotonic() - started
     assert code == 0, err
     assert out == BODY
-    assert len(env.upstream.requests("/busy")) == 4, "the remote's retries still happen"
-    assert len(env.upstream.requests("/good")) == 1
-    assert elapsed < 3 * env.streamer.options.retry_delay_cap + 5, elapsed
+    assert len(env.upstream.requests("/busy")) == 1, "no retry before its Retry-After"
+    assert len(mirror.requests("/good")) == 1
+    assert elapsed < env.streamer.options.retry_delay_cap + 5, elapsed
     assert (yield wait_until(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_failures_without_retry_after_keep_their_capped_retries(lazy_env):
+    env = lazy_env.start()
+    env.remote("flaky", max_retries=3)
+    env.remote("good")
+    flaky = env.upstream.register("/flaky", StatusThenServe(503, 100, Serve(BODY)))
+    good = env.upstream.register("/good", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("flaky", flaky), ("good", good))
+
+    started = time.monotonic()
+    code, out, err = yield run_curl("-f", env.url("repo/f"))
+    elapsed = time.monotonic() - started
+    assert (code, out) == (0, BODY), err
+    assert len(env.upstream.requests("/flaky")) == 4, "the remote's retries still happen"
+    assert elapsed < 3 * env.streamer.options.retry_delay_cap + 5, elapsed
 
 
 @pytest_twisted.inlineCallbacks
