@@ -15,6 +15,7 @@ also takes the remote's `DeferredSemaphore(download_concurrency)`, so at most th
 from __future__ import annotations
 
 import functools
+import inspect
 import platform
 from collections.abc import Mapping
 from importlib import metadata
@@ -34,6 +35,8 @@ import twisted
 from downloaders.auth import BasicAuthAgent
 from downloaders.base import BaseDownloader
 from downloaders.client import Http11Agent
+from downloaders.context import DownloadContext
+from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
 from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.proxy import ProxyingAgent
@@ -41,7 +44,14 @@ from downloaders.redirects import RedirectingAgent
 from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
 
-__all__ = ["CachingEndpointFactory", "DownloaderFactory", "RateLimitedAgent", "project_version"]
+__all__ = [
+    "CachingEndpointFactory",
+    "DownloaderFactory",
+    "RateLimitedAgent",
+    "RateLimiter",
+    "accepted_arguments",
+    "project_version",
+]
 
 PROJECT = "twisted-streamer"
 
@@ -98,15 +108,47 @@ class CachingEndpointFactory:
         return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
 
 
+class RateLimiter:
+    """At most ``rate`` starts per second, spaced ``1/rate`` apart: a throttler in Pulp's sense
+    (``acquire()`` fires when it is the caller's turn; ``release()`` has nothing to give back).
+
+    The factory's limiter for a remote's ``rate_limit`` (``factory.throttler``): its agent
+    stack takes a turn per request, and a plugin's own client may take turns from the same one.
+    """
+
+    def __init__(self, rate: float, reactor: Any) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, not {rate!r}")
+        self.interval = 1.0 / rate
+        self._reactor = reactor
+        self._next = 0.0
+
+    def acquire(self) -> defer.Deferred[None]:
+        """Fire when the next start is allowed."""
+        wait = self.wait()
+        if wait <= 0:
+            return defer.succeed(None)
+        return task.deferLater(self._reactor, wait, lambda: None)
+
+    def wait(self) -> float:
+        """Take the next turn; the seconds until it comes (0: now)."""
+        now = self._reactor.seconds()
+        start = max(now, self._next)
+        self._next = start + self.interval
+        return start - now
+
+    def release(self) -> None:
+        """Nothing to give back: a turn is spent when it starts."""
+
+
 @implementer(IAgent)
 class RateLimitedAgent:
     """Starts at most ``rate`` requests per second, spacing them ``1/rate`` apart."""
 
-    def __init__(self, agent: IAgent, rate: float, reactor: Any) -> None:
+    def __init__(self, agent: IAgent, rate: float | RateLimiter, reactor: Any) -> None:
         self._agent = agent
-        self._interval = 1.0 / rate
+        self.limiter = rate if isinstance(rate, RateLimiter) else RateLimiter(rate, reactor)
         self._reactor = reactor
-        self._next = 0.0
 
     def request(
         self,
@@ -115,22 +157,66 @@ class RateLimitedAgent:
         headers: Headers | None = None,
         bodyProducer: Any = None,  # noqa: N803
     ) -> defer.Deferred[Any]:
-        now = self._reactor.seconds()
-        start = max(now, self._next)
-        self._next = start + self._interval
-        if start <= now:
+        wait = self.limiter.wait()
+        if wait <= 0:
             return self._agent.request(method, uri, headers, bodyProducer)
         return task.deferLater(
-            self._reactor, start - now, self._agent.request, method, uri, headers, bodyProducer
+            self._reactor, wait, self._agent.request, method, uri, headers, bodyProducer
         )
+
+
+@functools.cache
+def accepted_arguments(cls: type) -> frozenset[str] | None:
+    """The keyword arguments *cls* takes, following ``**kwargs`` up its classes' ``__init__``s
+    (a subclass passing them on to `BaseDownloader` takes what it takes); None if unknown."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(
+            p.name
+            for p in parameters
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return frozenset(names)
+
+
+class _StaticOrBound:
+    """``DownloaderFactory.user_agent()`` as in Pulp (a static method: ours alone), and
+    ``factory.user_agent()`` on an instance (ours, then the remote's own)."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        return functools.partial(self.function, instance)
 
 
 class DownloaderFactory:
     """Builds downloaders for one remote (a `RemoteSettings`, or anything with its attributes).
 
     :param downloader_overrides: ``{scheme: class}`` replacing the default class of a scheme
-        (``http``, ``https``, ``file``), e.g. a mirror-list downloader.
+        (``http``, ``https``, ``file``) or adding one (``{"ftp": MyDownloader}``). `build`
+        gives each class only the arguments it takes, so a plain `BaseDownloader` subclass
+        gets no HTTP settings.
+    :param allowed_digests: the digest algorithms downloads may check (default: the remote's
+        ``allowed_digests``, else sha224, sha256, sha384, sha512).
     :param temp_dir: where downloaders put their temporary files (default: the system's).
+
+    Shared by every downloader built here: the agent stack (``agent``, also ``session``: one
+    pool, TLS, proxy, credentials), the semaphore (``download_concurrency``), the rate limiter
+    (``throttler``, when the remote has a ``rate_limit``) and the `DownloadContext`
+    (``context``).
     """
 
     default_classes: Mapping[str, type[BaseDownloader]] = {
@@ -146,6 +232,7 @@ class DownloaderFactory:
         *,
         reactor: Any = None,
         temp_dir: str | None = None,
+        allowed_digests: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -160,8 +247,20 @@ class DownloaderFactory:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max(concurrency, 2)
         self.tls_policy = RemoteTLSPolicy.from_settings(remote)
+        if allowed_digests is None:
+            allowed_digests = getattr(remote, "allowed_digests", None)
+        self.allowed_digests = (
+            DEFAULT_ALLOWED_DIGESTS if allowed_digests is None else check_allowed(allowed_digests)
+        )
+        rate = getattr(remote, "rate_limit", 0)
+        #: The remote's rate limiter (``acquire``/``release``), None without a ``rate_limit``.
+        self.throttler = RateLimiter(rate, reactor) if rate else None
+        #: State shared by this remote's downloads (`DownloadContext`).
+        self.context = DownloadContext()
         self._direct: Http11Agent | None = None
         self.agent = self._compose_agent()
+        #: The same agent stack, by the name Pulp's session has.
+        self.session = self.agent
         self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
         #: One `TempFilePool` per temporary folder, made on first use.
@@ -192,20 +291,21 @@ class DownloaderFactory:
             )
         if remote.username:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
-        rate = getattr(remote, "rate_limit", 0)
-        if rate:
-            agent = RateLimitedAgent(agent, rate, self.reactor)
+        if self.throttler is not None:
+            agent = RateLimitedAgent(agent, self.throttler, self.reactor)
         return RedirectingAgent(agent, getattr(remote, "max_redirects", 10))
 
     # Public API ----------------------------------------------------------------------------------
 
-    def user_agent(self) -> str:
-        """``twisted-streamer/V (Python X; Twisted Y)``, then the remote's own user agent."""
+    @_StaticOrBound
+    def user_agent(self: Any = None) -> str:
+        """``twisted-streamer/V (Python X; Twisted Y)``; called on a factory, followed by its
+        remote's own ``user_agent``."""
         ours = (
             f"{PROJECT}/{project_version()} "
             f"(Python {platform.python_version()}; Twisted {twisted.__version__})"
         )
-        theirs = getattr(self.remote, "user_agent", "")
+        theirs = getattr(self.remote, "user_agent", "") if self is not None else ""
         return f"{ours} {theirs}" if theirs else ours
 
     def build(self, url: str, **kwargs: Any) -> BaseDownloader:
@@ -227,6 +327,8 @@ class DownloaderFactory:
             "max_retries": self.remote.max_retries,
             "temp_dir": self.temp_dir,
             "reactor": self.reactor,
+            "allowed_digests": self.allowed_digests,
+            "context": self.context,
         }
         if scheme == "file":
             options["allowed_import_paths"] = getattr(self.remote, "allowed_import_paths", ())
@@ -234,15 +336,21 @@ class DownloaderFactory:
             extra = kwargs.pop("headers", None)
             options.update(
                 agent=self.agent,
+                session=self.agent,
                 headers=merge_headers(self._headers, extra) if extra else self._headers,
                 connect_timeout=self.remote.connect_timeout,
                 sock_read_timeout=self.remote.sock_read_timeout,
                 total_timeout=self.remote.total_timeout,
             )
+        accepted = accepted_arguments(cls)
+        if accepted is not None:
+            options = {name: value for name, value in options.items() if name in accepted}
+            if "session" in accepted and "agent" in options:
+                del options["agent"]  # one of the two names is enough
         options.update(kwargs)
         if self._temp_pools and options.get("writer") is None and "temp_files" not in options:
-            pool = self._temp_pools.get(options["temp_dir"])
-            if pool is not None and issubclass(cls, BaseDownloader):
+            pool = self._temp_pools.get(options.get("temp_dir"))  # type: ignore[arg-type]
+            if pool is not None and (accepted is None or "temp_files" in accepted):
                 options["temp_files"] = pool
         return cls(url, **options)
 

@@ -19,6 +19,8 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
+
 #: Header names whose values are secrets: masked in ``repr`` and dropped on cross-host redirects.
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token"}
@@ -85,6 +87,15 @@ def _headers(instance: Any, attribute: attrs.Attribute, value: Mapping[str, str]
             raise SettingsError(attribute.name, "names and values must be strings")
         if any(c in name + item for c in "\r\n\0"):
             raise SettingsError(attribute.name, f"{name!r} contains a line break or NUL")
+
+
+def _allowed_digests(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise SettingsError("allowed_digests", f"must be a list of algorithm names, not {value!r}")
+    try:
+        return check_allowed(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError("allowed_digests", str(exc).removeprefix("allowed_digests: ")) from None
 
 
 def mask_url(url: str) -> str:
@@ -177,6 +188,11 @@ class RemoteSettings:
     #: Requests per second; 0 means unlimited.
     rate_limit: float = attrs.field(default=0.0, validator=_non_negative)
     max_redirects: int = attrs.field(default=10, validator=_non_negative_int)
+    #: Digest algorithms downloads may check (``expected_digests``); md5 and sha1 only when
+    #: listed here.
+    allowed_digests: tuple[str, ...] = attrs.field(
+        default=DEFAULT_ALLOWED_DIGESTS, converter=_allowed_digests
+    )
     #: Folders file:// urls may read from (set from the [security] section).
     allowed_import_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 

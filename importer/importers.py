@@ -106,12 +106,13 @@ class PulpManifestImporter:
                 )
 
     def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
+        entry = kwargs.pop("remote_artifact", None) or entry
         if entry is not None:
             url = url or entry.url
             kwargs.setdefault("expected_size", entry.size)
             kwargs.setdefault("expected_digests", dict(entry.digests))
         if url is None:
-            raise ValueError("get_downloader needs a url or a catalog entry")
+            raise ValueError("get_downloader needs a url or a catalog entry (remote_artifact=)")
         return self.remote.downloader_factory().build(url, **kwargs)
 
 

@@ -82,12 +82,20 @@ class Remote(RemoteSettings):
             self._importer = make_importer(self)
         return self._importer
 
-    def get_downloader(self, url: str | None = None, entry: Any = None, **kwargs: Any) -> Any:
+    def get_downloader(
+        self, url: str | None = None, remote_artifact: Any = None, **kwargs: Any
+    ) -> Any:
         """The black-box factory: a configured `IDownloader` for a url or a catalog entry.
 
-        With an entry, the downloader expects the entry's size and digests. The remote's
-        importer builds it (the built-in one asks the remote's `DownloaderFactory`).
+        ``remote_artifact`` is Pulp's name for what the catalog's entries are here (``entry=``
+        is the same argument); its downloader expects the entry's size and digests. Further
+        keywords go to the downloader. The remote's importer builds it (the built-in one asks
+        the remote's `DownloaderFactory`).
         """
+        entry = kwargs.pop("entry", None)
+        if remote_artifact is not None and entry is not None and remote_artifact is not entry:
+            raise TypeError("give remote_artifact= or entry=, not both")
+        entry = remote_artifact if remote_artifact is not None else entry
         return self.get_importer().get_downloader(url=url, entry=entry, **kwargs)
 
     def close(self) -> Any:
