@@ -4,6 +4,11 @@ Dispatch: refuse bad paths (`streamer.paths`), look the path up in the catalog, 
 a stored artifact from disk (`streamer.static`), a folder's ``index.html`` or listing
 (`streamer.listing`), or hand lazy entries to `streamer.lazy.LazyStreamer`. Any failure is
 logged and answered with a short plain-text status, never a traceback.
+
+While the catalog's database cannot be reached (`store.CatalogUnavailable`), a path whose
+entries were looked up before (the lookup cache keeps the last answer of up to
+`LOOKUP_CACHE_SIZE` paths) is still served if its artifact is on disk; everything else gets
+``503`` with ``Retry-After`` until the catalog answers again, without a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from store import ArtifactNotFound, CatalogEntry, ListingItem
+from store import ArtifactNotFound, CatalogEntry, CatalogUnavailable, ListingItem
 from streamer.listing import respond_listing
 from streamer.paths import RefusedPath, RequestPath, request_path
 from streamer.signing import client_query
@@ -43,6 +48,8 @@ ACCEL_REQUEST_VALUE = b"x-accel-redirect"
 #: checked on disk, never cached. Unknown paths are not cached.
 LOOKUP_CACHE_SECONDS = 1.0
 LOOKUP_CACHE_SIZE = 10_000
+#: Seconds a client is asked to wait (``Retry-After``) while the catalog is unavailable.
+CATALOG_RETRY_AFTER = 5
 
 _log = Logger()
 
@@ -94,6 +101,7 @@ class ContentResource(Resource):
         self.lazy = self._make_lazy(server)
         self.lookup_cache_seconds = LOOKUP_CACHE_SECONDS
         self._lookups: OrderedDict[str, tuple[float, list[CatalogEntry]]] = OrderedDict()
+        self._catalog_down = False
 
     def _make_lazy(self, server: Any) -> Any:
         """The lazy streamer sharing our catalog, storage and remotes (None if unavailable)."""
@@ -143,6 +151,12 @@ class ContentResource(Resource):
         d.addErrback(self._failed, request)
 
     def _failed(self, failure: Failure, request: IRequest) -> None:
+        if failure.check(CatalogUnavailable) and not request.startedWriting:
+            self._catalog_unavailable(failure.value)
+            if not client_gone(request):
+                retry = str(CATALOG_RETRY_AFTER).encode("ascii")
+                respond_text(request, 503, "catalog unavailable", {b"Retry-After": retry})
+            return
         _log.failure(
             "content request {method} {path} failed",
             failure,
@@ -166,7 +180,17 @@ class ContentResource(Resource):
         if target.folder:
             await self._serve_folder(request, target)
             return
-        entries = await self._lookup(target.path)
+        try:
+            entries = await self._lookup(target.path)
+        except CatalogUnavailable as down:
+            # What the catalog said last still names the artifact: serve it if it is on disk.
+            self._catalog_unavailable(down)
+            cached = self._lookups.get(target.path)
+            if client_gone(request):
+                return
+            if cached is None or not self._serve_stored(request, cached[1], target.path):
+                raise
+            return
         if entries:
             await self._serve_entries(request, entries, target.path)
             return
@@ -177,20 +201,35 @@ class ContentResource(Resource):
         respond_text(request, 404, "not found")
 
     async def _lookup(self, path: str) -> list[CatalogEntry]:
-        """The catalog's entries for *path*, reused for `lookup_cache_seconds` (LRU)."""
+        """The catalog's entries for *path*, reused for `lookup_cache_seconds` (LRU). An
+        expired answer is kept until the catalog gives a new one (for outages)."""
         now = self.reactor.seconds()
         cached = self._lookups.get(path)
-        if cached is not None:
-            if cached[0] > now:
-                self._lookups.move_to_end(path)
-                return cached[1]
-            del self._lookups[path]
+        if cached is not None and cached[0] > now:
+            self._lookups.move_to_end(path)
+            return cached[1]
         entries = list(await self.catalog.lookup(path))
+        if self._catalog_down:
+            self._catalog_down = False
+            _log.info("the catalog answers again")
         if entries and self.lookup_cache_seconds > 0:
             self._lookups[path] = (now + self.lookup_cache_seconds, entries)
+            self._lookups.move_to_end(path)
             if len(self._lookups) > LOOKUP_CACHE_SIZE:
                 self._lookups.popitem(last=False)
+        else:
+            self._lookups.pop(path, None)
         return entries
+
+    def _catalog_unavailable(self, reason: Exception) -> None:
+        """Say once per outage that the catalog is unreachable and what that means."""
+        if not self._catalog_down:
+            self._catalog_down = True
+            _log.warn(
+                "{reason}: serving stored content of known paths; other requests get 503 "
+                "until the catalog answers again",
+                reason=reason,
+            )
 
     async def _serve_folder(self, request: IRequest, target: RequestPath) -> None:
         items = await self._folder_items(target.path)
@@ -239,6 +278,15 @@ class ContentResource(Resource):
     ) -> None:
         if client_gone(request):
             return  # the client left while we asked the catalog
+        if self._serve_stored(request, entries, path):
+            return
+        if self.lazy is None:
+            respond_text(request, 502, "lazy streaming not available")
+            return
+        await defer.maybeDeferred(self.lazy.serve, request, entries, path)
+
+    def _serve_stored(self, request: IRequest, entries: list[CatalogEntry], path: str) -> bool:
+        """Serve the first of *entries* whose artifact is on disk; False when none is."""
         # Stored entries first; the others too, as the artifact may have been stored since
         # (another path, or a download that just finished) before the catalog flag caught up.
         tried: set[str] = set()
@@ -260,11 +308,8 @@ class ContentResource(Resource):
                 clock=self.reactor,
                 stall_timeout=self.stall_timeout,
             )
-            return
-        if self.lazy is None:
-            respond_text(request, 502, "lazy streaming not available")
-            return
-        await defer.maybeDeferred(self.lazy.serve, request, entries, path)
+            return True
+        return False
 
     def _accel_value(self, request: IRequest, sha256: str) -> str | None:
         """The ``X-Accel-Redirect`` value for an artifact, or None when the mode is off or the

@@ -57,6 +57,7 @@ class ServiceEnv:
         security_extra: str = "",
         server_extra: str = "",
         listen: str = "tcp:0:interface=127.0.0.1",
+        catalog_url: str = "",
     ) -> None:
         self.tmp_path = tmp_path
         self.upstream = upstream
@@ -72,7 +73,11 @@ class ServiceEnv:
             "grace_period = 1\n"
             f"stall_timeout = {stall_timeout}\n" + server_extra + "[storage]\n"
             'path = "var"\n'
-            "[security]\n" + key_line + security_extra + "[[remotes]]\n"
+            + (f'[catalog]\nurl = "{catalog_url}"\n' if catalog_url else "")
+            + "[security]\n"
+            + key_line
+            + security_extra
+            + "[[remotes]]\n"
             'name = "fixtures"\n'
             f'url = "{upstream.url("/PULP_MANIFEST")}"\n'
             f'policy = "{policy}"\n'

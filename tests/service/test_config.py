@@ -29,6 +29,7 @@ def test_shipped_configuration_loads_with_documented_defaults():
     assert config.server.max_connections_per_client == 0
     assert config.storage.path == str(REPO / "conf" / "var")
     assert config.catalog_location() == str(REPO / "conf" / "var" / "catalog.sqlite3")
+    assert config.catalog.pool_size == 4
     assert config.remotes == []
     assert config.security.signing_key() is None
 
@@ -107,6 +108,15 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         ),
         ('[stroage]\npath = "x"\n', "stroage: unknown section"),
         ('[catalog]\nurl = "mysql://db"\n', "catalog.url: expected sqlite:///path"),
+        (
+            '[catalog]\nurl = "postgresql://u:pw-secret@db:54x/c"\n',
+            "catalog.url: catalog url postgresql://u@db:54x/c: bad port '54x'",
+        ),
+        (
+            '[catalog]\nurl = "postgresql://db/c?sslmod=require"\n',
+            'catalog.url: catalog url postgresql://db/c: invalid URI query parameter: "sslmod"',
+        ),
+        ("[catalog]\npool_size = 0\n", "catalog.pool_size: must be >= 1, not 0"),
         (REMOTE + 'policy = "lazy"\n', "remotes[0].policy: must be one of immediate"),
         (REMOTE + 'base_path = "metrics"\n', "remotes[0].base_path: /metrics is reserved"),
         (REMOTE + 'base_path = "healthz/x"\n', "remotes[0].base_path: /healthz is reserved"),

@@ -213,6 +213,10 @@ BAD_CONFIGS = [
     ('[server]\nlisten = "tcp:abc"\n', "server.listen: invalid endpoint 'tcp:abc'"),
     (REMOTE + 'base_path = "metrics"\n', "remotes[0].base_path: /metrics is reserved"),
     (REMOTE + 'policy = "sometimes"\n', "remotes[0].policy: must be one of"),
+    (
+        '[catalog]\nurl = "postgresql://u:pw@db:54x/c"\n',
+        "catalog.url: catalog url postgresql://u@db",
+    ),
 ]
 
 

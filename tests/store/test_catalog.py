@@ -393,3 +393,32 @@ def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(sqlite_catalo
         assert (yield catalog.lookup("base/x")) == []
     finally:
         yield writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookup_cost_and_the_reactor_keeps_turning(catalog):
+    """What every content request pays for its lookup (printed: docs/DESIGN.md quotes it), and
+    that the reactor is never the one waiting for the database."""
+    await catalog.replace_remote("r1", [entry(f"d/{i}", content=str(i)) for i in range(1000)])
+    for i in range(50):  # warm up: connections open, statements prepared
+        await catalog.lookup(f"d/{i}")
+    n = 2000
+    started = time.monotonic()
+    for i in range(n):
+        await catalog.lookup(f"d/{i % 1000}")
+    serial = (time.monotonic() - started) / n
+    ticks: list[float] = []
+    loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+    loop.start(0.005)
+    started = time.monotonic()
+    found = await defer.gatherResults([catalog.lookup(f"d/{i % 1000}") for i in range(n)])
+    concurrent = time.monotonic() - started
+    loop.stop()
+    assert all(len(entries) == 1 for entries in found)
+    print(
+        f"\n{type(catalog).__name__} lookup: {serial * 1e6:.0f} us each one after the other, "
+        f"{n / concurrent:.0f}/s with {n} in flight"
+    )
+    assert serial < 0.01
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps, default=0) < 0.5

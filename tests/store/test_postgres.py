@@ -129,31 +129,3 @@ async def test_no_server_at_open_is_one_line_and_quick(tmp_path):
     assert "\n" not in message and "s3cret" not in message
     with pytest.raises(Exception, match="not open"):
         catalog.lookup("a")
-
-
-@pytest_twisted.ensureDeferred
-async def test_lookup_cost_and_the_reactor_keeps_turning(pg_catalog):
-    """What every content request pays (printed: the figure in docs/DESIGN.md comes from
-    here), and that the reactor is never the one waiting for the database."""
-    await pg_catalog.replace_remote("r", [entry(f"d/{i}", str(i)) for i in range(1000)])
-    for i in range(50):  # warm up: connections open, statements prepared
-        await pg_catalog.lookup(f"d/{i}")
-    n = 2000
-    started = time.monotonic()
-    for i in range(n):
-        await pg_catalog.lookup(f"d/{i % 1000}")
-    serial = (time.monotonic() - started) / n
-    ticks: list[float] = []
-    loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
-    loop.start(0.005)
-    started = time.monotonic()
-    await defer.gatherResults([pg_catalog.lookup(f"d/{i % 1000}") for i in range(n)])
-    concurrent = time.monotonic() - started
-    loop.stop()
-    print(
-        f"\npostgres lookup: {serial * 1e6:.0f} us each one after the other, "
-        f"{n / concurrent:.0f}/s with {n} in flight (pool_size={pg_catalog.pool_size})"
-    )
-    assert serial < 0.01
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    assert max(gaps, default=0) < 0.5
