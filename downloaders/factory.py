@@ -2,10 +2,11 @@
 
 The factory composes one ``IAgent`` per remote and hands it to every `HttpDownloader` it builds::
 
-    RedirectingAgent            follow redirects (max_redirects), HTTP(S) only, no loops
-      RateLimitedAgent          space request starts (rate_limit per second), when set
-        BasicAuthAgent          Authorization for the remote's own origin only, when set
-          Agent / ProxyingAgent TLS policy, proxy (CONNECT for https), one HTTPConnectionPool
+    RedirectingAgent              follow redirects (max_redirects), HTTP(S) only, no loops
+      RateLimitedAgent            space request starts (rate_limit per second), when set
+        BasicAuthAgent            Authorization for the remote's own origin only, when set
+          BearerTokenAgent        answer Bearer challenges, one token per scope per remote
+            Agent / ProxyingAgent TLS policy, proxy (CONNECT for https), one HTTPConnectionPool
 
 Basic auth sits *under* the redirects, so it is decided per hop. Every download of the factory
 also takes the remote's `DeferredSemaphore(download_concurrency)`, so at most that many run
@@ -34,11 +35,13 @@ from zope.interface import implementer
 import twisted
 from downloaders.auth import BasicAuthAgent
 from downloaders.base import BaseDownloader
+from downloaders.bearer import BearerTokenAgent
 from downloaders.client import Http11Agent
 from downloaders.context import DownloadContext
 from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
 from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
+from downloaders.mirrors import MirrorList
 from downloaders.proxy import ProxyingAgent
 from downloaders.redirects import RedirectingAgent
 from downloaders.tempfiles import TempFilePool
@@ -261,6 +264,11 @@ class DownloaderFactory:
         self.agent = self._compose_agent()
         #: The same agent stack, by the name Pulp's session has.
         self.session = self.agent
+        mirror_list = getattr(remote, "mirror_list", "")
+        #: The remote's `MirrorList` (a ``mirror_list`` setting), or None.
+        self.mirror_list = (
+            MirrorList(mirror_list, remote.url, self.context, self.agent) if mirror_list else None
+        )
         self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
         #: One `TempFilePool` per temporary folder, made on first use.
@@ -289,6 +297,10 @@ class DownloaderFactory:
             agent = self._direct = Http11Agent(
                 endpoints, twisted_agent, max_idle=self.pool.maxPersistentPerHost
             )
+        login = (remote.username, remote.password) if remote.username else None
+        #: Answers Bearer challenges (token flow), one token request per scope per remote.
+        self.bearer = BearerTokenAgent(agent, self.context, remote.url, login)
+        agent = self.bearer
         if remote.username:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
         if self.throttler is not None:
@@ -337,6 +349,7 @@ class DownloaderFactory:
             options.update(
                 agent=self.agent,
                 session=self.agent,
+                mirror_source=self.mirror_list,
                 headers=merge_headers(self._headers, extra) if extra else self._headers,
                 connect_timeout=self.remote.connect_timeout,
                 sock_read_timeout=self.remote.sock_read_timeout,

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from downloaders import errors
+from downloaders.auth import origin
 from downloaders.base import DONE, BaseDownloader, credentials
 from downloaders.headers import ResponseHeaders
 from downloaders.redirects import RedirectingAgent
@@ -106,6 +107,7 @@ class HttpDownloader(BaseDownloader):
         max_retries: int = 3,
         *,
         agent: IAgent | None = None,
+        mirror_source: Any = None,
         method: str = "GET",
         connect_timeout: float = 60.0,
         sock_read_timeout: float = 60.0,
@@ -149,6 +151,11 @@ class HttpDownloader(BaseDownloader):
         self.proxy = proxy or None
         self.proxy_auth = credentials(proxy_auth, "proxy_auth")
         self.throttler = throttler
+        #: Where to go after this url failed (the factory's `MirrorList` for a remote with a
+        #: ``mirror_list``): anything with ``alternatives(url)`` firing with urls to try.
+        self.mirror_source = mirror_source
+        #: The url the bytes came from (a mirror's, after a failover).
+        self.served_from = self.url
         if session is None:
             session = agent
         if self.proxy is not None:
@@ -205,11 +212,13 @@ class HttpDownloader(BaseDownloader):
         )
         return RedirectingAgent(agent)
 
-    def _headers(self) -> Headers:
+    def _headers(self, url: str | None = None) -> Headers:
         headers = Headers()
         for name, value in self.request_headers.items():
             headers.addRawHeader(name, value)
         login = self.auth or self.url_credentials
+        if url is not None and url != self.url and origin(url) != origin(self.url):
+            login = None  # a mirror elsewhere never gets the url's own credentials
         if login is not None and not headers.hasHeader(b"authorization"):
             user, password = login
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
@@ -217,8 +226,37 @@ class HttpDownloader(BaseDownloader):
         return headers
 
     def _run(self, extra_data: Any = None) -> defer.Deferred[None]:
-        """One attempt: request, check the status, report headers, stream the body."""
-        return _Attempt(self).start()
+        """One attempt: request, check the status, report headers, stream the body; then, if
+        that failed before any byte was handed over, each mirror of the ``mirror_source``."""
+        if self.mirror_source is None:
+            return _Attempt(self, self.url).start()
+        return self._run_with_mirrors()
+
+    @defer.inlineCallbacks
+    def _run_with_mirrors(self) -> Any:
+        try:
+            yield _Attempt(self, self.url).start()
+            return
+        except errors.DownloadError as error:
+            if self._handed_over:
+                raise
+            first = error
+        try:
+            urls = yield self.mirror_source.alternatives(self.url)
+        except Exception:
+            raise first from None  # no list now: the download's own error (asked again later)
+        for url in urls:
+            self._discard()
+            self._start_attempt()
+            try:
+                yield _Attempt(self, url).start()
+            except errors.DownloadError:
+                if self._handed_over:
+                    raise
+                continue
+            self.served_from = url
+            return
+        raise first
 
     def finalize(self) -> Any:
         """HEAD fetches no body: no file to keep and nothing to validate."""
@@ -241,9 +279,9 @@ class _Attempt:
     aborts what is still in flight, so no connection outlives the attempt.
     """
 
-    def __init__(self, downloader: HttpDownloader) -> None:
+    def __init__(self, downloader: HttpDownloader, url: str) -> None:
         self.downloader = downloader
-        self.url = downloader.url
+        self.url = url
         self.done: defer.Deferred[None] = defer.Deferred(self._cancelled)
         self.finished = False
         self.received = 0
@@ -281,7 +319,7 @@ class _Attempt:
             self._idle = clock.callLater(dl.sock_read_timeout, self._timed_out, "read")
         try:
             self._request = dl.agent.request(
-                dl.method.encode("ascii"), self.url.encode("utf-8"), dl._headers(), None
+                dl.method.encode("ascii"), self.url.encode("utf-8"), dl._headers(self.url), None
             )
         except Exception as exc:
             self.fail(_wrap(self.url, exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -27,6 +28,11 @@ def _importer(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         from importer.importers import load_importer_class
 
         load_importer_class(value)
+
+
+def _mirror_list(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value and urlsplit(value).scheme not in ("http", "https"):
+        raise SettingsError(attribute.name, f"must be an http(s) url, not {value!r}")
 
 
 def _processes(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -55,6 +61,9 @@ class Remote(RemoteSettings):
     )
     #: Further base urls, tried in order after the manifest's own location.
     mirrors: list[str] = attrs.field(factory=list)
+    #: The url of a mirror list (one base url a line), fetched once per remote; a download
+    #: whose own url failed tries those mirrors in order.
+    mirror_list: str = attrs.field(default="", validator=_mirror_list)
     #: ``module:Class`` of a custom importer; empty for the built-in PULP_MANIFEST importer.
     importer: str = attrs.field(default="", validator=_importer)
 

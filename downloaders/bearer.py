@@ -1,0 +1,213 @@
+"""Bearer-token auth (the token flow of container registries), shared by a remote's downloads.
+
+A server answers ``401`` with ``WWW-Authenticate: Bearer realm="https://auth/token",
+service="registry",scope="repository:x:pull"``. `BearerTokenAgent` then asks the realm for a
+token (``GET realm?service=...&scope=...``, with the remote's Basic credentials when it has
+some), and repeats the request with ``Authorization: Bearer <token>``. The token is resolved
+through the remote's `DownloadContext`: one token request per scope for the whole remote, however
+many downloads were challenged at once. Later requests to the same origin send the latest token
+up front. A token the server refuses (expired) is fetched again once; a second refusal is the
+server's answer (401).
+
+The token only goes to the origin that asked for it (the agent sits under the redirects, which
+drop ``Authorization`` on a hop to another origin). Basic credentials go to the realm only over
+https, or when the realm is the remote's own origin.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from downloaders.auth import origin
+from downloaders.errors import DownloadError
+from downloaders.proxy import basic_credentials
+from downloaders.redirects import _discard_body
+
+__all__ = ["BearerTokenAgent", "parse_challenge"]
+
+#: Token answers bigger than this are refused (a token is a few KiB at most).
+TOKEN_BODY_LIMIT = 64 * 1024
+
+
+def parse_challenge(value: str) -> dict[str, str] | None:
+    """The parameters of a ``Bearer`` challenge (``realm``, ``service``, ``scope``, ...), lower-
+    case names; None when *value* is not a Bearer challenge with a realm."""
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " ,":
+            i += 1
+        eq = rest.find("=", i)
+        if eq < 0:
+            break
+        name = rest[i:eq].strip().lower()
+        i = eq + 1
+        if i < n and rest[i] == '"':
+            i += 1
+            chars = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                chars.append(rest[i])
+                i += 1
+            i += 1
+            value_ = "".join(chars)
+        else:
+            end = rest.find(",", i)
+            end = n if end < 0 else end
+            value_ = rest[i:end].strip()
+            i = end
+        if name:
+            params[name] = value_
+    realm = params.get("realm", "")
+    if urlsplit(realm).scheme not in ("http", "https"):
+        return None
+    return params
+
+
+@implementer(IAgent)
+class BearerTokenAgent:
+    """Answers Bearer challenges for the requests of *agent* (see the module docstring).
+
+    :param context: the remote's `DownloadContext` (tokens are resolved once per scope there).
+    :param remote_url: the remote's url: its origin may receive Basic credentials over http.
+    :param credentials: the remote's ``(username, password)`` for the token request, or None.
+    """
+
+    def __init__(
+        self,
+        agent: IAgent,
+        context: Any,
+        remote_url: str,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self._agent = agent
+        self._context = context
+        self._remote_origin = origin(remote_url)
+        self._credentials = credentials
+        #: The key of the latest token per origin, sent up front to that origin.
+        self._latest: dict[tuple[str, str, int | None], tuple[str, ...]] = {}
+        #: Token requests made (for checks).
+        self.token_requests = 0
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: Any = None,  # noqa: N803
+    ) -> defer.Deferred[Any]:
+        where = origin(uri)
+        key = self._latest.get(where)
+        token = self._context.values.get(key) if key is not None else None
+        sent = self._send(method, uri, headers, bodyProducer, token)
+        if bodyProducer is not None:
+            return sent  # a body cannot be sent twice: the 401 is the answer
+        return sent.addCallback(self._answered, method, uri, headers, where, token, retried=False)
+
+    def _send(
+        self, method: bytes, uri: bytes, headers: Headers | None, body: Any, token: str | None
+    ) -> defer.Deferred[Any]:
+        if token is not None:  # supersedes Basic credentials for an origin that asked for it
+            headers = headers.copy() if headers is not None else Headers()
+            headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode("latin-1")])
+        return self._agent.request(method, uri, headers, body)
+
+    def _answered(
+        self,
+        response: Any,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None,
+        where: tuple[str, str, int | None],
+        token: str | None,
+        retried: bool,
+    ) -> Any:
+        if response.code != 401 or retried:
+            return response
+        challenge = None
+        for value in response.headers.getRawHeaders(b"www-authenticate") or []:
+            challenge = parse_challenge(value.decode("latin-1"))
+            if challenge is not None:
+                break
+        if challenge is None:
+            return response
+        key = (
+            "bearer",
+            challenge["realm"],
+            challenge.get("service", ""),
+            challenge.get("scope", ""),
+        )
+        if token is not None and self._context.values.get(key) == token:
+            self._context.forget(key, stale=token)  # refused: expired or revoked
+        resolving = self._context.resolve_once(key, self._fetch_token, challenge)
+        draining = _discard_body(response)
+
+        def retry(results: list[Any]) -> defer.Deferred[Any]:
+            new_token = results[0]
+            self._latest[where] = key
+            again = self._send(method, uri, headers, None, new_token)
+            return again.addCallback(
+                self._answered, method, uri, headers, where, new_token, retried=True
+            )
+
+        gathered = defer.gatherResults([resolving, draining], consumeErrors=True)
+        gathered.addErrback(lambda failure: failure.value.subFailure)
+        return gathered.addCallback(retry)
+
+    def _fetch_token(self, challenge: dict[str, str]) -> defer.Deferred[str]:
+        """One token request to the challenge's realm; fires with the token."""
+        self.token_requests += 1
+        realm = challenge["realm"]
+        query = {name: challenge[name] for name in ("service", "scope") if challenge.get(name)}
+        url = realm + (("&" if "?" in realm else "?") + urlencode(query) if query else "")
+        headers = {}
+        realm_origin = origin(realm)
+        if self._credentials is not None and (
+            realm_origin[0] == "https" or realm_origin == self._remote_origin
+        ):
+            headers["Authorization"] = basic_credentials(*self._credentials).decode("latin-1")
+        client = HTTPClient(self._agent)
+        asked = client.get(url, headers=headers)
+
+        def answered(response: Any) -> defer.Deferred[str]:
+            if response.code != 200:
+                return _discard_body(response).addCallback(
+                    lambda _: _token_error(url, f"the token service answered {response.code}")
+                )
+            if isinstance(response.length, int) and response.length > TOKEN_BODY_LIMIT:
+                return _discard_body(response).addCallback(
+                    lambda _: _token_error(url, "the token answer is too big")
+                )
+            return treq.content(response).addCallback(_token_from, url)
+
+        return asked.addCallback(answered)
+
+
+def _token_from(body: bytes, url: str) -> str:
+    if len(body) > TOKEN_BODY_LIMIT:
+        _token_error(url, "the token answer is too big")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        _token_error(url, "the token answer is not JSON")
+    token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token:
+        _token_error(url, "the token answer holds no token")
+    return token
+
+
+def _token_error(url: str, message: str) -> Any:
+    raise DownloadError(url.split("?", 1)[0], f"bearer token request failed: {message}")

@@ -1,0 +1,166 @@
+"""What the downloads of one remote share through its DownloadContext, against real loopback
+servers: a mirror list fetched once and tried in order after a failure, and bearer tokens
+(one token request per scope for the whole remote, an expired token refreshed once)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from downloaders import NotAuthorized
+from downloaders.bearer import parse_challenge
+from downloaders.mirrors import parse_mirror_list
+from importer import Remote
+from tests.support.faults import Behaviour, Serve, Status
+
+FILES = {f"pool/f{n:03d}.bin": (b"file %d\n" % n) * (n + 1) for n in range(100)}
+
+
+def digests(body: bytes) -> dict[str, str]:
+    return {"sha256": hashlib.sha256(body).hexdigest()}
+
+
+async def download_all(remote: Remote, base: str, tmp_path: Any) -> list[Any]:
+    runs = [
+        remote.get_downloader(
+            url=base + name,
+            expected_digests=digests(body),
+            expected_size=len(body),
+            temp_dir=str(tmp_path),
+        ).run()
+        for name, body in FILES.items()
+    ]
+    return await defer.gatherResults(runs, consumeErrors=True)
+
+
+def test_mirror_list_and_challenge_parsing():
+    text = "# mirrors\n\nhttp://a.example/pub\nftp://no.example/\nhttps://b.example/x/\n"
+    assert parse_mirror_list(text) == ["http://a.example/pub/", "https://b.example/x/"]
+    challenge = parse_challenge(
+        'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push"'
+    )
+    assert challenge == {
+        "realm": "https://auth.example/token",
+        "service": "reg",
+        "scope": "repository:a/b:pull,push",
+    }
+    assert parse_challenge('Basic realm="x"') is None
+    assert parse_challenge('Bearer realm="file:///etc/passwd"') is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_100_downloads_fetch_the_mirror_list_once(upstream, tmp_path):
+    for name, body in FILES.items():
+        upstream.register(f"/good/{name}", Serve(body))
+    listing = "# first a mirror that lost its files, then a good one\n{}\n{}\n".format(
+        upstream.url("/stale/"), upstream.url("/good")
+    )
+    upstream.register("/mirrors.txt", Serve(listing.encode(), content_type="text/plain"))
+    remote = Remote(
+        name="m",
+        url=upstream.url("/repo/PULP_MANIFEST"),
+        mirror_list=upstream.url("/mirrors.txt"),
+        max_retries=0,
+        download_concurrency=10,
+    )
+    results = await download_all(remote, upstream.url("/repo/"), tmp_path)
+
+    assert len(results) == 100
+    assert len(upstream.requests("/mirrors.txt")) == 1, "one mirror-list request per remote"
+    assert all(
+        r.artifact_attributes["sha256"] == digests(FILES[n])["sha256"]
+        for r, n in zip(results, FILES, strict=True)
+    )
+    assert len(upstream.requests("/good/pool/f000.bin")) == 1
+    assert len(upstream.requests("/stale/pool/f000.bin")) == 1, "mirrors are tried in order"
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mirror_list_that_cannot_be_fetched_is_not_kept(upstream, tmp_path):
+    remote = Remote(
+        name="m",
+        url=upstream.url("/repo/PULP_MANIFEST"),
+        mirror_list=upstream.url("/mirrors.txt"),
+        max_retries=0,
+    )
+    url = upstream.url("/repo/a.bin")
+    with pytest.raises(Exception, match="404"):
+        await remote.get_downloader(url, temp_dir=str(tmp_path)).run()  # its own 404
+    upstream.register("/mirrors.txt", Serve(upstream.url("/good/").encode()))
+    upstream.register("/good/a.bin", Serve(b"found"))
+    result = await remote.get_downloader(url, temp_dir=str(tmp_path)).run()
+    assert result.artifact_attributes["size"] == 5
+    assert len(upstream.requests("/mirrors.txt")) == 2
+    await remote.close()
+
+
+class TokenService(Behaviour):
+    """The realm: answers ``{"token": state.issue}`` and records each request."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def render(self, request: Request) -> bytes:
+        self.state["token_requests"].append(
+            (request.args, (request.getHeader(b"authorization") or b"").decode())
+        )
+        return Serve(json.dumps({"token": self.state["issue"]}).encode()).render(request)
+
+
+class Registry(Behaviour):
+    """Serves *body* to ``Authorization: Bearer <state.valid>``; a Bearer challenge otherwise."""
+
+    def __init__(self, body: bytes, state: dict[str, Any], realm: str) -> None:
+        self.body = body
+        self.state = state
+        self.realm = realm
+
+    def render(self, request: Request) -> Any:
+        if request.getHeader(b"authorization") == f"Bearer {self.state['valid']}".encode():
+            return Serve(self.body).render(request)
+        challenge = f'Bearer realm="{self.realm}",service="reg",scope="repository:r:pull"'
+        return Status(401, {"WWW-Authenticate": challenge}).render(request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bearer_tokens_one_request_per_scope_and_one_refresh(upstream, tmp_path):
+    state: dict[str, Any] = {"valid": "t1", "issue": "t1", "token_requests": []}
+    realm = upstream.register("/token", TokenService(state))
+    for name, body in FILES.items():
+        upstream.register(f"/v2/{name}", Registry(body, state, realm))
+    remote = Remote(
+        name="reg",
+        url=upstream.url("/v2/PULP_MANIFEST"),
+        username="alice",
+        password="s3cret",
+        max_retries=0,
+        download_concurrency=10,
+    )
+    results = await download_all(remote, upstream.url("/v2/"), tmp_path)
+    assert len(results) == 100
+    [(args, authorization)] = state["token_requests"]
+    assert len(state["token_requests"]) == 1, "one token request for 100 downloads"
+    assert args == {b"service": [b"reg"], b"scope": [b"repository:r:pull"]}
+    assert authorization.startswith("Basic "), "the remote's credentials go to its own realm"
+
+    # The token expires: the next downloads refresh it once, together.
+    state["valid"] = state["issue"] = "t2"
+    results = await download_all(remote, upstream.url("/v2/"), tmp_path)
+    assert len(results) == 100 and len(state["token_requests"]) == 2
+
+    # A token the registry refuses at once: one refresh, then the 401 is the answer.
+    state["valid"], state["issue"] = "t3", "never-valid"
+    name, body = next(iter(FILES.items()))
+    with pytest.raises(NotAuthorized):
+        await remote.get_downloader(
+            upstream.url(f"/v2/{name}"), expected_digests=digests(body), temp_dir=str(tmp_path)
+        ).run()
+    assert len(state["token_requests"]) == 3
+    await remote.close()
