@@ -30,6 +30,12 @@ class IArtifactStorage(Interface):
         """Remove this process's temporary files (older than min_age seconds) and those of
         processes that are gone; return how many were removed."""
 
+    def writable_problem():
+        """Why new files cannot be stored now (read-only, full, ...), or None when they can."""
+
+    def check_room(size):
+        """Raise OSError(ENOSPC) when fewer than *size* bytes are free for new files."""
+
     def close():
         """Remove this process's temporary folder (at the end); return the files removed."""
 

@@ -28,7 +28,7 @@ import attrs
 from zope.interface import implementer
 
 from store.digests import is_sha256_hex
-from store.errors import ArtifactNotFound, StorageError
+from store.errors import ArtifactNotFound, StorageError, local_fault
 from store.interfaces import IArtifactStorage
 from store.tempdirs import OwnTempDir, remove_stale
 
@@ -205,6 +205,43 @@ class ArtifactStorage:
         own = self._own_temp if self._own_temp is not None and self._own_temp.alive else None
         removed = own.clear(min_age) if own is not None else 0
         return removed + remove_stale(self.temp_root, own, min_age)
+
+    def writable_problem(self) -> str | None:
+        """Why new files cannot be stored now, or None: ``storage read-only``, ``storage
+        full``, ``too many open files`` (with the errno), or the error of a failed write.
+
+        One ``statvfs`` and a one-byte probe file in tmp/ (created, written, removed): cheap
+        enough for every health check, and it sees what ``os.access`` cannot (a read-only
+        mount, a full disk, root's writes)."""
+        try:
+            fs = os.statvfs(self.temp_root)
+            if fs.f_flag & os.ST_RDONLY:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.temp_root)
+            if fs.f_bavail == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.temp_root)
+            probe = os.path.join(self.temp_root, f".probe-{os.getpid()}-{os.urandom(4).hex()}")
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"\0")
+            finally:
+                os.close(fd)
+                _remove_quietly(probe)
+        except OSError as exc:
+            fault = local_fault(exc)
+            return fault.detail if fault is not None else f"cannot write in {self.temp_root}: {exc}"
+        return None
+
+    def check_room(self, size: int) -> None:
+        """Raise ``OSError(ENOSPC)`` when the filesystem has less than *size* bytes free for
+        us: a download that could never be stored is refused before it starts."""
+        fs = os.statvfs(self.temp_root)
+        if fs.f_bavail * fs.f_frsize < size:
+            raise OSError(
+                errno.ENOSPC,
+                f"{os.strerror(errno.ENOSPC)}: {size} bytes needed, "
+                f"{fs.f_bavail * fs.f_frsize} free",
+                self.temp_root,
+            )
 
     def close(self) -> int:
         """Remove this process's temporary folder and everything in it (at the end of a

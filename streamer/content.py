@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from store import ArtifactNotFound, CatalogEntry, CatalogUnavailable, ListingItem
+from store.errors import local_fault
 from streamer.listing import respond_listing
 from streamer.paths import RefusedPath, RequestPath, request_path
 from streamer.signing import client_query
@@ -157,17 +158,27 @@ class ContentResource(Resource):
                 retry = str(CATALOG_RETRY_AFTER).encode("ascii")
                 respond_text(request, 503, "catalog unavailable", {b"Retry-After": retry})
             return
-        _log.failure(
-            "content request {method} {path} failed",
-            failure,
-            method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("utf-8", "backslashreplace"),
-        )
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "backslashreplace")
+        fault = local_fault(failure.value)
+        if fault is not None:  # this host's trouble (no descriptor, disk): one line, a 503
+            _log.error(
+                "content request {method} {path}: {fault}",
+                method=method,
+                path=path,
+                fault=fault.detail,
+            )
+        else:
+            _log.failure(
+                "content request {method} {path} failed", failure, method=method, path=path
+            )
         if client_gone(request):
             return
         if request.startedWriting:
             # Headers are out: only cutting the connection tells the client it is incomplete.
             request.transport.abortConnection()
+        elif fault is not None:
+            respond_text(request, 503, fault.reason)
         else:
             respond_text(request, 500, "internal server error")
 

@@ -134,6 +134,7 @@ class InFlight:
         """
         self._headers_filter = headers_filter
         try:
+            self.storage.check_room(self.size)  # never start what cannot be stored
             # One os.open, already with the artifacts' mode (the commit needs no chmod).
             self._write_fd, self.path = create_temp_file(self.storage.temp_dir, ARTIFACT_MODE)
             self._read_fd = os.open(self.path, os.O_RDONLY)

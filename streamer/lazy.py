@@ -31,10 +31,12 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
 from importer.commit import GroupCommitter
+from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
@@ -57,6 +59,8 @@ from streamer.static import (
 )
 
 __all__ = ["LazyOptions", "LazyStreamer"]
+
+_log = Logger()
 
 
 @attrs.frozen
@@ -232,6 +236,15 @@ class LazyStreamer:
         return self._committer.commit(temp_path, sha256, size)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
+        fault = local_fault(error)
+        if fault is not None:  # this host's fault, not the source's: no cooldown
+            _log.error(
+                "cannot download {sha256} ({remote}): {fault}; answered 503",
+                sha256=entry.sha256,
+                remote=entry.remote,
+                fault=fault.detail,
+            )
+            return
         now = self.reactor.seconds()
         # A Retry-After holds the whole origin for the time it named, instead of a cooldown.
         if not self.busy.record(entry.url, error, now):
@@ -401,6 +414,10 @@ class _LazyRequest:
         return self.follower
 
     def _source_failed(self, error: BaseException) -> None:
+        fault = local_fault(error)
+        if fault is not None:  # another source would fail the same way here
+            respond_text(self.request, 503, fault.reason)
+            return
         if self._trying is not None:
             self.errors[self._trying] = error
         self.next()

@@ -41,19 +41,27 @@ class MetricsResource(Resource):
 
 class HealthResource(Resource):
     """200 ``ok`` while the service accepts work; 503 ``starting`` before it is ready (while
-    *starting* says so), 503 ``shutting down`` after."""
+    *starting* says so), 503 ``shutting down`` after, and 503 with the reason while *problem*
+    names one (storage that cannot take new files: ``storage read-only (EROFS: ...)``)."""
 
     isLeaf = True
 
     def __init__(
-        self, healthy: Callable[[], bool], starting: Callable[[], bool] = lambda: False
+        self,
+        healthy: Callable[[], bool],
+        starting: Callable[[], bool] = lambda: False,
+        problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         super().__init__()
         self._healthy = healthy
         self._starting = starting
+        self._problem = problem
 
     def render_GET(self, request: Request) -> bytes:
         if self._healthy():
+            problem = self._problem()
+            if problem is not None:
+                return plain_text(request, 503, f"{problem}\n")
             return plain_text(request, 200, "ok\n")
         if self._starting():
             return plain_text(request, 503, "starting\n")

@@ -30,6 +30,7 @@ from twisted.web import server
 from twisted.web.resource import IResource, Resource
 
 from store.catalog import open_catalog, open_for_storage
+from store.errors import StorageError
 from store.storage import ArtifactStorage
 from streamer.channel import ClientLimit, StreamerChannel
 from streamer.config import CONFIG_ENV, Config
@@ -329,6 +330,9 @@ class StreamerService(MultiService):
         self.standalone = standalone
         self.metrics = metrics if metrics is not None else Metrics()
         self.storage = ArtifactStorage(config.storage.path)
+        problem = self.storage.writable_problem()
+        if problem is not None:  # serving lazy content would fail on every request
+            raise StorageError(f"storage at {self.storage.root} cannot take new files: {problem}")
         self.metrics.watch_temp_dir(self.storage.temp_root)
         self.catalog = open_catalog(
             config.catalog.url,
@@ -356,6 +360,7 @@ class StreamerService(MultiService):
             b"healthz": HealthResource(
                 lambda: self.ready and not self.stopping,
                 starting=lambda: not (self.ready or self.stopping or self.failure),
+                problem=self.storage.writable_problem,
             ),
         }
         self.root = RootResource(served, ops, lambda: self.ready)

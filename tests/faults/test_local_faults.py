@@ -7,18 +7,28 @@ real clients or a real ``streamer sync`` beside it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import resource
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import pytest_twisted
+from twisted.internet import defer
 
+from store import CatalogEntry, open_catalog
 from store.tempdirs import FOLDER_PREFIX
 from streamer.config import load_config
 from streamer.service import StreamerService
-from tests.support.clients import run_process
-from tests.support.faults import Serve, Trickle
+from tests.faults.service_env import ServiceEnv
+from tests.service.test_twistd import TWISTD, healthy, run, sigterm, twistd_run
+from tests.support.clients import run_curl, run_process
+from tests.support.faults import Gated, Serve, Trickle
 from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
@@ -119,3 +129,231 @@ async def test_service_start_removes_the_files_of_a_process_that_died(tmp_path, 
         assert [p.name for p in (var / "tmp").iterdir()] == []
     finally:
         await service.stopService()
+
+
+# -- a full or read-only storage -----------------------------------------------------------
+
+
+def _mount(*args: str) -> None:
+    done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"mounting is not permitted here: {done.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *args: str) -> Iterator[Path]:
+    """``mount ARGS TARGET`` for the block (skip the test where mounting is not permitted)."""
+    target.mkdir(parents=True, exist_ok=True)
+    _mount(*args, str(target))
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of *folder* with one file until about *leave* bytes are free."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        while True:
+            fs = os.statvfs(folder)
+            free = fs.f_bavail * fs.f_frsize - leave
+            if free <= 0:
+                break
+            try:
+                f.write(b"\0" * min(free, 64 * 1024))
+                f.flush()
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+                break
+    return filler
+
+
+async def curl(url: str, *args: str) -> tuple[int, str, bytes]:
+    """GET *url* with curl: (curl's exit code, the status, the body)."""
+    code, out, _err = await run_curl("-sS", "-w", "\n%{http_code}", *args, url)
+    body, _, status = out.rpartition(b"\n")
+    return code, status.decode(), body
+
+
+@pytest_twisted.async_yield_fixture
+async def small_storage_service(tmp_path, upstream):
+    """A running service whose storage (and catalog) is a 1 MiB tmpfs."""
+    with mounted(tmp_path / "var", "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
+        env = await ServiceEnv(tmp_path, upstream).start()
+        try:
+            yield env
+        finally:
+            await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_storage_is_a_503_without_cooldown_and_healthz_says_so(
+    tmp_path, upstream, small_storage_service
+):
+    env = small_storage_service
+    data = os.urandom(100_000)
+    upstream.register("/files/a.bin", Serve(data))
+    await env.add("a.bin", data, stored=False, url=upstream.url("/files/a.bin"))
+    filler = fill(tmp_path / "var")
+
+    code, status, body = await curl(env.url("fixtures/a.bin"))
+    assert (code, status) == (0, "503")
+    assert body == b"storage full\n"
+    assert upstream.requests("/files/a.bin") == []  # refused before any upstream request
+    code, status, body = await curl(env.url("healthz"))
+    assert status == "503" and body.startswith(b"storage full (ENOSPC"), body
+
+    filler.unlink()  # room again: served at once, no cooldown held against the upstream
+    code, status, body = await curl(env.url("fixtures/a.bin"))
+    assert (code, status, body) == (0, "200", data)
+    await until(lambda: env.storage.has(sha256(data)))
+    assert (await curl(env.url("healthz")))[1:] == ("200", b"ok\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_storage_filling_up_mid_download_aborts_and_stores_nothing(
+    tmp_path, upstream, small_storage_service
+):
+    """Two downloads that each fit but not together: the tee file of one fails mid-stream.
+    Its client is cut (a 503 if no byte was sent yet), nothing partial is stored or left in
+    tmp/, and the next request goes upstream again (no cooldown)."""
+    env = small_storage_service
+    blobs = {name: os.urandom(300_000) for name in ("a.bin", "b.bin")}
+    gates = {name: Gated(Trickle(data, bytes_per_sec=1_000_000)) for name, data in blobs.items()}
+    for name, data in blobs.items():
+        upstream.register(f"/files/{name}", gates[name])
+        await env.add(name, data, stored=False, url=upstream.url(f"/files/{name}"))
+    filler = fill(tmp_path / "var", leave=450_000)
+
+    # Both downloads start (each fits), then their bytes arrive side by side.
+    getting = [defer.ensureDeferred(curl(env.url(f"fixtures/{name}"))) for name in blobs]
+    await until(lambda: all(gate.waiting for gate in gates.values()))
+    for gate in gates.values():
+        gate.release()
+    results = [await d for d in getting]
+    failed = [
+        (name, result)
+        for name, result in zip(blobs, results, strict=True)
+        if result != (0, "200", blobs[name])
+    ]
+    assert len(failed) == 1, results
+    name, (code, status, body) = failed[0]
+    if status == "503":
+        assert body == b"storage full\n"
+    else:  # cut mid-body: curl reports the transfer as incomplete (18) or broken (56)
+        assert status == "200" and code in (18, 56) and len(body) < len(blobs[name])
+    assert not env.storage.has(sha256(blobs[name]))
+    await until(lambda: not env.lazy.in_flight)
+    assert env.temp_files() == []
+
+    filler.unlink()
+    before = len(upstream.requests(f"/files/{name}"))
+    assert await curl(env.url(f"fixtures/{name}")) == (0, "200", blobs[name])
+    assert len(upstream.requests(f"/files/{name}")) == before + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_storage_is_a_503_and_healthz_says_so(tmp_path, upstream):
+    env = await ServiceEnv(tmp_path, upstream).start()
+    try:
+        stored, lazy = b"stored bytes\n", os.urandom(10_000)
+        upstream.register("/files/lazy.bin", Serve(lazy))
+        await env.add("stored.txt", stored, stored=True)
+        await env.add("lazy.bin", lazy, stored=False, url=upstream.url("/files/lazy.bin"))
+        env.storage.temp_dir  # noqa: B018 - made before the storage turns read-only
+        with mounted(tmp_path / "var", "--bind", str(tmp_path / "var")):
+            _mount("-o", "remount,ro,bind", str(tmp_path / "var"))
+            assert await curl(env.url("fixtures/lazy.bin")) == (
+                0,
+                "503",
+                b"storage read-only\n",
+            )
+            assert upstream.requests("/files/lazy.bin") == []
+            code, status, body = await curl(env.url("healthz"))
+            assert status == "503" and body.startswith(b"storage read-only (EROFS"), body
+            assert await curl(env.url("fixtures/stored.txt")) == (0, "200", stored)
+        # Writable again: no cooldown, the same request goes through.
+        assert await curl(env.url("fixtures/lazy.bin")) == (0, "200", lazy)
+        assert (await curl(env.url("healthz")))[1:] == ("200", b"ok\n")
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_refuses_to_start_on_read_only_storage_with_one_line(tmp_path, upstream):
+    config = write_config(tmp_path, upstream)
+    var = tmp_path / "var"
+    for folder in ("artifacts", "tmp"):
+        (var / folder).mkdir(parents=True)
+    with mounted(var, "--bind", str(var)):
+        _mount("-o", "remount,ro,bind", str(var))
+        out, err, code = await run(
+            [*TWISTD, "-n", "--pidfile=", "streamer", "--config", str(config)], tmp_path
+        )
+    assert code != 0
+    assert err.splitlines() == [
+        f"streamer: storage at {var} cannot take new files: "
+        "storage read-only (EROFS: Read-only file system)"
+    ], out + err
+    assert "Traceback" not in out + err
+
+
+async def catalog_lazy(config: Path, files: dict[str, bytes], url) -> None:
+    """Record *files* of remote ``repo`` in the catalog of *config*, not stored."""
+    settings = load_config(config, environ={})
+    catalog = open_catalog(settings.catalog.url, settings.storage.path)
+    await catalog.open()
+    try:
+        entries = [
+            CatalogEntry(f"repo/{name}", "repo", url(name), len(data), {"sha256": sha256(data)})
+            for name, data in files.items()
+        ]
+        await catalog.replace_remote("repo", entries)
+    finally:
+        await catalog.close()
+
+
+def leave_descriptors(pid: int, count: int) -> None:
+    """Lower *pid*'s open-file (soft) limit so that *count* more descriptors can be opened;
+    the hard limit stays, so the soft one can be raised again."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    free = [fd for fd in range(len(used) + count + 1) if fd not in used]
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[count], hard))
+
+
+@pytest.mark.parametrize(
+    ("left", "where"),
+    [(1, "content request GET /repo/a.bin"), (2, "cannot download")],
+    ids=["opening-the-artifact", "making-the-temp-file"],
+)
+@pytest_twisted.ensureDeferred
+async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, left, where):
+    """``twistd -n streamer`` with one or two descriptors left: the client's connection takes
+    one, then opening the artifact (is it stored?) or the download's temp file fails: 503
+    ``too many open files``, EMFILE in the log (one line, no traceback), and the same request
+    is served once descriptors are back."""
+    data = os.urandom(20_000)
+    upstream.register("/files/a.bin", Serve(data))
+    config = write_config(tmp_path, upstream, policy="on_demand")
+    await catalog_lazy(config, {"a.bin": data}, lambda name: upstream.url(f"/files/{name}"))
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    try:
+        await healthy(base, proto)
+        assert (await curl(base + "/repo/missing.bin"))[1] == "404"  # the catalog is open
+        limits = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+        leave_descriptors(process.pid, left)
+        try:
+            got = await curl(base + "/repo/a.bin")
+        finally:
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, limits)
+        assert got == (0, "503", b"too many open files\n"), proto.output.decode()
+        assert upstream.requests("/files/a.bin") == []
+        assert await curl(base + "/repo/a.bin") == (0, "200", data)
+    finally:
+        code = await sigterm(proto, process)
+    output = proto.output.decode()
+    assert code == 0, output
+    assert f"{where}" in output and "too many open files (EMFILE: Too many open files)" in output
+    assert "Traceback" not in output
