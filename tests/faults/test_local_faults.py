@@ -314,9 +314,17 @@ async def catalog_lazy(config: Path, files: dict[str, bytes], url) -> None:
         await catalog.close()
 
 
-def leave_descriptors(pid: int, count: int) -> None:
+async def leave_descriptors(pid: int, count: int) -> None:
     """Lower *pid*'s open-file (soft) limit so that *count* more descriptors can be opened;
-    the hard limit stays, so the soft one can be raised again."""
+    the hard limit stays, so the soft one can be raised again. Waits first until the
+    connections of earlier requests are closed (the count holds still for 0.2 s)."""
+    seen: list[int] = []
+
+    def settled() -> bool:
+        seen.append(len(os.listdir(f"/proc/{pid}/fd")))
+        return len(seen) > 20 and len(set(seen[-20:])) == 1
+
+    await until(settled)
     used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     free = [fd for fd in range(len(used) + count + 1) if fd not in used]
     _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
@@ -343,7 +351,7 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
         await healthy(base, proto)
         assert (await curl(base + "/repo/missing.bin"))[1] == "404"  # the catalog is open
         limits = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
-        leave_descriptors(process.pid, left)
+        await leave_descriptors(process.pid, left)
         try:
             got = await curl(base + "/repo/a.bin")
         finally:
