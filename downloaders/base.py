@@ -39,12 +39,12 @@ from downloaders.errors import (
     SizeValidationError,
     UnsupportedDigestValidationError,
     ValidationError,
-    redact_url,
 )
 from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
 from downloaders.tempfiles import TempFilePool, create_temp_file
+from downloaders.urls import without_userinfo
 
 HeadersCallback = Callable[[Any], None]
 
@@ -142,8 +142,9 @@ class BaseDownloader:
         context: Any = None,
         reactor: IReactorTime | None = None,
     ) -> None:
-        #: The url without credentials: what results, errors and logs show.
-        self.url = redact_url(url) if "@" in url else url
+        #: The url without its userinfo: what is requested and what results hold (errors and
+        #: logs show it through `downloaders.urls.redact_url`).
+        self.url = without_userinfo(url) if "@" in url else url
         #: ``(username, password)`` from the url's userinfo, for protocols that can send them.
         self.url_credentials = _userinfo(url) if "@" in url else None
         self.allowed_digests = (

@@ -28,6 +28,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
+from downloaders.urls import redact_url
+
 __all__ = ["Http11Agent", "ResponseParseError"]
 
 #: Headers about the connection, not the content: not in ``response.headers`` (as Twisted).
@@ -161,7 +163,7 @@ def _split_target(uri: bytes) -> tuple[bytes, bytes]:
     if not target.startswith(b"/"):
         target = b"/" + target
     if end == start or b"@" in origin or _UNSAFE.search(target):
-        raise ValueError(f"not a url this client sends: {uri!r}")
+        raise ValueError(f"not a url this client sends: {redact_url(uri.decode('latin-1'))}")
     return origin, target
 
 

@@ -3,31 +3,30 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-
-def redact_url(url: str) -> str:
-    """``url`` without its ``user:password@`` part, fit for messages, logs and results."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=host))
+from downloaders.urls import redact_url
 
 
 class DownloadError(Exception):
-    """Base of every download failure; carries the url (without credentials)."""
+    """Base of every download failure.
+
+    ``url`` is the url asked for, redacted (`downloaders.urls.redact_url`: no userinfo, no
+    query); ``message`` says what happened, for logs (urls in it are redacted too);
+    ``summary`` says what failed in a few words that never name a url, host or address, so
+    it may be shown to anyone (the streamer's error bodies say only this).
+    """
 
     #: Whether trying the same url again may succeed (connection errors, 429, 5xx, timeouts).
     retryable: bool = False
+    #: What failed, for clients: a fixed phrase per kind of failure (see the class docstring).
+    summary: str = "download failed"
 
-    def __init__(self, url: str, message: str = "") -> None:
+    def __init__(self, url: str, message: str = "", summary: str | None = None) -> None:
         url = redact_url(url)
         self.url = url
         self.message = message or self.__class__.__name__
+        if summary is not None:
+            self.summary = summary
         super().__init__(f"{self.message} ({url})" if url else self.message)
 
 
@@ -49,7 +48,8 @@ class HttpError(DownloadError):
         self.retry_after = retry_after
         self.retryable = status == 429 or status in (500, 502, 503, 504)
         text = f"HTTP {status}" + (f" {reason}" if reason else "")
-        super().__init__(url, text)
+        # The reason phrase is the server's own text: logged, never passed on.
+        super().__init__(url, text, f"HTTP {status}")
 
 
 class NotFound(HttpError):
@@ -81,7 +81,7 @@ class FileNotFound(NotFound):
 
     def __init__(self, url: str, path: str) -> None:
         self.path = path
-        DownloadError.__init__(self, url, f"no such file: {path}")
+        DownloadError.__init__(self, url, f"no such file: {path}", "no such file")
         self.status = 404
         self.reason = "Not Found"
         self.headers = None
@@ -93,10 +93,13 @@ class ConnectionFailed(DownloadError):
     """The connection could not be made, or broke before the body was complete."""
 
     retryable = True
+    summary = "connection failed"
 
 
 class TruncatedBody(ConnectionFailed):
     """The body ended before its Content-Length, or a chunked body lacked its last chunk."""
+
+    summary = "truncated body"
 
 
 class DownloadTimeout(DownloadError):
@@ -107,7 +110,8 @@ class DownloadTimeout(DownloadError):
     def __init__(self, url: str, kind: str, seconds: float) -> None:
         self.kind = kind
         self.seconds = seconds
-        super().__init__(url, f"{kind} timeout after {seconds:g}s")
+        text = f"{kind} timeout after {seconds:g}s"
+        super().__init__(url, text, text)
 
 
 class ValidationError(DownloadError):
@@ -140,7 +144,10 @@ class ValidationError(DownloadError):
                 message = args[0]
         if error_code is not None:
             self.error_code = error_code
-        super().__init__(url or "", message or self.error_code)
+        message = message or self.error_code
+        # What was wrong with the bytes (sizes, digests, a validator's verdict) names no url
+        # or host: it is the summary too.
+        super().__init__(url or "", message, message)
 
 
 class DigestValidationError(ValidationError):
@@ -202,10 +209,23 @@ class UnsupportedDigestValidationError(ValidationError):
 class ForbiddenPath(DownloadError):
     """A file:// url outside the allowed import paths."""
 
+    summary = "path not allowed"
+
 
 class TooManyRedirects(DownloadError):
     """A redirect chain longer than the limit, or a loop."""
 
+    summary = "too many redirects"
+
+
+class RedirectRefused(DownloadError):
+    """A redirect this download may not follow: no Location, not HTTP(S), or (see
+    `downloaders.addresses`) to a loopback, link-local or private address."""
+
+    summary = "redirect refused"
+
 
 class ProxyError(DownloadError):
     """The proxy refused the request (for example 407 Proxy Authentication Required)."""
+
+    summary = "proxy refused the request"

@@ -8,9 +8,11 @@ The factory composes one ``IAgent`` per remote and hands it to every `HttpDownlo
           BearerTokenAgent        answer Bearer challenges, one token per scope per remote
             Agent / ProxyingAgent TLS policy, proxy (CONNECT for https), one HTTPConnectionPool
 
-Basic auth sits *under* the redirects, so it is decided per hop. Every download of the factory
-also takes the remote's `DeferredSemaphore(download_concurrency)`, so at most that many run
-(and hold connections) at once, however many are queued.
+Basic auth sits *under* the redirects, so it is decided per hop. The remote's `AddressGuard`
+keeps redirects away from internal addresses (`downloaders.addresses`): literal ones are
+refused by the redirect agent, names by the endpoints (on the address actually connected to).
+Every download of the factory also takes the remote's `DeferredSemaphore(download_concurrency)`,
+so at most that many run (and hold connections) at once, however many are queued.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 import twisted
+from downloaders.addresses import AddressGuard, CheckedEndpoint
 from downloaders.auth import BasicAuthAgent
 from downloaders.base import BaseDownloader
 from downloaders.bearer import BearerTokenAgent
@@ -46,6 +49,7 @@ from downloaders.proxy import ProxyingAgent
 from downloaders.redirects import RedirectingAgent
 from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
+from downloaders.urls import redact_url
 
 __all__ = [
     "CachingEndpointFactory",
@@ -76,16 +80,23 @@ class CachingEndpointFactory:
     new TLS creator for every request; a sync of thousands of files from one host paid that
     for each file. Endpoints are reusable (each ``connect`` resolves the name afresh), so the
     cache changes nothing but the cost. At most *limit* origins are kept (redirects may lead
-    anywhere); past that the cache starts over.
+    anywhere); past that the cache starts over. With a *guard*, the hosts it checks get a
+    `CheckedEndpoint`: never a connection to an internal address.
     """
 
     def __init__(
-        self, reactor: Any, tls_policy: Any, connect_timeout: float | None, limit: int = 64
+        self,
+        reactor: Any,
+        tls_policy: Any,
+        connect_timeout: float | None,
+        limit: int = 64,
+        guard: AddressGuard | None = None,
     ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._timeout = {} if connect_timeout is None else {"timeout": connect_timeout}
         self._limit = limit
+        self._guard = guard
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: URI) -> Any:  # noqa: N802 - Twisted API
@@ -104,8 +115,13 @@ class CachingEndpointFactory:
         try:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
-            raise ValueError(f"the host of {uri.toBytes()!r} is not ASCII") from None
-        endpoint = HostnameEndpoint(self._reactor, host, uri.port, **self._timeout)
+            url = redact_url(uri.toBytes().decode("latin-1"))
+            raise ValueError(f"the host of {url} is not ASCII") from None
+        endpoint: Any
+        if self._guard is not None and self._guard.checks(host):
+            endpoint = CheckedEndpoint(self._reactor, host, uri.port, **self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, **self._timeout)
         if uri.scheme == b"http":
             return endpoint
         return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
@@ -260,6 +276,8 @@ class DownloaderFactory:
         self.throttler = RateLimiter(rate, reactor) if rate else None
         #: State shared by this remote's downloads (`DownloadContext`).
         self.context = DownloadContext()
+        #: Which internal addresses the remote's redirects may not reach.
+        self.guard = AddressGuard.for_remote(remote)
         self._direct: Http11Agent | None = None
         self.agent = self._compose_agent()
         #: The same agent stack, by the name Pulp's session has.
@@ -290,7 +308,9 @@ class DownloaderFactory:
                 connect_timeout=connect_timeout,
             )
         else:
-            endpoints = CachingEndpointFactory(self.reactor, self.tls_policy, connect_timeout)
+            endpoints = CachingEndpointFactory(
+                self.reactor, self.tls_policy, connect_timeout, guard=self.guard
+            )
             # GETs on our own keep-alive client (responses parsed in C); HEAD and anything
             # with a body on Twisted's. Proxied requests above stay on Twisted's client.
             twisted_agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
@@ -305,7 +325,7 @@ class DownloaderFactory:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)
         if self.throttler is not None:
             agent = RateLimitedAgent(agent, self.throttler, self.reactor)
-        return RedirectingAgent(agent, getattr(remote, "max_redirects", 10))
+        return RedirectingAgent(agent, getattr(remote, "max_redirects", 10), guard=self.guard)
 
     # Public API ----------------------------------------------------------------------------------
 

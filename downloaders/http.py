@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from downloaders import errors
+from downloaders.addresses import InternalAddressRefused
 from downloaders.auth import origin
 from downloaders.base import DONE, BaseDownloader, credentials
 from downloaders.headers import ResponseHeaders
@@ -610,20 +611,27 @@ def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseExcept
         return exc
     if isinstance(exc, error.TimeoutError):
         return errors.DownloadTimeout(url, "connect", connect_timeout)
+    if isinstance(exc, InternalAddressRefused):
+        return errors.RedirectRefused(url, str(exc), "redirect to a private address refused")
     if isinstance(exc, error.ConnectionRefusedError):
-        return errors.ConnectionFailed(url, "connection refused")
+        return errors.ConnectionFailed(url, "connection refused", "connection refused")
     if isinstance(exc, error.DNSLookupError):
-        return errors.ConnectionFailed(url, f"DNS lookup failed: {_describe(failure)}")
+        return _connection_failed(url, "DNS lookup failed", failure)
     if _is_tls_error(failure):
-        failed = errors.ConnectionFailed(url, f"TLS handshake failed: {_describe(failure)}")
+        failed = _connection_failed(url, "TLS handshake failed", failure)
         failed.retryable = False  # a certificate does not get better by asking again
         return failed
     if isinstance(exc, error.ConnectError):
-        return errors.ConnectionFailed(url, f"cannot connect: {_describe(failure)}")
+        return _connection_failed(url, "cannot connect", failure)
     name = type(exc).__name__
     if name in ("ResponseNeverReceived", "RequestTransmissionFailed", "ResponseFailed"):
-        return errors.ConnectionFailed(url, f"no complete response: {_describe(failure)}")
+        return _connection_failed(url, "no complete response", failure)
     return _wrap(url, exc)
+
+
+def _connection_failed(url: str, what: str, failure: Failure) -> errors.ConnectionFailed:
+    """*what* failed: the summary; the message adds the details (which may name hosts)."""
+    return errors.ConnectionFailed(url, f"{what}: {_describe(failure)}", what)
 
 
 def _wrap(url: str, exc: BaseException) -> BaseException:

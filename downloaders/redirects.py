@@ -16,9 +16,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from downloaders.addresses import AddressGuard
 from downloaders.auth import origin
-from downloaders.errors import DownloadError, TooManyRedirects
-from downloaders.settings import SENSITIVE_HEADERS, mask_url
+from downloaders.errors import RedirectRefused, TooManyRedirects
+from downloaders.settings import SENSITIVE_HEADERS
+from downloaders.urls import redact_url, without_userinfo
 
 __all__ = ["REDIRECT_CODES", "RedirectingAgent"]
 
@@ -55,14 +57,20 @@ def _without_secrets(headers: Headers | None) -> Headers | None:
 class RedirectingAgent:
     """Follows 301/302/303/307/308 up to ``max_redirects`` hops.
 
-    Raises `TooManyRedirects` on a loop or too many hops, and `DownloadError` for a redirect to
-    a non-HTTP url (``file://``, ``ftp://``) or one without a Location. A request with a body
-    is not followed (the body cannot be replayed): its redirect response is returned as is.
+    Raises `TooManyRedirects` on a loop or too many hops, and `RedirectRefused` for a redirect
+    to a non-HTTP url (``file://``, ``ftp://``) or one without a Location. Messages show urls
+    through `redact_url` (their query may be a signature); summaries show none. A request with
+    a body is not followed (the body cannot be replayed): its redirect response is returned as
+    is. With a *guard* (`downloaders.addresses.AddressGuard`), a redirect to an internal
+    address literal is refused too.
     """
 
-    def __init__(self, agent: IAgent, max_redirects: int = 10) -> None:
+    def __init__(
+        self, agent: IAgent, max_redirects: int = 10, guard: AddressGuard | None = None
+    ) -> None:
         self._agent = agent
         self.max_redirects = max_redirects
+        self.guard = guard
 
     def request(
         self,
@@ -114,19 +122,31 @@ class _Hops:
     def _follow(self, response: Any, locations: list[bytes]) -> defer.Deferred[Any]:
         original = self.original
         if not locations:
-            raise DownloadError(original, f"HTTP {response.code} redirect without Location")
-        target = urljoin(self.current, locations[0].decode("latin-1").strip())
+            what = "redirect without Location"
+            raise RedirectRefused(original, f"HTTP {response.code} {what}", what)
+        # Credentials an upstream puts in a Location are never sent (the remote's own go only
+        # to its origin, see downloaders.auth).
+        target = without_userinfo(urljoin(self.current, locations[0].decode("latin-1").strip()))
         target_origin = origin(target)
         if target_origin[0] not in ("http", "https"):
-            raise DownloadError(original, f"redirect to a non-HTTP url refused: {mask_url(target)}")
+            what = "redirect to a non-HTTP url refused"
+            raise RedirectRefused(original, f"{what}: {redact_url(target)}", what)
         if self.seen is None:
             self.seen = {original}
             self.start = origin(original)
         if target in self.seen:
-            raise TooManyRedirects(original, f"redirect loop at {mask_url(target)}")
+            raise TooManyRedirects(
+                original, f"redirect loop at {redact_url(target)}", "redirect loop"
+            )
         self.hops += 1
         if self.hops > self.agent.max_redirects:
             raise TooManyRedirects(original, f"more than {self.agent.max_redirects} redirects")
+        guard = self.agent.guard
+        if guard is not None and guard.refuses(target):
+            what = "redirect to a private address refused"
+            raise RedirectRefused(
+                original, f"{what}: {redact_url(target)} (allow_private_redirects is off)", what
+            )
         if response.code == 303 and self.method != b"HEAD":
             self.method = b"GET"
         if target_origin != self.start:

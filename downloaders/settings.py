@@ -20,12 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
+from downloaders.urls import MASK, redact_url
 
 #: Header names whose values are secrets: masked in ``repr`` and dropped on cross-host redirects.
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token"}
 )
-MASK = "***"
 
 
 class SettingsError(ValueError):
@@ -172,7 +172,9 @@ class RemoteSettings:
     tls_validation: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     username: str = ""
     password: str = attrs.field(default="", repr=False)
-    proxy_url: str = attrs.field(default="", validator=_proxy_url, repr=lambda u: repr(mask_url(u)))
+    proxy_url: str = attrs.field(
+        default="", validator=_proxy_url, repr=lambda u: repr(redact_url(u))
+    )
     proxy_username: str = ""
     proxy_password: str = attrs.field(default="", repr=False)
     headers: dict[str, str] = attrs.field(
@@ -192,6 +194,11 @@ class RemoteSettings:
     #: listed here.
     allowed_digests: tuple[str, ...] = attrs.field(
         default=DEFAULT_ALLOWED_DIGESTS, converter=_allowed_digests
+    )
+    #: Follow redirects to loopback, link-local and private addresses even though the url
+    #: names a public host (`downloaders.addresses`); a url naming such a host may anyway.
+    allow_private_redirects: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
     )
     #: Folders file:// urls may read from (set from the [security] section).
     allowed_import_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple)

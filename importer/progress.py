@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 from zope.interface import Interface, implementer
 
+from downloaders.urls import redact_url
+
 #: Outcomes a sync reports per file.
 DOWNLOADED = "downloaded"
 ALREADY_PRESENT = "already_present"
@@ -140,5 +142,5 @@ def format_report(report: Any) -> str:
         f"{report.already_present} already present, {report.recorded_lazily} recorded lazily, "
         f"{len(report.failed)} failed, {report.removed} removed in {report.duration:.1f}s"
     ]
-    lines.extend(f"  failed: {url}: {reason}" for url, reason in report.failed)
+    lines.extend(f"  failed: {redact_url(url)}: {reason}" for url, reason in report.failed)
     return "\n".join(lines)

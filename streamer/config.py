@@ -17,11 +17,12 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 
 from downloaders.settings import SettingsError
+from downloaders.urls import redact_url
 from importer.remote import Remote
 
 __all__ = [
@@ -217,18 +218,12 @@ class CatalogConfig:
     pool_size: int = attrs.field(default=4, validator=_positive)
 
     def describe(self, storage_path: str) -> str:
-        """Where the catalog lives, for logs: the SQLite file, or the url without password."""
+        """Where the catalog lives, for logs: the SQLite file, or the url redacted."""
         if not self.url:
             return os.path.join(storage_path, "catalog.sqlite3")
         if self.url.lower().startswith("sqlite:///"):
             return self.url[len("sqlite:///") :]
-        parts = urlsplit(self.url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        if parts.username:
-            netloc = f"{parts.username}@{netloc}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return redact_url(self.url)
 
 
 @attrs.frozen(kw_only=True)

@@ -448,7 +448,7 @@ class _LazyRequest:
         left = self.streamer.cooldown_left(self.entries)
         if status not in (404, 503) and left > 0:
             headers[b"retry-after"] = b"%d" % max(1, round(left))
-        reasons = "; ".join(_describe(e) for e in errors)[:400] or "no usable source"
+        reasons = "; ".join(dict.fromkeys(_summary(e) for e in errors))[:400] or "no usable source"
         respond_text(self.request, status, f"{self.path}: {what}: {reasons}", headers)
 
 
@@ -510,7 +510,14 @@ class _Plan:
 
 
 def _describe(error: BaseException) -> str:
-    """A short reason without url or credentials."""
+    """A short reason for the log: no credentials or query strings, but maybe hosts."""
     if isinstance(error, DownloadError):
         return error.message
+    return type(error).__name__
+
+
+def _summary(error: BaseException) -> str:
+    """What failed, for the client: never a url, host or address (`DownloadError.summary`)."""
+    if isinstance(error, DownloadError):
+        return error.summary
     return type(error).__name__

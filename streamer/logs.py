@@ -4,8 +4,8 @@ One event per finished (or aborted) request, namespace ``streamer.access``, with
 ``client``, ``method``, ``path`` (no query string, so never a signature), ``status``,
 ``bytes``, ``duration`` (seconds), ``cache`` (``request.cache_status``: ``hit``, ``miss``,
 ``coalesced``, or ``-``) and ``complete`` (False when the connection was lost first).
-Upstream failures are events in namespace ``streamer.upstream`` with ``url`` (without
-credentials or query) and ``reason``.
+Upstream failures are events in namespace ``streamer.upstream`` with ``url`` (userinfo and
+query masked by `downloaders.urls.redact_url`) and ``reason``.
 
 By default events go to the global log publisher, i.e. twistd's log. ``[server] access_log``
 sends them to standard output (``-``) or a file instead, as text or, with
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import (
     ILogObserver,
@@ -28,7 +27,9 @@ from twisted.logger import (
 )
 from twisted.web.server import Request
 
-__all__ = ["RequestLog", "json_observer", "redact_url"]
+from downloaders.urls import redact_url
+
+__all__ = ["RequestLog", "json_observer"]
 
 ACCESS_FORMAT = (
     '{client} "{method} {path}" {status} {bytes} {duration:.3f}s cache={cache}{incomplete}'
@@ -39,20 +40,6 @@ UPSTREAM_FORMAT = "upstream failure: {url}: {reason}{detail_suffix}"
 def json_observer() -> ILogObserver:
     """A JSON-lines observer on standard output, for ``twistd --logger``."""
     return jsonFileLogObserver(sys.stdout, recordSeparator="")
-
-
-def redact_url(url: str) -> str:
-    """*url* without user, password and query string (which may carry tokens)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port is not None:
-            host += f":{parts.port}"
-    except ValueError:
-        return "<unparsable url>"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _text(value: bytes | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.faults.service_env import ServiceEnv
 
@@ -25,3 +26,20 @@ def make_service(tmp_path, upstream):
     yield make
     for env in started:
         pytest_twisted.blockon(defer.ensureDeferred(env.stop()))
+
+
+@pytest.fixture
+def log_events():
+    """Every twisted.logger event emitted during the test, as text (message, fields, failure)."""
+    events: list[str] = []
+
+    def observe(event: dict) -> None:
+        text = [formatEvent(event) or "", repr(event)]
+        failure = event.get("log_failure")
+        if failure is not None:
+            text.append(failure.getTraceback())
+        events.append("\n".join(text))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

@@ -58,6 +58,7 @@ class ServiceEnv:
         server_extra: str = "",
         listen: str = "tcp:0:interface=127.0.0.1",
         catalog_url: str = "",
+        upstream_host: str = "127.0.0.1",
     ) -> None:
         self.tmp_path = tmp_path
         self.upstream = upstream
@@ -79,7 +80,7 @@ class ServiceEnv:
             + security_extra
             + "[[remotes]]\n"
             'name = "fixtures"\n'
-            f'url = "{upstream.url("/PULP_MANIFEST")}"\n'
+            f'url = "{upstream.url("/PULP_MANIFEST", host=upstream_host)}"\n'
             f'policy = "{policy}"\n'
             "max_retries = 0\n"
             "sock_read_timeout = 2\n" + remote_extra

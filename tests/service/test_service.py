@@ -148,7 +148,11 @@ async def test_upstream_failures_are_logged_redacted_and_counted(tmp_path):
     )
     log.close()
     text = log_file.read_text()
-    assert "upstream failure: https://127.0.0.1:8443/repo/a.rpm: timeout (no bytes for 60s)" in text
+    # Userinfo and query are masked (downloaders.urls.redact_url), not dropped.
+    expected = (
+        "upstream failure: https://***@127.0.0.1:8443/repo/a.rpm?***: timeout (no bytes for 60s)"
+    )
+    assert expected in text
     assert "hunter2" not in text and "t0ps3cret" not in text
     assert metrics.value("streamer_upstream_failures_total", {"reason": "timeout"}) == 1
 

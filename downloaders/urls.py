@@ -1,0 +1,50 @@
+"""The one way a url is shown to people: `redact_url`.
+
+A url may carry secrets in two places: its userinfo (``user:password@``, or a token as the
+user) and its query string (``?X-Amz-Signature=...``, ``?token=...``). Every message, log line,
+``repr`` and error of this project shows urls through `redact_url`, which keeps where the url
+points (scheme, host, port, path) and masks both. The url itself is never changed: a download
+still requests its query string.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["MASK", "redact_url", "without_userinfo"]
+
+MASK = "***"
+
+
+def redact_url(url: str) -> str:
+    """*url* with its userinfo and query masked (``***``) and its fragment dropped.
+
+    ``https://user:pw@host:8443/a?sig=x#f`` -> ``https://***@host:8443/a?***``. A url that
+    cannot be parsed is shown as ``<unparsable url>``, never as itself.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<unparsable url>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None:
+        host += f":{port}"
+    if "@" in parts.netloc:
+        host = f"{MASK}@{host}"
+    query = MASK if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def without_userinfo(url: str) -> str:
+    """*url* without its ``user:password@`` (to send it; credentials travel in headers), the
+    rest, query included, as it was."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
