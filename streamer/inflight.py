@@ -207,11 +207,11 @@ class InFlight:
         every byte passed through ``handle_data``, or the bytes are not the artifact's."""
         url = self.entry.url
         if self.written != self.size:
-            return DownloadError(
-                url,
+            text = (
                 f"the downloader finished after passing {self.written} of {self.size} bytes "
-                "through handle_data()",
+                "through handle_data()"
             )
+            return DownloadError(url, text, text)  # no url or host: fit for the client too
         if self._hasher is not None:
             actual = self._hasher.hexdigest()
             if actual != self.sha256:
@@ -219,7 +219,8 @@ class InFlight:
             return None
         attributes = self._downloader.artifact_attributes
         if attributes.get("sha256") != self.sha256 or attributes.get("size") != self.size:
-            return DownloadError(url, "the downloader did not validate size and sha256")
+            text = "the downloader did not validate size and sha256"
+            return DownloadError(url, text, text)
         return None
 
     # -- what followers use -------------------------------------------------------------------

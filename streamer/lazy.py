@@ -340,7 +340,9 @@ class _LazyRequest:
                 continue
             remote = streamer.remotes.get(entry.remote)
             if remote is None:
-                self.errors[key] = DownloadError(entry.url, f"unknown remote {entry.remote!r}")
+                self.errors[key] = DownloadError(
+                    entry.url, f"unknown remote {entry.remote!r}", "unknown remote"
+                )
                 continue
             if answer_conditions(self.request, entry):
                 return
