@@ -98,19 +98,6 @@ def _allowed_digests(value: Any) -> tuple[str, ...]:
         raise SettingsError("allowed_digests", str(exc).removeprefix("allowed_digests: ")) from None
 
 
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for repr and messages)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
-
-
 def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """A copy of ``headers`` with the values of secret-bearing headers masked."""
     return {k: (MASK if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers.items()}
