@@ -64,6 +64,9 @@ CONNECTION_DEFAULTS = {
     "tcp_user_timeout": "20000",
     "application_name": "twisted-streamer",
 }
+#: SQLSTATE classes of errors that pass by themselves: connection exception, insufficient
+#: resources (too many connections, disk full), operator intervention (shutdown, cancel).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")
 #: pg_advisory_xact_lock key of migrations ("streamer" in ASCII, a constant of this schema).
 MIGRATION_LOCK = 0x73747265616D6572
 
@@ -255,18 +258,20 @@ class PostgresCatalog:
         try:
             return work(conn, *args)
         except psycopg.Error as exc:
-            if not (conn.closed or conn.broken):
-                raise self._translate(exc) from None
+            lost = conn.closed or conn.broken
+            if not lost:
+                raise self._translate(exc, lost) from None
             self._forget(conn)
             if not retry:
-                raise self._translate(exc) from None
+                raise self._translate(exc, lost) from None
         conn = self._connection()
         try:
             return work(conn, *args)
         except psycopg.Error as exc:
-            if conn.closed or conn.broken:
+            lost = conn.closed or conn.broken
+            if lost:
                 self._forget(conn)
-            raise self._translate(exc) from None
+            raise self._translate(exc, lost) from None
 
     def _connection(self) -> Any:
         """This thread's connection, opened if it has none or its last one was lost."""
@@ -296,11 +301,13 @@ class PostgresCatalog:
         except Exception:
             pass
 
-    def _translate(self, exc: Exception) -> CatalogError:
-        import psycopg
-
+    def _translate(self, exc: Exception, lost: bool) -> CatalogError:
+        """CatalogUnavailable when waiting may help (the connection is gone, or the server
+        says it is shutting down, out of resources or cancelled the query), else CatalogError
+        (a bad entry, a limit, a permission: retrying will not help)."""
         message = f"catalog {self.location}: {_one_line(exc)}"
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if lost or state.startswith(TRANSIENT_SQLSTATE_CLASSES):
             return CatalogUnavailable(message)
         return CatalogError(message)
 

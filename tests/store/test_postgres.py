@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from store import CatalogEntry, CatalogUnavailable, open_catalog
+from store import CatalogEntry, CatalogError, CatalogUnavailable, open_catalog
 from store.postgres import PostgresCatalog
 from tests.support.polling import until
 
@@ -129,3 +130,66 @@ async def test_no_server_at_open_is_one_line_and_quick(tmp_path):
     assert "\n" not in message and "s3cret" not in message
     with pytest.raises(Exception, match="not open"):
         catalog.lookup("a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_write_is_an_error_not_an_outage(pg_catalog):
+    """A listing PostgreSQL cannot take (a path longer than its index allows, ~2.7 kB) fails
+    that sync with one line and changes nothing; the catalog is not taken for down."""
+    await pg_catalog.replace_remote("r", [entry("kept")])
+    huge = "big/" + "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(200))
+    with pytest.raises(CatalogError) as refused:
+        await pg_catalog.replace_remote("r", [entry("new"), entry(huge)])
+    assert not isinstance(refused.value, CatalogUnavailable)
+    assert "\n" not in str(refused.value)
+    assert [e.path for e in await pg_catalog.entries_for_remote("r")] == ["kept"]
+    assert await pg_catalog.lookup(huge) == []  # answered at once: no outage was declared
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_without_ddl_rights_runs_on_a_migrated_schema(
+    postgres_url, tmp_path, monkeypatch
+):
+    """The owner runs `streamer migrate`; the service may then use a role that can only read
+    and write rows (and make its temp table), never change the schema."""
+    import psycopg
+
+    owner = open_catalog(postgres_url, str(tmp_path))
+    assert (await owner.migrate()).before == 0
+    await owner.close()
+    role = f"rows_only_{tmp_path.name[-8:].replace('-', '_')}".lower()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+        )
+    user = urlsplit(postgres_url).username
+    limited_url = postgres_url.replace(f"//{user}@", f"//{role}@", 1)
+    limited = open_catalog(limited_url, str(tmp_path))
+    await limited.open()
+    try:
+        assert await limited.claim_storage("abc") == "abc"
+        report = await limited.replace_remote("r", [entry("a"), entry("b/c")])
+        assert report.added == 2
+        assert [e.path for e in await limited.lookup("b/c")] == ["b/c"]
+        assert await limited.mark_stored(entry("a").sha256) == 2
+    finally:
+        await limited.close()
+    # An upgrade needs the owner: the limited role gets one line saying so, not an outage.
+    import store.postgres as module
+
+    upgrade = ("ALTER TABLE catalog_entries ADD COLUMN note text",)
+    monkeypatch.setattr(module, "MIGRATIONS", {**module.MIGRATIONS, 2: upgrade})
+    monkeypatch.setattr(module, "SCHEMA_VERSION", 2)
+    with pytest.raises(CatalogError, match="permission denied") as refused:
+        await open_catalog(limited_url, str(tmp_path)).open()
+    assert not isinstance(refused.value, CatalogUnavailable)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_starting_together_on_a_new_database_migrate_once(postgres_url, tmp_path):
+    catalogs = [open_catalog(postgres_url, str(tmp_path)) for _ in range(4)]
+    reports = await defer.gatherResults([c.migrate() for c in catalogs], consumeErrors=True)
+    assert sorted(r.before for r in reports) == [0, 1, 1, 1]  # one created it, three found it
+    await defer.gatherResults([c.close() for c in catalogs])
