@@ -9,10 +9,11 @@ a probe of the network it runs in. The rule, per remote:
   The remote's host name is not resolved for this decision (a name's answer may change, and
   the decision must not). A remote on a private network addressed by name whose redirects
   stay in that network sets ``allow_private_redirects = true``.
-* Then no connection to a host other than the remote's own and its mirrors' (in practice:
-  a redirect target) reaches an internal address: loopback, link-local, private, shared
-  (100.64/10), unspecified, reserved, multicast; IPv6 alike; an IPv4 address inside IPv6
-  (``::ffff:a.b.c.d``, ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4) counts as that IPv4 address.
+* Then no connection to a host other than the remote's own and its configured mirrors' (a
+  redirect target, a mirror a fetched mirror list names) reaches an internal address:
+  loopback, link-local, private, shared (100.64/10), unspecified, reserved, multicast; IPv6
+  alike; an IPv4 address inside IPv6 (``::ffff:a.b.c.d``, ``::a.b.c.d``, NAT64
+  ``64:ff9b::/96``, 6to4) counts as that IPv4 address.
 * The check is on the address actually connected to: `CheckedEndpoint` resolves the name
   once, drops internal addresses, and connects only to the addresses it checked (there is no
   second lookup a rebinding DNS server could answer differently). With none left the
@@ -102,7 +103,9 @@ class AddressGuard:
     """What one remote may connect to (see the module docstring).
 
     :param active: False when the remote may reach internal addresses anyway.
-    :param own_hosts: the hosts of the remote's own url and its mirrors, never checked.
+    :param own_hosts: the hosts of the remote's own url, its ``mirrors`` and its
+        ``mirror_list`` url (all configured by the operator), never checked. The mirrors a
+        fetched mirror list names are the upstream's word: checked like redirect targets.
     """
 
     active: bool
@@ -113,7 +116,12 @@ class AddressGuard:
         """The guard of a remote (anything with ``url``, ``allow_private_redirects`` and,
         optionally, ``mirrors``)."""
         own = _host(remote.url)
-        hosts = frozenset(h for h in [own, *map(_host, getattr(remote, "mirrors", ()))] if h)
+        configured = [
+            remote.url,
+            getattr(remote, "mirror_list", ""),
+            *getattr(remote, "mirrors", ()),
+        ]
+        hosts = frozenset(h for h in map(_host, configured) if h)
         allowed = bool(getattr(remote, "allow_private_redirects", False))
         return cls(active=not allowed and not is_internal(own), own_hosts=hosts)
 

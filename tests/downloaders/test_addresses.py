@@ -67,10 +67,13 @@ def test_the_guard_applies_unless_the_remote_names_an_internal_host(url, extra, 
 
 def test_the_remotes_own_hosts_and_mirrors_are_never_checked():
     remote = Remote(
-        name="r", url="https://Repo.Example.org/m", mirrors=["http://10.0.0.7/m/", "http://cache/"]
+        name="r",
+        url="https://Repo.Example.org/m",
+        mirrors=["http://10.0.0.7/m/", "http://cache/"],
+        mirror_list="https://lists.example.org/mirrors.txt",
     )
     guard = AddressGuard.for_remote(remote)
-    assert guard.own_hosts == {"repo.example.org", "10.0.0.7", "cache"}
+    assert guard.own_hosts == {"repo.example.org", "10.0.0.7", "cache", "lists.example.org"}
     assert not guard.checks("repo.example.org") and not guard.checks("10.0.0.7")
     assert guard.checks("cdn.example.net")
     assert guard.refuses("http://127.0.0.1/x") and not guard.refuses("http://10.0.0.7/x")
