@@ -60,6 +60,12 @@ class NotAuthorized(HttpError):
     """The server answered 401 or 403."""
 
 
+class NotModified(HttpError):
+    """The server answered 304 to a conditional request (an ``If-Modified-Since`` or
+    ``If-None-Match`` the caller added to the request headers): the caller's copy is current,
+    and no body was downloaded. Never retried."""
+
+
 def http_error(
     url: str,
     status: int,
@@ -69,7 +75,9 @@ def http_error(
 ) -> HttpError:
     """Build the most specific `HttpError` for a status."""
     cls: type[HttpError] = HttpError
-    if status == 404:
+    if status == 304:
+        cls = NotModified
+    elif status == 404:
         cls = NotFound
     elif status in (401, 403):
         cls = NotAuthorized

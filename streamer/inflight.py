@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -29,7 +29,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from downloaders.base import BaseDownloader
-from downloaders.errors import DigestValidationError, DownloadError, SizeValidationError
+from downloaders.errors import (
+    DigestValidationError,
+    DownloadError,
+    NotModified,
+    SizeValidationError,
+)
 from downloaders.headers import as_twisted_headers, header_value
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
@@ -75,6 +80,13 @@ class InFlight:
     :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
         the file is in storage (the streamer's shared `importer.commit.GroupCommitter`, so
         many small artifacts share one flush); by default one ``storage.commit`` in a thread.
+    :param condition: request headers making the download conditional (a client's
+        ``If-Modified-Since``), added to a downloader that has ``request_headers`` (the
+        built-in HTTP one); `conditional` says whether they were. An upstream 304 then ends
+        the download with `NotModified`: nothing stored, no cooldown (not a failure).
+    :param on_response: called with this InFlight once an upstream response with a body
+        was accepted (its headers checked), before any byte: a conditional download may then
+        be shared (a client joining it can no longer get a 304 it did not ask for).
     """
 
     def __init__(
@@ -89,6 +101,8 @@ class InFlight:
         on_done: Callable[[InFlight], None],
         retry_delay_cap: float | None = None,
         commit: Callable[[str, str, int], defer.Deferred[Any]] | None = None,
+        condition: Mapping[str, str] | None = None,
+        on_response: Callable[[InFlight], None] | None = None,
     ) -> None:
         self.entry = entry
         self.remote = remote
@@ -109,6 +123,10 @@ class InFlight:
         self._on_done = on_done
         self._retry_delay_cap = retry_delay_cap
         self._commit = commit or self._commit_in_thread
+        self._condition = dict(condition or {})
+        self._on_response = on_response
+        #: Whether the upstream request carries `condition` (set by `start`).
+        self.conditional = False
         self._write_fd: int | None = None
         self._read_fd: int | None = None
         self._last_chunk: bytes | None = None
@@ -144,6 +162,7 @@ class InFlight:
             self._downloader = downloader
             if not isinstance(downloader, BaseDownloader):
                 self._hasher = hashlib.sha256()
+            self.conditional = _add_condition(downloader, self._condition)
             backoff = getattr(downloader, "backoff", None)
             if self._retry_delay_cap is not None and callable(getattr(backoff, "delay", None)):
                 downloader.backoff = LiveBackoff(backoff, self._retry_delay_cap)
@@ -183,6 +202,8 @@ class InFlight:
         if length.isdigit() and int(length) != self.size:
             raise SizeValidationError(int(length), self.size, url=self.entry.url)
         self.headers = self._headers_filter(as_twisted_headers(headers))
+        if self._on_response is not None:
+            self._on_response(self)
 
     def write(self, data: bytes) -> None:
         """Append one chunk to the temp file and wake the followers."""
@@ -304,7 +325,8 @@ class InFlight:
         self._discard_temp()
         if not self._cancelled:
             self.error = failure.value
-            self._on_failure(self.entry, failure.value)
+            if not isinstance(failure.value, NotModified):  # the client's copy is current
+                self._on_failure(self.entry, failure.value)
         self._done()
         for follower in list(self.followers):
             follower.failed(failure.value)
@@ -339,3 +361,16 @@ class InFlight:
     def _discard_temp(self) -> None:
         if self.path is not None:
             self.storage.discard(self.path)
+
+
+def _add_condition(downloader: Any, condition: Mapping[str, str]) -> bool:
+    """Add *condition* to *downloader*'s request headers; False if it has none to add to
+    (a plugin's downloader: its request goes out unconditional)."""
+    headers = getattr(downloader, "request_headers", None)
+    if not condition or not isinstance(headers, dict):
+        return False
+    for name in list(headers):
+        if name.lower() in {n.lower() for n in condition}:
+            del headers[name]
+    headers.update(condition)
+    return True

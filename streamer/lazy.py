@@ -32,9 +32,11 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.http import datetimeToString
 from twisted.web.server import NOT_DONE_YET
 
-from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from downloaders.errors import DownloadError, DownloadTimeout, NotFound, NotModified
+from downloaders.result import parse_last_modified
 from importer.commit import GroupCommitter
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
@@ -51,6 +53,8 @@ from streamer.ranges import (
     unsatisfiable_content_range,
 )
 from streamer.static import (
+    _header_date,
+    client_gone,
     content_type_for,
     etag_for,
     evaluate_conditions,
@@ -134,6 +138,8 @@ class LazyStreamer:
         self._cooling: dict[tuple[str, str, str], _Cooling] = {}
         #: Origins that asked for time (Retry-After), shared by all requests.
         self.busy = BusyOrigins()
+        #: Conditional downloads of one client each, not (yet) shared.
+        self._own: set[InFlight] = set()
         #: Requests waiting for a busy origin (answered at `stop`).
         self.waiting: set[_LazyRequest] = set()
         self._committer: GroupCommitter | None = None
@@ -159,7 +165,7 @@ class LazyStreamer:
         for waiting in list(self.waiting):
             waiting.wake()  # answers "shutting down"
         settling = []
-        for inflight in list(self.in_flight.values()):
+        for inflight in [*self.in_flight.values(), *self._own]:
             inflight.cancel()
             settling.append(inflight.settled())
         return defer.gatherResults(settling).addCallback(lambda _: None)
@@ -200,10 +206,19 @@ class LazyStreamer:
             return None
         return self.busy.left(entry.url, now)
 
-    def join(self, entry: Any, remote: Any, follower_for: Any) -> None:
+    def join(
+        self,
+        entry: Any,
+        remote: Any,
+        follower_for: Any,
+        condition: Mapping[str, str] | None = None,
+    ) -> None:
         """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
         artifact, starting that download unless one is in flight.
 
+        With a *condition* (a client's ``If-Modified-Since``) a new download is the client's
+        own: nobody joins it (nobody else may get the 304 it can end with) until the upstream
+        answered with the body, when it becomes the shared one (unless one is in flight).
         A download that fails at once reports to its followers before this returns.
         """
         inflight = self.in_flight.get(entry.sha256)
@@ -220,12 +235,24 @@ class LazyStreamer:
             on_done=self._done,
             retry_delay_cap=self.options.retry_delay_cap,
             commit=self._commit,
+            condition=condition,
+            on_response=self._share if condition else None,
         )
-        self.in_flight[entry.sha256] = inflight
+        if condition:
+            self._own.add(inflight)
+        else:
+            self.in_flight[entry.sha256] = inflight
         if self.metrics is not None:
             self.metrics.download_started()
         follower_for(inflight).attach()
         inflight.start(forwarded_headers)
+        if condition and not inflight.conditional and not inflight.finished:
+            self._share(inflight)  # the downloader took no condition: a plain download
+
+    def _share(self, inflight: InFlight) -> None:
+        """Let other clients join a client's own download (unless one is in flight)."""
+        if self.in_flight.setdefault(inflight.sha256, inflight) is inflight:
+            self._own.discard(inflight)
 
     def _commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Commit a validated temp file; files finishing together share one flush."""
@@ -258,8 +285,9 @@ class LazyStreamer:
     def _done(self, inflight: InFlight) -> None:
         if self.in_flight.get(inflight.sha256) is inflight:
             del self.in_flight[inflight.sha256]
-            if self.metrics is not None:
-                self.metrics.download_finished()
+        self._own.discard(inflight)
+        if self.metrics is not None:
+            self.metrics.download_finished()
 
     # -- HEAD ------------------------------------------------------------------------------------
 
@@ -273,6 +301,33 @@ class LazyStreamer:
         request.setHeader(b"accept-ranges", b"bytes")
         request.write(b"")
         request.finish()
+
+
+#: Headers of a 200 that a 304 repeats (RFC 9110 section 15.4.5), of those we forward.
+_NOT_MODIFIED_HEADERS = (b"last-modified", b"cache-control", b"expires")
+
+
+def upstream_condition(request: Any) -> dict[str, str] | None:
+    """The condition a GET for content not stored yet passes upstream: its
+    ``If-Modified-Since`` (a valid date, normalised), unless ``If-None-Match`` is present
+    (it takes precedence, and is answered from the catalog's sha256 ETag)."""
+    if request.method != b"GET" or request.getHeader(b"if-none-match") is not None:
+        return None
+    since = _header_date(request, b"if-modified-since")
+    if since is None:
+        return None
+    return {"If-Modified-Since": datetimeToString(since).decode("ascii")}
+
+
+def _current_by_date(request: Any, inflight: InFlight) -> bool:
+    """Whether a download in flight already told us (its Last-Modified) that the client's
+    ``If-Modified-Since`` copy is current."""
+    values = dict(inflight.headers or []).get(b"last-modified")
+    since = _header_date(request, b"if-modified-since")
+    if not values or since is None:
+        return False
+    modified = parse_last_modified(values[0])
+    return modified is not None and modified <= since
 
 
 def _cooling_key(entry: Any) -> tuple[str, str, str]:
@@ -356,7 +411,11 @@ class _LazyRequest:
                     {b"content-range": unsatisfiable_content_range(entry.size)},
                 )
                 return
+            condition = upstream_condition(self.request)
             joined = streamer.in_flight.get(entry.sha256)
+            if condition and joined is not None and _current_by_date(self.request, joined):
+                self._not_modified(joined.headers)
+                return
             if joined is None:
                 self.request.cache_status = "miss"
             elif joined.succeeded:
@@ -364,7 +423,12 @@ class _LazyRequest:
             else:
                 self.request.cache_status = "coalesced"
             self._trying = key
-            streamer.join(entry, remote, lambda source, plan=plan: self._follower(source, plan))
+            streamer.join(
+                entry,
+                remote,
+                lambda source, plan=plan: self._follower(source, plan),
+                condition,
+            )
             return
         if not self._wait_for_busy_origin():
             self._give_up()
@@ -416,6 +480,9 @@ class _LazyRequest:
         return self.follower
 
     def _source_failed(self, error: BaseException) -> None:
+        if isinstance(error, NotModified):  # the upstream's answer to the client's condition
+            self._not_modified(forwarded_headers(error.headers))
+            return
         fault = local_fault(error)
         if fault is not None:  # another source would fail the same way here
             respond_text(self.request, 503, fault.reason)
@@ -423,6 +490,17 @@ class _LazyRequest:
         if self._trying is not None:
             self.errors[self._trying] = error
         self.next()
+
+    def _not_modified(self, forwarded: list[tuple[bytes, list[bytes]]] | None) -> None:
+        """Answer 304 (the ETag is set already) with the upstream's validators and freshness
+        headers; no body was downloaded, nothing is stored, nothing cools down."""
+        if client_gone(self.request):
+            return
+        self.request.setResponseCode(304)
+        for name, values in forwarded or []:
+            if name in _NOT_MODIFIED_HEADERS:
+                self.request.responseHeaders.setRawHeaders(name, values)
+        self.request.finish()
 
     def _client_gone(self, _reason: Any) -> None:
         self.gone = True

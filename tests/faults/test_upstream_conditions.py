@@ -13,11 +13,12 @@ import os
 import sys
 import time
 
+import attrs
 import pytest_twisted
 
 from store import CatalogEntry
 from tests.support import faults
-from tests.support.clients import run_curl, run_process
+from tests.support.clients import run_curl, run_process, run_wget
 from tests.support.polling import until
 
 V1 = b"<repomd>" + b"1" * 3056 + b"</repomd>\n"
@@ -155,3 +156,145 @@ async def test_retry_after_fails_over_at_once_and_holds_the_origin(
     assert answer["status"] == "503" and "upstream busy" in answer["body"], answer
     assert 118 <= int(answer["retry-after"]) <= 120
     assert upstream.requests("/b.bin") == []
+
+
+PUBLISHED = "Mon, 01 Jan 2024 00:00:00 GMT"
+SHA_V1 = hashlib.sha256(V1).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_modified_since_on_cold_content_goes_upstream(make_service, upstream):
+    url = upstream.register("/a.xml", faults.Serve(V1, last_modified=PUBLISHED))
+    env = await make_service()
+    await env.add("a.xml", V1, stored=False, url=url)
+
+    # The client's copy is current: the upstream's 304 is ours, no body is downloaded.
+    answer = await head_and_body(env, "fixtures/a.xml", "-H", f"If-Modified-Since: {PUBLISHED}")
+    assert (answer["status"], answer["body"]) == ("304", ""), answer
+    assert answer["etag"] == f'"{SHA_V1}"' and answer["last-modified"] == PUBLISHED
+    [(_, sent)] = upstream.requests("/a.xml")
+    assert sent["if-modified-since"] == PUBLISHED
+    assert env.temp_files() == [] and not env.storage.has(SHA_V1)
+    # Not a failure: no cooldown, the next plain GET goes upstream and is stored.
+    answer = await head_and_body(env, "fixtures/a.xml")
+    assert (answer["status"], answer["body"].encode("latin-1")) == ("200", V1)
+    assert "if-modified-since" not in upstream.requests("/a.xml")[1][1]
+    await until(lambda: env.storage.has(SHA_V1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_modified_since_older_than_the_upstream_gets_the_body(make_service, upstream):
+    url = upstream.register("/a.xml", faults.Serve(V1, last_modified=PUBLISHED))
+    env = await make_service()
+    await env.add("a.xml", V1, stored=False, url=url)
+    older = "Sun, 31 Dec 2023 00:00:00 GMT"
+    answer = await head_and_body(env, "fixtures/a.xml", "-H", f"If-Modified-Since: {older}")
+    assert (answer["status"], answer["body"].encode("latin-1")) == ("200", V1)
+    assert upstream.requests("/a.xml")[0][1]["if-modified-since"] == older
+    await until(lambda: env.storage.has(SHA_V1))
+    # An invalid date, or an If-None-Match beside it, is not passed on (RFC 9110 13.1.3).
+    url = upstream.register("/b.xml", faults.Serve(V2, last_modified=PUBLISHED))
+    await env.add("b.xml", V2, stored=False, url=url)
+    for extra in (("-H", "If-Modified-Since: yesterday"), ("-H", 'If-None-Match: "other"')):
+        answer = await head_and_body(env, "fixtures/b.xml", *extra, "-H", "Cache-Control: no-cache")
+        assert answer["status"] == "200"
+    assert all("if-modified-since" not in sent for _, sent in upstream.requests("/b.xml"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_wget_timestamping_on_a_streamed_remote_downloads_once(
+    make_service, upstream, tmp_path
+):
+    url = upstream.register("/repomd.xml", faults.Serve(V1, last_modified=PUBLISHED))
+    env = await make_service(policy="streamed")
+    await env.add("repomd.xml", V1, stored=False, url=url)
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    outputs = []
+    for _ in range(2):
+        code, out, err = await run_wget(
+            "-N", "-P", str(folder), env.url("fixtures/repomd.xml"), timeout=30
+        )
+        assert code == 0, err
+        outputs.append(err.decode())
+    assert (folder / "repomd.xml").read_bytes() == V1
+    assert "304 Not Modified" in outputs[1] and "Omitting download" in outputs[1], outputs[1]
+    assert "ignored If-Modified-Since" not in outputs[1]
+    assert [sent.get("if-modified-since") for _, sent in upstream.requests("/repomd.xml")] == [
+        None,
+        PUBLISHED,
+    ]
+    assert not env.storage.has(SHA_V1) and env.temp_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_conditional_request_never_hands_its_304_to_another_client(make_service, upstream):
+    gate = faults.Gated(faults.Serve(V1, last_modified=PUBLISHED))
+    url = upstream.register("/a.xml", gate)
+    env = await make_service()
+    await env.add("a.xml", V1, stored=False, url=url)
+    target = env.url("fixtures/a.xml")
+
+    # A conditional request first, a plain one while its upstream request waits: the plain
+    # one does not join the conditional download (its own request), and gets the body.
+    conditional = run_curl("-s", "-i", "-H", f"If-Modified-Since: {PUBLISHED}", target)
+    await until(lambda: gate.waiting == 1)
+    plain = run_curl("-s", target)
+    await until(lambda: gate.waiting == 2)
+    gate.release()
+    code, out, _ = await conditional
+    assert code == 0 and out.startswith(b"HTTP/1.1 304"), out
+    code, out, _ = await plain
+    assert (code, out) == (0, V1)
+    await until(lambda: env.storage.has(SHA_V1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_conditional_download_answered_with_the_body_is_shared(make_service, upstream):
+    gate = faults.Gated(faults.Trickle(V1, bytes_per_sec=20_000, interval=0.02))
+    url = upstream.register("/a.xml", gate)
+    env = await make_service()
+    await env.add("a.xml", V1, stored=False, url=url)
+    target = env.url("fixtures/a.xml")
+
+    # The upstream has no Last-Modified to compare: it answers the conditional request with
+    # the body, and a client arriving after that joins the same download.
+    conditional = run_curl("-s", "-H", f"If-Modified-Since: {PUBLISHED}", target)
+    await until(lambda: gate.waiting == 1)
+    gate.release()
+    await until(lambda: env.lazy.in_flight)
+    code, out, _ = await run_curl("-s", target)
+    assert (code, out) == (0, V1)
+    assert (await conditional)[:2] == (0, V1)
+    assert len(upstream.requests("/a.xml")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_in_flight_answers_if_modified_since_by_its_date(make_service, upstream):
+    slow = faults.Trickle(V1, bytes_per_sec=10_000, interval=0.02)
+    url = upstream.register("/a.xml", _Dated(slow, PUBLISHED))
+    env = await make_service()
+    await env.add("a.xml", V1, stored=False, url=url)
+    target = env.url("fixtures/a.xml")
+    plain = run_curl("-s", target)
+    await until(lambda: env.lazy.in_flight and next(iter(env.lazy.in_flight.values())).headers)
+    # Its Last-Modified is known: a conditional client gets 304 without another request.
+    answer = await head_and_body(env, "fixtures/a.xml", "-H", f"If-Modified-Since: {PUBLISHED}")
+    assert answer["status"] == "304" and answer["last-modified"] == PUBLISHED
+    older = "Sun, 31 Dec 2023 00:00:00 GMT"
+    answer = await head_and_body(env, "fixtures/a.xml", "-H", f"If-Modified-Since: {older}")
+    assert (answer["status"], answer["body"].encode("latin-1")) == ("200", V1)
+    assert (await plain)[:2] == (0, V1)
+    assert len(upstream.requests("/a.xml")) == 1
+
+
+@attrs.frozen
+class _Dated(faults.Behaviour):
+    """*then*, with a ``Last-Modified`` header."""
+
+    then: faults.Behaviour
+    last_modified: str
+
+    def render(self, request):
+        request.setHeader(b"last-modified", self.last_modified.encode())
+        return self.then.render(request)

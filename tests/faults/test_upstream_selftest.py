@@ -77,7 +77,21 @@ async def test_serve_head_range_and_conditional(upstream):
         "-o", "/dev/null", "-w", "%{http_code}", "-H", 'If-None-Match: "v1"', upstream.url("/a.bin")
     )
     assert out == b"304"
-    assert [m for m, _ in upstream.requests("/a.bin")] == ["HEAD", "GET", "GET", "GET", "GET"]
+    for since, status in (
+        ("Mon, 01 Jan 2024 00:00:00 GMT", b"304"),
+        ("Sun, 31 Dec 2023 00:00:00 GMT", b"200"),
+    ):
+        code, out, _ = await run_curl(
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            f"If-Modified-Since: {since}",
+            upstream.url("/a.bin"),
+        )
+        assert out == status
+    assert [m for m, _ in upstream.requests("/a.bin")] == ["HEAD"] + ["GET"] * 6
 
 
 @pytest_twisted.ensureDeferred

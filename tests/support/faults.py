@@ -220,7 +220,8 @@ class Serve(Behaviour):
     HEAD: same headers, no body. Unless chunked, ``Accept-Ranges: bytes`` and one range
     ``bytes=a-b``/``a-``/``-n`` gives 206 with Content-Range; an unsatisfiable range gives 416
     with ``Content-Range: bytes */N``; several ranges are ignored (200). ``If-None-Match``
-    equal to the ETag gives 304.
+    equal to the ETag gives 304; without ``If-None-Match``, an ``If-Modified-Since`` not
+    earlier than ``last_modified`` gives 304 (with the ETag and Last-Modified, no body).
     """
 
     body: bytes
@@ -239,6 +240,9 @@ class Serve(Behaviour):
         if self.last_modified is not None:
             headers["Last-Modified"] = self.last_modified
         if self.etag is not None and request.getHeader(b"if-none-match") == self.etag.encode():
+            _start(request, 304, headers, None, content_type=None)
+            return b""
+        if self._not_modified_since(request):
             _start(request, 304, headers, None, content_type=None)
             return b""
         body, status = self.body, self.status
@@ -262,6 +266,15 @@ class Serve(Behaviour):
                 body, status = body[first : last + 1], 206
         _start(request, status, headers, len(body), self.content_type)
         return b"" if request.method == b"HEAD" else body
+
+    def _not_modified_since(self, request: Request) -> bool:
+        since = request.getHeader(b"if-modified-since")
+        if since is None or self.last_modified is None or request.getHeader(b"if-none-match"):
+            return False
+        try:
+            return stringToDatetime(since) >= stringToDatetime(self.last_modified.encode())
+        except ValueError:
+            return False
 
 
 @attrs.frozen
