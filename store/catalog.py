@@ -7,7 +7,7 @@ the database behind it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -88,6 +88,43 @@ class ReplaceReport:
     changed: int
     unchanged: int
     removed: int
+
+
+#: Rows a listing reads per query.
+LISTING_BATCH = 1000
+#: ``fetch(start, inclusive, upper, limit)``: up to *limit* ``(path, min size, any stored)``
+#: rows, one per distinct path ``>= start`` (``> start`` when not *inclusive*) and ``< upper``
+#: (no bound when None), in byte order of path.
+ListingFetch = Callable[[str, bool, "str | None", int], Sequence[tuple[str, int, Any]]]
+
+
+def walk_listing(prefix: str, fetch: ListingFetch) -> list[ListingItem]:
+    """The direct children of folder *prefix*, read through *fetch* (one implementation per
+    database): files come in batches, and each sub-folder costs one seek past its contents,
+    so a folder of a few entries above 100,000 files is listed in a few queries."""
+    base = prefix + "/" if prefix else ""
+    upper = prefix + "0" if prefix else None  # "0" sorts right after "/"
+    items: list[ListingItem] = []
+    start, inclusive = base, True
+    while True:
+        rows = fetch(start, inclusive, upper, LISTING_BATCH)
+        if not rows:
+            break
+        for path, size, stored in rows:
+            name, sep, _rest = path[len(base) :].partition("/")
+            if sep:
+                if name:
+                    items.append(ListingItem(name=name, is_dir=True))
+                start, inclusive = base + name + "0", True  # skip the whole sub-folder
+                break
+            items.append(ListingItem(name=name, is_dir=False, size=size, stored=bool(stored)))
+        else:
+            if len(rows) < LISTING_BATCH:
+                break
+            start, inclusive = rows[-1][0], False
+    # Path order puts "a.txt" before the folder "a" ("." sorts before "/"): sort by name.
+    items.sort(key=lambda item: (item.name, item.is_dir))
+    return items
 
 
 def open_catalog(

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from store.catalog import CatalogEntry, ListingItem, ReplaceReport
+from store.catalog import CatalogEntry, ListingItem, ReplaceReport, walk_listing
 from store.errors import CatalogError, CatalogUnavailable
 from store.interfaces import ICatalog
 from store.schema import SchemaReport, check_version, parse_version
@@ -50,7 +50,6 @@ __all__ = [
 #: The schema this code writes; older ones are upgraded at open, newer ones refused.
 SCHEMA_VERSION = 1
 DEFAULT_POOL_SIZE = 4
-LISTING_BATCH = 1000
 #: After a failed connection, calls fail at once for this many seconds.
 RETRY_INTERVAL = 1.0
 #: Connection parameters used unless the url sets them: fail fast on a dead address, notice
@@ -433,37 +432,17 @@ def _mark_stored(conn: Any, sha256s: list[str], stored: bool) -> int:
 
 
 def _list_dir(conn: Any, prefix: str) -> list[ListingItem]:
-    """Walk the path index: files are read in batches, each sub-folder costs one seek."""
-    base = prefix + "/" if prefix else ""
-    upper = prefix + "0" if prefix else None  # "0" sorts right after "/" (byte order)
-    items: list[ListingItem] = []
-    start, inclusive = base, True
-    while True:
+    def fetch(start: str, inclusive: bool, upper: str | None, limit: int) -> list[Any]:
         sql = (
             "SELECT path, min(size), bool_or(stored) FROM catalog_entries WHERE path "
             + (">= %s" if inclusive else "> %s")
             + (" AND path < %s" if upper is not None else "")
             + " GROUP BY path ORDER BY path LIMIT %s"
         )
-        params = (start, upper, LISTING_BATCH) if upper is not None else (start, LISTING_BATCH)
-        rows = conn.execute(sql, params).fetchall()
-        if not rows:
-            break
-        for path, size, stored in rows:
-            name, sep, _rest = path[len(base) :].partition("/")
-            if sep:
-                if name:
-                    items.append(ListingItem(name=name, is_dir=True))
-                start, inclusive = base + name + "0", True  # skip the whole sub-folder
-                break
-            items.append(ListingItem(name=name, is_dir=False, size=size, stored=bool(stored)))
-        else:
-            if len(rows) < LISTING_BATCH:
-                break
-            start, inclusive = rows[-1][0], False
-    # Path order puts "a.txt" before the folder "a" ("." sorts before "/"): sort by name.
-    items.sort(key=lambda item: (item.name, item.is_dir))
-    return items
+        params = (start, upper, limit) if upper is not None else (start, limit)
+        return conn.execute(sql, params).fetchall()
+
+    return walk_listing(prefix, fetch)
 
 
 def _replace_remote(conn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:

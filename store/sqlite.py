@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from store.catalog import CatalogEntry, ListingItem, ReplaceReport
+from store.catalog import CatalogEntry, ListingItem, ReplaceReport, walk_listing
 from store.errors import CatalogError
 from store.interfaces import ICatalog
 from store.schema import SchemaReport, check_version, parse_version
@@ -30,7 +30,6 @@ from store.schema import SchemaReport, check_version, parse_version
 #: The schema this code writes; older ones are upgraded at open, newer ones refused.
 SCHEMA_VERSION = 1
 BATCH_SIZE = 1000
-LISTING_BATCH = 1000
 BUSY_TIMEOUT_MS = 10_000
 #: The in-thread read connection gives up this quickly and lets the worker thread wait instead.
 READ_BUSY_TIMEOUT_MS = 20
@@ -324,38 +323,17 @@ def _mark_stored_many(txn: Any, sha256s: list[str]) -> int:
 
 
 def _list_dir(txn: Any, prefix: str) -> list[ListingItem]:
-    """Walk the path index: files are read in batches, each sub-folder costs one seek."""
-    base = prefix + "/" if prefix else ""
-    upper = prefix + "0" if prefix else None  # "0" sorts right after "/"
-    items: list[ListingItem] = []
-    start, inclusive = base, True
-    while True:
+    def fetch(start: str, inclusive: bool, upper: str | None, limit: int) -> list[Any]:
         sql = (
             "SELECT path, MIN(size), MAX(stored) FROM catalog_entries WHERE path "
             + (">= ?" if inclusive else "> ?")
             + (" AND path < ?" if upper is not None else "")
             + " GROUP BY path ORDER BY path LIMIT ?"
         )
-        params = (start, upper, LISTING_BATCH) if upper is not None else (start, LISTING_BATCH)
-        txn.execute(sql, params)
-        rows = txn.fetchall()
-        if not rows:
-            break
-        for path, size, stored in rows:
-            name, sep, _rest = path[len(base) :].partition("/")
-            if sep:
-                if name:
-                    items.append(ListingItem(name=name, is_dir=True))
-                start, inclusive = base + name + "0", True  # skip the whole sub-folder
-                break
-            items.append(ListingItem(name=name, is_dir=False, size=size, stored=bool(stored)))
-        else:
-            if len(rows) < LISTING_BATCH:
-                break
-            start, inclusive = rows[-1][0], False
-    # Path order puts "a.txt" before the folder "a" ("." sorts before "/"): sort by name.
-    items.sort(key=lambda item: (item.name, item.is_dir))
-    return items
+        txn.execute(sql, (start, upper, limit) if upper is not None else (start, limit))
+        return txn.fetchall()
+
+    return walk_listing(prefix, fetch)
 
 
 def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:
