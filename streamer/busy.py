@@ -62,9 +62,10 @@ class BusyOrigins:
     _origins: dict[str, _Busy] = attrs.field(factory=dict)
 
     def record(self, url: str, error: BaseException, now: float) -> bool:
-        """Remember *error*'s ``Retry-After`` for *url*'s origin; False if it has none."""
+        """Remember *error*'s ``Retry-After`` for *url*'s origin; False if it has none (or
+        one already over: a source still failing after "now" gets the usual cooldown)."""
         seconds = busy_seconds(error)
-        if seconds is None:
+        if seconds is None or seconds <= _SLACK:
             return False
         if len(self._origins) >= _PRUNE_AT:
             self._origins = {o: b for o, b in self._origins.items() if b.until > now}

@@ -323,13 +323,18 @@ class InFlight:
         self._close_write()
         self._last_chunk = None
         self._discard_temp()
+        error = failure.value
+        if isinstance(error, NotModified) and not self.conditional:
+            # A 304 nobody asked for is no answer: the source failed, and no client may
+            # receive it as one.
+            error = DownloadError(self.entry.url, "HTTP 304 to an unconditional request")
         if not self._cancelled:
-            self.error = failure.value
-            if not isinstance(failure.value, NotModified):  # the client's copy is current
-                self._on_failure(self.entry, failure.value)
+            self.error = error
+            if not isinstance(error, NotModified):  # else: the client's copy is current
+                self._on_failure(self.entry, error)
         self._done()
         for follower in list(self.followers):
-            follower.failed(failure.value)
+            follower.failed(error)
         return None
 
     def _log_failure(self, failure: Failure, what: str) -> None:

@@ -33,6 +33,7 @@ from downloaders import (
     DownloadTimeout,
     HttpError,
     NotFound,
+    NotModified,
     SizeValidationError,
     TooManyRedirects,
     TruncatedBody,
@@ -304,6 +305,13 @@ FAULTS = [
         )
         for code in (404, 500, 503)
         for framing in ("chunked", "close")
+    ),
+    # --- 304 to a request that carried no condition: no answer at all ------------------------
+    Fault(
+        "304-to-an-unconditional-request",
+        lambda: faults.Status(304),
+        Sync(NotModified, "HTTP 304"),
+        Lazy(502),
     ),
     # --- redirects: followed, but loops and non-HTTP targets refused ---------------------------
     Fault(

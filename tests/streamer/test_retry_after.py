@@ -156,3 +156,19 @@ async def test_stopping_answers_requests_waiting_for_a_busy_origin(lazy_env):
     assert response.code == 503
     assert b"shutting down" in await response.content()
     assert delayed_at(clock) == [] and not env.streamer.waiting
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_0_still_cools_down(lazy_env):
+    env, clock = clocked(lazy_env)
+    env.remote("busy", max_retries=1, sock_read_timeout=5)
+    url = env.upstream.register("/f", Status(503, {"Retry-After": "0"}))
+    await env.publish("repo/f", BODY, ("busy", url))
+    # "Now" is taken at its word (one retry at once), then the usual cooldown: a source that
+    # keeps failing is not asked again by every request.
+    status, headers, _ = await get(env, "repo/f")
+    assert (status, headers["retry-after"]) == (503, "30")
+    status, _, _ = await get(env, "repo/f")
+    assert status == 503
+    assert len(env.upstream.requests("/f")) == 2
+    assert delayed_at(clock) == []
