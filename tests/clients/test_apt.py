@@ -20,6 +20,7 @@ import pytest_twisted
 
 from tests.clients.mirror import client_env
 from tests.support.clients import ProcessResult, run_process
+from tests.support.faults import Serve
 
 TOOLS = ("apt-get", "dpkg-deb", "dpkg-scanpackages", "apt-ftparchive")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
@@ -180,4 +181,26 @@ async def test_apt_flat_repository_update_and_download(
             assert not mirror.is_stored(name), name
     hits = metrics.value("streamer_cache_hits_total")
     assert hits == (len(fetched) if policy == "on_demand" else 0)
+    assert mirror.temp_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_apt_update_again_on_a_streamed_remote_revalidates_instead_of_downloading(
+    make_mirror, flat_repository, tmp_path
+):
+    """apt keeps the upstream's Last-Modified as its lists' modification time and asks with
+    If-Modified-Since next time: on a `streamed` remote (nothing stored) the condition goes
+    upstream, whose 304 reaches apt ("Hit"), and no index is downloaded again."""
+    published = "Mon, 01 Jan 2024 00:00:00 GMT"
+    behaviours = {
+        name: Serve(data, last_modified=published) for name, data in flat_repository.items()
+    }
+    mirror = await make_mirror(flat_repository, behaviours, policy="streamed")
+    apt = PrivateApt(tmp_path / "apt", f"deb [trusted=yes] {mirror.base_url} ./")
+    assert_clean(await apt.run("update"), "apt-get update")
+    output = assert_clean(await apt.run("update"), "apt-get update")
+    assert "Hit:" in output and "Get:" not in output, output
+    sent = [r.headers.get("if-modified-since") for r in mirror.upstream.requests("/Release")]
+    assert sent == [None, published], sent
+    assert mirror.upstream_gets("Packages.gz") == 1
     assert mirror.temp_files() == []
