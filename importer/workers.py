@@ -169,7 +169,8 @@ class SyncWorkers:
         The syncing process keeps about half a share of ``download_concurrency``, the links
         split the rest (`WorkerLink.slots`); each joins once its ``ready`` fires. Outcomes
         go to *on_stored* and *on_failed*; a dead worker's unfinished files go to
-        *fallback*. None for a remote the workers cannot serve (see `eligible`).
+        *fallback*. An empty list for a remote the workers cannot serve (see `eligible`), when
+        no worker is alive, or when ``download_concurrency`` leaves the workers no slot.
         """
         if not eligible(remote):
             return []

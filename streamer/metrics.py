@@ -5,10 +5,12 @@ and several services in one process never clash. Who calls what:
 
 * the site (`streamer.service`) calls `request_started()` and, once per request,
   `request_done(method, status, nbytes, cache_status, duration)`; the cache status is
-  what the content resource put in ``request.cache_status`` (see `streamer.logs`);
-* the content resource calls `upstream_failure(reason)` (or `streamer.logs.RequestLog.
-  upstream_failure`, which logs and counts), and `download_started()` / `download_finished()`
-  around each upstream download it starts (not per coalesced waiter);
+  what the content resource (`streamer.content`, for stored files) or the lazy streamer
+  (`streamer.lazy`, for the others) put in ``request.cache_status`` (see `streamer.logs`);
+* the lazy streamer (`streamer.lazy.LazyStreamer`) counts upstream failures through
+  `streamer.logs.RequestLog.upstream_failure` (which calls `upstream_failure(reason)`, then logs),
+  and calls `download_started()` / `download_finished()` around each upstream download it
+  starts (not per coalesced waiter);
 * temp bytes are measured from the temp folder at scrape time (`watch_temp_dir`).
 """
 
