@@ -411,7 +411,8 @@ class BaseDownloader:
         self._finalized = False
 
     def _open_temp(self) -> int:
-        """Create (or take from the pool) this attempt's temporary file, mode 0600."""
+        """Create this attempt's temporary file (mode 0600 less the umask), or take one from
+        `temp_files`, whose files have that pool's mode (a sync's are readable, as stored)."""
         try:
             if self.temp_files is not None:
                 self._fd, self.path = self.temp_files.take()
