@@ -39,9 +39,9 @@ from downloaders.addresses import AddressGuard, CheckedEndpoint
 from downloaders.auth import BasicAuthAgent
 from downloaders.base import BaseDownloader
 from downloaders.bearer import BearerTokenAgent
-from downloaders.client import Http11Agent
 from downloaders.context import DownloadContext
 from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
+from downloaders.direct_get import DirectGetAgent
 from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.mirrors import MirrorList
@@ -278,7 +278,7 @@ class DownloaderFactory:
         self.context = DownloadContext()
         #: Which internal addresses the remote's redirects may not reach.
         self.guard = AddressGuard.for_remote(remote)
-        self._direct: Http11Agent | None = None
+        self._direct: DirectGetAgent | None = None
         self.agent = self._compose_agent()
         #: The same agent stack, by the name Pulp's session has.
         self.session = self.agent
@@ -314,7 +314,7 @@ class DownloaderFactory:
             # GETs on our own keep-alive client (responses parsed in C); HEAD and anything
             # with a body on Twisted's. Proxied requests above stay on Twisted's client.
             twisted_agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
-            agent = self._direct = Http11Agent(
+            agent = self._direct = DirectGetAgent(
                 endpoints, twisted_agent, max_idle=self.pool.maxPersistentPerHost
             )
         login = (remote.username, remote.password) if remote.username else None

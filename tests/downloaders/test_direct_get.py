@@ -1,4 +1,4 @@
-"""`Http11Agent`, the downloaders' keep-alive GET client with responses parsed by llhttp: against
+"""`DirectGetAgent`, the downloaders' keep-alive GET client with responses parsed by llhttp:
 a scripted raw server on loopback (exact bytes on the wire), the fault upstream and through
 `HttpDownloader`, so each answer shape is checked where the downloader sees it."""
 
@@ -24,7 +24,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings, TruncatedBody
-from downloaders.client import IDLE_TIMEOUT, Http11Agent, _split_target
+from downloaders.direct_get import IDLE_TIMEOUT, DirectGetAgent, ResponseParseError, _split_target
 from downloaders.factory import CachingEndpointFactory
 from downloaders.tls import RemoteTLSPolicy
 from tests.support.faults import Serve
@@ -91,7 +91,7 @@ def scripted():
 def agent():
     endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
     pool = HTTPConnectionPool(reactor, persistent=False)
-    made = Http11Agent(endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), 4)
+    made = DirectGetAgent(endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), 4)
     yield made
     pytest_twisted.blockon(made.close_idle())
 
@@ -100,7 +100,7 @@ def _settings() -> RemoteSettings:
     return RemoteSettings(url="http://127.0.0.1/")
 
 
-async def get(agent: Http11Agent, url: str, headers: Headers | None = None) -> tuple[Any, bytes]:
+async def get(agent: DirectGetAgent, url: str, headers: Headers | None = None) -> tuple[Any, bytes]:
     response = await agent.request(b"GET", url.encode(), headers)
     return response, await readBody(response)
 
@@ -275,7 +275,7 @@ async def test_head_and_other_methods_go_to_the_fallback(scripted):
             return defer.succeed("fallback")
 
     endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
-    made = Http11Agent(endpoints, Fallback())
+    made = DirectGetAgent(endpoints, Fallback())
     assert await made.request(b"HEAD", (scripted.url + "/").encode()) == "fallback"
     assert await made.request(b"POST", b"http://x/", None, object()) == "fallback"
     assert calls == [b"HEAD", b"POST"] and scripted.heads == []
@@ -318,7 +318,7 @@ async def test_a_truncated_body_is_reported_by_the_downloader(scripted, tmp_path
 async def test_a_connection_idle_too_long_is_not_reused(scripted):
     now = [1000.0]
     endpoints = CachingEndpointFactory(reactor, RemoteTLSPolicy.from_settings(_settings()), 5)
-    made = Http11Agent(endpoints, None, clock=lambda: now[0])
+    made = DirectGetAgent(endpoints, None, clock=lambda: now[0])
     try:
         await get(made, scripted.url + "/")
         now[0] += IDLE_TIMEOUT - 1
@@ -358,3 +358,10 @@ async def test_the_request_line_and_host_come_from_the_url(agent, scripted):
     await get(agent, scripted.url + "?x=1#ignored")
     host = scripted.url.removeprefix("http://").encode()
     assert scripted.heads[0].split(b"\r\n")[:2] == [b"GET /?x=1 HTTP/1.1", b"Host: " + host]
+
+
+def test_the_old_names_still_import():
+    from downloaders import client
+
+    assert client.Http11Agent is DirectGetAgent
+    assert client.ResponseParseError is ResponseParseError
