@@ -26,6 +26,7 @@ knows but storage does not hold:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -314,7 +315,7 @@ def upstream_condition(request: Any) -> dict[str, str] | None:
     if request.method != b"GET" or request.getHeader(b"if-none-match") is not None:
         return None
     since = _header_date(request, b"if-modified-since")
-    if since is None:
+    if since is None or since > time.time():  # a date in the future is no valid condition
         return None
     return {"If-Modified-Since": datetimeToString(since).decode("ascii")}
 
