@@ -6,7 +6,14 @@ The factory composes one ``IAgent`` per remote and hands it to every `HttpDownlo
       RateLimitedAgent            space request starts (rate_limit per second), when set
         BasicAuthAgent            Authorization for the remote's own origin only, when set
           BearerTokenAgent        answer Bearer challenges, one token per scope per remote
-            Agent / ProxyingAgent TLS policy, proxy (CONNECT for https), one HTTPConnectionPool
+            DirectGetAgent        no proxy_url: GETs on keep-alive connections, parsed by llhttp
+              Agent               no proxy_url: the rest (HEAD, requests with a body)
+            ProxyingAgent         with a proxy_url: every request (CONNECT for https)
+
+Without a proxy, `DirectGetAgent` and its fallback connect through one
+`CachingEndpointFactory` (the remote's TLS policy and `AddressGuard`). Twisted's agents keep
+their idle connections in the factory's ``HTTPConnectionPool`` (``factory.pool``),
+`DirectGetAgent` its own; `idle_connections` and `close` cover both.
 
 Basic auth sits *under* the redirects, so it is decided per hop. The remote's `AddressGuard`
 keeps redirects away from internal addresses (`downloaders.addresses`): literal ones are
