@@ -1,9 +1,13 @@
-"""HttpDownloader: one url over HTTP(S) with twisted.web.client, streamed into `handle_data`.
+"""HttpDownloader: one url over HTTP(S) through an ``IAgent``, streamed into `handle_data`.
 
-The body is delivered chunk by chunk through ``IResponse.deliverBody`` into our own protocol,
-never buffered whole. The agent is a plain ``Agent`` (never wrapped in ``ContentDecoderAgent``)
-and we do not ask for compression, so the bytes stored are the bytes on the wire: a ``.gz``
-served with ``Content-Encoding: gzip`` keeps its published sha256.
+The agent is the caller's ``session`` (a `DownloaderFactory`'s stack: its GETs go through
+`downloaders.direct_get.DirectGetAgent`, the rest and anything proxied through
+``twisted.web.client``) or, without one, a Twisted ``Agent`` of our own behind a
+`RedirectingAgent` (through a ``ProxyingAgent`` when ``proxy`` is given). The body is
+delivered chunk by chunk through ``IResponse.deliverBody`` into our own protocol, never
+buffered whole. No agent here decodes content (none is a ``ContentDecoderAgent``) and we do
+not ask for compression, so the bytes stored are the bytes on the wire: a ``.gz`` served with
+``Content-Encoding: gzip`` keeps its published sha256.
 """
 
 from __future__ import annotations
