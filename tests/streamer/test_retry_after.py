@@ -172,3 +172,22 @@ async def test_retry_after_0_still_cools_down(lazy_env):
     assert status == 503
     assert len(env.upstream.requests("/f")) == 2
     assert delayed_at(clock) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_waiting_for_the_same_origin_share_one_request_after(lazy_env):
+    env, clock = clocked(lazy_env)
+    env.remote("busy", sock_read_timeout=5)
+    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=2))
+    await env.publish("repo/f", BODY, ("busy", url))
+
+    first = treq.get(env.url("repo/f"))
+    await wait_for(lambda: len(env.streamer.waiting) == 1)
+    second = treq.get(env.url("repo/f"))
+    await wait_for(lambda: len(env.streamer.waiting) == 2)
+    assert len(env.upstream.requests("/f")) == 1, "the second client did not ask the origin"
+    clock.advance(2)
+    for d in (first, second):
+        response = await d
+        assert (response.code, await response.content()) == (200, BODY)
+    assert len(env.upstream.requests("/f")) == 2
