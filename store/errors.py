@@ -16,6 +16,11 @@ class ArtifactNotFound(StorageError):
     """No artifact with the requested sha256 is in storage."""
 
 
+class NotARegularFile(ArtifactNotFound):
+    """Something other than a regular file (a FIFO, a symbolic link, ...) sits at an
+    artifact's path: it is treated as not stored."""
+
+
 class CatalogError(Exception):
     """The catalog could not be opened, read or updated (bad URL, bad entry, database error)."""
 

@@ -25,12 +25,15 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
 import attrs
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from store.digests import is_sha256_hex
-from store.errors import ArtifactNotFound, StorageError, local_fault
+from store.errors import ArtifactNotFound, NotARegularFile, StorageError, local_fault
 from store.interfaces import IArtifactStorage
 from store.tempdirs import OwnTempDir, remove_stale
+
+_log = Logger()
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = "part-"
@@ -44,11 +47,13 @@ STALE_TEMP_SECONDS = 3600.0
 
 @attrs.frozen
 class BadArtifact:
-    """An artifact whose content did not match its name, and where it was moved."""
+    """An artifact whose content did not match its name (or that is no regular file: then
+    *reason* says what it is and *actual_sha256* is empty), and where it was moved."""
 
     sha256: str
     actual_sha256: str
     quarantine_path: str
+    reason: str = ""
 
 
 @attrs.frozen
@@ -60,15 +65,63 @@ class VerifyReport:
     bad: list[BadArtifact]
 
 
+_OPEN_REGULAR = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+)
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of *mode* is, in words (``a FIFO``, ``a regular file``)."""
+    return "a regular file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "special")
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open *path* for reading if it is a regular file, never following a symbolic link
+    (``O_NOFOLLOW``) or waiting on a FIFO (``O_NONBLOCK``); else raise `NotARegularFile`
+    (or ``OSError``: missing, unreadable)."""
+    try:
+        fd = os.open(path, _OPEN_REGULAR)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFile(f"{path} is a symbolic link") from None
+        if exc.errno == errno.ENXIO:  # a socket (or a device without its driver)
+            raise NotARegularFile(f"{path} is not a regular file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"{path} is {file_kind(mode)}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def hash_file(path: str) -> tuple[str, int]:
-    """Return (sha256 hex, size) of the file at *path*, reading it in chunks."""
+    """Return (sha256 hex, size) of the (regular) file at *path*, reading it in chunks."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(CHUNK_SIZE):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _is_regular(path: str) -> bool:
+    """True when *path* itself (not a link's target) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _remove_quietly(path: str) -> None:
@@ -166,16 +219,24 @@ class ArtifactStorage:
         return os.path.join(self.artifacts_dir, sha256[:2], sha256[2:])
 
     def has(self, sha256: str) -> bool:
-        """Return True when the artifact is stored."""
-        return os.path.isfile(self.path_for(sha256))
+        """Return True when the artifact is stored (as a regular file, not a link to one)."""
+        return _is_regular(self.path_for(sha256))
 
     def open(self, sha256: str) -> BinaryIO:
-        """Open the stored artifact for binary reading."""
+        """Open the stored artifact for binary reading.
+
+        Anything at its path but a regular file (a FIFO would block the caller forever, a
+        symbolic link could point anywhere) is logged and treated as not stored:
+        `NotARegularFile`, an `ArtifactNotFound`. The next commit of the artifact replaces it.
+        """
         path = self.path_for(sha256)
         try:
-            return open(path, "rb")
+            return open_regular(path)
         except FileNotFoundError:
             raise ArtifactNotFound(f"artifact {sha256} is not in storage") from None
+        except NotARegularFile as exc:
+            _log.warn("{what}: treated as not stored (streamer verify moves it aside)", what=exc)
+            raise
         except OSError as exc:
             raise StorageError(f"cannot open artifact {sha256}: {exc}") from exc
 
@@ -366,13 +427,20 @@ class ArtifactStorage:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self._folders.add(prefix)
         try:
-            return _rename_no_replace(temp_path, dest)
+            renamed = _rename_no_replace(temp_path, dest)
         except FileNotFoundError:
             if not os.path.exists(temp_path):
                 raise
             # The folder went away after we made it (removed by hand): make it again.
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            return _rename_no_replace(temp_path, dest)
+            renamed = _rename_no_replace(temp_path, dest)
+        if not renamed and not _is_regular(dest):
+            # Something else sits at the artifact's path (a FIFO, a symbolic link): the
+            # validated file takes its place.
+            _log.warn("replacing {dest}: it was not a regular file", dest=dest)
+            os.replace(temp_path, dest)
+            return True
+        return renamed
 
     def import_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Copy the local file at *path* into storage through tmp/; return (sha256, size)."""
@@ -396,7 +464,15 @@ class ArtifactStorage:
         return sha256, size
 
     def iter_artifacts(self) -> Iterator[tuple[str, str]]:
-        """Yield (sha256, path) for every stored artifact, in sha256 order."""
+        """Yield (sha256, path) for every stored artifact (regular files only), in sha256
+        order."""
+        for sha256, path, mode in self._iter_named():
+            if stat.S_ISREG(mode):
+                yield sha256, path
+
+    def _iter_named(self) -> Iterator[tuple[str, str, int]]:
+        """Yield (sha256, path, mode) for everything in ``artifacts/`` named like an
+        artifact, regular file or not (``lstat``: links are not followed)."""
         try:
             prefixes = sorted(os.listdir(self.artifacts_dir))
         except FileNotFoundError:
@@ -408,8 +484,11 @@ class ArtifactStorage:
             for rest in sorted(os.listdir(folder)):
                 sha256 = prefix + rest
                 path = os.path.join(folder, rest)
-                if is_sha256_hex(sha256) and os.path.isfile(path):
-                    yield sha256, path
+                if is_sha256_hex(sha256):
+                    try:
+                        yield sha256, path, os.lstat(path).st_mode
+                    except FileNotFoundError:
+                        continue
 
     def verify(self, on_bad: Callable[[BadArtifact], object] | None = None) -> VerifyReport:
         """Re-hash every artifact; move mismatching ones to quarantine/ and report them.
@@ -419,16 +498,26 @@ class ArtifactStorage:
         """
         checked = good = 0
         bad: list[BadArtifact] = []
-        for sha256, path in self.iter_artifacts():
+        for sha256, path, mode in self._iter_named():
+            reason = actual = ""
             try:
-                actual, _size = hash_file(path)
+                if stat.S_ISREG(mode):
+                    actual, _size = hash_file(path)
+                else:
+                    raise NotARegularFile(path)
             except FileNotFoundError:
                 continue
+            except NotARegularFile:
+                try:
+                    mode = os.lstat(path).st_mode
+                except FileNotFoundError:
+                    continue
+                reason = f"not a regular file: {file_kind(mode)}"
             checked += 1
             if actual == sha256:
                 good += 1
                 continue
-            item = BadArtifact(sha256, actual, self._quarantine(sha256, path))
+            item = BadArtifact(sha256, actual, self._quarantine(sha256, path), reason)
             bad.append(item)
             if on_bad is not None:
                 on_bad(item)

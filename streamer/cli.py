@@ -128,7 +128,7 @@ def verify_command(config: Config) -> int:
     storage = ArtifactStorage(config.storage.path)
     report = storage.verify(
         on_bad=lambda bad: print(
-            f"BAD {bad.sha256}: content hashes to {bad.actual_sha256}; "
+            f"BAD {bad.sha256}: {bad.reason or f'content hashes to {bad.actual_sha256}'}; "
             f"moved to {bad.quarantine_path}"
         )
     )

@@ -365,3 +365,78 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
     assert code == 0, output
     assert f"{where}" in output and "too many open files (EMFILE: Too many open files)" in output
     assert "Traceback" not in output
+
+
+# -- what is not a regular file in artifacts/ ------------------------------------------------
+
+
+def artifact_path(var: Path, data: bytes) -> Path:
+    digest = sha256(data)
+    return var / "artifacts" / digest[:2] / digest[2:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
+    tmp_path, upstream
+):
+    """A FIFO at an artifact's path used to block the whole service on its open(); a symbolic
+    link was served (any file the service can read, with the artifact's ETag). Both are
+    treated as not stored: the bytes come from upstream, the next commit replaces them."""
+    fifo_data, link_data = os.urandom(5000), os.urandom(6000)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for clients\n")
+    files = {"fifo.bin": fifo_data, "link.bin": link_data}
+    for name, data in files.items():
+        upstream.register(f"/files/{name}", Serve(data))
+    config = write_config(tmp_path, upstream, policy="on_demand")
+    await catalog_lazy(config, files, lambda name: upstream.url(f"/files/{name}"))
+    var = tmp_path / "var"
+    for data in files.values():
+        artifact_path(var, data).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(artifact_path(var, fifo_data))
+    artifact_path(var, link_data).symlink_to(secret)
+
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    try:
+        await healthy(base, proto)
+        for name, data in files.items():
+            assert await curl(base + f"/repo/{name}", "--max-time", "5") == (0, "200", data)
+        assert (await curl(base + "/healthz", "--max-time", "5"))[1] == "200"
+        for data in files.values():  # the commit put the valid file in their place
+            path = artifact_path(var, data)
+            await until(lambda path=path: path.is_file() and not path.is_symlink())
+            assert path.read_bytes() == data
+        assert secret.read_bytes() == b"not for clients\n"
+    finally:
+        code = await sigterm(proto, process)
+    output = proto.output.decode()
+    assert code == 0, output
+    assert "is a FIFO: treated as not stored" in output
+    assert "is a symbolic link: treated as not stored" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamer_verify_reports_what_is_not_a_regular_file(tmp_path, upstream):
+    config = write_config(tmp_path, upstream)
+    var = tmp_path / "var"
+    good, fifo, link = b"good bytes\n", b"fifo's name\n", b"link's name\n"
+    for data in (good, fifo, link):
+        artifact_path(var, data).parent.mkdir(parents=True, exist_ok=True)
+    artifact_path(var, good).write_bytes(good)
+    os.mkfifo(artifact_path(var, fifo))
+    (tmp_path / "target").write_bytes(link)  # even right bytes: a link is not stored content
+    artifact_path(var, link).symlink_to(tmp_path / "target")
+
+    code, out, err = await run_process(
+        sys.executable, *STREAMER, "--config", str(config), "verify", timeout=30
+    )
+    lines = out.decode().splitlines()
+    assert code == 1, out + err
+    assert f"BAD {sha256(fifo)}: not a regular file: a FIFO; moved to {var}/quarantine/" in (
+        "\n".join(lines)
+    )
+    assert f"BAD {sha256(link)}: not a regular file: a symbolic link; moved to" in out.decode()
+    assert lines[-1] == f"verified 3 artifact(s) in {var}: 1 good, 2 bad"
+    assert not os.path.lexists(artifact_path(var, fifo))
+    assert not os.path.lexists(artifact_path(var, link))
+    assert artifact_path(var, good).read_bytes() == good
