@@ -376,9 +376,7 @@ def artifact_path(var: Path, data: bytes) -> Path:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
-    tmp_path, upstream
-):
+async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(tmp_path, upstream):
     """A FIFO at an artifact's path used to block the whole service on its open(); a symbolic
     link was served (any file the service can read, with the artifact's ETag). Both are
     treated as not stored: the bytes come from upstream, the next commit replaces them."""
