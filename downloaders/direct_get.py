@@ -35,6 +35,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
+from downloaders.quiet import QuietStart
 from downloaders.urls import redact_url
 
 __all__ = ["DirectGetAgent", "ResponseParseError"]
@@ -418,7 +419,7 @@ class _Connection(protocol.Protocol):
         self.lost.callback(None)
 
 
-class _Factory(protocol.Factory):
+class _Factory(QuietStart, protocol.Factory):
     protocol = _Connection
 
 

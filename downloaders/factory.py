@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorThreads
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
@@ -53,6 +53,7 @@ from downloaders.file import FileDownloader
 from downloaders.http import HttpDownloader
 from downloaders.mirrors import MirrorList
 from downloaders.proxy import ProxyingAgent
+from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
@@ -270,7 +271,7 @@ class DownloaderFactory:
         self.classes = {**self.default_classes, **(downloader_overrides or {})}
         concurrency = remote.download_concurrency
         self.semaphore = defer.DeferredSemaphore(concurrency)
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = quiet_pool(reactor)
         self.pool.maxPersistentPerHost = max(concurrency, 2)
         self.tls_policy = RemoteTLSPolicy.from_settings(remote)
         if allowed_digests is None:

@@ -30,6 +30,7 @@ from downloaders.addresses import InternalAddressRefused
 from downloaders.auth import origin
 from downloaders.base import DONE, BaseDownloader, credentials
 from downloaders.headers import ResponseHeaders
+from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
 
@@ -49,9 +50,9 @@ def default_pool(reactor: Any) -> HTTPConnectionPool:
     from twisted.internet import reactor as global_reactor
 
     if reactor is not global_reactor:
-        return HTTPConnectionPool(reactor, persistent=True)
+        return quiet_pool(reactor)
     if _shared_pool is None:
-        _shared_pool = HTTPConnectionPool(reactor, persistent=True)
+        _shared_pool = quiet_pool(reactor)
     return _shared_pool
 
 

@@ -27,6 +27,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from downloaders.errors import ConnectionFailed, ProxyError
+from downloaders.quiet import QuietStart
 
 __all__ = ["ProxyingAgent", "TunnelEndpoint", "basic_credentials"]
 
@@ -115,6 +116,10 @@ class _TunnelProtocol(Protocol):
             )
 
 
+class _TunnelFactory(QuietStart, Factory):
+    """Builds the CONNECT protocol of one tunnel (started and stopped per connection)."""
+
+
 @implementer(IStreamClientEndpoint)
 class TunnelEndpoint:
     """Connects to ``host:port`` through a CONNECT tunnel on ``proxy_endpoint``, with TLS inside.
@@ -140,7 +145,7 @@ class TunnelEndpoint:
         return f"<TunnelEndpoint to {self.netloc} via {self.proxy_endpoint!r}>"
 
     def connect(self, protocolFactory: Factory) -> defer.Deferred[Protocol]:  # noqa: N803
-        tunnel = Factory.forProtocol(lambda: _TunnelProtocol(self, protocolFactory))
+        tunnel = _TunnelFactory.forProtocol(lambda: _TunnelProtocol(self, protocolFactory))
         connecting = self.proxy_endpoint.connect(tunnel)
 
         def opened(protocol: _TunnelProtocol) -> defer.Deferred[Protocol]:

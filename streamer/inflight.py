@@ -113,6 +113,9 @@ class InFlight:
         self.size: int = entry.size
         #: Forwarded upstream headers (set once they arrived), shared by late joiners.
         self.headers: Any = None
+        #: The upstream's status for those headers, when the downloader tells it (an HTTP
+        #: downloader's ``response.code``); for access logs only.
+        self.upstream_status: int | None = None
         #: Bytes written to the temp file so far.
         self.written = 0
         self.succeeded = False
@@ -198,6 +201,8 @@ class InFlight:
     def headers_ready(self, headers: Any) -> None:
         """Keep the headers to forward; refuse a Content-Length other than the catalog's
         size now, before any byte went to a client (so the request can still fail over)."""
+        code = getattr(getattr(self._downloader, "response", None), "code", None)
+        self.upstream_status = code if isinstance(code, int) else None
         length = (header_value(headers, "content-length") or "").strip()
         if length.isdigit() and int(length) != self.size:
             raise SizeValidationError(int(length), self.size, url=self.entry.url)

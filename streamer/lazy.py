@@ -472,7 +472,7 @@ class _LazyRequest:
             self.request,
             source,
             plan.segments,
-            on_start=lambda: plan.start(self.request, source.headers),
+            on_start=lambda: self._start(plan, source),
             on_failed=self._source_failed,
             reactor=self.streamer.reactor,
             no_progress_timeout=options.no_progress_timeout,
@@ -512,6 +512,10 @@ class _LazyRequest:
         if self.follower is not None:
             self.follower.stop()
 
+    def _start(self, plan: _Plan, source: InFlight) -> None:
+        self.request.upstream_status = source.upstream_status
+        plan.start(self.request, source.headers)
+
     def _give_up(self) -> None:
         errors = list(self.errors.values())
         headers: dict[bytes, bytes] = {}
@@ -530,6 +534,8 @@ class _LazyRequest:
         if status not in (404, 503) and left > 0:
             headers[b"retry-after"] = b"%d" % max(1, round(left))
         reasons = "; ".join(dict.fromkeys(_summary(e) for e in errors))[:400] or "no usable source"
+        statuses = [e.status for e in errors if isinstance(getattr(e, "status", None), int)]
+        self.request.upstream_status = statuses[-1] if statuses else None
         respond_text(self.request, status, f"{self.path}: {what}: {reasons}", headers)
 
 

@@ -153,6 +153,8 @@ class StreamerRequest(server.Request):
     """
 
     cache_status: str | None = None
+    #: The upstream's status behind a lazy answer (set by the lazy streamer), for the log.
+    upstream_status: int | None = None
     started_at: float = 0.0
 
     def process(self) -> None:

@@ -1,0 +1,175 @@
+"""JSON logs as the README runs them, ``twistd -n --logger streamer.logs.json_observer
+streamer --config FILE`` (and ``access_log_json``): one flat object per line, every line
+parsed; and no info-level "Starting factory" line per upstream connection."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest_twisted
+from twisted.logger import Logger
+
+from streamer.logs import json_file_observer
+from tests.service.test_twistd import STREAMER, healthy, run, sigterm, twistd_run
+from tests.support import faults
+from tests.support.clients import run_curl
+
+BODY = bytes(range(256)) * 40
+COMMON = {"time", "level", "logger", "message"}
+ACCESS = {"method", "path", "status", "bytes", "duration", "cache", "upstream_status"}
+TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+LEVELS = {"debug", "info", "warn", "error", "critical"}
+
+
+async def synced_repo(tmp_path: Path, upstream, server: str = "") -> Path:
+    """A config whose ``fx`` remote lists ``a.bin`` (served), ``missing.bin`` (404 upstream)
+    and ``busy.bin`` (503 upstream), synced on_demand (nothing downloaded yet)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.bin").write_bytes(BODY)
+    lines = []
+    for name, body in (("a.bin", BODY), ("missing.bin", BODY[::-1]), ("busy.bin", BODY[1:])):
+        lines.append(f"{name},{hashlib.sha256(body).hexdigest()},{len(body)}")
+    (repo / "PULP_MANIFEST").write_text("\n".join(lines) + "\n")
+    upstream.register("/repo/busy.bin", faults.Status(503))
+    config = tmp_path / "streamer.toml"
+    config.write_text(
+        f'[server]\ngrace_period = 2\n{server}[storage]\npath = "var"\n'
+        f'[[remotes]]\nname = "fx"\nurl = "{upstream.serve_tree("/repo", repo)}PULP_MANIFEST"\n'
+        "max_retries = 0\n"
+    )
+    out, err, code = await run([*STREAMER, "--config", str(config), "sync"], tmp_path)
+    assert code == 0, out + err
+    return config
+
+
+async def get_all(base: str, paths: list[str]) -> list[int]:
+    statuses = []
+    for path in paths:
+        code, out, err = await run_curl("-o", "/dev/null", "-w", "%{http_code}", base + path)
+        assert code == 0, err
+        statuses.append(int(out))
+    return statuses
+
+
+def parse(text: str) -> list[dict]:
+    """Every line as one JSON object, each checked for the flat shape."""
+    records = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        keys = set(record)
+        assert COMMON <= keys <= COMMON | ACCESS | {"traceback"}, line
+        assert TIME.match(record["time"]), line
+        assert record["level"] in LEVELS, line
+        assert isinstance(record["logger"], str) and record["logger"], line
+        assert isinstance(record["message"], str) and record["message"], line
+        if record["logger"] == "streamer.access":
+            assert keys == COMMON | ACCESS, line
+            assert len(line) < 400, line
+        else:
+            assert not keys & ACCESS, line
+        records.append(record)
+    return records
+
+
+def check_access(records: list[dict]) -> None:
+    access = [r for r in records if r["logger"] == "streamer.access"]
+    by_path = {}
+    for record in access:
+        by_path.setdefault(record["path"], []).append(record)
+    miss = by_path["/fx/a.bin"][0]
+    assert (miss["method"], miss["status"], miss["bytes"]) == ("GET", 200, len(BODY))
+    assert (miss["cache"], miss["upstream_status"]) == ("miss", 200)
+    assert isinstance(miss["duration"], float) and 0 <= miss["duration"] < 30
+    assert by_path["/fx/a.bin"][1]["cache"] == "hit"
+    missing = by_path["/fx/missing.bin"][0]
+    assert (missing["status"], missing["upstream_status"]) == (404, 404)
+    busy = by_path["/fx/busy.bin"][0]
+    assert (busy["status"], busy["cache"], busy["upstream_status"]) == (502, "miss", 503)
+    unknown = by_path["/fx/unknown.bin"][0]
+    assert (unknown["status"], unknown["cache"], unknown["upstream_status"]) == (404, "-", None)
+
+
+PATHS = ["/fx/a.bin", "/fx/a.bin", "/fx/missing.bin", "/fx/busy.bin", "/fx/unknown.bin?sig=s3cret"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_json_logger_writes_one_flat_object_per_line(tmp_path, upstream):
+    config = await synced_repo(tmp_path, upstream)
+    json_logger = ["--logger", "streamer.logs.json_observer"]
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)], before=json_logger)
+    try:
+        await healthy(base, proto)
+        assert await get_all(base, PATHS) == [200, 200, 404, 502, 404]
+    finally:
+        code = await sigterm(proto, process)
+    assert code == 0, proto.output.decode()
+    records = parse(proto.stdout.decode())
+    check_access(records)
+    messages = [r["message"] for r in records]
+    assert f"configuration from {config}" in messages
+    assert "streamer ready" in messages and "streamer stopped" in messages
+    warnings = [r for r in records if r["logger"] == "streamer.upstream"]
+    assert {r["level"] for r in warnings} == {"warn"}
+    assert any("busy.bin: http_error (HTTP 503" in r["message"] for r in warnings), warnings
+    assert "s3cret" not in proto.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_json_writes_the_same_flat_lines(tmp_path, upstream):
+    server = 'access_log = "access.jsonl"\naccess_log_json = true\n'
+    config = await synced_repo(tmp_path, upstream, server)
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    try:
+        await healthy(base, proto)
+        assert await get_all(base, PATHS) == [200, 200, 404, 502, 404]
+    finally:
+        code = await sigterm(proto, process)
+    assert code == 0, proto.output.decode()
+    records = parse((tmp_path / "access.jsonl").read_text())
+    check_access(records)
+    assert {r["logger"] for r in records} == {"streamer.access"}
+
+
+def test_a_failure_is_one_traceback_string():
+    out = io.StringIO()
+    log = Logger(namespace="streamer.test", observer=json_file_observer(out))
+    try:
+        {}["key"]
+    except KeyError:
+        log.failure("lookup of {what} failed", what="key", extra={"not": "kept"})
+    [line] = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert set(record) == COMMON | {"traceback"}
+    assert (record["level"], record["logger"]) == ("critical", "streamer.test")
+    assert record["message"] == "lookup of key failed"
+    assert record["traceback"].startswith("Traceback") and "KeyError: 'key'" in record["traceback"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_connection_factories_start_and_stop_at_debug_level(tmp_path, upstream):
+    """twistd's default (text) log: a new upstream connection's factory lines are tagged
+    ``#debug``, not ``#info``."""
+    config = await synced_repo(tmp_path, upstream)
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    try:
+        await healthy(base, proto)
+        assert await get_all(base, ["/fx/a.bin"]) == [200]
+        upstream.abort_connections()  # the kept-alive upstream connection ends too
+        assert await get_all(base, ["/fx/missing.bin"]) == [404]
+    finally:
+        code = await sigterm(proto, process)
+    output = proto.stdout.decode()
+    assert code == 0, output
+    factories = [
+        line
+        for line in output.splitlines()
+        if re.search(r"(Starting|Stopping) factory", line) and "Site" not in line
+    ]
+    assert factories, "a new upstream connection starts a client factory"
+    assert all("#debug]" in line for line in factories), factories
