@@ -16,6 +16,43 @@ work, one process). Responses look like Twisted's to whoever reads them (`Respon
 and failures are Twisted's exception types (``ResponseNeverReceived``, ``ResponseFailed``,
 ``PotentialDataLoss``), so the agents above it (redirects, auth, rate limit) and
 `HttpDownloader` do not know which client answered.
+
+One request (an `_Exchange`) on one connection (a `_Connection`), state by state::
+
+    request(GET) --> take an idle connection of the origin (dropping closed ones and ones
+        |            idle over IDLE_TIMEOUT) or connect (endpoint.connect)
+        v
+    SENT       the head is written; a fresh llhttp parser per exchange
+        |  1xx answers are read and skipped (the real answer follows on the same parser)
+        v
+    HEAD       on_headers_complete: a `Response` fires the request's Deferred. Its length is
+        |      Content-Length, 0 for 204/304 (RFC 9110: never a body, whatever the headers),
+        |      else UNKNOWN_LENGTH: chunked, or "until close" (then never kept alive)
+        v
+    BODY       bytes go to the body protocol, or are buffered until `deliverBody`; trailers
+        |      of a chunked body go to ``response.trailers``, never into ``headers``
+        v
+    COMPLETE   on_message_complete: the connection goes back to the pool *first* (kept alive:
+        |      HTTP/1.1, no ``Connection: close``, not until-close, no stray bytes after the
+        |      answer, the reader did not give up), then the body protocol hears ResponseDone
+        v
+    IDLE       in the pool; a byte arriving now, or a close, drops it from the pool
+
+and the ways out before COMPLETE, each ending the connection (never back in the pool):
+
+* closed before any byte of the answer on a *reused* connection: sent again once on a new
+  connection (the server closed an idle one as we used it; GET is idempotent); otherwise
+  ``ResponseNeverReceived``;
+* the server's answer is not HTTP, or a head over 64 KiB or a header line over 16 KiB:
+  `ResponseParseError` inside ``ResponseNeverReceived`` (before the head) or
+  ``ResponseFailed`` (in the body); the connection is aborted;
+* closed in the body: ``ResponseFailed``, or ``PotentialDataLoss`` for an until-close body
+  closed cleanly (its normal end, as Twisted reports it);
+* the reader gives up (``stopProducing``, ``loseConnection`` or ``abortConnection`` on its
+  transport, as ``readBody``'s cancel does) or the request is cancelled: aborted, the reader
+  hears ``ResponseFailed``;
+* the body protocol raises: its exception is logged and handed back to it inside
+  ``ResponseFailed`` (never as the server's fault), and the connection is aborted.
 """
 
 from __future__ import annotations
@@ -28,6 +65,7 @@ from typing import Any
 import httptools
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -62,6 +100,10 @@ IDLE_TIMEOUT = 240.0
 #: Largest status line plus headers accepted (Twisted refuses header lines over 16 KiB).
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_LINE = 16 * 1024
+
+_log = Logger()
+#: Statuses that never have a body, whatever their headers say (RFC 9110 6.4.1, as Twisted).
+NO_BODY_CODES = frozenset({204, 304})
 
 
 class ResponseParseError(Exception):
@@ -310,6 +352,7 @@ class _Connection(protocol.Protocol):
         self.chunked = False
         self.close_asked = False
         self.until_close = False
+        self.in_trailers = False
 
     def end(self) -> None:
         self.exchange = None
@@ -328,6 +371,8 @@ class _Connection(protocol.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _BodyProtocolRaised):
+                return  # the body's reader failed, not the server: reported to it already
             if not self.completed:
                 self._bad(ResponseParseError(f"invalid HTTP response: {exc}"))
                 return
@@ -353,6 +398,10 @@ class _Connection(protocol.Protocol):
         self.head_size += len(name) + len(value) + 4
         if len(name) + len(value) > MAX_HEADER_LINE or self.head_size > MAX_HEAD_BYTES:
             raise ResponseParseError("response header too large")
+        if self.in_trailers:
+            assert self.exchange is not None and self.exchange.response is not None
+            self.exchange.response.trailers.addRawHeader(name, value)
+            return
         lower = name.lower()
         if lower in CONNECTION_HEADERS:
             if lower == b"content-length":
@@ -372,9 +421,13 @@ class _Connection(protocol.Protocol):
         if 100 <= code < 200:  # informational: the real answer follows
             self.skipping = True
             return
-        if self.chunked:
+        if code in NO_BODY_CODES:  # llhttp ends these after the head; so does the answer
+            self.length = 0
+            self.chunked = False
+        elif self.chunked:
             self.length = UNKNOWN_LENGTH
         self.until_close = self.length is UNKNOWN_LENGTH and not self.chunked
+        self.in_trailers = True  # any header from now on is a trailer of a chunked body
         version = self.parser.get_http_version()
         response = Response(
             version=(b"HTTP", int(version[0]), int(version[2])),
@@ -392,7 +445,8 @@ class _Connection(protocol.Protocol):
         if self.skipping or not body:
             return
         assert self.exchange is not None and self.exchange.response is not None
-        self.exchange.response._data(body)
+        if not self.exchange.response._data(body):
+            raise _BodyProtocolRaised()  # stop parsing: the connection is being aborted
 
     def on_message_complete(self) -> None:
         if self.skipping:  # after a 1xx the real answer follows on the same parser
@@ -411,12 +465,17 @@ class _Connection(protocol.Protocol):
                 parse_failure is None
                 and exchange.response is not None
                 and getattr(self, "until_close", False)
+                and not exchange.response.aborted
                 and reason.check(error.ConnectionDone)
             ):
                 exchange.response._end(Failure(PotentialDataLoss()))
             else:
                 exchange.lost(parse_failure or reason, self.received_any)
         self.lost.callback(None)
+
+
+class _BodyProtocolRaised(Exception):
+    """Raised to llhttp from ``on_body`` to stop parsing after the body protocol raised."""
 
 
 class _Factory(QuietStart, protocol.Factory):
@@ -445,6 +504,17 @@ class _BodyTransport:
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:  # noqa: N802 - IPushProducer
+        """Give up the rest of the body: the connection cannot be reused, so it is aborted."""
+        self.abortConnection()
+
+    def loseConnection(self) -> None:  # noqa: N802 - ITransport
+        """Give up the rest of the body and close the connection (nothing is left to write:
+        the request was sent, so this is an abort too). Once the body ended: nothing."""
+        self.abortConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802 - ITCPTransport
+        """Give up the rest of the body (``readBody``'s cancel): the body protocol hears
+        ``ResponseFailed``. Once the body ended the connection is not its own: nothing."""
         if not self.response.ended:
             self.response.aborted = True
             self.transport.abortConnection()
@@ -475,6 +545,9 @@ class Response:
         self._protocol: protocol.Protocol | None = None
         self._buffer: list[bytes] = []
         self._ending: Failure | None = None
+        #: Trailer fields of a chunked body, filled in before the body protocol hears the end
+        #: (never merged into ``headers``, which the caller had in hand already).
+        self.trailers = Headers()
         self.ended = False
         self.aborted = False
         self._delivered = False
@@ -490,17 +563,38 @@ class Response:
         protocol.makeConnection(_BodyTransport(self, self._transport))
         buffered, self._buffer = self._buffer, []
         for data in buffered:
-            protocol.dataReceived(data)
+            if not self._data(data):
+                return
         if self._ending is not None:
             ending, self._ending = self._ending, None
             self._protocol = None
-            protocol.connectionLost(ending)
+            _tell_end(protocol, ending)
 
-    def _data(self, data: bytes) -> None:
-        if self._protocol is None:
+    def _data(self, data: bytes) -> bool:
+        """Hand *data* to the body protocol (or buffer it); False if the protocol raised."""
+        body = self._protocol
+        if body is None:
             self._buffer.append(data)
-        else:
-            self._protocol.dataReceived(data)
+            return True
+        try:
+            body.dataReceived(data)
+        except Exception:
+            self._raised(body, Failure())
+            return False
+        return True
+
+    def _raised(self, body: protocol.Protocol, failure: Failure) -> None:
+        """The body protocol raised: the reader's fault, not the server's. The protocol hears
+        ``ResponseFailed`` carrying its own exception, the exception is logged, and the
+        connection (its answer not read to the end) is aborted, never reused."""
+        _log.failure("the body protocol {body!r} raised; connection aborted", failure, body=body)
+        self._protocol = None
+        self._ending = None
+        if not self.ended:
+            self.ended = True
+            self.aborted = True
+            self._transport.abortConnection()
+        _tell_end(body, Failure(ResponseFailed([failure])))
 
     def _end(self, reason: Failure) -> None:
         if self.ended:
@@ -510,7 +604,16 @@ class Response:
             self._ending = reason
         else:  # (and no cycle through the body protocol keeps it alive after)
             body, self._protocol = self._protocol, None
-            body.connectionLost(reason)
+            _tell_end(body, reason)
 
     def _lost(self, reason: Failure) -> None:
         self._end(Failure(ResponseFailed([reason])))
+
+
+def _tell_end(body: protocol.Protocol, reason: Failure) -> None:
+    """``body.connectionLost(reason)``; what it raises is logged (the answer is over either way,
+    and the connection under it may be serving the next request already)."""
+    try:
+        body.connectionLost(reason)
+    except Exception:
+        _log.failure("the body protocol {body!r} raised in connectionLost", body=body)

@@ -246,6 +246,11 @@ class DownloaderFactory:
     (``context``).
     """
 
+    #: GETs without a proxy go through `DirectGetAgent` (llhttp, the default); False sends
+    #: them through Twisted's ``Agent`` like every other request (the tests run the
+    #: downloaders both ways; see docs/DESIGN.md for what each costs).
+    direct_get: bool = True
+
     default_classes: Mapping[str, type[BaseDownloader]] = {
         "http": HttpDownloader,
         "https": HttpDownloader,
@@ -321,10 +326,11 @@ class DownloaderFactory:
             )
             # GETs on our own keep-alive client (responses parsed in C); HEAD and anything
             # with a body on Twisted's. Proxied requests above stay on Twisted's client.
-            twisted_agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
-            agent = self._direct = DirectGetAgent(
-                endpoints, twisted_agent, max_idle=self.pool.maxPersistentPerHost
-            )
+            agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
+            if self.direct_get:
+                agent = self._direct = DirectGetAgent(
+                    endpoints, agent, max_idle=self.pool.maxPersistentPerHost
+                )
         login = (remote.username, remote.password) if remote.username else None
         #: Answers Bearer challenges (token flow), one token request per scope per remote.
         self.bearer = BearerTokenAgent(agent, self.context, remote.url, login)

@@ -1,4 +1,5 @@
-"""Fixtures of the downloaders tests: a real squid forward proxy (started once per session)."""
+"""Fixtures of the downloaders tests: a real squid forward proxy (started once per session);
+tests using ``http_client`` (the ``agent`` fixture does) run over both HTTP clients."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from collections.abc import Iterator
 import pytest
 import pytest_twisted
 
+from tests.support.fixtures import parametrize_http_client
 from tests.support.squid import Squid, squid_available
+
+pytest_generate_tests = parametrize_http_client
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from downloaders.direct_get import DirectGetAgent
+from downloaders.factory import CachingEndpointFactory
 from tests.support.upstream import UpstreamServer
 
 
@@ -25,10 +27,23 @@ def pool_fixture(upstream: UpstreamServer) -> Iterator[HTTPConnectionPool]:
     pytest_twisted.blockon(connection_pool.closeCachedConnections())
 
 
+def client_agent(http_client: str, pool: HTTPConnectionPool) -> Any:
+    """An agent on the real reactor for client *http_client*: a plain ``Agent`` (like the one
+    HttpDownloader builds by default), or `DirectGetAgent` over one, as a factory has it."""
+    agent = Agent(reactor, pool=pool)
+    if http_client == "twisted":
+        return agent
+    endpoints = CachingEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), None)
+    return DirectGetAgent(endpoints, agent)
+
+
 @pytest.fixture(name="agent")
-def agent_fixture(pool: HTTPConnectionPool) -> Agent:
-    """A plain Agent on the real reactor, like the one HttpDownloader builds by default."""
-    return Agent(reactor, pool=pool)
+def agent_fixture(pool: HTTPConnectionPool, http_client: str) -> Iterator[Any]:
+    """`client_agent` for this test's client; its idle connections are closed after it."""
+    agent = client_agent(http_client, pool)
+    yield agent
+    if isinstance(agent, DirectGetAgent):
+        pytest_twisted.blockon(agent.close_idle())
 
 
 @defer.inlineCallbacks

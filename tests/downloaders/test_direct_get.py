@@ -22,11 +22,13 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings, TruncatedBody
 from downloaders.direct_get import IDLE_TIMEOUT, DirectGetAgent, ResponseParseError, _split_target
 from downloaders.factory import CachingEndpointFactory
 from downloaders.tls import RemoteTLSPolicy
+from tests.downloaders.support import client_agent
 from tests.support.faults import Serve
 from tests.support.polling import until
 
@@ -365,3 +367,123 @@ def test_the_old_names_still_import():
 
     assert client.Http11Agent is DirectGetAgent
     assert client.ResponseParseError is ResponseParseError
+
+
+# --- answers both clients must read alike (Twisted's `Agent` and ours) ---------------------
+
+
+@pytest.fixture
+def either(http_client, scripted):
+    """This test's client (both, in turn) on a persistent pool, closed afterwards."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    made = client_agent(http_client, pool)
+    yield made
+    if isinstance(made, DirectGetAgent):
+        pytest_twisted.blockon(made.close_idle())
+    pytest_twisted.blockon(pool.closeCachedConnections())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n',
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n",
+    ],
+    ids=["204", "304", "304-with-length"],
+)
+@pytest_twisted.ensureDeferred
+async def test_no_body_statuses_are_empty_and_keep_the_connection(either, scripted, answer):
+    scripted.answers = [answer, ok()]
+    response = await either.request(b"GET", (scripted.url + "/").encode())
+    assert response.length == 0
+    data, reason = await body_and_reason(response)
+    assert data == b"" and reason.check(ResponseDone)
+    _, body = await get(either, scripted.url + "/")
+    assert body == BODY and len(scripted.connections) == 1  # reused
+
+
+class Trailing(Collect):
+    """Collects a body, noting the trailers the response holds when the body ends."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__()
+        self.response = response
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.trailers = getattr(self.response, "trailers", None)
+        super().connectionLost(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_trailers_never_change_the_headers_handed_over(either, scripted):
+    scripted.answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nConnection: close\r\n\r\n",
+        ok(),
+    ]
+    response = await either.request(b"GET", (scripted.url + "/").encode())
+    before = list(response.headers.getAllRawHeaders())
+    trailing = Trailing(response)
+    response.deliverBody(trailing)
+    await trailing.ended
+    assert trailing.data == b"hello" and trailing.reason.check(ResponseDone)
+    assert list(response.headers.getAllRawHeaders()) == before
+    assert not response.headers.hasHeader(b"x-sum")
+    if isinstance(either, DirectGetAgent):  # ours keeps them apart, read before the end
+        assert trailing.trailers.getRawHeaders(b"x-sum") == [b"abc"]
+    _, body = await get(either, scripted.url + "/")
+    assert body == BODY and len(scripted.connections) == 1  # a trailer is no connection header
+
+
+class Raising(Collect):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        super().dataReceived(data)
+        raise ValueError("the reader's own bug")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_protocol_that_raises_hears_its_own_exception(either, scripted):
+    scripted.answers = [lambda t: t.write(ok()[:-500])]  # the rest never comes
+    response = await either.request(b"GET", (scripted.url + "/").encode())
+    raising = Raising()
+    response.deliverBody(raising)
+    await raising.ended
+    assert raising.reason.check(ResponseFailed)
+    reasons = raising.reason.value.reasons  # (Twisted's adds a _DataLoss after it)
+    assert reasons[0].check(ValueError) and "the reader's own bug" in str(reasons[0].value)
+    assert not any(r.check(ResponseParseError) for r in reasons)  # the server is not blamed
+    await until(lambda: scripted.open == 0)  # an answer not read to its end: aborted
+    _, body = await get(either, scripted.url + "/")
+    assert body == BODY
+
+
+# --- our body transport, as readers of Twisted's expect it ------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_body_can_be_cancelled_through_abort_connection(agent, scripted, recwarn):
+    scripted.answers = [lambda t: t.write(ok()[:-500])]  # then nothing more
+    response = await agent.request(b"GET", (scripted.url + "/").encode())
+    reading = readBody(response)  # would warn without the transport's abortConnection
+    assert not [w for w in recwarn if "abortConnection" in str(w.message)]
+    reading.cancel()
+    with pytest.raises(defer.CancelledError):
+        await reading
+    await until(lambda: scripted.open == 0)
+    assert agent.idle_count() == 0
+
+
+@pytest.mark.parametrize("how", ["loseConnection", "abortConnection"])
+@pytest_twisted.ensureDeferred
+async def test_a_reader_giving_up_an_until_close_body_never_sees_its_end(agent, scripted, how):
+    scripted.answers = [lambda t: t.write(b"HTTP/1.1 200 OK\r\n\r\nsome of it")]
+    response = await agent.request(b"GET", (scripted.url + "/").encode())
+    assert response.length is UNKNOWN_LENGTH
+    collect = Collect()
+    response.deliverBody(collect)
+    await until(lambda: collect.data)
+    getattr(collect.transport, how)()
+    await collect.ended
+    assert collect.reason.check(ResponseFailed)  # not PotentialDataLoss: a complete body
+    await until(lambda: scripted.open == 0)

@@ -25,6 +25,9 @@ from downloaders import (
 )
 from tests.support.faults import Behaviour, Delay, RequireBasicAuth, Serve
 
+#: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
+pytestmark = pytest.mark.usefixtures("http_client")
+
 BODY = b"factory body\n" * 50
 SHA256 = hashlib.sha256(BODY).hexdigest()
 

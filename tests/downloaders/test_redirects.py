@@ -13,6 +13,9 @@ import pytest_twisted
 from downloaders import DownloaderFactory, DownloadError, RemoteSettings, TooManyRedirects
 from tests.support.faults import Redirect, RedirectLoop, RedirectTo, RequireBasicAuth, Serve
 
+#: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
+pytestmark = pytest.mark.usefixtures("http_client")
+
 BODY = b"final body\n" * 20
 SHA256 = hashlib.sha256(BODY).hexdigest()
 

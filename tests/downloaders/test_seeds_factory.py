@@ -24,6 +24,9 @@ from store import CatalogEntry
 from streamer.config import ConfigError, load_config
 from tests.support.faults import Serve
 
+#: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
+pytestmark = pytest.mark.usefixtures("http_client")
+
 BODY = b"factory seeds\n" * 40
 MD5 = hashlib.md5(BODY).hexdigest()  # noqa: S324 - what an old repository publishes
 SHA256 = hashlib.sha256(BODY).hexdigest()

@@ -15,6 +15,9 @@ from downloaders import ConnectionFailed, DownloaderFactory, RemoteSettings
 from tests.support.certs import Certs, ServerTLS
 from tests.support.faults import Serve
 
+#: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
+pytestmark = pytest.mark.usefixtures("http_client")
+
 BODY = b"tls body\n" * 100
 SHA256 = hashlib.sha256(BODY).hexdigest()
 

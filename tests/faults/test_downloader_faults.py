@@ -2,9 +2,10 @@
 
 Every fault of the fault-injecting upstream runs through a bare `HttpDownloader` (its default
 agent and pool) and through a `DownloaderFactory` (the way the importer and the streamer build
-downloaders). For each, the documented outcome (retry and succeed, or a clear error type and
-message), then: no temp file left, no connection left open at the upstream beyond the idle
-keep-alive ones the pool holds, and the next download through the same builder still works.
+downloaders) over each HTTP client (`DirectGetAgent` and Twisted's ``Agent``). For each, the
+documented outcome (retry and succeed, or a clear error type and message), then: no temp file
+left, no connection left open at the upstream beyond the idle keep-alive ones the pool holds,
+and the next download through the same builder still works.
 Backoffs are recorded and shortened, so no test sleeps through one.
 """
 
@@ -23,6 +24,7 @@ from downloaders.http import default_pool
 from tests.faults.matrix import BODY, FAULTS, Fault, RecordingBackoff, fault_ids, sha256
 from tests.faults.service_env import settle
 from tests.support import faults
+from tests.support.fixtures import HTTP_CLIENTS, use_http_client
 from tests.support.upstream import UpstreamServer
 
 PATH = "/artifact.bin"
@@ -99,15 +101,16 @@ class FactoryBuilder(Builder):
         return self.factory.close()
 
 
-@pytest.fixture(params=["HttpDownloader", "DownloaderFactory"])
-def builder(request, tmp_path, certs):
+@pytest.fixture(params=["HttpDownloader", *(f"DownloaderFactory-{c}" for c in HTTP_CLIENTS)])
+def builder(request, tmp_path, certs, monkeypatch):
+    """A bare `HttpDownloader` (Twisted's agent only), or a factory over each HTTP client."""
     temp_dir = tmp_path / "tmp"
     temp_dir.mkdir()
-    made = (
-        BareBuilder(temp_dir)
-        if request.param == "HttpDownloader"
-        else FactoryBuilder(temp_dir, certs.ca_pem)
-    )
+    if request.param == "HttpDownloader":
+        made: Builder = BareBuilder(temp_dir)
+    else:
+        use_http_client(request.param.removeprefix("DownloaderFactory-"), monkeypatch)
+        made = FactoryBuilder(temp_dir, certs.ca_pem)
     yield made
     pytest_twisted.blockon(made.close())
 

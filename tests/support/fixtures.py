@@ -18,7 +18,21 @@ from tests.support.certs import Certs, ServerTLS, make_certs
 from tests.support.faults import pending_timers
 from tests.support.upstream import UpstreamServer
 
-__all__ = ["assert_no_temp_files", "certs", "tls_upstream", "upstream", "upstream_factory"]
+__all__ = [
+    "HTTP_CLIENTS",
+    "assert_no_temp_files",
+    "certs",
+    "http_client",
+    "parametrize_http_client",
+    "tls_upstream",
+    "upstream",
+    "upstream_factory",
+    "use_http_client",
+]
+
+#: The clients a `DownloaderFactory`'s GETs can go through: ours (`DirectGetAgent`, llhttp)
+#: and Twisted's ``Agent``. Downloader tests run over both, so the two cannot drift apart.
+HTTP_CLIENTS = ("direct", "twisted")
 
 #: How long teardown waits for clients to close their connections before calling it a leak.
 LEAK_GRACE_SECONDS = 2.0
@@ -90,3 +104,30 @@ def assert_no_temp_files() -> Callable[[Path], None]:
         assert not left, f"temporary files left under {folder}: {left}"
 
     return check
+
+
+def use_http_client(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the factories built from now on send their GETs through client *name* (one of
+    `HTTP_CLIENTS`), until *monkeypatch* undoes it."""
+    from downloaders.factory import DownloaderFactory
+
+    if name not in HTTP_CLIENTS:
+        raise ValueError(f"no HTTP client {name!r}")
+    monkeypatch.setattr(DownloaderFactory, "direct_get", name == "direct")
+
+
+@pytest.fixture
+def http_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client of this test's downloads (``direct`` unless parametrised: see
+    `parametrize_http_client`); `DownloaderFactory` uses it, and so does the downloader tests'
+    ``agent`` fixture."""
+    name = getattr(request, "param", HTTP_CLIENTS[0])
+    use_http_client(name, monkeypatch)
+    return name
+
+
+def parametrize_http_client(metafunc: pytest.Metafunc) -> None:
+    """``pytest_generate_tests`` of a test folder: a test using ``http_client`` (directly,
+    through a fixture or ``pytest.mark.usefixtures``) runs once per client."""
+    if "http_client" in metafunc.fixturenames:
+        metafunc.parametrize("http_client", HTTP_CLIENTS, indirect=True)
