@@ -27,9 +27,6 @@ from downloaders import (
 )
 from tests.support.faults import Gated, Serve, Status
 
-#: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
-pytestmark = pytest.mark.usefixtures("http_client")
-
 BODY_A, BODY_B = b"a" * 100, b"b" * 200
 
 
