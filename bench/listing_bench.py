@@ -2,8 +2,8 @@
 
 Records ``--entries`` files in one folder of a remote's catalog (lazy, nothing stored), starts
 ``twistd -n streamer`` on it, then GETs the folder ``--requests`` times with curl and reports,
-per GET, the service's CPU time (user + system, from /proc/<pid>/stat), the wall time and the
-body size. Run from the repository root::
+per GET (the first one cold), the service's CPU time (user + system, from /proc/<pid>/stat),
+the wall time and the body size. Run from the repository root::
 
     python bench/listing_bench.py --entries 50000 --requests 5
 """
@@ -89,9 +89,10 @@ def main() -> None:
         )
         try:
             url = f"http://127.0.0.1:{port}/big/" + (f"?{args.query}" if args.query else "")
-            for _ in range(100):
+            health = f"http://127.0.0.1:{port}/healthz"
+            for _ in range(100):  # ready (the first listing GET below is the cold one)
                 done = subprocess.run(
-                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url],
+                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", health],
                     capture_output=True,
                     text=True,
                 )

@@ -7,6 +7,7 @@ the database behind it.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -95,6 +96,16 @@ LISTING_BATCH = 1000
 #: ``fetch(start, inclusive, upper, limit)``: up to *limit* ``(path, min size, any stored)``
 #: rows, one per distinct path ``>= start`` (``> start`` when not *inclusive*) and ``< upper``
 #: (no bound when None), in byte order of path.
+#: The ``catalog_meta`` key whose value changes whenever a `replace_remote` changes what
+#: listings show (paths added, removed or resized): listings may be cached under it.
+LISTING_VERSION_KEY = "listing_version"
+
+
+def new_listing_version() -> str:
+    """A fresh value for `LISTING_VERSION_KEY` (random: several writers never collide)."""
+    return uuid.uuid4().hex
+
+
 ListingFetch = Callable[[str, bool, "str | None", int], Sequence[tuple[str, int, Any]]]
 
 

@@ -90,6 +90,10 @@ class ICatalog(Interface):
     def list_dir(prefix):
         """Deferred firing with the list of ListingItem directly under folder *prefix*."""
 
+    def listing_version():
+        """Deferred firing with a str that changes whenever a replace_remote (in any process)
+        changed what list_dir shows; "" before the first. Listings may be cached under it."""
+
     def replace_remote(remote, entries):
         """Make *entries* (an iterable of CatalogEntry) the complete set for *remote*.
 

@@ -33,7 +33,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from store.catalog import CatalogEntry, ListingItem, ReplaceReport, walk_listing
+from store.catalog import (
+    LISTING_VERSION_KEY,
+    CatalogEntry,
+    ListingItem,
+    ReplaceReport,
+    new_listing_version,
+    walk_listing,
+)
 from store.errors import CatalogError, CatalogUnavailable
 from store.interfaces import ICatalog
 from store.schema import SchemaReport, check_version, parse_version
@@ -346,6 +353,11 @@ class PostgresCatalog:
         """Direct children (files and sub-folders) of folder *prefix* ("" is the top)."""
         return self._run(_list_dir, prefix.strip("/"))
 
+    def listing_version(self) -> Deferred[str]:
+        """A value that changes whenever a `replace_remote` (on any node) changed what
+        listings show; "" before the first."""
+        return self._run(_listing_version)
+
     def entries_for_remote(self, remote: str) -> Deferred[list[CatalogEntry]]:
         """All entries of *remote*, ordered by path."""
         return self._run(_entries_for_remote, remote)
@@ -445,6 +457,13 @@ def _list_dir(conn: Any, prefix: str) -> list[ListingItem]:
     return walk_listing(prefix, fetch)
 
 
+def _listing_version(conn: Any) -> str:
+    row = conn.execute(
+        "SELECT value FROM catalog_meta WHERE key = %s", (LISTING_VERSION_KEY,)
+    ).fetchone()
+    return row[0] if row else ""
+
+
 def _replace_remote(conn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:
     import psycopg
 
@@ -520,6 +539,12 @@ def _replace_remote(conn: Any, remote: str, entries: Iterable[CatalogEntry]) -> 
             "OR e.stored <> excluded.stored OR e.position <> excluded.position",
             (remote,),
         )
+        if removed or changed or total != existing:  # what listings show changed
+            conn.execute(
+                "INSERT INTO catalog_meta (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (LISTING_VERSION_KEY, new_listing_version()),
+            )
     return ReplaceReport(
         remote=remote,
         total=total,

@@ -22,7 +22,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from store.catalog import CatalogEntry, ListingItem, ReplaceReport, walk_listing
+from store.catalog import (
+    LISTING_VERSION_KEY,
+    CatalogEntry,
+    ListingItem,
+    ReplaceReport,
+    new_listing_version,
+    walk_listing,
+)
 from store.errors import CatalogError
 from store.interfaces import ICatalog
 from store.schema import SchemaReport, check_version, parse_version
@@ -216,6 +223,16 @@ class SQLiteCatalog:
         """Direct children (files and sub-folders) of folder *prefix* ("" is the top)."""
         return self._run(_list_dir, prefix.strip("/"))
 
+    def listing_version(self) -> Deferred[str]:
+        """A value that changes whenever a `replace_remote` (in any process) changed what
+        listings show; "" before the first. One primary-key read, like `lookup`."""
+        if self._reader is not None:
+            try:
+                return succeed(_listing_version(self._reader.cursor()))
+            except sqlite3.OperationalError:
+                pass
+        return self._run(_listing_version)
+
     def entries_for_remote(self, remote: str) -> Deferred[list[CatalogEntry]]:
         """All entries of *remote*, ordered by path."""
         return self._run(_entries_for_remote, remote)
@@ -336,6 +353,12 @@ def _list_dir(txn: Any, prefix: str) -> list[ListingItem]:
     return walk_listing(prefix, fetch)
 
 
+def _listing_version(txn: Any) -> str:
+    txn.execute("SELECT value FROM catalog_meta WHERE key = ?", (LISTING_VERSION_KEY,))
+    row = txn.fetchone()
+    return row[0] if row else ""
+
+
 def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> ReplaceReport:
     txn.execute("DELETE FROM incoming")  # the first write: BEGIN IMMEDIATE happens here
     total = 0
@@ -408,6 +431,11 @@ def _replace_remote(txn: Any, remote: str, entries: Iterable[CatalogEntry]) -> R
         (remote,),
     )
     txn.execute("DELETE FROM incoming")
+    if removed or changed or total != existing:  # what listings show changed
+        txn.execute(
+            "INSERT OR REPLACE INTO catalog_meta (key, value) VALUES (?, ?)",
+            (LISTING_VERSION_KEY, new_listing_version()),
+        )
     return ReplaceReport(
         remote=remote,
         total=total,

@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from store import ArtifactNotFound, CatalogEntry, CatalogUnavailable, ListingItem
 from store.errors import local_fault
-from streamer.listing import respond_listing
+from streamer.listing import FolderPage, ListingCache, render_listing, respond_page
 from streamer.paths import RefusedPath, RequestPath, request_path
 from streamer.signing import client_query
 from streamer.static import client_gone, respond_text, serve_file
@@ -102,6 +102,7 @@ class ContentResource(Resource):
         self.lazy = self._make_lazy(server)
         self.lookup_cache_seconds = LOOKUP_CACHE_SECONDS
         self._lookups: OrderedDict[str, tuple[float, list[CatalogEntry]]] = OrderedDict()
+        self._listings = ListingCache()
         self._catalog_down = False
 
     def _make_lazy(self, server: Any) -> Any:
@@ -205,7 +206,7 @@ class ContentResource(Resource):
         if entries:
             await self._serve_entries(request, entries, target.path)
             return
-        if await self._folder_items(target.path) is not None:
+        if await self._folder_page(target.path) is not None:
             location = RequestPath(target.path, folder=True).url_path
             self._redirect(request, location, client_query(request))
             return
@@ -243,17 +244,38 @@ class ContentResource(Resource):
             )
 
     async def _serve_folder(self, request: IRequest, target: RequestPath) -> None:
-        items = await self._folder_items(target.path)
-        if items is None:
+        page = await self._folder_page(target.path)
+        if page is None:
             respond_text(request, 404, "not found")
             return
         index_path = f"{target.path}/{INDEX_FILE}" if target.path else INDEX_FILE
-        if any(item.name == INDEX_FILE and not item.is_dir for item in items):
+        if page.has_index:
             index_entries = await self._lookup(index_path)
             if index_entries:
                 await self._serve_entries(request, index_entries, index_path)
                 return
-        respond_listing(request, target.url_path, items)
+        respond_page(request, page.body)
+
+    async def _folder_page(self, path: str) -> FolderPage | None:
+        """Folder *path* as listed (its page, whether it has an index.html), or None when
+        *path* is not a folder; from `ListingCache` while the catalog's listing is unchanged."""
+        version_of = getattr(self.catalog, "listing_version", None)
+        # Read before the listing: a sync in between leaves a page under an older version.
+        version = await version_of() if version_of is not None else None
+        if version is not None:
+            page = self._listings.get(path, version)
+            if page is not None:
+                return page
+        items = await self._folder_items(path)
+        if items is None:
+            return None
+        page = FolderPage(
+            has_index=any(item.name == INDEX_FILE and not item.is_dir for item in items),
+            body=render_listing(RequestPath(path, folder=True).url_path, items),
+        )
+        if version is not None:
+            self._listings.put(path, version, page)
+        return page
 
     async def _folder_items(self, path: str) -> list[ListingItem] | None:
         """The children of folder *path*, or None when *path* is not a folder.

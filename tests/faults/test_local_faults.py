@@ -438,3 +438,50 @@ async def test_streamer_verify_reports_what_is_not_a_regular_file(tmp_path, upst
     assert not os.path.lexists(artifact_path(var, fifo))
     assert not os.path.lexists(artifact_path(var, link))
     assert artifact_path(var, good).read_bytes() == good
+
+
+# -- big listings ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_listing_is_rendered_once_until_a_sync_changes_it(tmp_path, upstream):
+    """A folder of 5,000 files: the second GET comes from the listing cache (the catalog is
+    not walked again); a `streamer sync` in another process that adds a file changes the
+    catalog's listing version, so the next GET shows the new file; a sync that changes
+    nothing keeps the page."""
+    env = await ServiceEnv(tmp_path, upstream).start()
+    walks: list[str] = []
+    list_dir = env.catalog.list_dir
+
+    def counting_list_dir(prefix: str):
+        walks.append(prefix)
+        return list_dir(prefix)
+
+    env.catalog.list_dir = counting_list_dir
+    files = {f"pool/{i:05d}.rpm": b"%d" % i for i in range(5000)}
+
+    async def sync() -> None:
+        lines = "".join(f"{name},{sha256(data)},{len(data)}\n" for name, data in files.items())
+        upstream.register("/PULP_MANIFEST", Serve(lines.encode()))
+        config = str(tmp_path / "streamer.toml")
+        code, out, err = await run_process(sys.executable, *STREAMER, "--config", config, "sync")
+        assert code == 0, (out + err).decode()
+
+    try:
+        await sync()
+        first = await curl(env.url("fixtures/pool/"))
+        assert first[:2] == (0, "200") and first[2].count(b'.rpm">') == 5000
+        assert await curl(env.url("fixtures/pool/")) == first
+        assert walks == ["fixtures/pool"]
+
+        files["pool/new.rpm"] = b"new"
+        await sync()
+        code, status, body = await curl(env.url("fixtures/pool/"))
+        assert (code, status) == (0, "200") and b'href="new.rpm"' in body
+        assert walks == ["fixtures/pool"] * 2
+
+        await sync()  # nothing changed: the page stays
+        assert (await curl(env.url("fixtures/pool/")))[2] == body
+        assert walks == ["fixtures/pool"] * 2
+    finally:
+        await env.stop()

@@ -226,6 +226,25 @@ def test_replace_remote_is_idempotent_and_tracks_changes(catalog):
 
 
 @pytest_twisted.inlineCallbacks
+def test_listing_version_changes_only_when_a_listing_would(catalog):
+    """Listings may be cached under listing_version: a replace that adds, removes or changes
+    an entry gives a new one; a replace that changes nothing, or marking content stored
+    (listings do not show it), keeps it."""
+    assert (yield catalog.listing_version()) == ""
+    yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b")])
+    first = yield catalog.listing_version()
+    assert first
+    yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b")])
+    yield catalog.mark_stored(_sha("r/a"))
+    assert (yield catalog.listing_version()) == first
+    yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b", size=3)])
+    second = yield catalog.listing_version()
+    assert second not in ("", first)
+    yield catalog.replace_remote("r1", [entry("r/a")])
+    assert (yield catalog.listing_version()) not in ("", first, second)
+
+
+@pytest_twisted.inlineCallbacks
 def test_replace_remote_keeps_stored_flag_for_unchanged_content(catalog):
     yield catalog.replace_remote("r1", [entry("r/a"), entry("r/b")])
     assert (yield catalog.mark_stored(_sha("r/a"))) == 1
