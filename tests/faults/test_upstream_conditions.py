@@ -78,6 +78,7 @@ async def test_a_cooldown_ends_when_a_sync_changes_the_entry(make_service, upstr
     await streamer_sync(env)
     status, body = await curl(env, "fixtures/repodata/repomd.xml")
     assert status == 502 and b"expected 3074 bytes, got 3083" in body, body
+    assert b"streamer_upstream_failures_total{" in env.service.metrics.render()
     assert len(upstream.requests("/repodata/repomd.xml")) == 1
     status, _ = await curl(env, "fixtures/repodata/repomd.xml")
     assert status == 502, "the old entry stays on its cooldown"
@@ -180,6 +181,10 @@ async def test_if_modified_since_on_cold_content_goes_upstream(make_service, ups
     assert (answer["status"], answer["body"].encode("latin-1")) == ("200", V1)
     assert "if-modified-since" not in upstream.requests("/a.xml")[1][1]
     await until(lambda: env.storage.has(SHA_V1))
+    metrics = env.service.metrics
+    await until(lambda: metrics.value("streamer_downloads_in_flight") == 0)
+    assert metrics.value("streamer_downloads_total") == 2
+    assert b"streamer_upstream_failures_total{" not in metrics.render(), "a 304 is no failure"
 
 
 @pytest_twisted.ensureDeferred
