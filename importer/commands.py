@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
 
@@ -195,6 +195,37 @@ def remote_for_url(config: Any, url: str) -> Remote:
     return Remote(name="fetch", url=url, allowed_import_paths=allowed)
 
 
+#: ``-o -``: the validated bytes go to standard output (and the report to standard error).
+STDOUT = "-"
+
+
+def fetch_target(url: str, output: str | None) -> str:
+    """Where ``streamer fetch`` writes: *output* (a file, or ``-`` for standard output), else
+    the url's file name in the current folder, as ``curl -O`` and ``wget`` do, never replacing
+    an existing file (``-o`` replaces). A `ValueError` with one line says why not."""
+    if output:
+        if output != STDOUT and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+            raise ValueError(f"the folder of {output!r} does not exist")
+        return output
+    try:
+        name = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
+    except ValueError:
+        name = ""
+    if name in ("", ".", "..") or "\0" in name:
+        raise ValueError("the url names no file: give -o FILE (or -o - for standard output)")
+    if os.path.lexists(name):
+        raise ValueError(f"{name} exists: give -o {name} to replace it")
+    return name
+
+
+def _copy_to_stdout(path: str) -> None:
+    stream = sys.stdout.buffer
+    with open(path, "rb") as source:
+        while chunk := source.read(1024 * 1024):
+            stream.write(chunk)
+    stream.flush()
+
+
 @defer.inlineCallbacks
 def fetch_url(
     config: Any,
@@ -206,13 +237,19 @@ def fetch_url(
 ) -> Any:
     """Download *url* once through the downloaders, validating *sha256* and *size* if given.
 
-    Prints ``size`` and ``sha256`` of the bytes, then moves the file to *output* or prints
-    the temporary path. Fires with the `DownloadResult`; download errors propagate.
+    The bytes go to `fetch_target` (*output*, ``-`` for standard output, else the url's file
+    name): through a temporary file next to the target (``-``: in the system's temporary
+    folder), renamed (``-``: copied, then removed) only once validated. Nothing is left
+    behind on failure. Prints ``size``, ``sha256`` and ``written: WHERE`` to *out* (default:
+    standard output, standard error with ``-``). Fires with the `DownloadResult`; download
+    errors propagate.
     """
-    out = out or sys.stdout
+    target = fetch_target(url, output)
+    to_stdout = target == STDOUT
+    out = out or (sys.stderr if to_stdout else sys.stdout)
     remote = remote_for_url(config, url)
     digests = {"sha256": sha256.lower()} if sha256 else None
-    temp_dir = os.path.dirname(os.path.abspath(output)) if output else None
+    temp_dir = None if to_stdout else os.path.dirname(os.path.abspath(target))
     try:
         downloader = remote.get_downloader(
             url=url, expected_digests=digests, expected_size=size, temp_dir=temp_dir
@@ -220,33 +257,36 @@ def fetch_url(
         result = yield downloader.run()
     finally:
         yield remote.close()
+    try:
+        if to_stdout:
+            _copy_to_stdout(result.path)
+        else:
+            os.replace(result.path, target)
+    finally:
+        remove_quietly(result.path)
     attributes = result.artifact_attributes
     print(f"size: {attributes['size']}", file=out)
     print(f"sha256: {attributes['sha256']}", file=out)
-    if output:
-        try:
-            os.replace(result.path, output)
-        except OSError:
-            remove_quietly(result.path)
-            raise
-        print(f"written: {output}", file=out)
-    else:
-        print(f"temporary file: {result.path}", file=out)
+    print(f"written: {'standard output' if to_stdout else target}", file=out)
     return result
 
 
 def fetch_command(
     config: Any, url: str, sha256: str | None, size: int | None, output: str | None
 ) -> int:
-    """``streamer fetch URL [--sha256 HEX] [--size N] [-o FILE]``: one download, for scripts."""
-    if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        print(f"error: the folder of {output!r} does not exist", file=sys.stderr)
-        return EXIT_FAILED
+    """``streamer fetch URL [--sha256 HEX] [--size N] [-o FILE]``: one download, for scripts
+    (see `fetch_url`). A target that cannot be written is refused (status 2) before any
+    download."""
+    try:
+        target = fetch_target(url, output)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
     @defer.inlineCallbacks
     def main(reactor: Any) -> Any:
         try:
-            yield fetch_url(config, url, sha256, size, output)
+            yield fetch_url(config, url, sha256, size, target)
         except (DownloadError, SettingsError, ValueError, OSError) as error:
             print(f"error: fetch failed: {error}", file=sys.stderr)
             return EXIT_FAILED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -45,11 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="sync all remotes, or the named ones")
     sync.add_argument("remotes", nargs="*", metavar="REMOTE")
 
-    fetch = commands.add_parser("fetch", help="download one URL, validating size and digest")
+    fetch = commands.add_parser(
+        "fetch",
+        help="download one URL, validating size and digest",
+        description="Download URL with the settings of the configured remote on its origin "
+        "(else defaults), through a temporary file next to the target that becomes the target "
+        "only once size and sha256 are validated; nothing is left behind on failure. Prints "
+        "'size: N', 'sha256: HEX' and 'written: WHERE' (to standard error with -o -).",
+    )
     fetch.add_argument("url", metavar="URL")
-    fetch.add_argument("--sha256", metavar="HEX", help="expected sha256 digest")
-    fetch.add_argument("--size", metavar="N", type=int, help="expected size in bytes")
-    fetch.add_argument("-o", "--output", metavar="FILE", help="where to write the file")
+    fetch.add_argument("--sha256", metavar="HEX", help="expected sha256 (64 hex digits)")
+    fetch.add_argument("--size", metavar="N", help="expected size in bytes")
+    fetch.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="where to write the bytes (replaced if it exists); '-' for standard output "
+        "(only validated bytes are written). Default: the URL's file name in the current "
+        "folder, as curl -O and wget do, never replacing an existing file",
+    )
 
     commands.add_parser(
         "verify",
@@ -170,6 +185,15 @@ def _unmark_in_catalog(config: Config, digests: list[str]) -> None:
             print("streamer: could not update the catalog's stored flags", file=sys.stderr)
 
 
+def _fetch_arguments_problem(sha256: str | None, size: str | None) -> str:
+    """What is wrong with ``fetch``'s --sha256 and --size, in one line ("" if nothing)."""
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        return f"--sha256: must be 64 hexadecimal digits, not {sha256!r}"
+    if size is not None and not re.fullmatch(r"[0-9]+", size):
+        return f"--size: must be a non-negative integer, not {size!r}"
+    return ""
+
+
 def _importer_command(name: str):  # type: ignore[no-untyped-def]
     try:
         from importer import commands
@@ -205,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = _importer_command("fetch_command")
         if command is None:
             return _error("the fetch command is not available (importer.commands is missing)")
-        return command(config, args.url, args.sha256, args.size, args.output)
+        problem = _fetch_arguments_problem(args.sha256, args.size)
+        if problem:
+            return _error(problem)
+        size = None if args.size is None else int(args.size)
+        return command(config, args.url, args.sha256, size, args.output)
     except ConfigError as exc:
         return _error(f"configuration error: {exc}")
     except (StorageError, CatalogError) as exc:

@@ -105,18 +105,15 @@ async def test_fetch_url_writes_the_output_and_prints_size_and_sha256(tmp_path, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_fetch_url_without_output_reports_the_temp_file(tmp_path, upstream):
-    url = upstream.register("/x", Serve(b"xyz"))
+async def test_fetch_url_without_output_writes_the_urls_file_name(tmp_path, upstream, monkeypatch):
+    # As curl -O and wget do; it used to leave a hidden temporary file in /tmp.
+    url = upstream.register("/files/x.bin", Serve(b"xyz"))
+    monkeypatch.chdir(tmp_path)
     out = io.StringIO()
-    result = await fetch_url(make_config(tmp_path, upstream), url, out=out)
-    try:
-        assert out.getvalue().splitlines()[-1] == f"temporary file: {result.path}"
-        with open(result.path, "rb") as f:
-            assert f.read() == b"xyz"
-    finally:
-        import os
-
-        os.unlink(result.path)
+    await fetch_url(make_config(tmp_path, upstream), url, out=out)
+    assert out.getvalue().splitlines()[-1] == "written: x.bin"
+    assert (tmp_path / "x.bin").read_bytes() == b"xyz"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize(
