@@ -444,8 +444,12 @@ class _LazyRequest:
             left = streamer.busy_left(entry)
             if left is None:
                 continue
-            limit = getattr(streamer.remotes.get(entry.remote), "sock_read_timeout", 0) or 0
-            if self._waited + left <= limit and (soonest is None or left < soonest):
+            # 0: the remote sets no read timeout, so no limit (Retry-After is capped at
+            # MAX_BUSY); a remote without the setting (a plugin's): no waiting.
+            limit = getattr(streamer.remotes.get(entry.remote), "sock_read_timeout", None)
+            if limit is None or (limit and self._waited + left > limit):
+                continue
+            if soonest is None or left < soonest:
                 soonest = left
         if soonest is None:
             return False

@@ -191,3 +191,16 @@ async def test_clients_waiting_for_the_same_origin_share_one_request_after(lazy_
         response = await d
         assert (response.code, await response.content()) == (200, BODY)
     assert len(env.upstream.requests("/f")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_read_timeout_waits_any_retry_after(lazy_env):
+    env, clock = clocked(lazy_env)
+    env.remote("busy", sock_read_timeout=0)  # no read timeout: the client may wait
+    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=300))
+    await env.publish("repo/f", BODY, ("busy", url))
+    d = treq.get(env.url("repo/f"))
+    await wait_for(lambda: delayed_at(clock) == [300.0])
+    clock.advance(300)
+    response = await d
+    assert (response.code, await response.content()) == (200, BODY)
