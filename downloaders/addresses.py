@@ -13,7 +13,7 @@ a probe of the network it runs in. The rule, per remote:
   redirect target, a mirror a fetched mirror list names) reaches an internal address:
   loopback, link-local, private, shared (100.64/10), unspecified, reserved, multicast; IPv6
   alike; an IPv4 address inside IPv6 (``::ffff:a.b.c.d``, ``::a.b.c.d``, NAT64
-  ``64:ff9b::/96``, 6to4) counts as that IPv4 address.
+  ``64:ff9b::/96``, ``::ffff:0:a.b.c.d``, 6to4) counts as that IPv4 address.
 * The check is on the address actually connected to: `CheckedEndpoint` resolves the name
   once, drops internal addresses, and connects only to the addresses it checked (there is no
   second lookup a rebinding DNS server could answer differently). With none left the
@@ -43,6 +43,10 @@ from zope.interface import implementer
 __all__ = ["AddressGuard", "CheckedEndpoint", "InternalAddressRefused", "is_internal"]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: IPv4-translated addresses (RFC 2765 ``::ffff:0:a.b.c.d``).
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+#: Internal, though Python's ``is_global`` says otherwise: deprecated site-local IPv6.
+_ALSO_INTERNAL = (ipaddress.ip_network("fec0::/10"),)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -51,7 +55,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if int(ip) >> 32 == 0 or ip in _NAT64:  # ::a.b.c.d (IPv4-compatible), NAT64
+    if int(ip) >> 32 == 0 or ip in _NAT64 or ip in _TRANSLATED:  # ::a.b.c.d, NAT64, SIIT
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -71,7 +75,7 @@ def is_internal(host: str) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
         ip = _embedded_ipv4(ip) or ip
-    return not ip.is_global or ip.is_multicast
+    return not ip.is_global or ip.is_multicast or any(ip in net for net in _ALSO_INTERNAL)
 
 
 def _host(url: str) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 
-from downloaders.addresses import AddressGuard, is_internal
+from downloaders.addresses import AddressGuard, CheckedEndpoint, InternalAddressRefused, is_internal
 from importer.remote import Remote
+from tests.support.resolver import MappedNames
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,8 @@ from importer.remote import Remote
         "64:ff9b::a00:1",
         "2002:c0a8:101::",
         "ff02::1",
+        "fec0::1",
+        "::ffff:0:7f00:1",
     ],
 )
 def test_internal_addresses(host):
@@ -78,3 +83,33 @@ def test_the_remotes_own_hosts_and_mirrors_are_never_checked():
     assert guard.checks("cdn.example.net")
     assert guard.refuses("http://127.0.0.1/x") and not guard.refuses("http://10.0.0.7/x")
     assert not guard.refuses("http://cdn.example.net/x")  # names: checked when connecting
+
+
+def connect_by_name(addresses: list[str]):
+    """`CheckedEndpoint` to ``name.test`` (resolving to *addresses*) on a memory reactor:
+    the connection attempts it makes are recorded, none is sent anywhere."""
+    reactor = MemoryReactorClock()
+    reactor.installNameResolver(MappedNames({"name.test": addresses}, fallback=None))
+    connecting = CheckedEndpoint(reactor, "name.test", 80, timeout=5).connect(
+        Factory.forProtocol(Protocol)
+    )
+    reactor.advance(1)  # past happy eyeballs' attempt delay
+    return connecting, [client[0] for client in reactor.tcpClients]
+
+
+def test_a_name_is_connected_to_on_its_public_addresses_only():
+    # What a rebinding server would need: the check and the connection on one lookup.
+    connecting, attempts = connect_by_name(["127.0.0.1", "93.184.216.34", "::1", "fd00::5"])
+    assert attempts == ["93.184.216.34"]
+    connecting.cancel()
+    connecting.addErrback(lambda _: None)
+
+
+def test_a_name_with_internal_addresses_only_is_refused_before_any_connection():
+    connecting, attempts = connect_by_name(["127.0.0.1", "::ffff:10.0.0.1"])
+    assert attempts == []
+    failure = []
+    connecting.addErrback(failure.append)
+    [refused] = failure
+    assert refused.check(InternalAddressRefused)
+    assert "name.test (127.0.0.1, ::ffff:10.0.0.1) is an internal address" in str(refused.value)

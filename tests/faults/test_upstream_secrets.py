@@ -100,6 +100,10 @@ async def test_connection_failures_name_no_host_or_port_to_the_client(
         "http://[::ffff:127.0.0.1]:{port}/inside.bin",  # IPv4-mapped IPv6
         "http://[::ffff:7f00:1]:{port}/inside.bin",
         "http://0.0.0.0:{port}/inside.bin",
+        # Not address literals, but names the system resolver turns into 127.0.0.1.
+        "http://127.1:{port}/inside.bin",
+        "http://2130706433:{port}/inside.bin",
+        "http://0x7f000001:{port}/inside.bin",
         # Private and link-local addresses off this machine (169.254.169.254, 10/8, fd00::/8)
         # are refused by the same check (tests/downloaders/test_addresses.py); they are not
         # tried here, where a regression would send traffic off the machine.
