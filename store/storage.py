@@ -65,9 +65,9 @@ class VerifyReport:
     bad: list[BadArtifact]
 
 
-_OPEN_REGULAR = (
-    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
-)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_OPEN_REGULAR = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+_OPEN_FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
 _KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFLNK: "a symbolic link",
@@ -83,18 +83,31 @@ def file_kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "special")
 
 
-def open_regular(path: str) -> BinaryIO:
+def open_regular(path: str, below: str | None = None) -> BinaryIO:
     """Open *path* for reading if it is a regular file, never following a symbolic link
     (``O_NOFOLLOW``) or waiting on a FIFO (``O_NONBLOCK``); else raise `NotARegularFile`
-    (or ``OSError``: missing, unreadable)."""
+    (or ``OSError``: missing, unreadable). With *below* (a trusted folder holding *path*),
+    no folder between the two may be a symbolic link either (each is opened ``O_NOFOLLOW``)."""
+    dir_fd = None
+    name = path
     try:
-        fd = os.open(path, _OPEN_REGULAR)
+        if below is not None:
+            *folders, name = os.path.relpath(path, below).split(os.sep)
+            dir_fd = os.open(below, _OPEN_FOLDER)
+            for folder in folders:
+                inner = os.open(folder, _OPEN_FOLDER | _NOFOLLOW, dir_fd=dir_fd)
+                os.close(dir_fd)
+                dir_fd = inner
+        fd = os.open(name, _OPEN_REGULAR, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise NotARegularFile(f"{path} is a symbolic link") from None
-        if exc.errno == errno.ENXIO:  # a socket (or a device without its driver)
+            raise NotARegularFile(f"{path} is (or is under) a symbolic link") from None
+        if exc.errno in (errno.ENXIO, errno.ENOTDIR):  # a socket; a file where a folder goes
             raise NotARegularFile(f"{path} is not a regular file") from None
         raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -105,11 +118,12 @@ def open_regular(path: str) -> BinaryIO:
         raise
 
 
-def hash_file(path: str) -> tuple[str, int]:
-    """Return (sha256 hex, size) of the (regular) file at *path*, reading it in chunks."""
+def hash_file(path: str, below: str | None = None) -> tuple[str, int]:
+    """Return (sha256 hex, size) of the (regular) file at *path*, reading it in chunks
+    (*below*: see `open_regular`)."""
     digest = hashlib.sha256()
     size = 0
-    with open_regular(path) as f:
+    with open_regular(path, below) as f:
         while chunk := f.read(CHUNK_SIZE):
             digest.update(chunk)
             size += len(chunk)
@@ -120,6 +134,14 @@ def _is_regular(path: str) -> bool:
     """True when *path* itself (not a link's target) is a regular file."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_folder(path: str) -> bool:
+    """True when *path* itself (not a link's target) is a folder."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
 
@@ -231,7 +253,7 @@ class ArtifactStorage:
         """
         path = self.path_for(sha256)
         try:
-            return open_regular(path)
+            return open_regular(path, below=self.artifacts_dir)
         except FileNotFoundError:
             raise ArtifactNotFound(f"artifact {sha256} is not in storage") from None
         except NotARegularFile as exc:
@@ -424,7 +446,10 @@ class ArtifactStorage:
         The folder is created the first time only (a ``mkdir`` costs about as much as
         creating a file: once per folder, not per file)."""
         if prefix not in self._folders:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            folder = os.path.dirname(dest)
+            os.makedirs(folder, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):  # a link to a folder elsewhere
+                raise StorageError(f"{folder} is a symbolic link: refusing to store through it")
             self._folders.add(prefix)
         try:
             renamed = _rename_no_replace(temp_path, dest)
@@ -479,7 +504,7 @@ class ArtifactStorage:
             return
         for prefix in prefixes:
             folder = os.path.join(self.artifacts_dir, prefix)
-            if len(prefix) != 2 or not os.path.isdir(folder):
+            if len(prefix) != 2 or not _is_folder(folder):  # never through a link
                 continue
             for rest in sorted(os.listdir(folder)):
                 sha256 = prefix + rest
@@ -502,7 +527,7 @@ class ArtifactStorage:
             reason = actual = ""
             try:
                 if stat.S_ISREG(mode):
-                    actual, _size = hash_file(path)
+                    actual, _size = hash_file(path, self.artifacts_dir)
                 else:
                     raise NotARegularFile(path)
             except FileNotFoundError:

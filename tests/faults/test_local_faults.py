@@ -370,6 +370,14 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
 # -- what is not a regular file in artifacts/ ------------------------------------------------
 
 
+def unique_prefix(taken: set[str], kib: int) -> bytes:
+    """Random bytes (*kib* KiB) whose artifact folder (``artifacts/<ab>``) is in no *taken*."""
+    while (sha256(data := os.urandom(kib * 1024))[:2]) in taken:
+        pass
+    taken.add(sha256(data)[:2])
+    return data
+
+
 def artifact_path(var: Path, data: bytes) -> Path:
     digest = sha256(data)
     return var / "artifacts" / digest[:2] / digest[2:]
@@ -380,19 +388,25 @@ async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
     """A FIFO at an artifact's path used to block the whole service on its open(); a symbolic
     link was served (any file the service can read, with the artifact's ETag). Both are
     treated as not stored: the bytes come from upstream, the next commit replaces them."""
-    fifo_data, link_data = os.urandom(5000), os.urandom(6000)
+    prefixes: set[str] = set()
+    fifo_data, link_data, under_link = (unique_prefix(prefixes, size) for size in (5, 6, 7))
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"not for clients\n")
-    files = {"fifo.bin": fifo_data, "link.bin": link_data}
+    files = {"fifo.bin": fifo_data, "link.bin": link_data, "under-link.bin": under_link}
     for name, data in files.items():
         upstream.register(f"/files/{name}", Serve(data))
     config = write_config(tmp_path, upstream, policy="on_demand")
     await catalog_lazy(config, files, lambda name: upstream.url(f"/files/{name}"))
     var = tmp_path / "var"
-    for data in files.values():
+    for data in (fifo_data, link_data):
         artifact_path(var, data).parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(artifact_path(var, fifo_data))
     artifact_path(var, link_data).symlink_to(secret)
+    # artifacts/<ab> a link to a folder elsewhere, holding a file named like the artifact
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / artifact_path(var, under_link).name).write_bytes(b"not for clients\n")
+    artifact_path(var, under_link).parent.symlink_to(elsewhere)
 
     proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
     try:
@@ -400,17 +414,21 @@ async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
         for name, data in files.items():
             assert await curl(base + f"/repo/{name}", "--max-time", "5") == (0, "200", data)
         assert (await curl(base + "/healthz", "--max-time", "5"))[1] == "200"
-        for data in files.values():  # the commit put the valid file in their place
+        for data in (fifo_data, link_data):  # the commit put the valid file in their place
             path = artifact_path(var, data)
             await until(lambda path=path: path.is_file() and not path.is_symlink())
             assert path.read_bytes() == data
         assert secret.read_bytes() == b"not for clients\n"
+        # Nothing is stored through the linked folder: served from upstream each time.
+        assert (elsewhere / artifact_path(var, under_link).name).read_bytes() == secret.read_bytes()
+        assert [p.name for p in elsewhere.iterdir()] == [artifact_path(var, under_link).name]
     finally:
         code = await sigterm(proto, process)
     output = proto.output.decode()
     assert code == 0, output
     assert "is a FIFO: treated as not stored" in output
-    assert "is a symbolic link: treated as not stored" in output
+    assert "is (or is under) a symbolic link: treated as not stored" in output
+    assert "is a symbolic link: refusing to store through it" in output
 
 
 @pytest_twisted.ensureDeferred
