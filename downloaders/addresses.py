@@ -66,7 +66,7 @@ def is_internal(host: str) -> bool:
     A name other than ``localhost`` / ``*.localhost`` is not internal here: names are judged
     by the addresses they resolve to (`CheckedEndpoint`).
     """
-    host = host.strip("[]").lower()
+    host = host.strip("[]").lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:

@@ -19,6 +19,7 @@ from tests.support.resolver import MappedNames
         "localhost",
         "LOCALHOST",
         "api.localhost",
+        "localhost.",
         "0.0.0.0",
         "10.0.0.1",
         "172.16.5.4",

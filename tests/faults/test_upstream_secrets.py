@@ -104,6 +104,9 @@ async def test_connection_failures_name_no_host_or_port_to_the_client(
         "http://127.1:{port}/inside.bin",
         "http://2130706433:{port}/inside.bin",
         "http://0x7f000001:{port}/inside.bin",
+        "http://localhost.:{port}/inside.bin",
+        "//127.0.0.1:{port}/inside.bin",  # scheme-relative
+        "HTTP://[::1]:{port}/inside.bin",
         # Private and link-local addresses off this machine (169.254.169.254, 10/8, fd00::/8)
         # are refused by the same check (tests/downloaders/test_addresses.py); they are not
         # tried here, where a regression would send traffic off the machine.
