@@ -33,6 +33,31 @@ def clocked(lazy_env):
     return env, clock
 
 
+async def busy_file(lazy_env, behaviour, **settings):
+    """``repo/f`` (BODY) from the upstream's ``/f`` answering with *behaviour*, through a
+    remote ``busy`` with *settings*; the streamer on a Clock. Returns (env, clock)."""
+    env, clock = clocked(lazy_env)
+    env.remote("busy", **settings)
+    url = env.upstream.register("/f", behaviour)
+    await env.publish("repo/f", BODY, ("busy", url))
+    return env, clock
+
+
+async def one_client_waiting(lazy_env, **settings):
+    """A client of ``repo/f`` waiting 2 s for its origin (503 "Retry-After: 2", then the
+    body; ``sock_read_timeout`` 5 and *settings*). Returns (env, clock, the client's response
+    Deferred)."""
+    env, clock = await busy_file(
+        lazy_env,
+        StatusThenServe(503, 1, Serve(BODY), retry_after=2),
+        sock_read_timeout=5,
+        **settings,
+    )
+    d = treq.get(env.url("repo/f"))
+    await wait_for(lambda: delayed_at(clock) == [2.0])
+    return env, clock, d
+
+
 async def get(env, path: str) -> tuple[int, dict[str, str], bytes]:
     response = await treq.get(env.url(path))
     body = await response.content()
@@ -45,14 +70,9 @@ async def get(env, path: str) -> tuple[int, dict[str, str], bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_waits_out_a_retry_after_within_sock_read_timeout(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", max_retries=3, sock_read_timeout=5)
-    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=2))
-    await env.publish("repo/f", BODY, ("busy", url))
-
+    env, clock, d = await one_client_waiting(lazy_env, max_retries=3)
     answered: list[object] = []
-    d = treq.get(env.url("repo/f")).addCallback(lambda r: answered.append(r) or r)
-    await wait_for(lambda: delayed_at(clock) == [2.0])
+    d.addCallback(lambda r: answered.append(r) or r)
     # One request, no retry inside the downloader (its retries would all come too early).
     assert len(env.upstream.requests("/f")) == 1
     clock.advance(1.9)
@@ -110,10 +130,9 @@ async def test_a_retry_after_beyond_sock_read_timeout_is_a_503_with_ours(lazy_en
 
 @pytest_twisted.ensureDeferred
 async def test_waiting_is_bounded_by_sock_read_timeout_in_all(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", max_retries=3, sock_read_timeout=5)
-    url = env.upstream.register("/f", Status(503, {"Retry-After": "3"}))
-    await env.publish("repo/f", BODY, ("busy", url))
+    env, clock = await busy_file(
+        lazy_env, Status(503, {"Retry-After": "3"}), max_retries=3, sock_read_timeout=5
+    )
 
     d = treq.get(env.url("repo/f"))
     await wait_for(lambda: delayed_at(clock) == [3.0])
@@ -128,13 +147,7 @@ async def test_waiting_is_bounded_by_sock_read_timeout_in_all(lazy_env):
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_leaving_during_the_wait_cancels_it(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", sock_read_timeout=5)
-    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=2))
-    await env.publish("repo/f", BODY, ("busy", url))
-
-    d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock) == [2.0])
+    env, clock, d = await one_client_waiting(lazy_env)
     d.cancel()
     await wait_for(lambda: delayed_at(clock) == [])
     assert not env.streamer.waiting
@@ -144,13 +157,7 @@ async def test_a_client_leaving_during_the_wait_cancels_it(lazy_env):
 
 @pytest_twisted.ensureDeferred
 async def test_stopping_answers_requests_waiting_for_a_busy_origin(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", sock_read_timeout=5)
-    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=2))
-    await env.publish("repo/f", BODY, ("busy", url))
-
-    d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock) == [2.0])
+    env, clock, d = await one_client_waiting(lazy_env)
     await env.streamer.stop()
     response = await d
     assert response.code == 503
@@ -160,10 +167,9 @@ async def test_stopping_answers_requests_waiting_for_a_busy_origin(lazy_env):
 
 @pytest_twisted.ensureDeferred
 async def test_retry_after_0_still_cools_down(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", max_retries=1, sock_read_timeout=5)
-    url = env.upstream.register("/f", Status(503, {"Retry-After": "0"}))
-    await env.publish("repo/f", BODY, ("busy", url))
+    env, clock = await busy_file(
+        lazy_env, Status(503, {"Retry-After": "0"}), max_retries=1, sock_read_timeout=5
+    )
     # "Now" is taken at its word (one retry at once), then the usual cooldown: a source that
     # keeps failing is not asked again by every request.
     status, headers, _ = await get(env, "repo/f")
@@ -176,10 +182,9 @@ async def test_retry_after_0_still_cools_down(lazy_env):
 
 @pytest_twisted.ensureDeferred
 async def test_clients_waiting_for_the_same_origin_share_one_request_after(lazy_env):
-    env, clock = clocked(lazy_env)
-    env.remote("busy", sock_read_timeout=5)
-    url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=2))
-    await env.publish("repo/f", BODY, ("busy", url))
+    env, clock = await busy_file(
+        lazy_env, StatusThenServe(503, 1, Serve(BODY), retry_after=2), sock_read_timeout=5
+    )
 
     first = treq.get(env.url("repo/f"))
     await wait_for(lambda: len(env.streamer.waiting) == 1)
