@@ -7,8 +7,10 @@ Layout under the storage root::
                            one folder per process (see `store.tempdirs`)
     quarantine/            artifacts whose bytes no longer match their name (found by verify)
 
-A file enters ``artifacts/`` only by an atomic rename of a complete, fsynced temp file whose
-size was checked, so ``artifacts/`` never holds a partial file.
+A file enters ``artifacts/`` only by an atomic rename of a complete temp file whose size was
+checked and whose data is on disk (fsynced by `ArtifactStorage.commit`, or with ``durable=False``
+flushed beforehand by the caller, one ``syncfs`` for a batch), so ``artifacts/`` never holds a
+partial file.
 """
 
 from __future__ import annotations
