@@ -1,4 +1,5 @@
-"""A sync's worker process: ``python -m importer.worker FD`` (started by `SyncWorkers`).
+"""A sync's worker process: `serve` in a child `SyncWorkers` forked, or ``python -m
+importer.worker FD`` where it cannot fork.
 
 It speaks the messages described in `importer.workers` over the socket *FD*: for each
 ``config`` it rebuilds the remote and opens the storage, then fetches every file it is given

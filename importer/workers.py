@@ -1,13 +1,14 @@
 """Worker processes that share an ``immediate`` sync's downloads: the syncing process's side.
 
-One Python process runs one thread of Python at a time, and a sync of many small files
-spends most of its time in Python (the HTTP client, Deferreds), so it keeps one core busy
-however many it has. `SyncWorkers` starts helper processes (``python -m importer.worker``,
-see `importer.worker`), each with its own reactor, connection pool and share of the remote's
-``download_concurrency``. The syncing process hands each worker a file whenever one of its
-slots is free; the worker downloads, validates and commits it into the same storage, then
-says how it ended. The catalog stays the syncing process's alone. A worker that dies takes
-nothing with it: its unfinished files are fetched by the syncing process instead.
+One Python process runs one thread of Python at a time, and a sync of many small files spends
+most of its time in Python (the HTTP client, Deferreds), so it keeps one core busy however many
+it has. `SyncWorkers` starts helper processes (forked before the reactor is imported where it
+can, on Linux, else ``python -m importer.worker``; see `importer.worker`), each with its own
+reactor, connection pool and share of the remote's ``download_concurrency``. The syncing
+process hands each worker a file whenever one of its slots is free; the worker downloads,
+validates and commits it into the same storage, then says how it ended. The catalog stays the
+syncing process's alone. A worker that dies takes nothing with it: its unfinished files are
+fetched by the syncing process instead.
 
 Messages are JSON lines over a socket pair (``op`` names the message):
 
@@ -16,8 +17,8 @@ Messages are JSON lines over a socket pair (``op`` names the message):
   for a slot), ``return`` (give back the files that have not started), ``flush`` (commit
   what waits for a batch now);
 * from a worker: ``hello`` once it has started, ``ready`` / ``error`` (answering
-  ``config``), then per file ``free`` (it no
-  longer takes a place in the worker's window), ``stored`` or ``failed``, or ``returned``.
+  ``config``), then per file ``free`` (it no longer takes a place in the worker's window),
+  ``stored`` or ``failed``, or ``returned``.
 """
 
 from __future__ import annotations
