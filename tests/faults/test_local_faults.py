@@ -333,13 +333,14 @@ async def leave_descriptors(pid: int, count: int) -> None:
 
 @pytest.mark.parametrize(
     ("left", "where"),
-    [(1, "content request GET /repo/a.bin"), (2, "cannot download")],
+    [(1, "content request GET /repo/a.bin"), (3, "cannot download")],
     ids=["opening-the-artifact", "making-the-temp-file"],
 )
 @pytest_twisted.ensureDeferred
 async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, left, where):
-    """``twistd -n streamer`` with one or two descriptors left: the client's connection takes
-    one, then opening the artifact (is it stored?) or the download's temp file fails: 503
+    """``twistd -n streamer`` with one or three descriptors left: the client's connection takes
+    one, then opening the artifact (is it stored? its folder, then the file) or, with three,
+    the download's lock, temp file and read descriptor, fails: 503
     ``too many open files``, EMFILE in the log (one line, no traceback), and the same request
     is served once descriptors are back."""
     data = os.urandom(20_000)
