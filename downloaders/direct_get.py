@@ -6,7 +6,10 @@ What it does not do, by design: any method but GET, or a request with a body (th
 ``ProxyAgent`` stack for a remote with a proxy, and this client is not in it), HTTP/2,
 pipelining, decoding (``Content-Encoding`` is left alone: the bytes are the wire's) or
 redirects, auth and cookies (the agents above it do those). Its name says the first two; the
-old names (`downloaders.client`, ``Http11Agent``) still import.
+old names (`downloaders.client`, ``Http11Agent``) still import. llhttp parses strictly, with
+one leniency (a bare LF ends a line, RFC 9112 section 2.2): unlike Twisted's client it refuses
+obsolete header folding, ``Content-Length`` beside ``Transfer-Encoding``, and bytes after a
+204/304 (the answer is read, the connection is not reused).
 
 Why it exists: Twisted's client parses each status and header line in Python and keeps a timer
 per pooled connection; for small files that parsing is most of a download's CPU (a sync of
@@ -337,6 +340,9 @@ class _Connection(protocol.Protocol):
         self.idle_in = None
         self.exchange = exchange
         self.parser = httptools.HttpResponseParser(self)
+        # A bare LF ends a line too (RFC 9112 section 2.2 lets a recipient accept it, and
+        # Twisted's client does): old servers and scripts still send them.
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.head_bytes = 0
         self.received_any = False
         self.completed = False
@@ -374,7 +380,10 @@ class _Connection(protocol.Protocol):
             if isinstance(exc.__context__, _BodyProtocolRaised):
                 return  # the body's reader failed, not the server: reported to it already
             if not self.completed:
-                self._bad(ResponseParseError(f"invalid HTTP response: {exc}"))
+                ours = exc.__context__  # a limit of ours, raised from a callback: its words
+                if not isinstance(ours, ResponseParseError):
+                    ours = ResponseParseError(f"invalid HTTP response: {exc}")
+                self._bad(ours)
                 return
             self.keep_alive = False  # bytes after the answer: not safe to reuse
         if self.completed:

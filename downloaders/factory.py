@@ -325,7 +325,8 @@ class DownloaderFactory:
                 self.reactor, self.tls_policy, connect_timeout, guard=self.guard
             )
             # GETs on our own keep-alive client (responses parsed in C); HEAD and anything
-            # with a body on Twisted's. Proxied requests above stay on Twisted's client.
+            # with a body on Twisted's, and everything when `direct_get` is False. Proxied
+            # requests (above) stay on Twisted's client.
             agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
             if self.direct_get:
                 agent = self._direct = DirectGetAgent(

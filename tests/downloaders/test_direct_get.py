@@ -223,6 +223,29 @@ async def test_bad_or_oversized_heads_are_refused(agent, scripted, answer):
     await until(lambda: scripted.open == 0)  # and the connection is dropped
 
 
+@pytest.mark.parametrize(
+    ("answer", "text"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * 20_000 + b"\r\n\r\n", "header too large"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+            + b"X-Trailer: flood\r\n" * 5000,
+            "header too large",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "invalid HTTP"),
+    ],
+    ids=["header", "trailers", "llhttp"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_refused_answer_says_why(agent, scripted, answer, text):
+    scripted.answers = [answer]
+    with pytest.raises((ResponseNeverReceived, ResponseFailed)) as raised:
+        response = await agent.request(b"GET", (scripted.url + "/").encode())
+        await readBody(response)
+    (reason,) = raised.value.reasons
+    assert reason.check(ResponseParseError) and text in str(reason.value)
+
+
 @pytest_twisted.ensureDeferred
 async def test_bytes_after_the_answer_make_the_connection_unusable(agent, scripted):
     scripted.answers = [ok() + b"HTTP/1.1 200 OK\r\n", ok()]
@@ -401,6 +424,16 @@ async def test_no_body_statuses_are_empty_and_keep_the_connection(either, script
     assert data == b"" and reason.check(ResponseDone)
     _, body = await get(either, scripted.url + "/")
     assert body == BODY and len(scripted.connections) == 1  # reused
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_line_ends_are_read(either, scripted):
+    scripted.answers = [b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Old: yes\n\nok", ok()]
+    response, body = await get(either, scripted.url + "/")
+    assert (response.code, body) == (200, b"ok")
+    assert response.headers.getRawHeaders(b"x-old") == [b"yes"]
+    _, body = await get(either, scripted.url + "/")
+    assert body == BODY and len(scripted.connections) == 1
 
 
 class Trailing(Collect):
