@@ -55,6 +55,7 @@ from downloaders.mirrors import MirrorList
 from downloaders.proxy import ProxyingAgent
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
+from downloaders.session import http_client
 from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
 from downloaders.urls import redact_url
@@ -302,6 +303,7 @@ class DownloaderFactory:
         )
         self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
+        self._http_client: Any = None
         #: One `TempFilePool` per temporary folder, made on first use.
         self._temp_pools: dict[str, TempFilePool] = {}
 
@@ -354,6 +356,15 @@ class DownloaderFactory:
         )
         theirs = getattr(self.remote, "user_agent", "") if self is not None else ""
         return f"{ours} {theirs}" if theirs else ours
+
+    def http_client(self) -> Any:
+        """A ``treq.HTTPClient`` over this remote's agent stack (same pool, TLS, proxy,
+        credentials, bearer tokens, rate limit) and its concurrency limit: for listings,
+        metadata and API requests, where treq's gzip decoding, JSON and cookies are welcome.
+        Artifact bytes belong to the downloaders `build` makes (see `downloaders.session`)."""
+        if self._http_client is None:
+            self._http_client = http_client(self.agent, self.semaphore, self._headers)
+        return self._http_client
 
     def build(self, url: str, **kwargs: Any) -> BaseDownloader:
         """A downloader for ``url`` carrying the remote's settings; ``kwargs`` (expected_digests,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
+from downloaders.session import fetch_to_file
 from downloaders.settings import SettingsError
 from importer.manifest import read_manifest, validate_manifest
 from store.catalog import CatalogEntry
@@ -75,8 +77,20 @@ class PulpManifestImporter:
         self.remote = remote
 
     def fetch_listing(self, temp_dir: str | None) -> defer.Deferred[str]:
-        downloader = self.get_downloader(url=self.remote.url, temp_dir=temp_dir)
-        return downloader.run().addCallback(lambda result: result.path)
+        """The manifest, over http(s) through the remote's treq client (a manifest served with
+        ``Content-Encoding: gzip`` is decoded), from a ``file://`` url by a downloader."""
+        remote = self.remote
+        if urlsplit(remote.url).scheme not in ("http", "https"):
+            downloader = self.get_downloader(url=remote.url, temp_dir=temp_dir)
+            return downloader.run().addCallback(lambda result: result.path)
+        return fetch_to_file(
+            remote.http_client(),
+            remote.url,
+            temp_dir or tempfile.gettempdir(),
+            max_retries=remote.max_retries,
+            read_timeout=remote.sock_read_timeout,
+            connect_timeout=remote.connect_timeout,
+        )
 
     def validate_listing(self, path: str) -> int:
         return validate_manifest(path)

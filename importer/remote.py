@@ -83,6 +83,11 @@ class Remote(RemoteSettings):
             self._factory = DownloaderFactory(self)
         return self._factory
 
+    def http_client(self) -> Any:
+        """A ``treq.HTTPClient`` over the remote's own agent stack (its pool, TLS, proxy,
+        credentials and concurrency limit), for listings, metadata and API requests."""
+        return self.downloader_factory().http_client()
+
     def get_importer(self) -> Any:
         """The remote's `IImporter` (``importer`` names a custom one), made on first use."""
         if self._importer is None:

@@ -143,3 +143,28 @@ async def test_unvalidated_bytes_are_never_stored_under_the_entry_digest(
 
     assert report.failed == [(url, "the downloader did not validate size and sha256")]
     assert artifacts(storage) == {} and not storage.has(claimed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listing_comes_through_the_remotes_treq_client(
+    upstream, storage, catalog, make_remote
+):
+    """A manifest served with Content-Encoding: gzip (a server compressing text on the fly) is
+    decoded by the treq client the built-in importer fetches listings with; the artifacts
+    themselves stay wire bytes."""
+    from tests.support.faults import Gzip
+
+    data = b"payload\n" * 10
+    gz = Gzip.of(b"a .gz artifact\n")
+    upstream.register("/repo/a.txt", Serve(data))
+    upstream.register("/repo/b.gz", gz)
+    manifest = f"a.txt,{sha(data)},{len(data)}\nb.gz,{sha(gz.body)},{len(gz.body)}\n"
+    upstream.register("/repo/PULP_MANIFEST", Gzip(Gzip.of(manifest.encode()).body, "text/plain"))
+    remote = make_remote("immediate")
+
+    report = await sync_remote(remote, catalog, storage)
+
+    assert (report.downloaded, report.failed) == (2, [])
+    assert artifacts(storage) == {sha(data): data, sha(gz.body): gz.body}
+    [request] = upstream.requests("/repo/PULP_MANIFEST")
+    assert request.headers["user-agent"] == remote.downloader_factory().user_agent()

@@ -1,0 +1,88 @@
+"""treq where it serves: `remote.http_client()` is a treq client on the remote's own agent
+stack (its headers, credentials and concurrency limit; gzip and JSON decoded), and
+`fetch_to_file` fetches a listing through it with retries and an idle timeout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+
+from downloaders import DownloadTimeout, NotFound
+from downloaders.retry import Backoff
+from downloaders.session import fetch_to_file
+from importer import Remote
+from tests.support.faults import (
+    Gated,
+    Gzip,
+    RequireBasicAuth,
+    Serve,
+    StallAfterHeaders,
+    StatusThenServe,
+)
+from tests.support.polling import until
+
+DOC = {"name": "repo", "files": 3}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_speaks_with_the_remotes_own_settings(upstream):
+    url = upstream.register(
+        "/api/repo",
+        RequireBasicAuth(
+            "me", "pw", Gzip(Gzip.of(json.dumps(DOC).encode()).body, "application/json")
+        ),
+    )
+    remote = Remote(name="api", url=url, username="me", password="pw", headers={"X-Team": "blue"})
+    client = remote.http_client()
+    assert isinstance(client, HTTPClient) and remote.http_client() is client
+    response = await client.get(url)
+    assert response.code == 200
+    assert await response.json() == DOC, "gzip content-encoding decoded, JSON parsed"
+    [request] = upstream.requests("/api/repo")
+    assert request.headers["x-team"] == "blue"
+    assert request.headers["user-agent"] == remote.downloader_factory().user_agent()
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_keeps_the_remotes_concurrency_limit(upstream):
+    gate = Gated(Serve(b"slow"))
+    url = upstream.register("/slow", gate)
+    remote = Remote(name="one", url=url, download_concurrency=1)
+    client = remote.http_client()
+    first, second = client.get(url), client.get(url)
+    await until(lambda: gate.waiting == 1)
+    assert len(upstream.requests("/slow")) == 1, "the second waits for the first's slot"
+    gate.release()
+    assert await (await first).content() == b"slow"  # its body read: the slot is free
+    assert await (await second).content() == b"slow"
+    assert remote.downloader_factory().semaphore.tokens == 1
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_to_file_retries_and_leaves_nothing_after_a_failure(upstream, tmp_path):
+    remote = Remote(name="r", url=upstream.url("/x"))
+    client = remote.http_client()
+    fast = Backoff(base=0.0)
+    url = upstream.register("/listing", StatusThenServe(503, 2, Serve(b"a,b,1\n")))
+    path = await fetch_to_file(client, url, str(tmp_path), max_retries=2, backoff=fast)
+    with open(path, "rb") as f:
+        assert f.read() == b"a,b,1\n"
+    assert len(upstream.requests("/listing")) == 3
+    os_path = tmp_path / path.rsplit("/", 1)[1]
+    os_path.unlink()
+
+    with pytest.raises(NotFound):
+        await fetch_to_file(client, upstream.url("/missing"), str(tmp_path), backoff=fast)
+    stalled = upstream.register("/stalled", StallAfterHeaders())
+    with pytest.raises(DownloadTimeout):
+        await fetch_to_file(
+            client, stalled, str(tmp_path), max_retries=0, read_timeout=0.3, backoff=fast
+        )
+    assert list(tmp_path.iterdir()) == []
+    await remote.close()
+    assert await upstream.wait_until_idle(2.0), "the stalled connection was aborted"
