@@ -16,11 +16,18 @@ for another connection attempt (so a dead server does not fill the thread pool w
 The schema is versioned (`MIGRATIONS`, `store.schema`): created or upgraded at open under an
 advisory lock (nodes starting together migrate once), a newer one refused. A database user
 without DDL rights can run the streamer on a schema an owner migrated (``streamer migrate``).
+
+A server that hangs (stopped, swapping, a network path that drops packets without a reset)
+would hold a caller forever: queries have a deadline (`CALL_TIMEOUT`), after which the caller
+gets CatalogUnavailable while the thread waits on, and `close` cuts the connections of threads
+still waiting after `CLOSE_GRACE`, so a service can always stop.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 from collections.abc import Iterable
 from itertools import islice
@@ -59,6 +66,12 @@ SCHEMA_VERSION = 1
 DEFAULT_POOL_SIZE = 4
 #: After a failed connection, calls fail at once for this many seconds.
 RETRY_INTERVAL = 1.0
+#: Seconds a query may take before its caller gets CatalogUnavailable (a server that hangs
+#: answers nothing, and neither keepalives nor tcp_user_timeout notice: its kernel still
+#: acknowledges). Not for replace_remote and migrations, which may rightly take long.
+CALL_TIMEOUT = 5.0
+#: Seconds `close` waits for running queries before it cuts their connections.
+CLOSE_GRACE = 2.0
 #: Connection parameters used unless the url sets them: fail fast on a dead address, notice
 #: a peer that vanished (keepalives, unacknowledged writes) instead of waiting for minutes.
 CONNECTION_DEFAULTS = {
@@ -180,6 +193,10 @@ class PostgresCatalog:
         self._connections: set[Any] = set()
         self._down_until = 0.0
         self._down_error: CatalogUnavailable | None = None
+        #: Seconds a query may take (`CALL_TIMEOUT`); 0 for none.
+        self.call_timeout = CALL_TIMEOUT
+        #: Set by `close`: threads make no new connection (nor retry) from then on.
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"PostgresCatalog({self.location!r})"
@@ -195,35 +212,52 @@ class PostgresCatalog:
     def migrate(self) -> Deferred[SchemaReport]:
         """Open if needed; create or upgrade the schema. Fires with a SchemaReport."""
         if self._threads is not None:
-            return self._run(self._migrate)
+            return self._run(self._migrate, timeout=0)
         if self._reactor is None:
             from twisted.internet import reactor
 
             self._reactor = reactor
+        self._closing = False
         self._threads = ThreadPool(0, self.pool_size, name=f"catalog {self.location}")
         self._threads.start()
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "during", "shutdown", self._stop_threads
+            "during", "shutdown", self._stop_at_shutdown
         )
 
         def failed(f: Failure) -> Deferred[Any]:
             return self.close().addCallback(lambda _: f)
 
-        return self._run(self._migrate).addErrback(failed)
+        return self._run(self._migrate, timeout=0).addErrback(failed)
 
     def close(self) -> Deferred[None]:
-        """Stop the threads (once their current query ended) and close every connection."""
+        """Stop the threads once their current query ended (cutting the connections of those
+        still waiting after `CLOSE_GRACE` seconds) and close every connection."""
         threads, self._threads = self._threads, None
         if threads is None:
             return succeed(None)
+        self._closing = True
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         # Joining the threads waits for their queries: do it off the reactor thread.
-        return deferToThread(self._stop_threads, threads)
+        d = deferToThread(self._stop_threads, threads)
+        cut = self._reactor.callLater(CLOSE_GRACE, self._cut_connections)
 
-    def _stop_threads(self, threads: ThreadPool | None = None) -> None:
-        threads = threads or self._threads
+        def stopped(result: Any) -> Any:
+            if cut.active():
+                cut.cancel()
+            return result
+
+        return d.addBoth(stopped)
+
+    def _stop_at_shutdown(self) -> None:
+        """The reactor stops without `close` having been called: cut, then join."""
+        threads, self._threads = self._threads, None
+        self._closing = True
+        self._cut_connections()
+        self._stop_threads(threads)
+
+    def _stop_threads(self, threads: ThreadPool | None) -> None:
         if threads is not None:
             threads.stop()
         with self._lock:
@@ -234,16 +268,41 @@ class PostgresCatalog:
             except Exception:
                 pass
 
+    def _cut_connections(self) -> None:
+        """Shut the sockets of every connection down: a thread waiting on one wakes with an
+        error at once (closing the descriptor under it would not wake it)."""
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                fd = conn.pgconn.socket
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                pass  # closed meanwhile, or never connected
+
     # -- running work in the pool -------------------------------------------------------
 
-    def _run(self, work: Any, *args: Any, retry: bool = True) -> Deferred[Any]:
-        """``work(connection, *args)`` in a pool thread; see the module docstring."""
+    def _run(
+        self, work: Any, *args: Any, retry: bool = True, timeout: float | None = None
+    ) -> Deferred[Any]:
+        """``work(connection, *args)`` in a pool thread; see the module docstring. The caller
+        waits at most *timeout* seconds (default `call_timeout`; 0: no limit)."""
         if self._threads is None:
             raise CatalogError(f"{self!r} is not open; call open() first")
         if self._down_error is not None and self._reactor.seconds() < self._down_until:
             return fail(self._down_error)
         d = deferToThreadPool(self._reactor, self._threads, self._call, work, args, retry)
+        limit = self.call_timeout if timeout is None else timeout
+        if limit:
+            d.addTimeout(limit, self._reactor, self._no_answer(limit))
         return d.addCallbacks(self._up, self._down)
+
+    def _no_answer(self, limit: float) -> Any:
+        def timed_out(result: Any, timeout: float) -> Any:
+            raise CatalogUnavailable(f"catalog {self.location}: no answer within {limit:g} s")
+
+        return timed_out
 
     def _up(self, result: Any) -> Any:
         self._down_error = None
@@ -288,6 +347,8 @@ class PostgresCatalog:
             return conn
         if conn is not None:
             self._forget(conn)
+        if self._closing:
+            raise CatalogUnavailable(f"catalog {self.location}: closed")
         try:
             conn = psycopg.connect(**self._params, autocommit=True)
         except psycopg.Error as exc:
@@ -386,7 +447,7 @@ class PostgresCatalog:
         Deferred fails with that error. Not retried on a lost connection (the iterable is
         spent): the sync reports the failure.
         """
-        return self._run(_replace_remote, remote, entries, retry=False)
+        return self._run(_replace_remote, remote, entries, retry=False, timeout=0)
 
 
 # -- work (runs in a pool thread, on that thread's connection) --------------------------------

@@ -193,3 +193,23 @@ async def test_nodes_starting_together_on_a_new_database_migrate_once(postgres_u
     reports = await defer.gatherResults([c.migrate() for c in catalogs], consumeErrors=True)
     assert sorted(r.before for r in reports) == [0, 1, 1, 1]  # one created it, three found it
     await defer.gatherResults([c.close() for c in catalogs])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_server_costs_a_deadline_not_a_hang(pg_catalog, postgres_cluster):
+    """A server that accepts nothing and answers nothing (SIGSTOP: its kernel still
+    acknowledges, so no TCP timeout fires): callers get CatalogUnavailable after the
+    deadline, and the catalog still closes (its waiting threads are cut loose)."""
+    await pg_catalog.replace_remote("r", [entry("a")])
+    pg_catalog.call_timeout = 0.5
+    postgres_cluster.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(CatalogUnavailable, match="no answer within 0.5 s"):
+            await pg_catalog.lookup("a")
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        await pg_catalog.close()
+        assert time.monotonic() - started < 5
+    finally:
+        postgres_cluster.thaw()

@@ -17,6 +17,7 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -186,8 +187,38 @@ class PostgresCluster:
         """Start the server again on the same port; fires once it accepts connections."""
         return defer.ensureDeferred(self._ctl(*self._ctl_start()))
 
+    def _pids(self) -> list[int]:
+        """The postmaster and every process it started (the server, whole)."""
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            main = int(f.readline())
+        pids = [main]
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                if int(stat.rpartition(")")[2].split()[1]) == main:
+                    pids.append(int(name))
+        return pids
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole server: connections stay open and nothing answers (a hung host)."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT what `freeze` stopped."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
     def ensure_running(self) -> None:
-        """Start the server if a test left it stopped (blocking; for fixture teardown)."""
+        """Start the server if a test left it stopped or frozen (blocking; for teardown)."""
+        try:
+            self.thaw()
+        except OSError:
+            pass
         status = subprocess.run(
             self._argv("pg_ctl", "-D", self.data, "status"), capture_output=True, cwd=self.folder
         )
