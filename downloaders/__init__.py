@@ -1,6 +1,6 @@
 """Fetch bytes: Deferred-based downloaders that validate size and digests while they download."""
 
-from downloaders.base import BaseDownloader
+from downloaders.base import BaseDownloader, fetch_all
 from downloaders.digests import (
     DEFAULT_ALLOWED_DIGESTS,
     DEFAULT_DIGESTS,
@@ -73,5 +73,6 @@ __all__ = [
     "TruncatedBody",
     "UnsupportedDigestValidationError",
     "ValidationError",
+    "fetch_all",
     "tap",
 ]

@@ -369,25 +369,7 @@ class BaseDownloader:
         The reactor is driven in a background thread (started on first use). Calling this
         from the reactor thread would deadlock, so it raises `RuntimeError` there instead.
         """
-        from twisted.internet import reactor
-        from twisted.internet.threads import blockingCallFromThread
-
-        if threadable.isInIOThread() and reactor.running:
-            raise RuntimeError(
-                "fetch() blocks until the download ends and cannot be called from the reactor "
-                "thread; use run(), which returns a Deferred"
-            )
-        _ensure_reactor_thread(reactor)
-        if timeout is None:
-            return blockingCallFromThread(reactor, self.run, extra_data)  # type: ignore[arg-type]
-
-        def timed_out(result: Any, seconds: float) -> None:
-            raise DownloadTimeout(self.url, "fetch", seconds)
-
-        def run_with_timeout() -> defer.Deferred[DownloadResult]:
-            return self.run(extra_data).addTimeout(timeout, reactor, timed_out)  # type: ignore[arg-type]
-
-        return blockingCallFromThread(reactor, run_with_timeout)  # type: ignore[arg-type]
+        return blocking(lambda: self.run(extra_data), timeout, self.url, "fetch()", "run()")
 
     # Internals ----------------------------------------------------------------------------------
 
@@ -438,6 +420,56 @@ class BaseDownloader:
             except FileNotFoundError:
                 pass
             self.path = None
+
+
+def blocking(
+    start: Callable[[], defer.Deferred[Any]],
+    timeout: float | None = None,
+    url: str = "",
+    what: str = "fetch()",
+    instead: str = "run()",
+) -> Any:
+    """Call *start* in the reactor thread (started in the background on first use) and wait
+    for its Deferred: plain code's way into the downloads. After *timeout* seconds the work
+    is cancelled and `DownloadTimeout` raised. From the reactor thread itself this would
+    deadlock: a `RuntimeError` naming *instead* says what to use there."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    if threadable.isInIOThread() and reactor.running:
+        raise RuntimeError(
+            f"{what} blocks until the downloads end and cannot be called from the reactor "
+            f"thread; use {instead}, which returns a Deferred"
+        )
+    _ensure_reactor_thread(reactor)
+    if timeout is None:
+        return blockingCallFromThread(reactor, start)
+
+    def timed_out(result: Any, seconds: float) -> None:
+        raise DownloadTimeout(url, "fetch", seconds)
+
+    def start_with_timeout() -> defer.Deferred[Any]:
+        return start().addTimeout(timeout, reactor, timed_out)
+
+    return blockingCallFromThread(reactor, start_with_timeout)
+
+
+def fetch_all(
+    downloaders: Iterable[Any], timeout: float | None = None, extra_data: Any = None
+) -> list[Any]:
+    """Run many downloaders at once from plain code (as `BaseDownloader.fetch` runs one) and
+    wait for all of them: a list, in their order, of each one's `DownloadResult` or of the
+    exception that ended it (one failure does not stop the others). Their semaphore (the
+    factory's) bounds how many run at the same time."""
+    downloaders = list(downloaders)
+
+    def start() -> defer.Deferred[list[Any]]:
+        runs = [defer.maybeDeferred(d.run, extra_data) for d in downloaders]
+        gathered = defer.DeferredList(runs, consumeErrors=True)
+        return gathered.addCallback(lambda outcomes: [r if ok else r.value for ok, r in outcomes])
+
+    url = getattr(downloaders[0], "url", "") if downloaders else ""
+    return blocking(start, timeout, url, "fetch_all()", "defer.DeferredList of run()")  # type: ignore[no-any-return]
 
 
 def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:

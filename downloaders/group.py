@@ -153,6 +153,18 @@ class GroupDownloader:
 
         return defer.ensureDeferred(loop())
 
+    def fetch(self, timeout: float | None = None) -> list[GroupResult]:
+        """From plain code: run every group and return their results, in order of completion
+        (as `BaseDownloader.fetch` is for one download). All results are kept: for a bounded
+        input; a generator of millions wants `run` or ``async for``."""
+        from downloaders.base import blocking
+
+        def start() -> defer.Deferred[list[GroupResult]]:
+            results: list[GroupResult] = []
+            return self.run(results.append).addCallback(lambda _: results)
+
+        return blocking(start, timeout, "", "GroupDownloader.fetch()", "run() or async for")  # type: ignore[no-any-return]
+
     def stop(self) -> defer.Deferred[None]:
         """Pull no more groups, cancel the downloads in flight; fires when they all ended."""
         if not self._stopped:
