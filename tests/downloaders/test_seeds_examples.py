@@ -34,7 +34,8 @@ out = {}
 # Basic Downloading
 downloader = HttpDownloader(base + 'a.bin')
 result = downloader.fetch()
-out['basic'] = [result.url, result.artifact_attributes['size'], open(result.path, 'rb').read(5).decode()]
+first = open(result.path, 'rb').read(5).decode()
+out['basic'] = [result.url, result.artifact_attributes['size'], first]
 
 # Configuring from a Remote
 my_remote = Remote(name='example', url=base + 'PULP_MANIFEST', allowed_digests=['md5', 'sha256'])
@@ -112,7 +113,8 @@ async def main(reactor):
     done = await defer.DeferredList(download_deferreds, consumeErrors=True)
     out['parallel'] = []
     for ok, result in done:
-        out['parallel'].append(result.artifact_attributes['size'] if ok else type(result.value).__name__)
+        size = result.artifact_attributes['size'] if ok else type(result.value).__name__
+        out['parallel'].append(size)
 
     factory = DownloaderFactory(
         Remote(name='r', url=base + 'PULP_MANIFEST'),
