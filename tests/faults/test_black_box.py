@@ -9,11 +9,14 @@ breaks the contract (never calls ``handle_data``) is a 502 at once, never a hang
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 
+from importer import sync_remote
 from tests.faults.service_env import settle
 from tests.streamer.test_lazy_support import parse_response
 from tests.support.clients import run_curl
@@ -23,7 +26,11 @@ BODY = bytes(range(256)) * 2048 + b"tail"  # 512 KiB and a bit: several chunks
 
 
 def plugin(name: str) -> str:
-    return f'importer = "tests.importer.plugins:{name}"\n'
+    return plugin_spec(f"tests.importer.plugins:{name}")
+
+
+def plugin_spec(spec: str) -> str:
+    return f'importer = "{spec}"\n'
 
 
 async def get(env, path: str, timeout: float = 10.0) -> tuple[int, dict[str, list[str]], bytes]:
@@ -77,3 +84,40 @@ async def test_a_downloader_that_never_calls_handle_data_is_a_502_at_once(make_s
     assert elapsed < 1.0, f"answered after {elapsed:.2f} s"
     assert not env.storage.has(hashlib.sha256(BODY).hexdigest())
     assert await settle(lambda: env.temp_files() == [] and not env.lazy.in_flight)
+
+
+def readme_importer() -> str:
+    """The Python block of the README's "Write an importer" section."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    after = readme.split("<!-- the importer example:", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_importer_syncs_and_streams(make_service, upstream, tmp_path, monkeypatch):
+    (tmp_path / "readme_importer.py").write_text(readme_importer())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = {"docs/a.txt": b"alpha\n" * 100, "b.bin": BODY}
+    index = [
+        {
+            "path": name,
+            "url": upstream.register(f"/blobs/{n}", Serve(data)),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+        for n, (name, data) in enumerate(files.items())
+    ]
+    upstream.register("/PULP_MANIFEST", Serve(json.dumps(index).encode()))
+    env = await make_service(remote_extra=plugin_spec("readme_importer:JsonIndexImporter"))
+
+    report = await sync_remote(env.service.remotes["fixtures"], env.catalog, env.storage)
+    assert (report.total, report.failed) == (2, [])
+
+    for name, data in files.items():
+        status, _, body = await get(env, f"fixtures/{name}")
+        assert (status, body) == (200, data)
+    sha = hashlib.sha256(BODY).hexdigest()
+    assert await settle(lambda: env.storage.has(sha) and not env.lazy.in_flight)
+    status, _, body = await get(env, "fixtures/b.bin")
+    assert (status, body) == (200, BODY)
+    assert len(upstream.requests("/blobs/1")) == 1
