@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 PROGRAMS = ("initdb", "pg_ctl", "postgres")
+FOLDER_PREFIX = "streamer-pg-"
+#: The pid of the test process that owns a cluster folder.
+OWNER_FILE = "owner.pid"
 #: How long `pg_ctl start`/`stop` may take before the test fails.
 START_TIMEOUT = 60
 
@@ -70,6 +73,26 @@ def _run_as() -> list[str]:
     return [shutil.which("su") or "su", "postgres", "-s", "/bin/sh", "-c", '"$0" "$@"']
 
 
+def _reap_orphans(bin_folder: str) -> None:
+    """Stop and remove the clusters of test processes that died without tearing theirs down
+    (killed by a timeout, say), so servers never pile up on a machine."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
+        try:
+            with open(os.path.join(folder, OWNER_FILE)) as f:
+                owner = int(f.read())
+            os.kill(owner, 0)
+            continue  # its owner is alive
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        stop = [os.path.join(bin_folder, "pg_ctl"), "-D", os.path.join(folder, "data")]
+        subprocess.run(
+            [*_run_as(), *stop, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def postgres_available() -> str | None:
     """None when a private cluster can be started here, else the reason it cannot."""
     if find_postgres_bin() is None:
@@ -97,7 +120,10 @@ class PostgresCluster:
         if reason:
             raise RuntimeError(reason)
         self.bin = find_postgres_bin()
-        self.folder = tempfile.mkdtemp(prefix="streamer-pg-")
+        _reap_orphans(self.bin)
+        self.folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+        with open(os.path.join(self.folder, OWNER_FILE), "w") as f:
+            f.write(str(os.getpid()))
         self.data = os.path.join(self.folder, "data")
         self.log = os.path.join(self.folder, "server.log")
         self.port = _free_port()
