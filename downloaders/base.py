@@ -40,6 +40,7 @@ from downloaders.errors import (
     UnsupportedDigestValidationError,
     ValidationError,
 )
+from downloaders.headers import as_response_headers
 from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff
@@ -153,9 +154,9 @@ class BaseDownloader:
         self.expected_digests = normalise_digests(expected_digests)
         self.expected_size = expected_size
         self.semaphore = semaphore
-        self.digest_algorithms = tuple(
-            dict.fromkeys([*self.expected_digests, *(a.lower() for a in digest_algorithms)])
-        )
+        if digest_algorithms is not DEFAULT_DIGESTS:
+            digest_algorithms = [name.lower() for name in digest_algorithms]
+        self.digest_algorithms = tuple(dict.fromkeys([*self.expected_digests, *digest_algorithms]))
         bad = unsupported_digest(self.digest_algorithms, self.allowed_digests)
         if bad is not None:
             raise UnsupportedDigestValidationError(url, bad, refusal(bad, self.allowed_digests))
@@ -259,8 +260,9 @@ class BaseDownloader:
         raise NotImplementedError
 
     def headers_ready(self, headers: Any) -> None:
-        """Record the final response headers; tell the tap and call the caller's callback the
-        first time. Protocols with headers call this before the first `handle_data`."""
+        """Record the final response headers (Twisted ``Headers`` or a mapping); tell the tap
+        and call the caller's callback (with `ResponseHeaders`) the first time. Protocols with
+        headers call this before the first `handle_data`."""
         self.headers = headers
         if self._tap is not None and not self._tap_got_headers:
             self._tap_got_headers = True
@@ -270,6 +272,7 @@ class BaseDownloader:
             self._headers_reported = True
             if self.writer is not None:
                 self._handed_over = True
+            self.headers = headers = as_response_headers(headers)
             self.headers_ready_callback(headers)
 
     def add_tap(self, tap: Any) -> None:

@@ -3,6 +3,7 @@ state for one download."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 
@@ -48,6 +49,11 @@ def refusal(name: str, allowed: Iterable[str]) -> str:
 
 def check_allowed(allowed: Iterable[str]) -> tuple[str, ...]:
     """*allowed* as a tuple of lower-case names; a ValueError for an unknown one."""
+    return _check_allowed(allowed if isinstance(allowed, tuple) else tuple(allowed))
+
+
+@functools.lru_cache(maxsize=64)
+def _check_allowed(allowed: tuple[str, ...]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(str(name).lower() for name in allowed))
     for name in names:
         if name not in KNOWN_DIGESTS:

@@ -402,10 +402,8 @@ class DownloaderFactory:
                 total_timeout=self.remote.total_timeout,
             )
         accepted = accepted_arguments(cls)
-        if accepted is not None:
+        if accepted is not None and not options.keys() <= accepted:
             options = {name: value for name, value in options.items() if name in accepted}
-            if "session" in accepted and "agent" in options:
-                del options["agent"]  # one of the two names is enough
         options.update(kwargs)
         if self._temp_pools and options.get("writer") is None and "temp_files" not in options:
             pool = self._temp_pools.get(options.get("temp_dir"))  # type: ignore[arg-type]

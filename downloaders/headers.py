@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.web.http_headers import Headers
 
-__all__ = ["ResponseHeaders", "as_twisted_headers", "header_value"]
+__all__ = ["ResponseHeaders", "as_response_headers", "as_twisted_headers", "header_value"]
 
 
 def _text(value: bytes | str) -> str:
@@ -112,6 +112,15 @@ class ResponseHeaders(dict):  # type: ignore[type-arg]
 
     def hasHeader(self, name: bytes | str) -> bool:  # noqa: N802
         return name in self
+
+
+def as_response_headers(headers: Any) -> ResponseHeaders | None:
+    """*headers* (Twisted ``Headers``, any mapping, or None) as `ResponseHeaders`."""
+    if headers is None or isinstance(headers, ResponseHeaders):
+        return headers
+    if isinstance(headers, Headers):
+        return ResponseHeaders.from_twisted(headers)
+    return ResponseHeaders(headers)
 
 
 def header_value(headers: Any, name: str) -> str | None:

@@ -29,7 +29,6 @@ from downloaders import errors
 from downloaders.addresses import InternalAddressRefused
 from downloaders.auth import origin
 from downloaders.base import DONE, BaseDownloader, credentials
-from downloaders.headers import ResponseHeaders
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
@@ -354,7 +353,7 @@ class _Attempt:
                 response.deliverBody(_Receiver(self, discard_then=failure))
             return
         try:
-            dl.headers_ready(ResponseHeaders.from_twisted(_end_to_end_headers(response)))
+            dl.headers_ready(_end_to_end_headers(response))
         except Exception as exc:
             response.deliverBody(_Discard())
             self.fail(exc)

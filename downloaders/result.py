@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 from twisted.web.http import stringToDatetime
 
-from downloaders.headers import header_value
+from downloaders.headers import ResponseHeaders, as_response_headers, header_value
 
 
 @attrs.frozen
@@ -24,13 +24,25 @@ class DownloadResult:
     url: str
     artifact_attributes: dict[str, Any]
     path: str | None
-    headers: Any = None
+    #: As given (Twisted ``Headers`` from the built-in downloaders): turned into
+    #: `ResponseHeaders` on first use of ``headers``, which most downloads never make.
+    _headers: Any = attrs.field(default=None, alias="headers")
+
+    @property
+    def headers(self) -> Any:
+        """The response headers as a case-insensitive dict of str (None for file://)."""
+        headers = self._headers
+        if headers is None or isinstance(headers, ResponseHeaders):
+            return headers
+        converted = as_response_headers(headers)
+        object.__setattr__(self, "_headers", converted)
+        return converted
 
     @property
     def last_modified(self) -> float | None:
         """The response's ``Last-Modified`` as a POSIX time, never later than now (a date in
         the future is taken as now, RFC 9110 section 8.8.2.1); None when absent or invalid."""
-        value = header_value(self.headers, "last-modified")
+        value = header_value(self._headers, "last-modified")
         if not value:
             return None
         return parse_last_modified(value.encode("latin-1"))
