@@ -34,7 +34,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -64,6 +64,8 @@ __all__ = [
 #: The schema this code writes; older ones are upgraded at open, newer ones refused.
 SCHEMA_VERSION = 1
 DEFAULT_POOL_SIZE = 4
+#: Paths one lookup query asks for at most.
+LOOKUP_BATCH = 500
 #: After a failed connection, calls fail at once for this many seconds.
 RETRY_INTERVAL = 1.0
 #: Seconds a query may take before its caller gets CatalogUnavailable (a server that hangs
@@ -197,6 +199,9 @@ class PostgresCatalog:
         self.call_timeout = CALL_TIMEOUT
         #: Set by `close`: threads make no new connection (nor retry) from then on.
         self._closing = False
+        #: Paths waiting for a lookup query, with the Deferreds of their callers (in order).
+        self._pending_lookups: dict[str, list[Deferred[list[CatalogEntry]]]] = {}
+        self._lookup_batches = 0
 
     def __repr__(self) -> str:
         return f"PostgresCatalog({self.location!r})"
@@ -407,8 +412,50 @@ class PostgresCatalog:
     # -- queries ------------------------------------------------------------------------
 
     def lookup(self, path: str) -> Deferred[list[CatalogEntry]]:
-        """Entries for *path*, in the order to try them (position, then remote)."""
-        return self._run(_lookup, path.lstrip("/"))
+        """Entries for *path*, in the order to try them (position, then remote).
+
+        Lookups are batched: while every thread is busy, the paths asked for meanwhile wait
+        in the reactor and go together in the next query (one round trip for up to
+        `LOOKUP_BATCH` paths, each asked once however many requests want it). Under light
+        load a lookup leaves at once, alone.
+        """
+        path = path.lstrip("/")
+        waiter: Deferred[list[CatalogEntry]] = Deferred()
+        waiters = self._pending_lookups.get(path)
+        if waiters is None:
+            if self._threads is None:
+                raise CatalogError(f"{self!r} is not open; call open() first")
+            self._pending_lookups[path] = waiters = []
+        waiters.append(waiter)
+        self._send_lookups()
+        return waiter
+
+    def _send_lookups(self) -> None:
+        """Send the waiting paths as one query if a thread is free for it."""
+        if not self._pending_lookups or self._lookup_batches >= self.pool_size:
+            return
+        batch: dict[str, list[Deferred[list[CatalogEntry]]]] = {}
+        for path in list(islice(self._pending_lookups, LOOKUP_BATCH)):
+            batch[path] = self._pending_lookups.pop(path)
+        self._lookup_batches += 1
+        d = maybeDeferred(self._run, _lookup_many, list(batch))
+
+        def answered(found: dict[str, list[CatalogEntry]]) -> None:
+            for path, waiters in batch.items():
+                entries = found.get(path, [])
+                for waiter in waiters:
+                    waiter.callback(list(entries))
+
+        def failed(failure: Failure) -> None:
+            for waiters in batch.values():
+                for waiter in waiters:
+                    waiter.errback(failure)
+
+        def next_batch(_: object) -> None:
+            self._lookup_batches -= 1
+            self._send_lookups()
+
+        d.addCallbacks(answered, failed).addBoth(next_batch)
 
     def list_dir(self, prefix: str) -> Deferred[list[ListingItem]]:
         """Direct children (files and sub-folders) of folder *prefix* ("" is the top)."""
@@ -471,12 +518,20 @@ def _claim_storage(conn: Any, storage_id: str) -> str:
         return conn.execute("SELECT value FROM catalog_meta WHERE key = 'storage_id'").fetchone()[0]
 
 
-def _lookup(conn: Any, path: str) -> list[CatalogEntry]:
+def _lookup_many(conn: Any, paths: list[str]) -> dict[str, list[CatalogEntry]]:
+    if len(paths) == 1:  # the usual case under light load: the plainest plan
+        where, params = "path = %s", (paths[0],)
+    else:
+        where, params = "path = ANY(%s)", (paths,)
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM catalog_entries WHERE path = %s ORDER BY position, remote, url",
-        (path,),
+        f"SELECT {_COLUMNS} FROM catalog_entries WHERE {where} "
+        "ORDER BY path, position, remote, url",
+        params,
     ).fetchall()
-    return [_entry(row) for row in rows]
+    found: dict[str, list[CatalogEntry]] = {}
+    for row in rows:
+        found.setdefault(row[0], []).append(_entry(row))
+    return found
 
 
 def _entries_for_remote(conn: Any, remote: str) -> list[CatalogEntry]:

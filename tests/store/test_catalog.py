@@ -441,3 +441,34 @@ async def test_lookup_cost_and_the_reactor_keeps_turning(catalog):
     assert serial < 0.01
     gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
     assert max(gaps, default=0) < 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_lookups_each_get_their_own_answer(catalog):
+    """Many lookups at once (PostgreSQL sends them in batches): every caller gets the entries
+    of its path, in order, unknown paths nothing, and a list of its own."""
+    entries = [entry(f"c/{i}", content=str(i)) for i in range(200)]
+    entries += [
+        entry("c/7", url="http://mirror.invalid/c/7", content="7", position=1),
+        entry("c/7", url="http://first.invalid/c/7", content="7", position=0),
+    ]
+    await catalog.replace_remote("r1", entries)
+    expected = {f"c/{i}": await catalog.lookup(f"c/{i}") for i in (7, 8)}
+    assert [e.url for e in expected["c/7"]] == [
+        "http://first.invalid/c/7",
+        "http://upstream.invalid/r1/c/7",
+        "http://mirror.invalid/c/7",
+    ]
+    paths = [f"c/{i % 250}" for i in range(1000)] + ["c/7"] * 50
+    found = await defer.gatherResults([catalog.lookup(p) for p in paths])
+    for path, result in zip(paths, found, strict=True):
+        number = int(path[2:])
+        if number >= 200:
+            assert result == []
+        elif path in expected:
+            assert result == expected[path]
+        else:
+            assert [(e.path, e.sha256) for e in result] == [(path, _sha(str(number)))]
+    sevens = [r for p, r in zip(paths, found, strict=True) if p == "c/7"]
+    sevens[0].clear()
+    assert sevens[1] == expected["c/7"]  # not one list shared by every caller
