@@ -20,8 +20,6 @@ import json
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import treq
-from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -31,6 +29,7 @@ from downloaders.auth import origin
 from downloaders.errors import DownloadError
 from downloaders.proxy import basic_credentials
 from downloaders.redirects import _discard_body
+from downloaders.session import get_small
 
 __all__ = ["BearerTokenAgent", "parse_challenge"]
 
@@ -84,6 +83,7 @@ class BearerTokenAgent:
     :param context: the remote's `DownloadContext` (tokens are resolved once per scope there).
     :param remote_url: the remote's url: its origin may receive Basic credentials over http.
     :param credentials: the remote's ``(username, password)`` for the token request, or None.
+    :param timeout: seconds a token request may take in all (the remote's read timeout).
     """
 
     def __init__(
@@ -92,8 +92,11 @@ class BearerTokenAgent:
         context: Any,
         remote_url: str,
         credentials: tuple[str, str] | None = None,
+        timeout: float = 60.0,
     ) -> None:
         self._agent = agent
+        #: Seconds a token request may take in all.
+        self.timeout = timeout
         self._context = context
         self._remote_origin = origin(remote_url)
         self._credentials = credentials
@@ -179,33 +182,25 @@ class BearerTokenAgent:
             realm_origin[0] == "https" or realm_origin == self._remote_origin
         ):
             headers["Authorization"] = basic_credentials(*self._credentials).decode("latin-1")
-        client = HTTPClient(self._agent)
-        asked = client.get(url, headers=headers)
-
-        def answered(response: Any) -> defer.Deferred[str]:
-            if response.code != 200:
-                return _discard_body(response).addCallback(
-                    lambda _: _token_error(url, f"the token service answered {response.code}")
-                )
-            if isinstance(response.length, int) and response.length > TOKEN_BODY_LIMIT:
-                return _discard_body(response).addCallback(
-                    lambda _: _token_error(url, "the token answer is too big")
-                )
-            return treq.content(response).addCallback(_token_from, url)
-
-        return asked.addCallback(answered)
+        asked = get_small(
+            self._agent,
+            url,
+            limit=TOKEN_BODY_LIMIT,
+            timeout=self.timeout,
+            headers=headers,
+            what="bearer token request",
+        )
+        return asked.addCallback(_token_from, url)
 
 
 def _token_from(body: bytes, url: str) -> str:
-    if len(body) > TOKEN_BODY_LIMIT:
-        _token_error(url, "the token answer is too big")
     try:
         data = json.loads(body)
     except ValueError:
-        _token_error(url, "the token answer is not JSON")
+        _token_error(url, "the answer is not JSON")
     token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
     if not isinstance(token, str) or not token:
-        _token_error(url, "the token answer holds no token")
+        _token_error(url, "the answer holds no token")
     return token
 
 

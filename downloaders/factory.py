@@ -299,7 +299,15 @@ class DownloaderFactory:
         mirror_list = getattr(remote, "mirror_list", "")
         #: The remote's `MirrorList` (a ``mirror_list`` setting), or None.
         self.mirror_list = (
-            MirrorList(mirror_list, remote.url, self.context, self.agent) if mirror_list else None
+            MirrorList(
+                mirror_list,
+                remote.url,
+                self.context,
+                self.agent,
+                timeout=remote.sock_read_timeout or 60.0,
+            )
+            if mirror_list
+            else None
         )
         self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
@@ -336,7 +344,9 @@ class DownloaderFactory:
                 )
         login = (remote.username, remote.password) if remote.username else None
         #: Answers Bearer challenges (token flow), one token request per scope per remote.
-        self.bearer = BearerTokenAgent(agent, self.context, remote.url, login)
+        self.bearer = BearerTokenAgent(
+            agent, self.context, remote.url, login, timeout=remote.sock_read_timeout or 60.0
+        )
         agent = self.bearer
         if remote.username:
             agent = BasicAuthAgent(agent, remote.url, remote.username, remote.password)

@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import treq
-from treq.client import HTTPClient
 from twisted.internet import defer
 
-from downloaders.errors import DownloadError
+from downloaders.session import get_small
 
 __all__ = ["MirrorList", "parse_mirror_list"]
 
@@ -51,8 +49,12 @@ class MirrorList:
     :param agent: the remote's agent stack (its TLS, proxy, credentials) to fetch the list.
     """
 
-    def __init__(self, url: str, base: str, context: Any, agent: Any) -> None:
+    def __init__(
+        self, url: str, base: str, context: Any, agent: Any, timeout: float = 60.0
+    ) -> None:
         self.url = url
+        #: Seconds the whole fetch of the list may take.
+        self.timeout = timeout
         self.base = urljoin(base, ".")
         self.context = context
         self.agent = agent
@@ -74,23 +76,9 @@ class MirrorList:
 
     def _fetch(self) -> defer.Deferred[list[str]]:
         self.fetches += 1
-        asked = HTTPClient(self.agent).get(self.url)
-
-        def answered(response: Any) -> Any:
-            if response.code != 200:
-                failed = treq.content(response)
-                return failed.addBoth(lambda _: self._error(f"answered {response.code}"))
-            length = response.length
-            if isinstance(length, int) and length > MIRROR_LIST_LIMIT:
-                return treq.content(response).addBoth(lambda _: self._error("too big"))
-            return treq.text_content(response, encoding="utf-8").addCallback(self._parse)
-
-        return asked.addCallback(answered)
-
-    def _parse(self, text: str) -> list[str]:
-        if len(text) > MIRROR_LIST_LIMIT:
-            self._error("too big")
-        return parse_mirror_list(text)
-
-    def _error(self, problem: str) -> Any:
-        raise DownloadError(self.url, f"mirror list {problem}")
+        fetching = get_small(
+            self.agent, self.url, limit=MIRROR_LIST_LIMIT, timeout=self.timeout, what="mirror list"
+        )
+        return fetching.addCallback(
+            lambda body: parse_mirror_list(body.decode("utf-8", errors="replace"))
+        )

@@ -35,7 +35,14 @@ from downloaders import errors
 from downloaders.retry import Backoff
 from downloaders.tempfiles import create_temp_file
 
-__all__ = ["DefaultHeadersAgent", "LimitedAgent", "fetch_to_file", "http_client"]
+__all__ = [
+    "BodyTooBig",
+    "DefaultHeadersAgent",
+    "LimitedAgent",
+    "fetch_to_file",
+    "get_small",
+    "http_client",
+]
 
 
 def http_client(
@@ -176,20 +183,24 @@ def fetch_to_file(
 
 
 class _Body(Protocol):
-    """Passes a response body to *sink* (None: drops it, and stops after 64 KiB); ``done``
-    fires at its end. `abort` stops it (a timeout): ``done`` then fails."""
+    """Passes a response body to *sink* (None: drops it); ``done`` fires at its end. Past
+    *limit* bytes it stops: dropping, ``done`` fires; keeping, ``done`` fails with
+    `BodyTooBig`. `abort` stops it (a timeout): ``done`` then fails (dropping: fires)."""
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: Any, limit: int | None = None) -> None:
         self.sink = sink
+        self.limit = 64 * 1024 if limit is None and sink is None else limit
         self.received = 0
         self.done: defer.Deferred[None] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
         self.received += len(data)
-        if self.sink is not None:
-            self.sink(data)
-        elif self.received > 64 * 1024:
+        if self.limit is not None and self.received > self.limit:
+            if self.sink is not None and not self.done.called:
+                self.done.errback(BodyTooBig(self.limit))
             self.abort()
+        elif self.sink is not None:
+            self.sink(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self.done.called:
@@ -202,6 +213,72 @@ class _Body(Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()
+
+
+class BodyTooBig(Exception):
+    """A small document (a token, a mirror list) was bigger than its limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"bigger than {limit} bytes")
+
+
+def get_small(
+    agent: IAgent,
+    url: str,
+    *,
+    limit: int,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    what: str = "request",
+    reactor: Any = None,
+) -> defer.Deferred[bytes]:
+    """GET a small document through *agent* (treq: gzip decoded): its body, at most *limit*
+    bytes, all within *timeout* seconds. Anything else is a `DownloadError` saying *what*
+    failed (``"mirror list"``, ``"bearer token request"``), and the connection is dropped."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    chunks: list[bytes] = []
+    state: dict[str, Any] = {"body": None, "timed_out": False}
+    asked = HTTPClient(agent).get(url, headers=dict(headers or {}), unbuffered=True)
+
+    def expire() -> None:
+        state["timed_out"] = True
+        if state["body"] is not None:
+            state["body"].abort()
+        else:
+            asked.cancel()
+
+    timer = reactor.callLater(timeout, expire) if timeout else None
+
+    def answered(response: Any) -> defer.Deferred[Any]:
+        keep = response.code == 200
+        body = state["body"] = _Body(chunks.append if keep else None, limit if keep else None)
+        response.deliverBody(body)
+        if keep:
+            return body.done
+        return body.done.addCallback(lambda _: _fail(f"answered {response.code}"))
+
+    def _fail(problem: str) -> Any:
+        raise errors.DownloadError(url.split("?", 1)[0], f"{what} failed: {problem}")
+
+    def failed(failure: Failure) -> Any:
+        if state["timed_out"]:
+            return _fail(f"no answer within {timeout:g}s")
+        if failure.check(errors.DownloadError):
+            return failure
+        return _fail(str(failure.value) or type(failure.value).__name__)
+
+    def stop_timer(result: Any) -> Any:
+        if timer is not None and timer.active():
+            timer.cancel()
+        return result
+
+    done = asked.addCallback(answered)
+    done.addCallback(lambda _: b"".join(chunks))
+    done.addErrback(failed)
+    return done.addBoth(stop_timer)
 
 
 @defer.inlineCallbacks

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import pytest
@@ -13,11 +14,12 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from downloaders import NotAuthorized
+from downloaders import DownloadError, NotAuthorized, NotFound
 from downloaders.bearer import parse_challenge
 from downloaders.mirrors import parse_mirror_list
 from importer import Remote
 from tests.support.faults import Behaviour, Serve, Status
+from tests.support.polling import until
 
 FILES = {f"pool/f{n:03d}.bin": (b"file %d\n" % n) * (n + 1) for n in range(100)}
 
@@ -163,4 +165,42 @@ async def test_bearer_tokens_one_request_per_scope_and_one_refresh(upstream, tmp
             upstream.url(f"/v2/{name}"), expected_digests=digests(body), temp_dir=str(tmp_path)
         ).run()
     assert len(state["token_requests"]) == 3
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_service_that_never_answers_fails_the_download_in_time(upstream, tmp_path):
+    from tests.support.faults import Gated
+
+    state: dict[str, Any] = {"valid": "t1", "issue": "t1", "token_requests": []}
+    gate = Gated(TokenService(state))
+    realm = upstream.register("/token", gate)
+    url = upstream.register("/v2/a.bin", Registry(b"blob", state, realm))
+    remote = Remote(name="reg", url=url, max_retries=0, sock_read_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(DownloadError):  # its read timeout, or the token request's
+        await remote.get_downloader(url, temp_dir=str(tmp_path)).run()
+    assert time.monotonic() - started < 2.0
+    await until(lambda: gate.waiting == 0)  # the token request's connection was dropped
+    assert remote.downloader_factory().context.values == {}
+    gate.release()
+    result = await remote.get_downloader(url, temp_dir=str(tmp_path)).run()  # asked again
+    assert result.artifact_attributes["size"] == 4
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mirror_list_too_big_is_refused(upstream, tmp_path):
+    line = upstream.url("/m/").encode() + b"\n"
+    upstream.register("/mirrors.txt", Serve(line * (1024 * 1024 // len(line) + 1)))
+    remote = Remote(
+        name="m",
+        url=upstream.url("/repo/x"),
+        mirror_list=upstream.url("/mirrors.txt"),
+        max_retries=0,
+    )
+    with pytest.raises(NotFound):  # the download's own error: the list brought nothing
+        await remote.get_downloader(upstream.url("/repo/a"), temp_dir=str(tmp_path)).run()
+    with pytest.raises(DownloadError, match="mirror list failed: bigger than"):
+        await remote.downloader_factory().mirror_list.bases()
     await remote.close()

@@ -121,3 +121,20 @@ async def test_the_readme_importer_syncs_and_streams(make_service, upstream, tmp
     status, _, body = await get(env, "fixtures/b.bin")
     assert (status, body) == (200, BODY)
     assert len(upstream.requests("/blobs/1")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_a_foreign_downloader_did_not_validate_are_never_completed_or_stored(
+    make_service, upstream
+):
+    """A downloader that is not a BaseDownloader is hashed by the streamer itself: other bytes
+    of the right size reach the client truncated (its connection aborted), never stored."""
+    url = upstream.register("/pool/c.bin", Serve(BODY))
+    env = await make_service(remote_extra=plugin("LyingDuckImporter"))
+    await env.add("c.bin", BODY, stored=False, url=url)
+
+    code, out, _ = await run_curl("-s", "-o", "-", "--max-time", "10", env.url("fixtures/c.bin"))
+    assert code != 0, "curl saw the response cut short"
+    assert len(out) < len(BODY)
+    assert await settle(lambda: not env.lazy.in_flight and env.temp_files() == [])
+    assert not env.storage.has(hashlib.sha256(BODY).hexdigest())
