@@ -33,7 +33,9 @@ One request (an `_Exchange`) on one connection (a `_Connection`), state by state
         |      else UNKNOWN_LENGTH: chunked, or "until close" (then never kept alive)
         v
     BODY       bytes go to the body protocol, or are buffered until `deliverBody`; trailers
-        |      of a chunked body go to ``response.trailers``, never into ``headers``
+        |      of a chunked body go to ``response.trailers``, never into ``headers``: they
+        |      come after the body, and the headers were handed over (to
+        |      ``headers_ready_callback``, to a streamer's client) before its first byte
         v
     COMPLETE   on_message_complete: the connection goes back to the pool *first* (kept alive:
         |      HTTP/1.1, no ``Connection: close``, not until-close, no stray bytes after the
