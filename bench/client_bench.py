@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import Nginx, free_port, git_commit, machine, record_raw  # noqa: E402
+from benchlib import Nginx, free_port, git_commit, machine, record_raw
 
 CLIENTS = ("direct", "twisted")
 MODES = ("agent", "downloader")
@@ -53,10 +53,10 @@ def inner(args: argparse.Namespace) -> None:
         def __init__(self, done: defer.Deferred) -> None:
             self.done, self.size = done, 0
 
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        def dataReceived(self, data: bytes) -> None:
             self.size += len(data)
 
-        def connectionLost(self, reason: object = None) -> None:  # noqa: N802 - Twisted API
+        def connectionLost(self, reason: object = None) -> None:
             self.done.callback(self.size)
 
     async def main(reactor: object) -> None:

@@ -185,7 +185,7 @@ class Mix:
                 await self.fault()
             else:
                 await self.bad_path()
-        except Exception as failed:  # noqa: BLE001 - a soak counts, it does not stop
+        except Exception as failed:  # a soak counts, it does not stop
             self.problem(f"driver error: {type(failed).__name__}: {failed}")
 
     async def fetch(self, payload: bytes, timeout: float = 30.0) -> Any:
@@ -268,7 +268,7 @@ async def wait_ready(port: int, timeout: float = 30.0) -> None:
             result = await raw_http("127.0.0.1", port, http("/healthz"), timeout=2)
             if split(result.data)[0] == 200:
                 return
-        except Exception:  # noqa: BLE001 - not listening yet
+        except Exception:  # not listening yet
             pass
         await sleep(0.2)
     raise SystemExit("the streamer did not become ready")

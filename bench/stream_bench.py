@@ -193,12 +193,12 @@ def main() -> int:
 
         # Rounds alternate the contenders and keep each one's best, so a burst of load from
         # another process on the machine does not decide a ratio.
-        def best(key: str, measure) -> None:  # noqa: ANN001
+        def best(key: str, measure) -> None:
             value = measure()
             samples.setdefault(key, []).append(value)
             results[key] = max(float(results.get(key, 0.0)), value)
 
-        def rotated(rows: list, turn: int) -> list:  # noqa: ANN001
+        def rotated(rows: list, turn: int) -> list:
             """The contenders in another order each round: whoever runs right after a 1 GiB
             write pays for the page cache it left (seen: 0.5x for the second in line)."""
             turn %= len(rows)

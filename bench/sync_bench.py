@@ -156,11 +156,11 @@ def run_agent_floor(args: argparse.Namespace) -> None:
         def __init__(self, done: defer.Deferred, f: object, digest: object) -> None:
             self.done, self.f, self.digest = done, f, digest
 
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        def dataReceived(self, data: bytes) -> None:
             self.digest.update(data)
             self.f.write(data)
 
-        def connectionLost(self, reason: object) -> None:  # noqa: N802
+        def connectionLost(self, reason: object) -> None:
             self.done.callback(None)
 
     @defer.inlineCallbacks
@@ -221,13 +221,13 @@ class _Collect:
     def __init__(self, done: object, chunks: list[bytes]) -> None:
         self.done, self.chunks = done, chunks
 
-    def makeConnection(self, transport: object) -> None:  # noqa: N802
+    def makeConnection(self, transport: object) -> None:
         pass
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason: object) -> None:  # noqa: N802
+    def connectionLost(self, reason: object) -> None:
         self.done.callback(None)
 
 

@@ -32,13 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import treq  # noqa: E402
-from benchlib import Nginx, free_port, make_fixture, record_raw  # noqa: E402
-from twisted.internet import defer, reactor, task  # noqa: E402
-from twisted.web.client import readBody  # noqa: E402
+import treq
+from benchlib import Nginx, free_port, make_fixture, record_raw
+from twisted.internet import defer, reactor, task
+from twisted.web.client import readBody
 
-from downloaders import DownloaderFactory, RemoteSettings  # noqa: E402
-from downloaders.tempfiles import create_temp_file  # noqa: E402
+from downloaders import DownloaderFactory, RemoteSettings
+from downloaders.tempfiles import create_temp_file
 
 
 async def bounded(jobs: list, concurrency: int) -> None:

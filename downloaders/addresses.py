@@ -146,13 +146,13 @@ class _Collect:
         self.addresses: list[Any] = []
         self.done: defer.Deferred[list[Any]] = defer.Deferred()
 
-    def resolutionBegan(self, resolution: Any) -> None:  # noqa: N802 - Twisted API
+    def resolutionBegan(self, resolution: Any) -> None:
         pass
 
-    def addressResolved(self, address: Any) -> None:  # noqa: N802 - Twisted API
+    def addressResolved(self, address: Any) -> None:
         self.addresses.append(address)
 
-    def resolutionComplete(self) -> None:  # noqa: N802 - Twisted API
+    def resolutionComplete(self) -> None:
         if not self.done.called:  # not cancelled meanwhile
             self.done.callback(self.addresses)
 
@@ -164,7 +164,7 @@ class _Resolved:
     def __init__(self, addresses: list[Any]) -> None:
         self._addresses = addresses
 
-    def resolveHostName(  # noqa: N802 - Twisted API
+    def resolveHostName(
         self, receiver: Any, hostName: Any, portNumber: int = 0, *args: Any, **kwargs: Any
     ) -> Any:
         receiver.resolutionBegan(None)
@@ -183,7 +183,7 @@ class _WithResolver:
         self._reactor = reactor
         self.nameResolver = resolver
 
-    def installNameResolver(self, resolver: Any) -> Any:  # noqa: N802 - Twisted API
+    def installNameResolver(self, resolver: Any) -> Any:
         raise NotImplementedError("a fixed view of the reactor")
 
     def __getattr__(self, name: str) -> Any:
@@ -204,7 +204,7 @@ class CheckedEndpoint:
         self._port = port
         self._timeout = {} if timeout is None else {"timeout": timeout}
 
-    def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:  # noqa: N803
+    def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:
         collect = _Collect()
         self._reactor.nameResolver.resolveHostName(collect, self._host, portNumber=self._port)
         return collect.done.addCallback(self._connect_to, protocolFactory)

@@ -49,7 +49,7 @@ class BasicAuthAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         if origin(uri) == self._origin:
             headers = headers.copy() if headers is not None else Headers()

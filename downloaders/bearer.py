@@ -110,7 +110,7 @@ class BearerTokenAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         where = origin(uri)
         key = self._latest.get(where)

@@ -144,7 +144,7 @@ class DirectGetAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803 - IAgent
+        bodyProducer: Any = None,
     ) -> defer.Deferred[IResponse]:
         if method != b"GET" or bodyProducer is not None:
             return self._fallback.request(method, uri, headers, bodyProducer)
@@ -329,7 +329,7 @@ class _Connection(protocol.Protocol):
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._closed = False
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         # A request is one small write: never hold it back for an ACK (Nagle), as Twisted's
         # own client does not either.
         if ITCPTransport.providedBy(self.transport):
@@ -365,7 +365,7 @@ class _Connection(protocol.Protocol):
     def end(self) -> None:
         self.exchange = None
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:  # bytes nobody asked for: the connection is not safe to reuse
             self.transport.loseConnection()
@@ -465,7 +465,7 @@ class _Connection(protocol.Protocol):
         else:
             self.completed = True  # finished in `dataReceived`, once the parser returned
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         if self.idle_in is not None and self in self.idle_in:
             self.idle_in.remove(self)
@@ -494,7 +494,7 @@ class _Factory(QuietStart, protocol.Factory):
 
 
 class _Ignore(protocol.Protocol):
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.transport.stopProducing()
 
 
@@ -506,24 +506,24 @@ class _BodyTransport:
         self.response = response
         self.transport = transport
 
-    def pauseProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def pauseProducing(self) -> None:
         if not self.response.ended:  # (an ended response's connection may serve another)
             self.transport.pauseProducing()
 
-    def resumeProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def resumeProducing(self) -> None:
         if not self.response.ended:
             self.transport.resumeProducing()
 
-    def stopProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def stopProducing(self) -> None:
         """Give up the rest of the body: the connection cannot be reused, so it is aborted."""
         self.abortConnection()
 
-    def loseConnection(self) -> None:  # noqa: N802 - ITransport
+    def loseConnection(self) -> None:
         """Give up the rest of the body and close the connection (nothing is left to write:
         the request was sent, so this is an abort too). Once the body ended: nothing."""
         self.abortConnection()
 
-    def abortConnection(self) -> None:  # noqa: N802 - ITCPTransport
+    def abortConnection(self) -> None:
         """Give up the rest of the body (``readBody``'s cancel): the body protocol hears
         ``ResponseFailed``. Once the body ended the connection is not its own: nothing."""
         if not self.response.ended:
@@ -536,7 +536,7 @@ class Response:
     """A response as Twisted's agent gives it; the body is buffered until `deliverBody`."""
 
     request = None
-    previousResponse = None  # noqa: N815 - IResponse
+    previousResponse = None
 
     def __init__(
         self,
@@ -563,10 +563,10 @@ class Response:
         self.aborted = False
         self._delivered = False
 
-    def setPreviousResponse(self, response: IResponse) -> None:  # noqa: N802 - IResponse
+    def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
 
-    def deliverBody(self, protocol: protocol.Protocol) -> None:  # noqa: N802 - IResponse
+    def deliverBody(self, protocol: protocol.Protocol) -> None:
         if self._protocol is not None or self._delivered:
             raise RuntimeError("the body of this response was delivered already")
         self._protocol = protocol

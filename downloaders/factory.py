@@ -108,7 +108,7 @@ class CachingEndpointFactory:
         self._guard = guard
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
 
-    def endpointForURI(self, uri: URI) -> Any:  # noqa: N802 - Twisted API
+    def endpointForURI(self, uri: URI) -> Any:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
@@ -183,7 +183,7 @@ class RateLimitedAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         wait = self.limiter.wait()
         if wait <= 0:

@@ -101,7 +101,7 @@ class ResponseHeaders(dict):  # type: ignore[type-arg]
 
     # What Twisted's Headers answer ----------------------------------------------------------
 
-    def getRawHeaders(self, name: bytes | str, default: Any = None) -> Any:  # noqa: N802
+    def getRawHeaders(self, name: bytes | str, default: Any = None) -> Any:
         """As ``twisted.web.http_headers.Headers.getRawHeaders`` (bytes for a bytes name)."""
         if self.raw is not None:
             return self.raw.getRawHeaders(name, default)
@@ -110,7 +110,7 @@ class ResponseHeaders(dict):  # type: ignore[type-arg]
             return default
         return [value.encode("latin-1")] if isinstance(name, bytes) else [value]
 
-    def hasHeader(self, name: bytes | str) -> bool:  # noqa: N802
+    def hasHeader(self, name: bytes | str) -> bool:
         return name in self
 
 

@@ -472,7 +472,7 @@ class _Receiver(Protocol):
         self.discard_then = discard_then
         self._widened: tuple[tcp.Connection, int] | None = None
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.attempt._body_transport = self.transport
         length = getattr(self.attempt._response, "length", UNKNOWN_LENGTH)
         if length is UNKNOWN_LENGTH or length > tcp.Connection.bufferSize:
@@ -480,10 +480,10 @@ class _Receiver(Protocol):
         if self.attempt.finished:
             self.attempt._abort_body()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self.attempt.data(data, self.discard_then is not None)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._widened is not None:  # the pooled connection's next response may be small
             connection, size = self._widened
             connection.bufferSize = size
@@ -519,10 +519,10 @@ def widen_reads(transport: Any, size: int = READ_SIZE) -> tuple[tcp.Connection, 
 class _Discard(Protocol):
     """Aborts a body nobody wants (the attempt is already over)."""
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         pass
 
 

@@ -59,14 +59,14 @@ class _TunnelProtocol(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         netloc = self._endpoint.netloc.encode("idna")
         lines = [b"CONNECT " + netloc + b" HTTP/1.1", b"Host: " + netloc]
         if self._endpoint.proxy_authorization:
             lines.append(b"Proxy-Authorization: " + self._endpoint.proxy_authorization)
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.dataReceived(data)
             return
@@ -107,7 +107,7 @@ class _TunnelProtocol(Protocol):
             self.established.errback(Failure(error))
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._inner is not None:
             self._inner.connectionLost(reason)
         elif not self.established.called:
@@ -144,7 +144,7 @@ class TunnelEndpoint:
     def __repr__(self) -> str:
         return f"<TunnelEndpoint to {self.netloc} via {self.proxy_endpoint!r}>"
 
-    def connect(self, protocolFactory: Factory) -> defer.Deferred[Protocol]:  # noqa: N803
+    def connect(self, protocolFactory: Factory) -> defer.Deferred[Protocol]:
         tunnel = _TunnelFactory.forProtocol(lambda: _TunnelProtocol(self, protocolFactory))
         connecting = self.proxy_endpoint.connect(tunnel)
 
@@ -163,7 +163,7 @@ class _TunnelEndpointFactory:
         self._policy = policy
         self._authorization = authorization
 
-    def endpointForURI(self, uri: Any) -> TunnelEndpoint:  # noqa: N802 - Twisted API
+    def endpointForURI(self, uri: Any) -> TunnelEndpoint:
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         creator = self._policy.creatorForNetloc(uri.host, uri.port)
         return TunnelEndpoint(self._proxy_endpoint, host, uri.port, creator, self._authorization)
@@ -198,7 +198,7 @@ class ProxyingAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         if uri.lower().startswith(b"https:"):
             return self._tunnel.request(method, uri, headers, bodyProducer)

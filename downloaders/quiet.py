@@ -24,10 +24,10 @@ class QuietStart:
 
     noisy = False
 
-    def startFactory(self) -> None:  # noqa: N802 - Twisted API
+    def startFactory(self) -> None:
         _log.debug("Starting factory {factory!r}", factory=self)
 
-    def stopFactory(self) -> None:  # noqa: N802 - Twisted API
+    def stopFactory(self) -> None:
         _log.debug("Stopping factory {factory!r}", factory=self)
 
 

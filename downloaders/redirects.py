@@ -33,7 +33,7 @@ class _Discard(Protocol):
     def __init__(self) -> None:
         self.done: defer.Deferred[None] = defer.Deferred()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.done.callback(None)
 
 
@@ -77,7 +77,7 @@ class RedirectingAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         # Plain callbacks, not a coroutine: a response that is not a redirect (nearly all of
         # them) costs one callback on the inner agent's Deferred.

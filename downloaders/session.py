@@ -71,7 +71,7 @@ class DefaultHeadersAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         headers = headers.copy() if headers is not None else Headers()
         for name, value in self._headers:
@@ -94,7 +94,7 @@ class LimitedAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: Any = None,  # noqa: N803
+        bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
         semaphore = self._semaphore
 
@@ -114,7 +114,7 @@ class _ReleasingResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
         super().__init__(original)
         self._release = release
 
-    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 - Twisted API
+    def deliverBody(self, protocol: Any) -> None:
         self.original.deliverBody(_Releasing(protocol, self._release))
 
 
@@ -125,14 +125,14 @@ class _Releasing(Protocol):
         self._protocol = protocol
         self._release = release
 
-    def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted API
+    def makeConnection(self, transport: Any) -> None:
         self.transport = transport
         self._protocol.makeConnection(transport)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self._protocol.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         release, self._release = self._release, None
         if release is not None:
             release()
@@ -193,7 +193,7 @@ class _Body(Protocol):
         self.received = 0
         self.done: defer.Deferred[None] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
         if self.limit is not None and self.received > self.limit:
             if self.sink is not None and not self.done.called:
@@ -202,7 +202,7 @@ class _Body(Protocol):
         elif self.sink is not None:
             self.sink(data)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss) or self.sink is None:

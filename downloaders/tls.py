@@ -62,7 +62,7 @@ class _UnverifiedClientTLS:
         is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
         self._server_name = None if is_ip else hostname.encode("idna")
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._options.getContext(), None)
         connection.set_app_data(tlsProtocol)
         if self._server_name is not None:
@@ -104,7 +104,7 @@ class RemoteTLSPolicy:
             "extraCertChain": self.extra_chain,
         }
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:  # noqa: N802 - Twisted API
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         name = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
         if not self.verify:
             if self._unverified_options is None:

@@ -59,10 +59,10 @@ class WorkerSide(LineReceiver):
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._previous: defer.Deferred[Any] = defer.succeed(None)
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self._send(op="hello", pid=os.getpid())
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+    def lineReceived(self, line: bytes) -> None:
         message = json.loads(line)
         op = message["op"]
         if op == "fetch":
@@ -154,7 +154,7 @@ class WorkerSide(LineReceiver):
         if storage is not None:
             storage.close()  # this process's temporary folder
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
         done = self._end_sync()
         done.addErrback(lambda failure: log.failure("stopping", failure))

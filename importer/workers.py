@@ -143,7 +143,7 @@ class SyncWorkers:
         if can_fork():  # (the other workers' sockets are not the new one's to hold)
             return _fork(ours, theirs, [sock for _p, sock in self._spawned]), ours
         try:
-            process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            process = subprocess.Popen(  # our own interpreter and module
                 [self.python, "-m", "importer.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -321,7 +321,7 @@ class SingleProtocolFactory(protocol.Factory):
     def __init__(self, instance: protocol.Protocol) -> None:
         self.instance = instance
 
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
         return self.instance
 
 
@@ -427,7 +427,7 @@ class WorkerLink(LineReceiver):
     def _send(self, message: dict[str, Any]) -> None:
         self.sendLine(json.dumps(message, separators=(",", ":")).encode())
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+    def lineReceived(self, line: bytes) -> None:
         try:
             message = json.loads(line)
             op = message["op"]
@@ -473,11 +473,11 @@ class WorkerLink(LineReceiver):
         if self.ready is not None and not self.ready.called:
             self.ready.errback(error)
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+    def lineLengthExceeded(self, line: bytes) -> None:
         self._worker_failed(WorkerError("message too long"))
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.alive = False
         self._fire(self.started)
         if self.ready is not None and not self.ready.called:

@@ -378,7 +378,7 @@ class ArtifactStorage:
 
         The caller writes, closes, then passes ``.name`` to ``commit`` or removes it.
         """
-        return tempfile.NamedTemporaryFile(  # noqa: SIM115 - the caller owns the file
+        return tempfile.NamedTemporaryFile(  # the caller owns the file
             mode="wb", dir=self.temp_dir, prefix=TEMP_PREFIX, delete=False
         )
 

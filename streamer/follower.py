@@ -119,19 +119,19 @@ class Follower:
 
     # -- IPushProducer ----------------------------------------------------------------------
 
-    def pauseProducing(self) -> None:  # noqa: N802 - Twisted API
+    def pauseProducing(self) -> None:
         if self.done:
             return
         self.paused = True
         if self._timer is None and self._no_progress_timeout:
             self._timer = self._reactor.callLater(self._no_progress_timeout, self._stalled)
 
-    def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
+    def resumeProducing(self) -> None:
         self._cancel_timer()
         self.paused = False
         self.progress()
 
-    def stopProducing(self) -> None:  # noqa: N802 - Twisted API
+    def stopProducing(self) -> None:
         self._stop()
 
     # -- internals ------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ class FileRangesProducer:
         _log.info("client made no progress for {seconds}s; closing", seconds=self._stall_timeout)
         self._abort()
 
-    def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
+    def resumeProducing(self) -> None:
         if self._file is None:
             return
         self._arm_stall_timer()
@@ -247,7 +247,7 @@ class FileRangesProducer:
         self._remaining -= len(data)
         self._request.write(prefix + data if prefix else data)
 
-    def stopProducing(self) -> None:  # noqa: N802 - Twisted API
+    def stopProducing(self) -> None:
         self._close()
 
     def _done(self, last: bytes) -> None:

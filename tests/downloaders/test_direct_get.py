@@ -43,11 +43,11 @@ class Scripted(protocol.Protocol):
     """Answers each request head with the next scripted answer: bytes, or a callable given the
     transport (to close, stall...)."""
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.factory.connections.append(self)
         self.buffer = b""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.buffer += data
         while b"\r\n\r\n" in self.buffer:
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
@@ -58,7 +58,7 @@ class Scripted(protocol.Protocol):
             else:
                 self.transport.write(answer)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.factory.closed += 1
 
 
@@ -112,10 +112,10 @@ class Collect(protocol.Protocol):
         self.data = b""
         self.ended: defer.Deferred[Any] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.reason = reason
         self.ended.callback(None)  # (a Failure given to callback would be an errback)
 
@@ -295,7 +295,7 @@ async def test_head_and_other_methods_go_to_the_fallback(scripted):
     calls = []
 
     class Fallback:
-        def request(self, method, uri, headers=None, bodyProducer=None):  # noqa: N803
+        def request(self, method, uri, headers=None, bodyProducer=None):
             calls.append(method)
             return defer.succeed("fallback")
 
@@ -443,7 +443,7 @@ class Trailing(Collect):
         super().__init__()
         self.response = response
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.trailers = getattr(self.response, "trailers", None)
         super().connectionLost(reason)
 
@@ -470,7 +470,7 @@ async def test_trailers_never_change_the_headers_handed_over(either, scripted):
 
 
 class Raising(Collect):
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         raise ValueError("the reader's own bug")
 

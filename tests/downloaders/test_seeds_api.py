@@ -28,7 +28,7 @@ from tests.support.faults import RequireBasicAuth, Serve, Status
 
 BODY = b"the seeds' own bytes\n" * 100
 SHA256 = hashlib.sha256(BODY).hexdigest()
-MD5 = hashlib.md5(BODY).hexdigest()  # noqa: S324 - what an old repository publishes
+MD5 = hashlib.md5(BODY).hexdigest()  # what an old repository publishes
 
 
 @pytest.fixture

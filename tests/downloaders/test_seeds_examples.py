@@ -20,7 +20,7 @@ from tests.support.faults import Serve
 ROOT = str(Path(downloaders.__file__).resolve().parents[1])
 A = b"first file\n" * 300
 B = b"second file\n" * 200
-MD5 = hashlib.md5(A).hexdigest()  # noqa: S324 - the documentation's own example digest
+MD5 = hashlib.md5(A).hexdigest()  # the documentation's own example digest
 
 PLAIN = """
 import json, sys

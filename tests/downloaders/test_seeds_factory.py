@@ -28,7 +28,7 @@ from tests.support.faults import Serve
 pytestmark = pytest.mark.usefixtures("http_client")
 
 BODY = b"factory seeds\n" * 40
-MD5 = hashlib.md5(BODY).hexdigest()  # noqa: S324 - what an old repository publishes
+MD5 = hashlib.md5(BODY).hexdigest()  # what an old repository publishes
 SHA256 = hashlib.sha256(BODY).hexdigest()
 
 

@@ -122,7 +122,7 @@ def temp_files(tmp_path: Path) -> list[str]:
 async def download(downloader: Any) -> tuple[Any, BaseException | None]:
     try:
         return await downloader.run(), None
-    except Exception as error:  # noqa: BLE001 - the test inspects whatever came out
+    except Exception as error:  # the test inspects whatever came out
         return None, error
 
 

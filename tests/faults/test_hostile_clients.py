@@ -172,12 +172,12 @@ class _NeverReads(protocol.Protocol):
         self.payload = payload
         self.lost: defer.Deferred[None] = defer.Deferred()
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.transport.write(self.payload)
         self.transport.pauseProducing()
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason) -> None:
         self.lost.callback(None)
 
 

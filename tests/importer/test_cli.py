@@ -26,13 +26,13 @@ class Child(protocol.ProcessProtocol):
         self.err: list[bytes] = []
         self.ended: defer.Deferred[tuple[int, str, str]] = defer.Deferred()
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def outReceived(self, data: bytes) -> None:
         self.out.append(data)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def errReceived(self, data: bytes) -> None:
         self.err.append(data)
 
-    def processEnded(self, reason) -> None:  # noqa: N802 - Twisted API
+    def processEnded(self, reason) -> None:
         out, err = b"".join(self.out).decode(), b"".join(self.err).decode()
         self.ended.callback((exit_code(reason), out, err))
 

@@ -120,12 +120,12 @@ class _Collect(ProcessProtocol):
         self.output = b""
         self.ended: Deferred[int | None] = Deferred()
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def outReceived(self, data: bytes) -> None:
         self.output += data
 
-    errReceived = outReceived  # noqa: N815 - Twisted API
+    errReceived = outReceived
 
-    def processEnded(self, reason) -> None:  # noqa: N802 - Twisted API
+    def processEnded(self, reason) -> None:
         self.ended.callback(reason.value.exitCode)
 
 

@@ -215,10 +215,10 @@ class RawClient(Protocol):
         self.data = b""
         self.closed: Deferred[bytes] = Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason) -> None:
         self.closed.callback(self.data)
 
     def get(self, *paths: str) -> None:

@@ -27,7 +27,7 @@ class _RecordingSite(server.Site):
         super().__init__(*args, **kwargs)
         self.channels: list[Any] = []
 
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         self.channels.append(channel)
         return channel

@@ -80,11 +80,11 @@ class _Chunks(protocol.Protocol):
         self.data = []
         self.while_in_flight = []
 
-    def dataReceived(self, data):  # noqa: N802 - Twisted API
+    def dataReceived(self, data):
         self.data.append(data)
         self.while_in_flight.append(bool(self.env.streamer.in_flight))
 
-    def connectionLost(self, reason):  # noqa: N802 - Twisted API
+    def connectionLost(self, reason):
         self.done.callback(reason.check(ResponseDone) is not None)
 
 

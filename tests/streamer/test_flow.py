@@ -33,7 +33,7 @@ class _SlowClient(protocol.Protocol):
         self.ended: defer.Deferred[bool] = defer.Deferred()
         self.clean = False
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.transport.write(
             b"GET " + self.path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         )
@@ -46,7 +46,7 @@ class _SlowClient(protocol.Protocol):
         self.reading = True
         self.transport.resumeProducing()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         if not self.in_body:
             self.head += data
             if b"\r\n\r\n" not in self.head:
@@ -56,7 +56,7 @@ class _SlowClient(protocol.Protocol):
         self.body_bytes += len(data)
         self.digest.update(data)
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason) -> None:
         self.clean = reason.check(ConnectionDone) is not None
         self.ended.callback(self.clean)
 

@@ -235,14 +235,14 @@ class _SlowReader(protocol.Protocol):
         self.chunks: list[bytes] = []
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         self.transport.write(self.request)
         self.transport.pauseProducing()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason) -> None:
         self.done.callback(b"".join(self.chunks))
 
 

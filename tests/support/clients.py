@@ -52,17 +52,17 @@ class _Collector(protocol.ProcessProtocol):
         self._err: list[bytes] = []
         self.timer: IDelayedCall | None = None
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def outReceived(self, data: bytes) -> None:
         self._out.append(data)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def errReceived(self, data: bytes) -> None:
         self._err.append(data)
 
     def kill(self) -> None:
         self._err.append(b"\n[run_process: killed after the timeout]\n")
         self.transport.signalProcess("KILL")
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+    def processEnded(self, reason: Failure) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         code = exit_code(reason)
@@ -147,7 +147,7 @@ class _RawClient(protocol.Protocol):
         self._timer: IDelayedCall | None = None
         self._drip_call: IDelayedCall | None = None
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         from twisted.internet import reactor
 
         self._timer = reactor.callLater(self._timeout, self._give_up)
@@ -169,10 +169,10 @@ class _RawClient(protocol.Protocol):
         self._timed_out = True
         self.transport.abortConnection()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason: Failure) -> None:
         for call in (self._timer, self._drip_call):
             if call is not None and call.active():
                 call.cancel()

@@ -32,13 +32,13 @@ class MappedNames:
         #: Every name looked up through this resolver, in order.
         self.lookups: list[str] = []
 
-    def resolveHostName(  # noqa: N802 - Twisted API
+    def resolveHostName(
         self,
-        resolutionReceiver: Any,  # noqa: N803
-        hostName: str,  # noqa: N803
-        portNumber: int = 0,  # noqa: N803
-        addressTypes: Any = None,  # noqa: N803
-        transportSemantics: str = "TCP",  # noqa: N803
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
     ) -> Any:
         self.lookups.append(hostName)
         addresses = self.names.get(hostName.lower())

@@ -49,12 +49,12 @@ class _SquidProcess(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.output: list[bytes] = []
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def outReceived(self, data: bytes) -> None:
         self.output.append(data)
 
-    errReceived = outReceived  # noqa: N815 - Twisted API
+    errReceived = outReceived
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+    def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
 
 

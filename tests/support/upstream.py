@@ -45,7 +45,7 @@ class _TrackedConnection(ProtocolWrapper):
     """Unregisters only after the wrapped protocol has handled the loss, so a test woken by
     "no connection open" sees the server's own clean-up (timers cancelled) already done."""
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason: Failure) -> None:
         self.wrappedProtocol.connectionLost(reason)
         self.factory.unregisterProtocol(self)
 
@@ -60,11 +60,11 @@ class _ConnectionTracker(WrappingFactory):
         super().__init__(wrapped)
         self._server = server
 
-    def registerProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802 - Twisted API
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
         super().registerProtocol(p)
         self._server._opened()
 
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802 - Twisted API
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)
         self._server._closed()
 
