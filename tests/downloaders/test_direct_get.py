@@ -102,9 +102,14 @@ def _settings() -> RemoteSettings:
     return RemoteSettings(url="http://127.0.0.1/")
 
 
-async def get(agent: DirectGetAgent, url: str, headers: Headers | None = None) -> tuple[Any, bytes]:
+async def get(agent: Any, url: str, headers: Headers | None = None) -> tuple[Any, bytes]:
+    """The response and its whole body (raising what ended it otherwise). Not ``readBody``,
+    which warns about Twisted's own body transport (it has no ``abortConnection``)."""
     response = await agent.request(b"GET", url.encode(), headers)
-    return response, await readBody(response)
+    data, reason = await body_and_reason(response)
+    if not reason.check(ResponseDone):
+        reason.raiseException()
+    return response, data
 
 
 class Collect(protocol.Protocol):
