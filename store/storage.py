@@ -328,6 +328,13 @@ class ArtifactStorage:
                 self.temp_root,
             )
 
+    def clean_stale_temp(self) -> int:
+        """Remove only the temporary folders of processes that are gone (and loose files),
+        never one of this process's files: for a process that stays at work while another
+        using the storage ended. Returns how many files were removed."""
+        own = self._own_temp if self._own_temp is not None and self._own_temp.alive else None
+        return remove_stale(self.temp_root, own, STALE_TEMP_SECONDS)
+
     def close(self) -> int:
         """Remove this process's temporary folder and everything in it (at the end of a
         service or a sync); return the number of files removed. A later `temp_dir` makes a

@@ -176,6 +176,8 @@ class ServerConfig:
 
     #: Any Twisted server endpoint description (tcp:, ssl:, unix:).
     listen: str = attrs.field(default=DEFAULT_LISTEN, validator=_endpoint)
+    #: Server processes sharing the listening socket (0: one per CPU; 1: only this one).
+    processes: int = attrs.field(default=0, validator=_non_negative)
     #: Seconds in-flight responses may take to finish after SIGTERM before they are aborted.
     grace_period: float = attrs.field(default=30.0, validator=_non_negative)
     #: Seconds without progress after which a client or upstream transfer is aborted.

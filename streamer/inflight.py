@@ -40,6 +40,7 @@ from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
 from store.storage import ARTIFACT_MODE
+from streamer.claims import NO_CLAIM
 
 __all__ = ["InFlight", "LiveBackoff"]
 
@@ -103,8 +104,11 @@ class InFlight:
         commit: Callable[[str, str, int], defer.Deferred[Any]] | None = None,
         condition: Mapping[str, str] | None = None,
         on_response: Callable[[InFlight], None] | None = None,
+        claim: Any = NO_CLAIM,
     ) -> None:
         self.entry = entry
+        #: This download's `streamer.claims.Claim` when other processes may follow it.
+        self.claim = claim
         self.remote = remote
         self.storage = storage
         self.catalog = catalog
@@ -159,6 +163,7 @@ class InFlight:
             # One os.open, already with the artifacts' mode (the commit needs no chmod).
             self._write_fd, self.path = create_temp_file(self.storage.temp_dir, ARTIFACT_MODE)
             self._read_fd = os.open(self.path, os.O_RDONLY)
+            self.claim.announce(self.path)
             # Only the entry: a plugin's get_downloader may take nothing else.
             downloader = self.remote.get_downloader(entry=self.entry)
             tap(downloader, self)
@@ -218,6 +223,7 @@ class InFlight:
             raise SizeValidationError(self.written + len(data), self.size, url=self.entry.url)
         if self._hasher is not None:
             self._hasher.update(data)
+        self.claim.headers(self.headers)
         view = memoryview(data)
         while view:
             view = view[os.write(self._write_fd, view) :]
@@ -278,7 +284,7 @@ class InFlight:
         self.followers.discard(follower)
         if self.followers:
             return
-        if not self.store and not self.finished:
+        if not self.store and not self.finished and not self.claim.has_readers():
             self.cancel()
         self._close_read_if_unused()
 
@@ -295,10 +301,13 @@ class InFlight:
         self._close_write()
         self.succeeded = True
         self._last_chunk = None
+        self.claim.headers(self.headers)
+        self.claim.succeeded()
         self._wake()
         if not self.store:
             self._done()
             self._discard_temp()
+            self.claim.release()
             return None
         if self.path is not None:
             keep_date(self.path, self._upstream_date(result))
@@ -306,6 +315,7 @@ class InFlight:
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
         d.addBoth(lambda _: self._done())
+        d.addBoth(lambda _: self.claim.release())
         return d
 
     def _upstream_date(self, result: Any) -> float | None:
@@ -333,6 +343,7 @@ class InFlight:
             # A 304 nobody asked for is no answer: the source failed, and no client may
             # receive it as one.
             error = DownloadError(self.entry.url, "HTTP 304 to an unconditional request")
+        self.claim.failed(None if self._cancelled else error)
         if not self._cancelled:
             self.error = error
             if not isinstance(error, NotModified):  # else: the client's copy is current

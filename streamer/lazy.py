@@ -41,6 +41,7 @@ from downloaders.result import parse_last_modified
 from importer.commit import GroupCommitter
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
+from streamer.claims import NO_CLAIM, Claims, OwnerGone, PeerDownload
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight
@@ -92,6 +93,8 @@ class LazyOptions:
     commit_delay: float = 0.01
 
 
+#: How often one request starts a download again whose owner (another process) stopped.
+_OWNER_RESTARTS = 3
 #: Expired cooldowns are dropped when this many are remembered.
 _PRUNE_COOLING_AT = 1000
 
@@ -144,6 +147,9 @@ class LazyStreamer:
         #: Requests waiting for a busy origin (answered at `stop`).
         self.waiting: set[_LazyRequest] = set()
         self._committer: GroupCommitter | None = None
+        #: Set when other processes share the storage folder: one download per artifact
+        #: between them (`streamer.claims`).
+        self.claims: Claims | None = None
         self.stopped = False
 
     def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
@@ -226,6 +232,13 @@ class LazyStreamer:
         if inflight is not None:
             follower_for(inflight).attach()
             return
+        claim: Any = NO_CLAIM
+        if self.claims is not None and not condition:  # a client's own download is its own
+            found = self.claims.claim_or_follow(entry, self._done)
+            if isinstance(found, PeerDownload):
+                self._follow_peer(found, follower_for)
+                return
+            claim = found
         inflight = InFlight(
             entry,
             remote,
@@ -238,6 +251,7 @@ class LazyStreamer:
             commit=self._commit,
             condition=condition,
             on_response=self._share if condition else None,
+            claim=claim,
         )
         if condition:
             self._own.add(inflight)
@@ -254,6 +268,16 @@ class LazyStreamer:
         """Let other clients join a client's own download (unless one is in flight)."""
         if self.in_flight.setdefault(inflight.sha256, inflight) is inflight:
             self._own.discard(inflight)
+
+    def _follow_peer(self, peer: PeerDownload, follower_for: Any) -> None:
+        """Follow the download another process owns (`streamer.claims`)."""
+        if not peer.finished:
+            self.in_flight[peer.sha256] = peer  # type: ignore[assignment]
+        follower = follower_for(peer)
+        if peer.error is not None:
+            follower.failed(peer.error)
+        else:
+            follower.attach()
 
     def _commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Commit a validated temp file; files finishing together share one flush."""
@@ -374,6 +398,9 @@ class _LazyRequest:
         #: Seconds this request waited for busy origins so far, and the timer of a wait.
         self._waited = 0.0
         self._wait: Any = None
+        self._current: tuple[str, str] | None = None
+        #: Times the download was started again after its owner (another process) stopped.
+        self._restarts = 0
         request.notifyFinish().addErrback(self._client_gone)
 
     def next(self) -> None:
@@ -424,6 +451,7 @@ class _LazyRequest:
             else:
                 self.request.cache_status = "coalesced"
             self._trying = key
+            self._current = key
             streamer.join(
                 entry,
                 remote,
@@ -470,8 +498,10 @@ class _LazyRequest:
                 self._tried.discard(key)
         self.next()
 
-    def _follower(self, source: InFlight, plan: _Plan) -> Follower:
+    def _follower(self, source: InFlight | PeerDownload, plan: _Plan) -> Follower:
         options = self.streamer.options
+        if isinstance(source, PeerDownload):
+            self.request.cache_status = "coalesced"  # another process downloads it
         self.follower = Follower(
             self.request,
             source,
@@ -494,6 +524,12 @@ class _LazyRequest:
             return
         if self._trying is not None:
             self.errors[self._trying] = error
+        if isinstance(error, OwnerGone) and self._restarts < _OWNER_RESTARTS:
+            # Another process owned the download and stopped: take it over.
+            self._restarts += 1
+            self._tried.discard(self._current)  # type: ignore[arg-type]
+        else:
+            self.errors.append(error)
         self.next()
 
     def _not_modified(self, forwarded: list[tuple[bytes, list[bytes]]] | None) -> None:

@@ -12,6 +12,11 @@ and several services in one process never clash. Who calls what:
   and calls `download_started()` / `download_finished()` around each upstream download it
   starts (not per coalesced waiter);
 * temp bytes are measured from the temp folder at scrape time (`watch_temp_dir`).
+
+Several server processes (``[server] processes``) share their figures through
+prometheus-client's multiprocess mode: the first process sets ``PROMETHEUS_MULTIPROC_DIR``
+(`streamer.processes.share_metrics`) before this library is imported, every process writes
+its values to files there, and ``/metrics`` in any process renders the totals of all.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "failure_reason"]
 
@@ -104,14 +110,22 @@ def _dir_bytes(path: str, depth: int = 1) -> float:
 class Metrics:
     """The service's counters and gauges; all names start with ``streamer_``."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, shared_dir: str | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        #: The multiprocess folder when several processes serve (see the module docstring).
+        self.shared_dir = shared_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._temp_bytes = _TempBytes()
         r = self.registry
         self.requests = Counter(
             "streamer_requests", "HTTP requests answered", ["method", "status"], registry=r
         )
         self.requests_in_flight = Gauge(
-            "streamer_requests_in_flight", "HTTP requests being answered", registry=r
+            "streamer_requests_in_flight",
+            "HTTP requests being answered",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.request_duration = Histogram(
             "streamer_request_duration_seconds", "Time to answer a request", registry=r
@@ -142,12 +156,12 @@ class Metrics:
             registry=r,
         )
         self.downloads_in_flight = Gauge(
-            "streamer_downloads_in_flight", "Upstream downloads running now", registry=r
+            "streamer_downloads_in_flight",
+            "Upstream downloads running now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.downloads = Counter("streamer_downloads", "Upstream downloads started", registry=r)
-        self.temp_bytes = Gauge(
-            "streamer_temp_bytes", "Bytes in temporary (partial) files", registry=r
-        )
         for status in CACHE_STATUSES:  # export zeros so dashboards see every series
             self.bytes_served.labels(_SOURCE[status])
         self.bytes_served.labels("other")
@@ -200,7 +214,14 @@ class Metrics:
     def watch_temp_dir(self, path: str) -> None:
         """Report the size of the files in *path* (and its folders) as ``streamer_temp_bytes``
         at each scrape."""
-        self.temp_bytes.set_function(lambda: _dir_bytes(path))
+        if self._temp_bytes.path is None and not self.shared_dir:
+            self.registry.register(self._temp_bytes)  # type: ignore[arg-type]
+        self._temp_bytes.path = path
+
+    def process_ended(self, pid: int) -> None:
+        """Drop the live gauges of a server process that ended (its counters still count)."""
+        if self.shared_dir:
+            mark_process_dead(pid, self.shared_dir)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """The current value of one sample (e.g. ``streamer_cache_hits_total``), 0 if absent."""
@@ -208,5 +229,25 @@ class Metrics:
         return 0.0 if found is None else found
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry (without ``*_created`` series)."""
-        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
+        """The Prometheus text exposition (without ``*_created`` series): this registry, or
+        the totals of every process sharing `shared_dir`."""
+        if not self.shared_dir:
+            return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
+        totals = CollectorRegistry()
+        MultiProcessCollector(totals, path=self.shared_dir)
+        if self._temp_bytes.path is not None:
+            totals.register(self._temp_bytes)  # type: ignore[arg-type]
+        return generate_latest(_WithoutCreated(totals))  # type: ignore[arg-type]
+
+
+class _TempBytes:
+    """``streamer_temp_bytes``: the temp folder measured at scrape time (one folder, whatever
+    the number of processes, so it is never summed over them)."""
+
+    path: str | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        value = _dir_bytes(self.path) if self.path else 0.0
+        yield GaugeMetricFamily(
+            "streamer_temp_bytes", "Bytes in temporary (partial) files", value=value
+        )

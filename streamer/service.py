@@ -33,11 +33,13 @@ from store.catalog import open_catalog, open_for_storage
 from store.errors import StorageError
 from store.storage import ArtifactStorage
 from streamer.channel import ClientLimit, StreamerChannel
+from streamer.claims import Claims
 from streamer.config import CONFIG_ENV, Config
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
 from streamer.paths import RefusedPath, request_path
+from streamer.processes import ProcessGroup, adopted_socket, helper_argv, process_count
 from streamer.signing import SignedResource
 
 __all__ = [
@@ -365,6 +367,12 @@ class StreamerService(MultiService):
                 problem=self.storage.writable_problem,
             ),
         }
+        #: One download per artifact across the processes on this storage (or None).
+        self.claims: Claims | None = None
+        lazy = getattr(self.content, "lazy", None)
+        shared = adopted_socket() is not None or process_count(config.server.processes) > 1
+        if standalone and shared and lazy is not None:
+            self.claims = lazy.claims = Claims(self.storage, reactor)
         self.root = RootResource(served, ops, lambda: self.ready)
         self.site = StreamerSite(
             self.root,
@@ -378,11 +386,18 @@ class StreamerService(MultiService):
         #: Why start-up failed after listening (the catalog would not open), else None.
         self.failure: str | None = None
         self._sigterms = 0
+        #: The helper processes sharing the socket (the first process of a group only).
+        self.group: ProcessGroup | None = None
+        #: Called with the pid of each helper that ended (the metrics' clean-up).
+        self.on_helper_ended: Callable[[int], None] | None = self.metrics.process_ended
 
     # -- start ----------------------------------------------------------------------------
 
     def startService(self) -> None:
+        # Only what is provably stale: the files of live processes (helpers, a sync) stay.
         removed = self.storage.clean_temp()
+        if self.claims is not None:
+            self.claims.sweep()
         if self.config.source is None:
             log.info(
                 "no configuration file (--config or ${env}): using the embedded defaults",
@@ -405,6 +420,10 @@ class StreamerService(MultiService):
 
     def _listen(self) -> None:
         description = self.config.server.listen
+        adopted = adopted_socket()
+        if adopted is not None:
+            self._adopt(*adopted)
+            return
         outcome: list[object] = []
         serverFromString(self.reactor, description).listen(self.site).addBoth(outcome.append)
         if not outcome:
@@ -417,6 +436,60 @@ class StreamerService(MultiService):
             raise CannotListen(message)
         self.port = outcome[0]  # type: ignore[assignment]
         log.info("listening on {address}", address=self.port.getHost())
+        helpers = process_count(self.config.server.processes) - 1
+        if self.standalone and helpers > 0:
+            self._start_helpers(helpers)
+
+    def _start_helpers(self, helpers: int) -> None:
+        """Start *helpers* more processes on this socket (see `streamer.processes`)."""
+        assert self.port is not None
+        family = type(self.port.getHost()).__name__
+        families = {"IPv4Address": "AF_INET", "IPv6Address": "AF_INET6", "UNIXAddress": "AF_UNIX"}
+        if family not in families:
+            raise SystemExit(f"streamer: processes: cannot share a {family} listener")
+        argv = helper_argv(self.config.source) + ["--listen", self.config.server.listen]
+        self.group = ProcessGroup(
+            helpers,
+            self.port.fileno(),
+            families[family],
+            argv,
+            reactor=self.reactor,
+            stop_timeout=self.config.server.grace_period + _ABORT_SETTLE_SECONDS + 5.0,
+            on_ended=self._helper_ended,
+        )
+        self.group.startService()
+
+    def _helper_ended(self, pid: int) -> None:
+        """A helper ended: drop its live gauges, and its claims and temp files if it died
+        owning downloads (the lock it held is free now)."""
+        if self.on_helper_ended is not None:
+            self.on_helper_ended(pid)
+        swept = self.claims.sweep() if self.claims is not None else 0
+        removed = self.storage.clean_stale_temp()  # the folder of a helper that was killed
+        if swept or removed:
+            log.info(
+                "removed {claims} download claim(s) and {files} temp file(s) of a stopped process",
+                claims=swept,
+                files=removed,
+            )
+
+    def _adopt(self, fd: int, family: int) -> None:
+        """Serve on the listening socket the first process handed over as *fd*."""
+        factory: Any = self.site
+        context = getattr(
+            serverFromString(self.reactor, self.config.server.listen), "_sslContextFactory", None
+        )
+        if context is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(context, False, self.site)
+        try:
+            self.port = self.reactor.adoptStreamPort(fd, family, factory)
+        except Exception as exc:
+            raise SystemExit(f"streamer: cannot adopt the listening socket: {exc}") from None
+        finally:
+            os.close(fd)
+        log.info("serving on {address} (a helper process)", address=self.port.getHost())
 
     def _catalog_opened(self, _: object) -> None:
         self.ready = True
@@ -461,10 +534,15 @@ class StreamerService(MultiService):
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
+        helpers_stopped = defer.succeed(None)
+        if self.group is not None:
+            helpers_stopped = defer.maybeDeferred(self.group.stopService)
         yield self.site.drain(self.config.server.grace_period)
+        yield helpers_stopped
         self.site.close_idle()
         yield super().stopService()
         yield _maybe_close(self.content)
+        yield _maybe_close(self.claims)
         for remote in self.remotes.values():
             yield _maybe_close(remote)
         yield _maybe_close(self.catalog)

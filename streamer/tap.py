@@ -50,11 +50,21 @@ def _fail(message: str) -> SystemExit:
 
 def makeService(options: Options) -> IService:
     """Load the configuration and build the service; configuration errors exit with status 2."""
+    from streamer import processes
+
+    try:
+        config = load_config(options["config"], {"server.listen": options["listen"]})
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    if processes.adopted_socket() is not None:
+        processes.die_with_parent()
+    elif processes.process_count(config.server.processes) > 1:
+        processes.share_metrics()  # before anything imports prometheus_client
+
     from store.errors import CatalogError, StorageError
     from streamer.service import StreamerService
 
     try:
-        config = load_config(options["config"], {"server.listen": options["listen"]})
         return StreamerService(config, standalone=True)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None

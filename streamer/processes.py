@@ -1,0 +1,327 @@
+"""Several server processes on one listening socket: ``[server] processes``.
+
+The first process (the one twistd started) listens, then starts ``processes - 1`` more with
+`ProcessGroup`. Each of those is ``twistd -n streamer`` again, with the listening socket as
+its descriptor 3 (it adopts it with ``reactor.adoptStreamPort``: the kernel hands each new
+connection to whichever process accepts first, so no balancer sits in front) and a pipe as
+its descriptor 4, on which it writes its log events as JSON lines (`forwarding_observer`).
+The first process publishes those events into its own log observers, so every line of the
+group's log is written by one process and none is torn. A helper that dies is logged and
+started again; at SIGTERM the first process sends SIGTERM to every helper (each drains its
+own requests within ``grace_period``) and waits for them before it exits. A helper also
+stops when the first process dies (``PR_SET_PDEATHSIG``), so none outlives the group.
+
+The protocol between processes for one download per artifact is in `streamer.claims`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.logger import ILogObserver, Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "ADOPT_ENV",
+    "INDEX_ENV",
+    "ProcessGroup",
+    "adopted_socket",
+    "die_with_parent",
+    "forwarding_observer",
+    "process_count",
+    "share_metrics",
+]
+
+log = Logger()
+
+#: Set in a helper's environment: the address family of the socket on descriptor 3.
+ADOPT_ENV = "STREAMER_ADOPT_FAMILY"
+#: Set in a helper's environment: its number in the group (1, 2, ...; the first is 0).
+INDEX_ENV = "STREAMER_PROCESS_INDEX"
+LISTEN_FD = 3
+LOG_FD = 4
+#: Seconds before a helper that died is started again: doubled per quick death, capped.
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: A helper that ran this long before dying is restarted after the first delay again.
+STABLE_SECONDS = 60.0
+_FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
+_PR_SET_PDEATHSIG = 1
+
+
+def process_count(configured: int) -> int:
+    """The number of server processes for ``[server] processes`` (0: one per CPU)."""
+    return configured if configured > 0 else max(1, os.cpu_count() or 1)
+
+
+def adopted_socket() -> tuple[int, int] | None:
+    """``(descriptor, family)`` when this process is a helper given a listening socket."""
+    family = os.environ.get(ADOPT_ENV)
+    if family is None:
+        return None
+    if family not in _FAMILIES:
+        raise ValueError(f"{ADOPT_ENV}={family!r}: expected one of {sorted(_FAMILIES)}")
+    return LISTEN_FD, _FAMILIES[family]
+
+
+def process_index() -> int:
+    """This process's number in its group: 0 for the first (or only) one."""
+    return int(os.environ.get(INDEX_ENV, "0"))
+
+
+def share_metrics() -> str | None:
+    """In the first process of a group, before prometheus-client is imported: a fresh folder
+    for its multiprocess mode, named in ``PROMETHEUS_MULTIPROC_DIR`` (which the helpers
+    inherit) and removed when this process exits. None if the library is already imported
+    (each process then reports its own figures) or the variable is already set."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if "prometheus_client" in sys.modules:
+        log.warn("prometheus_client was imported early: /metrics shows one process only")
+        return None
+    folder = tempfile.mkdtemp(prefix="streamer-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this helper SIGTERM when the first process dies (a no-op elsewhere),
+    and stop at once if that already happened."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@implementer(ILogObserver)
+class _Forwarder:
+    """Writes each log event as one JSON line to the first process (descriptor 4)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = (eventAsJSON(event) + "\n").encode("utf-8")
+        try:
+            while line:
+                line = line[os.write(self._fd, line) :]
+        except OSError:
+            pass  # the first process is gone; PR_SET_PDEATHSIG stops this one
+
+
+def forwarding_observer() -> ILogObserver:
+    """twistd ``--logger`` of a helper process: its events go to the first process."""
+    return _Forwarder(LOG_FD)
+
+
+class _Helper(protocol.ProcessProtocol):
+    """One helper process: relays its log events and tells the group when it ends."""
+
+    def __init__(self, group: ProcessGroup, index: int) -> None:
+        self.group = group
+        self.index = index
+        self.started_at = group.reactor.seconds()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    #: Its pid, kept after it exited (the transport forgets it).
+    pid: int | None = None
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted API
+        self.pid = getattr(transport, "pid", None)
+        super().makeConnection(transport)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802 - Twisted API
+        if childFD != LOG_FD:
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._publish(line)
+
+    def _publish(self, line: bytes) -> None:
+        try:
+            event = eventFromJSON(line.decode("utf-8"))
+        except ValueError:
+            event = {"log_format": "{line}", "line": line.decode("utf-8", "replace")}
+            event.update(log_level=None, log_namespace="streamer.processes", log_time=None)
+        event["process"] = self.index
+        namespace = event.get("log_namespace") or "-"
+        level = event.get("log_level")
+        level_name = getattr(level, "name", "info")
+        event["log_system"] = f"{namespace}#{level_name} process {self.index}"
+        if event.get("log_time") is None:
+            event["log_time"] = self.group.reactor.seconds()
+        globalLogPublisher(event)
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+        if self._partial:
+            self._publish(self._partial)
+            self._partial = b""
+        self.group.ended(self, reason)
+        self.ended.callback(None)
+
+
+class ProcessGroup(Service):
+    """Starts, restarts and stops the helper processes that share the listening socket.
+
+    :param helpers: how many helpers (the first process serves too).
+    :param fd: the listening socket's descriptor, given to each helper as descriptor 3.
+    :param family: ``"AF_INET"``, ``"AF_INET6"`` or ``"AF_UNIX"``.
+    :param argv: the helper's command line (``python -m twisted ... streamer ...``).
+    :param on_ended: called with the pid of each helper that ended (metrics clean-up).
+    """
+
+    def __init__(
+        self,
+        helpers: int,
+        fd: int,
+        family: str,
+        argv: Sequence[str],
+        *,
+        reactor: Any,
+        stop_timeout: float,
+        env: dict[str, str] | None = None,
+        on_ended: Callable[[int], None] | None = None,
+    ) -> None:
+        self.count = helpers
+        self.fd = fd
+        self.family = family
+        self.argv = list(argv)
+        self.reactor = reactor
+        self.stop_timeout = stop_timeout
+        self.env = dict(os.environ if env is None else env)
+        self.on_ended = on_ended
+        self.helpers: dict[int, _Helper] = {}
+        self.restarts = 0
+        self._deaths: dict[int, int] = {}
+        self._pending: dict[int, Any] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        log.info("{n} helper process(es) share the listening socket", n=self.count)
+
+    def pids(self) -> list[int]:
+        """The pids of the helpers running now."""
+        return [pid for helper in self.helpers.values() if (pid := helper.pid) is not None]
+
+    def _spawn(self, index: int) -> None:
+        self._pending.pop(index, None)
+        if self._stopping:
+            return
+        env = {**self.env, ADOPT_ENV: self.family, INDEX_ENV: str(index)}
+        helper = _Helper(self, index)
+        try:
+            self.reactor.spawnProcess(
+                helper,
+                self.argv[0],
+                self.argv,
+                env=env,
+                path=os.getcwd(),
+                childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.fd, LOG_FD: "r"},
+            )
+        except OSError as exc:
+            log.error("cannot start helper process {index}: {exc}", index=index, exc=exc)
+            self._schedule(index)
+            return
+        self.helpers[index] = helper
+
+    def ended(self, helper: _Helper, reason: Failure) -> None:
+        """A helper exited: forget it and, unless the group is stopping, start another."""
+        if self.helpers.get(helper.index) is helper:
+            del self.helpers[helper.index]
+        pid = helper.pid
+        if self.on_ended is not None and pid is not None:
+            self.on_ended(pid)
+        if self._stopping:
+            return
+        status = _describe_exit(reason)
+        log.error(
+            "helper process {index} (pid {pid}) {status}; starting it again",
+            index=helper.index,
+            pid=pid,
+            status=status,
+        )
+        if self.reactor.seconds() - helper.started_at >= STABLE_SECONDS:
+            self._deaths[helper.index] = 0
+        self._schedule(helper.index)
+
+    def _schedule(self, index: int) -> None:
+        deaths = self._deaths.get(index, 0)
+        self._deaths[index] = deaths + 1
+        delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS) - 1)]
+        self.restarts += 1
+        self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """SIGTERM every helper; SIGKILL those still running after *stop_timeout*."""
+        self._stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        running = list(self.helpers.values())
+        for helper in running:
+            _signal(helper, "TERM")
+        if running:
+            timer = self.reactor.callLater(self.stop_timeout, self._kill_all)
+            yield defer.DeferredList([helper.ended for helper in running])
+            if timer.active():
+                timer.cancel()
+        super().stopService()
+
+    def _kill_all(self) -> None:
+        for helper in list(self.helpers.values()):
+            log.warn("helper process {index} did not stop: killing it", index=helper.index)
+            _signal(helper, "KILL")
+
+
+def _signal(helper: _Helper, name: str) -> None:
+    try:
+        helper.transport.signalProcess(name)
+    except (error.ProcessExitedAlready, AttributeError, OSError):
+        pass
+
+
+def _describe_exit(reason: Failure) -> str:
+    value = reason.value
+    signal_number = getattr(value, "signal", None)
+    if signal_number:
+        return f"was killed by signal {signal_number}"
+    return f"exited with status {getattr(value, 'exitCode', '?')}"
+
+
+def helper_argv(config_source: str | None) -> list[str]:
+    """The command line of a helper: this interpreter running twistd with the streamer
+    plugin, no pid file, and its log events sent to the first process."""
+    argv = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "--nodaemon",
+        "--pidfile=",
+        "--logger=streamer.processes.forwarding_observer",
+        "streamer",
+    ]
+    if config_source:
+        argv += ["--config", os.path.abspath(config_source)]
+    return argv

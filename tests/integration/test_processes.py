@@ -1,0 +1,279 @@
+"""Several server processes on one port (``[server] processes``), driven from outside.
+
+A real ``twistd -n streamer`` with three processes, real curl clients on separate connections
+(the kernel hands each to whichever process accepts first), the loopback upstream of
+tests/support, and SIGKILL of one process: one upstream request per artifact for the whole
+group, bytes streamed from another process's temp file, nothing unvalidated handed out, and
+nothing half-written left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+
+from tests.integration.test_end_to_end import (
+    artifact_path,
+    sha256,
+    streamer_cli,
+    temp_files,
+    twistd,
+    wait_for,
+    write_config,
+)
+from tests.support.faults import Gated, Serve, Trickle, WrongBytes
+from tests.support.upstream import UpstreamServer
+
+PROCESSES = 3
+_SERVED_BY = re.compile(r'\[streamer\.access#info( process (\d+))?\] .*"GET (\S+)" (\d+)')
+
+
+async def settle(seconds: float = 0.1) -> None:
+    await deferLater(reactor, seconds)
+
+
+def helper_pids(parent: int) -> list[int]:
+    """The pids of *parent*'s child processes (from /proc)."""
+    children = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            children.append(int(name))
+    return children
+
+
+def served_by(output: str, path: str) -> list[int]:
+    """The process numbers (0: the first) whose access lines answered *path*."""
+    return [int(m.group(2) or 0) for m in _SERVED_BY.finditer(output) if m.group(3) == path]
+
+
+async def group(tmp_path: Path, upstream: UpstreamServer, files: dict[str, bytes]) -> Path:
+    """A catalog of *files* (lazily recorded) and a config for a group of processes."""
+    lines = []
+    for name, data in files.items():
+        lines.append(f"{name},{sha256(data)},{len(data)}\n")
+    upstream.register("/repo/PULP_MANIFEST", Serve("".join(lines).encode()))
+    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), grace_period=2)
+    text = config.read_text().replace("[server]\n", f"[server]\nprocesses = {PROCESSES}\n", 1)
+    config.write_text(text)
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 0, out + err
+    return config
+
+
+async def all_serving(served) -> None:
+    """Wait until every helper process logged that it serves."""
+
+    async def ready() -> bool:
+        return served.output.count("(a helper process)") >= PROCESSES - 1
+
+    await wait_for(ready, "every helper serving", timeout=30, output=lambda: served.proto.output)
+
+
+async def curl_many(served, path: str, n: int) -> list[tuple[int, bytes, bytes]]:
+    """*n* curls at once, each on its own connection: (exit code, body, stderr) each."""
+    runs = [served.curl(path, "-sS", "--max-time", "30") for _ in range(n)]
+    return await defer.gatherResults(runs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp_path):
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        async with twistd(config) as served:
+            await all_serving(served)
+            parent = served.process.pid
+            helpers = helper_pids(parent)
+            assert len(helpers) == PROCESSES - 1, served.output
+            results = await curl_many(served, "/healthz", 60)
+            assert all(code == 0 and body == b"ok\n" for code, body, _ in results)
+            await settle(0.3)
+            metrics = await served.metrics()
+            # /metrics in any process: the totals of all of them.
+            requests = await served.curl("/metrics", "-sS")
+            total = re.search(
+                rb'streamer_requests_total\{method="GET",status="200"\} (\S+)', requests[1]
+            )
+            assert total is not None and float(total.group(1)) >= 60, requests[1][-2000:]
+            assert metrics["streamer_requests_in_flight"] >= 1
+            by = served_by(served.output, "/healthz")
+            assert len(by) >= 60 and len(set(by)) >= 2, by
+        code = await served.stop()
+        assert code == 0, served.output
+        assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
+        assert "Traceback" not in served.output
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_helper_is_logged_and_started_again(tmp_path):
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        async with twistd(config) as served:
+            await all_serving(served)
+            victim = helper_pids(served.process.pid)[0]
+            os.kill(victim, 9)
+
+            async def replaced() -> bool:
+                pids = helper_pids(served.process.pid)
+                return len(pids) == PROCESSES - 1 and victim not in pids
+
+            await wait_for(replaced, "a new helper", timeout=30, output=lambda: served.proto.output)
+            assert f"(pid {victim}) was killed by signal 9; starting it again" in served.output
+            results = await curl_many(served, "/healthz", 20)
+            assert all(code == 0 for code, _, _ in results)
+        assert await served.stop() == 0
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_cold_requests_across_processes_make_one_upstream_request(tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    upstream = await UpstreamServer().start()
+    gate = Gated(Trickle(data, bytes_per_sec=8 * 1024 * 1024, interval=0.02))
+    try:
+        config = await group(tmp_path, upstream, {"big.bin": data})
+        upstream.register("/repo/big.bin", gate)
+        async with twistd(config) as served:
+            await all_serving(served)
+            runs = [served.curl("/demo/big.bin", "-sS", "--max-time", "30") for _ in range(20)]
+
+            async def parked() -> bool:
+                return (
+                    gate.waiting == 1
+                    and (await served.metrics())["streamer_requests_in_flight"] >= 21
+                )  # the 20 clients and this scrape
+
+            await wait_for(parked, "20 clients waiting", output=lambda: served.proto.output)
+            gate.release()
+            results = await defer.gatherResults(runs)
+            assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
+            assert all(body == data for _, body, _ in results)
+            assert len(upstream.requests("/repo/big.bin")) == 1
+            by = served_by(served.output, "/demo/big.bin")
+            assert len(by) == 20 and len(set(by)) >= 2, by
+            assert artifact_path(tmp_path / "var", data).read_bytes() == data
+            # A warm request from any process: no upstream request.
+            again = await curl_many(served, "/demo/big.bin", 6)
+            assert all(body == data for _, body, _ in again)
+            assert len(upstream.requests("/repo/big.bin")) == 1
+        assert await served.stop() == 0
+        assert temp_files(tmp_path / "var") == []
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(tmp_path):
+    data = os.urandom(2 * 1024 * 1024)
+    upstream = await UpstreamServer().start()
+    gate = Gated(WrongBytes(data))
+    try:
+        config = await group(tmp_path, upstream, {"bad.bin": data})
+        upstream.register("/repo/bad.bin", gate)
+        async with twistd(config) as served:
+            await all_serving(served)
+            runs = [served.curl("/demo/bad.bin", "-sS", "--max-time", "30") for _ in range(12)]
+
+            async def parked() -> bool:
+                return (
+                    gate.waiting == 1
+                    and (await served.metrics())["streamer_requests_in_flight"] >= 13
+                )
+
+            await wait_for(parked, "12 clients waiting", output=lambda: served.proto.output)
+            gate.release()
+            results = await defer.gatherResults(runs)
+            for code, body, _ in results:
+                # Aborted mid-body (curl 18/56) or, when nothing was sent yet, a 502.
+                assert body != data and body != gate.then.served
+                assert code != 0 or b"upstream failed" in body
+            assert len(upstream.requests("/repo/bad.bin")) == 1
+            assert not artifact_path(tmp_path / "var", data).exists()
+            by = served_by(served.output, "/demo/bad.bin")
+            assert len(set(by)) >= 2, by
+        assert await served.stop() == 0
+        assert temp_files(tmp_path / "var") == []
+    finally:
+        await upstream.stop()
+
+
+def partial_files(storage: Path) -> list[Path]:
+    """Files under tmp/ other than the lock files of live processes."""
+    return [p for p in temp_files(storage) if not (p.parent.name == "tmp" and p.suffix == ".lock")]
+
+
+def claim_owner(storage: Path) -> int | None:
+    """The pid announced in the one claim under tmp/claims/, if there is one yet."""
+    for claim in (storage / "tmp" / "claims").glob("*"):
+        if claim.name.endswith(".readers"):
+            continue
+        for line in claim.read_text().splitlines():
+            if "pid" in line:
+                return json.loads(line)["pid"]
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_killed_while_owning_a_download_leaves_nothing_half_written(tmp_path):
+    files = {f"slow{n}.bin": os.urandom(1024 * 1024) for n in range(6)}
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, files)
+        for name, data in files.items():
+            upstream.register(f"/repo/{name}", Trickle(data, bytes_per_sec=512 * 1024))
+        storage = tmp_path / "var"
+        async with twistd(config) as served:
+            await all_serving(served)
+            helpers = helper_pids(served.process.pid)
+            # Until a helper (not the first process) owns a download: each try is a new file.
+            for name in files:
+                runs = [served.curl(f"/demo/{name}", "-sS", "--max-time", "30") for _ in range(8)]
+
+                async def claimed() -> bool:
+                    return claim_owner(storage) is not None
+
+                await wait_for(claimed, "a claim", output=lambda: served.proto.output)
+                owner = claim_owner(storage)
+                if owner in helpers:
+                    os.kill(owner, 9)
+                results = await defer.gatherResults(runs)
+                if owner in helpers:
+                    break
+            else:
+                raise AssertionError("no helper ever owned a download")
+            data = files[name]
+            for code, body, _ in results:
+                # The clients fail (not a complete-looking body) or got the right bytes.
+                assert (code != 0 and body != data) or (code == 0 and body == data)
+            assert any(code != 0 for code, _, _ in results)
+
+            async def settled() -> bool:
+                return not partial_files(storage)
+
+            await wait_for(settled, "temp files gone", output=lambda: served.proto.output)
+            # Clients that had nothing yet took the download over: what is stored is whole.
+            stored = artifact_path(storage, data)
+            assert not stored.exists() or stored.read_bytes() == data
+            # The next request gets it (afresh, or from the store), and it is kept.
+            again = await served.curl(f"/demo/{name}", "-sS", "--max-time", "30")
+            assert again[0] == 0 and again[1] == data
+            await wait_for(lambda: defer.succeed(artifact_path(storage, data).exists()), "stored")
+        assert await served.stop() == 0
+    finally:
+        await upstream.stop()
