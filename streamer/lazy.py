@@ -398,7 +398,6 @@ class _LazyRequest:
         #: Seconds this request waited for busy origins so far, and the timer of a wait.
         self._waited = 0.0
         self._wait: Any = None
-        self._current: tuple[str, str] | None = None
         #: Times the download was started again after its owner (another process) stopped.
         self._restarts = 0
         request.notifyFinish().addErrback(self._client_gone)
@@ -451,7 +450,6 @@ class _LazyRequest:
             else:
                 self.request.cache_status = "coalesced"
             self._trying = key
-            self._current = key
             streamer.join(
                 entry,
                 remote,
@@ -523,13 +521,12 @@ class _LazyRequest:
             respond_text(self.request, 503, fault.reason)
             return
         if self._trying is not None:
-            self.errors[self._trying] = error
-        if isinstance(error, OwnerGone) and self._restarts < _OWNER_RESTARTS:
-            # Another process owned the download and stopped: take it over.
-            self._restarts += 1
-            self._tried.discard(self._current)  # type: ignore[arg-type]
-        else:
-            self.errors.append(error)
+            if isinstance(error, OwnerGone) and self._restarts < _OWNER_RESTARTS:
+                # Another process owned the download and stopped: take it over.
+                self._restarts += 1
+                self._tried.discard(self._trying)
+            else:
+                self.errors[self._trying] = error
         self.next()
 
     def _not_modified(self, forwarded: list[tuple[bytes, list[bytes]]] | None) -> None:
