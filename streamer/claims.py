@@ -8,7 +8,8 @@ appended in this order:
 
 1. ``{"pid": ..., "temp": "proc-.../NAME"}`` once its temp file exists (under ``tmp/``, in
    the owner's own folder: `store.tempdirs`);
-2. ``{"headers": [[name, [values]], ...]}`` before the first byte is written to it;
+2. ``{"headers": [[name, [values]], ...], "status": N}`` (the forwarded headers and the
+   upstream's status) before the first byte is written to it;
 3. ``{"outcome": "done"}`` once size and digests were validated (then, for ``on_demand``,
    the file is committed), or ``{"outcome": "failed", "error": {...}}``;
 
@@ -102,8 +103,11 @@ class Claim:
     def announce(self, temp_path: str) -> None:
         self._append({"pid": os.getpid(), "temp": os.path.relpath(temp_path, self.root)})
 
-    def headers(self, headers: list[tuple[bytes, list[bytes]]] | None) -> None:
-        """Publish the forwarded headers (once, before the first byte is written)."""
+    def headers(
+        self, headers: list[tuple[bytes, list[bytes]]] | None, status: int | None = None
+    ) -> None:
+        """Publish the forwarded headers and the upstream's status (once, before the first
+        byte is written)."""
         if self._headers_written:
             return
         self._headers_written = True
@@ -111,7 +115,7 @@ class Claim:
             [name.decode("latin-1"), [v.decode("latin-1") for v in values]]
             for name, values in headers or []
         ]
-        self._append({"headers": pairs})
+        self._append({"headers": pairs, "status": status})
 
     def succeeded(self) -> None:
         self._append({"outcome": "done"})
@@ -159,7 +163,7 @@ class _NoClaim:
     """The claim of a process that is alone on its storage: every call does nothing."""
 
     def announce(self, temp_path: str) -> None: ...
-    def headers(self, headers: Any) -> None: ...
+    def headers(self, headers: Any, status: int | None = None) -> None: ...
     def succeeded(self) -> None: ...
     def failed(self, error: BaseException | None) -> None: ...
     def release(self) -> None: ...
@@ -189,6 +193,8 @@ class PeerDownload:
         self.sha256: str = entry.sha256
         self.size: int = entry.size
         self.headers: Any = None
+        #: The status the owner's upstream answered (for the access log).
+        self.upstream_status: int | None = None
         self.written = 0
         self.succeeded = False
         self.error: BaseException | None = None
@@ -286,6 +292,8 @@ class PeerDownload:
                     self.temp_path = temp
                     self.claims.watch_temp(temp, self)
                 if "headers" in record:
+                    status = record.get("status")
+                    self.upstream_status = status if isinstance(status, int) else None
                     self.headers = [
                         (name.encode("latin-1"), [v.encode("latin-1") for v in values])
                         for name, values in record["headers"]

@@ -223,7 +223,7 @@ class InFlight:
             raise SizeValidationError(self.written + len(data), self.size, url=self.entry.url)
         if self._hasher is not None:
             self._hasher.update(data)
-        self.claim.headers(self.headers)
+        self.claim.headers(self.headers, self.upstream_status)
         view = memoryview(data)
         while view:
             view = view[os.write(self._write_fd, view) :]
@@ -301,7 +301,7 @@ class InFlight:
         self._close_write()
         self.succeeded = True
         self._last_chunk = None
-        self.claim.headers(self.headers)
+        self.claim.headers(self.headers, self.upstream_status)
         self.claim.succeeded()
         self._wake()
         if not self.store:
