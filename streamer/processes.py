@@ -143,11 +143,11 @@ class _Helper(protocol.ProcessProtocol):
     #: Its pid, kept after it exited (the transport forgets it).
     pid: int | None = None
 
-    def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted API
+    def makeConnection(self, transport: Any) -> None:
         self.pid = getattr(transport, "pid", None)
         super().makeConnection(transport)
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != LOG_FD:
             return
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -169,7 +169,7 @@ class _Helper(protocol.ProcessProtocol):
             event["log_time"] = self.group.reactor.seconds()
         globalLogPublisher(event)
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted API
+    def processEnded(self, reason: Failure) -> None:
         if self._partial:
             self._publish(self._partial)
             self._partial = b""
