@@ -94,7 +94,7 @@ def open_regular(path: str, below: str | None = None) -> BinaryIO:
     name = path
     try:
         if below is not None:
-            *folders, name = os.path.relpath(path, below).split(os.sep)
+            *folders, name = path[len(below) :].lstrip(os.sep).split(os.sep)
             dir_fd = os.open(below, _OPEN_FOLDER)
             for folder in folders:
                 inner = os.open(folder, _OPEN_FOLDER | _NOFOLLOW, dir_fd=dir_fd)
@@ -114,7 +114,7 @@ def open_regular(path: str, below: str | None = None) -> BinaryIO:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotARegularFile(f"{path} is {file_kind(mode)}")
-        return os.fdopen(fd, "rb")
+        return open(fd, "rb")  # noqa: SIM115 - the caller owns the file
     except BaseException:
         os.close(fd)
         raise
