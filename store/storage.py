@@ -114,7 +114,7 @@ def open_regular(path: str, below: str | None = None) -> BinaryIO:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotARegularFile(f"{path} is {file_kind(mode)}")
-        return open(fd, "rb")  # noqa: SIM115 - the caller owns the file
+        return open(fd, "rb")  # the caller owns (and closes) the file
     except BaseException:
         os.close(fd)
         raise
