@@ -206,6 +206,8 @@ def fetch_target(url: str, output: str | None) -> str:
     if output:
         if output != STDOUT and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
             raise ValueError(f"the folder of {output!r} does not exist")
+        if output != STDOUT and os.path.isdir(output):
+            raise ValueError(f"{output!r} is a folder: give -o a file name")
         return output
     try:
         name = unquote(urlsplit(url).path).rsplit("/", 1)[-1]

@@ -58,6 +58,10 @@ async def test_without_output_an_existing_file_is_never_replaced(folders, upstre
     assert upstream.requests("/pub/data.bin") == []
     code, out, err = await fetch(folders, upstream.url("/pub/"))
     assert code == 2 and err.decode().count("\n") == 1 and "names no file" in err.decode()
+    (work / "folder").mkdir()
+    code, out, err = await fetch(folders, url, "-o", "folder")
+    assert (code, err.decode()) == (2, "error: 'folder' is a folder: give -o a file name\n")
+    assert os.listdir(work / "folder") == [] and os.listdir(temp) == []
 
 
 @pytest.mark.parametrize("output", [[], ["-o", "-"]], ids=["no-output", "stdout"])
