@@ -98,17 +98,23 @@ def check_access(records: list[dict]) -> None:
 PATHS = ["/fx/a.bin", "/fx/a.bin", "/fx/missing.bin", "/fx/busy.bin", "/fx/unknown.bin?sig=s3cret"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_twistd_json_logger_writes_one_flat_object_per_line(tmp_path, upstream):
-    config = await synced_repo(tmp_path, upstream)
-    json_logger = ["--logger", "streamer.logs.json_observer"]
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)], before=json_logger)
+async def serve_paths(tmp_path: Path, config: Path, before: list[str] = ()):
+    """Run ``twistd -n BEFORE streamer --config CONFIG``, GET every one of `PATHS` with curl,
+    stop it with SIGTERM; the child's output collector."""
+    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)], before=before)
     try:
         await healthy(base, proto)
         assert await get_all(base, PATHS) == [200, 200, 404, 502, 404]
     finally:
         code = await sigterm(proto, process)
     assert code == 0, proto.output.decode()
+    return proto
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_json_logger_writes_one_flat_object_per_line(tmp_path, upstream):
+    config = await synced_repo(tmp_path, upstream)
+    proto = await serve_paths(tmp_path, config, ["--logger", "streamer.logs.json_observer"])
     records = parse(proto.stdout.decode())
     check_access(records)
     messages = [r["message"] for r in records]
@@ -124,13 +130,7 @@ async def test_twistd_json_logger_writes_one_flat_object_per_line(tmp_path, upst
 async def test_access_log_json_writes_the_same_flat_lines(tmp_path, upstream):
     server = 'access_log = "access.jsonl"\naccess_log_json = true\n'
     config = await synced_repo(tmp_path, upstream, server)
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
-    try:
-        await healthy(base, proto)
-        assert await get_all(base, PATHS) == [200, 200, 404, 502, 404]
-    finally:
-        code = await sigterm(proto, process)
-    assert code == 0, proto.output.decode()
+    await serve_paths(tmp_path, config)
     records = parse((tmp_path / "access.jsonl").read_text())
     check_access(records)
     assert {r["logger"] for r in records} == {"streamer.access"}
