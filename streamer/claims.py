@@ -387,6 +387,23 @@ class Claims:
         #: The INotify reader (None until needed, False where inotify is unavailable).
         self._notify: Any = None
 
+    def check_locks(self) -> None:
+        """Raise ``OSError`` unless ``flock`` excludes other holders in the claims folder
+        (some network filesystems accept the call and lock nothing)."""
+        probe = os.path.join(self.folder, f".probe-{os.getpid()}-{os.urandom(4).hex()}")
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            other = os.open(probe, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _try_lock(other, fcntl.LOCK_SH):
+                    raise OSError(errno.ENOLCK, "flock does not exclude another holder")
+            finally:
+                os.close(other)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
     def claim_or_follow(
         self, entry: Any, on_done: Callable[[PeerDownload], None]
     ) -> Claim | PeerDownload:

@@ -13,6 +13,7 @@ whole, to the content resource (wrapped in `SignedResource` when a signing key i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -373,6 +374,13 @@ class StreamerService(MultiService):
         shared = adopted_socket() is not None or process_count(config.server.processes) > 1
         if standalone and shared and lazy is not None:
             self.claims = lazy.claims = Claims(self.storage, reactor)
+            try:
+                self.claims.check_locks()
+            except OSError as exc:
+                raise StorageError(
+                    f"processes: locks do not work in {self.claims.folder} ({exc}); "
+                    "set [server] processes = 1 or use a local folder"
+                ) from None
         self.root = RootResource(served, ops, lambda: self.ready)
         self.site = StreamerSite(
             self.root,
@@ -488,7 +496,8 @@ class StreamerService(MultiService):
         except Exception as exc:
             raise SystemExit(f"streamer: cannot adopt the listening socket: {exc}") from None
         finally:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         log.info("serving on {address} (a helper process)", address=self.port.getHost())
 
     def _catalog_opened(self, _: object) -> None:

@@ -14,12 +14,16 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.integration.test_end_to_end import (
+    TWISTD,
     artifact_path,
+    child_env,
     sha256,
     streamer_cli,
     temp_files,
@@ -31,6 +35,10 @@ from tests.support.faults import Gated, Serve, Trickle, WrongBytes
 from tests.support.upstream import UpstreamServer
 
 PROCESSES = 3
+_ACCESS_LINE = re.compile(
+    r'\S+ \[streamer\.access#info\] 127\.0\.0\.1 "GET /\S*" \d{3} \d+ [\d.]+s'
+    r" cache=\S+( upstream=\d+)?"
+)
 _SERVED_BY = re.compile(r'\[streamer\.access#info( process (\d+))?\] .*"GET (\S+)" (\d+)')
 
 
@@ -58,14 +66,19 @@ def served_by(output: str, path: str) -> list[int]:
     return [int(m.group(2) or 0) for m in _SERVED_BY.finditer(output) if m.group(3) == path]
 
 
-async def group(tmp_path: Path, upstream: UpstreamServer, files: dict[str, bytes]) -> Path:
-    """A catalog of *files* (lazily recorded) and a config for a group of processes."""
+async def group(
+    tmp_path: Path, upstream: UpstreamServer, files: dict[str, bytes], server: str = ""
+) -> Path:
+    """A catalog of *files* (lazily recorded) and a config for a group of processes, with
+    *server* lines added to its ``[server]`` table."""
     lines = []
     for name, data in files.items():
         lines.append(f"{name},{sha256(data)},{len(data)}\n")
     upstream.register("/repo/PULP_MANIFEST", Serve("".join(lines).encode()))
     config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), grace_period=2)
-    text = config.read_text().replace("[server]\n", f"[server]\nprocesses = {PROCESSES}\n", 1)
+    text = config.read_text().replace(
+        "[server]\n", f"[server]\nprocesses = {PROCESSES}\n{server}", 1
+    )
     config.write_text(text)
     code, out, err = await streamer_cli(config, "sync")
     assert code == 0, out + err
@@ -91,7 +104,7 @@ async def curl_many(served, path: str, n: int) -> list[tuple[int, bytes, bytes]]
 async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp_path):
     upstream = await UpstreamServer().start()
     try:
-        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"}, 'access_log = "access.log"\n')
         async with twistd(config) as served:
             await all_serving(served)
             parent = served.process.pid
@@ -108,9 +121,12 @@ async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp
             )
             assert total is not None and float(total.group(1)) >= 60, requests[1][-2000:]
             assert metrics["streamer_requests_in_flight"] >= 1
-            by = served_by(served.output, "/healthz")
-            assert len(by) >= 60 and len(set(by)) >= 2, by
         code = await served.stop()
+        # Every process appended to one access log: whole lines, one per request.
+        lines = (tmp_path / "access.log").read_text().splitlines()
+        healthz = [line for line in lines if '"GET /healthz" 200 3 ' in line]
+        assert len(healthz) >= 60
+        assert all(_ACCESS_LINE.fullmatch(line) for line in lines), lines
         assert code == 0, served.output
         assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
         assert "Traceback" not in served.output
@@ -277,3 +293,28 @@ async def test_a_helper_killed_while_owning_a_download_leaves_nothing_half_writt
         assert await served.stop() == 0
     finally:
         await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_that_cannot_adopt_the_socket_says_so_in_one_line(tmp_path):
+    # A helper's environment without the socket it names: one line, a non-zero exit.
+    argv = [*TWISTD, "-n", "--pidfile=", "streamer"]
+    env = {**child_env(), "STREAMER_ADOPT_FAMILY": "AF_INET"}
+    out, err, code = await getProcessOutputAndValue(argv[0], argv[1:], env=env, path=str(tmp_path))
+    output = (out + err).decode()
+    assert code != 0, output
+    (line,) = [line for line in output.splitlines() if "cannot adopt" in line]
+    assert "Traceback" not in output
+
+
+def test_storage_without_working_locks_is_refused(tmp_path, monkeypatch):
+    """Where flock accepts the call and excludes nobody, the group must not start."""
+    from store.storage import ArtifactStorage
+    from streamer.claims import Claims
+
+    claims = Claims(ArtifactStorage(str(tmp_path)), reactor)
+    claims.check_locks()  # a real folder: locks work
+    monkeypatch.setattr("streamer.claims.fcntl.flock", lambda fd, op: None)
+    with pytest.raises(OSError, match="does not exclude"):
+        claims.check_locks()
+    assert os.listdir(claims.folder) == []
