@@ -42,9 +42,7 @@ from downloaders.urls import redact_url
 
 __all__ = ["RequestLog", "json_file_observer", "json_observer", "json_record"]
 
-ACCESS_FORMAT = (
-    '{client} "{method} {path}" {status} {bytes} {duration:.3f}s cache={cache}{incomplete}'
-)
+ACCESS_FORMAT = '{client} "{method} {path}" {status} {bytes} {seconds}s cache={cache}{incomplete}'
 UPSTREAM_FORMAT = "upstream failure: {url}: {reason}{detail_suffix}"
 
 
@@ -137,6 +135,9 @@ class RequestLog:
             status=int(request.code),
             bytes=int(request.sentLength),
             duration=float(duration),
+            # Formatted here: a format spec ("{duration:.3f}") is lost when a helper
+            # process's event is relayed as JSON (Twisted's flattened fields keep the value).
+            seconds=f"{duration:.3f}",
             cache=getattr(request, "cache_status", None) or "-",
             upstream_status=getattr(request, "upstream_status", None),
             complete=complete,

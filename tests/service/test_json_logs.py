@@ -11,9 +11,11 @@ import re
 from pathlib import Path
 
 import pytest_twisted
-from twisted.logger import Logger
+from twisted.logger import Logger, eventAsJSON, eventFromJSON
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
-from streamer.logs import json_file_observer
+from streamer.logs import RequestLog, json_file_observer, json_record
 from tests.service.test_twistd import STREAMER, healthy, run, sigterm, twistd_run
 from tests.support import faults
 from tests.support.clients import run_curl
@@ -77,8 +79,15 @@ def parse(text: str) -> list[dict]:
     return records
 
 
+#: The rendered access line (whichever process served the request: a helper's events are
+#: relayed to the first process as JSON).
+ACCESS_MESSAGE = re.compile(r'\S+ "GET /\S+" \d{3} \d+ \d+\.\d{3}s cache=(hit|miss|coalesced|-)')
+
+
 def check_access(records: list[dict]) -> None:
     access = [r for r in records if r["logger"] == "streamer.access"]
+    for record in access:
+        assert ACCESS_MESSAGE.fullmatch(record["message"]), record
     by_path = {}
     for record in access:
         by_path.setdefault(record["path"], []).append(record)
@@ -173,3 +182,17 @@ async def test_upstream_connection_factories_start_and_stop_at_debug_level(tmp_p
     ]
     assert factories, "a new upstream connection starts a client factory"
     assert all("#debug]" in line for line in factories), factories
+
+
+def test_an_access_line_relayed_from_a_helper_process_keeps_its_rendered_message():
+    """A helper process's events reach the first one as JSON (`streamer.processes`), which
+    keeps field values but drops format specs: the line must not depend on one."""
+    events: list[dict] = []
+    request = Request(DummyChannel())
+    request.method, request.path, request.code, request.sentLength = b"GET", b"/fx/a", 200, 5
+    RequestLog(observer=events.append).access(request, 0.1234567)
+    [event] = events
+    record = json_record(eventFromJSON(eventAsJSON(event)))
+    assert ACCESS_MESSAGE.fullmatch(record["message"]), record
+    assert record["message"].endswith(' "GET /fx/a" 200 5 0.123s cache=-')
+    assert (record["duration"], record["upstream_status"]) == (0.1234567, None)
