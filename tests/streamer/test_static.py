@@ -310,3 +310,23 @@ def test_raw_http10_request_gets_the_whole_body(server):
     head, _, body = result.data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200")
     assert body == DATA
+
+
+def test_first_chunk_is_small_then_full_chunks(tmp_path):
+    """The head and the first bytes leave after one short read (time to first byte); every
+    later read is a whole CHUNK_SIZE (few reactor turns per byte); the body is intact."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from streamer.static import CHUNK_SIZE, FIRST_CHUNK, FileRangesProducer
+
+    body = os.urandom(3 * CHUNK_SIZE + 5)
+    path = tmp_path / "big.bin"
+    path.write_bytes(body)
+    request = DummyRequest([b"big.bin"])
+    request.channel = object()  # connected: the producer finishes the request at the end
+    with path.open("rb") as fileobj:
+        FileRangesProducer(request, fileobj, [(b"", 0, len(body))]).start()
+    sizes = [len(chunk) for chunk in request.written]
+    assert sizes == [FIRST_CHUNK, CHUNK_SIZE, CHUNK_SIZE, len(body) - FIRST_CHUNK - 2 * CHUNK_SIZE]
+    assert b"".join(request.written) == body
+    assert request.finished
