@@ -8,7 +8,6 @@ host (``127.0.0.1`` to ``localhost`` counts) never carries the remote's credenti
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
@@ -16,23 +15,9 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from downloaders.proxy import basic_credentials
+from downloaders.urls import origin
 
-__all__ = ["BasicAuthAgent", "origin"]
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def origin(url: str | bytes) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of a url, lower-cased, with the scheme's default port filled in."""
-    if isinstance(url, bytes):
-        url = url.decode("latin-1")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+__all__ = ["BasicAuthAgent"]
 
 
 @implementer(IAgent)

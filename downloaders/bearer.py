@@ -25,11 +25,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from downloaders.auth import origin
 from downloaders.errors import DownloadError
 from downloaders.proxy import basic_credentials
 from downloaders.redirects import _discard_body
 from downloaders.session import get_small
+from downloaders.urls import origin
 
 __all__ = ["BearerTokenAgent", "parse_challenge"]
 

@@ -27,11 +27,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from downloaders import errors
 from downloaders.addresses import InternalAddressRefused
-from downloaders.auth import origin
 from downloaders.base import DONE, BaseDownloader, credentials
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
+from downloaders.urls import origin
 
 METHODS = ("GET", "HEAD")
 

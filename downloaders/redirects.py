@@ -17,10 +17,9 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from downloaders.addresses import AddressGuard
-from downloaders.auth import origin
 from downloaders.errors import RedirectRefused, TooManyRedirects
 from downloaders.settings import SENSITIVE_HEADERS
-from downloaders.urls import redact_url, without_userinfo
+from downloaders.urls import origin, redact_url, without_userinfo
 
 __all__ = ["REDIRECT_CODES", "RedirectingAgent"]
 

@@ -1,4 +1,4 @@
-"""The one way a url is shown to people: `redact_url`.
+"""The one way a url is shown to people (`redact_url`) and compared by where it points (`origin`).
 
 A url may carry secrets in two places: its userinfo (``user:password@``, or a token as the
 user) and its query string (``?X-Amz-Signature=...``, ``?token=...``). Every message, log line,
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["MASK", "redact_url", "without_userinfo"]
+__all__ = ["MASK", "origin", "redact_url", "without_userinfo"]
 
 MASK = "***"
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def redact_url(url: str) -> str:
@@ -48,3 +50,20 @@ def without_userinfo(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def origin(url: str | bytes) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of a url, lower-cased, with the scheme's default port filled in
+    (``http://Host/`` and ``http://host:80/`` are one origin); an unparsable port is None."""
+    if isinstance(url, bytes):
+        url = url.decode("latin-1")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a broken IPv6 literal: an origin of its own, equal to no other
+        return "", url, None
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)

@@ -19,6 +19,7 @@ from twisted.internet import defer
 
 from downloaders.errors import DownloadError
 from downloaders.settings import SettingsError
+from downloaders.urls import origin
 from importer.importers import remove_quietly
 from importer.progress import format_report, make_progress
 from importer.remote import Remote
@@ -179,16 +180,11 @@ def sync_command(config: Any, remote_names: Sequence[str]) -> int:
 # -- fetch ----------------------------------------------------------------------------------
 
 
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or "").lower() + f":{parts.port}"
-
-
 def remote_for_url(config: Any, url: str) -> Remote:
     """Settings for a one-off download of *url*: those of the configured remote whose
     manifest lives on the same origin (its TLS, auth, proxy), else plain defaults."""
     for remote in getattr(config, "remotes", ()):
-        if _origin(remote.url) == _origin(url):
+        if origin(remote.url) == origin(url):
             return remote
     security = getattr(config, "security", None)
     allowed = tuple(getattr(security, "allowed_import_paths", ()))

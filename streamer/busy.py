@@ -9,11 +9,10 @@ fails over to the next entry at once, and waits only when no other entry is left
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import attrs
 
 from downloaders.errors import HttpError
+from downloaders.urls import origin
 
 __all__ = ["MAX_BUSY", "BusyOrigins", "busy_seconds", "origin_of"]
 
@@ -36,16 +35,9 @@ def busy_seconds(error: BaseException) -> float | None:
 
 
 def origin_of(url: str) -> str:
-    """``scheme://host:port`` of *url* (no credentials, no path), lower-case."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return url
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
+    """``scheme://host:port`` of *url* (no credentials, no path), lower-case: the key of
+    `downloaders.urls.origin` as text."""
+    scheme, host, port = origin(url)
     return f"{scheme}://{host}:{port}"
 
 

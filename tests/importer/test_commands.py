@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import attrs
 import pytest
 import pytest_twisted
 
@@ -137,3 +138,12 @@ def test_fetch_uses_the_settings_of_a_remote_on_the_same_origin(tmp_path, upstre
     assert remote_for_url(config, upstream.url("/elsewhere")).name == "fixtures"
     plain = remote_for_url(config, "http://127.0.0.2:9/x")
     assert (plain.name, plain.username) == ("fetch", "")
+
+
+def test_fetch_matches_the_origin_with_its_default_port_spelled_out(tmp_path, upstream):
+    """``http://host/`` and ``HTTP://HOST:80/`` are one origin (the downloaders' `origin`)."""
+    config = make_config(tmp_path, upstream)
+    remote = attrs.evolve(config.remotes[0], url="http://mirror.example/dists/x/Release")
+    config = attrs.evolve(config, remotes=[remote])
+    assert remote_for_url(config, "HTTP://Mirror.Example:80/pool/a.deb").name == remote.name
+    assert remote_for_url(config, "http://mirror.example:8080/pool/a.deb").name == "fetch"
