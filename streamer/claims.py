@@ -50,8 +50,12 @@ log = Logger()
 #: The folder of the claims under the storage's ``tmp/`` (not a process's folder: shared).
 CLAIMS_FOLDER = "claims"
 #: Seconds between two checks of a followed download when no event arrived (the safety net
-#: for a filesystem without inotify events from other writers, such as NFS).
+#: for a filesystem without inotify events from other writers, such as NFS). The poll adapts:
+#: a check that finds progress no event announced (another machine is writing) brings it
+#: down to `POLL_MIN_SECONDS`, so the poll carries the stream there; checks that find
+#: nothing new double it back up to `POLL_SECONDS`.
 POLL_SECONDS = 0.5
+POLL_MIN_SECONDS = 0.02
 
 
 class OwnerGone(DownloadError):
@@ -208,6 +212,7 @@ class PeerDownload:
         self._partial = b""
         self._on_done = on_done
         self._timer: IDelayedCall | None = None
+        self._poll_seconds = POLL_SECONDS
         self._closed = False
 
     @property
@@ -269,9 +274,14 @@ class PeerDownload:
 
     def _poll(self) -> None:
         self._timer = None
+        before = (self._claim_read, self.written)
         self.check()
         if not self.finished and not self._closed:
-            self._timer = self.claims.reactor.callLater(POLL_SECONDS, self._poll)
+            if (self._claim_read, self.written) != before:  # nobody told us: poll faster
+                self._poll_seconds = POLL_MIN_SECONDS
+            else:
+                self._poll_seconds = min(POLL_SECONDS, self._poll_seconds * 2)
+            self._timer = self.claims.reactor.callLater(self._poll_seconds, self._poll)
 
     def _read_notices(self) -> dict[str, Any] | None:
         assert self._claim_fd is not None
@@ -357,6 +367,8 @@ class PeerDownload:
                 os.close(fd)
         if isinstance(self.error, OwnerGone):
             self.claims.sweep(self.sha256)  # the dead owner's claim, if nobody took it over
+            # and its temp folder: on another node, no parent process notices it died.
+            self.claims.storage.clean_stale_temp()
 
     def _close(self) -> None:
         if self._closed:

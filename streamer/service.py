@@ -368,11 +368,13 @@ class StreamerService(MultiService):
                 problem=self.storage.writable_problem,
             ),
         }
-        #: One download per artifact across the processes on this storage (or None).
+        #: One download per artifact across every process on this storage folder: this
+        #: node's helpers and other nodes (or None). Always on in twistd: any node may share
+        #: the folder, and a claim costs microseconds next to an upstream request
+        #: (docs/SCALING.md).
         self.claims: Claims | None = None
         lazy = getattr(self.content, "lazy", None)
-        shared = adopted_socket() is not None or process_count(config.server.processes) > 1
-        if standalone and shared and lazy is not None:
+        if standalone and lazy is not None:
             self.claims = lazy.claims = Claims(self.storage, reactor)
             try:
                 self.claims.check_locks()

@@ -1,0 +1,143 @@
+"""conf/nginx-nodes.conf as shipped (only its addresses changed), a real nginx in front of two
+real nodes on one storage folder and one PostgreSQL catalog: one node killed mid-run, the
+clients of the other keep streaming, and new requests go to the survivor."""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+
+from tests.integration.test_end_to_end import streamer_cli, wait_for
+from tests.integration.test_nginx_front import NGINX
+from tests.integration.test_nodes import in_flight, manifest, node_config, start_nodes
+from tests.support.clients import free_port, run_curl, run_process
+from tests.support.faults import Trickle
+from tests.support.upstream import UpstreamServer
+
+pytestmark = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed")
+
+SHIPPED = Path(__file__).parents[2] / "conf" / "nginx-nodes.conf"
+SIZE = 192 * 1024
+#: Bytes per second from the upstream: a lazy download takes about 1.5 seconds.
+RATE = 128 * 1024
+
+
+def front_conf(work: Path, port: int, nodes: list[str]) -> Path:
+    """A main nginx.conf around the shipped snippet, pointed at *nodes* (host:port)."""
+    snippet = SHIPPED.read_text()
+    servers = re.findall(r"^    server 10\.0\.0\.\d+:8080 ", snippet, flags=re.M)
+    assert len(servers) == len(nodes), snippet
+    for server, node in zip(servers, nodes, strict=True):
+        snippet = snippet.replace(server, f"    server {node} ", 1)
+    snippet = snippet.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
+    for name in ("tmp", "logs"):
+        (work / name).mkdir(exist_ok=True)
+    (work / "nodes.conf").write_text(snippet)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"""
+user root;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/logs/error.log;
+events {{ worker_connections 256; }}
+http {{
+  log_format nodes '$request_method $request_uri $status upstream=$upstream_addr';
+  access_log {work}/logs/access.log nodes;
+  client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp;
+  fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+  include {work}/nodes.conf;
+}}
+"""
+    )
+    return conf
+
+
+def access_lines(work: Path) -> list[str]:
+    return (work / "logs" / "access.log").read_text().splitlines()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_killed_behind_nginx(tmp_path, postgres_url):
+    files = {f"f{i:02}.bin": os.urandom(SIZE) for i in range(16)}
+    files["stored.txt"] = b"synced and stored\n"
+    upstream = await UpstreamServer().start()
+    work = tmp_path / "nginx"
+    work.mkdir()
+    conf = None
+    try:
+        url = manifest(upstream, files)
+        for name, data in files.items():
+            upstream.register(f"/repo/{name}", Trickle(data, bytes_per_sec=RATE, interval=0.05))
+        configs = [node_config(tmp_path, name, url, postgres_url) for name in ("n1", "n2")]
+        code, out, err = await streamer_cli(configs[0], "sync")
+        assert code == 0, out + err
+        async with AsyncExitStack() as stack:
+            nodes = await start_nodes(stack, configs)
+            addresses = [node.base.removeprefix("http://") for node in nodes]
+            port = free_port()
+            conf = front_conf(work, port, addresses)
+            started = await run_process(NGINX, "-c", str(conf))
+            assert started.exit_code == 0, started.stderr
+            front = f"http://127.0.0.1:{port}"
+
+            # Which node each path goes to (the same for HEAD and GET: the hash of the uri).
+            for name in files:
+                code, _, err = await run_curl("-I", f"{front}/demo/{name}")
+                assert code == 0, err
+            home = {}
+            for line in access_lines(work):
+                method, uri, status, upstream_addr = line.split(" ")
+                assert status == "200", line
+                home[uri] = addresses.index(upstream_addr.removeprefix("upstream="))
+            victim, survivor = 0, 1
+            lost = [u for u, n in home.items() if n == victim and u.endswith(".bin")][:2]
+            kept = [u for u, n in home.items() if n == survivor and u.endswith(".bin")][:2]
+            assert lost and kept, home  # 16 paths over two nodes: both get some
+            assert not any(upstream.requests(f"/repo/{name}") for name in files)  # HEAD: none
+
+            def get(uri: str):
+                return run_curl("--max-time", "30", front + uri)
+
+            streams = {uri: get(uri) for uri in lost + kept}
+            await wait_for(lambda: in_flight(nodes[victim], len(lost)), "streams on the victim")
+            await wait_for(lambda: in_flight(nodes[survivor], len(kept)), "streams on the other")
+            await defer_seconds(0.3)  # bytes are flowing to every client
+            nodes[victim].process.signalProcess("KILL")
+
+            for uri in kept:  # the other node's clients keep streaming to the end
+                code, body, err = await streams[uri]
+                assert (code, body) == (0, files[uri.removeprefix("/demo/")]), err
+            for uri in lost:  # cut off mid-body: nginx cannot retry after the first byte
+                code, body, _ = await streams[uri]
+                assert code != 0 and 0 < len(body) < SIZE, (code, len(body))
+
+            # New requests, for the victim's paths too, go to the survivor.
+            before = len(access_lines(work))
+            again = [*lost, "/demo/stored.txt"]
+            for uri, (code, body, err) in zip(
+                again, await gatherResults([get(uri) for uri in again]), strict=True
+            ):
+                assert (code, body) == (0, files[uri.removeprefix("/demo/")]), err
+            for line in access_lines(work)[before:]:
+                assert line.endswith(f"upstream={addresses[survivor]}") or (
+                    f"{addresses[victim]}, {addresses[survivor]}" in line
+                ), line
+            assert "Traceback" not in nodes[survivor].output
+    finally:
+        if conf is not None:
+            await run_process(NGINX, "-c", str(conf), "-s", "stop")
+        await upstream.stop()
+
+
+def defer_seconds(seconds: float):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds)

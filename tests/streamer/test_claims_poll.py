@@ -1,0 +1,80 @@
+"""The follower's poll where inotify sees no other writer (NFS: the owner is on another
+machine): a check that finds unannounced progress polls fast, so the poll carries the stream;
+checks that find nothing back off to the slow safety net. On a `Clock`, with real files."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+
+from store import ArtifactStorage, CatalogEntry
+from streamer.claims import POLL_MIN_SECONDS, POLL_SECONDS, Claim, Claims, PeerDownload
+
+DATA = os.urandom(10_000)
+
+
+def entry() -> CatalogEntry:
+    import hashlib
+
+    digest = hashlib.sha256(DATA).hexdigest()
+    return CatalogEntry("r/a.bin", "r", "http://127.0.0.1:1/a.bin", len(DATA), {"sha256": digest})
+
+
+def delays(clock: Clock) -> list[float]:
+    return [round(call.getTime() - clock.seconds(), 6) for call in clock.getDelayedCalls()]
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.woken = 0
+
+    def progress(self) -> None:
+        self.woken += 1
+
+    def failed(self, error: BaseException) -> None:
+        raise AssertionError(error)
+
+
+def test_the_poll_speeds_up_while_an_unseen_writer_makes_progress(tmp_path):
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False  # as on NFS: no event tells of another machine's writes
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    assert delays(clock) == [POLL_SECONDS]
+
+    temp = os.path.join(storage.temp_dir, ".download-a")
+    with open(temp, "wb") as out:
+        owner.announce(temp)
+        owner.headers([(b"Content-Type", [b"application/octet-stream"])], 200)
+        clock.advance(POLL_SECONDS)
+        assert delays(clock) == [POLL_MIN_SECONDS]  # unannounced progress: poll fast
+        for start in range(0, 8000, 1000):
+            out.write(DATA[start : start + 1000])
+            out.flush()
+            clock.advance(POLL_MIN_SECONDS)
+            assert peer.written == start + 1000
+            assert delays(clock) == [POLL_MIN_SECONDS]
+        woken = client.woken
+        clock.advance(POLL_MIN_SECONDS)  # nothing new: back off, doubling
+        assert delays(clock) == [2 * POLL_MIN_SECONDS]
+        clock.advance(2 * POLL_MIN_SECONDS)
+        assert delays(clock) == [4 * POLL_MIN_SECONDS]
+        for _ in range(10):
+            clock.advance(delays(clock)[0])
+        assert delays(clock) == [POLL_SECONDS]
+        out.write(DATA[8000:])
+    owner.succeeded()
+    clock.advance(POLL_SECONDS)
+    assert peer.succeeded and peer.readable() == len(DATA) and client.woken > woken
+    assert clock.getDelayedCalls() == []
+    owner.release()
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()
