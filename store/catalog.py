@@ -22,6 +22,31 @@ from store.schema import check_storage_id
 
 DEFAULT_CATALOG_FILE = "catalog.sqlite3"
 
+_SQLITE = "sqlite:///"
+
+
+def catalog_scheme(url: str) -> str:
+    """The lower-case scheme of a catalog url (``sqlite``, ``postgresql``...), "" for none."""
+    return urlsplit(url).scheme.lower() if "://" in url else ""
+
+
+def sqlite_path(url: str, base_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The file a ``sqlite:///path`` catalog url names, None for a url of another scheme.
+
+    A relative path is joined to *base_dir* when one is given (``:memory:`` stays as it is).
+    CatalogError (the reason alone) for a sqlite url with a host or without a path.
+    """
+    if catalog_scheme(url) != "sqlite":
+        return None
+    if not url.lower().startswith(_SQLITE):
+        raise CatalogError("expected sqlite:///path (three slashes, no host)")
+    path = url[len(_SQLITE) :]
+    if not path:
+        raise CatalogError("the SQLite file path is empty")
+    if base_dir is not None and path != ":memory:" and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(os.fspath(base_dir), path))
+    return path
+
 
 def _normalise_digests(value: Mapping[str, str]) -> dict[str, str]:
     if not isinstance(value, Mapping):
@@ -160,18 +185,13 @@ def open_catalog(
     url = (url or "").strip()
     if not url:
         return SQLiteCatalog(os.path.join(os.fspath(storage_root), DEFAULT_CATALOG_FILE), reactor)
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-    if scheme == "sqlite":
-        if not url.lower().startswith("sqlite:///"):
-            raise CatalogError(
-                f"catalog url {url!r}: expected sqlite:///path (three slashes, no host)"
-            )
-        path = url[len("sqlite:///") :]
-        if not path:
-            raise CatalogError(f"catalog url {url!r}: the SQLite file path is empty")
-        if path != ":memory:" and not os.path.isabs(path):
-            path = os.path.join(os.fspath(base_dir) if base_dir else os.getcwd(), path)
+    try:
+        path = sqlite_path(url, base_dir or os.getcwd())
+    except CatalogError as exc:
+        raise CatalogError(f"catalog url {url!r}: {exc}") from None
+    if path is not None:
         return SQLiteCatalog(path, reactor)
+    scheme = catalog_scheme(url)
     if scheme in ("postgresql", "postgres"):
         try:
             from store.postgres import DEFAULT_POOL_SIZE, PostgresCatalog

@@ -17,13 +17,14 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
 from downloaders.settings import SettingsError
 from downloaders.urls import redact_url
 from importer.remote import Remote
+from store.catalog import catalog_scheme, sqlite_path
+from store.errors import CatalogError
 
 __all__ = [
     "CONFIG_ENV",
@@ -153,21 +154,18 @@ def _accel_prefix(instance: Any, attribute: attrs.Attribute, value: str) -> None
 def _catalog_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if not value:
         return
-    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
-    if scheme == "sqlite" and not value.lower().startswith("sqlite:///"):
-        raise SettingsError(attribute.name, "expected sqlite:///path (three slashes, no host)")
+    scheme = catalog_scheme(value)
     if scheme not in ("sqlite", "postgresql", "postgres"):
         raise SettingsError(
             attribute.name, "expected sqlite:///path, postgresql://..., or empty for the default"
         )
-    if scheme != "sqlite":
-        from store.errors import CatalogError
-        from store.postgres import connection_params
+    try:
+        if sqlite_path(value) is None:
+            from store.postgres import connection_params
 
-        try:
             connection_params(value)
-        except CatalogError as exc:
-            raise SettingsError(attribute.name, str(exc)) from None
+    except CatalogError as exc:
+        raise SettingsError(attribute.name, str(exc)) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -223,9 +221,7 @@ class CatalogConfig:
         """Where the catalog lives, for logs: the SQLite file, or the url redacted."""
         if not self.url:
             return os.path.join(storage_path, "catalog.sqlite3")
-        if self.url.lower().startswith("sqlite:///"):
-            return self.url[len("sqlite:///") :]
-        return redact_url(self.url)
+        return sqlite_path(self.url) or redact_url(self.url)
 
 
 @attrs.frozen(kw_only=True)
@@ -422,14 +418,8 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None
 
 def _catalog_with_base(catalog: CatalogConfig, base_dir: str) -> CatalogConfig:
     """Make a relative ``sqlite:///relative/path`` absolute against *base_dir*."""
-    url = catalog.url
-    if url.lower().startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
-        if path and path != ":memory:" and not os.path.isabs(path):
-            return attrs.evolve(
-                catalog, url="sqlite:///" + os.path.normpath(os.path.join(base_dir, path))
-            )
-    return catalog
+    path = sqlite_path(catalog.url, base_dir)
+    return catalog if path is None else attrs.evolve(catalog, url="sqlite:///" + path)
 
 
 def parse_config(data: Mapping[str, Any], base_dir: str, source: str | None = None) -> Config:

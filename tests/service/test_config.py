@@ -108,6 +108,8 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         ),
         ('[stroage]\npath = "x"\n', "stroage: unknown section"),
         ('[catalog]\nurl = "mysql://db"\n', "catalog.url: expected sqlite:///path"),
+        ('[catalog]\nurl = "sqlite://db/c"\n', "catalog.url: expected sqlite:///path (three"),
+        ('[catalog]\nurl = "sqlite:///"\n', "catalog.url: the SQLite file path is empty"),
         (
             '[catalog]\nurl = "postgresql://u:pw-secret@db:54x/c"\n',
             "catalog.url: catalog url postgresql://u@db:54x/c: bad port '54x'",

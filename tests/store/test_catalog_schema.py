@@ -17,12 +17,14 @@ from store import (
     open_catalog,
     open_for_storage,
 )
+from store.catalog import sqlite_path
 
 
 def raw_execute(url: str, sql: str, params: tuple = ()) -> list[tuple]:
     """Run one statement on the catalog's database behind its back (as an operator would)."""
-    if url.startswith("sqlite:///"):
-        with closing(sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)) as conn:
+    path = sqlite_path(url)
+    if path is not None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
             return conn.execute(sql.replace("%s", "?"), params).fetchall()
     import psycopg
 
@@ -32,7 +34,7 @@ def raw_execute(url: str, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def schema_module(url: str):
-    if url.startswith("sqlite:///"):
+    if sqlite_path(url) is not None:
         import store.sqlite as module
     else:
         import store.postgres as module
