@@ -40,6 +40,10 @@ setup(
             "greenlet>=3",
             "trustme>=1.1",
             "ruff>=0.5",
+            # The type check .ci/run makes; mypy-zope lets mypy read zope.interface.
+            "mypy>=1.10",
+            "mypy-zope>=1.0.5",
+            "types-tqdm",
         ],
     },
     entry_points={"console_scripts": ["streamer = streamer.cli:main"]},

@@ -25,7 +25,7 @@ a probe of the network it runs in. The rule, per remote:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,7 +33,9 @@ import attrs
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
+    IHostResolution,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
     IStreamClientEndpoint,
@@ -165,13 +167,30 @@ class _Resolved:
         self._addresses = addresses
 
     def resolveHostName(
-        self, receiver: Any, hostName: Any, portNumber: int = 0, *args: Any, **kwargs: Any
-    ) -> Any:
-        receiver.resolutionBegan(None)
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _Finished(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
         for address in self._addresses:
-            receiver.addressResolved(address)
-        receiver.resolutionComplete()
-        return None
+            resolutionReceiver.addressResolved(address)
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+@implementer(IHostResolution)
+@attrs.frozen
+class _Finished:
+    """What `_Resolved` answers with: a resolution already complete."""
+
+    name: str
+
+    def cancel(self) -> None:
+        """Nothing is in progress: nothing to cancel."""
 
 
 @implementer(IReactorPluggableNameResolver)
@@ -202,7 +221,7 @@ class CheckedEndpoint:
         self._reactor = reactor
         self._host = host
         self._port = port
-        self._timeout = {} if timeout is None else {"timeout": timeout}
+        self._timeout: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
 
     def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:
         collect = _Collect()

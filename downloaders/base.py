@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
@@ -176,7 +176,7 @@ class BaseDownloader:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
-            reactor = _reactor  # type: ignore[assignment]
+            reactor = _reactor
         self.reactor = reactor
         self._context = context
         self.headers: Any = None
@@ -436,9 +436,11 @@ def blocking(
     for its Deferred: plain code's way into the downloads. After *timeout* seconds the work
     is cancelled and `DownloadTimeout` raised. From the reactor thread itself this would
     deadlock: a `RuntimeError` naming *instead* says what to use there."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+    from twisted.internet.base import ReactorBase
     from twisted.internet.threads import blockingCallFromThread
 
+    reactor = cast(ReactorBase, installed)  # (typed as less than it is)
     if threadable.isInIOThread() and reactor.running:
         raise RuntimeError(
             f"{what} blocks until the downloads end and cannot be called from the reactor "
@@ -472,7 +474,7 @@ def fetch_all(
         return gathered.addCallback(lambda outcomes: [r if ok else r.value for ok, r in outcomes])
 
     url = getattr(downloaders[0], "url", "") if downloaders else ""
-    return blocking(start, timeout, url, "fetch_all()", "defer.DeferredList of run()")  # type: ignore[no-any-return]
+    return blocking(start, timeout, url, "fetch_all()", "defer.DeferredList of run()")
 
 
 def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:
@@ -549,6 +551,7 @@ class _Attempts:
         if self.done.called:
             return
         error = failure.value
+        assert error is not None  # a Failure always holds its exception
         if self.cancelled or not dl._should_retry(error, self.attempt):
             self.done.errback(failure)
             return

@@ -17,10 +17,11 @@ https, or when the realm is the remote's own origin.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
@@ -167,7 +168,12 @@ class BearerTokenAgent:
             )
 
         gathered = defer.gatherResults([resolving, draining], consumeErrors=True)
-        gathered.addErrback(lambda failure: failure.value.subFailure)
+
+        def first_error(failure: Failure) -> Failure:
+            assert isinstance(failure.value, defer.FirstError)  # how gatherResults fails
+            return failure.value.subFailure
+
+        gathered.addErrback(first_error)
         return gathered.addCallback(retry)
 
     def _fetch_token(self, challenge: dict[str, str]) -> defer.Deferred[str]:
@@ -204,5 +210,5 @@ def _token_from(body: bytes, url: str) -> str:
     return token
 
 
-def _token_error(url: str, message: str) -> Any:
+def _token_error(url: str, message: str) -> NoReturn:
     raise DownloadError(url.split("?", 1)[0], f"bearer token request failed: {message}")

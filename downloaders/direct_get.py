@@ -79,6 +79,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
 from downloaders.quiet import QuietStart
+from downloaders.transports import IStreamTransport
 from downloaders.urls import redact_url
 
 __all__ = ["DirectGetAgent", "ResponseParseError"]
@@ -322,6 +323,8 @@ class _Exchange:
 class _Connection(protocol.Protocol):
     """One keep-alive connection; parses the answer of its current `_Exchange`."""
 
+    transport: IStreamTransport  # set by makeConnection
+
     def __init__(self) -> None:
         self.exchange: _Exchange | None = None
         self.idle_in: list[_Connection] | None = None
@@ -494,6 +497,8 @@ class _Factory(QuietStart, protocol.Factory):
 
 
 class _Ignore(protocol.Protocol):
+    transport: IStreamTransport  # set by makeConnection
+
     def connectionMade(self) -> None:
         self.transport.stopProducing()
 

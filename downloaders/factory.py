@@ -103,7 +103,9 @@ class CachingEndpointFactory:
     ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
-        self._timeout = {} if connect_timeout is None else {"timeout": connect_timeout}
+        self._timeout: dict[str, Any] = (
+            {} if connect_timeout is None else {"timeout": connect_timeout}
+        )
         self._limit = limit
         self._guard = guard
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
@@ -411,7 +413,8 @@ class DownloaderFactory:
                 sock_read_timeout=self.remote.sock_read_timeout,
                 total_timeout=self.remote.total_timeout,
             )
-        accepted = accepted_arguments(cls)
+        # (mypy takes a class's instance __hash__ for the class's own: a class is hashable.)
+        accepted = accepted_arguments(cls)  # type: ignore[arg-type]
         if accepted is not None and not options.keys() <= accepted:
             options = {name: value for name, value in options.items() if name in accepted}
         options.update(kwargs)

@@ -9,7 +9,7 @@ on the reactor thread, where a caller's writer (a twisted.web response, say) mus
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
@@ -98,7 +98,7 @@ class FileDownloader(BaseDownloader):
         except errors.DownloadError as exc:
             return defer.fail(exc)
         cooperator = task.Cooperator(
-            scheduler=lambda step: self.reactor.callLater(0, step),  # type: ignore[attr-defined]
+            scheduler=lambda step: self.reactor.callLater(0, step),
             started=True,
         )
         steps = self._chunks(source)
@@ -123,7 +123,7 @@ class FileDownloader(BaseDownloader):
         work.whenDone().addCallbacks(finished, failed)
         return done
 
-    def _chunks(self, source: IO[bytes]) -> Iterator[None]:
+    def _chunks(self, source: IO[bytes]) -> Generator[None]:
         """Read and hand over one chunk per step; the file is closed however this ends."""
         with source:
             while True:

@@ -163,7 +163,7 @@ class GroupDownloader:
             results: list[GroupResult] = []
             return self.run(results.append).addCallback(lambda _: results)
 
-        return blocking(start, timeout, "", "GroupDownloader.fetch()", "run() or async for")  # type: ignore[no-any-return]
+        return blocking(start, timeout, "", "GroupDownloader.fetch()", "run() or async for")
 
     def stop(self) -> defer.Deferred[None]:
         """Pull no more groups, cancel the downloads in flight; fires when they all ended."""

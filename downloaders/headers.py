@@ -26,7 +26,7 @@ def _lower(name: bytes | str) -> str:
     return _text(name).lower()
 
 
-class ResponseHeaders(dict):  # type: ignore[type-arg]
+class ResponseHeaders(dict):
     """``str -> str``, looked up case-insensitively; see the module docstring."""
 
     __slots__ = ("_names", "raw")
@@ -67,7 +67,7 @@ class ResponseHeaders(dict):  # type: ignore[type-arg]
     def __contains__(self, name: object) -> bool:
         return isinstance(name, (str, bytes)) and _lower(name) in self._names
 
-    def get(self, name: str, default: Any = None) -> Any:
+    def get(self, name: bytes | str, default: Any = None) -> Any:
         stored = self._names.get(_lower(name))
         return default if stored is None else super().__getitem__(stored)
 
@@ -79,12 +79,13 @@ class ResponseHeaders(dict):  # type: ignore[type-arg]
             raise KeyError(name)
         return super().pop(stored)
 
-    def setdefault(self, name: str, default: str = "") -> str:
+    # dict.setdefault defaults to None; a header value is always a str.
+    def setdefault(self, name: str, default: str = "") -> str:  # type: ignore[override]
         if name not in self:
             self[name] = default
         return self[name]
 
-    def update(self, *others: Any, **more: str) -> None:  # type: ignore[override]
+    def update(self, *others: Any, **more: str) -> None:
         for other in others:
             pairs = other.items() if isinstance(other, Mapping) else other
             for name, value in pairs:

@@ -31,6 +31,7 @@ from downloaders.base import DONE, BaseDownloader, credentials
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
+from downloaders.transports import IStreamTransport
 from downloaders.urls import origin
 
 METHODS = ("GET", "HEAD")
@@ -177,6 +178,7 @@ class HttpDownloader(BaseDownloader):
 
         from downloaders.proxy import ProxyingAgent
 
+        assert self.proxy  # called only for a remote with a proxy
         reactor = self._connecting_reactor()
         login = self.proxy_auth or _userinfo_credentials(self.proxy)
         proxying = ProxyingAgent(
@@ -396,7 +398,7 @@ class _Attempt:
         except Exception as exc:
             self.fail(exc)
 
-    def body_ended(self, reason: Failure, discard_then: Exception | None) -> None:
+    def body_ended(self, reason: Failure, discard_then: BaseException | None) -> None:
         self._body_transport = None
         if self.finished:
             return
@@ -467,7 +469,7 @@ class _Attempt:
 class _Receiver(Protocol):
     """Passes body chunks to the attempt; with ``discard_then``, drops them (error bodies)."""
 
-    def __init__(self, attempt: _Attempt, discard_then: Exception | None = None) -> None:
+    def __init__(self, attempt: _Attempt, discard_then: BaseException | None = None) -> None:
         self.attempt = attempt
         self.discard_then = discard_then
         self._widened: tuple[tcp.Connection, int] | None = None
@@ -475,7 +477,7 @@ class _Receiver(Protocol):
     def connectionMade(self) -> None:
         self.attempt._body_transport = self.transport
         length = getattr(self.attempt._response, "length", UNKNOWN_LENGTH)
-        if length is UNKNOWN_LENGTH or length > tcp.Connection.bufferSize:
+        if not isinstance(length, int) or length > tcp.Connection.bufferSize:
             self._widened = widen_reads(self.transport)
         if self.attempt.finished:
             self.attempt._abort_body()
@@ -518,6 +520,8 @@ def widen_reads(transport: Any, size: int = READ_SIZE) -> tuple[tcp.Connection, 
 
 class _Discard(Protocol):
     """Aborts a body nobody wants (the attempt is already over)."""
+
+    transport: IStreamTransport  # set by makeConnection
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
@@ -611,6 +615,7 @@ def _is_tls_error(failure: Failure) -> bool:
 def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseException:
     """The `DownloadError` for a request that failed before its response arrived."""
     exc = failure.value
+    assert exc is not None  # a Failure always holds its exception
     if isinstance(exc, errors.DownloadError | defer.CancelledError):
         return exc
     if isinstance(exc, error.TimeoutError):

@@ -18,7 +18,12 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ProxyAgent, readBody
@@ -45,12 +50,14 @@ class _TunnelProtocol(Protocol):
     """Speaks CONNECT to the proxy, then starts TLS and hands the connection to the real
     (HTTP client) protocol, relaying what TLS decrypts to it."""
 
-    def __init__(self, endpoint: TunnelEndpoint, factory: Factory) -> None:
+    transport: ITLSTransport  # a TCP connection to the proxy, set by makeConnection
+
+    def __init__(self, endpoint: TunnelEndpoint, factory: IProtocolFactory) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._buffer = b""
-        self._inner: Protocol | None = None
-        self.established: defer.Deferred[Protocol] = defer.Deferred(self._cancel)
+        self._inner: IProtocol | None = None
+        self.established: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
 
     def _target(self) -> str:
         return f"https://{self._endpoint.netloc}/"
@@ -144,11 +151,12 @@ class TunnelEndpoint:
     def __repr__(self) -> str:
         return f"<TunnelEndpoint to {self.netloc} via {self.proxy_endpoint!r}>"
 
-    def connect(self, protocolFactory: Factory) -> defer.Deferred[Protocol]:
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         tunnel = _TunnelFactory.forProtocol(lambda: _TunnelProtocol(self, protocolFactory))
         connecting = self.proxy_endpoint.connect(tunnel)
 
-        def opened(protocol: _TunnelProtocol) -> defer.Deferred[Protocol]:
+        def opened(protocol: IProtocol) -> defer.Deferred[IProtocol]:
+            assert isinstance(protocol, _TunnelProtocol)
             return protocol.established
 
         return connecting.addCallback(opened)
@@ -184,6 +192,8 @@ class ProxyingAgent:
         connect_timeout: float | None = None,
     ) -> None:
         parts = urlsplit(proxy_url)
+        if not parts.hostname:
+            raise ValueError(f"proxy url {proxy_url!r} names no host")
         endpoint = HostnameEndpoint(
             reactor, parts.hostname, parts.port or 3128, timeout=connect_timeout or 30
         )

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from downloaders import errors
 from downloaders.retry import Backoff
 from downloaders.tempfiles import create_temp_file
+from downloaders.transports import IStreamTransport
 
 __all__ = [
     "BodyTooBig",
@@ -98,10 +99,13 @@ class LimitedAgent:
     ) -> defer.Deferred[Any]:
         semaphore = self._semaphore
 
+        def released(failure: Failure) -> Failure:
+            semaphore.release()
+            return failure
+
         def send(_: Any) -> defer.Deferred[Any]:
             return self._agent.request(method, uri, headers, bodyProducer).addCallbacks(
-                lambda response: _ReleasingResponse(response, semaphore.release),
-                lambda failure: (semaphore.release(), failure)[1],
+                lambda response: _ReleasingResponse(response, semaphore.release), released
             )
 
         return semaphore.acquire().addCallback(send)
@@ -187,6 +191,8 @@ class _Body(Protocol):
     *limit* bytes it stops: dropping, ``done`` fires; keeping, ``done`` fails with
     `BodyTooBig`. `abort` stops it (a timeout): ``done`` then fails (dropping: fires)."""
 
+    transport: IStreamTransport  # set by makeConnection
+
     def __init__(self, sink: Any, limit: int | None = None) -> None:
         self.sink = sink
         self.limit = 64 * 1024 if limit is None and sink is None else limit
@@ -241,7 +247,9 @@ def get_small(
         reactor = _reactor
     chunks: list[bytes] = []
     state: dict[str, Any] = {"body": None, "timed_out": False}
-    asked = HTTPClient(agent).get(url, headers=dict(headers or {}), unbuffered=True)
+    sent: dict[bytes | str, bytes | str] = {}
+    sent.update(headers or {})
+    asked = HTTPClient(agent).get(url, headers=sent, unbuffered=True)
 
     def expire() -> None:
         state["timed_out"] = True
@@ -332,12 +340,13 @@ def _fetch_once(
                 _retry_after(response.headers),
             )
         fd, path = create_temp_file(folder)
+        out = fd  # (fd becomes None once closed; the writer only runs before that)
 
         def write(data: bytes) -> None:
             touch()
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(out, view) :]
 
         body = _Body(write)
         response.deliverBody(body)

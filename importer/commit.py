@@ -126,6 +126,7 @@ class GroupCommitter:
             return
         self._busy = True
         items = [item[:3] for item in batch]
+        work: defer.Deferred[Any]
         if self.inline_renames:
             work = threads.deferToThread(_flushed, self.storage.temp_dir)
             work.addCallback(self._commit_flushed, items)

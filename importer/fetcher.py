@@ -129,6 +129,7 @@ class FileFetcher:
         if failure.check(defer.CancelledError) or not failure.check(Exception):
             return failure
         url = sources[index].url
+        assert failure.value is not None  # a Failure always holds its exception
         problems.append((url, failure_reason(failure.value)))
         if len(sources) > 1:
             log.info("{url}: {reason}; trying the next source", url=url, reason=problems[-1][1])

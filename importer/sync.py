@@ -207,7 +207,7 @@ _END = object()
 
 def _first_error(failure: Failure) -> Failure:
     """The failure inside a gatherResults' FirstError (a CancelledError stays one)."""
-    if failure.check(defer.FirstError):
+    if isinstance(failure.value, defer.FirstError):
         return failure.value.subFailure
     return failure
 
@@ -286,7 +286,7 @@ class _Sync:
             raise
         self.report.removed = replaced.removed
         self._catalog_ready = True
-        if self._to_mark:  # marks that waited for the catalog
+        if self._to_mark and self._waiting_mark is not None:  # marks that waited for the catalog
             self._mark_stored(self._waiting_mark)
         yield downloading
 

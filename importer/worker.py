@@ -18,9 +18,10 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, protocol
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -32,6 +33,7 @@ from twisted.logger import (
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from downloaders.transports import IStreamTransport
 from importer.fetcher import FileFetcher
 from importer.remote import Remote
 from importer.workers import MAX_LINE, SingleProtocolFactory, decode_sources
@@ -43,6 +45,8 @@ log = Logger()
 
 class WorkerSide(LineReceiver):
     """The worker's end of the connection: one sync (one ``config``) at a time."""
+
+    transport: IStreamTransport  # set by makeConnection
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
@@ -176,8 +180,9 @@ def serve(fd: int) -> int:
     forked before any reactor was installed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the syncing process,
     # which decides; the worker stops when the connection closes
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    reactor = cast(PosixReactorBase, installed)  # (typed as less than it is)
     gc.freeze()  # see `importer.commands.settle_imports` (a no-op when forked after it)
     warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [warnings])

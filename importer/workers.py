@@ -32,14 +32,16 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import defer, protocol, task
+from twisted.internet.interfaces import IReactorSocket
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from downloaders.transports import IStreamTransport
 from store.catalog import CatalogEntry
 
 log = Logger()
@@ -214,7 +216,7 @@ class SyncWorkers:
             for process, sock in self._spawned:
                 link = WorkerLink(process)
                 sock.setblocking(False)
-                reactor.adoptStreamConnection(
+                cast(IReactorSocket, reactor).adoptStreamConnection(
                     sock.fileno(), socket.AF_UNIX, SingleProtocolFactory(link)
                 )
                 sock.close()  # the reactor has its own copy of the descriptor
@@ -315,7 +317,7 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-class SingleProtocolFactory(protocol.Factory):
+class SingleProtocolFactory(protocol.ServerFactory):
     """Builds the one protocol instance it was given (for ``adoptStreamConnection``)."""
 
     def __init__(self, instance: protocol.Protocol) -> None:
@@ -334,6 +336,8 @@ class _Task:
 
 class WorkerLink(LineReceiver):
     """The syncing process's end of one worker's connection."""
+
+    transport: IStreamTransport  # set by makeConnection
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE

@@ -155,7 +155,7 @@ def connection_params(url: str) -> dict[str, str]:
     return {**CONNECTION_DEFAULTS, **{k: str(v) for k, v in params.items()}}
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     """psycopg's messages span lines (libpq adds hints): one line, for logs and stderr."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -183,7 +183,7 @@ class PostgresCatalog:
 
     def __init__(self, url: str, reactor: Any = None, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.location = redact(url)
-        self._params = connection_params(url)
+        self._params: dict[str, Any] = connection_params(url)
         if pool_size < 1:
             raise CatalogError(f"catalog pool_size must be at least 1, not {pool_size}")
         self.pool_size = pool_size
@@ -314,7 +314,7 @@ class PostgresCatalog:
         return result
 
     def _down(self, failure: Failure) -> Failure:
-        if failure.check(CatalogUnavailable):
+        if isinstance(failure.value, CatalogUnavailable):
             self._down_error = failure.value
             self._down_until = self._reactor.seconds() + RETRY_INTERVAL
         return failure
@@ -519,6 +519,7 @@ def _claim_storage(conn: Any, storage_id: str) -> str:
 
 
 def _lookup_many(conn: Any, paths: list[str]) -> dict[str, list[CatalogEntry]]:
+    params: tuple[Any, ...]
     if len(paths) == 1:  # the usual case under light load: the plainest plan
         where, params = "path = %s", (paths[0],)
     else:

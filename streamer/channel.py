@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableDescriptor, ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableDescriptor,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+
+from downloaders.transports import IStreamTransport
 
 __all__ = ["LINGER_SECONDS", "ClientLimit", "StreamerChannel", "refusal"]
 
@@ -69,6 +77,9 @@ class StreamerChannel(HTTPChannel):
     oversized heads (see the module docstring). The site sets `head_timeout` (seconds;
     0 turns the deadline off) and may set `on_refused` (called with the status and the
     request method, or None before the request line was read) and `on_close`."""
+
+    transport: IStreamTransport  # set by makeConnection
+    site: Any  # the StreamerSite that built this channel (set by Site.buildProtocol)
 
     head_timeout: float = 0.0
     on_refused: Callable[[int, bytes | None], None] | None = None
@@ -190,7 +201,8 @@ class StreamerChannel(HTTPChannel):
             reason=reason,
         )
         self.transport.write(refusal(status, reason))
-        self._networkProducer.unregisterProducer()
+        # The network producer is the transport (or Twisted's stand-in): a consumer too.
+        cast(IConsumer, self._networkProducer).unregisterProducer()
         if not _can_half_close(self.transport):
             self.transport.loseConnection()
             return
@@ -205,7 +217,7 @@ class StreamerChannel(HTTPChannel):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_timer()
         if self._linger_timer is not None and self._linger_timer.active():
             self._linger_timer.cancel()
@@ -227,6 +239,8 @@ def _can_half_close(transport: Any) -> bool:
 
 class _Busy(Protocol):
     """Answers a connection over the per-client cap with a short 503 and closes it."""
+
+    transport: IStreamTransport  # set by makeConnection
 
     def connectionMade(self) -> None:
         self.transport.write(refusal(503, "too many connections from this address"))

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -31,6 +30,9 @@ from streamer.listing import FolderPage, ListingCache, render_listing, respond_p
 from streamer.paths import RefusedPath, RequestPath, request_path
 from streamer.signing import client_query
 from streamer.static import client_gone, respond_text, serve_file
+
+if TYPE_CHECKING:
+    from streamer.service import StreamerRequest
 
 __all__ = ["ALLOWED_METHODS", "ContentResource"]
 
@@ -131,14 +133,14 @@ class ContentResource(Resource):
 
     # -- twisted.web entry point ------------------------------------------------------------
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: StreamerRequest) -> Any:
         try:
             self._render(request)
         except Exception:
             self._failed(Failure(), request)
         return NOT_DONE_YET
 
-    def _render(self, request: IRequest) -> None:
+    def _render(self, request: StreamerRequest) -> None:
         if request.method not in ALLOWED_METHODS:
             respond_text(
                 request, 405, "method not allowed", {b"Allow": b", ".join(ALLOWED_METHODS)}
@@ -152,8 +154,8 @@ class ContentResource(Resource):
         d = defer.ensureDeferred(self._dispatch(request, target))
         d.addErrback(self._failed, request)
 
-    def _failed(self, failure: Failure, request: IRequest) -> None:
-        if failure.check(CatalogUnavailable) and not request.startedWriting:
+    def _failed(self, failure: Failure, request: StreamerRequest) -> None:
+        if isinstance(failure.value, CatalogUnavailable) and not request.startedWriting:
             self._catalog_unavailable(failure.value)
             if not client_gone(request):
                 retry = str(CATALOG_RETRY_AFTER).encode("ascii")
@@ -177,7 +179,7 @@ class ContentResource(Resource):
             return
         if request.startedWriting:
             # Headers are out: only cutting the connection tells the client it is incomplete.
-            request.transport.abortConnection()
+            request.channel.transport.abortConnection()
         elif fault is not None:
             respond_text(request, 503, fault.reason)
         else:
@@ -185,7 +187,7 @@ class ContentResource(Resource):
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def _dispatch(self, request: IRequest, target: RequestPath) -> None:
+    async def _dispatch(self, request: StreamerRequest, target: RequestPath) -> None:
         if target.dot_ended:
             self._redirect(request, target.url_path, client_query(request))
             return
@@ -243,7 +245,7 @@ class ContentResource(Resource):
                 reason=reason,
             )
 
-    async def _serve_folder(self, request: IRequest, target: RequestPath) -> None:
+    async def _serve_folder(self, request: StreamerRequest, target: RequestPath) -> None:
         page = await self._folder_page(target.path)
         if page is None:
             respond_text(request, 404, "not found")
@@ -288,7 +290,7 @@ class ContentResource(Resource):
         is_base = path == ""
         prefix = path + "/" if path else ""
         for remote in self.remotes.values():
-            base_path = getattr(remote, "base_path", None) or getattr(remote, "name", "")
+            base_path = getattr(remote, "base_path", None) or getattr(remote, "name", None) or ""
             if base_path == path:
                 is_base = True
             elif base_path.startswith(prefix):
@@ -300,14 +302,14 @@ class ContentResource(Resource):
             return None
         return items
 
-    def _redirect(self, request: IRequest, location: str, query: bytes) -> None:
+    def _redirect(self, request: StreamerRequest, location: str, query: bytes) -> None:
         url = quote(location, safe="/").encode("ascii")
         if query and all(0x21 <= byte <= 0x7E for byte in query):  # never echo odd bytes
             url += b"?" + query
         respond_text(request, 301, "moved permanently", {b"Location": url})
 
     async def _serve_entries(
-        self, request: IRequest, entries: list[CatalogEntry], path: str
+        self, request: StreamerRequest, entries: list[CatalogEntry], path: str
     ) -> None:
         if client_gone(request):
             return  # the client left while we asked the catalog
@@ -318,7 +320,9 @@ class ContentResource(Resource):
             return
         await defer.maybeDeferred(self.lazy.serve, request, entries, path)
 
-    def _serve_stored(self, request: IRequest, entries: list[CatalogEntry], path: str) -> bool:
+    def _serve_stored(
+        self, request: StreamerRequest, entries: list[CatalogEntry], path: str
+    ) -> bool:
         """Serve the first of *entries* whose artifact is on disk; False when none is."""
         # Stored entries first; the others too, as the artifact may have been stored since
         # (another path, or a download that just finished) before the catalog flag caught up.
@@ -344,7 +348,7 @@ class ContentResource(Resource):
             return True
         return False
 
-    def _accel_value(self, request: IRequest, sha256: str) -> str | None:
+    def _accel_value(self, request: StreamerRequest, sha256: str) -> str | None:
         """The ``X-Accel-Redirect`` value for an artifact, or None when the mode is off or the
         request did not come through a front that acts on it (`ACCEL_REQUEST_HEADER`)."""
         if not self.x_accel_redirect:

@@ -146,7 +146,7 @@ class Follower:
     def _sendable_end(self, index: int) -> int:
         """Where sending segment *index* must stop for now: what the source has written,
         less the body's last byte while the artifact is not validated."""
-        end: int = self.segments[index][1]  # type: ignore[index]
+        end: int = self.segments[index][1]
         if self.source.succeeded:
             return end
         if index == self._final_range:
@@ -155,7 +155,7 @@ class Follower:
 
     def _segment_start(self, index: int) -> int:
         if index < len(self.segments) and isinstance(self.segments[index], tuple):
-            return self.segments[index][0]  # type: ignore[index]
+            return self.segments[index][0]
         return 0
 
     def _next_segment(self) -> None:

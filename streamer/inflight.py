@@ -297,7 +297,8 @@ class InFlight:
     def _succeeded(self, result: Any) -> defer.Deferred[None] | None:
         broken = self._broken_contract()
         if broken is not None:
-            return self._failed(Failure(broken))
+            self._failed(Failure(broken))
+            return None
         self._close_write()
         self.succeeded = True
         self._last_chunk = None
@@ -309,8 +310,8 @@ class InFlight:
             self._discard_temp()
             self.claim.release()
             return None
-        if self.path is not None:
-            keep_date(self.path, self._upstream_date(result))
+        assert self.path is not None  # the temp file, made when the download started
+        keep_date(self.path, self._upstream_date(result))
         d = self._commit(self.path, self.sha256, self.size)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
@@ -339,6 +340,7 @@ class InFlight:
         self._last_chunk = None
         self._discard_temp()
         error = failure.value
+        assert error is not None  # a Failure always holds its exception
         if isinstance(error, NotModified) and not self.conditional:
             # A 304 nobody asked for is no answer: the source failed, and no client may
             # receive it as one.

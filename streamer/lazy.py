@@ -307,7 +307,7 @@ class LazyStreamer:
             entry.url, failure_reason(error), _describe(error), metrics=self.metrics
         )
 
-    def _done(self, inflight: InFlight) -> None:
+    def _done(self, inflight: InFlight | PeerDownload) -> None:
         if self.in_flight.get(inflight.sha256) is inflight:
             del self.in_flight[inflight.sha256]
         self._own.discard(inflight)
@@ -549,7 +549,7 @@ class _LazyRequest:
         if self.follower is not None:
             self.follower.stop()
 
-    def _start(self, plan: _Plan, source: InFlight) -> None:
+    def _start(self, plan: _Plan, source: InFlight | PeerDownload) -> None:
         self.request.upstream_status = source.upstream_status
         plan.start(self.request, source.headers)
 
@@ -571,7 +571,7 @@ class _LazyRequest:
         if status not in (404, 503) and left > 0:
             headers[b"retry-after"] = b"%d" % max(1, round(left))
         reasons = "; ".join(dict.fromkeys(_summary(e) for e in errors))[:400] or "no usable source"
-        statuses = [e.status for e in errors if isinstance(getattr(e, "status", None), int)]
+        statuses = [s for e in errors if isinstance(s := getattr(e, "status", None), int)]
         self.request.upstream_status = statuses[-1] if statuses else None
         respond_text(self.request, status, f"{self.path}: {what}: {reasons}", headers)
 

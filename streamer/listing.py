@@ -13,7 +13,7 @@ from html import escape
 from urllib.parse import quote
 
 import attrs
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from store import ListingItem
 from streamer.static import client_gone
@@ -66,14 +66,14 @@ def render_listing(url_path: str, items: Iterable[ListingItem]) -> bytes:
     return page.encode("utf-8")
 
 
-def respond_listing(request: IRequest, url_path: str, items: Iterable[ListingItem]) -> None:
+def respond_listing(request: Request, url_path: str, items: Iterable[ListingItem]) -> None:
     """Finish *request* (GET or HEAD) with the listing page of *items*."""
     if client_gone(request):
         return
     respond_page(request, render_listing(url_path, items))
 
 
-def respond_page(request: IRequest, body: bytes) -> None:
+def respond_page(request: Request, body: bytes) -> None:
     """Finish *request* (GET or HEAD) with a listing page rendered by `render_listing`."""
     if client_gone(request):
         return

@@ -215,7 +215,7 @@ class Metrics:
         """Report the size of the files in *path* (and its folders) as ``streamer_temp_bytes``
         at each scrape."""
         if self._temp_bytes.path is None and not self.shared_dir:
-            self.registry.register(self._temp_bytes)  # type: ignore[arg-type]
+            self.registry.register(self._temp_bytes)
         self._temp_bytes.path = path
 
     def process_ended(self, pid: int) -> None:
@@ -232,12 +232,12 @@ class Metrics:
         """The Prometheus text exposition (without ``*_created`` series): this registry, or
         the totals of every process sharing `shared_dir`."""
         if not self.shared_dir:
-            return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
+            return generate_latest(_WithoutCreated(self.registry))
         totals = CollectorRegistry()
         MultiProcessCollector(totals, path=self.shared_dir)
         if self._temp_bytes.path is not None:
-            totals.register(self._temp_bytes)  # type: ignore[arg-type]
-        return generate_latest(_WithoutCreated(totals))  # type: ignore[arg-type]
+            totals.register(self._temp_bytes)
+        return generate_latest(_WithoutCreated(totals))
 
 
 class _TempBytes:

@@ -296,6 +296,8 @@ class ProcessGroup(Service):
 
 
 def _signal(helper: _Helper, name: str) -> None:
+    if helper.transport is None:  # not started yet, or already gone
+        return
     try:
         helper.transport.signalProcess(name)
     except (error.ProcessExitedAlready, AttributeError, OSError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -180,6 +180,10 @@ def _make_boundary() -> str:
     return os.urandom(16).hex()
 
 
+def _as_ranges(value: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    return tuple(value)
+
+
 def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
@@ -193,7 +197,7 @@ class MultipartByteranges:
     *first*..*last* (inclusive); finally write `trailer`.
     """
 
-    ranges: tuple[tuple[int, int], ...] = attrs.field(converter=tuple)
+    ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_as_ranges)
     size: int
     content_type: bytes = attrs.field(converter=_as_bytes, default=b"application/octet-stream")
     boundary: str = attrs.field(factory=_make_boundary)

@@ -19,15 +19,15 @@ import signal
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IFileDescriptor, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import IResource, Resource
 
 from store.catalog import open_catalog, open_for_storage
@@ -142,6 +142,7 @@ class RootResource(Resource):
         if not self._ready():
             return _Answer("service not ready")
         # Give the segment back: the content resource sees the full path in postpath.
+        assert request.postpath is not None and request.prepath is not None  # set by the Site
         request.postpath.insert(0, request.prepath.pop())
         return self._content
 
@@ -159,6 +160,7 @@ class StreamerRequest(server.Request):
     #: The upstream's status behind a lazy answer (set by the lazy streamer), for the log.
     upstream_status: int | None = None
     started_at: float = 0.0
+    channel: StreamerChannel  # the StreamerSite's connection the request came on
 
     def process(self) -> None:
         site: StreamerSite = self.channel.site
@@ -186,7 +188,8 @@ class StreamerSite(server.Site):
     *max_connections_per_client* connections (0: no cap).
     """
 
-    protocol = StreamerChannel
+    # A plain HTTP/1.1 channel, not Twisted's HTTP/2-negotiating wrapper the base types.
+    protocol = StreamerChannel  # type: ignore[assignment]
     requestFactory = StreamerRequest
     displayTracebacks = False
 
@@ -210,7 +213,7 @@ class StreamerSite(server.Site):
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
         self._idle_waiters: list[defer.Deferred[None]] = []
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Access lines are written when the request ends (see `track`), not here."""
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -444,7 +447,7 @@ class StreamerService(MultiService):
             if self.standalone:
                 raise SystemExit(f"streamer: {message}")
             raise CannotListen(message)
-        self.port = outcome[0]  # type: ignore[assignment]
+        self.port = cast(IListeningPort, outcome[0])
         log.info("listening on {address}", address=self.port.getHost())
         helpers = process_count(self.config.server.processes) - 1
         if self.standalone and helpers > 0:
@@ -460,7 +463,7 @@ class StreamerService(MultiService):
         argv = helper_argv(self.config.source) + ["--listen", self.config.server.listen]
         self.group = ProcessGroup(
             helpers,
-            self.port.fileno(),
+            cast(IFileDescriptor, self.port).fileno(),
             families[family],
             argv,
             reactor=self.reactor,

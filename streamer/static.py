@@ -16,7 +16,7 @@ from typing import BinaryIO
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString, stringToDatetime
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from streamer.ranges import (
@@ -79,7 +79,7 @@ def etag_for(sha256: str) -> bytes:
     return b'"' + sha256.encode("ascii") + b'"'
 
 
-def widen_sends(request: IRequest, limit: int = CHUNK_SIZE) -> None:
+def widen_sends(request: Request, limit: int = CHUNK_SIZE) -> None:
     """Let the client's TCP transport hand up to *limit* bytes to the kernel per ``send``.
 
     Twisted's TCP transports send at most ``SEND_LIMIT`` (128 KiB) per reactor turn; a body
@@ -94,13 +94,13 @@ def widen_sends(request: IRequest, limit: int = CHUNK_SIZE) -> None:
         transport.SEND_LIMIT = limit  # type: ignore[union-attr]
 
 
-def client_gone(request: IRequest) -> bool:
+def client_gone(request: Request) -> bool:
     """True when nothing more can be sent: the response is finished or the client left."""
     return bool(request.finished) or request.channel is None
 
 
 def respond_text(
-    request: IRequest, status: int, text: str, headers: dict[bytes, bytes] | None = None
+    request: Request, status: int, text: str, headers: dict[bytes, bytes] | None = None
 ) -> None:
     """Finish *request* with *status* and a short ``text/plain`` body (if it is still open)."""
     if client_gone(request):
@@ -124,7 +124,7 @@ def _weak_equal(tag: bytes, etag: bytes) -> bool:
     return tag.removeprefix(b"W/") == etag.removeprefix(b"W/")
 
 
-def _header_date(request: IRequest, name: bytes) -> int | None:
+def _header_date(request: Request, name: bytes) -> int | None:
     value = request.getHeader(name)
     if not value:
         return None
@@ -134,7 +134,7 @@ def _header_date(request: IRequest, name: bytes) -> int | None:
         return None
 
 
-def evaluate_conditions(request: IRequest, etag: bytes, mtime: int | None) -> int | None:
+def evaluate_conditions(request: Request, etag: bytes, mtime: int | None) -> int | None:
     """Evaluate the preconditions of RFC 9110 section 13.2.2 for a strong *etag* and *mtime*.
 
     Returns 412 (a failed If-Match / If-Unmodified-Since), 304 (If-None-Match /
@@ -162,7 +162,7 @@ def evaluate_conditions(request: IRequest, etag: bytes, mtime: int | None) -> in
     return None
 
 
-def if_range_allows(request: IRequest, etag: bytes, mtime: int | None) -> bool:
+def if_range_allows(request: Request, etag: bytes, mtime: int | None) -> bool:
     """True when the Range header may be honoured: no If-Range, or it names this version
     (by its strong *etag*, or by its *mtime* when that is known)."""
     value = request.getHeader(b"if-range")
@@ -185,7 +185,7 @@ class FileRangesProducer:
 
     def __init__(
         self,
-        request: IRequest,
+        request: Request,
         fileobj: BinaryIO,
         segments: Iterable[tuple[bytes, int, int]],
         trailer: bytes = b"",
@@ -283,7 +283,7 @@ class FileRangesProducer:
 
 
 def serve_file(
-    request: IRequest,
+    request: Request,
     fileobj: BinaryIO,
     *,
     sha256: str,
@@ -384,7 +384,7 @@ def serve_file(
 
 
 def _write_small(
-    request: IRequest, fileobj: BinaryIO, segments: list[tuple[bytes, int, int]], trailer: bytes
+    request: Request, fileobj: BinaryIO, segments: list[tuple[bytes, int, int]], trailer: bytes
 ) -> None:
     """Send a body of at most `SMALL_BODY` bytes in one write: no producer, no extra turns.
 
