@@ -4,6 +4,7 @@ whole or not at all; a file still waiting for its batch when cancelled is remove
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from importer.commit import GroupCommitter, flush_filesystem
+from importer.commit import GroupCommitter, _flushed, flush_filesystem
 
 
 def temp_file(storage, data: bytes) -> tuple[str, str, int]:
@@ -20,8 +21,17 @@ def temp_file(storage, data: bytes) -> tuple[str, str, int]:
     return f.name, hashlib.sha256(data).hexdigest(), len(data)
 
 
-def test_flush_filesystem_runs(tmp_path):
-    flush_filesystem(str(tmp_path))  # no error: syncfs (or sync) of the folder's filesystem
+def test_flush_filesystem_flushes_a_folder_and_reports_a_missing_one(tmp_path):
+    """An existing folder's filesystem is flushed (no error, no descriptor left open); a
+    folder that is gone raises OSError, which `_flushed` turns into False so that the batch
+    falls back to an fsync per file."""
+    fds = len(os.listdir("/proc/self/fd"))
+    assert flush_filesystem(str(tmp_path)) is None
+    assert _flushed(str(tmp_path)) is True
+    with pytest.raises(FileNotFoundError):
+        flush_filesystem(str(tmp_path / "gone"))
+    assert _flushed(str(tmp_path / "gone")) is False
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 @pytest_twisted.ensureDeferred
