@@ -20,13 +20,13 @@ from twisted.internet import defer
 from downloaders.errors import DownloadError
 from downloaders.settings import SettingsError
 from downloaders.urls import origin
-from importer.importers import remove_quietly
 from importer.progress import format_report, make_progress
 from importer.remote import Remote
 from importer.sync import SyncError, sync_remote
 from importer.workers import SyncWorkers, helper_count
 from store import ArtifactStorage, CatalogError, open_catalog, open_for_storage
 from store.storage import STALE_TEMP_SECONDS
+from store.tempdirs import remove_quietly
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

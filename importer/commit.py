@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from importer.importers import remove_quietly
+from store.tempdirs import remove_quietly
 
 
 def flush_filesystem(path: str) -> None:

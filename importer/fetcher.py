@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from downloaders.errors import DownloadError
 from downloaders.result import keep_upstream_date
 from importer.commit import GroupCommitter
-from importer.importers import remove_quietly
 from store.catalog import CatalogEntry
 from store.storage import ARTIFACT_MODE
+from store.tempdirs import remove_quietly
 
 log = Logger()
 

@@ -9,7 +9,6 @@ called with the `Remote` and must provide `IImporter`.
 from __future__ import annotations
 
 import importlib
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -154,12 +153,3 @@ def make_importer(remote: Any) -> Any:
     spec = getattr(remote, "importer", "")
     cls = load_importer_class(spec) if spec else PulpManifestImporter
     return cls(remote)
-
-
-def remove_quietly(path: str | None) -> None:
-    """Remove a temporary file if it is still there."""
-    if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass

@@ -36,10 +36,10 @@ from twisted.python.failure import Failure
 
 from downloaders.errors import DownloadError
 from importer.fetcher import FileFetcher
-from importer.importers import remove_quietly
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
 from importer.workers import workers_for
 from store.catalog import CatalogEntry
+from store.tempdirs import remove_quietly
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from store.digests import is_sha256_hex
 from store.errors import ArtifactNotFound, NotARegularFile, StorageError, local_fault
 from store.interfaces import IArtifactStorage
-from store.tempdirs import OwnTempDir, remove_stale
+from store.tempdirs import OwnTempDir, remove_quietly, remove_stale
 
 _log = Logger()
 
@@ -146,13 +146,6 @@ def _is_folder(path: str) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 _AT_FDCWD = -100
@@ -310,7 +303,7 @@ class ArtifactStorage:
                 os.write(fd, b"\0")
             finally:
                 os.close(fd)
-                _remove_quietly(probe)
+                remove_quietly(probe)
         except OSError as exc:
             fault = local_fault(exc)
             return fault.detail if fault is not None else f"cannot write in {self.temp_root}: {exc}"
@@ -375,7 +368,7 @@ class ArtifactStorage:
                 except FileExistsError:
                     pass  # another process made it first: read theirs
                 finally:
-                    _remove_quietly(temp)
+                    remove_quietly(temp)
             except OSError as exc:
                 raise StorageError(f"cannot write the storage id {path!r}: {exc}") from exc
         raise StorageError(f"the storage id file {path!r} keeps disappearing")
@@ -391,7 +384,7 @@ class ArtifactStorage:
 
     def discard(self, temp_path: str) -> None:
         """Remove a temp file that will not be committed (missing is fine)."""
-        _remove_quietly(temp_path)
+        remove_quietly(temp_path)
 
     def commit(self, temp_path: str, sha256: str, size: int, *, durable: bool = True) -> str:
         """Enter a complete temp file into storage under *sha256*; return the artifact path.
@@ -405,7 +398,7 @@ class ArtifactStorage:
         try:
             return self._commit(temp_path, sha256, size, durable)
         except BaseException as exc:
-            _remove_quietly(temp_path)
+            remove_quietly(temp_path)
             if isinstance(exc, StorageError):
                 raise
             if isinstance(exc, OSError):
@@ -436,7 +429,7 @@ class ArtifactStorage:
                 os.close(fd)
         dest = self.path_for(sha256)
         if not self._rename_into(temp_path, dest, sha256[:2]):  # stored already
-            _remove_quietly(temp_path)
+            remove_quietly(temp_path)
         return dest
 
     @staticmethod
@@ -488,10 +481,10 @@ class ArtifactStorage:
                     size += len(chunk)
                     temp.write(chunk)
         except OSError as exc:
-            _remove_quietly(temp.name)
+            remove_quietly(temp.name)
             raise StorageError(f"cannot import {os.fspath(path)!r}: {exc}") from exc
         except BaseException:
-            _remove_quietly(temp.name)
+            remove_quietly(temp.name)
             raise
         sha256 = digest.hexdigest()
         self.commit(temp.name, sha256, size)

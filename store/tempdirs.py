@@ -23,7 +23,7 @@ import shutil
 import time
 import weakref
 
-__all__ = ["FOLDER_PREFIX", "LOCK_SUFFIX", "OwnTempDir", "remove_stale"]
+__all__ = ["FOLDER_PREFIX", "LOCK_SUFFIX", "OwnTempDir", "remove_quietly", "remove_stale"]
 
 FOLDER_PREFIX = "proc-"
 LOCK_SUFFIX = ".lock"
@@ -64,7 +64,7 @@ class OwnTempDir:
                 continue
             except BaseException:
                 os.close(fd)
-                _unlink_quietly(lock_path)
+                remove_quietly(lock_path)
                 raise
             return cls(root, name, fd)
 
@@ -82,7 +82,7 @@ class OwnTempDir:
         removed = 0
         if self.alive:
             removed = _remove_tree(self.folder)
-            _unlink_quietly(self.lock_path)
+            remove_quietly(self.lock_path)
         self.forget()
         return removed
 
@@ -148,7 +148,7 @@ def _remove_if_unlocked(root: str, name: str) -> int:
         except BlockingIOError:
             return 0  # its owner is alive
         removed = _remove_tree(os.path.join(root, name))
-        _unlink_quietly(lock_path)
+        remove_quietly(lock_path)
         return removed
     finally:
         os.close(fd)
@@ -184,8 +184,13 @@ def _remove_tree(folder: str) -> int:
     return count
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def remove_quietly(path: str | None) -> None:
+    """Remove a (temporary) file if it is still there; None or "" is nothing to remove.
+
+    The one quiet delete of the store and of those who leave files in it (the importer's
+    listings and failed downloads, the streamer's claims)."""
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

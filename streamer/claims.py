@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from store.tempdirs import remove_quietly
 
 __all__ = ["CLAIMS_FOLDER", "NO_CLAIM", "Claim", "Claims", "OwnerGone", "PeerDownload"]
 
@@ -147,10 +148,7 @@ class Claim:
         if fd is None:
             return
         for path in (self.path, self.path + ".readers"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(path)
         os.close(fd)
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -459,11 +457,7 @@ class Claims:
                 temp = self.temp_path(json.loads(line).get("temp"))
             except (ValueError, AttributeError):
                 continue
-            if temp is not None:
-                try:
-                    os.unlink(temp)
-                except FileNotFoundError:
-                    pass
+            remove_quietly(temp)
         os.ftruncate(fd, 0)
 
     def sweep(self, sha256: str | None = None) -> int:

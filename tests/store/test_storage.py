@@ -189,3 +189,19 @@ def test_clean_temp_leaves_the_files_of_another_live_user_of_the_storage(tmp_pat
     )
     assert ours.close() == 0
     assert os.listdir(os.path.join(ours.root, "tmp")) == []
+
+
+def test_remove_quietly_removes_a_file_and_passes_over_what_is_gone(tmp_path):
+    """The store's one quiet delete: a file goes, a missing path or None is no error, a
+    folder (a mistake, not a leftover) is not swallowed."""
+    from store.tempdirs import remove_quietly
+
+    leftover = tmp_path / "leftover"
+    leftover.write_bytes(b"x")
+    remove_quietly(str(leftover))
+    assert not leftover.exists()
+    remove_quietly(str(leftover))
+    remove_quietly(None)
+    remove_quietly("")
+    with pytest.raises(IsADirectoryError):
+        remove_quietly(str(tmp_path))
