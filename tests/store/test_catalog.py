@@ -11,6 +11,7 @@ from contextlib import closing
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from store import (
@@ -416,8 +417,10 @@ def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(sqlite_catalo
 
 @pytest_twisted.ensureDeferred
 async def test_lookup_cost_and_the_reactor_keeps_turning(catalog):
-    """What every content request pays for its lookup (printed: docs/DESIGN.md quotes it), and
-    that the reactor is never the one waiting for the database."""
+    """What every content request pays for its lookup (printed with ``-s``: docs/DESIGN.md
+    quotes it; measured, not asserted, as this machine's speed varies), and that with a
+    catalog answering from threads the reactor is never the one waiting for the database:
+    it turns while 2000 lookups are in flight."""
     await catalog.replace_remote("r1", [entry(f"d/{i}", content=str(i)) for i in range(1000)])
     for i in range(50):  # warm up: connections open, statements prepared
         await catalog.lookup(f"d/{i}")
@@ -426,21 +429,20 @@ async def test_lookup_cost_and_the_reactor_keeps_turning(catalog):
     for i in range(n):
         await catalog.lookup(f"d/{i % 1000}")
     serial = (time.monotonic() - started) / n
-    ticks: list[float] = []
-    loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
-    loop.start(0.005)
     started = time.monotonic()
-    found = await defer.gatherResults([catalog.lookup(f"d/{i % 1000}") for i in range(n)])
+    in_flight = defer.gatherResults([catalog.lookup(f"d/{i % 1000}") for i in range(n)])
+    turned: list[bool] = []
+    reactor.callLater(0, lambda: turned.append(in_flight.called))
+    found = await in_flight
     concurrent = time.monotonic() - started
-    loop.stop()
     assert all(len(entries) == 1 for entries in found)
     print(
         f"\n{type(catalog).__name__} lookup: {serial * 1e6:.0f} us each one after the other, "
         f"{n / concurrent:.0f}/s with {n} in flight"
     )
-    assert serial < 0.01
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    assert max(gaps, default=0) < 0.5
+    if not isinstance(catalog, SQLiteCatalog):  # SQLite reads in the calling thread, by design
+        await deferLater(reactor, 0)
+        assert turned == [False]
 
 
 @pytest_twisted.ensureDeferred
