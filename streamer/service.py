@@ -503,10 +503,17 @@ class StreamerService(MultiService):
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if not self.ready:
+            # Accept nothing before the catalog is open: until then every request here would
+            # be a 503 "service not ready", while the processes that are ready take the
+            # connections waiting on the shared socket (a helper's start, or its restart).
+            self.port.stopReading()  # type: ignore[attr-defined]
         log.info("serving on {address} (a helper process)", address=self.port.getHost())
 
     def _catalog_opened(self, _: object) -> None:
         self.ready = True
+        if self.port is not None and adopted_socket() is not None and not self.stopping:
+            self.port.startReading()  # type: ignore[attr-defined]
         log.info("streamer ready")
 
     def _catalog_failed(self, failure: Failure) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,47 @@ async def test_a_killed_helper_is_logged_and_started_again(tmp_path):
             assert f"(pid {victim}) was killed by signal 9; starting it again" in served.output
             results = await curl_many(served, "/healthz", 20)
             assert all(code == 0 for code, _, _ in results)
+        assert await served.stop() == 0
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_helper_takes_no_connection_before_it_is_ready(tmp_path):
+    """A helper adopts the socket at start but accepts only once its catalog is open: until
+    then the ready processes take every connection (no 503 "service not ready")."""
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        head = ("-sS", "-I", "-o", "/dev/null", "-w", "%{http_code}")  # from the catalog
+        async with twistd(config) as served:
+            await all_serving(served)
+            # The catalog's write lock, held from outside: a starting process waits for it
+            # (its schema check is a write transaction); the running ones read on (WAL).
+            lock = sqlite3.connect(tmp_path / "var" / "catalog.sqlite3", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                adopted = served.output.count("(a helper process)")
+                os.kill(helper_pids(served.process.pid)[0], 9)
+
+                async def restarted() -> bool:
+                    return served.output.count("(a helper process)") > adopted
+
+                await wait_for(restarted, "a new helper", timeout=30, output=lambda: "")
+                heads = [served.curl("/demo/a.txt", *head) for _ in range(30)]
+                codes = [out for _, out, _ in await defer.gatherResults(heads)]
+                assert "streamer ready" not in served.output.split("(a helper process)")[-1]
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert codes == [b"200"] * 30, codes
+
+            async def ready() -> bool:
+                return "streamer ready" in served.output.split("(a helper process)")[-1]
+
+            await wait_for(ready, "the new helper ready", timeout=30, output=lambda: "")
+            heads = [served.curl("/demo/a.txt", *head) for _ in range(12)]
+            assert [out for _, out, _ in await defer.gatherResults(heads)] == [b"200"] * 12
         assert await served.stop() == 0
     finally:
         await upstream.stop()
