@@ -101,6 +101,22 @@ async def curl_many(served, path: str, n: int) -> list[tuple[int, bytes, bytes]]
     return await defer.gatherResults(runs)
 
 
+async def released_together(
+    served, gate: Gated, path: str, n: int
+) -> list[tuple[int, bytes, bytes]]:
+    """*n* curls of *path* at once, held by *gate* until all of them reached the group and
+    its one upstream request is parked; then released: their (exit code, body, stderr)."""
+    runs = [served.curl(path, "-sS", "--max-time", "30") for _ in range(n)]
+
+    async def parked() -> bool:
+        in_flight = (await served.metrics())["streamer_requests_in_flight"]
+        return gate.waiting == 1 and in_flight >= n + 1  # the clients and this scrape
+
+    await wait_for(parked, f"{n} clients waiting", output=lambda: served.proto.output)
+    gate.release()
+    return await defer.gatherResults(runs)
+
+
 @pytest_twisted.ensureDeferred
 async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp_path):
     upstream = await UpstreamServer().start()
@@ -209,17 +225,7 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
         upstream.register("/repo/big.bin", gate)
         async with twistd(config) as served:
             await all_serving(served)
-            runs = [served.curl("/demo/big.bin", "-sS", "--max-time", "30") for _ in range(20)]
-
-            async def parked() -> bool:
-                return (
-                    gate.waiting == 1
-                    and (await served.metrics())["streamer_requests_in_flight"] >= 21
-                )  # the 20 clients and this scrape
-
-            await wait_for(parked, "20 clients waiting", output=lambda: served.proto.output)
-            gate.release()
-            results = await defer.gatherResults(runs)
+            results = await released_together(served, gate, "/demo/big.bin", 20)
             assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
             assert all(body == data for _, body, _ in results)
             assert len(upstream.requests("/repo/big.bin")) == 1
@@ -246,17 +252,7 @@ async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(
         upstream.register("/repo/bad.bin", gate)
         async with twistd(config) as served:
             await all_serving(served)
-            runs = [served.curl("/demo/bad.bin", "-sS", "--max-time", "30") for _ in range(12)]
-
-            async def parked() -> bool:
-                return (
-                    gate.waiting == 1
-                    and (await served.metrics())["streamer_requests_in_flight"] >= 13
-                )
-
-            await wait_for(parked, "12 clients waiting", output=lambda: served.proto.output)
-            gate.release()
-            results = await defer.gatherResults(runs)
+            results = await released_together(served, gate, "/demo/bad.bin", 12)
             for code, body, _ in results:
                 # Aborted mid-body (curl 18/56) or, when nothing was sent yet, a 502.
                 assert body != data and body != gate.then.served
