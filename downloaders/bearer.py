@@ -26,9 +26,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from downloaders.bodies import discard_body
 from downloaders.errors import DownloadError
 from downloaders.proxy import basic_credentials
-from downloaders.redirects import _discard_body
 from downloaders.session import get_small
 from downloaders.urls import origin
 
@@ -157,7 +157,7 @@ class BearerTokenAgent:
         if token is not None and self._context.values.get(key) == token:
             self._context.forget(key, stale=token)  # refused: expired or revoked
         resolving = self._context.resolve_once(key, self._fetch_token, challenge)
-        draining = _discard_body(response)
+        draining = discard_body(response)
 
         def retry(results: list[Any]) -> defer.Deferred[Any]:
             new_token = results[0]

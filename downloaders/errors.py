@@ -7,6 +7,14 @@ from typing import Any
 from downloaders.urls import redact_url
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a log or a report on why a download failed: a DownloadError's ``message``
+    (urls redacted), else the exception's class and text; never a traceback."""
+    if isinstance(error, DownloadError):
+        return error.message
+    return f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
+
+
 class DownloadError(Exception):
     """Base of every download failure.
 

@@ -28,10 +28,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from downloaders import errors
 from downloaders.addresses import InternalAddressRefused
 from downloaders.base import DONE, BaseDownloader, credentials
+from downloaders.bodies import discard_body
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
-from downloaders.transports import IStreamTransport
 from downloaders.urls import origin
 
 METHODS = ("GET", "HEAD")
@@ -339,7 +339,7 @@ class _Attempt:
         self._request = None
         self._response = response
         if self.finished:
-            response.deliverBody(_Discard())
+            discard_body(response, abort=True)
             return
         self._touch()
         dl = self.downloader
@@ -349,7 +349,7 @@ class _Attempt:
             # ``length`` is an int, or Twisted's UNKNOWN_LENGTH (a string: chunked or
             # close-delimited), which the receiver bounds by ERROR_BODY_LIMIT as it reads.
             if isinstance(response.length, int) and response.length > ERROR_BODY_LIMIT:
-                response.deliverBody(_Discard())
+                discard_body(response, abort=True)
                 self.fail(failure)
             else:
                 response.deliverBody(_Receiver(self, discard_then=failure))
@@ -357,7 +357,7 @@ class _Attempt:
         try:
             dl.headers_ready(_end_to_end_headers(response))
         except Exception as exc:
-            response.deliverBody(_Discard())
+            discard_body(response, abort=True)
             self.fail(exc)
             return
         response.deliverBody(_Receiver(self))
@@ -462,7 +462,7 @@ class _Attempt:
         of = f" of {expected}" if isinstance(expected, int) else ""
         return errors.TruncatedBody(
             self.url,
-            f"body truncated after {self.received}{of} bytes: {_describe(reason)}",
+            f"body truncated after {self.received}{of} bytes: {_describe_failure(reason)}",
         )
 
 
@@ -516,18 +516,6 @@ def widen_reads(transport: Any, size: int = READ_SIZE) -> tuple[tcp.Connection, 
         transport = getattr(transport, "_producer", None) or getattr(transport, "transport", None)
         seen += 1
     return None
-
-
-class _Discard(Protocol):
-    """Aborts a body nobody wants (the attempt is already over)."""
-
-    transport: IStreamTransport  # set by makeConnection
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        pass
 
 
 # Turning Twisted's failures into DownloadErrors ---------------------------------------------
@@ -587,7 +575,7 @@ def _reasons(failure: Failure) -> list[Failure]:
     return out
 
 
-def _describe(failure: Failure) -> str:
+def _describe_failure(failure: Failure) -> str:
     """A short readable reason, e.g. ``connection lost (ConnectionLost)``."""
     texts = []
     for reason in _reasons(failure):
@@ -640,7 +628,7 @@ def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseExcept
 
 def _connection_failed(url: str, what: str, failure: Failure) -> errors.ConnectionFailed:
     """*what* failed: the summary; the message adds the details (which may name hosts)."""
-    return errors.ConnectionFailed(url, f"{what}: {_describe(failure)}", what)
+    return errors.ConnectionFailed(url, f"{what}: {_describe_failure(failure)}", what)
 
 
 def _wrap(url: str, exc: BaseException) -> BaseException:

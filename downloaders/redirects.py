@@ -10,13 +10,12 @@ from typing import Any
 from urllib.parse import urljoin
 
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from downloaders.addresses import AddressGuard
+from downloaders.bodies import discard_body
 from downloaders.errors import RedirectRefused, TooManyRedirects
 from downloaders.settings import SENSITIVE_HEADERS
 from downloaders.urls import origin, redact_url, without_userinfo
@@ -24,22 +23,6 @@ from downloaders.urls import origin, redact_url, without_userinfo
 __all__ = ["REDIRECT_CODES", "RedirectingAgent"]
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-
-
-class _Discard(Protocol):
-    """Reads and drops a redirect's (small) body so its connection can go back to the pool."""
-
-    def __init__(self) -> None:
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(None)
-
-
-def _discard_body(response: Any) -> defer.Deferred[None]:
-    protocol = _Discard()
-    response.deliverBody(protocol)
-    return protocol.done
 
 
 def _without_secrets(headers: Headers | None) -> Headers | None:
@@ -116,7 +99,7 @@ class _Hops:
         if response.code not in REDIRECT_CODES or self.body is not None:
             return response
         locations = response.headers.getRawHeaders(b"location") or []
-        return _discard_body(response).addCallback(lambda _: self._follow(response, locations))
+        return discard_body(response).addCallback(lambda _: self._follow(response, locations))
 
     def _follow(self, response: Any, locations: list[bytes]) -> defer.Deferred[Any]:
         original = self.original

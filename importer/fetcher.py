@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from downloaders.errors import DownloadError
+from downloaders.errors import DownloadError, describe_error
 from downloaders.result import keep_upstream_date
 from importer.commit import GroupCommitter
 from store.catalog import CatalogEntry
@@ -27,13 +27,6 @@ log = Logger()
 Stored = Callable[[str, str], None]
 #: ``on_failed(sha256, url, reason)``: no source could provide it, or it could not be stored.
 Failed = Callable[[str, str, str], None]
-
-
-def failure_reason(error: BaseException) -> str:
-    """A one-line reason for a failed download (no traceback, no credentials)."""
-    if isinstance(error, DownloadError):
-        return error.message
-    return f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
 
 
 class FileFetcher:
@@ -130,7 +123,7 @@ class FileFetcher:
             return failure
         url = sources[index].url
         assert failure.value is not None  # a Failure always holds its exception
-        problems.append((url, failure_reason(failure.value)))
+        problems.append((url, describe_error(failure.value)))
         if len(sources) > 1:
             log.info("{url}: {reason}; trying the next source", url=url, reason=problems[-1][1])
         return self._try_source(sources, index + 1, problems)

@@ -36,7 +36,13 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToString
 from twisted.web.server import NOT_DONE_YET
 
-from downloaders.errors import DownloadError, DownloadTimeout, NotFound, NotModified
+from downloaders.errors import (
+    DownloadError,
+    DownloadTimeout,
+    NotFound,
+    NotModified,
+    describe_error,
+)
 from downloaders.result import parse_last_modified
 from importer.commit import GroupCommitter
 from store.errors import local_fault
@@ -46,7 +52,7 @@ from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
 from streamer.inflight import InFlight
 from streamer.logs import RequestLog
-from streamer.metrics import failure_reason
+from streamer.metrics import reason_label
 from streamer.ranges import (
     MultipartByteranges,
     UnsatisfiableRange,
@@ -304,7 +310,7 @@ class LazyStreamer:
                 self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
             self._cooling[_cooling_key(entry)] = _Cooling(now + self.options.cooldown, error)
         self.log.upstream_failure(
-            entry.url, failure_reason(error), _describe(error), metrics=self.metrics
+            entry.url, reason_label(error), describe_error(error), metrics=self.metrics
         )
 
     def _done(self, inflight: InFlight | PeerDownload) -> None:
@@ -631,13 +637,6 @@ class _Plan:
         request.setHeader(b"content-length", b"%d" % self.length)
         if self.content_range is not None:
             request.setHeader(b"content-range", self.content_range)
-
-
-def _describe(error: BaseException) -> str:
-    """A short reason for the log: no credentials or query strings, but maybe hosts."""
-    if isinstance(error, DownloadError):
-        return error.message
-    return type(error).__name__
 
 
 def _summary(error: BaseException) -> str:

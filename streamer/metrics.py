@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "failure_reason"]
+__all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "reason_label"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Values of ``request.cache_status``: served from storage, started a download, joined one.
@@ -49,7 +49,7 @@ UPSTREAM_REASONS = (
 )
 
 
-def failure_reason(error: BaseException) -> str:
+def reason_label(error: BaseException) -> str:
     """Classify a download error into one of UPSTREAM_REASONS (a low-cardinality label)."""
     import downloaders
 

@@ -343,3 +343,16 @@ def test_defaults():
     assert downloader.backoff.retry_after_cap == 120.0
     with pytest.raises(ValueError, match="max_retries"):
         BaseDownloader(URL, max_retries=-1)
+
+
+def test_describe_error_is_one_line_without_the_url_secrets():
+    """The one log reason for a failed download (the sync's report, the streamer's log)."""
+    from downloaders.errors import ConnectionFailed, describe_error
+
+    error = ConnectionFailed("https://user:pw@mirror.example/a.deb?token=s3cret", "refused")
+    assert describe_error(error) == error.message
+    assert "pw" not in describe_error(error) and "s3cret" not in describe_error(error)
+    assert describe_error(OSError(28, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+    assert describe_error(KeyError()) == "KeyError"
