@@ -6,7 +6,7 @@ and use them as ``pool`` and ``agent``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +16,11 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from downloaders.direct_get import DirectGetAgent
 from downloaders.factory import CachingEndpointFactory
+from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
+
+#: The one poller under its old name here (its users move to `tests.support.polling`).
+wait_for = until
 
 
 @pytest.fixture(name="pool")
@@ -44,18 +48,6 @@ def agent_fixture(pool: HTTPConnectionPool, http_client: str) -> Iterator[Any]:
     yield agent
     if isinstance(agent, DirectGetAgent):
         pytest_twisted.blockon(agent.close_idle())
-
-
-@defer.inlineCallbacks
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` on the real reactor until it is truthy (fail after ``timeout``)."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        yield task.deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
-    return predicate()
 
 
 def delayed_at(clock: task.Clock) -> list[float]:

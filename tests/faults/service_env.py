@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import Any
-
-from twisted.internet import reactor, task
 
 from store import CatalogEntry
 from streamer.config import load_config
 from streamer.service import StreamerService
+from tests.support.polling import holds_within
 from tests.support.upstream import UpstreamServer
 
 __all__ = ["ServiceEnv", "open_fds", "settle"]
+
+#: The one poller under its old name here (its users move to `tests.support.polling`).
+settle = holds_within
 
 SIGNING_KEY = b"0123456789abcdef-fault-tests-key"
 
@@ -30,16 +31,6 @@ SIGNING_KEY = b"0123456789abcdef-fault-tests-key"
 def open_fds() -> int:
     """File descriptors open in this process now (Linux /proc)."""
     return len(os.listdir("/proc/self/fd"))
-
-
-async def settle(predicate: Any, timeout: float = 5.0) -> bool:
-    """Let the reactor run until ``predicate()`` holds (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await task.deferLater(reactor, 0.01, lambda: None)
-    return True
 
 
 class ServiceEnv:

@@ -24,13 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.http import Request
 from twisted.web.server import NOT_DONE_YET
 
 from tests.support.clients import PROXY_VARIABLES, free_port, run_curl
 from tests.support.faults import Behaviour, Generated, call_later, is_gone
+from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -130,15 +130,8 @@ class _Collect(ProcessProtocol):
 
 
 async def wait_for(check, what: str, timeout: float = 10.0, output=lambda: b"") -> None:
-    """Poll the async *check* until it returns true, without blocking the reactor."""
-    for _ in range(int(timeout / 0.05)):
-        try:
-            if await check():
-                return
-        except Exception:
-            pass
-        await deferLater(reactor, 0.05)
-    raise AssertionError(f"{what} did not happen in {timeout}s: {output().decode()[-3000:]}")
+    """Poll the async *check* (a refused connection counts as "not yet")."""
+    await until(check, timeout, what=what, output=output, errors=(Exception,))
 
 
 async def answers(url: str) -> bool:

@@ -21,6 +21,7 @@ from store import ArtifactStorage, CatalogEntry, SQLiteCatalog
 from streamer.content import ContentResource
 from streamer.lazy import LazyOptions, LazyStreamer
 from streamer.metrics import Metrics
+from tests.support.polling import holds_within
 from tests.support.upstream import UpstreamServer
 
 __all__ = ["LazyEnv", "lazy_env_fixture", "parse_response", "sha256", "wait_until"]
@@ -138,21 +139,8 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-def wait_until(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> defer.Deferred[bool]:
-    """Fire with True once *predicate()* holds (polling the reactor), False after timeout."""
-    from twisted.internet import task
-
-    @defer.inlineCallbacks
-    def poll() -> Any:
-        waited = 0.0
-        while not predicate():
-            if waited >= timeout:
-                return False
-            yield task.deferLater(reactor, step, lambda: None)
-            waited += step
-        return True
-
-    return poll()
+#: The one poller under its old name here (its users move to `tests.support.polling`).
+wait_until = holds_within
 
 
 def traced_peak(start: bool) -> int:
