@@ -52,9 +52,11 @@ log = Logger()
 CLAIMS_FOLDER = "claims"
 #: Seconds between two checks of a followed download when no event arrived (the safety net
 #: for a filesystem without inotify events from other writers, such as NFS). The poll adapts:
-#: a check that finds progress no event announced (another machine is writing) brings it
-#: down to `POLL_MIN_SECONDS`, so the poll carries the stream there; checks that find
-#: nothing new double it back up to `POLL_SECONDS`.
+#: it starts at `POLL_MIN_SECONDS` (a quick upstream's first bytes are seen quickly), a check
+#: that finds progress no event announced (another machine is writing) brings it back down
+#: there, so the poll carries the stream; checks that find nothing new double it up to
+#: `POLL_SECONDS`. Where inotify works, events find the progress first and the poll backs off
+#: after a few checks.
 POLL_SECONDS = 0.5
 POLL_MIN_SECONDS = 0.02
 
@@ -210,7 +212,7 @@ class PeerDownload:
         self._partial = b""
         self._on_done = on_done
         self._timer: IDelayedCall | None = None
-        self._poll_seconds = POLL_SECONDS
+        self._poll_seconds = POLL_MIN_SECONDS
         self._closed = False
 
     @property
@@ -251,7 +253,7 @@ class PeerDownload:
     def start(self) -> None:
         self.check()
         if not self.finished:
-            self._timer = self.claims.reactor.callLater(POLL_SECONDS, self._poll)
+            self._timer = self.claims.reactor.callLater(self._poll_seconds, self._poll)
 
     def check(self) -> None:
         """Catch up with the owner: notices, bytes written, outcome, or its death."""
@@ -548,7 +550,7 @@ class Claims:
                 pass
 
     def _event(self, _watch: Any, path: FilePath, _mask: int) -> None:
-        full = path.path
+        full = os.fsdecode(path.path)  # INotify hands bytes paths; ours are str
         if os.path.dirname(full) == self.folder:
             peers = self._by_claim.get(os.path.basename(full))
         else:

@@ -1,15 +1,19 @@
-"""The follower's poll where inotify sees no other writer (NFS: the owner is on another
-machine): a check that finds unannounced progress polls fast, so the poll carries the stream;
-checks that find nothing back off to the slow safety net. On a `Clock`, with real files."""
+"""A follower's wake-ups (`streamer.claims`): inotify at each of the owner's writes; and where
+inotify sees no other writer (NFS: the owner is on another machine), a poll that speeds up
+while it finds unannounced progress, so it carries the stream, and backs off to the slow
+safety net when it finds nothing (on a `Clock`, with real files)."""
 
 from __future__ import annotations
 
 import os
 
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from store import ArtifactStorage, CatalogEntry
+from streamer import claims as claims_module
 from streamer.claims import POLL_MIN_SECONDS, POLL_SECONDS, Claim, Claims, PeerDownload
+from tests.support.polling import until
 
 DATA = os.urandom(10_000)
 
@@ -47,13 +51,19 @@ def test_the_poll_speeds_up_while_an_unseen_writer_makes_progress(tmp_path):
     assert isinstance(peer, PeerDownload)
     client = _Client()
     peer.add(client)
-    assert delays(clock) == [POLL_SECONDS]
+    assert delays(clock) == [POLL_MIN_SECONDS]  # a quick upstream is seen quickly
+    waited = 0.0
+    while delays(clock)[0] < POLL_SECONDS:  # nothing happens: back off, doubling
+        waited += delays(clock)[0]
+        clock.advance(delays(clock)[0])
+    assert delays(clock) == [POLL_SECONDS] and waited < 1.0
 
     temp = os.path.join(storage.temp_dir, ".download-a")
     with open(temp, "wb") as out:
         owner.announce(temp)
         owner.headers([(b"Content-Type", [b"application/octet-stream"])], 200)
         clock.advance(POLL_SECONDS)
+        assert peer.headers is not None
         assert delays(clock) == [POLL_MIN_SECONDS]  # unannounced progress: poll fast
         for start in range(0, 8000, 1000):
             out.write(DATA[start : start + 1000])
@@ -78,3 +88,36 @@ def test_the_poll_speeds_up_while_an_unseen_writer_makes_progress(tmp_path):
     peer.remove(client)
     owner_side.close()
     follower_side.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inotify_wakes_a_follower_at_each_write(tmp_path, monkeypatch):
+    """With the poll out of the way (a minute), only inotify can wake the follower: the
+    owner's announce, headers and every write reach it at once (INotify hands bytes paths;
+    they were compared with str ones, so no event ever matched and the poll did the work)."""
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(claims_module, "POLL_MIN_SECONDS", 60.0)
+    monkeypatch.setattr(claims_module, "POLL_SECONDS", 60.0)
+    storage = ArtifactStorage(tmp_path / "var")
+    owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    temp = os.path.join(storage.temp_dir, ".download-a")
+    try:
+        with open(temp, "wb") as out:
+            owner.announce(temp)
+            owner.headers([(b"Content-Type", [b"application/octet-stream"])], 200)
+            await until(lambda: peer.headers is not None, timeout=5)
+            for start in range(0, 5000, 1000):
+                out.write(DATA[start : start + 1000])
+                out.flush()
+                await until(lambda s=start: peer.written == s + 1000, timeout=5)
+    finally:
+        owner.failed(None)
+        peer.remove(client)
+        owner_side.close()
+        follower_side.close()
