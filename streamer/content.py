@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from store import ArtifactNotFound, CatalogEntry, CatalogUnavailable, ListingItem
 from store.errors import local_fault
+from streamer.lazy import LazyOptions, LazyStreamer
 from streamer.listing import FolderPage, ListingCache, render_listing, respond_page
 from streamer.paths import RefusedPath, RequestPath, request_path
 from streamer.signing import client_query
@@ -55,17 +56,6 @@ LOOKUP_CACHE_SIZE = 10_000
 CATALOG_RETRY_AFTER = 5
 
 _log = Logger()
-
-
-def _load_lazy() -> tuple[type, type] | None:
-    """``(LazyStreamer, LazyOptions)`` from `streamer.lazy`, or None while it does not exist."""
-    try:
-        from streamer.lazy import LazyOptions, LazyStreamer
-    except ModuleNotFoundError as exc:
-        if exc.name != "streamer.lazy":
-            raise
-        return None
-    return LazyStreamer, LazyOptions
 
 
 class ContentResource(Resource):
@@ -107,16 +97,12 @@ class ContentResource(Resource):
         self._listings = ListingCache()
         self._catalog_down = False
 
-    def _make_lazy(self, server: Any) -> Any:
-        """The lazy streamer sharing our catalog, storage and remotes (None if unavailable)."""
-        found = _load_lazy()
-        if found is None:
-            return None
-        lazy_class, options_class = found
+    def _make_lazy(self, server: Any) -> LazyStreamer:
+        """The lazy streamer sharing our catalog, storage and remotes."""
         options = None
         if server is not None and getattr(server, "stall_timeout", None) is not None:
-            options = options_class(no_progress_timeout=server.stall_timeout)
-        return lazy_class(
+            options = LazyOptions(no_progress_timeout=server.stall_timeout)
+        return LazyStreamer(
             catalog=self.catalog,
             storage=self.storage,
             remotes=self.remotes,
@@ -127,8 +113,6 @@ class ContentResource(Resource):
 
     def close(self) -> defer.Deferred[None]:
         """Stop the lazy downloads in flight (the service calls this at shutdown, and waits)."""
-        if self.lazy is None:
-            return defer.succeed(None)
         return self.lazy.stop()
 
     # -- twisted.web entry point ------------------------------------------------------------
@@ -314,9 +298,6 @@ class ContentResource(Resource):
         if client_gone(request):
             return  # the client left while we asked the catalog
         if self._serve_stored(request, entries, path):
-            return
-        if self.lazy is None:
-            respond_text(request, 502, "lazy streaming not available")
             return
         await defer.maybeDeferred(self.lazy.serve, request, entries, path)
 

@@ -36,6 +36,7 @@ from store.storage import ArtifactStorage
 from streamer.channel import ClientLimit, StreamerChannel
 from streamer.claims import Claims
 from streamer.config import CONFIG_ENV, Config
+from streamer.content import ContentResource
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
@@ -102,14 +103,7 @@ class _Answer(Resource):
 
 
 def default_content_factory(**kwargs: Any) -> IResource:
-    """``streamer.content.ContentResource(**kwargs)``; a 503 resource while it does not exist."""
-    try:
-        from streamer.content import ContentResource
-    except ModuleNotFoundError as exc:
-        if exc.name != "streamer.content":
-            raise
-        log.warn("streamer.content is not available: content requests get 503")
-        return _Answer("content serving is not available in this build")
+    """``streamer.content.ContentResource(**kwargs)``: the resource that serves content."""
     return ContentResource(**kwargs)
 
 
