@@ -18,9 +18,9 @@ import pytest_twisted
 
 from importer import sync_remote
 from tests.faults.service_env import settle
-from tests.streamer.test_lazy_support import parse_response
 from tests.support.clients import run_curl
 from tests.support.faults import Serve
+from tests.support.lazy import parse_response
 
 BODY = bytes(range(256)) * 2048 + b"tail"  # 512 KiB and a bit: several chunks
 

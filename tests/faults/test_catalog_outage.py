@@ -11,9 +11,9 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from tests.faults.service_env import settle
-from tests.streamer.test_lazy_support import parse_response
 from tests.support.clients import run_curl
 from tests.support.faults import Serve
+from tests.support.lazy import parse_response
 
 STORED = b"stored before the outage\n" * 100
 LAZY = b"only upstream has these bytes\n" * 1000

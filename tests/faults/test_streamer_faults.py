@@ -23,14 +23,10 @@ import pytest_twisted
 
 from importer.remote import Remote
 from tests.faults.matrix import BODY, FAULTS, Fault, RecordingBackoff, fault_ids, sha256
-from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
-    LazyEnv,
-    lazy_env_fixture,
-    parse_response,
-    wait_until,
-)
 from tests.support import faults
 from tests.support.clients import run_curl
+from tests.support.lazy import LazyEnv, parse_response
+from tests.support.polling import holds_within
 from tests.support.upstream import UpstreamServer
 
 UPSTREAM_PATH = "/files/artifact.bin"
@@ -95,7 +91,7 @@ async def test_lazy_get_under_fault(fault: Fault, lazy_env: LazyEnv, upstream_fa
     # Baseline: threads, catalog connections and the listening socket exist already.
     code, status, _, _ = await curl(env, "healthy/warm.bin")
     assert (code, status) == (0, 200)
-    assert await wait_until(lambda: not env.streamer.in_flight)
+    assert await holds_within(lambda: not env.streamer.in_flight)
     await idle(env, healthy)
     baseline_fds = open_fds()
     stored_before = set(stored_artifacts(env))
@@ -106,7 +102,7 @@ async def test_lazy_get_under_fault(fault: Fault, lazy_env: LazyEnv, upstream_fa
     if expected.outcome == "ok":
         assert (code, status) == (0, 200)
         assert body == fault.body
-        assert await wait_until(lambda: env.stored(fault.body))
+        assert await holds_within(lambda: env.stored(fault.body))
     elif expected.outcome == "aborted":
         # Bytes were handed to the client's transport, so no failover: the connection is
         # reset. Whatever had not left the server's buffer yet is dropped with it.
@@ -133,8 +129,8 @@ async def test_lazy_get_under_fault(fault: Fault, lazy_env: LazyEnv, upstream_fa
         assert check(values) if callable(check) else values == check, values
 
     # Nothing invalid in the store, no temp file, nothing in flight.
-    assert await wait_until(lambda: not env.streamer.in_flight)
-    assert await wait_until(lambda: env.temp_files() == []), env.temp_files()
+    assert await holds_within(lambda: not env.streamer.in_flight)
+    assert await holds_within(lambda: env.temp_files() == []), env.temp_files()
     new = set(stored_artifacts(env)) - stored_before
     assert new == ({sha256(fault.body)} if expected.outcome == "ok" else set())
     report = env.storage.verify()
@@ -155,9 +151,9 @@ async def test_lazy_get_under_fault(fault: Fault, lazy_env: LazyEnv, upstream_fa
     await idle(env, server)
     code, status, _, body = await curl(env, "healthy/next.bin")
     assert (code, status, body) == (0, 200, BODY[::-1])
-    assert await wait_until(lambda: not env.streamer.in_flight)
+    assert await holds_within(lambda: not env.streamer.in_flight)
     await idle(env, server, healthy)
-    assert await wait_until(lambda: open_fds() <= baseline_fds, timeout=2.0), (
+    assert await holds_within(lambda: open_fds() <= baseline_fds, timeout=2.0), (
         f"{open_fds()} fds open, {baseline_fds} before the fault"
     )
     assert env.temp_files() == []

@@ -10,9 +10,9 @@ from treq.client import HTTPClient
 from twisted.internet import defer, protocol, reactor
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from tests.streamer.test_lazy_support import lazy_env_fixture, wait_until  # noqa: F401
 from tests.support.clients import run_curl
 from tests.support.faults import Gated, Generated, Serve, Trickle
+from tests.support.polling import holds_within
 
 BIG = Generated(2 * 1024 * 1024 + 7, block_size=65536, seed=b"coalesce")
 BIG_BODY = b"".join(BIG.chunks())
@@ -33,17 +33,17 @@ def test_many_concurrent_cold_requests_make_one_upstream_request(lazy_env):
     client = _client()
 
     pending = [client.get(env.url("repo/big")) for _ in range(24)]
-    assert (yield wait_until(lambda: gate.waiting == 1))
+    assert (yield holds_within(lambda: gate.waiting == 1))
     # Every request reached the streamer and follows the one download.
     inflight = env.streamer.in_flight[hashlib.sha256(BIG_BODY).hexdigest()]
-    assert (yield wait_until(lambda: len(inflight.followers) == 24))
+    assert (yield holds_within(lambda: len(inflight.followers) == 24))
     gate.release()
     responses = yield defer.gatherResults(pending)
     bodies = yield defer.gatherResults([r.content() for r in responses])
     assert all(r.code == 200 for r in responses)
     assert all(body == BIG_BODY for body in bodies)
     assert len(env.upstream.requests("/big")) == 1
-    assert (yield wait_until(lambda: env.stored(BIG_BODY)))
+    assert (yield holds_within(lambda: env.stored(BIG_BODY)))
     assert env.metrics.value("streamer_downloads_total") == 1
     assert env.temp_files() == []
 
@@ -58,9 +58,9 @@ def test_curl_clients_coalesce_and_a_late_joiner_reads_the_file_then_follows(laz
 
     early = [run_curl("-f", env.url("repo/slow")) for _ in range(3)]
     sha = hashlib.sha256(body).hexdigest()
-    assert (yield wait_until(lambda: sha in env.streamer.in_flight))
+    assert (yield holds_within(lambda: sha in env.streamer.in_flight))
     inflight = env.streamer.in_flight[sha]
-    assert (yield wait_until(lambda: inflight.written >= len(body) // 2))
+    assert (yield holds_within(lambda: inflight.written >= len(body) // 2))
     assert not inflight.succeeded
     late = yield run_curl("-f", env.url("repo/slow"))
     results = yield defer.gatherResults(early)
@@ -68,7 +68,7 @@ def test_curl_clients_coalesce_and_a_late_joiner_reads_the_file_then_follows(laz
         assert code == 0, err
         assert out == body
     assert len(env.upstream.requests("/slow")) == 1
-    assert (yield wait_until(lambda: env.stored(body)))
+    assert (yield holds_within(lambda: env.stored(body)))
 
 
 class _Chunks(protocol.Protocol):
@@ -109,7 +109,7 @@ def test_clients_stream_as_bytes_arrive(lazy_env):
         # Most of the body reached the client before the download finished.
         assert sum(collector.while_in_flight) > len(collector.while_in_flight) // 2
     assert len(env.upstream.requests("/t")) == 1
-    yield wait_until(lambda: not env.streamer.in_flight)
+    yield holds_within(lambda: not env.streamer.in_flight)
 
 
 @pytest_twisted.inlineCallbacks
@@ -122,10 +122,10 @@ def test_same_artifact_under_two_paths_is_downloaded_once(lazy_env):
     yield env.publish("repo/one.bin", BIG_BODY, ("up", url))
     yield env.publish("repo/two.bin", BIG_BODY, ("up", url_two))
     first = run_curl("-f", env.url("repo/one.bin"))
-    assert (yield wait_until(lambda: gate.waiting == 1))
+    assert (yield holds_within(lambda: gate.waiting == 1))
     second = run_curl("-f", env.url("repo/two.bin"))
     inflight = next(iter(env.streamer.in_flight.values()))
-    assert (yield wait_until(lambda: len(inflight.followers) == 2))
+    assert (yield holds_within(lambda: len(inflight.followers) == 2))
     gate.release()
     for code, out, err in (yield defer.gatherResults([first, second])):
         assert code == 0, err

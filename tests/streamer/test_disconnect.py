@@ -11,9 +11,9 @@ from twisted.internet import defer
 
 from store.tempdirs import LOCK_SUFFIX
 from tests.streamer.test_flow import _connect, _SlowClient
-from tests.streamer.test_lazy_support import lazy_env_fixture, wait_until  # noqa: F401
 from tests.support.clients import run_curl
 from tests.support.faults import Gated, Serve, Trickle
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 1024  # 256 KiB
 SLOW = Trickle(BODY, bytes_per_sec=512 * 1024, interval=0.02)  # about half a second
@@ -57,11 +57,11 @@ def test_on_demand_download_completes_and_is_stored_after_the_client_left(lazy_e
     assert client.body_bytes < len(BODY)
     inflight = next(iter(env.streamer.in_flight.values()))
     assert not inflight.finished, "the client left while the download was running"
-    assert (yield wait_until(lambda: not inflight.followers))
-    assert (yield wait_until(lambda: env.stored(BODY)))
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not inflight.followers))
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []
-    assert (yield wait_until(lambda: not _files_open_under(env.storage.root)))
+    assert (yield holds_within(lambda: not _files_open_under(env.storage.root)))
     # The next request is a hit.
     code, out, err = yield run_curl("-f", env.url("repo/f"))
     assert code == 0, err
@@ -78,12 +78,12 @@ def test_streamed_download_nobody_reads_is_cancelled(lazy_env):
     client = _connect(env, "repo/f", reading=True)
     _hang_up_after(client, 20000)
     assert not (yield client.ended)
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     # The upstream saw its connection closed long before the body was complete.
     assert (yield env.upstream.wait_until_idle(timeout=2.0))
     assert env.temp_files() == []
     assert not env.stored(BODY)
-    assert (yield wait_until(lambda: not _files_open_under(env.storage.root)))
+    assert (yield holds_within(lambda: not _files_open_under(env.storage.root)))
     assert env.metrics.value("streamer_downloads_in_flight") == 0
     assert env.metrics.value("streamer_upstream_failures_total", {"reason": "other"}) == 0
 
@@ -101,7 +101,7 @@ def test_streamed_download_continues_while_another_client_reads(lazy_env):
     assert (yield stayer.ended)
     assert stayer.body_bytes == len(BODY)
     assert len(env.upstream.requests("/f")) == 1
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == [] and not env.stored(BODY)
 
 
@@ -118,16 +118,16 @@ def test_client_leaving_before_the_first_byte(lazy_env):
     yield env.publish("repo/lazy", BODY, ("lazy", url_lazy))
     yield env.publish("repo/stream", other, ("stream", url_stream))
     clients = [_connect(env, "repo/lazy", reading=True), _connect(env, "repo/stream", True)]
-    assert (yield wait_until(lambda: gate_lazy.waiting == 1 and gate_stream.waiting == 1))
+    assert (yield holds_within(lambda: gate_lazy.waiting == 1 and gate_stream.waiting == 1))
     for client in clients:
         client.transport.abortConnection()
     yield defer.gatherResults([c.ended for c in clients])
     # streamed: the parked upstream request was cancelled; on_demand: it is still waiting.
-    assert (yield wait_until(lambda: gate_stream.waiting == 0))
+    assert (yield holds_within(lambda: gate_stream.waiting == 0))
     assert gate_lazy.waiting == 1
     gate_lazy.release()
-    assert (yield wait_until(lambda: env.stored(BODY)))
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []
 
 
@@ -138,7 +138,7 @@ def test_shutdown_cancels_downloads_and_refuses_new_ones(lazy_env):
     url = env.upstream.register("/f", SLOW)
     yield env.publish("repo/f", BODY, ("up", url))
     client = _connect(env, "repo/f", reading=True)
-    assert (yield wait_until(lambda: client.body_bytes > 0))
+    assert (yield holds_within(lambda: client.body_bytes > 0))
     env.resource.close()
     assert not (yield client.ended), "a cut-off body must not end cleanly"
     assert client.body_bytes < len(BODY)

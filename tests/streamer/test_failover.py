@@ -7,11 +7,6 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import defer
 
-from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
-    lazy_env_fixture,
-    parse_response,
-    wait_until,
-)
 from tests.support.clients import free_port, run_curl
 from tests.support.faults import (
     Gated,
@@ -23,6 +18,8 @@ from tests.support.faults import (
     WrongBytes,
     WrongSize,
 )
+from tests.support.lazy import parse_response
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 1024  # 256 KiB
 
@@ -41,7 +38,7 @@ def test_digest_mismatch_aborts_stores_nothing_and_the_next_request_uses_the_nex
     code, out, _ = yield run_curl("-f", env.url("repo/f"))
     assert code != 0, "the client must see an error"
     assert len(out) < len(BODY)
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert not env.stored(BODY)
     assert env.temp_files() == []
     assert env.metrics.value("streamer_upstream_failures_total", {"reason": "digest_mismatch"}) == 1
@@ -51,7 +48,7 @@ def test_digest_mismatch_aborts_stores_nothing_and_the_next_request_uses_the_nex
     assert out == BODY
     assert len(env.upstream.requests("/bad")) == 1, "the bad entry is cooling down"
     assert len(env.upstream.requests("/good")) == 1
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -66,7 +63,7 @@ def test_wrong_content_length_fails_over_before_the_first_byte(lazy_env):
     assert code == 0, err
     assert out == BODY
     assert env.metrics.value("streamer_upstream_failures_total", {"reason": "size_mismatch"}) == 1
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -78,7 +75,7 @@ def test_too_long_chunked_body_never_reaches_the_client_complete(lazy_env):
     code, out, _ = yield run_curl("-f", env.url("repo/long"))
     assert code != 0
     assert len(out) < len(BODY)
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert not env.stored(BODY) and env.temp_files() == []
 
 
@@ -111,7 +108,7 @@ def test_failover_before_the_first_byte(lazy_env):
     failures = env.metrics.value
     assert failures("streamer_upstream_failures_total", {"reason": "other"}) == 1
     assert failures("streamer_upstream_failures_total", {"reason": "connection"}) == 2
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -124,9 +121,9 @@ def test_coalesced_clients_fail_over_together_with_one_request_per_entry(lazy_en
     second = env.upstream.register("/second", Serve(BODY))
     yield env.publish("repo/f", BODY, ("a", first), ("b", second))
     pending = [run_curl("-f", env.url("repo/f")) for _ in range(5)]
-    assert (yield wait_until(lambda: gate.waiting == 1))
+    assert (yield holds_within(lambda: gate.waiting == 1))
     inflight = next(iter(env.streamer.in_flight.values()))
-    assert (yield wait_until(lambda: len(inflight.followers) == 5))
+    assert (yield holds_within(lambda: len(inflight.followers) == 5))
     gate.release()
     for code, out, err in (yield defer.gatherResults(pending)):
         assert code == 0, err
@@ -161,7 +158,7 @@ def test_all_entries_down_gives_502_plain_text_without_secrets(lazy_env):
 
     # After the cooldown the entries are tried again.
     env.upstream.register("/a", Serve(BODY))
-    yield wait_until(lambda: False, timeout=1.05)
+    yield holds_within(lambda: False, timeout=1.05)
     code, out, err = yield run_curl("-f", env.url("repo/f"))
     assert code == 0, err
     assert out == BODY
@@ -193,7 +190,7 @@ def test_stalled_upstream_before_the_first_byte_gives_504(lazy_env):
     status, _headers, body = parse_response(out)
     assert status == 504
     assert b"timeout" in body
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []
 
 
@@ -206,7 +203,7 @@ def test_stalled_upstream_after_bytes_aborts_the_client(lazy_env):
     code, out, _ = yield run_curl("-f", env.url("repo/f"))
     assert code != 0
     assert out == BODY[:1000]
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert not env.stored(BODY) and env.temp_files() == []
 
 

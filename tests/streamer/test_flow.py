@@ -12,9 +12,9 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionDone
 
-from tests.streamer.test_lazy_support import lazy_env_fixture, wait_until  # noqa: F401
 from tests.support.clients import run_curl
 from tests.support.faults import Generated
+from tests.support.polling import holds_within
 
 BIG = Generated(16 * 1024 * 1024, block_size=65536, seed=b"flow")
 
@@ -82,12 +82,12 @@ def test_slow_client_costs_no_memory_and_does_not_hold_back_the_fast_one(lazy_en
         baseline = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         slow = _connect(env, "repo/big")
-        assert (yield wait_until(lambda: sha in env.streamer.in_flight))
+        assert (yield holds_within(lambda: sha in env.streamer.in_flight))
         fast_file = tmp_path / "fast.bin"
         code, _out, err = yield run_curl("-f", "-o", str(fast_file), env.url("repo/big"))
         assert code == 0, err
         # The upstream finished and the artifact is stored while the slow client read nothing.
-        assert (yield wait_until(lambda: env.storage.has(sha)))
+        assert (yield holds_within(lambda: env.storage.has(sha)))
         assert slow.body_bytes == 0
         peak_growth = tracemalloc.get_traced_memory()[1] - baseline
     finally:
@@ -101,7 +101,7 @@ def test_slow_client_costs_no_memory_and_does_not_hold_back_the_fast_one(lazy_en
     assert slow.body_bytes == BIG.size
     assert slow.digest.hexdigest() == sha
     assert len(env.upstream.requests("/big")) == 1
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
 
 
 @pytest_twisted.inlineCallbacks
@@ -111,8 +111,8 @@ def test_client_making_no_progress_is_aborted_while_the_download_completes(lazy_
     url = env.upstream.register("/big", BIG)
     yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
     slow = _connect(env, "repo/big")
-    assert (yield wait_until(lambda: env.storage.has(BIG.sha256())))
-    yield wait_until(lambda: False, timeout=0.4)
+    assert (yield holds_within(lambda: env.storage.has(BIG.sha256())))
+    yield holds_within(lambda: False, timeout=0.4)
     slow.resume()
     clean = yield slow.ended
     assert not clean, "a stalled client's connection is aborted"

@@ -9,14 +9,10 @@ import stat
 import pytest_twisted
 import treq
 
-from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
-    lazy_env_fixture,
-    parse_response,
-    sha256,
-    wait_until,
-)
 from tests.support.clients import run_curl
 from tests.support.faults import Gated, Generated, Serve, Trickle
+from tests.support.lazy import parse_response, sha256
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 1024  # 256 KiB
 
@@ -31,8 +27,8 @@ def test_cold_get_streams_stores_and_next_get_is_a_hit(lazy_env):
     code, out, err = yield run_curl("-f", env.url("repo/a.bin"))
     assert code == 0, err
     assert out == BODY
-    assert (yield wait_until(lambda: env.stored(BODY)))
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []
     entries = yield env.catalog.lookup("repo/a.bin")
     assert entries[0].stored
@@ -96,7 +92,7 @@ def test_headers_forwarded_hop_by_hop_dropped_no_empty_content_encoding(lazy_env
         "transfer-encoding",
     ):
         assert dropped not in h, dropped
-    yield wait_until(lambda: not env.streamer.in_flight)
+    yield holds_within(lambda: not env.streamer.in_flight)
 
 
 @pytest_twisted.inlineCallbacks
@@ -119,7 +115,7 @@ def test_cold_and_warm_answers_carry_the_same_representation_headers(lazy_env):
         status, headers, body = parse_response(out)
         assert (status, body) == (200, BODY)
         answers.append(headers)
-        yield wait_until(lambda: not env.streamer.in_flight and env.stored(BODY))
+        yield holds_within(lambda: not env.streamer.in_flight and env.stored(BODY))
     cold, warm = answers
     for headers in (cold, warm):
         assert "content-encoding" not in headers
@@ -141,7 +137,7 @@ def test_chunked_upstream_gets_content_length_from_the_catalog(lazy_env):
     assert (status, body) == (200, BODY)
     assert headers["content-length"] == [str(len(BODY))]
     assert "transfer-encoding" not in headers
-    yield wait_until(lambda: not env.streamer.in_flight)
+    yield holds_within(lambda: not env.streamer.in_flight)
 
 
 @pytest_twisted.inlineCallbacks
@@ -171,7 +167,7 @@ def test_streamed_policy_serves_and_keeps_nothing(lazy_env):
         code, out, err = yield run_curl("-f", env.url("repo/s.bin"))
         assert code == 0, err
         assert out == BODY
-        assert (yield wait_until(lambda: not env.streamer.in_flight))
+        assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert not env.stored(BODY)
     assert env.temp_files() == []
     assert len(env.upstream.requests("/s.bin")) == 2
@@ -190,7 +186,7 @@ def test_streamed_policy_serves_an_artifact_another_remote_stored(lazy_env):
     yield env.publish("live/a.bin", BODY, ("live", live))
     code, out, err = yield run_curl("-f", env.url("kept/a.bin"))
     assert (code, out) == (0, BODY), err
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
     for _ in range(2):
         code, out, err = yield run_curl("-f", "-H", "Range: bytes=10-19", env.url("live/a.bin"))
         assert (code, out) == (0, BODY[10:20]), err
@@ -215,7 +211,7 @@ def test_a_range_on_streamed_content_downloads_from_byte_0(lazy_env):
         status, headers, body = parse_response(out)
         assert (status, body) == (206, BODY[-100:])
         assert headers["content-range"] == [f"bytes {len(BODY) - 100}-{len(BODY) - 1}/{len(BODY)}"]
-        assert (yield wait_until(lambda: not env.streamer.in_flight))
+        assert (yield holds_within(lambda: not env.streamer.in_flight))
     requests = env.upstream.requests("/live/b.bin")
     assert len(requests) == 2
     assert all("range" not in headers for _method, headers in requests), requests
@@ -232,7 +228,7 @@ def test_empty_artifact(lazy_env):
     assert code == 0, err
     status, headers, body = parse_response(out)
     assert (status, headers["content-length"], body) == (200, ["0"], b"")
-    assert (yield wait_until(lambda: env.stored(b"")))
+    assert (yield holds_within(lambda: env.stored(b"")))
 
 
 # --- Range on lazy content -----------------------------------------------------------------
@@ -266,7 +262,7 @@ def test_single_ranges_on_cold_content_across_chunk_boundaries(lazy_env):
             f"bytes {first}-{first + len(expected) - 1}/{size}"
         ]
     assert len(env.upstream.requests("/big")) == 1
-    assert (yield wait_until(lambda: env.stored(BIG_BODY)))
+    assert (yield holds_within(lambda: env.stored(BIG_BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -282,7 +278,7 @@ def test_range_starts_before_the_download_ends_and_completes_once_validated(lazy
     assert (yield response.content()) == BODY[10:20]
     # Its last byte waited for the whole artifact's size and digest check.
     assert inflight.succeeded
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -300,7 +296,7 @@ def test_multiple_ranges_and_unsatisfiable_range(lazy_env):
     assert gate.waiting == 0, "a 416 needs no upstream request"
 
     pending = treq.get(env.url("repo/m"), headers={"Range": "bytes=0-9,100000-100009,-5"})
-    assert (yield wait_until(lambda: gate.waiting == 1))
+    assert (yield holds_within(lambda: gate.waiting == 1))
     gate.release()
     response = yield pending
     assert response.code == 206
@@ -313,7 +309,7 @@ def test_multiple_ranges_and_unsatisfiable_range(lazy_env):
     payloads = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in parts[1:-1]]
     assert payloads == [BODY[0:10], BODY[100000:100010], BODY[-5:]]
     assert b"content-range: bytes 100000-100009/%d" % len(BODY) in body.lower()
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 def _gather(deferreds):

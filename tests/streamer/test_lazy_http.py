@@ -12,14 +12,10 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, threads
 
-from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
-    lazy_env_fixture,
-    parse_response,
-    sha256,
-    wait_until,
-)
 from tests.support.clients import raw_http, run_curl
 from tests.support.faults import Gated, Serve, StatusThenServe, Trickle
+from tests.support.lazy import sha256
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 1024  # 256 KiB
 
@@ -40,7 +36,7 @@ def test_cold_and_stored_answers_share_the_etag_and_revalidation_gives_304(lazy_
     assert (yield cold.content()) == BODY
     etag = cold.headers.getRawHeaders("etag")
     assert etag == [_tag(BODY)]
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
     # The client revalidates its cold copy against the stored artifact.
     warm = yield treq.get(env.url("repo/a.bin"), headers={"If-None-Match": etag[0]})
@@ -79,7 +75,7 @@ def test_conditional_requests_on_cold_content_need_no_upstream(lazy_env):
     assert other.code == 200
     assert (yield other.content()) == BODY
     assert len(env.upstream.requests("/c.bin")) == 1
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -96,7 +92,7 @@ def test_if_range_on_cold_content(lazy_env):
         env.url("repo/r.bin"),
         headers={"Range": "bytes=5-9", "If-Range": "Mon, 02 Jan 2023 03:04:05 GMT"},
     )
-    assert (yield wait_until(lambda: gate.waiting == 1))
+    assert (yield holds_within(lambda: gate.waiting == 1))
     gate.release()
     same, changed, dated = yield defer.gatherResults([same, changed, dated])
     assert same.code == 206
@@ -106,7 +102,7 @@ def test_if_range_on_cold_content(lazy_env):
         assert response.code == 200
         assert (yield response.content()) == BODY
     assert len(env.upstream.requests("/r.bin")) == 1
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -130,7 +126,7 @@ def test_long_backoffs_do_not_delay_failover(lazy_env, upstream_factory):
     assert len(env.upstream.requests("/busy")) == 1, "no retry before its Retry-After"
     assert len(mirror.requests("/good")) == 1
     assert elapsed < env.streamer.options.retry_delay_cap + 5, elapsed
-    assert (yield wait_until(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: env.stored(BODY)))
 
 
 @pytest_twisted.inlineCallbacks
@@ -175,7 +171,7 @@ def test_request_during_the_commit_of_a_finished_download(lazy_env):
         assert second.stdout == BODY
     finally:
         release.set()
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.stored(BODY) and env.temp_files() == []
     assert len(env.upstream.requests("/f")) == 1
     assert env.metrics.value("streamer_downloads_total") == 1
@@ -200,7 +196,7 @@ def test_range_on_streamed_content_nobody_else_reads(lazy_env):
     # validated; a streamed artifact is then dropped: nothing kept.
     assert inflight.succeeded
     assert "range" not in env.upstream.requests("/s")[0].headers
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == [] and not env.stored(BODY)
 
 
@@ -215,7 +211,7 @@ def test_range_client_leaving_a_streamed_download_cancels_it(lazy_env):
     # Nine bytes at once; the tenth waits for validation, and the client gives up first.
     assert result.timed_out and result.data.endswith(b"\r\n\r\n" + BODY[:9])
     # Nobody follows the streamed download any more: it is cancelled, nothing kept.
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert (yield env.upstream.wait_until_idle(timeout=2.0))
     assert env.temp_files() == [] and not env.stored(BODY)
 
@@ -230,8 +226,8 @@ def test_on_demand_range_client_leaving_still_stores_the_artifact(lazy_env):
         code, out, err = yield run_curl("-f", "-r", spec.split("=")[1], env.url("repo/o"))
         assert code == 0, err
         assert out == (BODY[:10] if spec == "bytes=0-9" else BODY[-10:])
-    assert (yield wait_until(lambda: env.stored(BODY)))
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert len(env.upstream.requests("/o")) == 1
     assert env.temp_files() == []
 
@@ -297,6 +293,6 @@ def test_pipelined_lazy_gets_and_heads_on_one_connection(lazy_env):
     assert len(env.upstream.requests("/a")) == 1
     assert len(env.upstream.requests("/b")) == 1
     assert len(env.upstream.requests("/c")) == 2, "streamed content is fetched per request"
-    assert (yield wait_until(lambda: env.stored(BODY) and env.stored(other)))
-    assert (yield wait_until(lambda: not env.streamer.in_flight))
+    assert (yield holds_within(lambda: env.stored(BODY) and env.stored(other)))
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert env.temp_files() == []

@@ -16,11 +16,8 @@ import treq
 from twisted.internet import task
 
 from tests.downloaders.support import delayed_at, wait_for
-from tests.streamer.test_lazy_support import (  # noqa: F401 (the lazy_env fixture)
-    lazy_env_fixture,
-    wait_until,
-)
 from tests.support.faults import Serve, Status, StatusThenServe
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 64
 
@@ -76,7 +73,7 @@ async def test_waits_out_a_retry_after_within_sock_read_timeout(lazy_env):
     # One request, no retry inside the downloader (its retries would all come too early).
     assert len(env.upstream.requests("/f")) == 1
     clock.advance(1.9)
-    await wait_until(lambda: False, timeout=0.2)
+    await holds_within(lambda: False, timeout=0.2)
     assert len(env.upstream.requests("/f")) == 1 and answered == []
     clock.advance(0.1)
     response = await d
