@@ -73,10 +73,26 @@ def _run_as() -> list[str]:
     return [shutil.which("su") or "su", "postgres", "-s", "/bin/sh", "-c", '"$0" "$@"']
 
 
+def _base_folder() -> str:
+    """Where cluster folders go: the temp folder, unless (as root) the postgres user could not
+    reach into it (a private TMPDIR), then /tmp."""
+    base = tempfile.gettempdir()
+    if os.geteuid() != 0:
+        return base
+    path = os.path.realpath(base)
+    while True:
+        if not os.stat(path).st_mode & 0o001:  # others may not traverse it
+            return "/tmp"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return base
+        path = parent
+
+
 def _reap_orphans(bin_folder: str) -> None:
     """Stop and remove the clusters of test processes that died without tearing theirs down
     (killed by a timeout, say), so servers never pile up on a machine."""
-    for folder in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
+    for folder in glob.glob(os.path.join(_base_folder(), FOLDER_PREFIX + "*")):
         try:
             with open(os.path.join(folder, OWNER_FILE)) as f:
                 owner = int(f.read())
@@ -121,7 +137,7 @@ class PostgresCluster:
             raise RuntimeError(reason)
         self.bin = find_postgres_bin()
         _reap_orphans(self.bin)
-        self.folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+        self.folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=_base_folder())
         with open(os.path.join(self.folder, OWNER_FILE), "w") as f:
             f.write(str(os.getpid()))
         self.data = os.path.join(self.folder, "data")
