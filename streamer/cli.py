@@ -31,7 +31,8 @@ EXIT_STATUSES = """exit status:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamer",
-        description="Sync, fetch, verify and sign repository content.",
+        description="Sync, fetch, verify and sign repository content; create or upgrade the "
+        "catalog schema.",
         epilog=EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
