@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+from twisted.internet import defer
 
 from downloaders.settings import RemoteSettings, SettingsError
+from downloaders.urls import origin
 
 POLICIES = ("immediate", "on_demand", "streamed")
 RESERVED_BASE_PATHS = ("metrics", "healthz")
@@ -114,9 +117,40 @@ class Remote(RemoteSettings):
 
     def close(self) -> Any:
         """Close the remote's connection pool; a Deferred."""
-        from twisted.internet import defer
-
         if self._factory is None:
             return defer.succeed(None)
         factory, self._factory = self._factory, None
         return factory.close()
+
+
+def remote_for_url(remotes: Iterable[Remote], url: str, allowed_import_paths: Any = ()) -> Remote:
+    """Settings for a one-off download of *url*: those of the first of *remotes* whose
+    manifest lives on the same origin (its TLS, auth, proxy), else plain defaults (``file://``
+    urls limited to *allowed_import_paths*)."""
+    for remote in remotes:
+        if origin(remote.url) == origin(url):
+            return remote
+    return Remote(name="fetch", url=url, allowed_import_paths=tuple(allowed_import_paths))
+
+
+@defer.inlineCallbacks
+def download_url(
+    remote: Remote,
+    url: str,
+    sha256: str | None = None,
+    size: int | None = None,
+    temp_dir: str | None = None,
+) -> Any:
+    """Download *url* once with *remote*'s settings into a temporary file (in *temp_dir*, else
+    the system's), validating *sha256* and *size* when given; then close the remote's
+    connections. Fires with the `DownloadResult` (the caller owns its file); a failed
+    download leaves no file and its error propagates."""
+    digests = {"sha256": sha256.lower()} if sha256 else None
+    try:
+        downloader = remote.get_downloader(
+            url=url, expected_digests=digests, expected_size=size, temp_dir=temp_dir
+        )
+        result = yield downloader.run()
+    finally:
+        yield remote.close()
+    return result

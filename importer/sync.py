@@ -464,3 +464,42 @@ def sync_remote(
     `workers_for`) and closes them at the end.
     """
     return _Sync(remote, catalog, storage, progress or NoProgress(), workers).run()
+
+
+#: ``reported(remote, outcome)``: one remote's sync ended, with its report or its SyncError.
+Reported = Callable[[Any, "SyncReport | SyncError"], None]
+
+
+@defer.inlineCallbacks
+def sync_remotes(
+    remotes: Sequence[Any],
+    catalog: Any,
+    storage: Any,
+    progress: Any = None,
+    workers: Any = None,
+    reported: Reported | None = None,
+) -> Any:
+    """Sync *remotes* one after the other (`sync_remote`), closing each remote's connections
+    when its sync ended and *workers* (`SyncWorkers`, optional) at the end.
+
+    A remote whose listing fails (`SyncError`) does not stop the others. *reported* hears of
+    each remote as it ends; fires with the outcomes in order (a `SyncReport` or a
+    `SyncError` each). Cancelling stops the sync under way and ends the rest unsynced.
+    """
+    outcomes: list[SyncReport | SyncError] = []
+    try:
+        for remote in remotes:
+            outcome: SyncReport | SyncError
+            try:
+                outcome = yield sync_remote(remote, catalog, storage, progress, workers)
+            except SyncError as error:
+                outcome = error
+            finally:
+                yield remote.close()
+            outcomes.append(outcome)
+            if reported is not None:
+                reported(remote, outcome)
+    finally:
+        if workers is not None:
+            yield workers.close()
+    return outcomes

@@ -1,25 +1,29 @@
-"""importer.commands in process: remote selection, sync_remotes over a real config, fetch_url."""
+"""The sync and fetch commands in process: the CLI's remote selection, `run_sync` over a real
+config and `run_fetch`; and the importer's halves, called with plain values (remotes, a
+storage, a catalog), as code that is not the command line calls them."""
 
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import attrs
 import pytest
 import pytest_twisted
 
 from downloaders import DigestValidationError, SizeValidationError
-from importer.commands import (
+from importer import Remote, SyncError, SyncReport, download_url, remote_for_url, sync_remotes
+from store import open_catalog, open_for_storage
+from streamer.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    fetch_url,
-    remote_for_url,
+    run_fetch,
+    run_sync,
     select_remotes,
     sync_command,
-    sync_remotes,
 )
-from store import open_catalog
 from streamer.config import parse_config
 from tests.importer.conftest import sha
 from tests.support.faults import Serve, WrongBytes
@@ -55,7 +59,7 @@ async def test_sync_remotes_prints_summaries_and_exit_status(tmp_path, upstream,
     config = make_config(tmp_path, upstream, policy="immediate")
     out, err = io.StringIO(), io.StringIO()
     remotes = select_remotes(config, ["fixtures"])
-    assert await sync_remotes(config, remotes, None, out, err) == EXIT_OK
+    assert await run_sync(config, remotes, None, out, err) == EXIT_OK
     assert out.getvalue().startswith("fixtures: 10 downloaded, 0 already present")
 
     upstream.register("/repo/files/03.bin", WrongBytes(repo.files["files/03.bin"]))
@@ -63,7 +67,7 @@ async def test_sync_remotes_prints_summaries_and_exit_status(tmp_path, upstream,
         sha(repo.files["files/03.bin"])[:2], sha(repo.files["files/03.bin"])[2:]
     ).unlink()
     out = io.StringIO()
-    assert await sync_remotes(config, config.remotes, None, out, err) == EXIT_FAILED
+    assert await run_sync(config, config.remotes, None, out, err) == EXIT_FAILED
     text = out.getvalue()
     assert "fixtures: 0 downloaded, 9 already present" in text
     assert f"  failed: {upstream.url('/repo/files/03.bin')}: sha256 mismatch" in text
@@ -82,7 +86,7 @@ async def test_sync_remotes_prints_summaries_and_exit_status(tmp_path, upstream,
 async def test_sync_remotes_reports_a_broken_remote_and_goes_on(tmp_path, upstream, repo):
     config = make_config(tmp_path, upstream, url=upstream.url("/missing/PULP_MANIFEST"))
     out, err = io.StringIO(), io.StringIO()
-    assert await sync_remotes(config, config.remotes, None, out, err) == EXIT_FAILED
+    assert await run_sync(config, config.remotes, None, out, err) == EXIT_FAILED
     assert err.getvalue().startswith("error: sync fixtures: cannot fetch the listing: HTTP 404")
     assert out.getvalue().startswith("other: 0 downloaded, 0 already present, 10 recorded")
 
@@ -93,7 +97,7 @@ async def test_fetch_url_writes_the_output_and_prints_size_and_sha256(tmp_path, 
     url = upstream.register("/one.bin", Serve(body))
     out = io.StringIO()
     target = tmp_path / "one.bin"
-    await fetch_url(
+    await run_fetch(
         make_config(tmp_path, upstream), url, sha(body).upper(), len(body), str(target), out
     )
     assert target.read_bytes() == body
@@ -111,7 +115,7 @@ async def test_fetch_url_without_output_writes_the_urls_file_name(tmp_path, upst
     url = upstream.register("/files/x.bin", Serve(b"xyz"))
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
-    await fetch_url(make_config(tmp_path, upstream), url, out=out)
+    await run_fetch(make_config(tmp_path, upstream), url, out=out)
     assert out.getvalue().splitlines()[-1] == "written: x.bin"
     assert (tmp_path / "x.bin").read_bytes() == b"xyz"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -127,7 +131,7 @@ async def test_fetch_url_validation_failure_leaves_no_file(tmp_path, upstream, e
     target = tmp_path / "out" / "x"
     target.parent.mkdir()
     with pytest.raises(error):
-        await fetch_url(
+        await run_fetch(
             make_config(tmp_path, upstream), url, output=str(target), out=io.StringIO(), **expect
         )
     assert list(target.parent.iterdir()) == []
@@ -135,8 +139,8 @@ async def test_fetch_url_validation_failure_leaves_no_file(tmp_path, upstream, e
 
 def test_fetch_uses_the_settings_of_a_remote_on_the_same_origin(tmp_path, upstream):
     config = make_config(tmp_path, upstream, username="u", password="p")
-    assert remote_for_url(config, upstream.url("/elsewhere")).name == "fixtures"
-    plain = remote_for_url(config, "http://127.0.0.2:9/x")
+    assert remote_for_url(config.remotes, upstream.url("/elsewhere")).name == "fixtures"
+    plain = remote_for_url(config.remotes, "http://127.0.0.2:9/x")
     assert (plain.name, plain.username) == ("fetch", "")
 
 
@@ -145,5 +149,44 @@ def test_fetch_matches_the_origin_with_its_default_port_spelled_out(tmp_path, up
     config = make_config(tmp_path, upstream)
     remote = attrs.evolve(config.remotes[0], url="http://mirror.example/dists/x/Release")
     config = attrs.evolve(config, remotes=[remote])
-    assert remote_for_url(config, "HTTP://Mirror.Example:80/pool/a.deb").name == remote.name
-    assert remote_for_url(config, "http://mirror.example:8080/pool/a.deb").name == "fetch"
+    assert remote_for_url(config.remotes, "HTTP://Mirror.Example:80/pool/a.deb").name == remote.name
+    assert remote_for_url(config.remotes, "http://mirror.example:8080/pool/a.deb").name == "fetch"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_importer_syncs_remotes_given_plain_values(
+    upstream, repo, storage, catalog, make_remote
+):
+    """No configuration object: a list of remotes, a storage and an open catalog. Each remote
+    is reported as it ends, a broken one does not stop the next, and each is closed."""
+    good = make_remote("immediate")
+    broken = make_remote("immediate", name="broken", url=upstream.url("/missing/PULP_MANIFEST"))
+    heard: list[tuple[str, object]] = []
+    await open_for_storage(catalog, storage)
+    outcomes = await sync_remotes(
+        [broken, good], catalog, storage, reported=lambda r, o: heard.append((r.name, o))
+    )
+    assert [(name, type(outcome)) for name, outcome in heard] == [
+        ("broken", SyncError),
+        (good.name, SyncReport),
+    ]
+    assert outcomes == [outcome for _, outcome in heard]
+    assert outcomes[1].downloaded == len(repo.files) and outcomes[1].ok
+    assert storage.has(sha(repo.files["files/00.bin"]))
+    assert good._factory is None and broken._factory is None  # each remote was closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_importer_downloads_one_url_given_a_remote(tmp_path, upstream):
+    """`download_url`: the validated bytes in a temporary file the caller owns; a failure
+    leaves nothing behind in the folder named."""
+    body = b"plain values\n" * 50
+    url = upstream.register("/plain.bin", Serve(body))
+    remote = remote_for_url([], url)
+    assert remote == Remote(name="fetch", url=url)
+    result = await download_url(remote, url, sha(body), len(body), str(tmp_path))
+    assert Path(result.path).read_bytes() == body
+    os.unlink(result.path)
+    with pytest.raises(SizeValidationError):
+        await download_url(remote, url, size=len(body) + 1, temp_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
