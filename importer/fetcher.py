@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from downloaders.errors import DownloadError, describe_error
 from downloaders.result import keep_upstream_date
-from importer.commit import GroupCommitter
+from store.batches import BatchCommitter
 from store.catalog import CatalogEntry
 from store.storage import ARTIFACT_MODE
 from store.tempdirs import remove_quietly
@@ -47,7 +47,7 @@ class FileFetcher:
         self.on_stored = on_stored
         self.on_failed = on_failed
         # A sync's process serves nobody meanwhile: renames run in the reactor thread.
-        self.committer = GroupCommitter(storage, inline_renames=True)
+        self.committer = BatchCommitter(storage, inline_renames=True)
         #: Commits under way (the download slots are free meanwhile).
         self.pending: set[defer.Deferred[None]] = set()
         self._factory: Any = None

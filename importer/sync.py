@@ -11,7 +11,7 @@ Steps:
    not already stored is downloaded by at most ``download_concurrency`` workers pulling from
    one lazy iterator over the listing (so memory stays flat for 100,000 files), failing over
    to the file's next source (mirror) when one fails. Validated files enter storage in
-   batches (`GroupCommitter`: one filesystem flush, then an atomic rename per file), then the
+   batches (`BatchCommitter`: one filesystem flush, then an atomic rename per file), then the
    catalog marks each stored. A worker takes its next file while its last one waits for its
    batch (at most ``max_backlog`` files wait). Worker processes (`importer.workers`) may
    share the downloads; the catalog stays this process's.

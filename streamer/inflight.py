@@ -79,7 +79,7 @@ class InFlight:
         applied, with no retry before a ``Retry-After`` (`LiveBackoff`), to a downloader that
         has a ``backoff`` (the built-in ones); None: as built.
     :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
-        the file is in storage (the streamer's shared `importer.commit.GroupCommitter`, so
+        the file is in storage (the streamer's shared `store.batches.BatchCommitter`, so
         many small artifacts share one flush); by default one ``storage.commit`` in a thread.
     :param condition: request headers making the download conditional (a client's
         ``If-Modified-Since``), added to a downloader that has ``request_headers`` (the

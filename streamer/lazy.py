@@ -44,7 +44,7 @@ from downloaders.errors import (
     describe_error,
 )
 from downloaders.result import parse_last_modified
-from importer.commit import GroupCommitter
+from store.batches import BatchCommitter
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
 from streamer.claims import NO_CLAIM, Claims, OwnerGone, PeerDownload
@@ -152,7 +152,7 @@ class LazyStreamer:
         self._own: set[InFlight] = set()
         #: Requests waiting for a busy origin (answered at `stop`).
         self.waiting: set[_LazyRequest] = set()
-        self._committer: GroupCommitter | None = None
+        self._committer: BatchCommitter | None = None
         #: Set when other processes share the storage folder: one download per artifact
         #: between them (`streamer.claims`).
         self.claims: Claims | None = None
@@ -288,7 +288,7 @@ class LazyStreamer:
     def _commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Commit a validated temp file; files finishing together share one flush."""
         if self._committer is None:
-            self._committer = GroupCommitter(
+            self._committer = BatchCommitter(
                 self.storage, delay=self.options.commit_delay, clock=self.reactor
             )
         return self._committer.commit(temp_path, sha256, size)

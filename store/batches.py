@@ -1,5 +1,8 @@
 """Commit validated temporary files into artifact storage in batches: one filesystem flush
-per batch instead of one ``fsync`` per file, then an atomic rename per file."""
+per batch instead of one ``fsync`` per file, then an atomic rename per file.
+
+The store's own, for whoever fills it: the sync's fetcher and the streamer's on-demand
+downloads."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from store.tempdirs import remove_quietly
+
+__all__ = ["BatchCommitter", "flush_filesystem"]
 
 
 def flush_filesystem(path: str) -> None:
@@ -49,7 +54,7 @@ def _libc() -> Any:
     return libc
 
 
-class GroupCommitter:
+class BatchCommitter:
     """Commits validated temp files into storage in batches, off the reactor thread.
 
     A per-file fsync costs a journal commit (a few ms; a few hundred files/s on a common

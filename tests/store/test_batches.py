@@ -1,4 +1,4 @@
-"""GroupCommitter: validated temp files enter storage in batches (one filesystem flush each),
+"""BatchCommitter: validated temp files enter storage in batches (one filesystem flush each),
 whole or not at all; a file still waiting for its batch when cancelled is removed."""
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from importer.commit import GroupCommitter, _flushed, flush_filesystem
+from store import ArtifactStorage
+from store.batches import BatchCommitter, _flushed, flush_filesystem
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> ArtifactStorage:
+    return ArtifactStorage(tmp_path / "var")
 
 
 def temp_file(storage, data: bytes) -> tuple[str, str, int]:
@@ -37,9 +43,9 @@ def test_flush_filesystem_flushes_a_folder_and_reports_a_missing_one(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_files_gather_into_one_batch(storage, monkeypatch):
     flushes = []
-    monkeypatch.setattr("importer.commit.flush_filesystem", flushes.append)
+    monkeypatch.setattr("store.batches.flush_filesystem", flushes.append)
     clock = task.Clock()
-    committer = GroupCommitter(storage, delay=0.05, clock=clock)
+    committer = BatchCommitter(storage, delay=0.05, clock=clock)
     files = [temp_file(storage, b"x" * n) for n in (1, 2, 3)]
     done = [committer.commit(*f) for f in files]
 
@@ -52,7 +58,7 @@ async def test_files_gather_into_one_batch(storage, monkeypatch):
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_batch_goes_at_once(storage):
-    committer = GroupCommitter(storage, max_batch=2, clock=task.Clock())
+    committer = BatchCommitter(storage, max_batch=2, clock=task.Clock())
     files = [temp_file(storage, b"a"), temp_file(storage, b"b")]
     await defer.gatherResults([committer.commit(*f) for f in files])
     assert all(storage.has(sha) for _, sha, _ in files)
@@ -61,7 +67,7 @@ async def test_a_full_batch_goes_at_once(storage):
 @pytest_twisted.ensureDeferred
 async def test_cancelled_before_its_batch_the_file_is_removed(storage):
     clock = task.Clock()
-    committer = GroupCommitter(storage, clock=clock)
+    committer = BatchCommitter(storage, clock=clock)
     path, sha, size = temp_file(storage, b"never stored")
     d = committer.commit(path, sha, size)
     d.cancel()
@@ -75,7 +81,7 @@ async def test_cancelled_before_its_batch_the_file_is_removed(storage):
 @pytest_twisted.ensureDeferred
 async def test_a_bad_file_fails_alone(storage):
     clock = task.Clock()
-    committer = GroupCommitter(storage, clock=clock)
+    committer = BatchCommitter(storage, clock=clock)
     good = temp_file(storage, b"good")
     bad_path, bad_sha, _ = temp_file(storage, b"short")
     results = [committer.commit(*good), committer.commit(bad_path, bad_sha, 999)]
@@ -88,7 +94,7 @@ async def test_a_bad_file_fails_alone(storage):
 
 @pytest_twisted.ensureDeferred
 async def test_flush_commits_the_last_files_without_waiting(storage):
-    committer = GroupCommitter(storage, delay=3600, clock=task.Clock())
+    committer = BatchCommitter(storage, delay=3600, clock=task.Clock())
     path, sha, size = temp_file(storage, b"last one")
     done = committer.commit(path, sha, size)
     committer.flush()
@@ -109,9 +115,9 @@ async def test_inline_renames_flush_in_a_thread_then_rename_in_the_reactor(stora
         where.setdefault("commits", []).append((threading.current_thread(), durable))
         return commit(path, sha256, size, durable=durable)
 
-    monkeypatch.setattr("importer.commit.flush_filesystem", flush)
+    monkeypatch.setattr("store.batches.flush_filesystem", flush)
     monkeypatch.setattr(storage, "commit", recording_commit)
-    committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
+    committer = BatchCommitter(storage, clock=task.Clock(), inline_renames=True)
     files = [temp_file(storage, b"inline %d" % n) for n in range(3)]
     done = [committer.commit(*f) for f in files]
     committer.flush()
@@ -136,9 +142,9 @@ async def test_inline_renames_fsync_each_file_in_a_thread_when_the_flush_fails(
         durable.append((threading.current_thread(), kwargs["durable"]))
         return commit(path, sha256, size, **kwargs)
 
-    monkeypatch.setattr("importer.commit.flush_filesystem", flush)
+    monkeypatch.setattr("store.batches.flush_filesystem", flush)
     monkeypatch.setattr(storage, "commit", recording_commit)
-    committer = GroupCommitter(storage, clock=task.Clock(), inline_renames=True)
+    committer = BatchCommitter(storage, clock=task.Clock(), inline_renames=True)
     good = temp_file(storage, b"good")
     bad_path, bad_sha, _ = temp_file(storage, b"short")
     results = [committer.commit(*good), committer.commit(bad_path, bad_sha, 999)]
