@@ -8,7 +8,7 @@ Runs, on loopback only, against one nginx serving a fixture made by ``bench/peer
 (the peers are the project's own, so a clone runs this with nothing beside it):
 
 * our ``immediate`` sync as a user runs it, ``streamer --config FILE sync`` (concurrency N,
-  sha256 and size validated, atomic commit into artifact storage, SQLite catalog; worker
+  sha256 and size validated, atomic commit into artifact storage, SQLite catalog; helper
   processes as the remote's default ``sync_processes = 0`` decides), and the same through
   the ``importer.sync_remote`` API in a small program that also times the sync's phases,
   each in a fresh process per run;
@@ -86,7 +86,7 @@ def run_ours(args: argparse.Namespace) -> None:
     from twisted.internet import defer, task
 
     from importer import Remote, sync_remote
-    from importer.workers import workers_for
+    from importer.helpers.process import helpers_for
     from store import ArtifactStorage, open_catalog
 
     rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -97,8 +97,8 @@ def run_ours(args: argparse.Namespace) -> None:
         download_concurrency=args.concurrency,
         sync_processes=args.processes,
     )
-    # As `streamer sync` does: worker processes start before the reactor (forked).
-    workers = workers_for(remote)
+    # As `streamer sync` does: helper processes start before the reactor (forked).
+    helpers = helpers_for(remote)
 
     @defer.inlineCallbacks
     def main(reactor: object) -> object:
@@ -107,10 +107,10 @@ def run_ours(args: argparse.Namespace) -> None:
         yield catalog.open()
         phases = PhaseTimer(profiler)
         started = time.perf_counter()
-        report = yield sync_remote(remote, catalog, storage, phases, workers)
+        report = yield sync_remote(remote, catalog, storage, phases, helpers)
         seconds = time.perf_counter() - started
-        if workers is not None:
-            yield workers.close()
+        if helpers is not None:
+            yield helpers.close()
         yield remote.close()
         yield catalog.close()
         print(

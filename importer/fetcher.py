@@ -1,7 +1,7 @@
 """Fetch one file of a sync into storage: its sources in order, then a batched commit.
 
-A `FileFetcher` is what runs per file both in the syncing process and in its worker
-processes (`importer.worker`): the outcome of each file is reported through two callables,
+A `FileFetcher` is what runs per file both in the syncing process and in its helper
+processes (`importer.helpers.child`): the outcome of each file is reported through two callables,
 so the same code counts a file in the sync's report or sends it to the syncing process.
 """
 

@@ -72,7 +72,7 @@ class Remote(RemoteSettings):
 
     #: Processes sharing an ``immediate`` sync's downloads, the syncing one included (each
     #: with a share of ``download_concurrency``): 1 for none besides it; 0 (auto) for one
-    #: per CPU, at most 4, when the listing has 1000 files or more (`importer.workers`).
+    #: per CPU, at most 4, when the listing has 1000 files or more (`importer.helpers`).
     sync_processes: int = attrs.field(default=0, validator=_processes)
 
     _factory: Any = attrs.field(init=False, default=None, repr=False, eq=False)

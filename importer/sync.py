@@ -13,7 +13,7 @@ Steps:
    to the file's next source (mirror) when one fails. Validated files enter storage in
    batches (`BatchCommitter`: one filesystem flush, then an atomic rename per file), then the
    catalog marks each stored. A worker takes its next file while its last one waits for its
-   batch (at most ``max_backlog`` files wait). Worker processes (`importer.workers`) may
+   batch (at most ``max_backlog`` files wait). Helper processes (`importer.helpers`) may
    share the downloads; the catalog stays this process's.
 
 A sync stopped half-way (cancelled, killed) leaves at most temporary files under ``tmp/``,
@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 
 from downloaders.errors import DownloadError
 from importer.fetcher import FileFetcher
+from importer.helpers.process import helpers_for
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
-from importer.workers import workers_for
 from store.catalog import CatalogEntry
 from store.tempdirs import remove_quietly
 
@@ -95,7 +95,7 @@ def run_bounded(
 
     *helpers*: further workers, each a ``(work, ready)`` pair: it calls its own ``work`` and
     starts pulling items once *ready* fires (never, if *ready* fails or the items run out
-    first). A sync's worker processes join this way as soon as they have started.
+    first). A sync's helper processes join this way as soon as they have started.
     *on_exhausted* is called once, when the last item has been taken.
     """
     shared = _Shared(iter(items), on_exhausted)
@@ -222,17 +222,17 @@ class _Sync:
     """The state of one remote's sync (see the module docstring)."""
 
     def __init__(
-        self, remote: Any, catalog: Any, storage: Any, progress: Any, workers: Any = None
+        self, remote: Any, catalog: Any, storage: Any, progress: Any, helpers: Any = None
     ) -> None:
         self.remote = remote
         self.catalog = catalog
         self.storage = storage
         self.progress = progress
-        self.workers = workers
+        self.helpers = helpers
         self.importer = remote.get_importer()
         self.report = SyncReport(remote=remote.name, policy=remote.policy)
         self._in_flight: dict[str, list[defer.Deferred[None]]] = {}
-        #: Catalog updates and re-runs of a lost worker's files under way.
+        #: Catalog updates and re-runs of a lost helper's files under way.
         self._pending: set[defer.Deferred[Any]] = set()
         self._fetcher = FileFetcher(remote, storage, self._stored, self._failed)
         #: Stored files whose catalog entries are marked at the end of this reactor turn.
@@ -248,16 +248,16 @@ class _Sync:
     def run(self) -> Any:
         started = time.monotonic()
         listing = yield self._fetch_listing()
-        own_workers = None
+        own_helpers = None
         try:
             try:
                 total = yield threads.deferToThread(self.importer.validate_listing, listing)
             except ValueError as error:
                 raise SyncError(self.remote.name, f"bad listing, catalog unchanged: {error}")
             self.report.total = total
-            if self.workers is None and self.remote.policy == "immediate":
+            if self.helpers is None and self.remote.policy == "immediate":
                 # Started now, they get ready while the catalog is being updated.
-                self.workers = own_workers = workers_for(self.remote, total)
+                self.helpers = own_helpers = helpers_for(self.remote, total)
             entries = self.importer.catalog_entries(listing, self._stored_check())
             recording = self.catalog.replace_remote(self.remote.name, entries)
             if self.remote.policy == "immediate":
@@ -267,14 +267,14 @@ class _Sync:
                 self.report.recorded_lazily = total
         finally:
             remove_quietly(listing)
-            if own_workers is not None:
-                yield own_workers.close()
+            if own_helpers is not None:
+                yield own_helpers.close()
             self.report.duration = time.monotonic() - started
         return self.report
 
     @defer.inlineCallbacks
     def _record_and_download(self, recording: defer.Deferred[Any], listing: str, total: int) -> Any:
-        """Download while the catalog records the listing (the worker processes, and any
+        """Download while the catalog records the listing (the helper processes, and any
         core the catalog's thread leaves, have work meanwhile); files stored before it is
         done are marked once it is. If recording fails, the downloads are stopped."""
         downloading = self._download_all(listing, total)
@@ -312,7 +312,7 @@ class _Sync:
             for _slot in range(link.window)
         ]
         try:
-            # Once every file is handed out, the workers give back what has not started
+            # Once every file is handed out, the helpers give back what has not started
             # (it would wait behind their downloads while this process's slots idle).
             reclaim = lambda: [link.reclaim() for link in links]  # noqa: E731
             yield run_bounded(files, self._one_file, local, helpers, reclaim)
@@ -331,10 +331,10 @@ class _Sync:
             self.progress.finish()
 
     def _links(self) -> list[Any]:
-        """This sync's share of the worker processes (none without workers)."""
-        if self.workers is None:
+        """This sync's share of the helper processes (none without helpers)."""
+        if self.helpers is None:
             return []
-        return self.workers.serve(
+        return self.helpers.serve(
             self.remote,
             self.storage,
             on_stored=self._stored,
@@ -343,7 +343,7 @@ class _Sync:
         )
 
     def _fetch_here(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
-        """A lost worker's file, fetched by this process instead (tracked until its slot is
+        """A lost helper's file, fetched by this process instead (tracked until its slot is
         free: the sync does not end before it)."""
         fetching = self._fetcher.fetch(sources)
         self._track(fetching)
@@ -450,7 +450,7 @@ class _Sync:
 
 
 def sync_remote(
-    remote: Any, catalog: Any, storage: Any, progress: Any = None, workers: Any = None
+    remote: Any, catalog: Any, storage: Any, progress: Any = None, helpers: Any = None
 ) -> defer.Deferred[SyncReport]:
     """Sync *remote* into *catalog* (an open ICatalog) and *storage* (IArtifactStorage).
 
@@ -458,12 +458,12 @@ def sync_remote(
     the listing cannot be fetched or is malformed. Cancelling stops the sync: downloads in
     flight are aborted and their temporary files removed.
 
-    *workers*: `SyncWorkers` to share the downloads with (started early by the caller, so
+    *helpers*: `SyncHelpers` to share the downloads with (started early by the caller, so
     their start-up overlaps other work; the caller closes them). By default an ``immediate``
     sync starts its own when the remote's ``sync_processes`` asks for them (see
-    `workers_for`) and closes them at the end.
+    `helpers_for`) and closes them at the end.
     """
-    return _Sync(remote, catalog, storage, progress or NoProgress(), workers).run()
+    return _Sync(remote, catalog, storage, progress or NoProgress(), helpers).run()
 
 
 #: ``reported(remote, outcome)``: one remote's sync ended, with its report or its SyncError.
@@ -476,11 +476,11 @@ def sync_remotes(
     catalog: Any,
     storage: Any,
     progress: Any = None,
-    workers: Any = None,
+    helpers: Any = None,
     reported: Reported | None = None,
 ) -> Any:
     """Sync *remotes* one after the other (`sync_remote`), closing each remote's connections
-    when its sync ended and *workers* (`SyncWorkers`, optional) at the end.
+    when its sync ended and *helpers* (`SyncHelpers`, optional) at the end.
 
     A remote whose listing fails (`SyncError`) does not stop the others. *reported* hears of
     each remote as it ends; fires with the outcomes in order (a `SyncReport` or a
@@ -491,7 +491,7 @@ def sync_remotes(
         for remote in remotes:
             outcome: SyncReport | SyncError
             try:
-                outcome = yield sync_remote(remote, catalog, storage, progress, workers)
+                outcome = yield sync_remote(remote, catalog, storage, progress, helpers)
             except SyncError as error:
                 outcome = error
             finally:
@@ -500,6 +500,6 @@ def sync_remotes(
             if reported is not None:
                 reported(remote, outcome)
     finally:
-        if workers is not None:
-            yield workers.close()
+        if helpers is not None:
+            yield helpers.close()
     return outcomes

@@ -301,12 +301,12 @@ def run_sync(
     progress: Any = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    workers: Any = None,
+    helpers: Any = None,
 ) -> Any:
     """Sync *remotes* into the configured storage and catalog (`importer.sync_remotes`).
 
     Prints each remote's summary to *out* and each remote-level failure to *err*; fires
-    with the exit status (1 if any file or remote failed). *workers*: `SyncWorkers` started
+    with the exit status (1 if any file or remote failed). *helpers*: `SyncHelpers` started
     beforehand, shared by the remotes' syncs and closed at the end.
     """
     from importer.progress import format_report
@@ -322,8 +322,8 @@ def run_sync(
         catalog = _open_catalog(config)
         yield open_for_storage(catalog, storage)
     except BaseException:
-        if workers is not None:
-            yield workers.close()
+        if helpers is not None:
+            yield helpers.close()
         raise
 
     def reported(remote: Any, outcome: Any) -> None:
@@ -333,7 +333,7 @@ def run_sync(
             print(format_report(outcome), file=out)
 
     try:
-        outcomes = yield sync_remotes(remotes, catalog, storage, progress, workers, reported)
+        outcomes = yield sync_remotes(remotes, catalog, storage, progress, helpers, reported)
     finally:
         yield catalog.close()
         storage.close()
@@ -343,8 +343,8 @@ def run_sync(
 
 def sync_command(config: Config, remote_names: Sequence[str]) -> int:
     """``streamer sync [REMOTE...]``: sync the named remotes (all when none are named)."""
+    from importer.helpers.process import SyncHelpers, helper_count
     from importer.progress import make_progress
-    from importer.workers import SyncWorkers, helper_count
 
     try:
         remotes = select_remotes(config, remote_names)
@@ -358,8 +358,8 @@ def sync_command(config: Config, remote_names: Sequence[str]) -> int:
     # Helper processes start now, before the reactor: forked, they are ready at once.
     settle_imports()
     count = max(helper_count(remote) for remote in remotes)
-    workers = SyncWorkers(count).start() if count else None
-    return run_reactor(lambda reactor: run_sync(config, remotes, progress, workers=workers))
+    helpers = SyncHelpers(count).start() if count else None
+    return run_reactor(lambda reactor: run_sync(config, remotes, progress, helpers=helpers))
 
 
 # -- fetch ----------------------------------------------------------------------------------

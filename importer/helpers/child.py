@@ -1,7 +1,7 @@
-"""A sync's worker process: `serve` in a child `SyncWorkers` forked, or ``python -m
-importer.worker FD`` where it cannot fork.
+"""A sync's helper process: `serve` in a child `SyncHelpers` forked, or ``python -m
+importer.helpers FD`` where it cannot fork.
 
-It speaks the messages described in `importer.workers` over the socket *FD*: for each
+It speaks the messages described in `importer.helpers.protocol` over the socket *FD*: for each
 ``config`` it rebuilds the remote and opens the storage, then fetches every file it is given
 with a `FileFetcher` (the code the syncing process runs for its own files) and reports each
 outcome. When the connection closes (the sync is over, stopped, or the syncing process
@@ -35,16 +35,16 @@ from twisted.python.failure import Failure
 
 from downloaders.transports import IStreamTransport
 from importer.fetcher import FileFetcher
+from importer.helpers.protocol import MAX_LINE, SingleProtocolFactory, decode_sources
 from importer.remote import Remote
-from importer.workers import MAX_LINE, SingleProtocolFactory, decode_sources
 from store.catalog import CatalogEntry
 from store.storage import ArtifactStorage
 
 log = Logger()
 
 
-class WorkerSide(LineReceiver):
-    """The worker's end of the connection: one sync (one ``config``) at a time."""
+class HelperSide(LineReceiver):
+    """The helper's end of the connection: one sync (one ``config``) at a time."""
 
     transport: IStreamTransport  # set by makeConnection
 
@@ -166,10 +166,10 @@ class WorkerSide(LineReceiver):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m importer.worker FD``: serve the syncing process on the socket *FD*."""
+    """``python -m importer.helpers FD``: serve the syncing process on the socket *FD*."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m importer.worker FD (started by a sync)", file=sys.stderr)
+        print("usage: python -m importer.helpers FD (started by a sync)", file=sys.stderr)
         return 2
     return serve(int(args[0]))
 
@@ -179,7 +179,7 @@ def serve(fd: int) -> int:
     status. Installs and runs this process's reactor: call it in a fresh process (or one
     forked before any reactor was installed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the syncing process,
-    # which decides; the worker stops when the connection closes
+    # which decides; the helper stops when the connection closes
     from twisted.internet import reactor as installed
 
     reactor = cast(PosixReactorBase, installed)  # (typed as less than it is)
@@ -187,7 +187,7 @@ def serve(fd: int) -> int:
     warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [warnings])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    side = WorkerSide()
+    side = HelperSide()
     os.set_blocking(fd, False)
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, SingleProtocolFactory(side))
     os.close(fd)

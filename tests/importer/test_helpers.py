@@ -1,6 +1,6 @@
-"""Sync worker processes (`importer.workers`): real worker processes, a real loopback upstream,
+"""A sync's helper processes (`importer.helpers`): real helper processes, a real loopback upstream,
 SQLite catalog and artifact storage. Requests are held at the upstream (`Gated`) until both
-the syncing process and its worker have files in flight, so each test knows who did what."""
+the syncing process and its helper have files in flight, so each test knows who did what."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from twisted.internet import defer
 
 from downloaders.settings import SettingsError
 from importer import sync_remote
-from importer.workers import AUTO_MIN_FILES, SyncWorkers, helper_count
+from importer.helpers.process import AUTO_MIN_FILES, SyncHelpers, helper_count
 from tests.importer.conftest import artifacts, sha, temp_files
 from tests.support.faults import Gated, Serve, WrongBytes
 from tests.support.polling import until
@@ -35,10 +35,10 @@ def gate_every_file(repo, upstream, then=Serve) -> list[Gated]:
     return gates
 
 
-async def started_workers(count: int = 1) -> SyncWorkers:
-    workers = SyncWorkers(count).start()
-    await workers.wait_started()
-    return workers
+async def started_helpers(count: int = 1) -> SyncHelpers:
+    helpers = SyncHelpers(count).start()
+    await helpers.wait_started()
+    return helpers
 
 
 def waiting(gates: list[Gated]) -> int:
@@ -47,17 +47,17 @@ def waiting(gates: list[Gated]) -> int:
 
 @contextlib.asynccontextmanager
 async def gated_sync(repo, upstream, remote, catalog, storage, then=Serve):
-    """A sync with one started worker, every file held at the upstream until both processes
-    have files in flight (4 in all); yields ``(workers, gates, syncing)``; closes the
-    worker after."""
-    workers = await started_workers()
+    """A sync with one started helper, every file held at the upstream until both processes
+    have files in flight (4 in all); yields ``(helpers, gates, syncing)``; closes the
+    helper after."""
+    helpers = await started_helpers()
     try:
         gates = gate_every_file(repo, upstream, then)
-        syncing = sync_remote(remote, catalog, storage, None, workers)
-        await until(lambda: waiting(gates) == 4, timeout=20)  # 1 here, 3 in the worker
-        yield workers, gates, syncing
+        syncing = sync_remote(remote, catalog, storage, None, helpers)
+        await until(lambda: waiting(gates) == 4, timeout=20)  # 1 here, 3 in the helper
+        yield helpers, gates, syncing
     finally:
-        await workers.close()
+        await helpers.close()
 
 
 def release(gates: list[Gated]) -> None:
@@ -66,30 +66,30 @@ def release(gates: list[Gated]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_worker_process_shares_the_downloads(repo, storage, catalog, make_remote, upstream):
+async def test_a_helper_process_shares_the_downloads(repo, storage, catalog, make_remote, upstream):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, gates, syncing):
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (helpers, gates, syncing):
         release(gates)
         report = await syncing
 
     assert (report.downloaded, report.failed, report.already_present) == (10, [], 0)
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
-    [link] = workers.links
-    # The worker stored the 3 files it had in flight and maybe more; the syncing process at
+    [link] = helpers.links
+    # The helper stored the 3 files it had in flight and maybe more; the syncing process at
     # least the one it had in flight.
     assert 3 <= link.stored <= 9
-    assert all(process.poll() is not None for process in workers.processes)
+    assert all(process.poll() is not None for process in helpers.processes)
     assert temp_files(storage) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_failures_in_a_worker_are_reported_like_our_own(
+async def test_failures_in_a_helper_are_reported_like_our_own(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
     async with gated_sync(repo, upstream, remote, catalog, storage, WrongBytes) as started:
-        _workers, gates, syncing = started
+        _helpers, gates, syncing = started
         release(gates)
         report = await syncing
 
@@ -103,53 +103,53 @@ async def test_failures_in_a_worker_are_reported_like_our_own(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_killed_worker_s_files_are_fetched_by_the_syncing_process(
+async def test_a_killed_helper_s_files_are_fetched_by_the_syncing_process(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, gates, syncing):
-        [process] = workers.processes
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (helpers, gates, syncing):
+        [process] = helpers.processes
         os.kill(process.pid, signal.SIGKILL)
-        await until(lambda: not workers.links[0].alive)
+        await until(lambda: not helpers.links[0].alive)
         release(gates)
         report = await syncing
 
     assert (report.downloaded, report.failed) == (10, [])
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
-    assert workers.links[0].stored == 0
+    assert helpers.links[0].stored == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_cancelled_sync_stops_its_worker_and_leaves_no_partial_file(
+async def test_a_cancelled_sync_stops_its_helper_and_leaves_no_partial_file(
     repo, storage, catalog, make_remote, upstream
 ):
     remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
-    async with gated_sync(repo, upstream, remote, catalog, storage) as (workers, _gates, syncing):
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (helpers, _gates, syncing):
         syncing.cancel()
         with pytest.raises(defer.CancelledError):
             await syncing
-        await until(lambda: not workers.links[0].alive)  # the worker was stopped
+        await until(lambda: not helpers.links[0].alive)  # the helper was stopped
 
-    assert all(process.poll() is not None for process in workers.processes)
+    assert all(process.poll() is not None for process in helpers.processes)
     assert artifacts(storage) == {} and temp_files(storage) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_workers_serve_one_remote_after_another(
+async def test_helpers_serve_one_remote_after_another(
     repo, storage, catalog, make_remote, upstream
 ):
-    workers = await started_workers()
+    helpers = await started_helpers()
     try:
         first = make_remote("immediate", download_concurrency=4, sync_processes=2)
-        report = await sync_remote(first, catalog, storage, None, workers)
+        report = await sync_remote(first, catalog, storage, None, helpers)
         assert (report.downloaded, report.failed) == (10, [])
         repo.put("files/new.bin", b"added later\n" * 100)
         repo.publish()
         second = make_remote("immediate", name="again", download_concurrency=4, sync_processes=2)
-        report = await sync_remote(second, catalog, storage, None, workers)
+        report = await sync_remote(second, catalog, storage, None, helpers)
     finally:
-        await workers.close()
+        await helpers.close()
 
     assert (report.downloaded, report.already_present, report.failed) == (1, 10, [])
     assert storage.has(sha(b"added later\n" * 100))
@@ -162,7 +162,7 @@ def test_sync_processes_is_validated(make_remote):
     assert make_remote("immediate").sync_processes == 0  # auto
 
 
-def test_who_gets_workers(make_remote, monkeypatch):
+def test_who_gets_helpers(make_remote, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert helper_count(make_remote("immediate")) == 1  # auto: one per CPU
     assert helper_count(make_remote("immediate"), AUTO_MIN_FILES - 1) == 0  # not worth it
@@ -181,32 +181,32 @@ FORKED_SYNC = """
 import json, sys
 from twisted.internet import defer, task
 from importer import Remote, sync_remote
-from importer.workers import SyncWorkers, _ForkedProcess, can_fork
+from importer.helpers.process import SyncHelpers, _ForkedProcess, can_fork
 from store import ArtifactStorage, open_catalog
 
 assert can_fork()
 remote = Remote(name="fixtures", url=sys.argv[1], policy="immediate", download_concurrency=4)
-workers = SyncWorkers(1).start()  # before the reactor: forked
-assert isinstance(workers.processes[0], _ForkedProcess)
+helpers = SyncHelpers(1).start()  # before the reactor: forked
+assert isinstance(helpers.processes[0], _ForkedProcess)
 
 @defer.inlineCallbacks
 def main(reactor):
     storage = ArtifactStorage(sys.argv[2])
     catalog = open_catalog("", storage.root)
     yield catalog.open()
-    report = yield sync_remote(remote, catalog, storage, None, workers)
-    yield workers.close()
+    report = yield sync_remote(remote, catalog, storage, None, helpers)
+    yield helpers.close()
     yield remote.close()
     yield catalog.close()
     print(json.dumps({"downloaded": report.downloaded, "failed": report.failed,
-                      "exited": [p.poll() for p in workers.processes]}))
+                      "exited": [p.poll() for p in helpers.processes]}))
 
 task.react(main)
 """
 
 
 @pytest_twisted.ensureDeferred
-async def test_workers_started_before_the_reactor_are_forked(repo, upstream, tmp_path):
+async def test_helpers_started_before_the_reactor_are_forked(repo, upstream, tmp_path):
     from twisted.internet import utils
 
     out, err, code = await utils.getProcessOutputAndValue(
@@ -220,9 +220,9 @@ async def test_workers_started_before_the_reactor_are_forked(repo, upstream, tmp
     assert result == {"downloaded": 10, "failed": [], "exited": [0]}
 
 
-def test_the_worker_module_refuses_a_bad_command_line():
+def test_the_helper_module_refuses_a_bad_command_line():
     done = subprocess.run(
-        [sys.executable, "-m", "importer.worker", "nonsense"],
+        [sys.executable, "-m", "importer.helpers", "nonsense"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -232,18 +232,18 @@ def test_the_worker_module_refuses_a_bad_command_line():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_worker_that_cannot_start_leaves_the_sync_to_this_process(
+async def test_a_helper_that_cannot_start_leaves_the_sync_to_this_process(
     repo, storage, catalog, make_remote, monkeypatch
 ):
     def refuse(self):
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(SyncWorkers, "_spawn", refuse)
-    workers = SyncWorkers(2).start()
-    assert workers.processes == [] and workers.count == 0
+    monkeypatch.setattr(SyncHelpers, "_spawn", refuse)
+    helpers = SyncHelpers(2).start()
+    assert helpers.processes == [] and helpers.count == 0
     remote = make_remote("immediate", download_concurrency=4, sync_processes=3)
     try:
-        report = await sync_remote(remote, catalog, storage, None, workers)
+        report = await sync_remote(remote, catalog, storage, None, helpers)
     finally:
-        await workers.close()
+        await helpers.close()
     assert (report.downloaded, report.failed) == (10, [])
