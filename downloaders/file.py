@@ -9,7 +9,7 @@ on the reactor thread, where a caller's writer (a twisted.web response, say) mus
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
@@ -58,14 +58,12 @@ class FileDownloader(BaseDownloader):
     def __init__(
         self,
         url: str,
-        expected_digests: Mapping[str, str] | None = None,
-        expected_size: int | None = None,
-        semaphore: defer.DeferredSemaphore | None = None,
-        *,
+        *args: Any,
         allowed_import_paths: Iterable[str] = (),
         **kwargs: Any,
     ) -> None:
-        super().__init__(url, expected_digests, expected_size, semaphore, **kwargs)
+        # ``*args``: `BaseDownloader`'s positional parameters (Pulp's FileDownloader(url, *args)).
+        super().__init__(url, *args, **kwargs)
         self.allowed_import_paths = tuple(str(p) for p in allowed_import_paths)
         self.local_path = path_from_url(url)
 

@@ -268,3 +268,17 @@ async def test_progress_events(upstream, agent, tmp_path):
     ).run()
     assert events[-1] == (len(BODY) * 100, len(BODY) * 100)
     assert [so_far for so_far, _ in events] == sorted({so_far for so_far, _ in events})
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_downloader_takes_the_base_positional_parameters(tmp_path):
+    from downloaders import FileDownloader
+
+    source = tmp_path / "in.bin"
+    source.write_bytes(BODY)
+    out = io.BytesIO()
+    downloader = FileDownloader(
+        source.as_uri(), {"sha256": SHA256}, len(BODY), None, out, allowed_import_paths=[tmp_path]
+    )
+    result = await downloader.run()
+    assert out.getvalue() == BODY and result.artifact_attributes["sha256"] == SHA256
