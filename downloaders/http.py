@@ -32,6 +32,7 @@ from downloaders.bodies import discard_body
 from downloaders.quiet import quiet_pool
 from downloaders.redirects import RedirectingAgent
 from downloaders.retry import parse_retry_after
+from downloaders.settings import SENSITIVE_HEADERS
 from downloaders.urls import origin
 
 METHODS = ("GET", "HEAD")
@@ -220,12 +221,13 @@ class HttpDownloader(BaseDownloader):
         return RedirectingAgent(agent)
 
     def _headers(self, url: str | None = None) -> Headers:
+        elsewhere = url is not None and url != self.url and origin(url) != origin(self.url)
         headers = Headers()
         for name, value in self.request_headers.items():
+            if elsewhere and name.lower() in SENSITIVE_HEADERS:
+                continue  # a mirror on another origin (a mirror list's word) gets no secrets
             headers.addRawHeader(name, value)
-        login = self.auth or self.url_credentials
-        if url is not None and url != self.url and origin(url) != origin(self.url):
-            login = None  # a mirror elsewhere never gets the url's own credentials
+        login = None if elsewhere else self.auth or self.url_credentials
         if login is not None and not headers.hasHeader(b"authorization"):
             user, password = login
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")

@@ -204,3 +204,28 @@ async def test_a_mirror_list_too_big_is_refused(upstream, tmp_path):
     with pytest.raises(DownloadError, match="mirror list failed: bigger than"):
         await remote.downloader_factory().mirror_list.bases()
     await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mirrors_from_a_list_on_another_origin_get_no_secrets(upstream, tmp_path):
+    """The mirror list is the upstream's word: its mirrors on another origin (here localhost
+    against 127.0.0.1) get neither the remote's credentials nor its secret headers."""
+    upstream.register("/elsewhere/a.bin", Serve(b"mirrored"))
+    upstream.register("/mirrors.txt", Serve(upstream.url("/elsewhere/", host="localhost").encode()))
+    remote = Remote(
+        name="m",
+        url=upstream.url("/repo/PULP_MANIFEST"),
+        mirror_list=upstream.url("/mirrors.txt"),
+        username="alice",
+        password="s3cret",
+        headers={"X-Api-Key": "k3y", "X-Plain": "fine"},
+        max_retries=0,
+    )
+    result = await remote.get_downloader(upstream.url("/repo/a.bin"), temp_dir=str(tmp_path)).run()
+    assert result.artifact_attributes["size"] == 8
+    [own] = upstream.requests("/repo/a.bin")
+    assert own.headers["x-api-key"] == "k3y" and own.headers["authorization"].startswith("Basic")
+    [mirrored] = upstream.requests("/elsewhere/a.bin")
+    assert "authorization" not in mirrored.headers and "x-api-key" not in mirrored.headers
+    assert mirrored.headers["x-plain"] == "fine"
+    await remote.close()
