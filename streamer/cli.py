@@ -183,8 +183,11 @@ def _unmark_in_catalog(config: Config, digests: list[str]) -> None:
                     yield catalog.mark_stored(sha256, False)
             finally:
                 yield catalog.close()
-        except Exception:
-            print("streamer: could not update the catalog's stored flags", file=sys.stderr)
+        except Exception as error:
+            print(
+                f"streamer: could not update the catalog's stored flags: {error}",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
         return EXIT_OK
 

@@ -169,3 +169,25 @@ async def test_sigint_cancels_the_sync_cleanly(tmp_path, upstream, repo):
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert os.listdir(storage.temp_dir) == []
     assert len(artifacts(storage)) == 9 and not storage.has(sha(stalled))
+
+
+@pytest_twisted.ensureDeferred
+async def test_verify_with_a_broken_catalog_says_so_in_one_line(tmp_path, upstream, repo):
+    """A bad artifact is set aside even when the catalog cannot be updated; that failure is
+    one line with its reason (it was react's 20-line traceback), and the status still 1."""
+    config = write_config(tmp_path, upstream)
+    code, _out, err = await streamer(config, "sync").ended
+    assert code == 0, err
+    storage = ArtifactStorage(tmp_path / "var")
+    damaged = storage.path_for(sha(repo.files["files/00.bin"]))
+    Path(damaged).write_bytes(b"damaged")
+    (tmp_path / "var" / "catalog.sqlite3").write_bytes(b"not a database" * 100)
+    for leftover in ("catalog.sqlite3-wal", "catalog.sqlite3-shm"):
+        (tmp_path / "var" / leftover).unlink(missing_ok=True)
+
+    code, out, err = await streamer(config, "verify").ended
+    assert code == 1
+    assert out.startswith("BAD ") and out.endswith(": 9 good, 1 bad\n")
+    assert not os.path.exists(damaged)
+    assert err.startswith("streamer: could not update the catalog's stored flags: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
