@@ -18,6 +18,12 @@ the download going to its end (a ``streamed`` download is only cancelled when no
 
 A follower paused for ``no_progress_timeout`` seconds (a client that stopped reading) has
 its connection aborted.
+
+What a slow client holds is the chunk its transport has not sent yet: with many clients at
+once, that adds up (1,000 clients x 512 KiB is 500 MiB). So a follower's reads start at
+`MIN_READ_SIZE` and double each time its transport asks for more (up to *read_size*), but
+never above its share of `BUFFER_BUDGET` among the followers sending at that moment: one fast
+client soon reads 512 KiB at a time, a thousand slow ones 64 KiB each.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ __all__ = ["Follower", "Segment"]
 Segment = bytes | tuple[int, int]
 
 DEFAULT_READ_SIZE = 512 * 1024
+#: The bytes the followers of this process read at a time, together (see the module
+#: docstring): 16 MiB is 32 followers at the full read size, 256 at the smallest.
+BUFFER_BUDGET = 16 * 1024 * 1024
+#: The smallest read: no fewer bytes per reactor turn for a follower, however many there are.
+MIN_READ_SIZE = 64 * 1024
 
 
 @implementer(IPushProducer)
@@ -46,6 +57,9 @@ class Follower:
     :param on_failed: called with the error if the source fails before anything was sent
         (the caller may try another source); after that a failure aborts the connection.
     """
+
+    #: Followers of this process that are sending now (started, not done).
+    sending: int = 0
 
     def __init__(
         self,
@@ -67,6 +81,8 @@ class Follower:
         self._reactor = reactor
         self._no_progress_timeout = no_progress_timeout
         self._read_size = read_size
+        #: This follower's next read (grows from MIN_READ_SIZE while the client keeps up).
+        self._next_read = min(MIN_READ_SIZE, read_size)
         self.started = False
         self.done = False
         self.paused = False
@@ -95,6 +111,7 @@ class Follower:
             if not self._can_start():
                 return
             self.started = True
+            Follower.sending += 1
             self._on_start()
             widen_sends(self.request)
             self.request.registerProducer(self, True)
@@ -129,6 +146,7 @@ class Follower:
     def resumeProducing(self) -> None:
         self._cancel_timer()
         self.paused = False
+        self._next_read = min(self._read_size, self._next_read * 2)
         self.progress()
 
     def stopProducing(self) -> None:
@@ -176,7 +194,9 @@ class Follower:
             end = self._sendable_end(self._index)
             if self._position >= end:
                 return  # wait for the source
-            data = self.source.read(self._position, min(self._read_size, end - self._position))
+            share = max(MIN_READ_SIZE, BUFFER_BUDGET // Follower.sending)
+            size = min(self._next_read, share, end - self._position)
+            data = self.source.read(self._position, size)
             if not data:
                 return
             self._position += len(data)
@@ -204,6 +224,8 @@ class Follower:
         if self.done:
             return
         self.done = True
+        if self.started:
+            Follower.sending -= 1
         self._cancel_timer()
         self.source.remove(self)
 

@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionDone
 
 from tests.support.clients import run_curl
-from tests.support.faults import Generated
+from tests.support.faults import Generated, StallMidBody
 from tests.support.polling import holds_within
 
 BIG = Generated(16 * 1024 * 1024, block_size=65536, seed=b"flow")
@@ -130,3 +130,37 @@ def test_a_reading_client_is_never_cut_off_by_the_no_progress_timer(lazy_env):
     assert (yield client.ended)
     assert client.body_bytes == BIG.size
     assert client.digest.hexdigest() == BIG.sha256()
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
+    """200 clients that read nothing join a download with 6 MiB already written: each holds
+    one small read (64 KiB) of unsent bytes, not a full 512 KiB one (100 MiB together)."""
+    from streamer.follower import MIN_READ_SIZE, Follower
+
+    env = lazy_env.start()
+    env.remote("up")
+    body = bytes(range(256)) * (8 * 4096)  # 8 MiB
+    url = env.upstream.register("/big", StallMidBody(6 * 1024 * 1024, body))
+    sha = hashlib.sha256(body).hexdigest()
+    yield env.publish("repo/big", b"", ("up", url), digest=sha, size=len(body))
+    first = _connect(env, "repo/big")
+    assert (yield holds_within(lambda: sha in env.streamer.in_flight))
+    download = env.streamer.in_flight[sha]
+    assert (yield holds_within(lambda: download.written >= 6 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        clients = [_connect(env, "repo/big") for _ in range(200)]
+        assert (yield holds_within(lambda: Follower.sending == 201, timeout=60))
+        growth = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    print(f"\ntraced memory growth: {growth / 2**20:.1f} MiB for 200 stalled clients")
+    # Each: one read, plus the objects of its request and of both ends of its connection
+    # (about 100 KiB here); a full read each was 100 MiB.
+    assert growth < 200 * (MIN_READ_SIZE + 192 * 1024), growth
+    for client in [first, *clients]:
+        client.transport.abortConnection()
+    assert (yield holds_within(lambda: Follower.sending == 0))
+    assert len(env.upstream.requests("/big")) == 1
