@@ -401,11 +401,13 @@ def main() -> int:
             figures["profile: cold small req/s (one process, under cProfile)"] = round(rate, 1)
             stats = pstats.Stats(str(profile))
             per = 1e6 / len(small)
-            top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:40]
-            print(f"\ncProfile, cold small files, tottime per request (us), {len(small)} requests")
-            for (file, line, func), (_cc, calls, tottime, cumtime, _) in top:
-                where = f"{Path(file).name}:{line}({func})"
-                print(f"{tottime * per:8.1f} {cumtime * per:8.1f} {calls:8d}  {where}")
+            for column, title in ((2, "own time"), (3, "cumulative time")):
+                top = sorted(stats.stats.items(), key=lambda kv: kv[1][column], reverse=True)
+                print(f"\ncProfile, {len(small)} cold small files, by {title}: own and")
+                print("cumulative microseconds per request, calls, function")
+                for (file, line, func), (_cc, calls, tottime, cumtime, _) in top[:45]:
+                    where = f"{Path(file).parent.name}/{Path(file).name}:{line}({func})"
+                    print(f"{tottime * per:8.1f} {cumtime * per:8.1f} {calls:8d}  {where}")
     finally:
         for proc in procs:
             stop(proc)
