@@ -24,9 +24,9 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import capturedLogs
 
 from tests.faults.service_env import ServiceEnv, settle
-from tests.service.test_twistd import healthy, sigterm, twistd_run
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl
+from tests.support.twistd import start_twistd
 
 BODY = bytes(range(256)) * 256  # 64 KiB
 BIG = 16 * 1024 * 1024  # fills any socket buffer
@@ -453,15 +453,16 @@ async def test_slowloris_cannot_take_the_service_offline(tmp_path):
     if prlimit is None:
         pytest.skip("needs prlimit (util-linux)")
     (tmp_path / "streamer.toml").write_text("[server]\nrequest_header_timeout = 1\n")
-    proto, process, base = await twistd_run(
+    served = start_twistd(
         tmp_path,
         ["--config", "streamer.toml"],
         prefix=[prlimit, "--nofile=64:64", "--"],
     )
+    proto, base = served.proto, served.base
     port = int(base.rsplit(":", 1)[1])
     attackers: list[defer.Deferred[RawResult]] = []
     try:
-        await healthy(base, proto)
+        await served.healthy()
         # More connections than the process has descriptors, each dripping a byte every
         # 0.5 s and staying for up to 8 s unless the service closes it. Without a deadline
         # they hold every descriptor, and Twisted closes each new connection at once.
@@ -476,7 +477,7 @@ async def test_slowloris_cannot_take_the_service_offline(tmp_path):
             assert not outcome.timed_out and status_of(outcome.data) in (0, 408), outcome
     finally:
         await defer.DeferredList(attackers, consumeErrors=True)
-        code = await sigterm(proto, process)
+        code = await served.stop()
     assert code == 0, proto.output.decode()[-2000:]
     assert "Traceback" not in proto.output.decode()
 

@@ -26,10 +26,11 @@ from store.tempdirs import FOLDER_PREFIX
 from streamer.config import load_config
 from streamer.service import StreamerService
 from tests.faults.service_env import ServiceEnv
-from tests.service.test_twistd import TWISTD, healthy, run, sigterm, twistd_run
+from tests.service.test_twistd import run
 from tests.support.clients import run_curl, run_process
 from tests.support.faults import Gated, Serve, Trickle
 from tests.support.polling import until
+from tests.support.twistd import TWISTD, start_twistd
 from tests.support.upstream import UpstreamServer
 
 STREAMER = ["-m", "streamer.cli"]
@@ -347,9 +348,10 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
     upstream.register("/files/a.bin", Serve(data))
     config = write_config(tmp_path, upstream, policy="on_demand")
     await catalog_lazy(config, {"a.bin": data}, lambda name: upstream.url(f"/files/{name}"))
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    proto, process, base = served.proto, served.process, served.base
     try:
-        await healthy(base, proto)
+        await served.healthy()
         assert (await curl(base + "/repo/missing.bin"))[1] == "404"  # the catalog is open
         limits = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
         await leave_descriptors(process.pid, left)
@@ -361,7 +363,7 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
         assert upstream.requests("/files/a.bin") == []
         assert await curl(base + "/repo/a.bin") == (0, "200", data)
     finally:
-        code = await sigterm(proto, process)
+        code = await served.stop()
     output = proto.output.decode()
     assert code == 0, output
     assert f"{where}" in output and "too many open files (EMFILE: Too many open files)" in output
@@ -409,9 +411,10 @@ async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
     (elsewhere / artifact_path(var, under_link).name).write_bytes(b"not for clients\n")
     artifact_path(var, under_link).parent.symlink_to(elsewhere)
 
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    proto, base = served.proto, served.base
     try:
-        await healthy(base, proto)
+        await served.healthy()
         for name, data in files.items():
             assert await curl(base + f"/repo/{name}", "--max-time", "5") == (0, "200", data)
         assert (await curl(base + "/healthz", "--max-time", "5"))[1] == "200"
@@ -424,7 +427,7 @@ async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
         assert (elsewhere / artifact_path(var, under_link).name).read_bytes() == secret.read_bytes()
         assert [p.name for p in elsewhere.iterdir()] == [artifact_path(var, under_link).name]
     finally:
-        code = await sigterm(proto, process)
+        code = await served.stop()
     output = proto.output.decode()
     assert code == 0, output
     assert "is a FIFO: treated as not stored" in output

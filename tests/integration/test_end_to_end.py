@@ -20,31 +20,22 @@ from pathlib import Path
 import attrs
 import pytest_twisted
 import treq
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.http import Request
 from twisted.web.server import NOT_DONE_YET
 
-from tests.support.clients import PROXY_VARIABLES, free_port, run_curl
+from tests.support.clients import free_port
 from tests.support.faults import Behaviour, Generated, call_later, is_gone
 from tests.support.polling import until
+from tests.support.twistd import STREAMER, Collect, child_env, twistd
+
+# Moved to tests.support.twistd; kept importable from here for the modules not yet moved.
+from tests.support.twistd import TWISTD as TWISTD
+from tests.support.twistd import Twistd as Twistd
 from tests.support.upstream import UpstreamServer
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-STREAMER = [sys.executable, "-m", "streamer.cli"]
 MiB = 1024 * 1024
-
-
-def child_env() -> dict[str, str]:
-    """This environment without STREAMER_CONFIG and proxy settings."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if name != "STREAMER_CONFIG" and name.lower() not in PROXY_VARIABLES
-    }
 
 
 def sha256(data: bytes) -> str:
@@ -113,22 +104,6 @@ async def streamer_cli(config: Path, *args: str) -> tuple[int, str, str]:
     return code, out.decode(), err.decode()
 
 
-class _Collect(ProcessProtocol):
-    """Keeps a child's output (stdout and stderr together) and fires ``ended`` with its code."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int | None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
 async def wait_for(check, what: str, timeout: float = 10.0, output=lambda: b"") -> None:
     """Poll the async *check* (a refused connection counts as "not yet")."""
     await until(check, timeout, what=what, output=output, errors=(Exception,))
@@ -140,76 +115,13 @@ async def answers(url: str) -> bool:
     return response.code == 200
 
 
-@attrs.define
-class Twistd:
-    """A running ``twistd -n streamer`` child; ``base`` is its http://127.0.0.1:PORT."""
-
-    process: object
-    proto: _Collect
-    base: str
-
-    @property
-    def output(self) -> str:
-        return self.proto.output.decode()
-
-    async def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then the exit code (SIGKILL and fail after *timeout*)."""
-        if not self.proto.ended.called:
-            self.process.signalProcess("TERM")
-        timer = reactor.callLater(timeout, self._kill)
-        code = await self.proto.ended
-        if timer.active():
-            timer.cancel()
-        return code
-
-    def _kill(self) -> None:
-        if not self.proto.ended.called:
-            self.proto.output += b"\n[test: killed after the timeout]\n"
-            self.process.signalProcess("KILL")
-
-    async def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of /metrics by name."""
-        response = await treq.get(self.base + "/metrics", persistent=False)
-        text = (await treq.content(response)).decode()
-        assert response.code == 200
-        return {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if not sample.labels
-        }
-
-    def curl(self, path: str, *args: str) -> Deferred[tuple[int, bytes, bytes]]:
-        """``curl -sS ARGS BASE+PATH``, started now: fires with (exit code, stdout, stderr)."""
-        return run_curl(*args, self.base + path, timeout=15).addCallback(tuple)
-
-
 @asynccontextmanager
-async def twistd(config: Path) -> AsyncIterator[Twistd]:
-    """``twistd -n --pidfile= streamer --config CONFIG --listen tcp:PORT:interface=127.0.0.1``,
-    healthy before the body runs, stopped (SIGTERM) after it if still running."""
-    port = free_port()
-    listen = f"tcp:{port}:interface=127.0.0.1"
-    argv = [*TWISTD, "-n", "--pidfile=", "streamer", "--config", str(config), "--listen", listen]
-    proto = _Collect()
-    process = reactor.spawnProcess(proto, argv[0], argv, env=child_env(), path=str(config.parent))
-    served = Twistd(process, proto, f"http://127.0.0.1:{port}")
-    try:
-        await wait_for(
-            lambda: answers(served.base + "/healthz"), "twistd healthy", output=lambda: proto.output
-        )
-        yield served
-    finally:
-        await served.stop()
-
-
-@asynccontextmanager
-async def http_server(folder: Path) -> AsyncIterator[_Collect]:
+async def http_server(folder: Path) -> AsyncIterator[Collect]:
     """``python -m http.server PORT --bind 127.0.0.1`` serving *folder*; its log in .output
     (one line per request) and its port in .port."""
     port = free_port()
     argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    proto = _Collect()
+    proto = Collect()
     process = reactor.spawnProcess(proto, argv[0], argv, env=child_env(), path=str(folder))
     proto.port = port
     try:

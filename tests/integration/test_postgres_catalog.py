@@ -9,13 +9,9 @@ import os
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor
 
 from tests.integration.test_end_to_end import (
-    TWISTD,
-    _Collect,
     artifact_path,
-    child_env,
     sha256,
     streamer_cli,
     twistd,
@@ -23,6 +19,7 @@ from tests.integration.test_end_to_end import (
     write_repo,
 )
 from tests.support.clients import free_port
+from tests.support.twistd import start_twistd
 from tests.support.upstream import UpstreamServer
 
 FILES = {"a.txt": b"alpha\n", "pkg/b.bin": os.urandom(200_000)}
@@ -44,15 +41,9 @@ def pg_config(folder: Path, manifest_url: str, catalog_url: str, storage: str = 
 
 async def twistd_exit(config: Path, timeout: float = 20.0) -> tuple[int | None, str]:
     """Run ``twistd -n streamer --config CONFIG`` expecting it to give up: (status, output)."""
-    listen = f"tcp:{free_port()}:interface=127.0.0.1"
-    argv = [*TWISTD, "-n", "--pidfile=", "streamer", "--config", str(config), "--listen", listen]
-    proto = _Collect()
-    process = reactor.spawnProcess(proto, argv[0], argv, env=child_env(), path=str(config.parent))
-    timer = reactor.callLater(timeout, lambda: proto.ended.called or process.signalProcess("KILL"))
-    code = await proto.ended
-    if timer.active():
-        timer.cancel()
-    return code, proto.output.decode()
+    child = start_twistd(config.parent, ["--config", str(config)])
+    code = await child.exited(timeout)
+    return code, child.output
 
 
 def one_error_line(output: str, marker: str) -> str:

@@ -22,9 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.integration.test_end_to_end import (
-    TWISTD,
     artifact_path,
-    child_env,
     sha256,
     streamer_cli,
     temp_files,
@@ -33,6 +31,7 @@ from tests.integration.test_end_to_end import (
     write_config,
 )
 from tests.support.faults import Gated, Serve, Trickle, WrongBytes
+from tests.support.twistd import TWISTD, child_env
 from tests.support.upstream import UpstreamServer
 
 PROCESSES = 3

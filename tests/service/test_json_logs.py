@@ -16,9 +16,10 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from streamer.logs import RequestLog, json_file_observer, json_record
-from tests.service.test_twistd import STREAMER, healthy, run, sigterm, twistd_run
+from tests.service.test_twistd import run
 from tests.support import faults
 from tests.support.clients import run_curl
+from tests.support.twistd import STREAMER, start_twistd
 
 BODY = bytes(range(256)) * 40
 COMMON = {"time", "level", "logger", "message"}
@@ -110,12 +111,13 @@ PATHS = ["/fx/a.bin", "/fx/a.bin", "/fx/missing.bin", "/fx/busy.bin", "/fx/unkno
 async def serve_paths(tmp_path: Path, config: Path, before: list[str] = ()):
     """Run ``twistd -n BEFORE streamer --config CONFIG``, GET every one of `PATHS` with curl,
     stop it with SIGTERM; the child's output collector."""
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)], before=before)
+    served = start_twistd(tmp_path, ["--config", str(config)], before=before)
+    proto, base = served.proto, served.base
     try:
-        await healthy(base, proto)
+        await served.healthy()
         assert await get_all(base, PATHS) == [200, 200, 404, 502, 404]
     finally:
-        code = await sigterm(proto, process)
+        code = await served.stop()
     assert code == 0, proto.output.decode()
     return proto
 
@@ -165,14 +167,15 @@ async def test_upstream_connection_factories_start_and_stop_at_debug_level(tmp_p
     """twistd's default (text) log: a new upstream connection's factory lines are tagged
     ``#debug``, not ``#info``."""
     config = await synced_repo(tmp_path, upstream)
-    proto, process, base = await twistd_run(tmp_path, ["--config", str(config)])
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    proto, base = served.proto, served.base
     try:
-        await healthy(base, proto)
+        await served.healthy()
         assert await get_all(base, ["/fx/a.bin"]) == [200]
         upstream.abort_connections()  # the kept-alive upstream connection ends too
         assert await get_all(base, ["/fx/missing.bin"]) == [404]
     finally:
-        code = await sigterm(proto, process)
+        code = await served.stop()
     output = proto.stdout.decode()
     assert code == 0, output
     factories = [

@@ -7,42 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from streamer.signing import verify
+from tests.support.twistd import STREAMER, TWISTD, child_env, start_twistd
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-STREAMER = [sys.executable, "-m", "streamer.cli"]
 REMOTE = '[[remotes]]\nname = "fx"\nurl = "http://127.0.0.1:1/PULP_MANIFEST"\n'
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "STREAMER_CONFIG"} | extra
 
 
 async def run(argv: list[str], cwd: Path, **extra: str) -> tuple[str, str, int]:
     out, err, code = await getProcessOutputAndValue(
-        argv[0], argv[1:], env=env(**extra), path=str(cwd)
+        argv[0], argv[1:], env=child_env(**extra), path=str(cwd)
     )
     return out.decode(), err.decode(), code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest_twisted.ensureDeferred
@@ -55,69 +39,6 @@ async def test_twistd_lists_the_plugin_and_documents_its_options(tmp_path):
     assert "--config=" in out and "--listen=" in out and "STREAMER_CONFIG" in out
 
 
-class _Collect(ProcessProtocol):
-    """Both streams together in ``output``, standard output alone in ``stdout``."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.stdout = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        self.stdout += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
-async def healthy(base: str, proto: _Collect) -> None:
-    """Poll /healthz until it answers 200 (fail with the child's output if it never does)."""
-    for _ in range(300):
-        if proto.ended.called:
-            break
-        try:
-            response = await treq.get(base + "/healthz", persistent=False)
-            if response.code == 200:
-                assert await treq.content(response) == b"ok\n"
-                return
-            await treq.content(response)
-        except Exception:
-            pass
-        await deferLater(reactor, 0.02)
-    raise AssertionError(f"never healthy: {proto.output.decode()}")
-
-
-async def twistd_run(
-    tmp_path: Path,
-    args: list[str],
-    before: list[str] = (),
-    prefix: list[str] = (),
-    **extra: str,
-) -> tuple[_Collect, object, str]:
-    """Start ``PREFIX twistd -n --pidfile= BEFORE streamer ARGS --listen <free port>`` in
-    tmp_path (*prefix*: a wrapper command such as ``prlimit --nofile=N``, its full path first)."""
-    port = free_port()
-    argv = [*prefix, *TWISTD, "-n", "--pidfile=", *before, "streamer", *args]
-    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
-    proto = _Collect()
-    process = reactor.spawnProcess(proto, argv[0], argv, env=env(**extra), path=str(tmp_path))
-    return proto, process, f"http://127.0.0.1:{port}"
-
-
-async def sigterm(proto: _Collect, process) -> int:
-    """SIGTERM the child and return its exit status (SIGKILL after 15 s)."""
-    process.signalProcess("TERM")
-    timer = reactor.callLater(15, lambda: proto.ended.called or process.signalProcess("KILL"))
-    code = await proto.ended
-    if timer.active():
-        timer.cancel()
-    return code
-
-
 @pytest_twisted.ensureDeferred
 async def test_twistd_serves_and_stops_cleanly_on_sigterm(tmp_path):
     (tmp_path / "var" / "tmp").mkdir(parents=True)
@@ -125,14 +46,14 @@ async def test_twistd_serves_and_stops_cleanly_on_sigterm(tmp_path):
     config = tmp_path / "streamer.toml"
     config.write_text('[server]\nlisten = "tcp:1:interface=127.0.0.1"\ngrace_period = 2\n' + REMOTE)
     # No --config: STREAMER_CONFIG names the file (relative to the working folder).
-    proto, process, base = await twistd_run(tmp_path, [], STREAMER_CONFIG="streamer.toml")
+    served = start_twistd(tmp_path, STREAMER_CONFIG="streamer.toml")
     try:
-        await healthy(base, proto)
-        metrics = await treq.get(base + "/metrics", persistent=False)
+        await served.healthy()
+        metrics = await treq.get(served.base + "/metrics", persistent=False)
         assert b"streamer_requests_total" in await treq.content(metrics)
     finally:
-        code = await sigterm(proto, process)
-    output = proto.output.decode()
+        code = await served.stop()
+    output = served.output
     assert code == 0, output
     assert f"configuration from {config}" in output
     assert f"storage at {tmp_path / 'var'}, catalog at {tmp_path / 'var' / 'catalog.sqlite3'}" in (
@@ -145,19 +66,17 @@ async def test_twistd_serves_and_stops_cleanly_on_sigterm(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_without_configuration_uses_embedded_defaults_and_json_logs(tmp_path):
-    proto, process, base = await twistd_run(
-        tmp_path, [], before=["--logger", "streamer.logs.json_observer"]
-    )
+    served = start_twistd(tmp_path, before=["--logger", "streamer.logs.json_observer"])
     try:
-        await healthy(base, proto)
-        missing = await treq.get(base + "/nowhere/a.rpm?signature=s3cret", persistent=False)
+        await served.healthy()
+        missing = await treq.get(served.base + "/nowhere/a.rpm?signature=s3cret", persistent=False)
         assert missing.code == 404
         await treq.content(missing)
     finally:
-        code = await sigterm(proto, process)
-    assert code == 0, proto.output.decode()
+        code = await served.stop()
+    assert code == 0, served.output
     # One flat object a line (tests/service/test_json_logs.py checks the shape in full).
-    events = [json.loads(line) for line in proto.stdout.decode().splitlines()]
+    events = [json.loads(line) for line in served.proto.stdout.decode().splitlines()]
     messages = [e["message"] for e in events]
     assert (
         "no configuration file (--config or $STREAMER_CONFIG): using the embedded defaults"
@@ -171,19 +90,16 @@ async def test_twistd_without_configuration_uses_embedded_defaults_and_json_logs
     lost = access["/nowhere/a.rpm"]
     assert (lost["method"], lost["status"]) == ("GET", 404)
     assert lost["bytes"] > 0 and lost["duration"] >= 0
-    assert "s3cret" not in proto.output.decode()
+    assert "s3cret" not in served.output
 
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_exits_non_zero_when_the_catalog_will_not_open(tmp_path):
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "catalog.sqlite3").write_bytes(b"not a database at all\n" * 100)
-    proto, process, _ = await twistd_run(tmp_path, [])
-    timer = reactor.callLater(15, lambda: proto.ended.called or process.signalProcess("KILL"))
-    code = await proto.ended
-    if timer.active():
-        timer.cancel()
-    output = proto.output.decode()
+    served = start_twistd(tmp_path)
+    code = await served.exited(15)
+    output = served.output
     assert code == 1, output
     assert "cannot open the catalog: " in output and "Traceback" not in output
 
