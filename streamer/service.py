@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IFileDescriptor, IListeningPort
 from twisted.logger import Logger
@@ -501,7 +502,7 @@ class StreamerService(MultiService):
             # Accept nothing before the catalog is open: until then every request here would
             # be a 503 "service not ready", while the processes that are ready take the
             # connections waiting on the shared socket (a helper's start, or its restart).
-            self.port.stopReading()  # type: ignore[attr-defined]
+            cast(FileDescriptor, self.port).stopReading()  # an adopted port is one
         log.info("serving on {address} (a helper process)", address=self.port.getHost())
 
     def _catalog_opened(self, _: object) -> None:
