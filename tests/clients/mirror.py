@@ -16,8 +16,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from importer import sync_remote
-from tests.faults.service_env import ServiceEnv, settle
+from tests.faults.service_env import ServiceEnv
 from tests.support.faults import Behaviour, Serve
+from tests.support.polling import holds_within
 from tests.support.upstream import UpstreamServer
 
 __all__ = ["Mirror", "sha256"]
@@ -119,7 +120,7 @@ class Mirror:
 
     async def stored_soon(self, relative: str, timeout: float = 5.0) -> bool:
         """True once *relative* is committed to storage (that follows the response)."""
-        return await settle(lambda: self.is_stored(relative), timeout)
+        return await holds_within(lambda: self.is_stored(relative), timeout)
 
     def temp_files(self) -> list[str]:
         return self.env.temp_files()

@@ -19,7 +19,7 @@ from downloaders import (
     NotFound,
     SizeValidationError,
 )
-from tests.downloaders.support import wait_for
+from tests.support.polling import until
 
 BODY = os.urandom(3 * 256 * 1024 + 123)  # several chunks and a partial one
 SHA256 = hashlib.sha256(BODY).hexdigest()
@@ -147,7 +147,7 @@ def test_cancel_removes_temp_file(tree: Path, assert_no_temp_files):
         f.truncate(256 * 1024 * 1024)
     file_downloader = downloader(tree, source)
     d = file_downloader.run()
-    yield wait_for(lambda: file_downloader.artifact_attributes["size"] > 0)
+    yield until(lambda: file_downloader.artifact_attributes["size"] > 0)
     assert len(os.listdir(tree / "tmp")) == 1
     d.cancel()
     assert file_downloader.artifact_attributes["size"] < 256 * 1024 * 1024

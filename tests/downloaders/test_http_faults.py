@@ -20,11 +20,7 @@ from downloaders import (
     TruncatedBody,
 )
 from downloaders.http import default_pool
-from tests.downloaders.support import (  # noqa: F401 (fixtures)
-    agent_fixture,
-    pool_fixture,
-    wait_for,
-)
+from tests.downloaders.support import agent_fixture, pool_fixture  # noqa: F401 (fixtures)
 from tests.support.clients import free_port
 from tests.support.faults import (
     ChunkedNoLastChunk,
@@ -39,6 +35,7 @@ from tests.support.faults import (
     WrongBytes,
     WrongSize,
 )
+from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
 BODY = bytes(range(256)) * 400
@@ -152,7 +149,7 @@ def test_cancel_aborts_connection_and_removes_temp_file(
     url = upstream.register("/stall", StallMidBody(3000, BODY))
     downloader = HttpDownloader(url, agent=agent, temp_dir=str(tmp_path))
     d = downloader.run()
-    yield wait_for(lambda: downloader.artifact_attributes["size"] == 3000)
+    yield until(lambda: downloader.artifact_attributes["size"] == 3000)
     assert len(os.listdir(tmp_path)) == 1
     d.cancel()
     with pytest.raises(defer.CancelledError):
@@ -168,7 +165,7 @@ def test_cancel_before_response(upstream: UpstreamServer, agent, tmp_path):
     gate = Gated(Serve(BODY))
     url = upstream.register("/gated", gate)
     d = HttpDownloader(url, agent=agent, temp_dir=str(tmp_path)).run()
-    yield wait_for(lambda: gate.waiting == 1)
+    yield until(lambda: gate.waiting == 1)
     d.cancel()
     with pytest.raises(defer.CancelledError):
         yield d
@@ -200,7 +197,7 @@ def test_connect_timeout_is_a_download_timeout():
     memory = MemoryReactorClock()
     d = HttpDownloader("http://127.0.0.1:8/x", reactor=memory, connect_timeout=5, max_retries=0)
     d = d.run()
-    yield wait_for(lambda: memory.tcpClients)
+    yield until(lambda: memory.tcpClients)
     host, port, factory, timeout, _ = memory.tcpClients[0]
     assert (host, port, timeout) == ("127.0.0.1", 8, 5)
     factory.clientConnectionFailed(memory.connectors[0], Failure(ConnectTimeout()))
@@ -241,7 +238,7 @@ def test_cancel_during_backoff(upstream, agent, tmp_path):
     d = HttpDownloader(
         url, agent=agent, reactor=clock, temp_dir=str(tmp_path), sock_read_timeout=0
     ).run()
-    yield wait_for(lambda: clock.getDelayedCalls())
+    yield until(lambda: clock.getDelayedCalls())
     d.cancel()
     with pytest.raises(defer.CancelledError):
         yield d

@@ -22,13 +22,7 @@ from downloaders import (
     TruncatedBody,
 )
 from downloaders.retry import parse_retry_after
-from tests.downloaders.support import (  # noqa: F401 (fixtures)
-    agent_fixture,
-    delayed_at,
-    pool_fixture,
-    through_backoffs,
-    wait_for,
-)
+from tests.downloaders.support import agent_fixture, delayed_at, pool_fixture, through_backoffs  # noqa: F401 (fixtures)
 from tests.support.clients import free_port
 from tests.support.faults import (
     CloseEarly,
@@ -39,6 +33,7 @@ from tests.support.faults import (
     Steps,
     WrongBytes,
 )
+from tests.support.polling import until
 
 BODY = b"0123456789abcdef" * 4096
 SHA256 = hashlib.sha256(BODY).hexdigest()
@@ -56,7 +51,7 @@ def test_429_then_success_honours_retry_after_seconds(upstream, agent, tmp_path)
     url = upstream.register("/a", StatusThenServe(429, 1, Serve(BODY), retry_after=7))
     clock = task.Clock()
     d = clocked(url, agent, tmp_path, clock, expected_digests={"sha256": SHA256}).run()
-    assert (yield wait_for(lambda: delayed_at(clock) == [7.0]))
+    assert (yield until(lambda: delayed_at(clock) == [7.0]))
     assert len(upstream.requests("/a")) == 1
     clock.advance(6.9)
     assert len(upstream.requests("/a")) == 1
@@ -73,7 +68,7 @@ def test_retry_after_http_date(upstream, agent, tmp_path):
     url = upstream.register("/a", StatusThenServe(503, 1, Serve(BODY), retry_after=when))
     clock = task.Clock()
     d = clocked(url, agent, tmp_path, clock).run()
-    (delay,) = yield wait_for(lambda: delayed_at(clock))
+    (delay,) = yield until(lambda: delayed_at(clock))
     assert 25.0 < delay <= 30.0
     clock.advance(delay)
     result = yield d
@@ -86,7 +81,7 @@ def test_retry_after_is_capped(upstream, agent, tmp_path):
     clock = task.Clock()
     backoff = Backoff(jitter=0.0, retry_after_cap=120.0)
     d = clocked(url, agent, tmp_path, clock, backoff=backoff).run()
-    assert (yield wait_for(lambda: delayed_at(clock) == [120.0]))
+    assert (yield until(lambda: delayed_at(clock) == [120.0]))
     clock.advance(120)
     yield d
 
@@ -97,7 +92,7 @@ def test_503_until_retries_run_out_with_exponential_backoff(upstream, agent, tmp
     clock = task.Clock()
     d = clocked(url, agent, tmp_path, clock, max_retries=3).run()
     for n, delay in enumerate([1.0, 2.0, 4.0], start=1):
-        yield wait_for(lambda n=n: len(upstream.requests("/down")) == n and clock.getDelayedCalls())
+        yield until(lambda n=n: len(upstream.requests("/down")) == n and clock.getDelayedCalls())
         assert delayed_at(clock) == [clock.seconds() + delay]
         clock.advance(delay)
     with pytest.raises(HttpError) as caught:
@@ -192,7 +187,7 @@ def test_retry_starts_fresh_file_and_digests(upstream, agent, tmp_path: Path, fa
         sock_read_timeout=0,
     )
     d = downloader.run()
-    yield wait_for(lambda: clock.getDelayedCalls())
+    yield until(lambda: clock.getDelayedCalls())
     (first,) = downloader.delivered
     if fault is CloseEarly:
         assert first == 20000  # the first attempt hashed and stored 20000 bytes

@@ -9,13 +9,9 @@ import pytest_twisted
 from twisted.internet import task
 
 from downloaders import Backoff, DownloadTimeout, HttpDownloader
-from tests.downloaders.support import (  # noqa: F401 (fixtures)
-    agent_fixture,
-    delayed_at,
-    pool_fixture,
-    wait_for,
-)
+from tests.downloaders.support import agent_fixture, delayed_at, pool_fixture  # noqa: F401 (fixtures)
 from tests.support.faults import Serve, StallAfterHeaders, StallMidBody, Steps, Trickle
+from tests.support.polling import until
 
 BODY = b"abcdefghij" * 1000
 
@@ -49,7 +45,7 @@ def test_read_idle_timeout_mid_body(upstream, agent, tmp_path, assert_no_temp_fi
         url, agent=agent, reactor=clock, temp_dir=str(tmp_path), max_retries=0
     )
     d = downloader.run()
-    yield wait_for(lambda: downloader.artifact_attributes["size"] == 3000)
+    yield until(lambda: downloader.artifact_attributes["size"] == 3000)
     clock.advance(59.9)
     assert not d.called
     clock.advance(0.1)
@@ -70,7 +66,7 @@ def test_read_idle_timeout_waiting_for_headers(upstream, agent, tmp_path):
     url = upstream.register("/slow", gate)
     clock = task.Clock()
     d = HttpDownloader(url, agent=agent, reactor=clock, max_retries=0, sock_read_timeout=5).run()
-    yield wait_for(lambda: gate.waiting == 1)
+    yield until(lambda: gate.waiting == 1)
     clock.advance(5)
     with pytest.raises(DownloadTimeout, match="read timeout after 5s"):
         yield d
@@ -120,7 +116,7 @@ def test_timeout_is_retried_with_backoff(upstream, agent, tmp_path):
         backoff=Backoff(base=2.0, jitter=0.0),
     )
     d = downloader.run()
-    yield wait_for(lambda: downloader.headers is not None)
+    yield until(lambda: downloader.headers is not None)
     assert delayed_at(clock) == [10.0]
     clock.advance(10)  # read timeout: the backoff timer replaces it
     assert delayed_at(clock) == [12.0]

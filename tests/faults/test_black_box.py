@@ -17,10 +17,10 @@ import pytest
 import pytest_twisted
 
 from importer import sync_remote
-from tests.faults.service_env import settle
 from tests.support.clients import run_curl
 from tests.support.faults import Serve
 from tests.support.lazy import parse_response
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 2048 + b"tail"  # 512 KiB and a bit: several chunks
 
@@ -58,7 +58,7 @@ async def test_a_plugin_downloader_is_streamed_cold_then_served_warm(
     assert request.headers.get("x-client") == client, "the plugin's own client fetched it"
 
     sha = hashlib.sha256(BODY).hexdigest()
-    committed = await settle(lambda: env.storage.has(sha) and not env.lazy.in_flight)
+    committed = await holds_within(lambda: env.storage.has(sha) and not env.lazy.in_flight)
     assert committed, "the cold answer was committed"
     [entry] = await env.catalog.lookup("fixtures/a.bin")
     assert entry.stored
@@ -83,7 +83,7 @@ async def test_a_downloader_that_never_calls_handle_data_is_a_502_at_once(make_s
     assert b"handle_data" in body, body
     assert elapsed < 1.0, f"answered after {elapsed:.2f} s"
     assert not env.storage.has(hashlib.sha256(BODY).hexdigest())
-    assert await settle(lambda: env.temp_files() == [] and not env.lazy.in_flight)
+    assert await holds_within(lambda: env.temp_files() == [] and not env.lazy.in_flight)
 
 
 def readme_importer() -> str:
@@ -117,7 +117,7 @@ async def test_the_readme_importer_syncs_and_streams(make_service, upstream, tmp
         status, _, body = await get(env, f"fixtures/{name}")
         assert (status, body) == (200, data)
     sha = hashlib.sha256(BODY).hexdigest()
-    assert await settle(lambda: env.storage.has(sha) and not env.lazy.in_flight)
+    assert await holds_within(lambda: env.storage.has(sha) and not env.lazy.in_flight)
     status, _, body = await get(env, "fixtures/b.bin")
     assert (status, body) == (200, BODY)
     assert len(upstream.requests("/blobs/1")) == 1
@@ -136,5 +136,5 @@ async def test_bytes_a_foreign_downloader_did_not_validate_are_never_completed_o
     code, out, _ = await run_curl("-s", "-o", "-", "--max-time", "10", env.url("fixtures/c.bin"))
     assert code != 0, "curl saw the response cut short"
     assert len(out) < len(BODY)
-    assert await settle(lambda: not env.lazy.in_flight and env.temp_files() == [])
+    assert await holds_within(lambda: not env.lazy.in_flight and env.temp_files() == [])
     assert not env.storage.has(hashlib.sha256(BODY).hexdigest())

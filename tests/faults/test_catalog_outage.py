@@ -10,10 +10,10 @@ import hashlib
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from tests.faults.service_env import settle
 from tests.support.clients import run_curl
 from tests.support.faults import Serve
 from tests.support.lazy import parse_response
+from tests.support.polling import holds_within
 
 STORED = b"stored before the outage\n" * 100
 LAZY = b"only upstream has these bytes\n" * 1000
@@ -70,7 +70,7 @@ async def test_postgresql_outage_while_serving(
     else:
         raise AssertionError("the service did not recover after the catalog came back")
     sha = hashlib.sha256(LAZY).hexdigest()
-    assert await settle(lambda: env.storage.has(sha) and not env.lazy.in_flight)
+    assert await holds_within(lambda: env.storage.has(sha) and not env.lazy.in_flight)
     [entry] = await env.catalog.lookup("fixtures/lazy.bin")
     assert entry.stored
     status, _, body = await get(env, "fixtures/")

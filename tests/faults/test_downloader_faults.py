@@ -22,9 +22,9 @@ from twisted.internet import defer, reactor
 from downloaders import DownloaderFactory, HttpDownloader, RemoteSettings
 from downloaders.http import default_pool
 from tests.faults.matrix import BODY, FAULTS, Fault, RecordingBackoff, fault_ids, sha256
-from tests.faults.service_env import settle
 from tests.support import faults
 from tests.support.fixtures import HTTP_CLIENTS, use_http_client
+from tests.support.polling import holds_within
 from tests.support.upstream import UpstreamServer
 
 PATH = "/artifact.bin"
@@ -172,7 +172,7 @@ async def test_fault(fault: Fault, builder: Builder, upstream_factory, certs, tm
 
     # No temp file, and no connection left open beyond the pool's idle keep-alive ones.
     assert temp_files(tmp_path) == []
-    assert await settle(
+    assert await holds_within(
         lambda: server.open_connections <= builder.idle_connections(), timeout=2.0
     ), (
         f"{server.open_connections} open at the upstream, "

@@ -23,9 +23,10 @@ import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import capturedLogs
 
-from tests.faults.service_env import ServiceEnv, settle
+from tests.faults.service_env import ServiceEnv
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl
+from tests.support.polling import holds_within
 from tests.support.twistd import start_twistd
 
 BODY = bytes(range(256)) * 256  # 64 KiB
@@ -76,9 +77,11 @@ async def assert_serving(env: ServiceEnv) -> None:
     await env.add("health.txt", b"still here\n", stored=True)
     result = await raw_http("127.0.0.1", env.port, request("/fixtures/health.txt"))
     assert status_of(result.data) == 200 and result.data.endswith(b"still here\n")
-    assert await settle(lambda: env.in_flight_requests() == 0, 3.0), env.service.site.in_flight
+    assert await holds_within(lambda: env.in_flight_requests() == 0, 3.0), (
+        env.service.site.in_flight
+    )
     # A download may still be committing (or finishing for others) after its response ended.
-    assert await settle(lambda: not env.lazy.in_flight and env.temp_files() == [], 5.0), (
+    assert await holds_within(lambda: not env.lazy.in_flight and env.temp_files() == [], 5.0), (
         env.temp_files()
     )
 
@@ -105,14 +108,14 @@ async def test_disconnect_before_response_headers_keeps_an_on_demand_download(se
     url = upstream.register("/gated.bin", gate)
     await service.add("gated.bin", BODY, stored=False, url=url)
     client = raw_http("127.0.0.1", service.port, request("/fixtures/gated.bin"), timeout=5)
-    assert await settle(lambda: gate.waiting == 1)
+    assert await holds_within(lambda: gate.waiting == 1)
     for channel in list(service.service.site.in_flight):
         channel.transport.abortConnection()  # the client vanishes before any header
     result = await client
     assert result.data == b""
     gate.release()
-    assert await settle(lambda: service.storage.has(sha256(BODY)))
-    assert await settle(lambda: not service.lazy.in_flight)
+    assert await holds_within(lambda: service.storage.has(sha256(BODY)))
+    assert await holds_within(lambda: not service.lazy.in_flight)
     assert len(upstream.requests("/gated.bin")) == 1
     await assert_serving(service)
 
@@ -124,7 +127,7 @@ async def test_disconnect_mid_body_on_demand_download_completes_and_is_stored(se
     result = await raw_http("127.0.0.1", service.port, request("/fixtures/slow.bin"), timeout=0.1)
     assert result.timed_out and status_of(result.data) == 200
     assert len(result.data) < len(BODY)
-    assert await settle(lambda: service.storage.has(sha256(BODY)))
+    assert await holds_within(lambda: service.storage.has(sha256(BODY)))
     assert service.storage.open(sha256(BODY)).read() == BODY
     await assert_serving(service)
 
@@ -138,7 +141,7 @@ async def test_disconnect_mid_body_streamed_download_is_cancelled(make_service, 
     assert result.timed_out and status_of(result.data) == 200
     # Nobody reads any more: the upstream transfer is cancelled, not finished.
     assert await upstream.wait_until_idle(2.0), "the upstream connection outlived the client"
-    assert await settle(lambda: not env.lazy.in_flight)
+    assert await holds_within(lambda: not env.lazy.in_flight)
     assert env.temp_files() == []
     assert not env.storage.has(sha256(BODY))
     await assert_serving(env)
@@ -151,14 +154,14 @@ async def test_disconnect_during_a_coalesced_download(service, upstream):
     await service.add("shared.bin", BODY, stored=False, url=url)
     quitter = raw_http("127.0.0.1", service.port, request("/fixtures/shared.bin"), timeout=0.3)
     stayers = [run_curl("-f", service.url("fixtures/shared.bin")) for _ in range(2)]
-    assert await settle(lambda: gate.waiting == 1)
+    assert await holds_within(lambda: gate.waiting == 1)
     assert (await quitter).timed_out
     gate.release()
     for code, out, err in await defer.gatherResults(stayers):
         assert code == 0, err
         assert out == BODY
     assert len(upstream.requests("/shared.bin")) == 1
-    assert await settle(lambda: service.storage.has(sha256(BODY)))
+    assert await holds_within(lambda: service.storage.has(sha256(BODY)))
     await assert_serving(service)
 
 
@@ -186,8 +189,8 @@ async def never_read(env: ServiceEnv, target: str) -> float:
     client = _NeverReads(request(target))
     await protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", env.port)
     started = time.monotonic()
-    assert await settle(lambda: env.in_flight_requests() == 1, 2.0)
-    dropped = await settle(lambda: env.in_flight_requests() == 0, DROP_WITHIN)
+    assert await holds_within(lambda: env.in_flight_requests() == 1, 2.0)
+    dropped = await holds_within(lambda: env.in_flight_requests() == 0, DROP_WITHIN)
     client.transport.resumeProducing()
     client.transport.abortConnection()
     await client.lost
@@ -201,7 +204,7 @@ async def test_never_reading_client_is_dropped(service, upstream, stored):
     await add_big(service, upstream, "big.bin", stored)
     assert await never_read(service, "/fixtures/big.bin") < DROP_WITHIN
     # The download fills the store regardless of the stalled client.
-    assert await settle(lambda: service.storage.has(faults.Generated(BIG).sha256()), 10.0)
+    assert await holds_within(lambda: service.storage.has(faults.Generated(BIG).sha256()), 10.0)
     await assert_serving(service)
 
 
@@ -245,7 +248,7 @@ async def test_one_byte_per_second_reader_is_dropped_in_bounded_time(service, up
                 byte = b""
             ended = byte == b""
             received += len(byte)
-        dropped = await settle(lambda: service.in_flight_requests() == 0, 0.5)
+        dropped = await holds_within(lambda: service.in_flight_requests() == 0, 0.5)
         assert ended or dropped, "a 1 byte/s reader held its response open"
         assert received < BIG
     finally:
@@ -487,7 +490,7 @@ async def test_connections_over_the_per_client_cap_get_503(make_service):
     env = await make_service(server_extra="max_connections_per_client = 3\n")
     limit = env.service.site.client_limit
     held = [raw_http("127.0.0.1", env.port, b"GET /hea", timeout=1.5) for _ in range(3)]
-    assert await settle(lambda: limit.open_connections("127.0.0.1") == 3)
+    assert await holds_within(lambda: limit.open_connections("127.0.0.1") == 3)
     with capturedLogs() as events:
         for _ in range(4):
             result = await raw_http("127.0.0.1", env.port, request("/healthz"), timeout=3)
@@ -496,7 +499,7 @@ async def test_connections_over_the_per_client_cap_get_503(make_service):
     assert len(reports) == 1, reports  # once per address per interval, not per connection
     assert (await held[0]).timed_out  # the held connections were never answered
     await defer.gatherResults(held)
-    assert await settle(lambda: limit.open_connections("127.0.0.1") == 0)
+    assert await holds_within(lambda: limit.open_connections("127.0.0.1") == 0)
     await assert_serving(env)
 
 

@@ -19,10 +19,11 @@ import pytest
 import pytest_twisted
 
 from store import CatalogEntry
-from tests.faults.service_env import ServiceEnv, settle
+from tests.faults.service_env import ServiceEnv
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl, run_process
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 256  # 64 KiB; WrongBytes flips byte 32768
 SIZE = len(BODY)
@@ -102,7 +103,7 @@ async def test_range_of_a_bad_cold_artifact_ends_in_an_abort(make_service, upstr
     assert code in (18, 56), (code, err)  # partial file / connection reset
     assert expected[-1] not in out, "the last range must never arrive complete"
 
-    assert await settle(lambda: not env.lazy.in_flight and env.temp_files() == [])
+    assert await holds_within(lambda: not env.lazy.in_flight and env.temp_files() == [])
     assert not env.storage.has(sha256(BODY))
     assert not any(e.stored for e in await env.catalog.lookup("fixtures/raw.bin"))
     await assert_serving(env)
@@ -129,8 +130,8 @@ async def test_range_of_a_good_cold_artifact_is_a_whole_206(make_service, upstre
 
     # The range client kept the download going to the end: on_demand stores it.
     stored = policy == "on_demand"
-    assert await settle(lambda: env.storage.has(sha256(BODY)) == stored)
-    assert await settle(lambda: not env.lazy.in_flight and env.temp_files() == [])
+    assert await holds_within(lambda: env.storage.has(sha256(BODY)) == stored)
+    assert await holds_within(lambda: not env.lazy.in_flight and env.temp_files() == [])
     await assert_serving(env)
 
 
@@ -151,7 +152,7 @@ async def test_one_byte_range_of_a_bad_source_fails_over(make_service, upstream)
     assert status == 206 and result.clean and body == BODY[:1]
     assert headers[b"content-range"] == b"bytes 0-0/%d" % SIZE
     assert [len(upstream.requests(p)) for p in ("/bad.bin", "/good.bin")] == [1, 1]
-    assert await settle(lambda: env.storage.has(sha256(BODY)))
+    assert await holds_within(lambda: env.storage.has(sha256(BODY)))
     await assert_serving(env)
 
 

@@ -18,10 +18,11 @@ import pytest
 import pytest_twisted
 
 from streamer.signing import sign_path
-from tests.faults.service_env import ServiceEnv, settle
+from tests.faults.service_env import ServiceEnv
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
 from tests.support.clients import raw_http, run_curl, run_process
+from tests.support.polling import holds_within
 
 BODY = b"normalised body\n" * 1000
 
@@ -260,7 +261,7 @@ async def test_healthz_says_starting_until_the_service_is_ready(tmp_path, upstre
         holder.execute("COMMIT")
         holder.close()
     try:
-        assert await settle(lambda: env.service.ready, 10.0)
+        assert await holds_within(lambda: env.service.ready, 10.0)
         status, _, body = await get(env, "/healthz")
         assert (status, body) == (200, b"ok\n")
     finally:

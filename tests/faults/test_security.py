@@ -32,10 +32,10 @@ from downloaders import (
 )
 from downloaders.http import default_pool
 from streamer.signing import sign_path
-from tests.faults.service_env import settle
 from tests.faults.test_hostile_clients import request, status_of
 from tests.support import faults
 from tests.support.clients import free_port, raw_http, run_curl
+from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 PASSWORD = "S3cret-Pa55word"
@@ -287,7 +287,7 @@ async def test_coalescing_only_after_authorisation(make_service, upstream):
 
     # A signed request starts the download ...
     first = run_curl("-f", env.url(signed))
-    assert await settle(lambda: gate.waiting == 1)
+    assert await holds_within(lambda: gate.waiting == 1)
     [inflight] = env.lazy.in_flight.values()
     assert len(inflight.followers) == 1
     # ... and unsigned or badly signed requests do not join it.
@@ -309,9 +309,9 @@ async def test_coalescing_is_keyed_by_artifact_digest(make_service, upstream):
     await env.add("a.bin", BODY, stored=False, url=upstream.register("/a.bin", gate_a))
     await env.add("copy-of-a.bin", BODY, stored=False, url=upstream.register("/b.bin", gate_b))
     clients = [run_curl("-f", env.url("fixtures/a.bin"))]
-    assert await settle(lambda: gate_a.waiting == 1)
+    assert await holds_within(lambda: gate_a.waiting == 1)
     clients.append(run_curl("-f", env.url("fixtures/copy-of-a.bin")))
-    assert await settle(lambda: len(next(iter(env.lazy.in_flight.values())).followers) == 2)
+    assert await holds_within(lambda: len(next(iter(env.lazy.in_flight.values())).followers) == 2)
     gate_a.release()
     for code, out, err in await defer.gatherResults(clients):
         assert (code, out) == (0, BODY), err

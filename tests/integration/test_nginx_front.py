@@ -15,9 +15,9 @@ from twisted.internet import defer
 from store import CatalogEntry
 from streamer.config import load_config
 from streamer.service import StreamerService
-from tests.faults.service_env import settle
 from tests.support.clients import free_port, run_curl, run_process
 from tests.support.faults import Serve
+from tests.support.polling import holds_within
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed")
@@ -105,7 +105,7 @@ class Front:
 
     async def start(self) -> Front:
         self.service.startService()
-        assert await settle(lambda: self.service.ready), "the service did not become ready"
+        assert await holds_within(lambda: self.service.ready), "the service did not become ready"
         port = free_port()
         self.conf = nginx_conf(self.work, port, self.service.address.port, Path(self.storage.root))
         started = await run_process(NGINX, "-c", str(self.conf))
@@ -165,7 +165,7 @@ async def test_stored_content_is_sent_by_nginx_and_lazy_content_streams_through(
     result = await run_curl("-sS", f"{front.url}/fixtures/lazy.bin")
     assert (result.exit_code, result.stdout) == (0, LAZY), result.stderr
     sha = hashlib.sha256(LAZY).hexdigest()
-    assert await settle(lambda: storage.has(sha), 10.0)
+    assert await holds_within(lambda: storage.has(sha), 10.0)
     result = await run_curl("-sS", f"{front.url}/fixtures/lazy.bin")  # now via X-Accel
     assert result.stdout == LAZY
     assert len(upstream.requests("/lazy.bin")) == 1

@@ -15,9 +15,9 @@ import pytest_twisted
 import treq
 from twisted.internet import task
 
-from tests.downloaders.support import delayed_at, wait_for
+from tests.downloaders.support import delayed_at
 from tests.support.faults import Serve, Status, StatusThenServe
-from tests.support.polling import holds_within
+from tests.support.polling import holds_within, until
 
 BODY = bytes(range(256)) * 64
 
@@ -51,7 +51,7 @@ async def one_client_waiting(lazy_env, **settings):
         **settings,
     )
     d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock) == [2.0])
+    await until(lambda: delayed_at(clock) == [2.0])
     return env, clock, d
 
 
@@ -91,7 +91,7 @@ async def test_waits_out_a_retry_after_http_date(lazy_env):
     await env.publish("repo/f", BODY, ("busy", url))
 
     d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock))
+    await until(lambda: delayed_at(clock))
     [due] = delayed_at(clock)
     assert 2.0 < due <= 4.0, due
     clock.advance(due)
@@ -132,10 +132,10 @@ async def test_waiting_is_bounded_by_sock_read_timeout_in_all(lazy_env):
     )
 
     d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock) == [3.0])
+    await until(lambda: delayed_at(clock) == [3.0])
     clock.advance(3)
     # Asked again after 3 s, told 3 s more: 6 s in all would pass the 5 s the remote allows.
-    await wait_for(lambda: len(env.upstream.requests("/f")) == 2)
+    await until(lambda: len(env.upstream.requests("/f")) == 2)
     response = await d
     assert response.code == 503
     assert response.headers.getRawHeaders(b"retry-after") == [b"3"]
@@ -146,7 +146,7 @@ async def test_waiting_is_bounded_by_sock_read_timeout_in_all(lazy_env):
 async def test_a_client_leaving_during_the_wait_cancels_it(lazy_env):
     env, clock, d = await one_client_waiting(lazy_env)
     d.cancel()
-    await wait_for(lambda: delayed_at(clock) == [])
+    await until(lambda: delayed_at(clock) == [])
     assert not env.streamer.waiting
     clock.advance(2)
     assert len(env.upstream.requests("/f")) == 1
@@ -184,9 +184,9 @@ async def test_clients_waiting_for_the_same_origin_share_one_request_after(lazy_
     )
 
     first = treq.get(env.url("repo/f"))
-    await wait_for(lambda: len(env.streamer.waiting) == 1)
+    await until(lambda: len(env.streamer.waiting) == 1)
     second = treq.get(env.url("repo/f"))
-    await wait_for(lambda: len(env.streamer.waiting) == 2)
+    await until(lambda: len(env.streamer.waiting) == 2)
     assert len(env.upstream.requests("/f")) == 1, "the second client did not ask the origin"
     clock.advance(2)
     for d in (first, second):
@@ -202,7 +202,7 @@ async def test_no_read_timeout_waits_any_retry_after(lazy_env):
     url = env.upstream.register("/f", StatusThenServe(503, 1, Serve(BODY), retry_after=300))
     await env.publish("repo/f", BODY, ("busy", url))
     d = treq.get(env.url("repo/f"))
-    await wait_for(lambda: delayed_at(clock) == [300.0])
+    await until(lambda: delayed_at(clock) == [300.0])
     clock.advance(300)
     response = await d
     assert (response.code, await response.content()) == (200, BODY)
