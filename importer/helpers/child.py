@@ -183,7 +183,7 @@ def serve(fd: int) -> int:
     from twisted.internet import reactor as installed
 
     reactor = cast(PosixReactorBase, installed)  # (typed as less than it is)
-    gc.freeze()  # see `streamer.cli.settle_imports` (a no-op when forked after it)
+    gc.freeze()  # imports done: out of the collector's sight (a no-op when forked after it)
     warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [warnings])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
