@@ -40,13 +40,17 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_config(folder: Path, upstream: UpstreamServer, policy: str = "immediate") -> Path:
-    """A configuration with storage under *folder*/var and one remote at *upstream*/repo."""
+def write_config(
+    folder: Path, upstream: UpstreamServer, policy: str = "immediate", server: str = ""
+) -> Path:
+    """A configuration with storage under *folder*/var and one remote at *upstream*/repo;
+    *server* lines are added to its ``[server]`` table."""
     config = folder / "streamer.toml"
     config.write_text(
         "[server]\n"
         'listen = "tcp:0:interface=127.0.0.1"\n'
         "grace_period = 1\n"
+        f"{server}"
         "[storage]\n"
         f'path = "{folder / "var"}"\n'
         "[[remotes]]\n"
@@ -346,7 +350,9 @@ async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, 
     is served once descriptors are back."""
     data = os.urandom(20_000)
     upstream.register("/files/a.bin", Serve(data))
-    config = write_config(tmp_path, upstream, policy="on_demand")
+    # The limit is lowered for one process: it must be the one that takes the request (with
+    # a helper process beside it, the kernel could hand the connection to either).
+    config = write_config(tmp_path, upstream, policy="on_demand", server="processes = 1\n")
     await catalog_lazy(config, {"a.bin": data}, lambda name: upstream.url(f"/files/{name}"))
     served = start_twistd(tmp_path, ["--config", str(config)])
     proto, process, base = served.proto, served.process, served.base
