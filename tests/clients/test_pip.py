@@ -17,11 +17,11 @@ from tests.clients.mirror import client_env, sha256
 from tests.integration.test_end_to_end import (
     artifact_path,
     streamer_cli,
-    twistd,
     write_config,
 )
 from tests.support.clients import ProcessResult, run_process
 from tests.support.faults import Serve
+from tests.support.twistd import twistd
 from tests.support.upstream import UpstreamServer
 
 NAME, VERSION = "tinypkg", "1.0"

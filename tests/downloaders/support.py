@@ -16,11 +16,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from downloaders.direct_get import DirectGetAgent
 from downloaders.factory import CachingEndpointFactory
-from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
-
-#: The one poller under its old name here (its users move to `tests.support.polling`).
-wait_for = until
 
 
 @pytest.fixture(name="pool")

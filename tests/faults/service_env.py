@@ -17,13 +17,10 @@ from typing import Any
 from store import CatalogEntry
 from streamer.config import load_config
 from streamer.service import StreamerService
-from tests.support.polling import holds_within
+from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
-__all__ = ["ServiceEnv", "open_fds", "settle"]
-
-#: The one poller under its old name here (its users move to `tests.support.polling`).
-settle = holds_within
+__all__ = ["ServiceEnv", "open_fds"]
 
 SIGNING_KEY = b"0123456789abcdef-fault-tests-key"
 
@@ -105,7 +102,7 @@ class ServiceEnv:
 
     async def start(self) -> ServiceEnv:
         self.service.startService()
-        assert await settle(lambda: self.service.ready), "the service did not become ready"
+        await until(lambda: self.service.ready, what="the service ready")
         return self
 
     async def stop(self) -> None:

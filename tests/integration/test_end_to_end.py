@@ -29,10 +29,6 @@ from tests.support.clients import free_port
 from tests.support.faults import Behaviour, Generated, call_later, is_gone
 from tests.support.polling import until
 from tests.support.twistd import STREAMER, Collect, child_env, twistd
-
-# Moved to tests.support.twistd; kept importable from here for the modules not yet moved.
-from tests.support.twistd import TWISTD as TWISTD
-from tests.support.twistd import Twistd as Twistd
 from tests.support.upstream import UpstreamServer
 
 MiB = 1024 * 1024

@@ -17,17 +17,16 @@ import pytest_twisted
 from twisted.internet import defer
 
 from tests.integration.test_end_to_end import (
-    Twistd,
     sha256,
     stored_soon,
     streamer_cli,
     temp_files,
-    twistd,
     wait_for,
 )
 from tests.integration.test_postgres_catalog import pg_config, rows
 from tests.integration.test_processes import served_by
 from tests.support.faults import Gated, Serve, Trickle
+from tests.support.twistd import Twistd, twistd
 from tests.support.upstream import UpstreamServer
 
 #: The remote's sock_read_timeout in these tests: a dead owner is taken over well within it.

@@ -14,12 +14,11 @@ from tests.integration.test_end_to_end import (
     artifact_path,
     sha256,
     streamer_cli,
-    twistd,
     write_config,
     write_repo,
 )
 from tests.support.clients import free_port
-from tests.support.twistd import start_twistd
+from tests.support.twistd import start_twistd, twistd
 from tests.support.upstream import UpstreamServer
 
 FILES = {"a.txt": b"alpha\n", "pkg/b.bin": os.urandom(200_000)}

@@ -26,12 +26,11 @@ from tests.integration.test_end_to_end import (
     sha256,
     streamer_cli,
     temp_files,
-    twistd,
     wait_for,
     write_config,
 )
 from tests.support.faults import Gated, Serve, Trickle, WrongBytes
-from tests.support.twistd import TWISTD, child_env
+from tests.support.twistd import TWISTD, child_env, twistd
 from tests.support.upstream import UpstreamServer
 
 PROCESSES = 3
