@@ -78,7 +78,7 @@ def statements(url: str) -> tuple[int, list[tuple[int, str]]]:
         url,
         "SELECT calls, query FROM pg_stat_statements WHERE dbid = "
         "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC",
+        "AND query NOT LIKE '%%pg_stat_statements%%' ORDER BY calls DESC",
     )
     return sum(calls for calls, _ in rows), [(c, q[:90]) for c, q in rows[:4]]
 
