@@ -31,6 +31,7 @@ inotify and without (as on NFS, where no event tells of another machine's writes
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import http.client
 import json
@@ -93,6 +94,8 @@ class Clients:
     def __init__(self, ports: list[int], clients: int) -> None:
         self.ports = ports
         self.clients = clients
+        #: What went wrong, by status or exception name.
+        self.errors: collections.Counter[str] = collections.Counter()
 
     def run(self, next_job) -> tuple[int, int, float]:
         """Run until *next_job()* returns None: (requests, errors, seconds)."""
@@ -111,9 +114,12 @@ class Clients:
                     response = conn.getresponse()
                     response.read()
                     ok += response.status == 200
-                    bad += response.status != 200
-                except (OSError, http.client.HTTPException):
+                    if response.status != 200:
+                        bad += 1
+                        self.errors[str(response.status)] += 1
+                except (OSError, http.client.HTTPException) as exc:
                     bad += 1
+                    self.errors[type(exc).__name__] += 1
                     conn.close()
                     conns.pop(port, None)
             for conn in conns.values():
@@ -154,6 +160,23 @@ def start_node(config: Path, port: int, work: Path, index: int) -> subprocess.Po
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONPATH"] = str(BENCH.parent)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+
+
+def wait_healthy(port: int, timeout: float = 60.0) -> None:
+    """Until /healthz answers 200 (listening comes before the catalog is open: 503 before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise RuntimeError(f"the node on port {port} did not become healthy")
 
 
 def stop_node(process: subprocess.Popen) -> None:
@@ -225,6 +248,7 @@ def one_size(cluster: PostgresCluster, count: int, args: argparse.Namespace) -> 
         nodes = [start_node(configs[i], ports[i], work, i) for i in range(count)]
         for port in ports:
             wait_port(port, timeout=60)
+            wait_healthy(port)
         paths = [f"/demo/files/{n:05d}.bin" for n in range(args.files)]
         clients = Clients(ports, args.clients)
         upstream_before = len(nginx.access_log.read_text().splitlines())
@@ -287,8 +311,12 @@ def one_size(cluster: PostgresCluster, count: int, args: argparse.Namespace) -> 
             "top": warm_top,
         },
     }
+    result["errors"] = dict(clients.errors)
     print(json.dumps(result, indent=1))
-    subprocess.run(["rm", "-rf", str(work)], check=False)
+    if clients.errors:
+        print(f"errors: the nodes' logs are kept in {work}")
+    else:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
     return result
 
 
@@ -475,9 +503,10 @@ def bench_follower(args: argparse.Namespace) -> dict:
                     "next_write_ms_max": round(max(laters), 2),
                 }
                 print(key, results[key], flush=True)
+        record_raw("nodes_bench-follower", results)  # here: react exits the process
 
     task.react(lambda r: defer.ensureDeferred(main(r)))
-    return results  # not reached: react exits
+    raise SystemExit(0)  # not reached: react exits
 
 
 def main() -> None:
