@@ -188,7 +188,7 @@ class PeerDownload:
         self,
         claims: Claims,
         entry: Any,
-        claim_fd: int,
+        claim_fd: int | None,
         readers_fd: int | None,
         on_done: Callable[[PeerDownload], None],
     ) -> None:
@@ -249,6 +249,15 @@ class PeerDownload:
         self._close()
 
     # -- driven by Claims ---------------------------------------------------------------------
+
+    def stored(self, data_fd: int, mtime: float) -> None:
+        """Finished before it was followed: the committed artifact, open as *data_fd*."""
+        from twisted.web.http import datetimeToString
+
+        self._data_fd = data_fd
+        self.headers = [(b"last-modified", [datetimeToString(mtime)])]
+        self.written = self.size
+        self.succeeded = True
 
     def start(self) -> None:
         self.check()
@@ -430,7 +439,14 @@ class Claims:
             if _try_lock(fd, fcntl.LOCK_EX):
                 if _same_file(fd, path):
                     self._drop_leftovers(fd)
-                    return Claim(path, fd, self.root)
+                    claim = Claim(path, fd, self.root)
+                    stored = self._stored(entry, on_done)
+                    if stored is None:
+                        return claim
+                    # Its owner (another process or node) committed it after the caller
+                    # looked on disk and let go before we asked: serve the artifact.
+                    claim.release()
+                    return stored
                 # Its owner finished (and unlinked it) meanwhile: its outcome tells.
                 return self._follow(entry, fd, None, on_done)
             readers = os.open(path + ".readers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -444,6 +460,22 @@ class Claims:
         self._watch()
         self._by_claim.setdefault(entry.sha256, set()).add(peer)
         peer.start()
+        return peer
+
+    def _stored(self, entry: Any, on_done: Callable[[PeerDownload], None]) -> PeerDownload | None:
+        """A finished `PeerDownload` of *entry*'s committed artifact, if it is on disk now."""
+        try:
+            data = os.open(
+                self.storage.path_for(entry.sha256), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            )
+        except OSError:
+            return None
+        info = os.fstat(data)
+        if info.st_size != entry.size:
+            os.close(data)
+            return None
+        peer = PeerDownload(self, entry, None, None, on_done)
+        peer.stored(data, info.st_mtime)
         return peer
 
     def _drop_leftovers(self, fd: int) -> None:

@@ -13,11 +13,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
-from tests.integration.test_end_to_end import streamer_cli, wait_for
+from tests.integration.test_end_to_end import streamer_cli
 from tests.integration.test_nginx_front import NGINX
-from tests.integration.test_nodes import in_flight, manifest, node_config, start_nodes
+from tests.integration.test_nodes import manifest, node_config, start_nodes
 from tests.support.clients import free_port, run_curl, run_process
 from tests.support.faults import Trickle
+from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed")
@@ -105,17 +106,29 @@ async def test_a_node_killed_behind_nginx(tmp_path, postgres_url):
             def get(uri: str):
                 return run_curl("--max-time", "30", front + uri)
 
-            streams = {uri: get(uri) for uri in lost + kept}
-            await wait_for(lambda: in_flight(nodes[victim], len(lost)), "streams on the victim")
-            await wait_for(lambda: in_flight(nodes[survivor], len(kept)), "streams on the other")
-            await defer_seconds(0.3)  # bytes are flowing to every client
+            def received(uri: str) -> Path:
+                return tmp_path / uri.replace("/", "_")
+
+            streams = {
+                uri: run_curl("--max-time", "30", "-o", str(received(uri)), front + uri)
+                for uri in lost + kept
+            }
+
+            def flowing() -> bool:
+                return all(
+                    received(uri).exists() and received(uri).stat().st_size > 0 for uri in streams
+                )
+
+            await until(flowing, 10, what="bytes flowing to every client")
             nodes[victim].process.signalProcess("KILL")
 
             for uri in kept:  # the other node's clients keep streaming to the end
-                code, body, err = await streams[uri]
+                code, _, err = await streams[uri]
+                body = received(uri).read_bytes()
                 assert (code, body) == (0, files[uri.removeprefix("/demo/")]), err
             for uri in lost:  # cut off mid-body: nginx cannot retry after the first byte
-                code, body, _ = await streams[uri]
+                code, _, _ = await streams[uri]
+                body = received(uri).read_bytes()
                 assert code != 0 and 0 < len(body) < SIZE, (code, len(body))
 
             # New requests, for the victim's paths too, go to the survivor.
@@ -134,10 +147,3 @@ async def test_a_node_killed_behind_nginx(tmp_path, postgres_url):
         if conf is not None:
             await run_process(NGINX, "-c", str(conf), "-s", "stop")
         await upstream.stop()
-
-
-def defer_seconds(seconds: float):
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    return deferLater(reactor, seconds)

@@ -26,6 +26,7 @@ from tests.integration.test_end_to_end import (
 from tests.integration.test_postgres_catalog import pg_config, rows
 from tests.integration.test_processes import served_by
 from tests.support.faults import Gated, Serve, Trickle
+from tests.support.polling import until
 from tests.support.twistd import Twistd, twistd
 from tests.support.upstream import UpstreamServer
 
@@ -124,15 +125,16 @@ async def test_a_killed_owner_node_is_taken_over_by_the_other(tmp_path, postgres
         async with AsyncExitStack() as stack:
             owner, other = await start_nodes(stack, configs)
             owners = [owner.curl("/demo/c.bin", "--max-time", "30") for _ in range(3)]
-            await wait_for(lambda: _true(gate.waiting == 1), "the owner's upstream request")
+            await until(lambda: gate.waiting == 1, 10, what="the owner's upstream request")
             followers = [other.curl("/demo/c.bin", "--max-time", "30") for _ in range(5)]
             await wait_for(lambda: in_flight(other, 5), "5 followers on the other node")
             assert gate.waiting == 1  # they follow: no request of their own
             killed = time.monotonic()
             owner.process.signalProcess("KILL")
-            await wait_for(
-                lambda: _true(len(upstream.requests("/repo/c.bin")) == 2),
-                "the other node taking over",
+            await until(
+                lambda: len(upstream.requests("/repo/c.bin")) == 2,
+                10,
+                what="the other node taking over",
                 output=lambda: other.proto.output,
             )
             took = time.monotonic() - killed
@@ -151,7 +153,3 @@ async def test_a_killed_owner_node_is_taken_over_by_the_other(tmp_path, postgres
         assert temp_files(tmp_path / "var") == []
     finally:
         await upstream.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value

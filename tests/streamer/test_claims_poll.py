@@ -121,3 +121,24 @@ async def test_inotify_wakes_a_follower_at_each_write(tmp_path, monkeypatch):
         peer.remove(client)
         owner_side.close()
         follower_side.close()
+
+
+def test_an_artifact_committed_before_the_claim_is_served_not_downloaded(tmp_path):
+    """Another node committed the artifact and let go of its claim between this request's
+    look on disk and its claim: the claim serves the stored artifact (an upstream request
+    was made here once in a dozen two-node runs)."""
+    storage = ArtifactStorage(tmp_path / "var")
+    source = tmp_path / "incoming"
+    source.write_bytes(DATA)
+    storage.import_file(str(source))
+    claims = Claims(storage, Clock())
+    found = claims.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(found, PeerDownload)
+    assert found.succeeded and found.finished and found.readable() == len(DATA)
+    assert found.read(0, len(DATA)) == DATA
+    assert dict(found.headers)[b"last-modified"]
+    assert os.listdir(claims.folder) == []  # the claim was let go at once
+    client = _Client()
+    found.add(client)
+    found.remove(client)  # closes the artifact
+    claims.close()
