@@ -12,7 +12,7 @@ import inspect
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -43,11 +43,23 @@ from downloaders.errors import (
 from downloaders.headers import as_response_headers
 from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
-from downloaders.retry import Backoff
+from downloaders.retry import Backoff, RetryDelays
 from downloaders.tempfiles import TempFilePool, create_temp_file
 from downloaders.urls import without_userinfo
 
 HeadersCallback = Callable[[Any], None]
+
+
+def as_deferred(awaitable: Awaitable[Any]) -> defer.Deferred[Any]:
+    """Any awaitable as a Deferred: a Deferred itself, a coroutine, `DONE` or a Future-like
+    object (``ensureDeferred`` alone refuses what is neither a coroutine nor a Deferred)."""
+    if isinstance(awaitable, defer.Deferred):
+        return awaitable
+    return defer.ensureDeferred(_awaited(awaitable))
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 class _Done:
@@ -139,7 +151,7 @@ class BaseDownloader:
         writer: Any = None,
         headers_ready_callback: HeadersCallback | None = None,
         max_retries: int = 3,
-        backoff: Backoff | None = None,
+        backoff: RetryDelays | None = None,
         context: Any = None,
         reactor: IReactorTime | None = None,
     ) -> None:
@@ -172,7 +184,7 @@ class BaseDownloader:
         self.writer = writer
         self.headers_ready_callback = headers_ready_callback
         self.max_retries = max_retries
-        self.backoff = backoff or Backoff()
+        self.backoff: RetryDelays = backoff or Backoff()
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -226,7 +238,7 @@ class BaseDownloader:
             raise self._temp_file_error(exc) from exc
         return DONE
 
-    def finalize(self) -> _Done:
+    def finalize(self) -> _Done | Awaitable[Any]:
         """Flush and close the temporary file (created empty for an empty body), then validate
         size, digests and the ``validators``. Called once per attempt after the last
         `handle_data`; a second call in the same attempt does nothing. Done when it returns;
@@ -255,8 +267,9 @@ class BaseDownloader:
 
     # Hooks for subclasses ----------------------------------------------------------------------
 
-    def _run(self, extra_data: Any = None) -> defer.Deferred[None]:
-        """Do one attempt: fetch and pass every byte to `handle_data`. Fire when complete."""
+    def _run(self, extra_data: Any = None) -> object:
+        """Do one attempt: fetch and pass every byte to `handle_data`. A Deferred that fires
+        when complete, a coroutine (``async def _run``) or, for work already done, a value."""
         raise NotImplementedError
 
     def headers_ready(self, headers: Any) -> None:
@@ -510,8 +523,8 @@ class _Attempts:
         dl.attempts = self.attempt + 1
         try:
             result = dl._run(self.extra_data)
-            if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
-                result = defer.ensureDeferred(result)  # an ``async def _run``
+            if inspect.isawaitable(result):  # ``async def _run``, or `finalize()`'s DONE
+                result = as_deferred(result)
         except BaseException:
             self._failed(Failure())
             return
@@ -529,10 +542,9 @@ class _Attempts:
         except BaseException:
             self._failed(Failure())
             return
-        if finishing is not DONE and (
-            isinstance(finishing, defer.Deferred) or inspect.iscoroutine(finishing)
-        ):  # an ``async def finalize`` of a subclass
-            self.current = defer.ensureDeferred(finishing)
+        if finishing is not DONE and inspect.isawaitable(finishing):
+            # an ``async def finalize`` of a subclass
+            self.current = as_deferred(finishing)
             self.current.addCallbacks(lambda _: self._succeed(result), self._failed)
             return
         self._succeed(result)

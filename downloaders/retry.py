@@ -6,8 +6,16 @@ import email.utils
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
+
+
+class RetryDelays(Protocol):
+    """What a downloader's ``backoff`` is: seconds to wait before retry number *attempt*
+    (0-based), or None for no retry at all (the download ends with its error)."""
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float | None: ...
 
 
 @attrs.frozen
@@ -47,8 +55,6 @@ def parse_retry_after(value: str | bytes | None, now: float | None = None) -> fl
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
         return None
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)

@@ -9,10 +9,9 @@ wrapped on the instance, so whoever calls them, the downloader itself included, 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable
 from typing import Any
 
-from twisted.internet import defer
+from downloaders.base import as_deferred
 
 __all__ = ["tap"]
 
@@ -47,7 +46,7 @@ def tap(downloader: Any, sink: Any) -> None:
             result = finalize(*args, **kwargs)
             if inspect.isawaitable(result):
                 # An ``async def finalize``: tell the tap once it has validated.
-                done: defer.Deferred[Any] = defer.ensureDeferred(_awaited(result))
+                done = as_deferred(result)
                 return done.addCallback(_then_finalized, sink)
             sink.finalized()
             return result
@@ -66,9 +65,3 @@ def tap(downloader: Any, sink: Any) -> None:
 def _then_finalized(result: Any, sink: Any) -> Any:
     sink.finalized()
     return result
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    """Any awaitable (a coroutine, a Deferred, a Future-like object) as a coroutine, which
-    ``ensureDeferred`` takes where it refuses a bare awaitable."""
-    return await awaitable

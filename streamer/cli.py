@@ -276,7 +276,6 @@ def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     except SystemExit as exit:
         code = exit.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_FAILED)
-    return EXIT_OK  # pragma: no cover - react always exits
 
 
 # -- sync -----------------------------------------------------------------------------------

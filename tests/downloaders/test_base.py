@@ -126,6 +126,26 @@ def test_run_finalizes_when_the_subclass_does_not(tmp_path: Path, assert_no_temp
     assert_no_temp_files(tmp_path)
 
 
+class FinalizingDownloader(BaseDownloader):
+    """A plain (not async) `_run` that ends as Pulp's do: ``return self.finalize()``."""
+
+    def _run(self, extra_data: Any = None) -> Any:
+        self.handle_data(BODY)
+        return self.finalize()
+
+
+def test_a_plain_run_may_return_what_finalize_returned(tmp_path: Path, assert_no_temp_files):
+    """`finalize` returns `DONE`, an awaitable that is neither a coroutine nor a Deferred:
+    a `_run` handing it back is a finished attempt, not a NotACoroutineError."""
+    good = outcome(FinalizingDownloader(URL, temp_dir=str(tmp_path)).run())
+    assert good.artifact_attributes == {"size": len(BODY), "sha256": SHA256}
+    assert Path(good.path).read_bytes() == BODY
+    os.unlink(good.path)
+    bad = FinalizingDownloader(URL, expected_digests={"sha256": "0" * 64}, temp_dir=tmp_path)
+    error_of(bad.run(), DigestValidationError)
+    assert_no_temp_files(tmp_path)
+
+
 def test_empty_body_is_an_empty_file(tmp_path: Path):
     result = outcome(MemoryDownloader(URL, [[]], expected_size=0, temp_dir=str(tmp_path)).run())
     assert result.artifact_attributes == {"size": 0, "sha256": hashlib.sha256().hexdigest()}
