@@ -24,12 +24,14 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.logger import ILogObserver, Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -58,6 +60,8 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_SECONDS = 60.0
 _FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
 _PR_SET_PDEATHSIG = 1
+#: A helper writes its waiting log lines at once when this many bytes are waiting.
+BATCH_BYTES = 64 * 1024
 
 
 def process_count(configured: int) -> int:
@@ -111,18 +115,50 @@ def die_with_parent() -> None:
 
 @implementer(ILogObserver)
 class _Forwarder:
-    """Writes each log event as one JSON line to the first process (descriptor 4)."""
+    """Writes log events as JSON lines to the first process (descriptor 4).
 
-    def __init__(self, fd: int) -> None:
+    While the reactor runs, the lines of one reactor turn go out together, in one ``write``
+    at the end of the turn (or as soon as `BATCH_BYTES` are waiting), so a busy helper wakes
+    the first process once per turn, not once per access line. Before and after the reactor
+    runs, each
+    event is written at once, and so is an event from another thread (after the waiting
+    lines, under a lock: lines never interleave); whatever waits is written at exit.
+    """
+
+    def __init__(self, fd: int, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
         self._fd = fd
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._flush_call: Any = None
+        atexit.register(self.flush)
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = (eventAsJSON(event) + "\n").encode("utf-8")
-        try:
-            while line:
-                line = line[os.write(self._fd, line) :]
-        except OSError:
-            pass  # the first process is gone; PR_SET_PDEATHSIG stops this one
+        with self._lock:
+            self._pending.append(line)
+            self._size += len(line)
+            later = self._reactor.running and self._size < BATCH_BYTES and threadable.isInIOThread()
+            if later and self._flush_call is None:
+                self._flush_call = self._reactor.callLater(0, self.flush)
+        if not later:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every waiting line now."""
+        with self._lock:
+            call, self._flush_call = self._flush_call, None
+            if call is not None and call.active() and threadable.isInIOThread():
+                call.cancel()
+            data, self._pending, self._size = b"".join(self._pending), [], 0
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            except OSError:
+                pass  # the first process is gone; PR_SET_PDEATHSIG stops this one
 
 
 def forwarding_observer() -> ILogObserver:

@@ -30,6 +30,7 @@ from tests.integration.test_end_to_end import (
     write_config,
 )
 from tests.support.faults import Gated, Serve, Trickle, WrongBytes
+from tests.support.polling import holds_within
 from tests.support.twistd import TWISTD, child_env, twistd
 from tests.support.upstream import UpstreamServer
 
@@ -229,7 +230,10 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
             assert len(upstream.requests("/repo/big.bin")) == 1
             by = served_by(served.output, "/demo/big.bin")
             assert len(by) == 20 and len(set(by)) >= 2, by
-            assert artifact_path(tmp_path / "var", data).read_bytes() == data
+            # The commit follows the last byte (its batch waits for company, then syncfs).
+            stored = artifact_path(tmp_path / "var", data)
+            assert await holds_within(stored.exists, timeout=10)
+            assert stored.read_bytes() == data
             # A warm request from any process: no upstream request.
             again = await curl_many(served, "/demo/big.bin", 6)
             assert all(body == data for _, body, _ in again)
@@ -354,3 +358,33 @@ def test_storage_without_working_locks_is_refused(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="does not exclude"):
         claims.check_locks()
     assert os.listdir(claims.folder) == []
+
+
+def test_a_helper_sends_the_log_lines_of_one_reactor_turn_in_one_write():
+    """Access lines of one turn go to the first process together, in order, whole; with
+    the reactor not running (start, exit) each line goes at once."""
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, eventFromJSON
+
+    from streamer.processes import _Forwarder
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    clock = Clock()
+    clock.running = True  # type: ignore[attr-defined]
+    forward = _Forwarder(write_fd, clock)
+    try:
+        for i in range(100):
+            forward({"log_format": "line {i}", "i": i, "log_level": LogLevel.info})
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 1)  # nothing written while the turn goes on
+        clock.advance(0)
+        lines = os.read(read_fd, 1 << 20).split(b"\n")
+        assert lines.pop() == b""
+        assert [eventFromJSON(line.decode())["i"] for line in lines] == list(range(100))
+        clock.running = False  # type: ignore[attr-defined]
+        forward({"log_format": "stopping", "log_level": LogLevel.info})
+        assert os.read(read_fd, 1 << 20).count(b"\n") == 1
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
