@@ -1,5 +1,5 @@
 """A synced mirror for real-client tests: the real `StreamerService` in-process (see
-`tests.faults.service_env.ServiceEnv`), its ``fixtures`` remote synced by the real importer
+`tests.support.service.ServiceEnv`), its ``fixtures`` remote synced by the real importer
 from a loopback upstream that publishes files and their PULP_MANIFEST. Holds no tests.
 
 Files are published at ``/<quoted relative path>`` upstream and served at
@@ -16,9 +16,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from importer import sync_remote
-from tests.faults.service_env import ServiceEnv
 from tests.support.faults import Behaviour, Serve
 from tests.support.polling import holds_within
+from tests.support.service import ServiceEnv
 from tests.support.upstream import UpstreamServer
 
 __all__ = ["Mirror", "sha256"]

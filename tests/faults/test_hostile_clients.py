@@ -23,10 +23,10 @@ import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import capturedLogs
 
-from tests.faults.service_env import ServiceEnv
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl
 from tests.support.polling import holds_within
+from tests.support.service import ServiceEnv
 from tests.support.twistd import start_twistd
 
 BODY = bytes(range(256)) * 256  # 64 KiB

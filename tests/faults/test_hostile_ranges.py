@@ -19,11 +19,11 @@ import pytest
 import pytest_twisted
 
 from store import CatalogEntry
-from tests.faults.service_env import ServiceEnv
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl, run_process
 from tests.support.polling import holds_within
+from tests.support.service import ServiceEnv
 
 BODY = bytes(range(256)) * 256  # 64 KiB; WrongBytes flips byte 32768
 SIZE = len(BODY)

@@ -25,11 +25,11 @@ from store import CatalogEntry, open_catalog
 from store.tempdirs import FOLDER_PREFIX
 from streamer.config import load_config
 from streamer.service import StreamerService
-from tests.faults.service_env import ServiceEnv
 from tests.service.test_twistd import run
 from tests.support.clients import run_curl, run_process
 from tests.support.faults import Gated, Serve, Trickle
 from tests.support.polling import until
+from tests.support.service import ServiceEnv
 from tests.support.twistd import TWISTD, start_twistd
 from tests.support.upstream import UpstreamServer
 

@@ -18,11 +18,11 @@ import pytest
 import pytest_twisted
 
 from streamer.signing import sign_path
-from tests.faults.service_env import ServiceEnv
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
 from tests.support.clients import raw_http, run_curl, run_process
 from tests.support.polling import holds_within
+from tests.support.service import ServiceEnv
 
 BODY = b"normalised body\n" * 1000
 

@@ -1,7 +1,7 @@
 """Shared set-up for the lazy-streaming tests: a real SQLite catalog, ArtifactStorage in
 tmp_path, remotes pointing at the loopback upstream, and the real `ContentResource` (whose
 ``lazy`` is the `LazyStreamer` under test) in a Site on 127.0.0.1: the content resource
-alone, with remotes built in code, where `tests.faults.service_env` runs the whole service
+alone, with remotes built in code, where `tests.support.service` runs the whole service
 from a configuration file. A pytest plugin (see tests/conftest.py): tests ask for the
 ``lazy_env`` fixture by name.
 """

@@ -1,7 +1,7 @@
 """The streamer as a real ``twistd -n streamer`` child process, for tests that drive it from
 outside (signals, exit codes, logs, the console commands beside it).
 
-The in-process service is `tests.faults.service_env.ServiceEnv` (``make_service``); this is the
+The in-process service is `tests.support.service.ServiceEnv` (``make_service``); this is the
 other way to start it, and the only one for what needs a process of its own. `start_twistd`
 spawns it on a free port and returns at once (a test of a failing start waits on ``ended``);
 `twistd` is the context manager for the usual case: healthy before the body runs, stopped with
