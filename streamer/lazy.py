@@ -317,7 +317,7 @@ class LazyStreamer:
         if self.in_flight.get(inflight.sha256) is inflight:
             del self.in_flight[inflight.sha256]
         self._own.discard(inflight)
-        if self.metrics is not None:
+        if self.metrics is not None and isinstance(inflight, InFlight):  # not another's
             self.metrics.download_finished()
 
     # -- HEAD ------------------------------------------------------------------------------------

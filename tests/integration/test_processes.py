@@ -230,6 +230,10 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
             assert len(upstream.requests("/repo/big.bin")) == 1
             by = served_by(served.output, "/demo/big.bin")
             assert len(by) == 20 and len(set(by)) >= 2, by
+            # One download in all: the followers in other processes count none.
+            metrics = await served.metrics()
+            assert metrics["streamer_downloads_total"] == 1
+            assert metrics["streamer_downloads_in_flight"] == 0
             # The commit follows the last byte (its batch waits for company, then syncfs).
             stored = artifact_path(tmp_path / "var", data)
             assert await holds_within(stored.exists, timeout=10)
