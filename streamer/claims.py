@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from store.errors import StorageError
 from store.tempdirs import remove_quietly
 
 __all__ = ["CLAIMS_FOLDER", "NO_CLAIM", "Claim", "Claims", "OwnerGone", "PeerDownload"]
@@ -324,15 +325,11 @@ class PeerDownload:
     def _open_data(self) -> None:
         if self._data_fd is not None or self.temp_path is None:
             return
-        for path in (
-            self.temp_path,
-            self.claims.storage.path_for(self.sha256),  # committed meanwhile
-        ):
-            try:
-                self._data_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                return
-            except (FileNotFoundError, OSError):
-                continue
+        try:
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            self._data_fd = os.open(self.temp_path, flags)
+        except OSError:
+            self._data_fd = self.claims.open_stored(self.sha256)  # committed meanwhile
 
     def _settle(self, outcome: dict[str, Any]) -> None:
         if outcome.get("outcome") == "done":
@@ -464,11 +461,8 @@ class Claims:
 
     def _stored(self, entry: Any, on_done: Callable[[PeerDownload], None]) -> PeerDownload | None:
         """A finished `PeerDownload` of *entry*'s committed artifact, if it is on disk now."""
-        try:
-            data = os.open(
-                self.storage.path_for(entry.sha256), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-            )
-        except OSError:
+        data = self.open_stored(entry.sha256)
+        if data is None:
             return None
         info = os.fstat(data)
         if info.st_size != entry.size:
@@ -477,6 +471,15 @@ class Claims:
         peer = PeerDownload(self, entry, None, None, on_done)
         peer.stored(data, info.st_mtime)
         return peer
+
+    def open_stored(self, sha256: str) -> int | None:
+        """A descriptor of the stored artifact, or None: only a regular file counts (never a
+        FIFO, which would block the reactor, or a symbolic link: `ArtifactStorage.open`)."""
+        try:
+            with self.storage.open(sha256) as stored:
+                return os.dup(stored.fileno())
+        except (OSError, StorageError):
+            return None
 
     def _drop_leftovers(self, fd: int) -> None:
         """Empty a claim whose owner died (we hold its lock), and remove that owner's temp
