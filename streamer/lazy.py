@@ -504,8 +504,9 @@ class _LazyRequest:
 
     def _follower(self, source: InFlight | PeerDownload, plan: _Plan) -> Follower:
         options = self.streamer.options
-        if isinstance(source, PeerDownload):
-            self.request.cache_status = "coalesced"  # another process downloads it
+        if isinstance(source, PeerDownload):  # another process or node downloads it, or
+            # validated it already (only its commit may be pending): a hit, as in one process
+            self.request.cache_status = "hit" if source.succeeded else "coalesced"
         self.follower = Follower(
             self.request,
             source,
