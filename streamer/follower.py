@@ -22,8 +22,9 @@ its connection aborted.
 What a slow client holds is the chunk its transport has not sent yet: with many clients at
 once, that adds up (1,000 clients x 512 KiB is 500 MiB). So a follower's reads start at
 `MIN_READ_SIZE` and double each time its transport asks for more (up to *read_size*), but
-never above its share of `BUFFER_BUDGET` among the followers sending at that moment: one fast
-client soon reads 512 KiB at a time, a thousand slow ones 64 KiB each.
+never above its share of `streamer.static.SEND_BUDGET` among the bodies the process sends at
+that moment (`streamer.static.Senders`, stored files included): one fast client soon reads
+512 KiB at a time, a thousand slow ones 64 KiB each.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
-from streamer.static import widen_sends
+from streamer.static import FIRST_CHUNK, Senders, widen_sends
 
 __all__ = ["Follower", "Segment"]
 
@@ -42,11 +43,9 @@ __all__ = ["Follower", "Segment"]
 Segment = bytes | tuple[int, int]
 
 DEFAULT_READ_SIZE = 512 * 1024
-#: The bytes the followers of this process read at a time, together (see the module
-#: docstring): 16 MiB is 32 followers at the full read size, 256 at the smallest.
-BUFFER_BUDGET = 16 * 1024 * 1024
-#: The smallest read: no fewer bytes per reactor turn for a follower, however many there are.
-MIN_READ_SIZE = 64 * 1024
+#: The smallest read: no fewer bytes per reactor turn for a follower, however many there are
+#: (Twisted pauses a producer only once more than 64 KiB wait, so less would not hold less).
+MIN_READ_SIZE = FIRST_CHUNK
 
 
 @implementer(IPushProducer)
@@ -57,9 +56,6 @@ class Follower:
     :param on_failed: called with the error if the source fails before anything was sent
         (the caller may try another source); after that a failure aborts the connection.
     """
-
-    #: Followers of this process that are sending now (started, not done).
-    sending: int = 0
 
     def __init__(
         self,
@@ -111,7 +107,7 @@ class Follower:
             if not self._can_start():
                 return
             self.started = True
-            Follower.sending += 1
+            Senders.count += 1
             self._on_start()
             widen_sends(self.request)
             self.request.registerProducer(self, True)
@@ -194,8 +190,7 @@ class Follower:
             end = self._sendable_end(self._index)
             if self._position >= end:
                 return  # wait for the source
-            share = max(MIN_READ_SIZE, BUFFER_BUDGET // Follower.sending)
-            size = min(self._next_read, share, end - self._position)
+            size = min(self._next_read, Senders.share(), end - self._position)
             data = self.source.read(self._position, size)
             if not data:
                 return
@@ -225,7 +220,7 @@ class Follower:
             return
         self.done = True
         if self.started:
-            Follower.sending -= 1
+            Senders.count -= 1
         self._cancel_timer()
         self.source.remove(self)
 

@@ -30,6 +30,7 @@ from streamer.ranges import (
 __all__ = [
     "CHUNK_SIZE",
     "FileRangesProducer",
+    "Senders",
     "client_gone",
     "content_type_for",
     "etag_for",
@@ -46,10 +47,27 @@ __all__ = [
 CHUNK_SIZE = 1024 * 1024
 #: The first chunk of a body is this small, so the head and the first bytes leave after one
 #: short read and send (a 1 MiB first chunk delays the first byte by its read, copy and send:
-#: measured 3 ms on a warm 1 MiB file); the chunks after it are `CHUNK_SIZE`.
+#: measured 3 ms on a warm 1 MiB file); each next one is twice the last, up to `CHUNK_SIZE`
+#: and to the body's share of `SEND_BUDGET`.
 FIRST_CHUNK = 64 * 1024
 #: Bodies up to this size are sent in one write instead of through a producer.
 SMALL_BODY = 64 * 1024
+#: The bytes all the bodies this process is sending read at a time, together: a slow client
+#: holds the chunk its transport has not sent yet, and 1,000 of them holding 1 MiB each would
+#: be 1 GiB. 16 MiB is 16 clients at a full chunk; each gets at least `FIRST_CHUNK`.
+SEND_BUDGET = 16 * 1024 * 1024
+
+
+class Senders:
+    """How many bodies this process is sending now (stored files and followers of a
+    download), and each one's share of `SEND_BUDGET` per read."""
+
+    count = 0
+
+    @classmethod
+    def share(cls) -> int:
+        return max(FIRST_CHUNK, SEND_BUDGET // max(1, cls.count))
+
 
 _log = Logger()
 
@@ -206,10 +224,13 @@ class FileRangesProducer:
         self._next_size = min(FIRST_CHUNK, chunk_size)
         self._offset = 0
         self._remaining = 0
+        self._counted = False
 
     def start(self) -> None:
         """Register with the request; the transport then pulls chunks as it can send them."""
         self._request.notifyFinish().addBoth(lambda _: self._close())
+        Senders.count += 1
+        self._counted = True
         widen_sends(self._request, self._chunk_size)
         self._request.registerProducer(self, False)
         self._arm_stall_timer()
@@ -240,16 +261,15 @@ class FileRangesProducer:
             segment_prefix, self._offset, self._remaining = self._segments.popleft()
             prefix += segment_prefix
         try:
-            data = os.pread(
-                self._file.fileno(), min(self._next_size, self._remaining), self._offset
-            )
+            size = min(self._next_size, Senders.share(), self._remaining)
+            data = os.pread(self._file.fileno(), size, self._offset)
         except OSError as exc:
             _log.error("reading a stored artifact failed: {error}", error=exc)
             data = b""
         if not data:
             self._abort()
             return
-        self._next_size = self._chunk_size
+        self._next_size = min(self._chunk_size, self._next_size * 2)
         self._offset += len(data)
         self._remaining -= len(data)
         self._request.write(prefix + data if prefix else data)
@@ -274,6 +294,9 @@ class FileRangesProducer:
             transport.abortConnection()
 
     def _close(self) -> None:
+        if self._counted:
+            self._counted = False
+            Senders.count -= 1
         if self._stall_timer is not None and self._stall_timer.active():
             self._stall_timer.cancel()
         self._stall_timer = None

@@ -136,7 +136,8 @@ def test_a_reading_client_is_never_cut_off_by_the_no_progress_timer(lazy_env):
 def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
     """200 clients that read nothing join a download with 6 MiB already written: each holds
     one small read (64 KiB) of unsent bytes, not a full 512 KiB one (100 MiB together)."""
-    from streamer.follower import MIN_READ_SIZE, Follower
+    from streamer.follower import MIN_READ_SIZE
+    from streamer.static import Senders
 
     env = lazy_env.start()
     env.remote("up")
@@ -152,7 +153,7 @@ def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
     try:
         baseline = tracemalloc.get_traced_memory()[0]
         clients = [_connect(env, "repo/big") for _ in range(200)]
-        assert (yield holds_within(lambda: Follower.sending == 201, timeout=60))
+        assert (yield holds_within(lambda: Senders.count == 201, timeout=60))
         growth = tracemalloc.get_traced_memory()[0] - baseline
     finally:
         tracemalloc.stop()
@@ -162,5 +163,5 @@ def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
     assert growth < 200 * (MIN_READ_SIZE + 192 * 1024), growth
     for client in [first, *clients]:
         client.transport.abortConnection()
-    assert (yield holds_within(lambda: Follower.sending == 0))
+    assert (yield holds_within(lambda: Senders.count == 0))
     assert len(env.upstream.requests("/big")) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import hashlib
+import math
 import os
 
 import pytest
@@ -312,9 +313,9 @@ def test_raw_http10_request_gets_the_whole_body(server):
     assert body == DATA
 
 
-def test_first_chunk_is_small_then_full_chunks(tmp_path):
-    """The head and the first bytes leave after one short read (time to first byte); every
-    later read is a whole CHUNK_SIZE (few reactor turns per byte); the body is intact."""
+def test_first_chunk_is_small_then_chunks_double_to_full_size(tmp_path):
+    """The head and the first bytes leave after one short read (time to first byte); each
+    later read doubles up to CHUNK_SIZE (few reactor turns per byte); the body is intact."""
     from twisted.web.test.requesthelper import DummyRequest
 
     from streamer.static import CHUNK_SIZE, FIRST_CHUNK, FileRangesProducer
@@ -327,6 +328,42 @@ def test_first_chunk_is_small_then_full_chunks(tmp_path):
     with path.open("rb") as fileobj:
         FileRangesProducer(request, fileobj, [(b"", 0, len(body))]).start()
     sizes = [len(chunk) for chunk in request.written]
-    assert sizes == [FIRST_CHUNK, CHUNK_SIZE, CHUNK_SIZE, len(body) - FIRST_CHUNK - 2 * CHUNK_SIZE]
+    doubling = [FIRST_CHUNK << n for n in range(5) if FIRST_CHUNK << n < CHUNK_SIZE]
+    full = (len(body) - sum(doubling)) // CHUNK_SIZE
+    rest = len(body) - sum(doubling) - full * CHUNK_SIZE
+    assert sizes == [*doubling, *[CHUNK_SIZE] * full, rest]
     assert b"".join(request.written) == body
     assert request.finished
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_stalled_readers_of_a_stored_file_hold_a_share_of_the_budget(tmp_path):
+    """100 clients of a stored 8 MiB file that stop reading: the bytes the server holds for
+    them (written, not sent) are their shares of SEND_BUDGET, not a full 1 MiB chunk each."""
+    from streamer.static import CHUNK_SIZE, SEND_BUDGET, Senders
+
+    srv = yield start_content_server(tmp_path)
+    try:
+        big = os.urandom(8 * 1024 * 1024)
+        yield srv.add("fixtures/big.bin", big)
+        request = b"GET /fixtures/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        readers = [_SlowReader(request) for _ in range(100)]
+        for reader in readers:
+            yield _connect(srv.port.getHost().port, reader)
+        yield deferLater(reactor, 1.0, lambda: None)
+        assert Senders.count == 100
+        held = sum(len(t.dataBuffer) + t._tempDataLen for t in srv.server_transports())
+        print(f"\nunsent bytes held for 100 stalled readers: {held / 2**20:.1f} MiB")
+        # A reader that started while fewer were sending got a larger share and still holds
+        # it: at most the budget times (1 + ln(n x chunk / budget)), 45 MiB here; a full
+        # chunk each was 100 MiB.
+        bound = SEND_BUDGET * (1 + math.log(100 * CHUNK_SIZE / SEND_BUDGET))
+        assert held <= bound, (held, bound)
+        readers[0].transport.resumeProducing()
+        body = yield readers[0].done
+        assert (
+            hashlib.sha256(body.partition(b"\r\n\r\n")[2]).digest() == hashlib.sha256(big).digest()
+        )
+    finally:
+        yield srv.stop()
+    assert Senders.count == 0
