@@ -5,7 +5,6 @@ through ``proxy_pass``, and the internal location unreachable from outside."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,11 @@ from twisted.internet import defer
 from store import CatalogEntry
 from streamer.config import load_config
 from streamer.service import StreamerService
-from tests.support.clients import free_port, run_curl, run_process
+from tests.support.clients import free_port, run_curl
 from tests.support.faults import Serve
+from tests.support.nginx import NGINX, access_lines, start_nginx, stop_nginx, write_conf
 from tests.support.polling import holds_within
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed")
 
 STORED = b"stored bytes, sent by nginx\n" * 1000
@@ -27,22 +26,12 @@ LAZY = b"lazy bytes, streamed through nginx\n" * 1000
 
 
 def nginx_conf(work: Path, port: int, streamer_port: int, storage: Path) -> Path:
-    conf = work / "nginx.conf"
-    for name in ("tmp", "logs"):
-        (work / name).mkdir(exist_ok=True)
-    conf.write_text(
+    return write_conf(
+        work,
         f"""
-user root;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/logs/error.log;
-events {{ worker_connections 64; }}
-http {{
   # The body bytes nginx received from the streamer, and those it sent to the client.
   log_format front '$request_uri $status upstream=$upstream_response_length sent=$body_bytes_sent';
   access_log {work}/logs/access.log front;
-  client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp;
-  fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -58,10 +47,9 @@ http {{
       alias {storage}/;
     }}
   }}
-}}
-"""
+""",
+        worker_connections=64,
     )
-    return conf
 
 
 class Front:
@@ -101,21 +89,20 @@ class Front:
         return f"http://127.0.0.1:{self.service.address.port}"
 
     def access_log(self) -> list[str]:
-        return (self.work / "logs" / "access.log").read_text().splitlines()
+        return access_lines(self.work)
 
     async def start(self) -> Front:
         self.service.startService()
         assert await holds_within(lambda: self.service.ready), "the service did not become ready"
         port = free_port()
         self.conf = nginx_conf(self.work, port, self.service.address.port, Path(self.storage.root))
-        started = await run_process(NGINX, "-c", str(self.conf))
-        assert started.exit_code == 0, started.stderr
+        await start_nginx(self.conf)
         self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def stop(self) -> None:
         if self.conf is not None:
-            await run_process(NGINX, "-c", str(self.conf), "-s", "stop")
+            await stop_nginx(self.conf)
         await self.service.stopService()
 
     async def add(self, name: str, data: bytes, *, stored: bool) -> str:

@@ -14,10 +14,10 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from tests.integration.test_end_to_end import streamer_cli
-from tests.integration.test_nginx_front import NGINX
 from tests.integration.test_nodes import manifest, node_config, start_nodes
-from tests.support.clients import free_port, run_curl, run_process
+from tests.support.clients import free_port, run_curl
 from tests.support.faults import Trickle
+from tests.support.nginx import NGINX, access_lines, start_nginx, stop_nginx, write_conf
 from tests.support.polling import until
 from tests.support.upstream import UpstreamServer
 
@@ -37,31 +37,16 @@ def front_conf(work: Path, port: int, nodes: list[str]) -> Path:
     for server, node in zip(servers, nodes, strict=True):
         snippet = snippet.replace(server, f"    server {node} ", 1)
     snippet = snippet.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
-    for name in ("tmp", "logs"):
-        (work / name).mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "nodes.conf").write_text(snippet)
-    conf = work / "nginx.conf"
-    conf.write_text(
+    return write_conf(
+        work,
         f"""
-user root;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/logs/error.log;
-events {{ worker_connections 256; }}
-http {{
   log_format nodes '$request_method $request_uri $status upstream=$upstream_addr';
   access_log {work}/logs/access.log nodes;
-  client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp;
-  fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
   include {work}/nodes.conf;
-}}
-"""
+""",
     )
-    return conf
-
-
-def access_lines(work: Path) -> list[str]:
-    return (work / "logs" / "access.log").read_text().splitlines()
 
 
 @pytest_twisted.ensureDeferred
@@ -84,8 +69,7 @@ async def test_a_node_killed_behind_nginx(tmp_path, postgres_url):
             addresses = [node.base.removeprefix("http://") for node in nodes]
             port = free_port()
             conf = front_conf(work, port, addresses)
-            started = await run_process(NGINX, "-c", str(conf))
-            assert started.exit_code == 0, started.stderr
+            await start_nginx(conf)
             front = f"http://127.0.0.1:{port}"
 
             # Which node each path goes to (the same for HEAD and GET: the hash of the uri).
@@ -145,5 +129,5 @@ async def test_a_node_killed_behind_nginx(tmp_path, postgres_url):
             assert "Traceback" not in nodes[survivor].output
     finally:
         if conf is not None:
-            await run_process(NGINX, "-c", str(conf), "-s", "stop")
+            await stop_nginx(conf)
         await upstream.stop()
