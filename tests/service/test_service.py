@@ -347,3 +347,25 @@ async def test_a_catalog_that_will_not_open_keeps_the_service_unready(tmp_path):
         assert content.seen == []
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listening_socket_queues_a_burst_of_connections(tmp_path):
+    """The listen backlog is 511 (``ss`` shows it as the listening socket's Send-Q), not
+    Twisted's 50; a ``backlog=`` in ``listen`` is kept as given."""
+    import subprocess
+
+    for listen, expected in (("tcp:0:interface=127.0.0.1", 511), ("tcp:0:backlog=7", 7)):
+        service_config(tmp_path)
+        config = load_config(
+            tmp_path / "streamer.toml", environ={}, overrides={"server.listen": listen}
+        )
+        service, _, _ = start(config)
+        try:
+            port = service.address.port
+            shown = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            assert shown[0] == "LISTEN" and int(shown[2]) == expected, shown
+        finally:
+            await _stop(service)
