@@ -130,7 +130,8 @@ class _Forwarder:
             from twisted.internet import reactor
         self._fd = fd
         self._reactor = reactor
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler that logs while this thread holds it must not hang.
+        self._lock = threading.RLock()
         self._pending: list[bytes] = []
         self._size = 0
         self._flush_call: Any = None
