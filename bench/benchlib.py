@@ -158,3 +158,37 @@ def record_raw(bench: str, raw: dict) -> Path:
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"raw numbers: {path.relative_to(BENCH.parent)}")
     return path
+
+
+def start_aiohttp_proxy(upstream: str, port: int, store: Path) -> subprocess.Popen:
+    """The aiohttp peer (``peers/aiohttp_proxy.py``, sha256 like ours) on *port*, caching
+    *upstream* in *store*."""
+    return subprocess.Popen(
+        [sys.executable, str(PEERS / "aiohttp_proxy.py"), "--upstream", upstream]
+        + ["--port", str(port), "--store", str(store), "--digests", "sha256"]
+    )
+
+
+def streamer_config(path: Path, port: int, var: Path, upstream: str, *extra: str) -> Path:
+    """A streamer.toml at *path*: listening on *port*, storage *var*, one ``on_demand`` remote
+    "bench" (served under /bench/) at *upstream*; *extra* lines go into ``[server]``."""
+    path.write_text(
+        f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
+        + "".join(f"{line}\n" for line in extra)
+        + f'[storage]\npath = "{var}"\n'
+        f'[[remotes]]\nname = "bench"\nurl = "{upstream}/PULP_MANIFEST"\n'
+        'policy = "on_demand"\nbase_path = "bench"\n'
+    )
+    return path
+
+
+def start_streamer(
+    config: Path, log: Path, env: dict | None = None, *twistd: str
+) -> subprocess.Popen:
+    """``twistd -n streamer --config CONFIG`` (its log in *log*; *twistd* options before the
+    plugin name), in the configuration's folder."""
+    return subprocess.Popen(
+        ["twistd", "-n", "--pidfile=", "--logfile", log, *twistd, "streamer", "--config", config],
+        cwd=config.parent,
+        env=env,
+    )

@@ -47,13 +47,15 @@ from pathlib import Path
 
 from benchlib import (
     BENCH,
-    PEERS,
     Nginx,
     free_port,
     machine,
     make_fixture,
     record_raw,
     set_aside,
+    start_aiohttp_proxy,
+    start_streamer,
+    streamer_config,
     wait_port,
 )
 from stream_bench import count_requests, curl_speed, rss_kib, small_files_rate
@@ -163,25 +165,6 @@ def group_pids(first: int) -> list[int]:
 # -- the run --------------------------------------------------------------------------------
 
 
-def streamer_config(path: Path, port: int, var: Path, upstream: str, *extra: str) -> Path:
-    path.write_text(
-        f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
-        + "".join(f"{line}\n" for line in extra)
-        + f'[storage]\npath = "{var}"\n'
-        f'[[remotes]]\nname = "bench"\nurl = "{upstream}/PULP_MANIFEST"\n'
-        'policy = "on_demand"\nbase_path = "bench"\n'
-    )
-    return path
-
-
-def start_streamer(config: Path, log: Path, env: dict | None = None, *twistd: str):
-    return subprocess.Popen(
-        ["twistd", "-n", "--pidfile=", "--logfile", log, *twistd, "streamer", "--config", config],
-        cwd=config.parent,
-        env=env,
-    )
-
-
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -236,22 +219,7 @@ def main() -> int:
         nginx.start()
         upstream = f"http://127.0.0.1:{static}"
         aio_store = work / "aio"
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    PEERS / "aiohttp_proxy.py",
-                    "--upstream",
-                    upstream,
-                    "--port",
-                    str(aio),
-                    "--store",
-                    aio_store,
-                    "--digests",
-                    "sha256",
-                ]
-            )
-        )
+        procs.append(start_aiohttp_proxy(upstream, aio, aio_store))
         config = streamer_config(work / "streamer.toml", ours, work / "var", upstream)
         subprocess.run(["streamer", "--config", config, "sync"], check=True, capture_output=True)
         streamer = start_streamer(config, work / "twistd.log")

@@ -24,12 +24,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PEERS, Nginx, free_port, machine, make_fixture, record_raw, wait_port
+from benchlib import (
+    Nginx,
+    free_port,
+    machine,
+    make_fixture,
+    record_raw,
+    start_aiohttp_proxy,
+    start_streamer,
+    streamer_config,
+    wait_port,
+)
 
 
 def rss_kib(pid: int) -> int:
@@ -132,43 +141,10 @@ def main() -> int:
         upstream = f"http://127.0.0.1:{static}"
         access_log = nginx.access_log
 
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    PEERS / "aiohttp_proxy.py",
-                    "--upstream",
-                    upstream,
-                    "--port",
-                    str(aio),
-                    "--store",
-                    work / "aio",
-                    "--digests",
-                    "sha256",
-                ]
-            )
-        )
-        config = work / "streamer.toml"
-        config.write_text(
-            f'[server]\nlisten = "tcp:{ours}:interface=127.0.0.1"\n'
-            f'[storage]\npath = "{work / "var"}"\n'
-            f'[[remotes]]\nname = "bench"\nurl = "{upstream}/PULP_MANIFEST"\n'
-            'policy = "on_demand"\nbase_path = "bench"\n'
-        )
+        procs.append(start_aiohttp_proxy(upstream, aio, work / "aio"))
+        config = streamer_config(work / "streamer.toml", ours, work / "var", upstream)
         subprocess.run(["streamer", "--config", config, "sync"], check=True)
-        streamer = subprocess.Popen(
-            [
-                "twistd",
-                "-n",
-                "--pidfile=",
-                "--logfile",
-                work / "twistd.log",
-                "streamer",
-                "--config",
-                config,
-            ],
-            cwd=work,
-        )
+        streamer = start_streamer(config, work / "twistd.log")
         procs.append(streamer)
         wait_port(aio)
         wait_port(ours)
