@@ -4,7 +4,8 @@ The first process (the one twistd started) listens, then starts ``processes - 1`
 `ProcessGroup`. Each of those is ``twistd -n streamer`` again, with the listening socket as
 its descriptor 3 (it adopts it with ``reactor.adoptStreamPort``: the kernel hands each new
 connection to whichever process accepts first, so no balancer sits in front) and a pipe as
-its descriptor 4, on which it writes its log events as JSON lines (`forwarding_observer`).
+its descriptor 4, on which it writes its log events as JSON lines (`forwarding_observer`;
+access lines in the compact form of `streamer.logs.pack_access`).
 The first process publishes those events into its own log observers, so every line of the
 group's log is written by one process and none is torn. A helper that dies is logged and
 started again; at SIGTERM the first process sends SIGTERM to every helper (each drains its
@@ -34,6 +35,8 @@ from twisted.logger import ILogObserver, Logger, eventAsJSON, eventFromJSON, glo
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from streamer.logs import pack_access, unpack_access
 
 __all__ = [
     "ADOPT_ENV",
@@ -138,7 +141,10 @@ class _Forwarder:
         atexit.register(self.flush)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        line = (eventAsJSON(event) + "\n").encode("utf-8")
+        # An access line (one per request) in its compact form, anything else as Twisted's
+        # JSON; the first process tells them apart by the first character ("[" or "{").
+        text = pack_access(event)
+        line = ((eventAsJSON(event) if text is None else text) + "\n").encode("utf-8")
         with self._lock:
             self._pending.append(line)
             self._size += len(line)
@@ -193,7 +199,8 @@ class _Helper(protocol.ProcessProtocol):
 
     def _publish(self, line: bytes) -> None:
         try:
-            event = eventFromJSON(line.decode("utf-8"))
+            text = line.decode("utf-8")
+            event = unpack_access(text) if text.startswith("[") else eventFromJSON(text)
         except ValueError:
             event = {"log_format": "{line}", "line": line.decode("utf-8", "replace")}
             event.update(log_level=None, log_namespace="streamer.processes", log_time=None)
