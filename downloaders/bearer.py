@@ -113,8 +113,9 @@ class BearerTokenAgent:
         headers: Headers | None = None,
         bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
-        where = origin(uri)
-        key = self._latest.get(where)
+        # Until an origin asked for a token, nothing is looked up (a url parse per request).
+        where = origin(uri) if self._latest else None
+        key = self._latest.get(where) if where is not None else None
         token = self._context.values.get(key) if key is not None else None
         sent = self._send(method, uri, headers, bodyProducer, token)
         if bodyProducer is not None:
@@ -135,12 +136,14 @@ class BearerTokenAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None,
-        where: tuple[str, str, int | None],
+        where: tuple[str, str, int | None] | None,
         token: str | None,
         retried: bool,
     ) -> Any:
         if response.code != 401 or retried:
             return response
+        if where is None:
+            where = origin(uri)
         challenge = None
         for value in response.headers.getRawHeaders(b"www-authenticate") or []:
             challenge = parse_challenge(value.decode("latin-1"))

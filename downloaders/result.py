@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -52,11 +53,20 @@ def parse_last_modified(value: bytes, now: float | None = None) -> float | None:
     """A ``Last-Modified`` value as a POSIX time, clamped to *now* (default: the current time)
     because an origin's date in the future is its clock's error, not a fact (RFC 9110 section
     8.8.2.1); None when it is not a valid HTTP-date."""
-    try:
-        when = float(stringToDatetime(value.strip()))
-    except (ValueError, IndexError, TypeError, OverflowError):
+    when = _http_date(value.strip())
+    if when is None:
         return None
     return min(when, time.time() if now is None else now)
+
+
+@functools.lru_cache(maxsize=64)
+def _http_date(value: bytes) -> float | None:
+    """An HTTP-date as a POSIX time, None if invalid; remembered, since the files of one
+    upstream often share a few dates (a sync parses one per file)."""
+    try:
+        return float(stringToDatetime(value))
+    except (ValueError, IndexError, TypeError, OverflowError):
+        return None
 
 
 def keep_upstream_date(path: str, result: Any) -> None:

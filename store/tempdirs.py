@@ -31,6 +31,9 @@ _OPEN_LOCK = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC",
 
 #: Folders claimed by this process, so a forked child can drop its copies of their locks.
 _claimed: weakref.WeakSet[OwnTempDir] = weakref.WeakSet()
+#: This process's id, renewed in a forked child: `OwnTempDir.alive` is asked several times per
+#: stored file, and ``os.getpid`` is a system call each time.
+_pid = os.getpid()
 
 
 class OwnTempDir:
@@ -71,7 +74,7 @@ class OwnTempDir:
     @property
     def alive(self) -> bool:
         """True while the lock is held by this very process (not a forked copy)."""
-        return self._lock_fd is not None and self.pid == os.getpid()
+        return self._lock_fd is not None and self.pid == _pid
 
     def clear(self, min_age: float = 0.0) -> int:
         """Remove this process's files last modified at least *min_age* seconds ago."""
@@ -94,6 +97,8 @@ class OwnTempDir:
 
 
 def _forget_inherited() -> None:
+    global _pid
+    _pid = os.getpid()
     for owned in list(_claimed):
         owned.forget()
 

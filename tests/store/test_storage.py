@@ -205,3 +205,30 @@ def test_remove_quietly_removes_a_file_and_passes_over_what_is_gone(tmp_path):
     remove_quietly("")
     with pytest.raises(IsADirectoryError):
         remove_quietly(str(tmp_path))
+
+
+def test_a_forked_child_makes_a_temp_folder_of_its_own_and_leaves_the_parents(tmp_path):
+    """A forked child does not write into, or remove, its parent's temporary folder: it
+    claims one of its own (the process id that tells them apart is renewed at the fork)."""
+    storage = ArtifactStorage(tmp_path / "var")
+    parents = storage.temp_dir
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and never return into pytest
+        status = 1
+        try:
+            os.close(read)
+            own = storage.temp_dir
+            storage.close()  # removes the child's own folder only
+            os.write(write, f"{own}\n{os.path.isdir(parents)}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        childs, parents_kept = pipe.read().split("\n")
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert childs != parents and os.path.dirname(childs) == os.path.dirname(parents)
+    assert parents_kept == "True" and os.path.isdir(parents) and storage.temp_dir == parents
+    assert not os.path.exists(childs)
