@@ -16,7 +16,10 @@ and several services in one process never clash. Who calls what:
 Several server processes (``[server] processes``) share their figures through
 prometheus-client's multiprocess mode: the first process sets ``PROMETHEUS_MULTIPROC_DIR``
 (`streamer.processes.share_metrics`) before this library is imported, every process writes
-its values to files there, and ``/metrics`` in any process renders the totals of all.
+its values to files there, and ``/metrics`` in any process renders the totals of all. There
+every update is a locked write to a memory-mapped file (a request made seven), so given a
+reactor the per-request figures of one reactor turn are summed in memory and written at its
+end (`flush`): a scrape in another process sees them one turn later.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -111,11 +115,20 @@ class Metrics:
     """The service's counters and gauges; all names start with ``streamer_``."""
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, shared_dir: str | None = None
+        self,
+        registry: CollectorRegistry | None = None,
+        shared_dir: str | None = None,
+        reactor: Any = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         #: The multiprocess folder when several processes serve (see the module docstring).
         self.shared_dir = shared_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        #: Batches the per-request updates of a reactor turn (multiprocess mode only).
+        self._reactor = reactor if self.shared_dir else None
+        #: (metric, label values) -> the amount to add at the end of this turn.
+        self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
+        self._durations: list[float] = []
+        self._flush_call: Any = None
         self._temp_bytes = _TempBytes()
         r = self.registry
         self.requests = Counter(
@@ -169,7 +182,7 @@ class Metrics:
     # -- called by the site -------------------------------------------------------------
 
     def request_started(self) -> None:
-        self.requests_in_flight.inc()
+        self._add(self.requests_in_flight, (), 1)
 
     def request_done(
         self,
@@ -180,21 +193,51 @@ class Metrics:
         duration: float | None = None,
     ) -> None:
         """Count one finished (or aborted) request: status, bytes by source, cache outcome."""
-        self.requests_in_flight.dec()
-        self.requests.labels(method, str(status)).inc()
-        self.bytes_served.labels(_SOURCE.get(cache_status or "", "other")).inc(max(nbytes, 0))
+        self._add(self.requests_in_flight, (), -1)
+        self._add(self.requests, (method, str(status)), 1)
+        self._add(self.bytes_served, (_SOURCE.get(cache_status or "", "other"),), max(nbytes, 0))
         if cache_status == "hit":
-            self.cache_hits.inc()
+            self._add(self.cache_hits, (), 1)
         elif cache_status == "miss":
-            self.cache_misses.inc()
+            self._add(self.cache_misses, (), 1)
         elif cache_status == "coalesced":
-            self.coalesced_waiters.inc()
+            self._add(self.coalesced_waiters, (), 1)
         if duration is not None:
-            self.request_duration.observe(max(duration, 0.0))
+            if self._reactor is None:
+                self.request_duration.observe(max(duration, 0.0))
+            else:
+                self._durations.append(max(duration, 0.0))
+                self._schedule()
+
+    def _add(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
+        """Add *amount* to a counter or gauge: now, or at the end of this reactor turn."""
+        if self._reactor is None:
+            (metric.labels(*labels) if labels else metric).inc(amount)
+            return
+        key = (metric, labels)
+        self._pending[key] = self._pending.get(key, 0) + amount
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write the updates waiting for the end of this turn (before a scrape, at exit)."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        pending, self._pending = self._pending, {}
+        durations, self._durations = self._durations, []
+        for (metric, labels), amount in pending.items():
+            if amount:  # an in-flight gauge up and down in one turn writes nothing
+                (metric.labels(*labels) if labels else metric).inc(amount)
+        for duration in durations:
+            self.request_duration.observe(duration)
 
     def request_refused(self, method: str, status: int) -> None:
         """Count a request refused at the connection (413, 414, 431, 408, 400)."""
-        self.requests.labels(method, str(status)).inc()
+        self._add(self.requests, (method, str(status)), 1)
 
     # -- called by the content resource -------------------------------------------------
 
@@ -225,12 +268,14 @@ class Metrics:
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """The current value of one sample (e.g. ``streamer_cache_hits_total``), 0 if absent."""
+        self.flush()
         found = self.registry.get_sample_value(name, labels or {})
         return 0.0 if found is None else found
 
     def render(self) -> bytes:
         """The Prometheus text exposition (without ``*_created`` series): this registry, or
         the totals of every process sharing `shared_dir`."""
+        self.flush()
         if not self.shared_dir:
             return generate_latest(_WithoutCreated(self.registry))
         totals = CollectorRegistry()

@@ -346,7 +346,7 @@ class StreamerService(MultiService):
         self.reactor = reactor
         self.config = config
         self.standalone = standalone
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(reactor=reactor)
         self.storage = ArtifactStorage(config.storage.path)
         problem = self.storage.writable_problem()
         if problem is not None:  # serving lazy content would fail on every request
@@ -583,4 +583,5 @@ class StreamerService(MultiService):
         if removed:
             log.info("removed {n} temp file(s)", n=removed)
         self.request_log.close()
+        self.metrics.flush()  # the last turn's figures (several processes: batched per turn)
         log.info("streamer stopped")

@@ -158,6 +158,38 @@ async def test_upstream_failures_are_logged_redacted_and_counted(tmp_path):
     assert metrics.value("streamer_upstream_failures_total", {"reason": "timeout"}) == 1
 
 
+def test_several_processes_write_the_figures_of_a_reactor_turn_once_at_its_end(tmp_path):
+    """With several processes every metric update is a locked write to a shared file: the
+    requests of one reactor turn are summed and written when it ends (a gauge that went up
+    and down writes nothing); a scrape or a reading flushes first."""
+    from twisted.internet.task import Clock
+
+    from streamer.metrics import Metrics
+
+    clock = Clock()
+    metrics = Metrics(shared_dir=str(tmp_path), reactor=clock)
+    hits = ("streamer_cache_hits_total", {})
+    for _ in range(3):
+        metrics.request_started()
+        metrics.request_done("GET", 200, 100, "hit", 0.01)
+    metrics.request_started()
+    assert metrics.registry.get_sample_value(*hits) == 0  # nothing written yet
+    clock.advance(0)
+    assert metrics.registry.get_sample_value(*hits) == 3
+    sample = metrics.registry.get_sample_value
+    assert sample("streamer_requests_total", {"method": "GET", "status": "200"}) == 3
+    assert sample("streamer_served_bytes_total", {"source": "store"}) == 300
+    assert sample("streamer_request_duration_seconds_count", {}) == 3
+    assert sample("streamer_requests_in_flight", {}) == 1
+    metrics.request_done("GET", 404, 0, None, 0.01)
+    assert metrics.value("streamer_requests_in_flight") == 0  # flushed before reading
+    assert not clock.getDelayedCalls()
+    # One process (no shared folder): every update is written at once, as before.
+    single = Metrics(reactor=clock)
+    single.request_done("GET", 200, 1, "hit", 0.01)
+    assert single.registry.get_sample_value(*hits) == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_stop_waits_for_in_flight_requests(tmp_path):
     service, content, base = start(service_config(tmp_path))
