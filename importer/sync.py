@@ -43,6 +43,9 @@ from store.tempdirs import remove_quietly
 
 T = TypeVar("T")
 
+#: Longest wait, in seconds, before stored files are marked in the catalog.
+MARK_DELAY = 0.2
+
 
 class SyncError(Exception):
     """A remote could not be synced at all (listing unreachable or malformed); the catalog
@@ -240,6 +243,8 @@ class _Sync:
         #: Whether the catalog holds the listing (stored files can be marked).
         self._catalog_ready = False
         self._waiting_mark: defer.Deferred[None] | None = None
+        self._mark_call: Any = None
+        self._mark_delay = MARK_DELAY
         from twisted.internet import reactor
 
         self._clock = reactor
@@ -318,11 +323,14 @@ class _Sync:
             yield run_bounded(files, self._one_file, local, helpers, reclaim)
             finishing = [fetcher.finish()] + [link.finish() for link in links]
             yield defer.gatherResults(finishing, consumeErrors=True)
+            self._mark_now()
             while self._pending:  # catalog updates still under way
                 yield defer.gatherResults(list(self._pending), consumeErrors=True)
         except BaseException:
             for link in links:  # its files waiting for a batch are dropped, never stored
                 link.abort()
+            if self._mark_call is not None and self._mark_call.active():
+                self._mark_call.cancel()
             for pending in list(self._pending):
                 pending.cancel()
             raise
@@ -401,18 +409,30 @@ class _Sync:
     def _stored(self, sha256: str, url: str) -> None:
         self._count(DOWNLOADED)
         self._release(None, sha256)
-        # The files of one commit batch arrive here one after another, in one reactor turn:
-        # they are marked in the catalog together, in one transaction.
+        # Stored files are marked in the catalog together, in one transaction, at most every
+        # MARK_DELAY seconds (the batches of every process, and one hand-over to the
+        # catalog's thread instead of one per batch), and at once when the downloads end.
         if not self._to_mark:
             marking: defer.Deferred[None] = defer.Deferred()
             self._track(marking)
             if self._catalog_ready:
-                self._clock.callLater(0, self._mark_stored, marking)
+                self._mark_call = self._clock.callLater(
+                    self._mark_delay, self._mark_stored, marking
+                )
             else:  # the listing is still being recorded: see `_record_and_download`
                 self._waiting_mark = marking
         self._to_mark.append((sha256, url))
 
+    def _mark_now(self) -> None:
+        """The downloads have ended: mark what waits for `MARK_DELAY` now, and any file
+        stored from now on (a lost helper's, fetched here) at once."""
+        self._mark_delay = 0.0
+        call, self._mark_call = self._mark_call, None
+        if call is not None and call.active():
+            call.reset(0)
+
     def _mark_stored(self, done: defer.Deferred[None]) -> None:
+        self._mark_call = None
         stored, self._to_mark = self._to_mark, []
         if done.called:  # cancelled: the sync is being stopped
             return

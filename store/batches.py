@@ -86,6 +86,7 @@ class BatchCommitter:
         self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
         self._busy = False
         self._timer: Any = None
+        self._hurried = False
 
     def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
         """Fires once the file is in storage (or fails with the StorageError)."""
@@ -112,10 +113,19 @@ class BatchCommitter:
         else:
             self.delay = 0.0
 
+    def hurry(self) -> None:
+        """Someone waits for a queued file: commit the queue as soon as the batch under way
+        (if any) is done, without gathering files for ``delay`` first. (A caller that stops
+        downloading while its files wait would otherwise wait for the timer each time.)"""
+        if not self._busy and self._queue:
+            self._next_batch()
+        else:
+            self._hurried = True
+
     def _schedule(self) -> None:
         if self._busy or not self._queue:
             return
-        if len(self._queue) >= self.max_batch:
+        if len(self._queue) >= self.max_batch or self._hurried:
             self._next_batch()
         elif self._timer is None:
             # Gather files for a moment: each batch costs one journal commit, and a journal
@@ -126,6 +136,7 @@ class BatchCommitter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._hurried = False
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         if not batch:
             return

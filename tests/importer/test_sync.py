@@ -330,3 +330,24 @@ async def test_a_catalog_that_cannot_record_the_listing_stops_the_downloads(
         await sync_remote(make_remote("immediate"), slow, storage)
     assert temp_files(storage) == []
     assert not storage.has(sha(stalled))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_commit_backlog_stalls_no_download_slot_for_the_batch_delay(
+    repo, storage, catalog, make_remote, monkeypatch
+):
+    """When more files wait for their commit batch than ``max_backlog``, a download slot
+    waits for its file's batch: the committer then commits as soon as it can instead of
+    gathering files for ``commit_delay`` (a slot would otherwise idle that long per
+    batch). Here every file fills the backlog and the delay is far longer than the sync."""
+    from importer.fetcher import FileFetcher
+
+    monkeypatch.setattr(FileFetcher, "max_backlog", 0)
+    monkeypatch.setattr(FileFetcher, "commit_delay", 30.0)
+    started = time.monotonic()
+    report = await sync_remote(make_remote("immediate"), catalog, storage)
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert time.monotonic() - started < 10
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))

@@ -65,6 +65,38 @@ async def test_a_full_batch_goes_at_once(storage):
 
 
 @pytest_twisted.ensureDeferred
+async def test_hurried_files_go_as_soon_as_the_batch_under_way_is_done(storage, monkeypatch):
+    """A caller that waits for a queued file (a sync whose download slots all wait for
+    their batch) hurries the committer: the queue goes once the batch under way is done,
+    not a whole ``delay`` later, and the one after gathers for ``delay`` again. (Without
+    it a sync with a full backlog stored about ten files per ``delay``.)"""
+    flushing: list[defer.Deferred[None]] = []
+    monkeypatch.setattr(
+        "store.batches.threads.deferToThread",
+        lambda f, *a: flushing.append(defer.Deferred()) or flushing[-1],
+    )
+    clock = task.Clock()
+    committer = BatchCommitter(storage, delay=10.0, clock=clock, inline_renames=True)
+    first = committer.commit(*temp_file(storage, b"first"))
+    committer.hurry()  # nothing under way: at once
+    assert len(flushing) == 1
+    waiting = [temp_file(storage, b"w%d" % n) for n in range(3)]
+    done = [committer.commit(*f) for f in waiting]
+    committer.hurry()  # a batch is under way: the queue goes right after it
+    flushing[0].callback(True)
+    await first
+    assert len(flushing) == 2 and not clock.getDelayedCalls()
+    flushing[1].callback(True)
+    await defer.gatherResults(done)
+    assert all(storage.has(sha) for _, sha, _ in waiting)
+    later = committer.commit(*temp_file(storage, b"later"))
+    assert len(flushing) == 2 and [c.getTime() for c in clock.getDelayedCalls()] == [10.0]
+    clock.advance(10)
+    flushing[2].callback(True)
+    await later
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancelled_before_its_batch_the_file_is_removed(storage):
     clock = task.Clock()
     committer = BatchCommitter(storage, clock=clock)
