@@ -45,11 +45,13 @@ INDEX_FILE = "index.html"
 #: Rack::Sendfile). A client reaching the streamer directly does not, and gets the content.
 ACCEL_REQUEST_HEADER = b"x-sendfile-type"
 ACCEL_REQUEST_VALUE = b"x-accel-redirect"
-#: Seconds a path's catalog entries are reused without asking the catalog again, and how many
-#: paths are remembered. A lookup is a round trip to the catalog's thread (most of the cost of
-#: a small stored file); entries change only when a sync replaces a remote (possibly in another
-#: process), so answers may lag a sync by this long. Whether an artifact is stored is always
-#: checked on disk, never cached. Unknown paths are not cached.
+#: A path's catalog entries are reused while the catalog's listing version (which every sync
+#: that changes an entry bumps, in any process) is the one they were read under; the version
+#: is asked again at most every this many seconds, so answers may lag a sync by this long. A
+#: lookup is a query (most of the cost of a small stored file); a version read is one, once a
+#: second, whatever the traffic. A catalog without a listing version has its answers reused
+#: for this long. Whether an artifact is stored is always checked on disk, never cached.
+#: Unknown paths are not cached. At most `LOOKUP_CACHE_SIZE` paths are remembered (LRU).
 LOOKUP_CACHE_SECONDS = 1.0
 LOOKUP_CACHE_SIZE = 10_000
 #: Seconds a client is asked to wait (``Retry-After``) while the catalog is unavailable.
@@ -93,7 +95,11 @@ class ContentResource(Resource):
         self.stall_timeout: float | None = getattr(server, "stall_timeout", None)
         self.lazy = self._make_lazy(server)
         self.lookup_cache_seconds = LOOKUP_CACHE_SECONDS
-        self._lookups: OrderedDict[str, tuple[float, list[CatalogEntry]]] = OrderedDict()
+        #: path -> (the catalog version it was read under, its entries)
+        self._lookups: OrderedDict[str, tuple[object, list[CatalogEntry]]] = OrderedDict()
+        #: The catalog's listing version, and until when (reactor time) it is taken as is.
+        self._version: object = None
+        self._version_until = float("-inf")
         self._listings = ListingCache()
         self._catalog_down = False
 
@@ -199,25 +205,42 @@ class ContentResource(Resource):
         respond_text(request, 404, "not found")
 
     async def _lookup(self, path: str) -> list[CatalogEntry]:
-        """The catalog's entries for *path*, reused for `lookup_cache_seconds` (LRU). An
-        expired answer is kept until the catalog gives a new one (for outages)."""
-        now = self.reactor.seconds()
+        """The catalog's entries for *path*, reused while the catalog's version is unchanged
+        (LRU; see `LOOKUP_CACHE_SECONDS`). An outdated answer is kept until the catalog gives
+        a new one (for outages)."""
+        version = await self._catalog_version()
         cached = self._lookups.get(path)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] == version:
             self._lookups.move_to_end(path)
             return cached[1]
         entries = list(await self.catalog.lookup(path))
-        if self._catalog_down:
-            self._catalog_down = False
-            _log.info("the catalog answers again")
-        if entries and self.lookup_cache_seconds > 0:
-            self._lookups[path] = (now + self.lookup_cache_seconds, entries)
+        self._catalog_back()
+        if entries:
+            self._lookups[path] = (version, entries)
             self._lookups.move_to_end(path)
             if len(self._lookups) > LOOKUP_CACHE_SIZE:
                 self._lookups.popitem(last=False)
         else:
             self._lookups.pop(path, None)
         return entries
+
+    async def _catalog_version(self) -> object:
+        """The catalog's listing version, asked at most every `lookup_cache_seconds` (0: at
+        every lookup). A catalog without one gets a new token each time instead, so its
+        answers are reused for that long."""
+        now = self.reactor.seconds()
+        if now < self._version_until:
+            return self._version
+        version_of = getattr(self.catalog, "listing_version", None)
+        version = await version_of() if version_of is not None else object()
+        self._catalog_back()
+        self._version, self._version_until = version, now + self.lookup_cache_seconds
+        return version
+
+    def _catalog_back(self) -> None:
+        if self._catalog_down:
+            self._catalog_down = False
+            _log.info("the catalog answers again")
 
     def _catalog_unavailable(self, reason: Exception) -> None:
         """Say once per outage that the catalog is unreachable and what that means."""

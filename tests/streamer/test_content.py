@@ -333,3 +333,31 @@ def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
     got = yield server.curl("/fixtures/cached.txt")
     assert got.body == b"new body"
     assert asked.count("fixtures/cached.txt") == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_are_reused_until_a_sync_changes_the_catalog(server):
+    """A path is looked up once while no sync changes the catalog (a warm file costs no
+    query), however long; a sync that does is seen within `lookup_cache_seconds`."""
+    yield server.add("fixtures/kept.txt", b"kept body")
+    asked = []
+    lookup = server.catalog.lookup
+
+    def counting_lookup(path):
+        asked.append(path)
+        return lookup(path)
+
+    server.catalog.lookup = counting_lookup
+    clock = task.Clock()
+    server.resource.reactor = clock
+    server.resource.lookup_cache_seconds = 0.3
+    for _ in range(3):
+        got = yield server.curl("/fixtures/kept.txt")
+        assert (got.status, got.body) == (200, b"kept body")
+        clock.advance(60)  # no sync in between: the catalog's version is unchanged
+    assert asked == ["fixtures/kept.txt"]
+    yield server.add("fixtures/kept.txt", b"new body")
+    clock.advance(0.3)
+    got = yield server.curl("/fixtures/kept.txt")
+    assert (got.status, got.body) == (200, b"new body")
+    assert asked == ["fixtures/kept.txt"] * 2
