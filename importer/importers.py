@@ -9,6 +9,7 @@ called with the `Remote` and must provide `IImporter`.
 from __future__ import annotations
 
 import importlib
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,6 +75,9 @@ class PulpManifestImporter:
 
     def __init__(self, remote: Any) -> None:
         self.remote = remote
+        #: The identity (`_file_identity`) of the listing `validate_listing` last accepted:
+        #: its later passes skip the checks (a sync reads its listing three times).
+        self._validated: tuple[int, ...] | None = None
 
     def fetch_listing(self, temp_dir: str | None) -> defer.Deferred[str]:
         """The manifest, over http(s) through the remote's treq client (a manifest served with
@@ -92,23 +96,30 @@ class PulpManifestImporter:
         )
 
     def validate_listing(self, path: str) -> int:
-        return validate_manifest(path)
+        self._validated = None
+        count = validate_manifest(path)
+        self._validated = _file_identity(path)
+        return count
 
     def catalog_entries(self, path: str, is_stored: IsStored) -> Iterator[CatalogEntry]:
         remote = self.remote
+        # The listing validate_listing accepted, unchanged since: its lines are not checked
+        # again, nor the entries made of them.
+        checked = self._validated is not None and self._validated == _file_identity(path)
+        make = CatalogEntry.checked if checked else CatalogEntry
         # The manifest's folder, then the mirrors; a quoted relative path has no scheme, no
         # "//" and no "..", so appending it equals urljoin and costs far less.
         bases = [urljoin(remote.url, ".")]
         bases += [base if base.endswith("/") else base + "/" for base in remote.mirrors]
         prefix = remote.base_path + "/"
-        for item in read_manifest(path):
+        for item in read_manifest(path, check=not checked):
             relative = quote(item.relative_path)
             digests = {"sha256": item.sha256}
-            stored = is_stored(item.sha256)
+            stored = bool(is_stored(item.sha256))
             served = prefix + item.relative_path
             urls = [base + relative for base in bases]
             for position, url in enumerate(urls):
-                yield CatalogEntry(
+                yield make(
                     path=served,
                     remote=remote.name,
                     url=url,
@@ -127,6 +138,13 @@ class PulpManifestImporter:
         if url is None:
             raise ValueError("get_downloader needs a url or a catalog entry (remote_artifact=)")
         return self.remote.downloader_factory().build(url, **kwargs)
+
+
+def _file_identity(path: str) -> tuple[int, ...]:
+    """What tells one version of the file at *path* from another (device, inode, size,
+    modification time in ns)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_importer_class(spec: str) -> type:

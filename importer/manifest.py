@@ -63,8 +63,13 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
-def parse_line(line: str, line_number: int, source: str = MANIFEST_NAME) -> ManifestEntry | None:
-    """Parse one manifest line; None for a blank or comment line, ManifestError if bad."""
+def parse_line(
+    line: str, line_number: int, source: str = MANIFEST_NAME, check: bool = True
+) -> ManifestEntry | None:
+    """Parse one manifest line; None for a blank or comment line, ManifestError if bad.
+
+    ``check=False`` skips the checks of path, digest and size, for a line of a listing that
+    `validate_manifest` accepted already (a sync reads its listing three times)."""
     line = line.rstrip()
     if not line or line.startswith("#"):
         return None
@@ -76,6 +81,12 @@ def parse_line(line: str, line_number: int, source: str = MANIFEST_NAME) -> Mani
             source,
         )
     path, digest, size_text = fields[0], fields[1].strip(), fields[2].strip()
+    if check:
+        _check_fields(path, digest, size_text, line_number, source)
+    return ManifestEntry(relative_path=path, sha256=digest.lower(), size=int(size_text))
+
+
+def _check_fields(path: str, digest: str, size_text: str, line_number: int, source: str) -> None:
     problem = _path_problem(path)
     if problem:
         raise ManifestError(line_number, problem, source)
@@ -89,15 +100,16 @@ def parse_line(line: str, line_number: int, source: str = MANIFEST_NAME) -> Mani
         else:
             reason = f"size must be a non-negative integer, got {size_text[:40]!r}"
         raise ManifestError(line_number, reason, source)
-    return ManifestEntry(relative_path=path, sha256=digest.lower(), size=int(size_text))
 
 
 def parse_manifest(
-    lines: Iterable[str | bytes], source: str = MANIFEST_NAME
+    lines: Iterable[str | bytes], source: str = MANIFEST_NAME, check: bool = True
 ) -> Iterator[ManifestEntry]:
     """Yield a ManifestEntry per file line of *lines* (text or UTF-8 bytes), lazily.
 
     Raises ManifestError at the first bad line, including a relative path listed twice.
+    ``check=False``: the lines were checked before (see `parse_line`); nothing is checked
+    again, duplicates included.
     """
     seen: dict[str, int] = {}
     for line_number, raw in enumerate(lines, start=1):
@@ -110,8 +122,11 @@ def parse_manifest(
             line = raw
         if line_number == 1:
             line = line.removeprefix("\ufeff")
-        entry = parse_line(line, line_number, source)
+        entry = parse_line(line, line_number, source, check)
         if entry is None:
+            continue
+        if not check:
+            yield entry
             continue
         first = seen.setdefault(entry.relative_path, line_number)
         if first != line_number:
@@ -123,11 +138,12 @@ def parse_manifest(
         yield entry
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Iterator[ManifestEntry]:
-    """Yield the entries of the manifest file at *path*, reading it lazily."""
+def read_manifest(path: str | os.PathLike[str], check: bool = True) -> Iterator[ManifestEntry]:
+    """Yield the entries of the manifest file at *path*, reading it lazily (``check``: see
+    `parse_manifest`)."""
     source = os.path.basename(os.fspath(path)) or MANIFEST_NAME
     with open(path, "rb") as f:
-        yield from parse_manifest(f, source)
+        yield from parse_manifest(f, source, check)
 
 
 def validate_manifest(path: str | os.PathLike[str]) -> int:

@@ -35,7 +35,12 @@ from twisted.python.failure import Failure
 
 from downloaders.transports import IStreamTransport
 from importer.fetcher import FileFetcher
-from importer.helpers.protocol import MAX_LINE, SingleProtocolFactory, decode_sources
+from importer.helpers.protocol import (
+    MAX_LINE,
+    SingleProtocolFactory,
+    decode_sources,
+    encode_message,
+)
 from importer.remote import Remote
 from store.catalog import CatalogEntry
 from store.storage import ArtifactStorage
@@ -140,7 +145,7 @@ class HelperSide(LineReceiver):
 
     def _send(self, **message: Any) -> None:
         if self.transport is not None and self.connected:
-            self.sendLine(json.dumps(message, separators=(",", ":")).encode())
+            self.sendLine(encode_message(message))
 
     @defer.inlineCallbacks
     def _end_sync(self) -> Any:

@@ -20,7 +20,13 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from downloaders.transports import IStreamTransport
-from importer.helpers.protocol import MAX_LINE, WINDOW_PER_SLOT, HelperError, encode_sources
+from importer.helpers.protocol import (
+    MAX_LINE,
+    WINDOW_PER_SLOT,
+    HelperError,
+    encode_message,
+    encode_sources,
+)
 from store.catalog import CatalogEntry
 
 __all__ = ["HelperLink"]
@@ -130,7 +136,7 @@ class HelperLink(LineReceiver):
     # The connection --------------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
-        self.sendLine(json.dumps(message, separators=(",", ":")).encode())
+        self.sendLine(encode_message(message))
 
     def lineReceived(self, line: bytes) -> None:
         try:

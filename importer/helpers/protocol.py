@@ -16,6 +16,7 @@ The syncing process's end is `importer.helpers.handout.HelperLink`, the helper's
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ __all__ = [
     "HelperError",
     "SingleProtocolFactory",
     "decode_sources",
+    "encode_message",
     "encode_sources",
     "remote_fields",
 ]
@@ -50,6 +52,15 @@ def remote_fields(remote: Any, slots: int) -> dict[str, Any]:
     fields = {a.alias: getattr(remote, a.name) for a in attrs.fields(type(remote)) if a.init}
     fields.update(download_concurrency=slots, sync_processes=1)
     return fields
+
+
+#: One encoder for every message (``json.dumps`` with separators makes a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """One message as a line's bytes (without the line end)."""
+    return _encode(message).encode()
 
 
 def encode_sources(sources: list[CatalogEntry]) -> list[list[Any]]:

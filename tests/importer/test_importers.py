@@ -50,6 +50,45 @@ def test_pulp_manifest_entries_one_per_source_in_order(tmp_path):
     assert seen == [digest, "cd" * 32]  # asked once per file, not per source
 
 
+def test_a_validated_listing_gives_the_same_entries_and_a_changed_one_is_checked_again(
+    tmp_path,
+):
+    """After `validate_listing` accepted a listing, its later passes (the catalog's, the
+    downloads') skip the checks: the entries are the same as checked ones. A listing that
+    changed since is checked again: its bad line is refused, not turned into entries."""
+    manifest = tmp_path / "PULP_MANIFEST"
+    manifest.write_bytes(
+        "\ufeff# a comment\n\nfiles/A b.bin,{},7\r\nx/y.txt, {} ,0  \n".format(
+            "AB" * 32, "cd" * 32
+        ).encode()
+    )
+    remote = Remote(name="r", url="http://h.example/repo/PULP_MANIFEST", mirrors=["http://m/"])
+    stored = {"ab" * 32}.__contains__
+    unchecked = list(remote.get_importer().catalog_entries(str(manifest), stored))
+    importer = PulpManifestImporter(remote)
+    assert importer.validate_listing(str(manifest)) == 2
+    fast = list(importer.catalog_entries(str(manifest), stored))
+
+    assert fast == unchecked and len(fast) == 4
+    assert [(e.sha256, e.stored, e.size) for e in fast[::2]] == [
+        ("ab" * 32, True, 7),
+        ("cd" * 32, False, 0),
+    ]
+    assert {type(e.stored) for e in fast} == {bool} and fast[0].path == "r/files/A b.bin"
+
+    manifest.write_text(f"../escape,{'ab' * 32},1\n")  # replaced after the validation
+    with pytest.raises(ValueError, match="'..' component"):
+        list(importer.catalog_entries(str(manifest), stored))
+
+
+def test_checked_catalog_entries_equal_validated_ones():
+    values = dict(path="p/a", remote="r", url="http://h/a", size=3, digests={"sha256": "ef" * 32})
+    made = CatalogEntry.checked(**values, stored=True, position=1)
+    assert made == CatalogEntry(**values, stored=True, position=1)
+    assert hash(made) == hash(CatalogEntry(**values, stored=True, position=1))
+    assert made.sha256 == "ef" * 32 and repr(made).startswith("CatalogEntry(path='p/a'")
+
+
 def test_get_downloader_with_an_entry_expects_its_size_and_digests(tmp_path):
     remote = Remote(name="r", url="http://127.0.0.1:1/repo/PULP_MANIFEST")
     entry = CatalogEntry("r/a", "r", "http://127.0.0.1:1/repo/a", 7, {"sha256": "0" * 64})
