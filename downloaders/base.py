@@ -426,7 +426,8 @@ class BaseDownloader:
         return DownloadError(self.url, f"cannot write the temporary file in {where}: {exc}")
 
     def _discard(self) -> None:
-        """Close and remove this attempt's temporary file."""
+        """Stop hashing; close and remove this attempt's temporary file."""
+        self._calculator.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -7,6 +7,8 @@ import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 
+from downloaders.inorder import INLINE_BYTES, InOrder
+
 #: Every algorithm a download can compute (the names of ``hashlib``, as Pulp's artifacts).
 KNOWN_DIGESTS: tuple[str, ...] = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 
@@ -64,19 +66,43 @@ def _check_allowed(allowed: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class DigestCalculator:
-    """Size and digests of a byte stream, updated chunk by chunk."""
+    """Size and digests of a byte stream, updated chunk by chunk.
+
+    The size is counted at once; the hashing of a large stream's chunks (past its first MiB)
+    runs on a thread beside the caller's (`downloaders.inorder`): ``hashlib`` releases the GIL,
+    so the reactor goes on reading and sending meanwhile. `hexdigests` waits for it.
+    """
 
     def __init__(self, algorithms: Iterable[str]) -> None:
-        self._hashers = {name: hashlib.new(name) for name in dict.fromkeys(algorithms)}
+        self._hashers = tuple((name, hashlib.new(name)) for name in dict.fromkeys(algorithms))
+        #: Made once the stream is past `INLINE_BYTES`: a small one is hashed here.
+        self._queue: InOrder | None = None
         self.size = 0
 
     def update(self, data: bytes) -> None:
         self.size += len(data)
-        for hasher in self._hashers.values():
+        queue = self._queue
+        if queue is None:
+            if self.size <= INLINE_BYTES:
+                self._hash(data)
+                return
+            queue = self._queue = InOrder(self._hash)
+        queue.put(data)
+
+    def _hash(self, data: bytes) -> None:
+        for _name, hasher in self._hashers:
             hasher.update(data)
 
     def hexdigests(self) -> dict[str, str]:
-        return {name: hasher.hexdigest() for name, hasher in self._hashers.items()}
+        """The digests of every byte given to `update` (this waits for the hashing thread)."""
+        if self._queue is not None:
+            self._queue.finish()
+        return {name: hasher.hexdigest() for name, hasher in self._hashers}
+
+    def close(self) -> None:
+        """Stop hashing (the download failed): what waits for the thread is dropped."""
+        if self._queue is not None:
+            self._queue.close()
 
     def artifact_attributes(self) -> dict[str, int | str]:
         """``size`` plus one key per computed digest, as in `DownloadResult`."""

@@ -3,11 +3,15 @@
 An `InFlight` runs the remote's black-box downloader with itself as its tap (`downloaders.tap.tap`,
 an `ITap`): it relies on nothing but the contract every downloader keeps (`downloaders.interfaces`:
 bytes through ``handle_data``, then ``finalize``), so a plugin's own downloader streams as the
-built-in ones do. Every chunk is appended to a temp file under the storage's temp folder (nothing
-but the latest chunk stays in memory) and the followers (`streamer.follower.Follower`, one per
-client) are woken to send what they can. Followers read through `read`, which answers from the
-latest chunk when it covers the offset (a caught-up client never re-reads) and from the file
-otherwise (`os.pread` on one read-only descriptor shared by all followers).
+built-in ones do. Every chunk is appended to a temp file under the storage's temp folder and the
+followers (`streamer.follower.Follower`, one per client) are woken to send what they can. Past
+the body's first MiB the writes run on a thread beside the reactor (`downloaders.inorder`, as the
+downloader's hashing does), so one stream uses two cores; at most its backlog (8 MiB) waits in
+memory. Followers read through `read`, which answers from the chunks in memory (the latest, so
+a caught-up client never re-reads, and those not written yet) and from the file otherwise
+(`os.pread` on one read-only descriptor shared by all followers). Followers in other processes
+(`streamer.claims.PeerDownload`) see only what the file holds, and the outcome is published and
+the file committed only once every write is done.
 
 Each follower holds back the last byte of its response until `succeeded` (the downloader
 validated size and digests), so no client can receive a complete-looking body, whole or a
@@ -19,6 +23,7 @@ download at once: followers that sent nothing fail over or answer 502, never wai
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -36,6 +41,7 @@ from downloaders.errors import (
     SizeValidationError,
 )
 from downloaders.headers import as_twisted_headers, header_value
+from downloaders.inorder import INLINE_BYTES, InOrder
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file
@@ -136,8 +142,13 @@ class InFlight:
         self.conditional = False
         self._write_fd: int | None = None
         self._read_fd: int | None = None
-        self._last_chunk: bytes | None = None
-        self._last_offset = 0
+        #: ``(offset, chunk)`` of the latest chunk, and of every later one the spool has not
+        #: written yet (followers read those from here: the file has not got them).
+        self._chunks: collections.deque[tuple[int, bytes]] = collections.deque()
+        #: Writes the chunks of a large body beside the reactor (made past its first MiB).
+        self._spool: InOrder | None = None
+        #: The offset of the first chunk given to the spool.
+        self._spool_from = 0
         self._running: defer.Deferred[Any] | None = None
         self._cancelled = False
         self._done_called = False
@@ -177,7 +188,7 @@ class InFlight:
             self._running = defer.maybeDeferred(downloader.run)
         except Exception as error:
             self._running = defer.fail(error)
-        self._running.addCallbacks(self._succeeded, self._failed)
+        self._running.addCallbacks(self._downloaded, self._failed)
 
     def cancel(self) -> None:
         """Stop the download (nobody needs it any more): no cooldown, nothing stored."""
@@ -216,20 +227,50 @@ class InFlight:
             self._on_response(self)
 
     def write(self, data: bytes) -> None:
-        """Append one chunk to the temp file and wake the followers."""
+        """Take one chunk: append it to the temp file (on a thread beside the reactor once the
+        body is past its first MiB) and wake the followers, who may read it from memory
+        until it is on disk."""
         if self._write_fd is None:
             raise OSError("the download was stopped")
-        if self.written + len(data) > self.size:
-            raise SizeValidationError(self.written + len(data), self.size, url=self.entry.url)
+        received = self.written + len(data)
+        if received > self.size:
+            raise SizeValidationError(received, self.size, url=self.entry.url)
+        self.claim.headers(self.headers, self.upstream_status)
+        data = bytes(data)
+        spool = self._spool
+        if spool is None and received > INLINE_BYTES:
+            spool = self._spool = InOrder(self._append)
+            self._spool_from = self.written
+        if spool is None:
+            self._append(data)
+            self._chunks.clear()
+        else:
+            spool.put(data)  # raises what a write on the thread raised (a full disk)
+            self._forget_flushed(self._spool_from + spool.done)
+        self._chunks.append((self.written, data))
+        self.written = received
+        self._wake()
+
+    def _append(self, data: bytes) -> None:
+        """Hash (for a downloader that is not ours) and write one chunk to the temp file;
+        in order, on the reactor thread or on the spool's."""
         if self._hasher is not None:
             self._hasher.update(data)
-        self.claim.headers(self.headers, self.upstream_status)
+        fd = self._write_fd
+        assert fd is not None  # closed only once the spool stopped
         view = memoryview(data)
         while view:
-            view = view[os.write(self._write_fd, view) :]
-        self._last_chunk, self._last_offset = bytes(data), self.written
-        self.written += len(data)
-        self._wake()
+            view = view[os.write(fd, view) :]
+
+    def _forget_flushed(self, flushed: int) -> None:
+        """Drop the chunks kept in memory that are on disk now, except the latest (which
+        followers that keep up read without a ``pread``)."""
+        chunks = self._chunks
+        while chunks:
+            start, chunk = chunks[0]
+            if start + len(chunk) > flushed:
+                return
+            chunks.popleft()
 
     def finalized(self) -> None:
         """The downloader validated what it passed on; `_succeeded` checks it was all."""
@@ -264,14 +305,17 @@ class InFlight:
         return min(self.written, self.size)
 
     def read(self, offset: int, length: int) -> bytes:
-        """Up to *length* bytes at *offset* (below `readable`): from the latest chunk if it
-        holds *offset*, else from the file."""
-        chunk, start = self._last_chunk, self._last_offset
-        if chunk is not None and start <= offset < start + len(chunk):
-            begin = offset - start
-            if begin == 0 and length >= len(chunk):
-                return chunk
-            return chunk[begin : begin + length]
+        """Up to *length* bytes at *offset* (below `readable`): from a chunk kept in memory
+        (the latest, and those the spool has not written yet) if one holds *offset*, else from
+        the file."""
+        for start, chunk in reversed(self._chunks):
+            if offset >= start:
+                if offset >= start + len(chunk):
+                    break
+                begin = offset - start
+                if begin == 0 and length >= len(chunk):
+                    return chunk
+                return chunk[begin : begin + length]
         if self._read_fd is None:
             raise OSError("the temp file is closed")
         return os.pread(self._read_fd, length, offset)
@@ -294,6 +338,16 @@ class InFlight:
         for follower in list(self.followers):
             follower.progress()
 
+    def _downloaded(self, result: Any) -> defer.Deferred[None] | None:
+        """The downloader validated: once the spool wrote every chunk, conclude."""
+        spool = self._spool
+        if spool is None:
+            return self._succeeded(result)
+        from twisted.internet import reactor  # (the one running: installed by now)
+
+        writing = spool.drained(reactor)
+        return writing.addCallbacks(lambda _: self._succeeded(result), self._failed)
+
     def _succeeded(self, result: Any) -> defer.Deferred[None] | None:
         broken = self._broken_contract()
         if broken is not None:
@@ -301,7 +355,7 @@ class InFlight:
             return None
         self._close_write()
         self.succeeded = True
-        self._last_chunk = None
+        self._chunks.clear()
         self.claim.headers(self.headers, self.upstream_status)
         self.claim.succeeded()
         self._wake()
@@ -337,7 +391,7 @@ class InFlight:
 
     def _failed(self, failure: Failure) -> None:
         self._close_write()
-        self._last_chunk = None
+        self._chunks.clear()
         self._discard_temp()
         error = failure.value
         assert error is not None  # a Failure always holds its exception
@@ -368,6 +422,8 @@ class InFlight:
         self._close_read_if_unused()
 
     def _close_write(self) -> None:
+        if self._spool is not None:
+            self._spool.close()  # after the write under way, if any: then nothing writes
         fd, self._write_fd = self._write_fd, None
         if fd is not None:
             os.close(fd)

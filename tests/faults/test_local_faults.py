@@ -259,6 +259,44 @@ async def test_storage_filling_up_mid_download_aborts_and_stores_nothing(
 
 
 @pytest_twisted.ensureDeferred
+async def test_storage_filling_up_while_a_large_body_is_written_beside_the_reactor(
+    tmp_path, upstream
+):
+    """Past its first MiB a body is written to its temp file on a thread beside the reactor
+    (`downloaders.inorder`): a full disk there is reported as inline. The client is cut,
+    nothing is stored or left in tmp/, and the service goes on serving."""
+    with mounted(tmp_path / "var", "-t", "tmpfs", "-o", "size=8m", "tmpfs"):
+        env = await ServiceEnv(tmp_path, upstream).start()
+        try:
+            blobs = {name: os.urandom(3 * 1024 * 1024) for name in ("a.bin", "b.bin")}
+            gates = {name: Gated(Serve(data)) for name, data in blobs.items()}
+            for name, data in blobs.items():
+                upstream.register(f"/files/{name}", gates[name])
+                await env.add(name, data, stored=False, url=upstream.url(f"/files/{name}"))
+            # Room for each alone (checked before it starts), not for both: b.bin runs out
+            # about 1.5 MiB in, past the bytes written inline.
+            filler = fill(tmp_path / "var", leave=int(4.5 * 1024 * 1024))
+            first = defer.ensureDeferred(curl(env.url("fixtures/a.bin")))
+            second = defer.ensureDeferred(curl(env.url("fixtures/b.bin")))
+            await until(lambda: all(gate.waiting for gate in gates.values()))
+            gates["a.bin"].release()
+            assert await first == (0, "200", blobs["a.bin"])
+            gates["b.bin"].release()
+            code, status, body = await second
+            assert status == "200" and code in (18, 56), (code, status)
+            assert len(body) < len(blobs["b.bin"])
+            assert not env.storage.has(sha256(blobs["b.bin"]))
+            await until(lambda: not env.lazy.in_flight)
+            assert env.temp_files() == []
+
+            filler.unlink()
+            assert await curl(env.url("fixtures/b.bin")) == (0, "200", blobs["b.bin"])
+            await until(lambda: env.storage.has(sha256(blobs["b.bin"])))
+        finally:
+            await env.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_read_only_storage_is_a_503_and_healthz_says_so(tmp_path, upstream):
     env = await ServiceEnv(tmp_path, upstream).start()
     try:
