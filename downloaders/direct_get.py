@@ -68,7 +68,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, tcp
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -275,7 +275,7 @@ class _Exchange:
         self.connection = connection
         self.reused = reused
         connection.begin(self)
-        connection.transport.write(self.head)
+        connection.send(self.head)
 
     def _cancel(self, _: defer.Deferred[IResponse]) -> None:
         if self.connecting is not None:
@@ -340,6 +340,30 @@ class _Connection(protocol.Protocol):
 
     def usable(self) -> bool:
         return not self._closed and self.transport is not None and not self.transport.disconnecting
+
+    def send(self, data: bytes) -> None:
+        """Write a request head: on a plain TCP connection with nothing queued, at once with
+        one ``send``; otherwise (TLS, a partial send, an error) through the transport.
+
+        A request is one small write. Given to the transport, it waits for the reactor's
+        next turn, with two ``epoll_ctl`` calls to ask for and drop writability around its
+        ``send``: per small file, a syscall pair and a turn of Python for nothing."""
+        transport: Any = self.transport
+        if (
+            type(transport) is tcp.Client
+            and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # EAGAIN, or an error the transport reports as it writes
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def begin(self, exchange: _Exchange) -> None:
         self.idle_in = None

@@ -5,6 +5,7 @@ a scripted raw server on loopback (exact bytes on the wire), the fault upstream 
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,34 @@ async def test_requests_share_one_keep_alive_connection_and_send_their_headers(a
     assert sorted(first[1:]) == sorted([b"Host: " + host, b"User-Agent: tester/1", b"X-Token: abc"])
     await agent.close_idle()
     await until(lambda: scripted.open == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_head_is_sent_at_once_and_a_partial_send_finishes_through_the_transport(
+    agent, scripted, monkeypatch
+):
+    """A head goes out with one ``send`` as the request is made (not queued for the
+    reactor's next turn, with an ``epoll_ctl`` pair around it); what a ``send`` leaves
+    (a head larger than the socket's buffer) the transport writes, in order."""
+    from twisted.internet import tcp
+
+    queued: list[bytes] = []
+    write = tcp.Client.write
+    monkeypatch.setattr(
+        tcp.Client, "write", lambda self, data: queued.append(data) or write(self, data)
+    )
+    await get(agent, scripted.url + "/first")  # connects: the first head
+    response = agent.request(b"GET", (scripted.url + "/small").encode())
+    assert len(scripted.heads) == 1 and queued == []  # (the server has not read it yet)
+    await body_and_reason(await response)
+    assert scripted.heads[1].startswith(b"GET /small ") and queued == []
+    (connection,) = [c for idle in agent._idle.values() for c in idle]
+    connection.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = Headers({b"X-Big": [b"b" * 6_000] * 50})  # more than one send takes now
+    await get(agent, scripted.url + "/big", big)
+    assert queued and len(scripted.heads[2]) > 300_000
+    assert scripted.heads[2].endswith(b"b" * 1000) and b"X-Big" in scripted.heads[2]
+    assert len(scripted.connections) == 1
 
 
 @pytest_twisted.ensureDeferred
