@@ -86,11 +86,19 @@ class StreamerChannel(HTTPChannel):
     on_close: Callable[[], None] | None = None
 
     _head_timer: Any = None
+    _host: IAddress | None = None
     _head_lines = 0
     _head_bytes = 0
     _header_fields = 0
     _refused = False
     _linger_timer: Any = None
+
+    def getHost(self) -> IAddress:
+        """The local address, asked of the socket once per connection (Twisted's `Request`
+        asks at every request, a ``getsockname`` each time)."""
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     # -- the head deadline ----------------------------------------------------------------
 

@@ -84,10 +84,25 @@ _ENCODING_TYPES = {
 
 def content_type_for(served_path: str) -> bytes:
     """The ``Content-Type`` for a served path, by its extension (octet-stream if unknown)."""
-    kind, encoding = mimetypes.guess_type(served_path, strict=False)
-    if encoding is not None:
-        kind = _ENCODING_TYPES.get(encoding, "application/octet-stream")
-    return (kind or "application/octet-stream").encode("ascii")
+    # mimetypes reads at most the last two suffixes of a name (".tar.gz": a type and an
+    # encoding; ".tgz" stands for both; leading dots start no suffix): the answer for each
+    # pair is worked out once.
+    suffixes = served_path.rpartition("/")[2].lstrip(".").split(".")[1:]
+    key = ".".join(suffixes[-2:])
+    found = _TYPES_BY_SUFFIX.get(key)
+    if found is None:
+        kind, encoding = mimetypes.guess_type("x." + key if key else "x", strict=False)
+        if encoding is not None:
+            kind = _ENCODING_TYPES.get(encoding, "application/octet-stream")
+        found = (kind or "application/octet-stream").encode("ascii")
+        if len(_TYPES_BY_SUFFIX) < _TYPES_CACHED:
+            _TYPES_BY_SUFFIX[key] = found
+    return found
+
+
+#: `content_type_for`'s answers by a name's last two suffixes (at most this many remembered).
+_TYPES_BY_SUFFIX: dict[str, bytes] = {}
+_TYPES_CACHED = 1024
 
 
 def etag_for(sha256: str) -> bytes:

@@ -367,3 +367,42 @@ def test_many_stalled_readers_of_a_stored_file_hold_a_share_of_the_budget(tmp_pa
     finally:
         yield srv.stop()
     assert Senders.count == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pool/a.rpm",
+        "pool/b.deb",
+        "dists/x/Release",
+        "repodata/primary.xml.gz",
+        "repodata/other.sqlite.bz2",
+        "src/a.tar.gz",
+        "src/a.tgz",
+        "src/a.tar.xz",
+        "src/a.TAR.GZ",
+        "src/old.Z",
+        "src/old.z",
+        "index.HTML",
+        "a/.hidden",
+        "a/.js",
+        "a/..json",
+        "a.b/noext",
+        "a/trailing.",
+        "a/x.unknown.gz",
+        "a/x.json.br",
+    ],
+)
+def test_content_type_by_suffix_is_what_mimetypes_says(name):
+    """Content types are worked out once per suffix pair; every answer is the one mimetypes
+    gives for the whole path (compressed files: the compressed format), asked twice."""
+    import mimetypes
+
+    from streamer.static import _ENCODING_TYPES, content_type_for
+
+    kind, encoding = mimetypes.guess_type(name, strict=False)
+    if encoding is not None:
+        kind = _ENCODING_TYPES.get(encoding, "application/octet-stream")
+    expected = (kind or "application/octet-stream").encode("ascii")
+    assert content_type_for(name) == expected
+    assert content_type_for(name) == expected
