@@ -225,10 +225,17 @@ class _Sync:
     """The state of one remote's sync (see the module docstring)."""
 
     def __init__(
-        self, remote: Any, catalog: Any, storage: Any, progress: Any, helpers: Any = None
+        self,
+        remote: Any,
+        catalog: Any,
+        storage: Any,
+        progress: Any,
+        helpers: Any = None,
+        catalog_ready: defer.Deferred[Any] | None = None,
     ) -> None:
         self.remote = remote
         self.catalog = catalog
+        self._catalog_opening = catalog_ready
         self.storage = storage
         self.progress = progress
         self.helpers = helpers
@@ -252,13 +259,19 @@ class _Sync:
     @defer.inlineCallbacks
     def run(self) -> Any:
         started = time.monotonic()
-        listing = yield self._fetch_listing()
+        try:
+            listing = yield self._fetch_listing()
+        except BaseException:
+            yield self._catalog_opened()  # a catalog that cannot open is the error to report
+            raise
         own_helpers = None
         try:
             try:
                 total = yield threads.deferToThread(self.importer.validate_listing, listing)
             except ValueError as error:
                 raise SyncError(self.remote.name, f"bad listing, catalog unchanged: {error}")
+            finally:
+                yield self._catalog_opened()
             self.report.total = total
             if self.helpers is None and self.remote.policy == "immediate":
                 # Started now, they get ready while the catalog is being updated.
@@ -276,6 +289,12 @@ class _Sync:
                 yield own_helpers.close()
             self.report.duration = time.monotonic() - started
         return self.report
+
+    def _catalog_opened(self) -> defer.Deferred[Any]:
+        """Fires once the catalog the caller is still opening is open (at once if it was
+        open already); fails as the opening failed."""
+        ready, self._catalog_opening = self._catalog_opening, None
+        return ready if ready is not None else defer.succeed(None)
 
     @defer.inlineCallbacks
     def _record_and_download(self, recording: defer.Deferred[Any], listing: str, total: int) -> Any:
@@ -470,7 +489,12 @@ class _Sync:
 
 
 def sync_remote(
-    remote: Any, catalog: Any, storage: Any, progress: Any = None, helpers: Any = None
+    remote: Any,
+    catalog: Any,
+    storage: Any,
+    progress: Any = None,
+    helpers: Any = None,
+    catalog_ready: defer.Deferred[Any] | None = None,
 ) -> defer.Deferred[SyncReport]:
     """Sync *remote* into *catalog* (an open ICatalog) and *storage* (IArtifactStorage).
 
@@ -482,8 +506,14 @@ def sync_remote(
     their start-up overlaps other work; the caller closes them). By default an ``immediate``
     sync starts its own when the remote's ``sync_processes`` asks for them (see
     `helpers_for`) and closes them at the end.
+
+    *catalog_ready*: a Deferred that fires once *catalog* is open, when the caller is still
+    opening it: the listing is fetched and checked meanwhile, and the sync waits for it
+    before its first use of the catalog (its failure is the sync's, even after the listing
+    failed). It is consumed: pass it to one sync only.
     """
-    return _Sync(remote, catalog, storage, progress or NoProgress(), helpers).run()
+    sync = _Sync(remote, catalog, storage, progress or NoProgress(), helpers, catalog_ready)
+    return sync.run()
 
 
 #: ``reported(remote, outcome)``: one remote's sync ended, with its report or its SyncError.
@@ -498,6 +528,7 @@ def sync_remotes(
     progress: Any = None,
     helpers: Any = None,
     reported: Reported | None = None,
+    catalog_ready: defer.Deferred[Any] | None = None,
 ) -> Any:
     """Sync *remotes* one after the other (`sync_remote`), closing each remote's connections
     when its sync ended and *helpers* (`SyncHelpers`, optional) at the end.
@@ -505,13 +536,15 @@ def sync_remotes(
     A remote whose listing fails (`SyncError`) does not stop the others. *reported* hears of
     each remote as it ends; fires with the outcomes in order (a `SyncReport` or a
     `SyncError` each). Cancelling stops the sync under way and ends the rest unsynced.
+    *catalog_ready*: see `sync_remote` (the first remote's sync waits for it).
     """
     outcomes: list[SyncReport | SyncError] = []
     try:
         for remote in remotes:
             outcome: SyncReport | SyncError
+            ready, catalog_ready = catalog_ready, None
             try:
-                outcome = yield sync_remote(remote, catalog, storage, progress, helpers)
+                outcome = yield sync_remote(remote, catalog, storage, progress, helpers, ready)
             except SyncError as error:
                 outcome = error
             finally:

@@ -322,11 +322,13 @@ def run_sync(
         storage = ArtifactStorage(config.storage.path)
         storage.clean_temp(min_age=STALE_TEMP_SECONDS)
         catalog = _open_catalog(config)
-        yield open_for_storage(catalog, storage)
     except BaseException:
         if helpers is not None:
             yield helpers.close()
         raise
+    # The catalog opens (schema, storage check: in its own thread) while the first remote's
+    # listing is fetched and checked; that sync waits for it before it writes to it.
+    opening = open_for_storage(catalog, storage)
 
     def reported(remote: Any, outcome: Any) -> None:
         if isinstance(outcome, SyncError):
@@ -335,7 +337,9 @@ def run_sync(
             print(format_report(outcome), file=out)
 
     try:
-        outcomes = yield sync_remotes(remotes, catalog, storage, progress, helpers, reported)
+        outcomes = yield sync_remotes(
+            remotes, catalog, storage, progress, helpers, reported, catalog_ready=opening
+        )
     finally:
         yield catalog.close()
         storage.close()

@@ -81,6 +81,31 @@ async def test_cli_sync_end_to_end(tmp_path, upstream, repo):
 
 
 @pytest_twisted.ensureDeferred
+async def test_cli_sync_refused_by_a_catalog_of_another_storage_stores_nothing(
+    tmp_path, upstream, repo
+):
+    """The catalog opens while the listing is fetched: a catalog that belongs to another
+    storage folder still ends the command with its one line and status 1, and nothing is
+    downloaded or recorded."""
+    first = write_config(tmp_path, upstream)
+    code, _out, err = await streamer(first, "sync").ended
+    assert code == 0, err
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(other, upstream)
+    database = tmp_path / "var" / "catalog.sqlite3"
+    config.write_text(config.read_text() + f'\n[catalog]\nurl = "sqlite:///{database}"\n')
+    upstream.clear_log()
+    code, out, err = await streamer(config, "sync").ended
+
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(other / "var") in err
+    assert [p for p, _ in upstream.all_requests() if not p.endswith("PULP_MANIFEST")] == []
+    assert artifacts(ArtifactStorage(other / "var")) == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_cli_sync_with_a_bad_file_exits_non_zero(tmp_path, upstream, repo):
     repo.files["files/01.bin"] = b"not what is served"
     repo.publish()

@@ -351,3 +351,43 @@ async def test_a_full_commit_backlog_stalls_no_download_slot_for_the_batch_delay
     assert time.monotonic() - started < 10
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listing_is_fetched_and_checked_while_the_catalog_opens(
+    repo, storage, catalog, make_remote, upstream
+):
+    """A caller still opening the catalog passes its Deferred: the listing is fetched and
+    checked meanwhile, nothing is written or downloaded before it fires."""
+    from tests.support.polling import until
+
+    opened: defer.Deferred[None] = defer.Deferred()
+    syncing = sync_remote(make_remote("immediate"), catalog, storage, catalog_ready=opened)
+    await until(lambda: upstream.all_requests())
+    await task.deferLater(reactor, 0.2, lambda: None)  # the check runs in a thread
+    assert [path for path, _ in upstream.all_requests()] == ["/repo/PULP_MANIFEST"]
+    assert not syncing.called and await catalog.count() == 0
+    opened.callback(None)
+    report = await syncing
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_catalog_that_cannot_open_is_the_error_even_when_the_listing_failed(
+    repo, storage, catalog, make_remote, upstream
+):
+    """The catalog's failure ends the sync before anything is downloaded; it is the error
+    reported whether the listing was fine or not (the listing's failure concerns one
+    remote, the catalog's every one)."""
+    from store.errors import CatalogError
+
+    for url in (upstream.url("/repo/PULP_MANIFEST"), upstream.url("/nowhere/PULP_MANIFEST")):
+        refused: defer.Deferred[None] = defer.Deferred()
+        reactor.callLater(0.05, refused.errback, CatalogError("refused: another storage"))
+        remote = make_remote("immediate", url=url)
+        with pytest.raises(CatalogError, match="another storage"):
+            await sync_remote(remote, catalog, storage, catalog_ready=refused)
+    assert artifacts(storage) == {} and await catalog.count() == 0
+    assert [p for p, _ in upstream.all_requests() if p.startswith("/repo/files")] == []
