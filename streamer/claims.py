@@ -6,11 +6,11 @@ exclusive ``flock`` on ``tmp/claims/<sha256>``; the kernel drops the lock when t
 however it ends. The claim file is also the owner's notice board, written as JSON lines
 appended in this order:
 
-1. ``{"pid": ..., "temp": "proc-.../NAME"}`` once its temp file exists (under ``tmp/``, in
-   the owner's own folder: `store.tempdirs`);
-2. ``{"headers": [[name, [values]], ...], "status": N}`` (the forwarded headers and the
-   upstream's status) before the first byte is written to it;
-3. ``{"outcome": "done"}`` once size and digests were validated (then, for ``on_demand``,
+1. ``{"pid": ..., "temp": "proc-.../NAME", "headers": [[name, [values]], ...], "status": N}``
+   before the first byte is written to its temp file (under ``tmp/``, in the owner's own
+   folder: `store.tempdirs`), with the forwarded headers and the upstream's status: a
+   follower needs both before it can send anything;
+2. ``{"outcome": "done"}`` once size and digests were validated (then, for ``on_demand``,
    the file is committed), or ``{"outcome": "failed", "error": {...}}``;
 
 and the owner unlinks the claim file before it lets go of the lock, so a later request never
@@ -89,6 +89,10 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
     return DownloadError(url, str(record.get("message", "upstream failed")))
 
 
+#: The notice of a validated download (a constant: no encoder needed).
+_DONE = b'{"outcome":"done"}\n'
+
+
 def _try_lock(fd: int, kind: int) -> bool:
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -106,16 +110,18 @@ class Claim:
         self.path = path
         self.root = root
         self._fd: int | None = fd
+        self._temp: str | None = None
         self._headers_written = False
 
     def announce(self, temp_path: str) -> None:
-        self._append({"pid": os.getpid(), "temp": os.path.relpath(temp_path, self.root)})
+        """Name the temp file; it is published with the headers (`headers`), in one write."""
+        self._temp = os.path.relpath(temp_path, self.root)
 
     def headers(
         self, headers: list[tuple[bytes, list[bytes]]] | None, status: int | None = None
     ) -> None:
-        """Publish the forwarded headers and the upstream's status (once, before the first
-        byte is written)."""
+        """Publish the temp file, the forwarded headers and the upstream's status (once,
+        before the first byte is written)."""
         if self._headers_written:
             return
         self._headers_written = True
@@ -123,10 +129,13 @@ class Claim:
             [name.decode("latin-1"), [v.decode("latin-1") for v in values]]
             for name, values in headers or []
         ]
-        self._append({"headers": pairs, "status": status})
+        record: dict[str, Any] = {"headers": pairs, "status": status}
+        if self._temp is not None:
+            record = {"pid": os.getpid(), "temp": self._temp, **record}
+        self._append(record)
 
     def succeeded(self) -> None:
-        self._append({"outcome": "done"})
+        self._write(_DONE)
 
     def failed(self, error: BaseException | None) -> None:
         """Publish a failure (None: cancelled, followers start again) and let go."""
@@ -155,9 +164,11 @@ class Claim:
         os.close(fd)
 
     def _append(self, record: dict[str, Any]) -> None:
+        self._write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def _write(self, line: bytes) -> None:
         if self._fd is None:
             return
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         try:
             os.write(self._fd, line)
         except OSError as exc:

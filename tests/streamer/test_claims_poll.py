@@ -142,3 +142,44 @@ def test_an_artifact_committed_before_the_claim_is_served_not_downloaded(tmp_pat
     found.add(client)
     found.remove(client)  # closes the artifact
     claims.close()
+
+
+def test_a_download_writes_two_notices_and_a_follower_reads_both(tmp_path):
+    """The owner's temp file and headers are one line (written before the first byte), the
+    outcome a second: two writes per download, and a follower learns from the first line
+    everything it needs to start sending."""
+    import json
+
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim)
+    temp = os.path.join(storage.temp_dir, ".download-b")
+    with open(temp, "wb") as out:
+        owner.announce(temp)
+        assert os.path.getsize(owner.path) == 0  # nothing a follower could use yet
+        owner.headers([(b"Content-Type", [b"application/octet-stream"])], 200)
+        owner.headers([(b"Content-Type", [b"text/plain"])], 200)  # once only
+        out.write(DATA)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    assert peer.temp_path == temp and peer.upstream_status == 200
+    assert peer.headers == [(b"Content-Type", [b"application/octet-stream"])]
+    assert peer.written == len(DATA) and not peer.succeeded
+    owner.succeeded()
+    with open(owner.path, "rb") as notices:
+        lines = notices.read().splitlines()
+    assert [sorted(json.loads(line)) for line in lines] == [
+        ["headers", "pid", "status", "temp"],
+        ["outcome"],
+    ]
+    clock.advance(POLL_SECONDS)
+    assert peer.succeeded and peer.readable() == len(DATA)
+    owner.release()
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()
