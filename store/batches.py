@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -16,6 +17,12 @@ from twisted.python.failure import Failure
 from store.tempdirs import remove_quietly
 
 __all__ = ["BatchCommitter", "flush_filesystem"]
+
+#: What one commit needs in the committing thread: temp path, sha256, size, and what to call
+#: once the file is in storage.
+_Commit = tuple[str, str, int, Callable[[], object] | None]
+#: A queued commit: the same, with the Deferred its caller holds.
+_Item = tuple[str, str, int, defer.Deferred[None], Callable[[], object] | None]
 
 
 def flush_filesystem(path: str) -> None:
@@ -83,15 +90,27 @@ class BatchCommitter:
         self.delay = delay
         self.clock = clock
         self.inline_renames = inline_renames
-        self._queue: list[tuple[str, str, int, defer.Deferred[None]]] = []
+        self._queue: list[_Item] = []
         self._busy = False
         self._timer: Any = None
         self._hurried = False
 
-    def commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
-        """Fires once the file is in storage (or fails with the StorageError)."""
+    def commit(
+        self,
+        temp_path: str,
+        sha256: str,
+        size: int,
+        then: Callable[[], object] | None = None,
+    ) -> defer.Deferred[None]:
+        """Fires once the file is in storage (or fails with the StorageError).
+
+        *then* is called right after the file entered storage, in the thread that committed
+        it (file-system work that may wait for the journal, such as the last close of a file
+        whose blocks reached the disk, must not stall the reactor); not called when the
+        commit failed or was cancelled. Its exceptions are ignored.
+        """
         done: defer.Deferred[None] = defer.Deferred(self._drop)
-        self._queue.append((temp_path, sha256, size, done))
+        self._queue.append((temp_path, sha256, size, done, then))
         self._schedule()
         return done
 
@@ -141,7 +160,7 @@ class BatchCommitter:
         if not batch:
             return
         self._busy = True
-        items = [item[:3] for item in batch]
+        items = [(item[0], item[1], item[2], item[4]) for item in batch]
         work: defer.Deferred[Any]
         if self.inline_renames:
             work = threads.deferToThread(_flushed, self.storage.temp_dir)
@@ -150,28 +169,32 @@ class BatchCommitter:
             work = threads.deferToThread(self._commit_batch, items)
         work.addBoth(self._batch_done, batch)
 
-    def _commit_flushed(self, flushed: bool, items: list[tuple[str, str, int]]) -> Any:
+    def _commit_flushed(self, flushed: bool, items: list[_Commit]) -> Any:
         if flushed:  # the data is on disk: only the renames are left, done here
             return self._commit_all(items, durable=False)
         return threads.deferToThread(self._commit_all, items, True)  # an fsync per file
 
-    def _commit_batch(self, items: list[tuple[str, str, int]]) -> list[BaseException | None]:
+    def _commit_batch(self, items: list[_Commit]) -> list[BaseException | None]:
         return self._commit_all(items, durable=not _flushed(self.storage.temp_dir))
 
-    def _commit_all(
-        self, items: list[tuple[str, str, int]], durable: bool
-    ) -> list[BaseException | None]:
+    def _commit_all(self, items: list[_Commit], durable: bool) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
-        for path, sha256, size in items:
+        for path, sha256, size, then in items:
             try:
                 self.storage.commit(path, sha256, size, durable=durable)
-                outcomes.append(None)
             except Exception as error:
                 outcomes.append(error)
+                continue
+            outcomes.append(None)
+            if then is not None:
+                try:
+                    then()
+                except Exception:  # the file is committed: that is what the caller waits for
+                    pass
         return outcomes
 
     def _batch_done(self, outcomes: Any, batch: list[Any]) -> None:
-        for index, (path, _sha256, _size, done) in enumerate(batch):
+        for index, (path, _sha256, _size, done, _then) in enumerate(batch):
             if isinstance(outcomes, Failure):
                 remove_quietly(path)
                 outcome: Any = outcomes

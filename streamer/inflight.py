@@ -52,6 +52,9 @@ __all__ = ["InFlight", "LiveBackoff"]
 
 _log = Logger()
 
+#: ``commit(temp_path, sha256, size, then)``: see `InFlight`.
+Commit = Callable[[str, str, int, Callable[[], object]], defer.Deferred[Any]]
+
 
 class LiveBackoff:
     """A downloader's backoff for a download clients are waiting for.
@@ -84,9 +87,11 @@ class InFlight:
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
         applied, with no retry before a ``Retry-After`` (`LiveBackoff`), to a downloader that
         has a ``backoff`` (the built-in ones); None: as built.
-    :param commit: ``commit(temp_path, sha256, size)`` returning a Deferred that fires once
-        the file is in storage (the streamer's shared `store.batches.BatchCommitter`, so
-        many small artifacts share one flush); by default one ``storage.commit`` in a thread.
+    :param commit: ``commit(temp_path, sha256, size, then)`` returning a Deferred that fires
+        once the file is in storage, having called *then* (the claim's release) right after
+        it entered storage, in the thread that committed it (the streamer's shared
+        `store.batches.BatchCommitter`, so many small artifacts share one flush); by default
+        one ``storage.commit`` in a thread. Then *catalog*'s ``mark_stored``.
     :param condition: request headers making the download conditional (a client's
         ``If-Modified-Since``), added to a downloader that has ``request_headers`` (the
         built-in HTTP one); `conditional` says whether they were. An upstream 304 then ends
@@ -107,7 +112,7 @@ class InFlight:
         on_failure: Callable[[Any, BaseException], None],
         on_done: Callable[[InFlight], None],
         retry_delay_cap: float | None = None,
-        commit: Callable[[str, str, int], defer.Deferred[Any]] | None = None,
+        commit: Commit | None = None,
         condition: Mapping[str, str] | None = None,
         on_response: Callable[[InFlight], None] | None = None,
         claim: Any = NO_CLAIM,
@@ -366,7 +371,9 @@ class InFlight:
             return None
         assert self.path is not None  # the temp file, made when the download started
         keep_date(self.path, self._upstream_date(result))
-        d = self._commit(self.path, self.sha256, self.size)
+        # The claim is let go in the committing thread, right after the rename: its last
+        # close frees a file that reached the disk, which waits for the journal.
+        d = self._commit(self.path, self.sha256, self.size, self.claim.release)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
         d.addBoth(lambda _: self._done())
@@ -381,8 +388,14 @@ class InFlight:
             return parse_last_modified(values[0])
         return getattr(result, "last_modified", None)
 
-    def _commit_in_thread(self, path: str, sha256: str, size: int) -> defer.Deferred[Any]:
-        return threads.deferToThread(self.storage.commit, path, sha256, size)
+    def _commit_in_thread(
+        self, path: str, sha256: str, size: int, then: Callable[[], object]
+    ) -> defer.Deferred[Any]:
+        def commit() -> None:
+            self.storage.commit(path, sha256, size)
+            then()
+
+        return threads.deferToThread(commit)
 
     def _committed(self, _result: Any) -> defer.Deferred[Any]:
         # The read descriptor follows the renamed inode: followers keep reading through it.

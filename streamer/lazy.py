@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -45,6 +45,7 @@ from downloaders.errors import (
 )
 from downloaders.result import parse_last_modified
 from store.batches import BatchCommitter
+from store.catalog import StoredMarks
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
 from streamer.claims import NO_CLAIM, Claims, OwnerGone, PeerDownload
@@ -153,6 +154,8 @@ class LazyStreamer:
         #: Requests waiting for a busy origin (answered at `stop`).
         self.waiting: set[_LazyRequest] = set()
         self._committer: BatchCommitter | None = None
+        #: The stored flags of the files of one commit batch go to the catalog together.
+        self._marks = StoredMarks(catalog, reactor)
         #: Set when other processes share the storage folder: one download per artifact
         #: between them (`streamer.claims`).
         self.claims: Claims | None = None
@@ -249,7 +252,7 @@ class LazyStreamer:
             entry,
             remote,
             self.storage,
-            self.catalog,
+            self._marks,
             store=getattr(remote, "policy", "on_demand") != "streamed",
             on_failure=self._failed,
             on_done=self._done,
@@ -285,13 +288,15 @@ class LazyStreamer:
         else:
             follower.attach()
 
-    def _commit(self, temp_path: str, sha256: str, size: int) -> defer.Deferred[None]:
+    def _commit(
+        self, temp_path: str, sha256: str, size: int, then: Callable[[], object]
+    ) -> defer.Deferred[None]:
         """Commit a validated temp file; files finishing together share one flush."""
         if self._committer is None:
             self._committer = BatchCommitter(
                 self.storage, delay=self.options.commit_delay, clock=self.reactor
             )
-        return self._committer.commit(temp_path, sha256, size)
+        return self._committer.commit(temp_path, sha256, size, then)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         fault = local_fault(error)

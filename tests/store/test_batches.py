@@ -187,3 +187,40 @@ async def test_inline_renames_fsync_each_file_in_a_thread_when_the_flush_fails(
     assert [d for _t, d in durable] == [True, True]  # each file fsynced on its own
     assert all(t is not threading.main_thread() for t, _d in durable)
     assert storage.has(good[1]) and not storage.has(bad_sha)
+
+
+@pytest_twisted.ensureDeferred
+async def test_then_runs_in_the_committing_thread_once_the_file_is_stored(storage):
+    """What a caller hands as *then* (the streamer lets go of its claim there: that close may
+    wait for the journal) runs off the reactor thread, after the rename, and only for the
+    files that entered storage."""
+    calls = []
+
+    def then_for(sha: str):
+        return lambda: calls.append((sha, threading.current_thread(), storage.has(sha)))
+
+    committer = BatchCommitter(storage, clock=task.Clock())
+    good = temp_file(storage, b"stored, then released")
+    bad_path, bad_sha, _ = temp_file(storage, b"short")
+    results = [
+        committer.commit(*good, then=then_for(good[1])),
+        committer.commit(bad_path, bad_sha, 999, then=then_for(bad_sha)),
+    ]
+    committer.flush()
+    outcome = await defer.DeferredList(results, consumeErrors=True)
+    assert outcome[0] == (True, None) and not outcome[1][0]
+    assert [(sha, stored) for sha, _thread, stored in calls] == [(good[1], True)]
+    assert calls[0][1] is not threading.main_thread()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_then_does_not_fail_the_commit(storage):
+    def boom() -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    committer = BatchCommitter(storage, clock=task.Clock())
+    path, sha, size = temp_file(storage, b"committed anyway")
+    done = committer.commit(path, sha, size, then=boom)
+    committer.flush()
+    await done
+    assert storage.has(sha)

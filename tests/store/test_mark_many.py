@@ -5,6 +5,7 @@ import hashlib
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from store import CatalogEntry, open_catalog
 
@@ -43,3 +44,47 @@ def test_mark_stored_many_marks_every_entry_of_every_sha(catalog):
     assert stored == {"a": True, "b": True, "c": True, "d": False}
     assert (yield catalog.lookup("e"))[0].stored
     assert (yield catalog.mark_stored_many([])) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_stored_marks_of_one_turn_go_to_the_catalog_in_one_call(catalog, monkeypatch):
+    """The files of one commit batch are marked together: one mark_stored_many (one trip to
+    the catalog's thread, one transaction) for every sha256 asked for in one reactor turn."""
+    from twisted.internet import reactor
+
+    from store.catalog import StoredMarks
+
+    entries = [entry(f"p{n}", f"c{n}") for n in range(3)]
+    yield catalog.replace_remote("r1", entries)
+    calls = []
+    many = catalog.mark_stored_many
+
+    def recording(sha256s):
+        calls.append(list(sha256s))
+        return many(sha256s)
+
+    monkeypatch.setattr(catalog, "mark_stored_many", recording)
+    marks = StoredMarks(catalog, reactor)
+    shas = [e.sha256 for e in entries]
+    yield defer.gatherResults([marks.mark_stored(sha) for sha in [*shas, shas[0]]])
+    assert calls == [shas]
+    looked = yield defer.gatherResults([catalog.lookup(e.path) for e in entries])
+    assert all(found[0].stored for found in looked)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stored_marks_report_the_catalogs_failure_to_every_waiter(catalog, monkeypatch):
+    from twisted.internet import reactor
+
+    from store.catalog import StoredMarks
+    from store.errors import CatalogUnavailable
+
+    monkeypatch.setattr(
+        catalog, "mark_stored_many", lambda _s: defer.fail(CatalogUnavailable("down"))
+    )
+    marks = StoredMarks(catalog, reactor)
+    results = yield defer.DeferredList(
+        [marks.mark_stored(_sha("a")), marks.mark_stored(_sha("b"))], consumeErrors=True
+    )
+    assert [ok for ok, _f in results] == [False, False]
+    assert all(f.check(CatalogUnavailable) for _ok, f in results)

@@ -5,6 +5,7 @@ Range on ``streamed`` content; pipelined GET/HEAD mixes on one connection."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -180,6 +181,56 @@ def test_request_during_the_commit_of_a_finished_download(lazy_env):
     third = yield run_curl("-f", env.url("repo/f"))
     assert third.stdout == BODY
     assert env.finished[-1][3] == "hit"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_once(
+    lazy_env, monkeypatch
+):
+    """Downloads finishing together share one commit batch: their claims are let go in the
+    committing thread right after the rename (the last close of a claim file whose notices
+    reached the disk waits for the journal: the reactor must not), and their stored flags
+    go to the catalog in one call."""
+    from twisted.internet import reactor
+
+    from streamer.claims import Claim, Claims
+
+    env = lazy_env.start(commit_delay=0.2)
+    env.streamer.claims = Claims(env.storage, reactor)
+    env.remote("up")
+    bodies = {f"repo/{n}": bytes([n]) * (1000 + n) for n in range(3)}
+    for path, body in bodies.items():
+        url = env.upstream.register(f"/{path}", Serve(body))
+        yield env.publish(path, body, ("up", url))
+    released = []
+    release = Claim.release
+
+    def recording_release(self):
+        if self._fd is not None:
+            released.append((threading.current_thread(), os.path.exists(self.path)))
+        release(self)
+
+    marked = []
+    many = env.catalog.mark_stored_many
+
+    def recording_many(sha256s):
+        marked.append(sorted(sha256s))
+        return many(sha256s)
+
+    monkeypatch.setattr(Claim, "release", recording_release)
+    monkeypatch.setattr(env.catalog, "mark_stored_many", recording_many)
+    answers = yield defer.gatherResults([treq.get(env.url(path)) for path in bodies])
+    assert [a.code for a in answers] == [200] * 3
+    contents = yield defer.gatherResults([a.content() for a in answers])
+    assert contents == list(bodies.values())
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
+    assert len(released) == 3
+    assert all(thread is not threading.main_thread() and there for thread, there in released)
+    assert os.listdir(env.streamer.claims.folder) == []
+    assert marked == [sorted(sha256(body) for body in bodies.values())]
+    looked = yield defer.gatherResults([env.catalog.lookup(path) for path in bodies])
+    assert all(entries[0].stored for entries in looked)
+    env.streamer.claims.close()
 
 
 @pytest_twisted.inlineCallbacks
