@@ -223,8 +223,10 @@ def test_headers_callback_gets_the_final_response_after_redirects(upstream, tmp_
     [(16384, False), (65536, False), (65537, True), (10 << 30, True), (UNKNOWN_LENGTH, True)],
 )
 def test_reads_are_widened_for_large_bodies_and_restored_after(length, widened):
-    """A large (or unknown-length) body is read 1 MiB per turn; a small one keeps Twisted's
-    64 KiB (a 1 MiB read allocates 1 MiB first); the pooled connection gets its size back."""
+    """A large (or unknown-length) body is read 1 MiB per turn once its first two chunks
+    arrived (those go to a waiting client before a 1 MiB read is processed ahead of them); a
+    small one keeps Twisted's 64 KiB (a 1 MiB read allocates 1 MiB first); the pooled
+    connection gets its size back."""
     connection = tcp.Connection.__new__(tcp.Connection)  # no socket needed: only bufferSize
     received = []
 
@@ -240,7 +242,14 @@ def test_reads_are_widened_for_large_bodies_and_restored_after(length, widened):
 
     receiver = _Receiver(Attempt())
     receiver.makeConnection(type("BodyTransport", (), {"transport": connection})())
-    receiver.dataReceived(b"chunk")
+    for chunk in (b"first", b"second", b"third"):
+        receiver.dataReceived(chunk)
     receiver.connectionLost(Failure(ResponseDone()))
-    during = READ_SIZE if widened else tcp.Connection.bufferSize
-    assert received == [(b"chunk", during), ("end", tcp.Connection.bufferSize)]
+    narrow = tcp.Connection.bufferSize
+    later = READ_SIZE if widened else narrow  # widened once the second chunk arrived
+    assert received == [
+        (b"first", narrow),
+        (b"second", later),
+        (b"third", later),
+        ("end", narrow),
+    ]
