@@ -216,3 +216,27 @@ async def test_verify_with_a_broken_catalog_says_so_in_one_line(tmp_path, upstre
     assert not os.path.exists(damaged)
     assert err.startswith("streamer: could not update the catalog's stored flags: ")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_importing_the_command_line_runs_no_collection_and_leaves_the_collector_as_it_was():
+    """The command's imports (Twisted, its TLS stack, the project) run with the cyclic
+    collector off and what they made is frozen out of its sight: no collection walks them
+    during a command's start (there were about a hundred). Whoever had it off keeps it off."""
+    import subprocess
+
+    program = (
+        "import gc, sys\n"
+        "runs = []\n"
+        "gc.callbacks.append(lambda phase, info: runs.append(1) if phase == 'start' else None)\n"
+        "if sys.argv[1] == 'off': gc.disable()\n"
+        "import streamer.cli\n"
+        "print(len(runs), gc.isenabled(), gc.get_freeze_count() > 10000)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for state, enabled in (("on", "True"), ("off", "False")):
+        out = subprocess.run(
+            [sys.executable, "-c", program, state], env=env, capture_output=True, text=True
+        )
+        runs, now, frozen = out.stdout.split()
+        assert (int(runs) <= 3, now) == (True, enabled), out.stderr
+        assert frozen == ("True" if state == "on" else "False")
