@@ -174,6 +174,18 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def stored_file(store: Path, size: int, timeout: float = 60.0) -> None:
+    """Wait until *store* holds a file of *size* bytes (a contender's commit of the big file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.exists() and any(
+            f.is_file() and f.stat().st_size == size for f in store.rglob("*")
+        ):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no file of {size} bytes in {store} after {timeout} s")
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.3g}–{max(values):.3g}"
 
@@ -275,6 +287,9 @@ def main() -> int:
                 for name, url in rotated(rows, turn):
                     os.sync()
                     sample(f"cold 1 GiB MB/s: {name}", curl_speed(f"{url}/files/big.bin") / MB)
+                    if name in stores:  # its commit lands after the last byte: wait for it,
+                        # or it lands after the next round's forget_stored (a warm "cold" run)
+                        stored_file(stores[name], args.big_mib << 20)
             if "small" not in skip:
                 small = [f"files/{i:05d}.bin" for i in range(args.small)]
                 for name in rotated(names, turn):

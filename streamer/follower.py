@@ -24,7 +24,8 @@ once, that adds up (1,000 clients x 512 KiB is 500 MiB). So a follower's reads s
 `MIN_READ_SIZE` and double each time its transport asks for more (up to *read_size*), but
 never above its share of `streamer.static.SEND_BUDGET` among the bodies the process sends at
 that moment (`streamer.static.Senders`, stored files included): one fast client soon reads
-512 KiB at a time, a thousand slow ones 64 KiB each.
+1 MiB at a time (a whole chunk of the download, without a copy), a thousand slow ones 64 KiB
+each.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["Follower", "Segment"]
 #: Literal bytes, or a half-open range ``(start, end)`` of the artifact's bytes.
 Segment = bytes | tuple[int, int]
 
-DEFAULT_READ_SIZE = 512 * 1024
+DEFAULT_READ_SIZE = 1024 * 1024
 #: The smallest read: no fewer bytes per reactor turn for a follower, however many there are
 #: (Twisted pauses a producer only once more than 64 KiB wait, so less would not hold less).
 MIN_READ_SIZE = FIRST_CHUNK

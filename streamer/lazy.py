@@ -94,7 +94,7 @@ class LazyOptions:
 
     no_progress_timeout: float = 60.0
     cooldown: float = 30.0
-    read_size: int = 512 * 1024
+    read_size: int = 1024 * 1024
     retry_delay_cap: float = 0.5
     #: Seconds finished downloads gather before their batch is flushed and committed.
     commit_delay: float = 0.01
