@@ -472,6 +472,10 @@ class Claims:
 
     def _stored(self, entry: Any, on_done: Callable[[PeerDownload], None]) -> PeerDownload | None:
         """A finished `PeerDownload` of *entry*'s committed artifact, if it is on disk now."""
+        try:  # nearly always missing: one stat says so, before the careful open
+            os.stat(self.storage.path_for(entry.sha256))
+        except OSError:
+            return None
         data = self.open_stored(entry.sha256)
         if data is None:
             return None

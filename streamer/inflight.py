@@ -360,10 +360,10 @@ class InFlight:
             return None
         self._close_write()
         self.succeeded = True
-        self._chunks.clear()
         self.claim.headers(self.headers, self.upstream_status)
         self.claim.succeeded()
-        self._wake()
+        self._wake()  # caught-up followers take the last byte from memory, not the file
+        self._chunks.clear()
         if not self.store:
             self._done()
             self._discard_temp()

@@ -597,6 +597,7 @@ class _Plan:
     status: int
     segments: list[Segment]
     length: int
+    content_type: bytes
     content_range: bytes | None = None
     multipart: MultipartByteranges | None = None
 
@@ -611,7 +612,7 @@ class _Plan:
         content_type = content_type_for(path)
         ranges = parse_range(header, size, content_type)
         if not ranges:
-            return cls(entry, path, 200, [(0, size)], size)
+            return cls(entry, path, 200, [(0, size)], size, content_type)
         if len(ranges) == 1:
             first, last = ranges[0]
             return cls(
@@ -620,6 +621,7 @@ class _Plan:
                 206,
                 [(first, last + 1)],
                 last - first + 1,
+                content_type,
                 content_range=content_range(first, last, size),
             )
         multipart = MultipartByteranges(ranges, size, content_type)
@@ -627,13 +629,21 @@ class _Plan:
         for prefix, first, last in multipart.parts():
             segments += [prefix, (first, last + 1)]
         segments.append(multipart.trailer)
-        return cls(entry, path, 206, segments, multipart.content_length, multipart=multipart)
+        return cls(
+            entry,
+            path,
+            206,
+            segments,
+            multipart.content_length,
+            content_type,
+            multipart=multipart,
+        )
 
     def start(self, request: Any, forwarded: list[tuple[bytes, list[bytes]]] | None) -> None:
         """Set the status and headers, right before the first byte is written."""
         request.setResponseCode(self.status)
         headers = dict(forwarded or [])
-        headers.setdefault(b"content-type", [content_type_for(self.path)])
+        headers.setdefault(b"content-type", [self.content_type])
         headers[b"etag"] = [etag_for(self.entry.sha256)]
         if self.multipart is not None:
             headers[b"content-type"] = [self.multipart.header_value]

@@ -234,6 +234,48 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_cold_small_file_costs_no_file_read_no_second_type_guess_and_no_artifact_open(
+    lazy_env, monkeypatch
+):
+    """Work a cold request no longer does: its held-back last byte comes from the chunk in
+    memory (no pread of the temp file), the content type is guessed once, and the claim's
+    check for an artifact committed meanwhile is one stat, not a walk down the artifacts
+    folder (the content resource's own look on disk is the only open)."""
+    from twisted.internet import reactor
+
+    import streamer.lazy as lazy_module
+    from streamer.claims import Claims
+
+    env = lazy_env.start()
+    env.streamer.claims = Claims(env.storage, reactor)
+    env.remote("up")
+    body = b"small and cold" * 100
+    url = env.upstream.register("/s.bin", Serve(body))
+    yield env.publish("repo/s.bin", body, ("up", url))
+    preads, guesses, opens = [], [], []
+    pread = os.pread
+
+    def recording_pread(fd, length, offset):
+        preads.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return pread(fd, length, offset)
+
+    guess = lazy_module.content_type_for
+    opened = env.storage.open
+    monkeypatch.setattr(os, "pread", recording_pread)
+    monkeypatch.setattr(lazy_module, "content_type_for", lambda p: guesses.append(p) or guess(p))
+    monkeypatch.setattr(env.storage, "open", lambda sha: opens.append(sha) or opened(sha))
+    response = yield treq.get(env.url("repo/s.bin"))
+    assert response.code == 200 and (yield response.content()) == body
+    assert response.headers.getRawHeaders("content-type") == ["application/octet-stream"]
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
+    bodies = [p for p in preads if p.startswith((env.storage.temp_root, env.storage.artifacts_dir))]
+    assert [p for p in bodies if "/claims/" not in p] == []
+    assert guesses == ["repo/s.bin"]
+    assert opens == [sha256(body)]
+    env.streamer.claims.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_range_on_streamed_content_nobody_else_reads(lazy_env):
     env = lazy_env.start()
     env.remote("up", policy="streamed")
