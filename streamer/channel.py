@@ -133,7 +133,42 @@ class StreamerChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # lingering: read and discard
+        if data.endswith(b"\r\n\r\n") and self._whole_head(data):
+            return
         super().dataReceived(data)
+
+    def _whole_head(self, data: bytes) -> bool:
+        """Parse *data* when it is exactly one request head within every limit: the usual
+        packet of a client (curl, apt) waiting for its answer. Its header lines go straight
+        to `headerReceived` (which validates each, as for any request), skipping the per-line
+        loop of `LineReceiver` and of `lineReceived` (a tenth of a warm small request).
+        False, having done nothing, for anything else (a partial head, folded lines, a body
+        or a second request after it, a head near a limit): the line-by-line path, and its
+        refusals, take it."""
+        if not (self.line_mode and self.persistent) or self.paused:
+            return False
+        if self._buffer or self._head_lines:
+            return False
+        if self._busyReceiving or len(data) > self.totalHeadersSize:
+            return False
+        request_line, *fields = data[:-4].split(b"\r\n")
+        if not request_line or len(request_line) > self.MAX_LENGTH:
+            return False
+        if len(fields) > self.maxHeaders:
+            return False
+        for field in fields:
+            if not field or len(field) > self.MAX_LENGTH or field[:1] in b" \t":
+                return False
+        self.resetTimeout()
+        HTTPChannel.lineReceived(self, request_line)
+        for field in fields:
+            if self._refused or self.transport is None or self.transport.disconnecting:
+                return True
+            if not self.headerReceived(field):
+                return True
+        if not (self._refused or self.transport is None or self.transport.disconnecting):
+            HTTPChannel.lineReceived(self, b"")
+        return True
 
     def requestDone(self, request: Any) -> None:
         # Re-arm before Twisted replays pipelined bytes: they may complete the next head.

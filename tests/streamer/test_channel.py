@@ -185,3 +185,45 @@ def test_site_answers_over_the_cap_with_503_and_releases_on_close():
     assert transport.value().startswith(b"HTTP/1.1 503 ") and transport.disconnecting
     first.connectionLost(None)
     assert isinstance(capped.buildProtocol(addr), StreamerChannel)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        GET,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n",
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHo st: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+        b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET  /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 501 + b"\r\n",
+        b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 16400 + b"\r\n\r\n",
+        b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_a_head_in_one_packet_is_answered_as_one_sent_byte_by_byte(head):
+    """A whole head in one packet takes the channel's short path (its header lines straight
+    to Twisted's checks); the answer, and whether the connection stays open, are those of
+    the same bytes parsed line by line."""
+
+    def answer(chunks: list[bytes]) -> tuple[bytes, bool]:
+        clock = Clock()
+        channel, transport = connect(clock)
+        for chunk in chunks:
+            channel.dataReceived(chunk)
+        clock.advance(0)
+        lines = [line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date:")]
+        return b"\r\n".join(lines), bool(transport.disconnecting)
+
+    whole = answer([head])
+    assert whole == answer([bytes([byte]) for byte in head])
+    assert whole[0].startswith(b"HTTP/1.")
