@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
@@ -88,6 +89,11 @@ class Follower:
         self._index = 0
         self._position = self._segment_start(0)
         self._timer: IDelayedCall | None = None
+        #: Whether the body is more than one turn's first read: its first bytes are sent at
+        #: once (`send_now`) instead of after the reads the next turn brings.
+        self._large = sum(s[1] - s[0] for s in self.segments if isinstance(s, tuple)) > (
+            self._next_read
+        )
         ranges = [i for i, s in enumerate(self.segments) if isinstance(s, tuple)]
         self._first_range = ranges[0] if ranges else None
         #: The segment whose last byte waits for validation.
@@ -112,6 +118,10 @@ class Follower:
             self._on_start()
             widen_sends(self.request)
             self.request.registerProducer(self, True)
+            self._pump()
+            if self._large and not self.done:
+                send_now(self.request)  # the client's first byte, before the next reads
+            return
         self._pump()
 
     def failed(self, error: BaseException) -> None:
@@ -229,3 +239,29 @@ class Follower:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+
+def send_now(request: Any) -> None:
+    """Send what the client's connection holds now, instead of at the reactor's next turn.
+
+    Twisted queues every write until the next turn asks the connection whether it can be
+    written: a cold response's first bytes would wait behind the reads that turn brings (the
+    next upstream chunk, hashed and written). On a plain TCP connection that is not closing,
+    the queued bytes go out with the transport's own ``doWrite`` at once; what the socket
+    does not take, and any error, stays with the transport for its next turn (it still waits
+    for writability). A connection being closed (its close follows its last write), TLS and
+    any other transport keep Twisted's way.
+    """
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if (
+        type(transport) is not tcp.Server
+        or transport.TLS
+        or not transport.connected
+        or transport.disconnecting
+        or not (transport.dataBuffer or transport._tempDataBuffer)
+    ):
+        return
+    try:
+        transport.doWrite()
+    except Exception:
+        pass  # the transport's next turn meets the same error and reports it

@@ -165,3 +165,40 @@ def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
         client.transport.abortConnection()
     assert (yield holds_within(lambda: Senders.count == 0))
     assert len(env.upstream.requests("/big")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_env, monkeypatch):
+    """Time to first byte: the response's first bytes are sent while the upstream's first
+    chunk is handled, not at the reactor's next turn, where the next upstream read (hashed and
+    written) would come first."""
+    from twisted.internet import tcp
+
+    from streamer.inflight import InFlight
+
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    ours = env.port.getHost().port
+    events: list[tuple[str, int]] = []
+    writing = {"chunk": 0}
+    write, send = InFlight.write, tcp.Server.writeSomeData
+
+    def recording_write(self, data):
+        writing["chunk"] = abs(writing["chunk"]) + 1
+        try:
+            return write(self, data)
+        finally:
+            writing["chunk"] = -writing["chunk"]  # negative: between chunks
+
+    def recording_send(self, data):
+        if self.getHost().port == ours and not events:
+            events.append(("first send", writing["chunk"]))
+        return send(self, data)
+
+    monkeypatch.setattr(InFlight, "write", recording_write)
+    monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
+    code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
+    assert code == 0, err
+    assert events == [("first send", 1)], "sent while the first chunk was written"
