@@ -128,14 +128,14 @@ class Follower:
         """The source failed: abort a started response, or let the caller fail over."""
         if self.done:
             return
-        started = self.started
+        started, on_failed = self.started, self._on_failed
         self._stop()
         if started:
             transport = getattr(self.request.channel, "transport", None)
             if transport is not None:
                 transport.abortConnection()
         else:
-            self._on_failed(error)
+            on_failed(error)
 
     def stop(self) -> None:
         """The client went away: leave the source and send nothing more."""
@@ -234,11 +234,19 @@ class Follower:
             Senders.count -= 1
         self._cancel_timer()
         self.source.remove(self)
+        # The caller's callbacks hold the caller, which holds us: let go of them, so a
+        # finished response is freed at once, not later by the cyclic garbage collector.
+        self._on_start = _nothing
+        self._on_failed = _nothing
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+
+def _nothing(*_args: object) -> None:
+    """What a finished follower calls instead of its caller's callbacks (never, in fact)."""
 
 
 def send_now(request: Any) -> None:

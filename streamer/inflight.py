@@ -355,6 +355,7 @@ class InFlight:
 
     def _succeeded(self, result: Any) -> defer.Deferred[None] | None:
         broken = self._broken_contract()
+        self._downloader = None  # it holds us as its tap: no cycle left for the collector
         if broken is not None:
             self._failed(Failure(broken))
             return None
@@ -403,6 +404,7 @@ class InFlight:
         return defer.maybeDeferred(self.catalog.mark_stored, self.sha256)
 
     def _failed(self, failure: Failure) -> None:
+        self._downloader = None
         self._close_write()
         self._chunks.clear()
         self._discard_temp()
