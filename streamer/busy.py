@@ -69,11 +69,15 @@ class BusyOrigins:
 
     def error(self, url: str, now: float) -> BaseException | None:
         """The answer that made *url*'s origin busy, while it is."""
+        if not self._origins:  # nearly always: no url to parse
+            return None
         busy = self._origins.get(origin_of(url))
         return busy.error if busy is not None and busy.until - now > _SLACK else None
 
     def left(self, url: str, now: float) -> float | None:
         """Seconds until *url*'s origin may be asked again; None if it is not busy."""
+        if not self._origins:
+            return None
         busy = self._origins.get(origin_of(url))
         if busy is None or busy.until - now <= _SLACK:
             return None

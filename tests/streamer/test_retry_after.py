@@ -206,3 +206,17 @@ async def test_no_read_timeout_waits_any_retry_after(lazy_env):
     clock.advance(300)
     response = await d
     assert (response.code, await response.content()) == (200, BODY)
+
+
+def test_with_no_busy_origin_a_request_parses_no_url(monkeypatch):
+    """Every cold request asks whether its origin is busy; while none is (nearly always) the
+    answer needs no url parsing."""
+    import streamer.busy as busy_module
+
+    def parse(url: str) -> str:
+        raise AssertionError(f"parsed {url}")
+
+    monkeypatch.setattr(busy_module, "origin_of", parse)
+    origins = busy_module.BusyOrigins()
+    assert origins.error("http://example.invalid/a", 0.0) is None
+    assert origins.left("http://example.invalid/a", 0.0) is None
