@@ -219,7 +219,7 @@ class Metrics:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._flush_call is None:
+        if self._flush_call is None and self._reactor is not None:
             self._flush_call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
