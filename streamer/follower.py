@@ -21,11 +21,16 @@ its connection aborted.
 
 What a slow client holds is the chunk its transport has not sent yet: with many clients at
 once, that adds up (1,000 clients x 512 KiB is 500 MiB). So a follower's reads start at
-`MIN_READ_SIZE` and double each time its transport asks for more (up to *read_size*), but
-never above its share of `streamer.static.SEND_BUDGET` among the bodies the process sends at
-that moment (`streamer.static.Senders`, stored files included): one fast client soon reads
-1 MiB at a time (a whole chunk of the download, without a copy), a thousand slow ones 64 KiB
-each.
+`MIN_READ_SIZE` and double each time its transport asks for more (up to *read_size*). On a
+TCP connection whose kernel tells its room (`streamer.sendroom.SendRoom`, Linux), a read is
+no larger than what the kernel takes at once, so it leaves the process in the next reactor
+turn, and a client that does not read costs a `streamer.sendroom.NUDGE`; the bytes that are
+read and not yet handed to the kernel stay within `streamer.static.SEND_BUDGET` together
+(`streamer.static.Senders.in_transit`; a follower that finds it spent waits for bytes to
+leave). Elsewhere, a read is never above the follower's share of that budget among the
+bodies the process sends (`streamer.static.Senders`, stored files included). Either way one
+fast client soon reads 1 MiB at a time (a whole chunk of the download, without a copy), a
+thousand slow ones 64 KiB each at most.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
+from streamer.sendroom import NUDGE, SendRoom
 from streamer.static import FIRST_CHUNK, Senders, widen_sends
 
 __all__ = ["Follower", "Segment"]
@@ -94,6 +100,14 @@ class Follower:
         self._large = sum(s[1] - s[0] for s in self.segments if isinstance(s, tuple)) > (
             self._next_read
         )
+        #: When the transport last paused this follower (it runs the no-progress timer).
+        self._paused_at = 0.0
+        #: The kernel's room on the client's connection, where it can tell (`SendRoom`).
+        self._room: SendRoom | None = None
+        #: Bytes written that the transport has not handed to the kernel yet (with a room).
+        self._in_transit = 0
+        #: Whether this follower waits for bytes in transit to leave (`Senders.wait`).
+        self._awaiting_budget = False
         ranges = [i for i, s in enumerate(self.segments) if isinstance(s, tuple)]
         self._first_range = ranges[0] if ranges else None
         #: The segment whose last byte waits for validation.
@@ -117,6 +131,10 @@ class Follower:
             Senders.count += 1
             self._on_start()
             widen_sends(self.request)
+            if self._large:
+                # A body of one read gains nothing, and a pause after its write would make its
+                # last byte (released at validation) come from the file instead of memory.
+                self._room = SendRoom.attach(self.request)
             self.request.registerProducer(self, True)
             self._pump()
             if self._large and not self.done:
@@ -144,15 +162,18 @@ class Follower:
     # -- IPushProducer ----------------------------------------------------------------------
 
     def pauseProducing(self) -> None:
-        if self.done:
+        if self.done or self.paused:
             return
         self.paused = True
+        self._paused_at = self._reactor.seconds()
         if self._timer is None and self._no_progress_timeout:
             self._timer = self._reactor.callLater(self._no_progress_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
-        self._cancel_timer()
+        # The no-progress timer keeps running: it checks, when it fires, whether this follower
+        # has been paused since then (one timer per timeout, not one per chunk).
         self.paused = False
+        self._release()
         self._next_read = min(self._read_size, self._next_read * 2)
         self.progress()
 
@@ -201,13 +222,31 @@ class Follower:
             end = self._sendable_end(self._index)
             if self._position >= end:
                 return  # wait for the source
-            size = min(self._next_read, Senders.share(), end - self._position)
+            size = min(self._next_read, end - self._position)
+            counted = False
+            if self._room is None:
+                size = min(size, Senders.share())
+            elif (room := self._room.room()) == 0:
+                size = min(size, NUDGE)  # waits in the transport until the client reads
+            elif Senders.unspent() > 0:
+                size = min(size, room, Senders.unspent())  # leaves in the next turn
+                counted = True
+            else:
+                if not self._awaiting_budget:
+                    self._awaiting_budget = True
+                    Senders.wait(self._budget_freed)
+                return
             data = self.source.read(self._position, size)
             if not data:
                 return
+            if counted:
+                self._in_transit += len(data)
+                Senders.take(len(data))
             self._position += len(data)
             self.sent += len(data)
             if self._position >= segment[1]:
+                if self._index == self._final_range and self._room is not None:
+                    self._room.detach()
                 self._next_segment()
             request.write(data)
 
@@ -219,7 +258,13 @@ class Follower:
 
     def _stalled(self) -> None:
         self._timer = None
-        if self.done:
+        if self.done or not self.paused:
+            return
+        paused_for = self._reactor.seconds() - self._paused_at
+        if paused_for < self._no_progress_timeout:
+            self._timer = self._reactor.callLater(
+                self._no_progress_timeout - paused_for, self._stalled
+            )
             return
         self._stop()
         transport = getattr(self.request.channel, "transport", None)
@@ -232,12 +277,26 @@ class Follower:
         self.done = True
         if self.started:
             Senders.count -= 1
+        room, self._room = self._room, None
+        if room is not None:
+            room.detach()
+        self._release()
         self._cancel_timer()
         self.source.remove(self)
         # The caller's callbacks hold the caller, which holds us: let go of them, so a
         # finished response is freed at once, not later by the cyclic garbage collector.
         self._on_start = _nothing
         self._on_failed = _nothing
+
+    def _budget_freed(self) -> None:
+        self._awaiting_budget = False
+        self.progress()
+
+    def _release(self) -> None:
+        """The transport handed what this follower wrote to the kernel (or it stopped)."""
+        if self._in_transit:
+            size, self._in_transit = self._in_transit, 0
+            Senders.release(size)
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mimetypes
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
@@ -60,13 +60,43 @@ SEND_BUDGET = 16 * 1024 * 1024
 
 class Senders:
     """How many bodies this process is sending now (stored files and followers of a
-    download), and each one's share of `SEND_BUDGET` per read."""
+    download), and each one's share of `SEND_BUDGET` per read.
+
+    Followers that know their kernel's room (`streamer.sendroom`) share the budget another
+    way: what they read and their transports did not hand to the kernel yet (*in transit*:
+    the kernel had room for it, so it leaves in the next reactor turn) stays within it, and
+    one that finds it spent waits (`wait`) until bytes in transit leave (`release`)."""
 
     count = 0
+    in_transit = 0
+    _waiting: deque[Callable[[], None]] = deque()
 
     @classmethod
     def share(cls) -> int:
         return max(FIRST_CHUNK, SEND_BUDGET // max(1, cls.count))
+
+    @classmethod
+    def unspent(cls) -> int:
+        """What is left of `SEND_BUDGET` once the bytes in transit are counted."""
+        return SEND_BUDGET - cls.in_transit
+
+    @classmethod
+    def take(cls, size: int) -> None:
+        """*size* bytes go in transit."""
+        cls.in_transit += size
+
+    @classmethod
+    def wait(cls, resume: Callable[[], None]) -> None:
+        """Call *resume* once bytes in transit left."""
+        cls._waiting.append(resume)
+
+    @classmethod
+    def release(cls, size: int) -> None:
+        """*size* bytes in transit left (or will never go): wake those waiting, in turn,
+        while some budget is unspent."""
+        cls.in_transit -= size
+        while cls._waiting and cls.unspent() > 0:
+            cls._waiting.popleft()()
 
 
 _log = Logger()

@@ -9,12 +9,12 @@ import socket
 import tracemalloc
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.error import ConnectionDone
 
 from tests.support.clients import run_curl
-from tests.support.faults import Generated, StallMidBody
-from tests.support.polling import holds_within
+from tests.support.faults import Gated, Generated, StallMidBody
+from tests.support.polling import holds_within, until
 
 BIG = Generated(16 * 1024 * 1024, block_size=65536, seed=b"flow")
 
@@ -202,3 +202,137 @@ def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_e
     code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
     assert code == 0, err
     assert events == [("first send", 1)], "sent while the first chunk was written"
+
+
+@pytest_twisted.inlineCallbacks
+def test_stalled_clients_leave_their_bytes_in_the_kernel_and_a_bounded_amount_there(lazy_env):
+    """50 clients stop reading a 6 MiB download. Once they settled, the process holds a NUDGE
+    at most of unsent bytes for each (it held one or two 64 KiB reads), and the kernel about
+    UNSENT_LIMIT unsent at most (Linux let it grow to 4 MiB a connection); reading again,
+    each gets the whole body, from one upstream request."""
+    from streamer.sendroom import NUDGE, UNSENT_LIMIT, SendRoom
+    from streamer.static import Senders
+
+    body = Generated(6 * 1024 * 1024, block_size=65536, seed=b"stalled")
+    env = lazy_env.start()
+    env.remote("up")
+    gate = Gated(body)
+    url = env.upstream.register("/big", gate)
+    yield env.publish("repo/big", b"", ("up", url), digest=body.sha256(), size=body.size)
+    clients = [_connect(env, "repo/big") for _ in range(50)]
+    waiting = env.streamer.in_flight
+    yield until(lambda: len(getattr(waiting.get(body.sha256()), "followers", ())) == 50, 30)
+    download = waiting[body.sha256()]
+    gate.release()
+    assert (yield holds_within(lambda: Senders.count == 50, timeout=30))
+    transports = [f.request.channel.transport for f in download.followers]
+
+    def unsent() -> list[int]:
+        return [SendRoom(t.getHandle()).unsent() for t in transports]
+
+    previous: list[int] = []
+    while (now := unsent()) != previous:  # settled: the kernel takes nothing more
+        previous = now
+        yield holds_within(lambda: False, timeout=0.3)
+    held = [len(t.dataBuffer) - t.offset + t._tempDataLen for t in transports]
+    print(f"\n50 stalled clients: {sum(held) / 1024:.0f} KiB held in the process, ", end="")
+    print(f"{sum(now) / 2**20:.1f} MiB unsent in the kernel")
+    assert max(held) <= NUDGE, sorted(held)[-5:]
+    assert Senders.in_transit <= 50 * NUDGE
+    assert max(now) <= UNSENT_LIMIT + NUDGE, sorted(now)[-5:]
+
+    for client in clients:
+        client.resume()
+    ended = yield defer.DeferredList([c.ended for c in clients])
+    assert all(clean for _ok, clean in ended)
+    assert all(c.body_bytes == body.size for c in clients)
+    assert {c.digest.hexdigest() for c in clients} == {body.sha256()}
+    assert len(env.upstream.requests("/big")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_followers_keep_the_bytes_in_transit_within_the_budget_and_all_finish(
+    lazy_env, monkeypatch
+):
+    """20 clients read one download with the send budget cut to 128 KiB: the bytes read and
+    not yet in the kernel never exceed it, followers that find it spent wait for bytes to
+    leave (and are woken: every client gets the whole body)."""
+    from streamer import static
+    from streamer.static import Senders
+
+    budget = 128 * 1024
+    monkeypatch.setattr(static, "SEND_BUDGET", budget)
+    seen = {"most": 0, "waits": 0}
+    take, wait = Senders.take.__func__, Senders.wait.__func__
+
+    def counting_take(cls, size):
+        take(cls, size)
+        seen["most"] = max(seen["most"], cls.in_transit)
+
+    def counting_wait(cls, resume):
+        seen["waits"] += 1
+        wait(cls, resume)
+
+    monkeypatch.setattr(Senders, "take", classmethod(counting_take))
+    monkeypatch.setattr(Senders, "wait", classmethod(counting_wait))
+    body = Generated(4 * 1024 * 1024, block_size=65536, seed=b"budget")
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", body)
+    yield env.publish("repo/big", b"", ("up", url), digest=body.sha256(), size=body.size)
+    clients = [_connect(env, "repo/big", reading=True) for _ in range(20)]
+    ended = yield defer.DeferredList([c.ended for c in clients])
+    assert all(clean for _ok, clean in ended)
+    assert {(c.body_bytes, c.digest.hexdigest()) for c in clients} == {(body.size, body.sha256())}
+    print(f"\nmost in transit {seen['most'] / 1024:.0f} KiB, {seen['waits']} waits")
+    assert 0 < seen["most"] <= budget
+    assert seen["waits"] > 0
+    assert Senders.in_transit == 0
+
+
+def _get(sock: socket.socket, path: str) -> tuple[bytes, bytes]:
+    """One GET on a kept-alive blocking socket: (head, body), read by Content-Length."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the head: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    (length,) = (
+        v
+        for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+        if k.lower() == b"content-length"
+    )
+    while len(body) < int(length):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(body)} of {int(length)} body bytes")
+        body += chunk
+    return head, body
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stored_body_after_a_followed_one_on_the_same_connection(lazy_env):
+    """A follower tunes its connection for its body (`SendRoom`); the next response on that
+    kept-alive connection, a stored file's pull producer, must not inherit it (Twisted
+    paused that producer twice, for the head and the first chunk, and resumed it once: the
+    body never came)."""
+    body = Generated(2 * 1024 * 1024, block_size=65536, seed=b"keepalive")
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", body)
+    yield env.publish("repo/big", b"", ("up", url), digest=body.sha256(), size=body.size)
+    sock = socket.create_connection(("127.0.0.1", env.port.getHost().port))
+    sock.settimeout(10)
+    try:
+        head, first = yield threads.deferToThread(_get, sock, "/repo/big")
+        assert head.startswith(b"HTTP/1.1 200") and len(first) == body.size
+        yield until(lambda: env.storage.has(body.sha256()) and not env.streamer.in_flight)
+        head, second = yield threads.deferToThread(_get, sock, "/repo/big")
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert second == first
+    assert hashlib.sha256(second).hexdigest() == body.sha256()
