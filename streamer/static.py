@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString, stringToDatetime
 from twisted.web.server import Request
@@ -238,12 +238,18 @@ def if_range_allows(request: Request, etag: bytes, mtime: int | None) -> bool:
     return since is not None and mtime is not None and since == mtime
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class FileRangesProducer:
     """Write ``(prefix, offset, length)`` segments of an open file, then *trailer*, then finish.
 
     A whole body is one segment ``(b"", 0, size)``; a multipart body has one segment per part
     with its delimiter and headers as prefix. The file is closed when done or stopped.
+
+    A push producer: it writes the next chunk whenever the transport is not paused, and the
+    transport pauses it as soon as more than its buffer size waits (one chunk, as a rule) and
+    resumes it once that is sent. The first chunk leaves with the head, from `start`, in the
+    turn that read the request; twisted.web drives a pull producer through a `Cooperator`
+    instead (a timed call and a generator step per chunk, the first one a turn later).
     """
 
     def __init__(
@@ -270,15 +276,17 @@ class FileRangesProducer:
         self._offset = 0
         self._remaining = 0
         self._counted = False
+        self._paused = False
 
     def start(self) -> None:
-        """Register with the request; the transport then pulls chunks as it can send them."""
+        """Register with the request and write the first chunk; the transport asks for the
+        next ones as it sends."""
         self._request.notifyFinish().addBoth(lambda _: self._close())
         Senders.count += 1
         self._counted = True
         widen_sends(self._request, self._chunk_size)
-        self._request.registerProducer(self, False)
-        self._arm_stall_timer()
+        self._request.registerProducer(self, True)
+        self.resumeProducing()
 
     def _arm_stall_timer(self) -> None:
         """(Re)start the no-progress timer: a client that reads nothing for that long is cut."""
@@ -294,10 +302,21 @@ class FileRangesProducer:
         _log.info("client made no progress for {seconds}s; closing", seconds=self._stall_timeout)
         self._abort()
 
+    def pauseProducing(self) -> None:
+        self._paused = True
+
     def resumeProducing(self) -> None:
+        """Write chunks until the transport pauses us or the body is done."""
+        self._paused = False
         if self._file is None:
             return
         self._arm_stall_timer()
+        while not self._paused and self._file is not None:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        """Write the next chunk of the body, or finish it."""
+        assert self._file is not None
         prefix = b""
         while self._remaining == 0:
             if not self._segments:

@@ -406,3 +406,52 @@ def test_content_type_by_suffix_is_what_mimetypes_says(name):
     expected = (kind or "application/octet-stream").encode("ascii")
     assert content_type_for(name) == expected
     assert content_type_for(name) == expected
+
+
+def test_a_stored_body_sends_its_first_chunk_with_the_head_then_one_chunk_per_drain(tmp_path):
+    """The producer writes the first chunk as it starts (in the turn that read the request,
+    not a Cooperator tick later), then one chunk each time the transport has sent what it
+    holds: the transport pauses it as soon as more than its buffer waits, as TCP's does."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from streamer.static import FIRST_CHUNK, FileRangesProducer
+
+    class Transport(DummyRequest):
+        """Holds what is written (and a response head of 200 bytes before the body); pauses
+        the producer above 64 KiB, as Twisted's TCP transport does."""
+
+        producer = None
+        held = 200
+        channel = object()  # connected
+
+        def registerProducer(self, producer, streaming):
+            assert streaming
+            self.producer = producer
+
+        def unregisterProducer(self):
+            self.producer = None
+
+        def write(self, data):
+            super().write(data)
+            self.held += len(data)
+            if self.held > 65536 and self.producer is not None:
+                self.producer.pauseProducing()
+
+        def drain(self):
+            self.held = 0
+            self.producer.resumeProducing()
+
+    body = os.urandom(1 << 20)
+    path = tmp_path / "artifact"
+    path.write_bytes(body)
+    request = Transport([b""])
+    with open(path, "rb") as fileobj:
+        FileRangesProducer(request, fileobj, [(b"", 0, len(body))]).start()
+        assert [len(chunk) for chunk in request.written] == [FIRST_CHUNK]
+        sizes = []
+        while request.producer is not None:
+            before = len(request.written)
+            request.drain()
+            sizes.append(sum(len(chunk) for chunk in request.written[before:]))
+        assert b"".join(request.written) == body and request.finished
+        assert sizes == [128 << 10, 256 << 10, 512 << 10, 64 << 10]
