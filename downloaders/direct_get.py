@@ -388,6 +388,8 @@ class _Connection(protocol.Protocol):
         self.close_asked = False
         self.until_close = False
         self.in_trailers = False
+        #: Body bytes still to come of a Content-Length body (not chunked, not a 1xx).
+        self.body_left = 0
 
     def end(self) -> None:
         self.exchange = None
@@ -398,6 +400,9 @@ class _Connection(protocol.Protocol):
             self.transport.loseConnection()
             return
         self.received_any = True
+        if self.body_left:
+            self._body_bytes(exchange, data)
+            return
         if exchange.response is None:  # still in the head: bound what may be buffered
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._bad(ResponseParseError("response head too large"))
@@ -417,6 +422,20 @@ class _Connection(protocol.Protocol):
             self.keep_alive = False  # bytes after the answer: not safe to reuse
         if self.completed:
             self.completed = False
+            exchange.finished(self.keep_alive)
+
+    def _body_bytes(self, exchange: _Exchange, data: bytes) -> None:
+        """The rest of a body of known length, past the packet that ended the head: handed
+        over as received, without llhttp (whose ``on_body`` would copy every byte)."""
+        left = self.body_left
+        if len(data) > left:  # bytes after the answer: not safe to reuse
+            self.keep_alive = False
+            data = data[:left]
+        self.body_left = left - len(data)
+        assert exchange.response is not None
+        if not exchange.response._data(data):
+            return  # the body's reader failed: the connection is being aborted
+        if not self.body_left:
             exchange.finished(self.keep_alive)
 
     def _bad(self, exc: Exception) -> None:
@@ -476,12 +495,16 @@ class _Connection(protocol.Protocol):
             transport=self.transport,
         )
         self.keep_alive = version == "1.1" and not self.close_asked and not self.until_close
+        if isinstance(self.length, int) and not self.chunked:
+            self.body_left = self.length
         assert self.exchange is not None
         self.exchange.head_received(response)
 
     def on_body(self, body: bytes) -> None:
         if self.skipping or not body:
             return
+        if self.body_left:  # (a Content-Length body: llhttp never passes more than that)
+            self.body_left -= len(body)
         assert self.exchange is not None and self.exchange.response is not None
         if not self.exchange.response._data(body):
             raise _BodyProtocolRaised()  # stop parsing: the connection is being aborted

@@ -5,6 +5,8 @@ a scripted raw server on loopback (exact bytes on the wire), the fault upstream 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,47 @@ async def test_bytes_after_the_answer_make_the_connection_unusable(agent, script
     _, body = await get(agent, scripted.url + "/")
     assert body == BODY
     await get(agent, scripted.url + "/")
+    assert len(scripted.connections) == 2  # the first was not reused
+
+
+def in_pieces(answer: bytes, head_end: int, *cuts: int) -> Any:
+    """A scripted answer written in pieces, a reactor turn apart: up to *head_end*, then at each
+    of *cuts*: the body past the head arrives in reads of its own."""
+    bounds = [0, head_end, *cuts, len(answer)]
+
+    def send(transport: Any) -> None:
+        for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+            reactor.callLater(0.01 * i, transport.write, answer[start:end])
+
+    return send
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_arriving_after_its_head_in_pieces_is_whole_and_the_connection_reused(
+    agent, scripted
+):
+    body = os.urandom(300_000)
+    answer = ok(body)
+    head_end = len(answer) - len(body)
+    scripted.answers = [in_pieces(answer, head_end + 10, head_end + 1000, head_end + 150_000)]
+    _, got = await get(agent, scripted.url + "/")
+    assert got == body
+    await until(lambda: agent.idle_count() == 1)
+    _, again = await get(agent, scripted.url + "/")
+    assert again == BODY
+    assert len(scripted.connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_after_a_body_read_in_pieces_make_the_connection_unusable(agent, scripted):
+    body = os.urandom(200_000)
+    answer = ok(body) + b"HTTP/1.1 200 OK\r\n"
+    head_end = len(answer) - len(body) - 17
+    scripted.answers = [in_pieces(answer, head_end, head_end + 70_000), ok()]
+    _, got = await get(agent, scripted.url + "/")
+    assert got == body
+    _, again = await get(agent, scripted.url + "/")
+    assert again == BODY
     assert len(scripted.connections) == 2  # the first was not reused
 
 
