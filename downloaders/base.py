@@ -184,7 +184,7 @@ class BaseDownloader:
         self.writer = writer
         self.headers_ready_callback = headers_ready_callback
         self.max_retries = max_retries
-        self.backoff: RetryDelays = backoff or Backoff()
+        self.backoff: RetryDelays = backoff or DEFAULT_BACKOFF
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -491,6 +491,10 @@ def fetch_all(
     return blocking(start, timeout, url, "fetch_all()", "defer.DeferredList of run()")
 
 
+#: The backoff of a downloader given none (frozen: one serves them all).
+DEFAULT_BACKOFF = Backoff()
+
+
 def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:
     semaphore.release()
     return result
@@ -524,7 +528,9 @@ class _Attempts:
         dl.attempts = self.attempt + 1
         try:
             result = dl._run(self.extra_data)
-            if inspect.isawaitable(result):  # ``async def _run``, or `finalize()`'s DONE
+            if not isinstance(result, defer.Deferred) and inspect.isawaitable(
+                result
+            ):  # ``async def _run``, or `finalize()`'s DONE
                 result = as_deferred(result)
         except BaseException:
             self._failed(Failure())

@@ -49,3 +49,49 @@ def test_semaphore_slot_given_back_after_every_outcome(tmp_path: Path):
     error_of(d1, defer.CancelledError)
     assert outcome(d2).artifact_attributes["size"] == 1
     assert semaphore.tokens == 1
+
+
+def test_a_download_hashes_once_and_builds_no_backoff_or_hasher_by_name(
+    tmp_path: Path, monkeypatch
+):
+    """What a download costs apart from its bytes: the default backoff is one shared (frozen)
+    object, hashers come from hashlib's own constructors, and the digests validated are the
+    ones reported (computed once, not once for each)."""
+    import hashlib
+
+    from downloaders import digests
+
+    by_name: list[str] = []
+    real_new = hashlib.new
+    monkeypatch.setattr(hashlib, "new", lambda name, *a: by_name.append(name) or real_new(name))
+    finished: list[str] = []
+    real_hexdigests = digests.DigestCalculator.hexdigests
+
+    def hexdigests(self: digests.DigestCalculator) -> dict[str, str]:
+        if self._final is None or self._final[0] != self.size:
+            finished.append("computed")
+        return real_hexdigests(self)
+
+    monkeypatch.setattr(digests.DigestCalculator, "hexdigests", hexdigests)
+    body = b"one small file"
+    expected = {"sha256": hashlib.sha256(body).hexdigest()}
+    first, second = (
+        MemoryDownloader(URL, [[body]], expected_digests=expected, temp_dir=str(tmp_path))
+        for _ in range(2)
+    )
+    assert first.backoff is second.backoff
+    result = outcome(first.run())
+    assert result.artifact_attributes["sha256"] == expected["sha256"]
+    assert finished == ["computed"]
+    assert by_name == []
+    # A later byte is hashed: the digests are computed afresh, never a stale copy.
+    calculator = digests.DigestCalculator(["sha256", "sha512"])
+    calculator.update(b"a")
+    assert calculator.hexdigests()["sha256"] == hashlib.sha256(b"a").hexdigest()
+    calculator.update(b"b")
+    assert calculator.hexdigests() == {
+        "sha256": hashlib.sha256(b"ab").hexdigest(),
+        "sha512": hashlib.sha512(b"ab").hexdigest(),
+    }
+    calculator.hexdigests()["sha256"] = "changed by a caller"
+    assert calculator.hexdigests()["sha256"] == hashlib.sha256(b"ab").hexdigest()
