@@ -30,7 +30,7 @@ from tests.integration.test_end_to_end import (
     write_config,
 )
 from tests.support.faults import Gated, Serve, Trickle, WrongBytes
-from tests.support.polling import holds_within
+from tests.support.polling import holds_within, until
 from tests.support.twistd import TWISTD, child_env, twistd
 from tests.support.upstream import UpstreamServer
 
@@ -230,14 +230,19 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
             assert len(upstream.requests("/repo/big.bin")) == 1
             by = served_by(served.output, "/demo/big.bin")
             assert len(by) == 20 and len(set(by)) >= 2, by
-            # One download in all: the followers in other processes count none.
-            metrics = await served.metrics()
-            assert metrics["streamer_downloads_total"] == 1
-            assert metrics["streamer_downloads_in_flight"] == 0
             # The commit follows the last byte (its batch waits for company, then syncfs).
             stored = artifact_path(tmp_path / "var", data)
             assert await holds_within(stored.exists, timeout=10)
             assert stored.read_bytes() == data
+
+            # The download leaves the in-flight gauge once committed, so after the last byte.
+            async def settled() -> dict:
+                metrics = await served.metrics()
+                return metrics if metrics["streamer_downloads_in_flight"] == 0 else {}
+
+            metrics = await until(settled, timeout=10, what="no download in flight")
+            # One download in all: the followers in other processes count none.
+            assert metrics["streamer_downloads_total"] == 1
             # A warm request from any process: no upstream request.
             again = await curl_many(served, "/demo/big.bin", 6)
             assert all(body == data for _, body, _ in again)
