@@ -34,7 +34,7 @@ INLINE_BYTES = 1 << 20
 #: pool (a chunked body's small pieces): handing it over would cost more than the work.
 SMALL_CHUNK = 64 << 10
 #: Bytes that may wait for the thread per stream (chunks of up to 1 MiB each).
-LIMIT = 4 << 20
+LIMIT = 2 << 20
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

@@ -6,7 +6,7 @@ bytes through ``handle_data``, then ``finalize``), so a plugin's own downloader 
 built-in ones do. Every chunk is appended to a temp file under the storage's temp folder and the
 followers (`streamer.follower.Follower`, one per client) are woken to send what they can. Past
 the body's first MiB the writes run on a thread beside the reactor (`downloaders.inorder`, as the
-downloader's hashing does), so one stream uses two cores; at most its backlog (4 MiB) waits in
+downloader's hashing does), so one stream uses two cores; at most its backlog (2 MiB) waits in
 memory. Followers read through `read`, which answers from the chunks in memory (the latest, so
 a caught-up client never re-reads, and those not written yet) and from the file otherwise
 (`os.pread` on one read-only descriptor shared by all followers). Followers in other processes

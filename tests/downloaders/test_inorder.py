@@ -76,7 +76,7 @@ def test_put_waits_while_the_backlog_is_full_so_memory_stays_bounded() -> None:
 def test_finish_consumes_what_no_thread_started_on_in_the_callers_thread() -> None:
     gate = threading.Event()
     record = Recorder(gate)
-    queue = InOrder(record)
+    queue = InOrder(record, limit=4 * MIB)
     for letter in b"abcd":
         queue.put(bytes([letter]) * MIB)
     assert record.entered.acquire(timeout=10)  # the pool thread is inside chunk "a"
@@ -97,7 +97,7 @@ def test_an_error_of_consume_stops_the_stream_and_reaches_the_caller() -> None:
             raise OSError(28, "No space left on device")
         seen.append(chunk)
 
-    queue = InOrder(consume)
+    queue = InOrder(consume, limit=4 * MIB)
     queue.put(b"a" * MIB)
     queue.put(b"x" * MIB)
     queue.put(b"b" * MIB)
@@ -112,7 +112,7 @@ def test_an_error_of_consume_stops_the_stream_and_reaches_the_caller() -> None:
 async def test_drained_fires_in_the_reactor_once_every_chunk_was_consumed() -> None:
     gate = threading.Event()
     record = Recorder(gate)
-    queue = InOrder(record)
+    queue = InOrder(record, limit=4 * MIB)
     queue.put(b"a" * MIB)
     queue.put(b"b" * MIB)
     drained = queue.drained(reactor)
@@ -128,7 +128,7 @@ async def test_drained_fails_with_the_error_of_consume() -> None:
     def consume(chunk: bytes) -> None:
         raise OSError(5, "Input/output error")
 
-    queue = InOrder(consume)
+    queue = InOrder(consume, limit=4 * MIB)
     drained_early = None
     queue.put(b"a" * MIB)
     drained_early = queue.drained(reactor)
@@ -141,7 +141,7 @@ async def test_drained_fails_with_the_error_of_consume() -> None:
 def test_close_drops_what_waits_and_returns_after_the_chunk_under_way() -> None:
     gate = threading.Event()
     record = Recorder(gate)
-    queue = InOrder(record)
+    queue = InOrder(record, limit=4 * MIB)
     for letter in b"abc":
         queue.put(bytes([letter]) * MIB)
     assert record.entered.acquire(timeout=10)
