@@ -192,3 +192,27 @@ def start_streamer(
         cwd=config.parent,
         env=env,
     )
+
+
+def group_pids(first: int) -> list[int]:
+    """The first process and its children (the helpers)."""
+    pids = [first]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == first:
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 60 s; return once the process ended."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -28,16 +28,17 @@ from pathlib import Path
 from benchlib import (
     Nginx,
     free_port,
+    group_pids,
     machine,
     make_fixture,
     record_raw,
     set_aside,
     start_aiohttp_proxy,
     start_streamer,
+    stop,
     streamer_config,
     wait_port,
 )
-from speed_bench import group_pids, stop
 from stream_bench import small_files_rate
 
 TICK = os.sysconf("SC_CLK_TCK")

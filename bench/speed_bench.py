@@ -37,7 +37,6 @@ import hashlib
 import os
 import pstats
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -50,12 +49,14 @@ from benchlib import (
     BENCH,
     Nginx,
     free_port,
+    group_pids,
     machine,
     make_fixture,
     record_raw,
     set_aside,
     start_aiohttp_proxy,
     start_streamer,
+    stop,
     streamer_config,
     wait_port,
 )
@@ -149,30 +150,7 @@ def slow_clients_main(argv: list[str]) -> int:
     return 0
 
 
-def group_pids(first: int) -> list[int]:
-    """The first process and its children (the helpers)."""
-    pids = [first]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == first:
-                pids.append(int(entry.name))
-    return pids
-
-
 # -- the run --------------------------------------------------------------------------------
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def stored_file(store: Path, size: int, timeout: float = 60.0) -> None:
