@@ -299,10 +299,9 @@ def test_behind_the_service_root_resource(server):
         yield port.stopListening()
 
 
-@pytest_twisted.inlineCallbacks
-def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
-    entry = yield server.add("fixtures/cached.txt", b"cached body")
-    asked = []
+def counted_lookups(server) -> list[str]:
+    """Record every path the content resource asks the catalog for, in order."""
+    asked: list[str] = []
     lookup = server.catalog.lookup
 
     def counting_lookup(path):
@@ -310,11 +309,23 @@ def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
         return lookup(path)
 
     server.catalog.lookup = counting_lookup
-    # The cache's time is a Clock the test advances: the order of the requests decides, not
-    # how fast a loaded machine runs three curls.
+    return asked
+
+
+def cache_on_a_clock(server, seconds: float) -> task.Clock:
+    """The lookup cache's time as a Clock the test advances (the order of the requests
+    decides, not how fast a loaded machine runs them), with a cache time of *seconds*."""
     clock = task.Clock()
     server.resource.reactor = clock
-    server.resource.lookup_cache_seconds = 0.3
+    server.resource.lookup_cache_seconds = seconds
+    return clock
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
+    entry = yield server.add("fixtures/cached.txt", b"cached body")
+    asked = counted_lookups(server)
+    clock = cache_on_a_clock(server, 0.3)
     for _ in range(3):
         got = yield server.curl("/fixtures/cached.txt")
         assert got.status == 200 and got.body == b"cached body"
@@ -340,17 +351,8 @@ def test_lookups_are_reused_until_a_sync_changes_the_catalog(server):
     """A path is looked up once while no sync changes the catalog (a warm file costs no
     query), however long; a sync that does is seen within `lookup_cache_seconds`."""
     yield server.add("fixtures/kept.txt", b"kept body")
-    asked = []
-    lookup = server.catalog.lookup
-
-    def counting_lookup(path):
-        asked.append(path)
-        return lookup(path)
-
-    server.catalog.lookup = counting_lookup
-    clock = task.Clock()
-    server.resource.reactor = clock
-    server.resource.lookup_cache_seconds = 0.3
+    asked = counted_lookups(server)
+    clock = cache_on_a_clock(server, 0.3)
     for _ in range(3):
         got = yield server.curl("/fixtures/kept.txt")
         assert (got.status, got.body) == (200, b"kept body")
