@@ -38,7 +38,7 @@ from downloaders.errors import DownloadError
 from importer.fetcher import FileFetcher
 from importer.helpers.process import helpers_for
 from importer.progress import ALREADY_PRESENT, DOWNLOADED, FAILED, NoProgress
-from store.catalog import CatalogEntry
+from store.catalog import CatalogEntry, mark_all_stored
 from store.tempdirs import remove_quietly
 
 T = TypeVar("T")
@@ -455,13 +455,7 @@ class _Sync:
         stored, self._to_mark = self._to_mark, []
         if done.called:  # cancelled: the sync is being stopped
             return
-        many = getattr(self.catalog, "mark_stored_many", None)
-        if many is not None:
-            marking = many([sha256 for sha256, _url in stored])
-        else:  # an ICatalog without the batched call
-            marking = defer.gatherResults(
-                [self.catalog.mark_stored(sha256) for sha256, _url in stored], consumeErrors=True
-            )
+        marking = mark_all_stored(self.catalog, [sha256 for sha256, _url in stored])
 
         def failed(failure: Failure) -> None:
             reason = _first_error(failure).getErrorMessage()

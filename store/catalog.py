@@ -255,6 +255,19 @@ def _location(catalog: object) -> str:
     return str(getattr(catalog, "location", None) or getattr(catalog, "database", catalog))
 
 
+def mark_all_stored(catalog: Any, sha256s: list[str]) -> defer.Deferred[Any]:
+    """Mark *sha256s* stored in one call and one transaction (``mark_stored_many``), or, for
+    an `ICatalog` without it, one ``mark_stored`` each (failing with the first error, as a
+    ``FirstError``)."""
+    many = getattr(catalog, "mark_stored_many", None)
+    if many is not None:
+        return defer.maybeDeferred(many, sha256s)
+    return defer.gatherResults(
+        [defer.maybeDeferred(catalog.mark_stored, sha256) for sha256 in sha256s],
+        consumeErrors=True,
+    )
+
+
 class StoredMarks:
     """Sets the stored flag of artifacts committed one after another in one transaction.
 
@@ -283,14 +296,7 @@ class StoredMarks:
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, []
         sha256s = list(dict.fromkeys(sha256 for sha256, _done in waiting))
-        many = getattr(self.catalog, "mark_stored_many", None)
-        if many is not None:
-            marking = defer.maybeDeferred(many, sha256s)
-        else:
-            marking = defer.gatherResults(
-                [defer.maybeDeferred(self.catalog.mark_stored, s) for s in sha256s],
-                consumeErrors=True,
-            )
+        marking = mark_all_stored(self.catalog, sha256s)
 
         def tell(result: Any) -> None:
             for _sha256, done in waiting:

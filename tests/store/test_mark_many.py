@@ -88,3 +88,32 @@ def test_stored_marks_report_the_catalogs_failure_to_every_waiter(catalog, monke
     )
     assert [ok for ok, _f in results] == [False, False]
     assert all(f.check(CatalogUnavailable) for _ok, f in results)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_catalog_without_the_batched_call_is_marked_one_sha_at_a_time(catalog):
+    """`mark_all_stored` (the sync's and the streamer's one way to mark a batch): an ICatalog
+    that only has ``mark_stored`` is asked once per sha256, and its error reaches the caller."""
+    from store.catalog import mark_all_stored
+    from store.errors import CatalogUnavailable
+
+    yield catalog.replace_remote("r1", [entry("a.txt", "one"), entry("b.txt", "two")])
+    asked: list[str] = []
+
+    class Plain:
+        def mark_stored(self, sha256: str) -> defer.Deferred:
+            asked.append(sha256)
+            return catalog.mark_stored(sha256)
+
+    yield mark_all_stored(Plain(), [_sha("one"), _sha("two")])
+    assert asked == [_sha("one"), _sha("two")]
+    assert [e.stored for e in (yield catalog.lookup("a.txt"))] == [True]
+    assert [e.stored for e in (yield catalog.lookup("b.txt"))] == [True]
+
+    class Down:
+        def mark_stored(self, sha256: str) -> defer.Deferred:
+            return defer.fail(CatalogUnavailable("down"))
+
+    with pytest.raises(defer.FirstError) as raised:
+        yield mark_all_stored(Down(), [_sha("one")])
+    assert raised.value.subFailure.check(CatalogUnavailable)
