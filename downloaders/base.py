@@ -528,9 +528,8 @@ class _Attempts:
         dl.attempts = self.attempt + 1
         try:
             result = dl._run(self.extra_data)
-            if not isinstance(result, defer.Deferred) and inspect.isawaitable(
-                result
-            ):  # ``async def _run``, or `finalize()`'s DONE
+            # ``async def _run``, or `finalize()`'s DONE (a Deferred is taken as it is)
+            if not isinstance(result, defer.Deferred) and inspect.isawaitable(result):
                 result = as_deferred(result)
         except BaseException:
             self._failed(Failure())
