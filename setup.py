@@ -1,14 +1,21 @@
 """Install the streaming content proxy: packages, console script, twistd dropin, extras."""
 
+import re
 from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).parent
+# One home for the version: the code states it in its User-Agent without a metadata look-up.
+VERSION = re.search(
+    r'^VERSION = "([^"]+)"$', (HERE / "downloaders" / "version.py").read_text(), re.M
+).group(1)
+
 setup(
     name="twisted-streamer",
-    version="0.1.0",
+    version=VERSION,
     description="A Twisted streaming content proxy and downloader for repository mirrors.",
-    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[

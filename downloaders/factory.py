@@ -28,7 +28,6 @@ import functools
 import inspect
 import platform
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,6 +58,7 @@ from downloaders.session import http_client
 from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
 from downloaders.urls import redact_url
+from downloaders.version import PROJECT, VERSION
 
 __all__ = [
     "CachingEndpointFactory",
@@ -69,15 +69,10 @@ __all__ = [
     "project_version",
 ]
 
-PROJECT = "twisted-streamer"
 
-
-@functools.cache
 def project_version() -> str:
-    try:
-        return metadata.version(PROJECT)
-    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
-        return "0+unknown"
+    """This code's version (`downloaders.version`)."""
+    return VERSION
 
 
 @implementer(IAgentEndpointFactory)

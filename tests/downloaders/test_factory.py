@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from tests.support.faults import Behaviour, Delay, RequireBasicAuth, Serve
 #: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
 pytestmark = pytest.mark.usefixtures("http_client")
 
+REPO = Path(__file__).resolve().parents[2]
 BODY = b"factory body\n" * 50
 SHA256 = hashlib.sha256(BODY).hexdigest()
 
@@ -130,6 +134,27 @@ def test_user_agent_names_project_python_twisted_and_the_remotes_own(tmp_path: P
     assert f"Twisted {twisted.__version__}" in plain
     own = make_factory("https://example.org/", tmp_path, user_agent="pulp/3.0").user_agent()
     assert own == plain + " pulp/3.0"
+
+
+def test_user_agent_states_the_installed_version_without_a_metadata_look_up() -> None:
+    """The version comes from `downloaders.version` (setup.py reads it there): the start of
+    every command and helper process does not scan the installed distributions for it."""
+    from importlib import metadata
+
+    code = (
+        "import sys\n"
+        "from downloaders import DownloaderFactory\n"
+        "print(DownloaderFactory.user_agent().split()[0])\n"
+        "print('importlib.metadata' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout.split()
+    assert out == [f"twisted-streamer/{metadata.version('twisted-streamer')}", "False"]
 
 
 @pytest_twisted.ensureDeferred
