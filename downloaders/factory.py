@@ -32,7 +32,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IReactorThreads
 from twisted.web.client import URI, Agent
 from twisted.web.error import SchemeNotSupported
@@ -126,6 +132,10 @@ class CachingEndpointFactory:
         endpoint: Any
         if self._guard is not None and self._guard.checks(host):
             endpoint = CheckedEndpoint(self._reactor, host, uri.port, **self._timeout)
+        elif isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, **self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, **self._timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, uri.port, **self._timeout)
         if uri.scheme == b"http":

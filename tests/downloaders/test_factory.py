@@ -27,6 +27,7 @@ from downloaders import (
     RemoteSettings,
 )
 from tests.support.faults import Behaviour, Delay, RequireBasicAuth, Serve
+from tests.support.resolver import mapped_names
 
 #: Every test here runs over both HTTP clients (see tests.support.fixtures.http_client).
 pytestmark = pytest.mark.usefixtures("http_client")
@@ -155,6 +156,25 @@ def test_user_agent_states_the_installed_version_without_a_metadata_look_up() ->
         env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout.split()
     assert out == [f"twisted-streamer/{metadata.version('twisted-streamer')}", "False"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_is_connected_to_without_a_lookup_a_name_after_one(
+    upstream, tmp_path: Path
+) -> None:
+    """A remote named by an IP address is connected to directly (no lookup in the reactor's
+    thread pool for each new connection, as aiohttp does); a host name is still looked up
+    for every new connection."""
+    url = upstream.register("/f", Serve(BODY))
+    by_name = upstream.url("/f", host="mirror.test")
+    with mapped_names({"mirror.test": ["127.0.0.1"]}) as resolver:
+        for target in (url, by_name):
+            factory = make_factory(target, tmp_path, download_concurrency=2)
+            downloads = [factory.build(target, expected_digests={"sha256": SHA256}) for _ in "ab"]
+            results = await defer.gatherResults([d.run() for d in downloads])
+            await factory.close()
+            assert [r.artifact_attributes["sha256"] for r in results] == [SHA256, SHA256]
+    assert resolver.lookups == ["mirror.test", "mirror.test"]  # two connections, by name
 
 
 @pytest_twisted.ensureDeferred
