@@ -252,6 +252,8 @@ class _Sync:
         self._waiting_mark: defer.Deferred[None] | None = None
         self._mark_call: Any = None
         self._mark_delay = MARK_DELAY
+        #: This sync's helpers, configured as it began (None: not yet).
+        self._helper_links: list[Any] | None = None
         from twisted.internet import reactor
 
         self._clock = reactor
@@ -259,6 +261,10 @@ class _Sync:
     @defer.inlineCallbacks
     def run(self) -> Any:
         started = time.monotonic()
+        if self.helpers is not None and self.remote.policy == "immediate":
+            # Helpers started beforehand set themselves up for this remote (its client, the
+            # storage) while the listing is fetched and checked, not after.
+            self._helper_links = self._links()
         try:
             listing = yield self._fetch_listing()
         except BaseException:
@@ -328,7 +334,7 @@ class _Sync:
         self.progress.start(self.remote.name, total)
         fetcher = self._fetcher
         fetcher.start()
-        links = self._links()
+        links = self._helper_links if self._helper_links is not None else self._links()
         local = self.remote.download_concurrency - sum(link.slots for link in links)
         helpers = [
             (functools.partial(self._one_file, fetch=link.fetch), link.ready)

@@ -155,6 +155,32 @@ async def test_helpers_serve_one_remote_after_another(
     assert storage.has(sha(b"added later\n" * 100))
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_helper_is_set_up_for_the_remote_while_its_listing_is_fetched(
+    repo, storage, catalog, make_remote, upstream
+):
+    """A helper started beforehand gets the remote's settings as the sync begins: it builds its
+    client and storage while the listing is fetched and checked, and is ready to download
+    when the first file is handed out."""
+    listing = Gated(Serve((repo.folder / "PULP_MANIFEST").read_bytes()))
+    upstream.register("/repo/PULP_MANIFEST", listing)
+    helpers = await started_helpers()
+    try:
+        remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+        syncing = sync_remote(remote, catalog, storage, None, helpers)
+        await until(lambda: listing.waiting == 1)
+        [link] = helpers.links
+        await until(lambda: link.ready is not None and link.ready.called)
+        assert listing.waiting == 1  # the listing is still on its way
+        listing.release()
+        report = await syncing
+    finally:
+        await helpers.close()
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+
+
 def test_sync_processes_is_validated(make_remote):
     for bad in (-1, 65, "2", True, 1.5):
         with pytest.raises(SettingsError, match="sync_processes"):
