@@ -20,11 +20,12 @@ import functools
 import hashlib
 import os
 import stat
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import attrs
 from twisted.logger import Logger
@@ -89,35 +90,116 @@ def open_regular(path: str, below: str | None = None) -> BinaryIO:
     """Open *path* for reading if it is a regular file, never following a symbolic link
     (``O_NOFOLLOW``) or waiting on a FIFO (``O_NONBLOCK``); else raise `NotARegularFile`
     (or ``OSError``: missing, unreadable). With *below* (a trusted folder holding *path*),
-    no folder between the two may be a symbolic link either (each is opened ``O_NOFOLLOW``)."""
-    dir_fd = None
-    name = path
+    no folder between the two may be a symbolic link either.
+
+    The file comes unbuffered (a ``FileIO``): its readers take large reads or its descriptor
+    (``os.pread``, ``sendfile``), and a buffered reader costs two more system calls per open.
+    """
     try:
-        if below is not None:
-            *folders, name = path[len(below) :].lstrip(os.sep).split(os.sep)
-            dir_fd = os.open(below, _OPEN_FOLDER)
-            for folder in folders:
-                inner = os.open(folder, _OPEN_FOLDER | _NOFOLLOW, dir_fd=dir_fd)
-                os.close(dir_fd)
-                dir_fd = inner
-        fd = os.open(name, _OPEN_REGULAR, dir_fd=dir_fd)
+        fd = _open_beneath(path, below)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotARegularFile(f"{path} is (or is under) a symbolic link") from None
         if exc.errno in (errno.ENXIO, errno.ENOTDIR):  # a socket; a file where a folder goes
             raise NotARegularFile(f"{path} is not a regular file") from None
         raise
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotARegularFile(f"{path} is {file_kind(mode)}")
-        return open(fd, "rb")  # the caller owns (and closes) the file
+        return cast(BinaryIO, open(fd, "rb", buffering=0))  # the caller owns (and closes) it
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_beneath(path: str, below: str | None) -> int:
+    """A descriptor of *path* (`open_regular`'s flags), no folder below *below* followed if
+    it is a symbolic link.
+
+    Where *below* is reached through no link itself, one ``openat2`` refusing every link on
+    the path does it (Linux 5.6+); otherwise, or when it reports a link (which may be above
+    *below*, where links are allowed), each folder is opened in turn with ``O_NOFOLLOW``:
+    five system calls instead of one."""
+    if below is None:
+        return os.open(path, _OPEN_REGULAR)
+    if _link_free(below):
+        open_plain = _openat2()
+        if open_plain is not None:
+            try:
+                return open_plain(path)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+    *folders, name = path[len(below) :].lstrip(os.sep).split(os.sep)
+    dir_fd = os.open(below, _OPEN_FOLDER)
+    try:
+        for folder in folders:
+            inner = os.open(folder, _OPEN_FOLDER | _NOFOLLOW, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = inner
+        return os.open(name, _OPEN_REGULAR, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _link_free(folder: str) -> bool:
+    """Whether *folder* (an absolute path) is reached through no symbolic link (asked once
+    per folder: a link added later only costs the slower open, whose answer is exact)."""
+    return os.path.isabs(folder) and os.path.realpath(folder) == os.path.normpath(folder)
+
+
+#: ``openat2``'s number (the same on every Linux architecture) and ``RESOLVE_NO_SYMLINKS``.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_SYMLINKS = 0x04
+
+
+@functools.cache
+def _openat2() -> Callable[[str], int] | None:
+    """``open(path)`` with `open_regular`'s flags through ``openat2(RESOLVE_NO_SYMLINKS)``
+    (no symbolic link anywhere on the path: ``ELOOP``), or None where the kernel or the
+    platform has no ``openat2``. Loaded on first use, like `_renameat2`."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [
+            ("flags", ctypes.c_uint64),
+            ("mode", ctypes.c_uint64),
+            ("resolve", ctypes.c_uint64),
+        ]
+
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    how = OpenHow(_OPEN_REGULAR, 0, _RESOLVE_NO_SYMLINKS)
+    address, size = ctypes.addressof(how), ctypes.sizeof(how)
+
+    def open_plain(path: str, _keep: object = how) -> int:  # (_keep: `how` lives as long)
+        fd = syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), address, size)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        return int(fd)
+
+    try:  # a kernel without it (ENOSYS), or a sandbox refusing it (EPERM)
+        os.close(open_plain(os.path.abspath(os.sep)))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.E2BIG):
+            return None
+        # Anything else (a root folder we may not read) says the call itself works.
+    return open_plain
 
 
 def hash_file(path: str, below: str | None = None) -> tuple[str, int]:

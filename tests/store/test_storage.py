@@ -1,12 +1,14 @@
 """ArtifactStorage on real files: atomic commit, duplicates, temp cleanup, verify."""
 
 import hashlib
+import io
 import os
 
 import pytest
 from zope.interface.verify import verifyObject
 
 from store import ArtifactNotFound, ArtifactStorage, IArtifactStorage, StorageError
+from store.errors import NotARegularFile
 
 
 def _sha(data: bytes) -> str:
@@ -105,6 +107,72 @@ def test_open_missing_artifact(storage):
     with pytest.raises(ArtifactNotFound):
         storage.open(_sha(b"never stored"))
     assert not storage.has(_sha(b"never stored"))
+
+
+def _stored(storage: ArtifactStorage, data: bytes) -> str:
+    storage.commit(_write_temp(storage, data), _sha(data), len(data))
+    return _sha(data)
+
+
+def test_open_gives_the_bytes_unbuffered(storage):
+    """The file comes as a raw ``FileIO``: its readers take its descriptor or large reads, and
+    a buffered reader costs two system calls more per open (every warm request makes one)."""
+    sha = _stored(storage, b"stored bytes\n" * 5000)
+    with storage.open(sha) as f:
+        assert isinstance(f, io.FileIO)
+        assert f.read() == b"stored bytes\n" * 5000
+        assert os.pread(f.fileno(), 6, 7) == b"bytes\n"
+
+
+@pytest.mark.parametrize("where", ["root", "above the root"])
+def test_open_through_a_linked_storage_folder(tmp_path, where):
+    """A storage folder reached through a symbolic link (the root itself, or a folder above
+    it) is served as before: links are refused only below ``artifacts/``."""
+    real = tmp_path / "real"
+    real.mkdir()
+    if where == "root":
+        (tmp_path / "var").symlink_to(real)
+        storage = ArtifactStorage(tmp_path / "var")
+    else:
+        (tmp_path / "up").symlink_to(real)
+        storage = ArtifactStorage(tmp_path / "up" / "var")
+    sha = _stored(storage, b"through a link\n")
+    with storage.open(sha) as f:
+        assert f.read() == b"through a link\n"
+    with pytest.raises(ArtifactNotFound):
+        storage.open(_sha(b"never stored"))
+
+
+def test_open_refuses_links_below_artifacts(storage, tmp_path):
+    """A link at an artifact's path, or in place of its ``artifacts/<ab>`` folder, is not
+    stored content (`NotARegularFile`, an `ArtifactNotFound`), however the folder is opened."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not for clients\n")
+    linked = _sha(b"linked")
+    os.makedirs(os.path.dirname(storage.path_for(linked)), exist_ok=True)
+    os.symlink(secret, storage.path_for(linked))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    under = next(
+        _sha(data)
+        for data in (b"%d" % n for n in range(1000))
+        if not os.path.exists(os.path.dirname(storage.path_for(_sha(data))))
+    )
+    (elsewhere / under[2:]).write_bytes(b"not for clients\n")
+    os.symlink(elsewhere, os.path.dirname(storage.path_for(under)))
+    with pytest.raises(NotARegularFile, match="is .or is under. a symbolic link"):
+        storage.open(linked)
+    with pytest.raises(NotARegularFile):
+        storage.open(under)
+    assert issubclass(NotARegularFile, ArtifactNotFound)
+
+
+def test_open_refuses_a_fifo_without_waiting(storage):
+    sha = _sha(b"fifo")
+    os.makedirs(os.path.dirname(storage.path_for(sha)), exist_ok=True)
+    os.mkfifo(storage.path_for(sha))
+    with pytest.raises(NotARegularFile, match="a FIFO"):
+        storage.open(sha)
 
 
 def test_clean_temp_removes_stale_files(storage):
