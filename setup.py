@@ -53,5 +53,5 @@ setup(
             "types-tqdm",
         ],
     },
-    entry_points={"console_scripts": ["streamer = streamer.cli:main"]},
+    entry_points={"console_scripts": ["streamer = streamer.cli:run"]},
 )

@@ -244,3 +244,51 @@ def test_importing_the_command_line_runs_no_collection_and_leaves_the_collector_
         runs, now, frozen = out.stdout.split()
         assert (int(runs) <= 3, now) == (True, enabled), out.stderr
         assert frozen == ("True" if state == "on" else "False")
+
+
+def test_the_command_ends_without_tearing_the_interpreter_down(tmp_path):
+    """``python -m streamer.cli`` (and the console script, `streamer.cli.run`) end with the
+    command's status once atexit callbacks ran and standard output is flushed, without
+    freeing every object first: an object that would be freed in the teardown never is.
+    With a non-daemon thread still running, the ordinary exit waits for it."""
+    import subprocess
+
+    program = (
+        "import atexit, os, runpy, sys, threading\n"
+        "class Witness:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(2, b'torn down\\n')\n"
+        "witness = Witness()\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "if sys.argv[1] == 'thread':  # it ends once the main thread has ended\n"
+        "    main = threading.main_thread()\n"
+        "    threading.Thread(target=lambda: (main.join(), print('thread done'))).start()\n"
+        "sys.argv = ['streamer', *sys.argv[2:]]\n"
+        "runpy.run_module('streamer.cli', run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "STREAMER_CONFIG"}
+    env["PYTHONPATH"] = str(REPO)
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", program, *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+
+    done = command("-", "verify")
+    assert done.returncode == 0
+    assert done.stdout.splitlines() == [
+        f"verified 0 artifact(s) in {tmp_path / 'var'}: no store there yet",
+        "atexit ran",
+    ]
+    assert "torn down" not in done.stderr
+    refused = command("-", "sync", "nowhere")
+    assert refused.returncode == 2
+    assert refused.stdout == "atexit ran\n" and "unknown remote 'nowhere'" in refused.stderr
+    waited = command("thread", "verify")
+    assert waited.returncode == 0
+    assert waited.stdout.splitlines()[1:] == ["thread done", "atexit ran"]
+    assert "torn down" in waited.stderr  # the ordinary exit
