@@ -24,6 +24,10 @@ a probe of the network it runs in. The rule, per remote:
 
 from __future__ import annotations
 
+# Every lookup (``getaddrinfo``, in a thread) encodes the host name with this codec. Imported
+# on first use, its import fails in a process out of descriptors (EMFILE), and Twisted's lookup
+# then never answers: the download would hang until a timeout instead of failing at once.
+import encodings.idna  # noqa: F401
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any

@@ -641,8 +641,12 @@ def _translate(url: str, failure: Failure, connect_timeout: float) -> BaseExcept
 
 
 def _connection_failed(url: str, what: str, failure: Failure) -> errors.ConnectionFailed:
-    """*what* failed: the summary; the message adds the details (which may name hosts)."""
-    return errors.ConnectionFailed(url, f"{what}: {_describe_failure(failure)}", what)
+    """*what* failed: the summary; the message adds the details (which may name hosts). The
+    cause is kept: a connection this host could not make (out of descriptors: EMFILE) is its
+    own fault, not the upstream's (`store.errors.local_fault`)."""
+    failed = errors.ConnectionFailed(url, f"{what}: {_describe_failure(failure)}", what)
+    failed.__cause__ = failure.value
+    return failed
 
 
 def _wrap(url: str, exc: BaseException) -> BaseException:

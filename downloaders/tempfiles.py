@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer, threads
 
-__all__ = ["TEMP_PREFIX", "TempFilePool", "create_temp_file"]
+__all__ = ["TEMP_PREFIX", "TempFilePool", "create_temp_file", "write_temp_file"]
 
 #: Names of the downloaders' temporary files: this prefix, then 16 random hex digits.
 TEMP_PREFIX = ".download-"
@@ -39,6 +39,35 @@ def create_temp_file(folder: str, mode: int = 0o600) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary file name in {folder}")
 
 
+def write_temp_file(folder: str, data: bytes, mode: int = 0o600, mtime: float | None = None) -> str:
+    """Create a new file in *folder* holding *data* (a body kept in memory until it was
+    validated), modified at *mtime* when given (a failure to date it is ignored: the date is
+    a courtesy); return its path. Raises ``OSError``, leaving nothing behind."""
+    fd, path = create_temp_file(folder, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if mtime is not None:
+            try:
+                os.utime(fd, (mtime, mtime))
+            except OSError:
+                pass
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _create_many(folder: str, count: int, mode: int) -> list[tuple[int, str]]:
     """Up to *count* new files (fewer if the folder refuses more; the caller creates inline)."""
     made: list[tuple[int, str]] = []
@@ -55,10 +84,7 @@ def _drop(item: tuple[int, str]) -> None:
     try:
         os.close(fd)
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(path)
 
 
 class TempFilePool:

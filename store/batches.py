@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
@@ -18,11 +19,20 @@ from store.tempdirs import remove_quietly
 
 __all__ = ["BatchCommitter", "flush_filesystem"]
 
-#: What one commit needs in the committing thread: temp path, sha256, size, and what to call
-#: once the file is in storage.
-_Commit = tuple[str, str, int, Callable[[], object] | None]
-#: A queued commit: the same, with the Deferred its caller holds.
-_Item = tuple[str, str, int, defer.Deferred[None], Callable[[], object] | None]
+
+@attrs.define
+class _Item:
+    """A queued commit: the temp file (None until *write* made it), what it must be, the
+    Deferred its caller holds, what to call once it is in storage, and how to write it."""
+
+    path: str | None
+    sha256: str
+    size: int
+    done: defer.Deferred[None]
+    then: Callable[[], object] | None
+    write: Callable[[], str] | None = None
+    #: Why *write* failed, if it did.
+    error: BaseException | None = None
 
 
 def flush_filesystem(path: str) -> None:
@@ -97,10 +107,11 @@ class BatchCommitter:
 
     def commit(
         self,
-        temp_path: str,
+        temp_path: str | None,
         sha256: str,
         size: int,
         then: Callable[[], object] | None = None,
+        write: Callable[[], str] | None = None,
     ) -> defer.Deferred[None]:
         """Fires once the file is in storage (or fails with the StorageError).
 
@@ -108,9 +119,13 @@ class BatchCommitter:
         it (file-system work that may wait for the journal, such as the last close of a file
         whose blocks reached the disk, must not stall the reactor); not called when the
         commit failed or was cancelled. Its exceptions are ignored.
+
+        *write* (with *temp_path* None), for a file not written yet (a small body held in
+        memory): called in the committing thread before the batch's flush, it makes the temp
+        file and returns its path, so the reactor thread opens no file for it.
         """
         done: defer.Deferred[None] = defer.Deferred(self._drop)
-        self._queue.append((temp_path, sha256, size, done, then))
+        self._queue.append(_Item(temp_path, sha256, size, done, then, write))
         self._schedule()
         return done
 
@@ -120,9 +135,10 @@ class BatchCommitter:
         (A file whose batch is being committed enters storage anyway: it is whole.)
         """
         for index, item in enumerate(self._queue):
-            if item[3] is done:
+            if item.done is done:
                 del self._queue[index]
-                remove_quietly(item[0])
+                if item.path is not None:
+                    remove_quietly(item.path)
                 return
 
     def flush(self) -> None:
@@ -160,43 +176,52 @@ class BatchCommitter:
         if not batch:
             return
         self._busy = True
-        items = [(item[0], item[1], item[2], item[4]) for item in batch]
         work: defer.Deferred[Any]
         if self.inline_renames:
-            work = threads.deferToThread(_flushed, self.storage.temp_dir)
-            work.addCallback(self._commit_flushed, items)
+            work = threads.deferToThread(self._write_and_flush, batch)
+            work.addCallback(self._commit_flushed, batch)
         else:
-            work = threads.deferToThread(self._commit_batch, items)
+            work = threads.deferToThread(self._commit_batch, batch)
         work.addBoth(self._batch_done, batch)
 
-    def _commit_flushed(self, flushed: bool, items: list[_Commit]) -> Any:
+    def _write_and_flush(self, batch: list[_Item]) -> bool:
+        _write_pending(batch)
+        return _flushed(self.storage.temp_dir)
+
+    def _commit_flushed(self, flushed: bool, batch: list[_Item]) -> Any:
         if flushed:  # the data is on disk: only the renames are left, done here
-            return self._commit_all(items, durable=False)
-        return threads.deferToThread(self._commit_all, items, True)  # an fsync per file
+            return self._commit_all(batch, durable=False)
+        return threads.deferToThread(self._commit_all, batch, True)  # an fsync per file
 
-    def _commit_batch(self, items: list[_Commit]) -> list[BaseException | None]:
-        return self._commit_all(items, durable=not _flushed(self.storage.temp_dir))
+    def _commit_batch(self, batch: list[_Item]) -> list[BaseException | None]:
+        _write_pending(batch)
+        return self._commit_all(batch, durable=not _flushed(self.storage.temp_dir))
 
-    def _commit_all(self, items: list[_Commit], durable: bool) -> list[BaseException | None]:
+    def _commit_all(self, batch: list[_Item], durable: bool) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
-        for path, sha256, size, then in items:
+        for item in batch:
+            if item.path is None:  # its write failed
+                outcomes.append(item.error)
+                continue
             try:
-                self.storage.commit(path, sha256, size, durable=durable)
+                self.storage.commit(item.path, item.sha256, item.size, durable=durable)
             except Exception as error:
                 outcomes.append(error)
                 continue
             outcomes.append(None)
-            if then is not None:
+            if item.then is not None:
                 try:
-                    then()
+                    item.then()
                 except Exception:  # the file is committed: that is what the caller waits for
                     pass
         return outcomes
 
-    def _batch_done(self, outcomes: Any, batch: list[Any]) -> None:
-        for index, (path, _sha256, _size, done, _then) in enumerate(batch):
+    def _batch_done(self, outcomes: Any, batch: list[_Item]) -> None:
+        for index, item in enumerate(batch):
+            done = item.done
             if isinstance(outcomes, Failure):
-                remove_quietly(path)
+                if item.path is not None:
+                    remove_quietly(item.path)
                 outcome: Any = outcomes
             else:
                 outcome = outcomes[index]
@@ -208,3 +233,14 @@ class BatchCommitter:
                 done.errback(outcome)
         self._busy = False
         self._schedule()
+
+
+def _write_pending(batch: list[_Item]) -> None:
+    """Make the files of the items written in the committing thread (their *write*); a
+    failure is kept as the item's outcome."""
+    for item in batch:
+        if item.write is not None and item.path is None:
+            try:
+                item.path = item.write()
+            except Exception as exc:
+                item.error = exc

@@ -393,8 +393,11 @@ class ArtifactStorage:
 
     def check_room(self, size: int) -> None:
         """Raise ``OSError(ENOSPC)`` when the filesystem has less than *size* bytes free for
-        us: a download that could never be stored is refused before it starts."""
+        us, ``OSError(EROFS)`` when it is read-only: a download that could never be stored is
+        refused before it starts (a small one held in memory opens no file until its commit)."""
         fs = os.statvfs(self.temp_root)
+        if fs.f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.temp_root)
         if fs.f_bavail * fs.f_frsize < size:
             raise OSError(
                 errno.ENOSPC,

@@ -13,6 +13,12 @@ appended in this order:
 2. ``{"outcome": "done"}`` once size and digests were validated (then, for ``on_demand``,
    the file is committed), or ``{"outcome": "failed", "error": {...}}``;
 
+a small body the owner holds in memory until it was validated (`streamer.inflight.MEMORY_BODY`)
+has no temp file: one notice says it all, ``{"headers": ..., "status": N, "outcome": "done",
+"body": "stored"}``, and the bytes are in storage once the owner let go of the claim (it does
+right after the commit's rename). A follower then reads the stored artifact; not finding it
+(the commit failed, the owner died first), it starts the download again (`OwnerGone`);
+
 and the owner unlinks the claim file before it lets go of the lock, so a later request never
 finds a finished claim. Another process wanting the artifact meanwhile cannot take the lock
 and becomes a follower: a `PeerDownload` (the same source interface as
@@ -91,6 +97,15 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
 
 #: The notice of a validated download (a constant: no encoder needed).
 _DONE = b'{"outcome":"done"}\n'
+#: The outcome of a validated body held in memory: read it from storage once the claim is free.
+_STORED_LATER = {"outcome": "done", "body": "stored"}
+
+
+def _header_pairs(headers: list[tuple[bytes, list[bytes]]] | None) -> list[Any]:
+    return [
+        [name.decode("latin-1"), [v.decode("latin-1") for v in values]]
+        for name, values in headers or []
+    ]
 
 
 def _try_lock(fd: int, kind: int) -> bool:
@@ -125,17 +140,24 @@ class Claim:
         if self._headers_written:
             return
         self._headers_written = True
-        pairs = [
-            [name.decode("latin-1"), [v.decode("latin-1") for v in values]]
-            for name, values in headers or []
-        ]
-        record: dict[str, Any] = {"headers": pairs, "status": status}
+        record: dict[str, Any] = {"headers": _header_pairs(headers), "status": status}
         if self._temp is not None:
             record = {"pid": os.getpid(), "temp": self._temp, **record}
         self._append(record)
 
     def succeeded(self) -> None:
         self._write(_DONE)
+
+    def stored_later(
+        self, headers: list[tuple[bytes, list[bytes]]] | None, status: int | None = None
+    ) -> None:
+        """Publish a validated body held in memory, in one notice: the forwarded headers,
+        the upstream's status and the outcome; its bytes are in storage once the claim is
+        let go (`release`, right after the commit)."""
+        self._headers_written = True
+        self._append(
+            {"headers": _header_pairs(headers), "status": status, **_STORED_LATER},
+        )
 
     def failed(self, error: BaseException | None) -> None:
         """Publish a failure (None: cancelled, followers start again) and let go."""
@@ -181,6 +203,7 @@ class _NoClaim:
     def announce(self, temp_path: str) -> None: ...
     def headers(self, headers: Any, status: int | None = None) -> None: ...
     def succeeded(self) -> None: ...
+    def stored_later(self, headers: Any, status: int | None = None) -> None: ...
     def failed(self, error: BaseException | None) -> None: ...
     def release(self) -> None: ...
 
@@ -226,6 +249,9 @@ class PeerDownload:
         self._timer: IDelayedCall | None = None
         self._poll_seconds = POLL_MIN_SECONDS
         self._closed = False
+        #: The owner validated a body it held in memory: it is in storage once the owner
+        #: let go of the claim.
+        self._stored_later = False
 
     @property
     def finished(self) -> bool:
@@ -284,12 +310,17 @@ class PeerDownload:
         self._open_data()
         if self._data_fd is not None:
             self.written = os.fstat(self._data_fd).st_size
+        if outcome is not None and outcome.get("body") == "stored" and self.temp_path is None:
+            self._stored_later = True  # (below: the owner may have let go already)
+            outcome = None
         if outcome is not None:
             self._settle(outcome)
         elif self._claim_fd is not None and _try_lock(self._claim_fd, fcntl.LOCK_SH):
-            # The owner's lock is gone and it said nothing: it died (or was killed).
             fcntl.flock(self._claim_fd, fcntl.LOCK_UN)
-            self._fail(OwnerGone(self.entry.url, "the download's owner stopped"))
+            if self._stored_later:
+                self._take_stored()
+            else:  # the owner's lock is gone and it said nothing: it died (or was killed)
+                self._fail(OwnerGone(self.entry.url, "the download's owner stopped"))
         else:
             self._wake()
 
@@ -354,6 +385,21 @@ class PeerDownload:
             self._wake()
         else:
             self._fail(_error_from(outcome.get("error") or {}))
+
+    def _take_stored(self) -> None:
+        """The owner of a body it held in memory let go: serve the stored artifact, or start
+        again if it is not there (its commit failed, or the owner died before it)."""
+        fd = self.claims.open_stored(self.sha256)
+        if fd is not None and os.fstat(fd).st_size == self.size:
+            self._data_fd = fd
+            self.written = self.size
+            self.succeeded = True
+            self._finish()
+            self._wake()
+            return
+        if fd is not None:
+            os.close(fd)
+        self._fail(OwnerGone(self.entry.url, "the validated artifact was not stored"))
 
     def _fail(self, error: DownloadError) -> None:
         self.error = error

@@ -13,6 +13,12 @@ a caught-up client never re-reads, and those not written yet) and from the file 
 (`streamer.claims.PeerDownload`) see only what the file holds, and the outcome is published and
 the file committed only once every write is done.
 
+A body to be stored of up to `MEMORY_BODY` bytes (the catalog's size) is held in memory
+instead: nothing is readable until it was validated, then followers send it whole, and the
+committing thread writes it to a temp file, flushes and renames it with its batch (no file is
+opened on the reactor thread for it). Followers in other processes learn of it with the outcome
+and read the stored artifact once the owner lets go of its claim (`streamer.claims`).
+
 Each follower holds back the last byte of its response until `succeeded` (the downloader
 validated size and digests), so no client can receive a complete-looking body, whole or a
 range, that turns out to be wrong: on a failure the followers that already sent bytes abort
@@ -44,16 +50,20 @@ from downloaders.headers import as_twisted_headers, header_value
 from downloaders.inorder import INLINE_BYTES, InOrder
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
-from downloaders.tempfiles import create_temp_file
+from downloaders.tempfiles import create_temp_file, write_temp_file
 from store.storage import ARTIFACT_MODE
 from streamer.claims import NO_CLAIM
 
-__all__ = ["InFlight", "LiveBackoff"]
+__all__ = ["MEMORY_BODY", "InFlight", "LiveBackoff"]
 
 _log = Logger()
 
-#: ``commit(temp_path, sha256, size, then)``: see `InFlight`.
-Commit = Callable[[str, str, int, Callable[[], object]], defer.Deferred[Any]]
+#: ``commit(temp_path, sha256, size, then, write)``: see `InFlight`.
+Commit = Callable[..., defer.Deferred[Any]]
+#: Bodies to be stored up to this many bytes are held in memory until validated (see the
+#: module): for them a temp file and its read descriptor cost more than the download's HTTP
+#: work, and a client gains nothing from getting their bytes a few microseconds earlier.
+MEMORY_BODY = 64 * 1024
 
 
 class LiveBackoff:
@@ -87,15 +97,19 @@ class InFlight:
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
         applied, with no retry before a ``Retry-After`` (`LiveBackoff`), to a downloader that
         has a ``backoff`` (the built-in ones); None: as built.
-    :param commit: ``commit(temp_path, sha256, size, then)`` returning a Deferred that fires
-        once the file is in storage, having called *then* (the claim's release) right after
-        it entered storage, in the thread that committed it (the streamer's shared
-        `store.batches.BatchCommitter`, so many small artifacts share one flush); by default
-        one ``storage.commit`` in a thread. Then *catalog*'s ``mark_stored``.
+    :param commit: ``commit(temp_path, sha256, size, then, write)`` returning a Deferred that
+        fires once the file is in storage, having called *then* (the claim's release) right
+        after it entered storage, in the thread that committed it (the streamer's shared
+        `store.batches.BatchCommitter`, so many small artifacts share one flush); for a body
+        held in memory *temp_path* is None and *write()*, called in that thread first, makes
+        the file and returns its path. By default one ``storage.commit`` in a thread. Then
+        *catalog*'s ``mark_stored``.
     :param condition: request headers making the download conditional (a client's
         ``If-Modified-Since``), added to a downloader that has ``request_headers`` (the
         built-in HTTP one); `conditional` says whether they were. An upstream 304 then ends
         the download with `NotModified`: nothing stored, no cooldown (not a failure).
+    :param memory_body: a body to be stored of up to this many bytes is held in memory until
+        validated (see the module; 0: never).
     :param on_response: called with this InFlight once an upstream response with a body
         was accepted (its headers checked), before any byte: a conditional download may then
         be shared (a client joining it can no longer get a 304 it did not ask for).
@@ -116,6 +130,7 @@ class InFlight:
         condition: Mapping[str, str] | None = None,
         on_response: Callable[[InFlight], None] | None = None,
         claim: Any = NO_CLAIM,
+        memory_body: int = MEMORY_BODY,
     ) -> None:
         self.entry = entry
         #: This download's `streamer.claims.Claim` when other processes may follow it.
@@ -147,6 +162,12 @@ class InFlight:
         self.conditional = False
         self._write_fd: int | None = None
         self._read_fd: int | None = None
+        #: The chunks of a body held in memory (`MEMORY_BODY`), None otherwise or once over.
+        self._body: list[bytes] | None = [] if store and self.size <= memory_body else None
+        #: That body, whole, once validated (what followers read).
+        self._memory: bytes | None = None
+        #: This process's temp folder (where a body held in memory will be written).
+        self._temp_dir = ""
         #: ``(offset, chunk)`` of the latest chunk, and of every later one the spool has not
         #: written yet (followers read those from here: the file has not got them).
         self._chunks: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -176,10 +197,12 @@ class InFlight:
         self._headers_filter = headers_filter
         try:
             self.storage.check_room(self.size)  # never start what cannot be stored
-            # One os.open, already with the artifacts' mode (the commit needs no chmod).
-            self._write_fd, self.path = create_temp_file(self.storage.temp_dir, ARTIFACT_MODE)
-            self._read_fd = os.open(self.path, os.O_RDONLY)
-            self.claim.announce(self.path)
+            self._temp_dir = self.storage.temp_dir  # (made here, in the reactor thread)
+            if self._body is None:
+                # One os.open, already with the artifacts' mode (the commit needs no chmod).
+                self._write_fd, self.path = create_temp_file(self._temp_dir, ARTIFACT_MODE)
+                self._read_fd = os.open(self.path, os.O_RDONLY)
+                self.claim.announce(self.path)
             # Only the entry: a plugin's get_downloader may take nothing else.
             downloader = self.remote.get_downloader(entry=self.entry)
             tap(downloader, self)
@@ -234,12 +257,16 @@ class InFlight:
     def write(self, data: bytes) -> None:
         """Take one chunk: append it to the temp file (on a thread beside the reactor once the
         body is past its first MiB) and wake the followers, who may read it from memory
-        until it is on disk."""
-        if self._write_fd is None:
-            raise OSError("the download was stopped")
+        until it is on disk; or keep it with the body held in memory."""
         received = self.written + len(data)
         if received > self.size:
             raise SizeValidationError(received, self.size, url=self.entry.url)
+        if self._body is not None:  # nothing to tell anyone before it was validated
+            self._body.append(bytes(data))
+            self.written = received
+            return
+        if self._write_fd is None:
+            raise OSError("the download was stopped")
         self.claim.headers(self.headers, self.upstream_status)
         data = bytes(data)
         spool = self._spool
@@ -304,15 +331,21 @@ class InFlight:
     # -- what followers use -------------------------------------------------------------------
 
     def readable(self) -> int:
-        """How many bytes followers may read: what was written (never more than the size)."""
+        """How many bytes followers may read: what was written (never more than the size);
+        of a body held in memory, nothing before it was validated."""
         if self.succeeded:
             return self.size
+        if self._body is not None:
+            return 0
         return min(self.written, self.size)
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to *length* bytes at *offset* (below `readable`): from a chunk kept in memory
         (the latest, and those the spool has not written yet) if one holds *offset*, else from
         the file."""
+        memory = self._memory
+        if memory is not None:
+            return memory if offset == 0 and length >= len(memory) else memory[offset:][:length]
         for start, chunk in reversed(self._chunks):
             if offset >= start:
                 if offset >= start + len(chunk):
@@ -361,8 +394,13 @@ class InFlight:
             return None
         self._close_write()
         self.succeeded = True
-        self.claim.headers(self.headers, self.upstream_status)
-        self.claim.succeeded()
+        body, self._body = self._body, None
+        if body is not None:
+            self._memory = body[0] if len(body) == 1 else b"".join(body)
+            self.claim.stored_later(self.headers, self.upstream_status)
+        else:
+            self.claim.headers(self.headers, self.upstream_status)
+            self.claim.succeeded()
         self._wake()  # caught-up followers take the last byte from memory, not the file
         self._chunks.clear()
         if not self.store:
@@ -370,11 +408,15 @@ class InFlight:
             self._discard_temp()
             self.claim.release()
             return None
-        assert self.path is not None  # the temp file, made when the download started
-        keep_date(self.path, self._upstream_date(result))
         # The claim is let go in the committing thread, right after the rename: its last
         # close frees a file that reached the disk, which waits for the journal.
-        d = self._commit(self.path, self.sha256, self.size, self.claim.release)
+        if self._memory is not None:
+            write = _writer(self._temp_dir, self._memory, self._upstream_date(result))
+            d = self._commit(None, self.sha256, self.size, self.claim.release, write)
+        else:
+            assert self.path is not None  # the temp file, made when the download started
+            keep_date(self.path, self._upstream_date(result))
+            d = self._commit(self.path, self.sha256, self.size, self.claim.release)
         d.addCallback(self._committed)
         d.addErrback(self._log_failure, "storing the artifact failed")
         d.addBoth(lambda _: self._done())
@@ -390,10 +432,17 @@ class InFlight:
         return getattr(result, "last_modified", None)
 
     def _commit_in_thread(
-        self, path: str, sha256: str, size: int, then: Callable[[], object]
+        self,
+        path: str | None,
+        sha256: str,
+        size: int,
+        then: Callable[[], object],
+        write: Callable[[], str] | None = None,
     ) -> defer.Deferred[Any]:
         def commit() -> None:
-            self.storage.commit(path, sha256, size)
+            temp = path if write is None else write()
+            assert temp is not None
+            self.storage.commit(temp, sha256, size)
             then()
 
         return threads.deferToThread(commit)
@@ -406,6 +455,7 @@ class InFlight:
     def _failed(self, failure: Failure) -> None:
         self._downloader = None
         self._close_write()
+        self._body = None
         self._chunks.clear()
         self._discard_temp()
         error = failure.value
@@ -455,6 +505,12 @@ class InFlight:
     def _discard_temp(self) -> None:
         if self.path is not None:
             self.storage.discard(self.path)
+
+
+def _writer(folder: str, body: bytes, mtime: float | None) -> Callable[[], str]:
+    """What writes a body held in memory to a new temp file in *folder* (dated *mtime*), in the
+    committing thread, returning its path."""
+    return lambda: write_temp_file(folder, body, ARTIFACT_MODE, mtime)
 
 
 def _add_condition(downloader: Any, condition: Mapping[str, str]) -> bool:

@@ -51,7 +51,7 @@ from streamer.busy import BusyOrigins, busy_seconds
 from streamer.claims import NO_CLAIM, Claims, OwnerGone, PeerDownload
 from streamer.follower import Follower, Segment
 from streamer.forwarding import forwarded_headers
-from streamer.inflight import InFlight
+from streamer.inflight import MEMORY_BODY, InFlight
 from streamer.logs import RequestLog
 from streamer.metrics import reason_label
 from streamer.ranges import (
@@ -84,6 +84,9 @@ class LazyOptions:
         aborted (0: never).
     :param cooldown: seconds an entry whose download failed is skipped by later requests.
     :param read_size: bytes a lagging client reads from the temp file at a time.
+    :param memory_body: bodies to be stored of up to this many bytes are held in memory until
+        validated, then sent whole and written to storage by the committing thread (0: every
+        body streams to its clients as it arrives; see `streamer.inflight.MEMORY_BODY`).
     :param retry_delay_cap: the longest wait, in seconds, between two attempts of a download
         a client is waiting for. The remote's ``max_retries`` still applies to failures
         without a ``Retry-After`` (a flaky upstream gets its retries; with the defaults three
@@ -98,6 +101,7 @@ class LazyOptions:
     retry_delay_cap: float = 0.5
     #: Seconds finished downloads gather before their batch is flushed and committed.
     commit_delay: float = 0.01
+    memory_body: int = MEMORY_BODY
 
 
 #: How often one request starts a download again whose owner (another process) stopped.
@@ -261,6 +265,7 @@ class LazyStreamer:
             condition=condition,
             on_response=self._share if condition else None,
             claim=claim,
+            memory_body=self.options.memory_body,
         )
         if condition:
             self._own.add(inflight)
@@ -289,14 +294,20 @@ class LazyStreamer:
             follower.attach()
 
     def _commit(
-        self, temp_path: str, sha256: str, size: int, then: Callable[[], object]
+        self,
+        temp_path: str | None,
+        sha256: str,
+        size: int,
+        then: Callable[[], object],
+        write: Callable[[], str] | None = None,
     ) -> defer.Deferred[None]:
-        """Commit a validated temp file; files finishing together share one flush."""
+        """Commit a validated temp file (or a body held in memory, which *write* puts in
+        one); files finishing together share one flush."""
         if self._committer is None:
             self._committer = BatchCommitter(
                 self.storage, delay=self.options.commit_delay, clock=self.reactor
             )
-        return self._committer.commit(temp_path, sha256, size, then)
+        return self._committer.commit(temp_path, sha256, size, then, write)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         fault = local_fault(error)

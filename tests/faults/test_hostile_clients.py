@@ -23,6 +23,7 @@ import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import capturedLogs
 
+from streamer.inflight import MEMORY_BODY
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl
 from tests.support.polling import holds_within
@@ -120,15 +121,22 @@ async def test_disconnect_before_response_headers_keeps_an_on_demand_download(se
     await assert_serving(service)
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["streamed-body", "body-held-in-memory"])
 @pytest_twisted.ensureDeferred
-async def test_disconnect_mid_body_on_demand_download_completes_and_is_stored(service, upstream):
-    url = upstream.register("/slow.bin", faults.Trickle(BODY, 200_000, interval=0.01))
-    await service.add("slow.bin", BODY, stored=False, url=url)
-    result = await raw_http("127.0.0.1", service.port, request("/fixtures/slow.bin"), timeout=0.1)
-    assert result.timed_out and status_of(result.data) == 200
-    assert len(result.data) < len(BODY)
-    assert await holds_within(lambda: service.storage.has(sha256(BODY)))
-    assert service.storage.open(sha256(BODY)).read() == BODY
+async def test_disconnect_mid_body_on_demand_download_completes_and_is_stored(
+    service, upstream, held
+):
+    # A body held in memory until validated sends nothing before the client leaves; a larger
+    # one streams, so the client leaves with some of its bytes.
+    body = BODY if held else BODY * 3  # (0.98 s upstream)
+    assert (len(body) <= MEMORY_BODY) == held
+    url = upstream.register("/slow.bin", faults.Trickle(body, 200_000, interval=0.01))
+    await service.add("slow.bin", body, stored=False, url=url)
+    result = await raw_http("127.0.0.1", service.port, request("/fixtures/slow.bin"), timeout=0.25)
+    assert result.timed_out and status_of(result.data) == (0 if held else 200)
+    assert len(result.data) < len(body)
+    assert await holds_within(lambda: service.storage.has(sha256(body)))
+    assert service.storage.open(sha256(body)).read() == body
     await assert_serving(service)
 
 

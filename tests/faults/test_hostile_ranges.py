@@ -19,13 +19,16 @@ import pytest
 import pytest_twisted
 
 from store import CatalogEntry
+from streamer.inflight import MEMORY_BODY
 from tests.faults.test_hostile_clients import assert_serving, request, status_of
 from tests.support import faults
 from tests.support.clients import RawResult, raw_http, run_curl, run_process
 from tests.support.polling import holds_within
 from tests.support.service import ServiceEnv
 
-BODY = bytes(range(256)) * 256  # 64 KiB; WrongBytes flips byte 32768
+# More than the streamer holds in memory until validated: these bytes stream as they arrive
+# (WrongBytes flips the middle byte).
+BODY = bytes(range(256)) * (MEMORY_BODY // 256 + 16)
 SIZE = len(BODY)
 
 #: Range header values and the content bytes (in order) each selects.
@@ -81,7 +84,7 @@ async def cold_pair(make_service, upstream, policy: str, behaviour: faults.Behav
 @pytest_twisted.ensureDeferred
 async def test_range_of_a_bad_cold_artifact_ends_in_an_abort(make_service, upstream, case, policy):
     ranges, expected = CASES[case]
-    # The fault upstream sends 64 KiB of the right size whose middle byte is wrong (slowly, so
+    # The fault upstream sends bytes of the right size whose middle byte is wrong (slowly, so
     # the client reads what it got before the abort): every range here selects only right
     # bytes, yet the artifact is bad.
     wrong = faults.Trickle(faults.WrongBytes(BODY).served, 4 * SIZE, interval=0.02)
@@ -201,7 +204,8 @@ async def test_150_small_ranges_get_one_multipart_answer(make_service, upstream,
 @pytest_twisted.ensureDeferred
 async def test_150_overlapping_ranges_covering_the_file_are_merged(make_service, upstream, stored):
     env = await ranges_target(make_service, upstream, stored)
-    spans = [f"{i * 437}-{i * 437 + 999}" for i in range(150)]
+    step = (SIZE - 1000) // 149  # overlapping 1000-byte spans, the last one to the end
+    spans = [f"{i * step}-{i * step + 999}" for i in range(149)] + [f"{149 * step}-"]
     random.Random(11).shuffle(spans)
     result = await ranged_get(env, "many.bin", ",".join(spans))
     status, headers, body = split_response(result.data)

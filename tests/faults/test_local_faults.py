@@ -383,7 +383,8 @@ async def leave_descriptors(pid: int, count: int) -> None:
 async def test_out_of_descriptors_is_a_503_without_cooldown(tmp_path, upstream, left, where):
     """``twistd -n streamer`` with one or three descriptors left: the client's connection takes
     one, then opening the artifact (is it stored? its folder, then the file) or, with three,
-    the download's lock, temp file and read descriptor, fails: 503
+    what the download opens (its lock, the process's temp folder and the upstream connection:
+    this small body is held in memory, without a temp file) fails: 503
     ``too many open files``, EMFILE in the log (one line, no traceback), and the same request
     is served once descriptors are back."""
     data = os.urandom(20_000)

@@ -254,6 +254,34 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_small_file_held_in_memory_is_downloaded_once_for_every_process(tmp_path):
+    """A body small enough to be held in memory until validated has no temp file: the other
+    process's clients learn of it from the claim's one notice and read the stored artifact
+    once the owner let go of the claim, right after the commit."""
+    data = os.urandom(20_000)
+    upstream = await UpstreamServer().start()
+    gate = Gated(Serve(data))
+    try:
+        config = await group(tmp_path, upstream, {"small.bin": data})
+        upstream.register("/repo/small.bin", gate)
+        async with twistd(config) as served:
+            await all_serving(served)
+            results = await released_together(served, gate, "/demo/small.bin", 20)
+            assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
+            assert all(body == data for _, body, _ in results)
+            assert len(upstream.requests("/repo/small.bin")) == 1
+            by = served_by(served.output, "/demo/small.bin")
+            assert len(by) == 20 and len(set(by)) >= 2, by
+            stored = artifact_path(tmp_path / "var", data)
+            assert await holds_within(stored.exists, timeout=10)
+            assert stored.read_bytes() == data
+        assert await served.stop() == 0
+        assert temp_files(tmp_path / "var") == []
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(tmp_path):
     data = os.urandom(2 * 1024 * 1024)
     upstream = await UpstreamServer().start()

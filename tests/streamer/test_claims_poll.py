@@ -183,3 +183,76 @@ def test_a_download_writes_two_notices_and_a_follower_reads_both(tmp_path):
     peer.remove(client)
     owner_side.close()
     follower_side.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_held_in_memory_is_read_from_storage_once_the_owner_lets_go(tmp_path):
+    """An owner that held a small body in memory publishes one notice (headers, status and
+    outcome) and has no temp file: its follower sends nothing until the owner let go of the
+    claim after the commit, then reads the stored artifact (woken by inotify: no poll)."""
+    import json
+
+    from twisted.internet import reactor
+
+    storage = ArtifactStorage(tmp_path / "var")
+    owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    try:
+        owner.stored_later([(b"Content-Type", [b"application/octet-stream"])], 200)
+        with open(owner.path, "rb") as notices:
+            (line,) = notices.read().splitlines()
+        assert json.loads(line)["outcome"] == "done" and "temp" not in json.loads(line)
+        await until(lambda: peer.headers is not None, timeout=5)
+        assert peer.upstream_status == 200
+        assert not peer.finished and peer.readable() == 0  # validated, but not stored yet
+        source = tmp_path / "incoming"
+        source.write_bytes(DATA)
+        storage.import_file(str(source))  # the commit, then the owner lets go
+        assert not peer.finished
+        owner.release()
+        await until(lambda: peer.succeeded, timeout=5)
+        assert peer.readable() == len(DATA) and peer.read(0, len(DATA)) == DATA
+        assert client.woken
+    finally:
+        owner.release()
+        peer.remove(client)
+        owner_side.close()
+        follower_side.close()
+
+
+def test_a_body_held_in_memory_that_was_not_stored_is_downloaded_again(tmp_path):
+    """The owner validated a body held in memory, then let go without storing it (its commit
+    failed, or it was killed before): the follower's clients start the download again."""
+    from downloaders.errors import DownloadError
+    from streamer.claims import OwnerGone
+
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    errors: list[BaseException] = []
+
+    class Follower(_Client):
+        def failed(self, error: BaseException) -> None:
+            errors.append(error)
+
+    client = Follower()
+    peer.add(client)
+    owner.stored_later([], 200)
+    clock.advance(POLL_SECONDS)
+    assert not peer.finished and errors == []
+    owner.release()
+    clock.advance(POLL_SECONDS)
+    assert peer.finished and not peer.succeeded
+    assert [type(e) for e in errors] == [OwnerGone] and isinstance(errors[0], DownloadError)
+    assert os.listdir(follower_side.folder) == []  # the claim is swept
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()

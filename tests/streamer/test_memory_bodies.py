@@ -1,0 +1,111 @@
+"""Small bodies held in memory until validated (`streamer.inflight.MEMORY_BODY`): a client gets
+nothing before the download was validated, then the whole body at once; so a failure before
+the end fails over to the next entry (or is a plain 502/504) without the client noticing,
+where a streamed body's clients would be cut off. The validated body is stored by the
+committing thread (no temp file in ``tmp/`` while it downloads)."""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from streamer.inflight import MEMORY_BODY
+from tests.support.clients import run_curl
+from tests.support.faults import Gated, ResetAfter, Serve, StallMidBody, WrongBytes
+from tests.support.lazy import parse_response
+from tests.support.polling import holds_within, until
+
+BODY = bytes(range(256)) * 64  # 16 KiB
+assert len(BODY) <= MEMORY_BODY
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_body_reset_mid_way_fails_over_and_the_client_never_notices(lazy_env):
+    """Before: curl exit 18/56 after 4096 bytes (they had been sent as they came), and no
+    failover: "no silent retry into a response that already carries bytes"."""
+    env = lazy_env.start()
+    env.remote("a")
+    env.remote("b")
+    reset = env.upstream.register("/reset", ResetAfter(4096, BODY))
+    good = env.upstream.register("/good", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("a", reset), ("b", good))
+    code, out, err = yield run_curl("-i", env.url("repo/f"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, body) == (200, BODY)
+    assert headers["content-length"] == [str(len(BODY))]
+    assert len(env.upstream.requests("/reset")) == 1 and len(env.upstream.requests("/good")) == 1
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_body_with_wrong_bytes_fails_over_before_the_first_byte(lazy_env):
+    """Right size, wrong digest: before, the client got the body but its last byte and an
+    aborted connection; now the request fails over to the next entry and gets a 200."""
+    env = lazy_env.start()
+    env.remote("bad")
+    env.remote("good")
+    bad = env.upstream.register("/bad", WrongBytes(BODY))
+    good = env.upstream.register("/good", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("bad", bad), ("good", good))
+    code, out, err = yield run_curl("-i", env.url("repo/f"))
+    assert code == 0, err
+    assert parse_response(out)[::2] == (200, BODY)
+    assert len(env.upstream.requests("/bad")) == 1 and len(env.upstream.requests("/good")) == 1
+    assert (yield holds_within(lambda: env.stored(BODY)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bad_small_body_is_a_502_with_nothing_sent_or_stored(lazy_env):
+    env = lazy_env.start()
+    env.remote("bad")
+    bad = env.upstream.register("/bad", WrongBytes(BODY))
+    yield env.publish("repo/f", BODY, ("bad", bad))
+    for ranges in ((), ("-r", "0-99")):  # a range is held back the same way
+        code, out, err = yield run_curl("-i", *ranges, env.url("repo/f"))
+        assert code == 0, err
+        status, headers, body = parse_response(out)
+        assert status == 502 and headers["content-type"][0].startswith("text/plain"), out
+        assert BODY[:100] not in body
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
+    assert not env.stored(BODY) and env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_clients_of_a_small_body_get_nothing_until_it_was_validated(lazy_env):
+    """No temp file while it downloads, nothing sent before the last upstream byte, then every
+    client (one of them joining after validation, before the commit) gets the whole body."""
+    env = lazy_env.start(commit_delay=0.5)
+    env.remote("up")
+    gate = Gated(Serve(BODY))
+    url = env.upstream.register("/f", gate)
+    yield env.publish("repo/f", BODY, ("up", url))
+    first = run_curl("-i", env.url("repo/f"))
+    yield until(lambda: gate.waiting)
+    inflight = env.streamer.in_flight[next(iter(env.streamer.in_flight))]
+    assert env.temp_files() == [] and inflight.path is None
+    gate.release()
+    code, out, err = yield first
+    assert code == 0, err
+    assert parse_response(out)[::2] == (200, BODY)
+    assert inflight.succeeded and env.temp_files() == [] and not env.stored(BODY)
+    code, out, err = yield run_curl("-r", "100-199", env.url("repo/f"))  # before the commit
+    assert (code, out) == (0, BODY[100:200]), err
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert len(env.upstream.requests("/f")) == 1
+    assert env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_body_stalled_mid_way_is_a_504_not_a_cut_off_body(lazy_env):
+    """Before: the client got 8192 bytes, then an aborted connection."""
+    env = lazy_env.start()
+    env.remote("up", sock_read_timeout=0.3)
+    url = env.upstream.register("/stall", StallMidBody(8192, BODY))
+    yield env.publish("repo/f", BODY, ("up", url))
+    code, out, err = yield run_curl("-i", env.url("repo/f"))
+    assert code == 0, err
+    status, _headers, body = parse_response(out)
+    assert status == 504 and BODY[:100] not in body, out
+    assert (yield holds_within(lambda: not env.streamer.in_flight))
+    assert not env.stored(BODY) and env.temp_files() == []
