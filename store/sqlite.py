@@ -30,6 +30,7 @@ from store.catalog import (
     new_listing_version,
     walk_listing,
 )
+from store.digests import is_sha256_hex
 from store.errors import CatalogError
 from store.interfaces import ICatalog
 from store.schema import SchemaReport, check_version, parse_version
@@ -99,8 +100,28 @@ def _encode_digests(digests: dict[str, str]) -> str:
     return json.dumps(digests, sort_keys=True)
 
 
+#: How `_encode_digests` writes the usual digests, a sha256 alone: ``{"sha256": "<64 hex>"}``.
+_SHA256_ONLY = '{"sha256": "'
+_SHA256_ONLY_LENGTH = len(_SHA256_ONLY) + 64 + 2
+
+
 def _entry(row: tuple[Any, ...]) -> CatalogEntry:
     path, remote, url, size, digests, stored, position = row
+    if (
+        len(digests) == _SHA256_ONLY_LENGTH
+        and digests.startswith(_SHA256_ONLY)
+        and digests.endswith('"}')
+        and is_sha256_hex(sha256 := digests[len(_SHA256_ONLY) : -2])
+        and path
+        and path[0] != "/"
+        and type(size) is int
+        and size >= 0
+    ):
+        # A row as this catalog writes it (a lookup reads one per request): its values pass
+        # `CatalogEntry`'s checks, so none are run again, and no JSON is parsed.
+        return CatalogEntry.checked(
+            path, remote, url, size, {"sha256": sha256}, bool(stored), position
+        )
     return CatalogEntry(
         path=path,
         remote=remote,

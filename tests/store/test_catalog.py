@@ -3,11 +3,13 @@ against a real PostgreSQL database (a private cluster, see tests/support/postgre
 SQLite-only ones (WAL, in-thread reads, file urls) take ``sqlite_catalog``."""
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
 from contextlib import closing
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
@@ -413,6 +415,39 @@ def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(sqlite_catalo
         assert (yield catalog.lookup("base/x")) == []
     finally:
         yield writer.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_takes_rows_as_written_and_checks_others(sqlite_catalog):
+    """A row as the catalog writes it (a sha256 alone) is read without parsing JSON or checking
+    again; any other row (several digests, or one changed by hand) still goes through
+    `CatalogEntry`'s converter and checks."""
+    catalog = sqlite_catalog
+    plain = entry("a/plain", size=0)
+    several = CatalogEntry(
+        path="a/several",
+        remote="r1",
+        url="http://upstream.invalid/r1/a/several",
+        size=10,
+        digests={"sha256": _sha("s"), "sha512": "ab" * 64},
+    )
+    yield catalog.replace_remote("r1", [plain, several])
+    yield catalog.mark_stored(plain.sha256)
+    found = yield catalog.lookup("a/plain")
+    assert found == [CatalogEntry(**{**attrs.asdict(plain), "stored": True})]
+    assert type(found[0].stored) is bool and found[0].digests == {"sha256": plain.sha256}
+    assert (yield catalog.lookup("a/several")) == [several]
+
+    def edit(digests: str) -> None:
+        with closing(sqlite3.connect(catalog.database)) as raw:
+            raw.execute("UPDATE catalog_entries SET digests = ? WHERE path = 'a/plain'", (digests,))
+            raw.commit()
+
+    edit(json.dumps({"sha256": plain.sha256.upper()}))  # upper case: normalised by the converter
+    assert [e.digests for e in (yield catalog.lookup("a/plain"))] == [{"sha256": plain.sha256}]
+    edit(json.dumps({"sha256": "0" * 63 + "g"}))  # the right length, not hex: refused
+    with pytest.raises(ValueError, match="must hold a sha256"):
+        yield defer.maybeDeferred(catalog.lookup, "a/plain")
 
 
 @pytest_twisted.ensureDeferred
