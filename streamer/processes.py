@@ -12,6 +12,10 @@ started again; at SIGTERM the first process sends SIGTERM to every helper (each 
 own requests within ``grace_period``) and waits for them before it exits. A helper also
 stops when the first process dies (``PR_SET_PDEATHSIG``), so none outlives the group.
 
+Every process of a group takes its connections from the shared socket in turn
+(`share_accepts`): a new connection wakes one waiting process, not all of them, and a process
+takes one connection per wake-up, so a burst of connections is spread over the processes.
+
 The protocol between processes for one download per artifact is in `streamer.claims`.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import select
 import shutil
 import signal
 import socket
@@ -46,6 +51,7 @@ __all__ = [
     "die_with_parent",
     "forwarding_observer",
     "process_count",
+    "share_accepts",
     "share_metrics",
 ]
 
@@ -85,6 +91,63 @@ def adopted_socket() -> tuple[int, int] | None:
 def process_index() -> int:
     """This process's number in its group: 0 for the first (or only) one."""
     return int(os.environ.get(INDEX_ENV, "0"))
+
+
+def share_accepts(port: Any, reactor: Any) -> bool:
+    """Make the listening *port* (a ``tcp.Port``, or a ``unix.Port``), which the processes of
+    a group share, wake one of them per new connection and hand each wake-up one connection.
+
+    By default every process waiting on the socket wakes for each new connection (epoll
+    without ``EPOLLEXCLUSIVE``): all but one find nothing to accept, and the wasted wake-ups
+    take CPU from the one that serves. And a process that wakes accepts in a loop (Twisted's
+    ``numberAccepts``, up to 100 and growing) every connection waiting, so a burst (a client's
+    ten parallel connections) could all go to one process while another idles. Here the port
+    is registered with ``EPOLLEXCLUSIVE`` (each connection wakes one waiting process; a busy
+    one is passed over), again at every ``startReading`` (after the pause of a helper whose
+    catalog is not open yet) and after each accept (which puts this process at the back of
+    the socket's queue of waiters: idle processes take new connections in turn), and accepts
+    one connection per ``doRead``: the rest wake the other processes, or this one again at
+    its next turn.
+
+    False, leaving the port as it was, where the reactor does not use epoll or the kernel has
+    no ``EPOLLEXCLUSIVE`` (Linux before 4.5): each process still accepts in a loop.
+    """
+    poller = getattr(reactor, "_poller", None)
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
+    if exclusive is None or not isinstance(poller, select.epoll):
+        return False
+    start_reading, do_read = port.startReading, port.doRead
+
+    def register_exclusively() -> None:
+        fd = port.fileno()
+        if fd == -1 or fd not in reactor._reads:
+            return
+        # EPOLLEXCLUSIVE is only taken when a descriptor is added (EPOLL_CTL_MOD refuses it):
+        # replace the reactor's registration; the reactor's own books stay as they are.
+        poller.unregister(fd)
+        try:
+            poller.register(fd, select.EPOLLIN | exclusive)
+        except OSError:  # a kernel without it
+            poller.register(fd, select.EPOLLIN)
+
+    def startReading() -> None:
+        start_reading()
+        register_exclusively()
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        session = port.sessionno
+        result = do_read()
+        if port.sessionno != session:
+            # To the back of the socket's queue of waiting processes: the next connection
+            # wakes another one if any waits (in turn), not this one again.
+            register_exclusively()
+        return result
+
+    port.startReading = startReading
+    port.doRead = doRead
+    register_exclusively()
+    return True
 
 
 def share_metrics() -> str | None:

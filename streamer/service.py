@@ -42,7 +42,13 @@ from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
 from streamer.paths import RefusedPath, request_path
-from streamer.processes import ProcessGroup, adopted_socket, helper_argv, process_count
+from streamer.processes import (
+    ProcessGroup,
+    adopted_socket,
+    helper_argv,
+    process_count,
+    share_accepts,
+)
 from streamer.signing import SignedResource
 
 __all__ = [
@@ -471,6 +477,7 @@ class StreamerService(MultiService):
         families = {"IPv4Address": "AF_INET", "IPv6Address": "AF_INET6", "UNIXAddress": "AF_UNIX"}
         if family not in families:
             raise SystemExit(f"streamer: processes: cannot share a {family} listener")
+        share_accepts(self.port, self.reactor)
         argv = helper_argv(self.config.source) + ["--listen", self.config.server.listen]
         self.group = ProcessGroup(
             helpers,
@@ -514,6 +521,7 @@ class StreamerService(MultiService):
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        share_accepts(self.port, self.reactor)
         if not self.ready:
             # Accept nothing before the catalog is open: until then every request here would
             # be a 503 "service not ready", while the processes that are ready take the
