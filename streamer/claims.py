@@ -95,6 +95,9 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
     return DownloadError(url, str(record.get("message", "upstream failed")))
 
 
+#: Opening a claim: one we make, or one that exists.
+_OPEN_CLAIM = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+_NEW_CLAIM = _OPEN_CLAIM | os.O_CREAT | os.O_EXCL
 #: The notice of a validated download (a constant: no encoder needed).
 _DONE = b'{"outcome":"done"}\n'
 #: The outcome of a validated body held in memory: read it from storage once the claim is free.
@@ -486,13 +489,21 @@ class Claims:
         path = os.path.join(self.folder, entry.sha256)
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                # Nearly always new: made by us, it is this path's file and holds no notices.
+                fd, made = os.open(path, _NEW_CLAIM, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, made = os.open(path, _OPEN_CLAIM), False
+                except FileNotFoundError:  # its owner just let go: try again
+                    continue
             except FileNotFoundError:  # the folder was removed by a process that stopped
                 os.makedirs(self.folder, exist_ok=True)
                 continue
             if _try_lock(fd, fcntl.LOCK_EX):
-                if _same_file(fd, path):
-                    self._drop_leftovers(fd)
+                # (Only a lock holder unlinks a claim: one we made and locked is still ours.)
+                if made or _same_file(fd, path):
+                    if not made:
+                        self._drop_leftovers(fd)
                     claim = Claim(path, fd, self.root)
                     stored = self._stored(entry, on_done)
                     if stored is None:

@@ -256,3 +256,36 @@ def test_a_body_held_in_memory_that_was_not_stored_is_downloaded_again(tmp_path)
     peer.remove(client)
     owner_side.close()
     follower_side.close()
+
+
+def test_a_new_claim_costs_one_open_a_lock_and_the_look_on_disk(tmp_path, monkeypatch):
+    """A claim nobody holds is made with O_EXCL: no stat and fstat to check it is still this
+    path's file, no read for a dead owner's notices (it has none); only the look for the
+    artifact committed meanwhile. A leftover claim (its owner died) is still emptied."""
+    import json
+
+    storage = ArtifactStorage(tmp_path / "var")
+    claims = Claims(storage, Clock())
+    calls: list[str] = []
+    for name in ("stat", "fstat", "pread"):
+        real = getattr(os, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    claim = claims.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(claim, Claim)
+    assert calls == ["stat"]  # the artifact's path: not stored
+    claim.headers([], 200)
+    os.close(claim._fd)  # dies without letting go: the claim and its notice stay
+    claim._fd = None
+    assert os.path.getsize(claim.path) > 0
+    again = claims.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(again, Claim) and os.path.getsize(again.path) == 0
+    again.stored_later([], 200)
+    with open(again.path, "rb") as notices:
+        assert [json.loads(line)["outcome"] for line in notices] == ["done"]
+    again.release()
+    claims.close()
