@@ -127,6 +127,9 @@ class Follower:
         if not self.started:
             if not self._can_start():
                 return
+            if self.source.succeeded and not self._large:
+                self._send_whole()
+                return
             self.started = True
             Senders.count += 1
             self._on_start()
@@ -249,6 +252,32 @@ class Follower:
                     self._room.detach()
                 self._next_segment()
             request.write(data)
+
+    def _send_whole(self) -> None:
+        """A validated body of one read (a small download held in memory, or one a client
+        joined late): status, headers and every byte in one write, and done; no producer
+        (the kernel takes it whole: nothing to pause) and no share of the send budget."""
+        parts = []
+        for segment in self.segments:
+            if isinstance(segment, bytes):
+                parts.append(segment)
+                continue
+            start, end = segment
+            while start < end:
+                data = self.source.read(start, end - start)
+                if not data:
+                    raise OSError(f"short read at {start} of {end} bytes")
+                parts.append(data)
+                start += len(data)
+                self.sent += len(data)
+        on_start = self._on_start
+        self._stop()  # (not started: no sender to count off)
+        self.started = True
+        if getattr(self.request, "_disconnected", False):
+            return
+        on_start()
+        self.request.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        self.request.finish()
 
     def _finish(self) -> None:
         self._stop()

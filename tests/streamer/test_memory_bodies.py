@@ -109,3 +109,36 @@ def test_a_small_body_stalled_mid_way_is_a_504_not_a_cut_off_body(lazy_env):
     assert status == 504 and BODY[:100] not in body, out
     assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert not env.stored(BODY) and env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_validated_small_body_is_sent_in_one_write_without_a_producer(lazy_env, monkeypatch):
+    """Nothing to pause in one write the kernel takes whole: no producer is registered for it
+    (before: the follower registered itself, pumped once and unregistered)."""
+    from twisted.web.server import Request
+
+    from streamer.follower import Follower
+
+    writes: list[tuple[Request, bytes]] = []
+    producers: list[object] = []
+    write, register = Request.write, Request.registerProducer
+
+    def recorded_write(self: Request, data: bytes) -> None:
+        writes.append((self, data))
+        write(self, data)
+
+    def recorded_register(self: Request, producer: object, streaming: bool) -> None:
+        producers.append(producer)
+        register(self, producer, streaming)
+
+    monkeypatch.setattr(Request, "write", recorded_write)
+    monkeypatch.setattr(Request, "registerProducer", recorded_register)
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/f", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("up", url))
+    code, out, err = yield run_curl(env.url("repo/f"))
+    assert (code, out) == (0, BODY), err
+    assert not [p for p in producers if isinstance(p, Follower)]
+    ours = env.port.factory  # (the upstream is a twisted.web site in this process too)
+    assert [data for request, data in writes if request.site is ours and data] == [BODY]
