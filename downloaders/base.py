@@ -213,16 +213,21 @@ class BaseDownloader:
         when this returns; the value returned may be awaited (``await self.handle_data(d)``).
         """
         calculator = self._calculator
+        size = calculator.size + len(data)
+        if self.expected_size is not None and size > self.expected_size:
+            raise SizeValidationError(size, self.expected_size, url=self.url)
+        tap = self._tap
+        if tap is not None:
+            # The tap first: a client waiting for these bytes (the streamer's) gets them
+            # before they are hashed. Nothing is validated before `finalize`, by which time
+            # every chunk was hashed.
+            self._handed_over = True
+            tap.write(data)
         calculator.update(data)
-        if self.expected_size is not None and calculator.size > self.expected_size:
-            raise SizeValidationError(calculator.size, self.expected_size, url=self.url)
         if self.progress is not None:
             self.progress(calculator.size, self.expected_size)
-        if self._tap is not None:
-            self._handed_over = True
-            self._tap.write(data)
-            if self.writer is None:
-                return DONE
+        if tap is not None and self.writer is None:
+            return DONE
         if self.writer is not None:
             self._handed_over = True
             self.writer.write(data)

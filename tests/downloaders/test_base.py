@@ -291,6 +291,49 @@ def test_writer_takes_the_bytes_and_path_is_none(tmp_path: Path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_tap_gets_each_chunk_before_it_is_hashed(tmp_path: Path):
+    """The streamer's tap sends a chunk to the clients waiting for it: it gets the chunk
+    before the downloader hashes it (the first body bytes of a cold request wait for no
+    hashing), and the digests validated at finalize still cover every byte."""
+    events: list[tuple[Any, ...]] = []
+
+    class Tap:
+        def write(self, data: bytes) -> None:
+            events.append(("tap", len(data)))
+
+        def headers_ready(self, headers: Any) -> None:
+            pass
+
+        def finalized(self) -> None:
+            events.append(("finalized",))
+
+    downloader = MemoryDownloader(
+        URL,
+        [chunks(BODY, 100_000)],
+        expected_digests={"sha256": SHA256},
+        expected_size=len(BODY),
+        temp_dir=str(tmp_path),
+    )
+    update = downloader._calculator.update
+
+    def hashing(data: bytes) -> None:
+        events.append(("hash", len(data)))
+        update(data)
+
+    downloader._calculator.update = hashing  # type: ignore[method-assign]
+    downloader.add_tap(Tap())
+    result = outcome(downloader.run())
+    assert result.artifact_attributes == {"size": len(BODY), "sha256": SHA256}
+    sizes = [len(chunk) for chunk in chunks(BODY, 100_000)]
+    assert events == [e for n in sizes for e in (("tap", n), ("hash", n))] + [("finalized",)]
+    # An overflowing chunk is refused before the tap sees it.
+    events.clear()
+    over = MemoryDownloader(URL, [[BODY, b"x"]], expected_size=len(BODY), temp_dir=str(tmp_path))
+    over.add_tap(Tap())
+    error_of(over.run(), SizeValidationError)
+    assert events == [("tap", len(BODY))]
+
+
 def test_no_retry_once_bytes_reached_the_writer(tmp_path: Path):
     writer = ListWriter()
     downloader = MemoryDownloader(
