@@ -65,6 +65,8 @@ class SendRoom:
     limit: int = UNSENT_LIMIT
     transport: Any = None
     _buffer_size: int | None = None
+    #: What `attach` measured, the answer of the first `room` (asked right after it).
+    _first: int | None = None
 
     @classmethod
     def attach(cls, request: Any, limit: int = UNSENT_LIMIT) -> SendRoom | None:
@@ -77,8 +79,11 @@ class SendRoom:
         room = cls(handle, limit, transport, transport.bufferSize)
         try:
             handle.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, limit)
-            room.unsent()
-            handle.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+            # Both queries work (or this kernel cannot tell), and what they say now is the
+            # first read's room: the body's first bytes wait for no more system calls.
+            room._first = room._measure()
+            if room._first == 0:  # perhaps told by the first query alone: ask the second
+                handle.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
         except OSError:
             return None
         transport.bufferSize = 0
@@ -102,15 +107,22 @@ class SendRoom:
         """How many bytes the kernel takes at once (within the unsent limit and the free
         part of its send buffer); 0 when it would keep a write waiting (it reports room again
         once half of either is free): then write a `NUDGE`."""
+        first, self._first = self._first, None
+        if first is not None:
+            return first
         try:
-            unsent = self.unsent()
-            if unsent >= self.limit // 2:
-                return 0
-            meminfo = _MEMINFO.unpack(
-                self.handle.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
-            )
+            return self._measure()
         except OSError:  # closed under us: the write that follows fails the usual way
             return 0
+
+    def _measure(self) -> int:
+        """`room`, asked of the kernel (two system calls); raises `OSError`."""
+        unsent = self.unsent()
+        if unsent >= self.limit // 2:
+            return 0
+        meminfo = _MEMINFO.unpack(
+            self.handle.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+        )
         size, queued = meminfo[_SNDBUF], meminfo[_WMEM_QUEUED]
         free = size - queued
         if free < queued // 2:

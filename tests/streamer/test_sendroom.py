@@ -4,9 +4,11 @@ client that reads nothing; where it cannot tell, nothing changes."""
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
 import sys
+from types import SimpleNamespace
 
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
@@ -84,3 +86,33 @@ def test_no_room_where_the_kernel_cannot_tell():
     """A transport without a TCP socket (a test double, or TLS): nothing to attach to."""
     request = DummyRequest([b""])
     assert SendRoom.attach(request) is None
+
+
+def test_the_first_room_is_what_attach_measured(pair, monkeypatch):
+    """`attach` asks the kernel once (both queries must work there); the `room` right after
+    it (the body's first read) answers from that, without more system calls; the next ones
+    ask the kernel again."""
+    server, _client = pair
+    transport = SimpleNamespace(getHandle=lambda: server, bufferSize=65536)
+    request = SimpleNamespace(channel=SimpleNamespace(transport=transport))
+    queries: list[int] = []
+    ioctl = fcntl.ioctl
+
+    def counted(fd, request, *args):
+        queries.append(request)
+        return ioctl(fd, request, *args)
+
+    monkeypatch.setattr(fcntl, "ioctl", counted)
+    room = SendRoom.attach(request, LIMIT)
+    assert room is not None and transport.bufferSize == 0
+    assert len(queries) == 1
+    first = room.room()
+    assert len(queries) == 1
+    assert NUDGE < first <= LIMIT
+    assert room.room() == first  # asked again: nothing was written meanwhile
+    assert len(queries) == 2
+    server.send(b"x" * first)
+    assert room.room() < first
+    assert len(queries) == 3
+    room.detach()
+    assert transport.bufferSize == 65536
