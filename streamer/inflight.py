@@ -163,7 +163,9 @@ class InFlight:
         self._write_fd: int | None = None
         self._read_fd: int | None = None
         #: The chunks of a body held in memory (`MEMORY_BODY`), None otherwise or once over.
-        self._body: list[bytes] | None = [] if store and self.size <= memory_body else None
+        #: Whether the body is held in memory until validated (not written to a temp file).
+        self.in_memory = store and self.size <= memory_body
+        self._body: list[bytes] | None = [] if self.in_memory else None
         #: That body, whole, once validated (what followers read).
         self._memory: bytes | None = None
         #: This process's temp folder (where a body held in memory will be written).

@@ -87,6 +87,9 @@ class LazyOptions:
     :param memory_body: bodies to be stored of up to this many bytes are held in memory until
         validated, then sent whole and written to storage by the committing thread (0: every
         body streams to its clients as it arrives; see `streamer.inflight.MEMORY_BODY`).
+    :param memory_budget: the bytes of such bodies a process holds at once (downloading, or
+        validated and waiting for their commit: a slow disk makes them wait); past it, new
+        downloads go through temp files, as larger ones do.
     :param retry_delay_cap: the longest wait, in seconds, between two attempts of a download
         a client is waiting for. The remote's ``max_retries`` still applies to failures
         without a ``Retry-After`` (a flaky upstream gets its retries; with the defaults three
@@ -102,6 +105,7 @@ class LazyOptions:
     #: Seconds finished downloads gather before their batch is flushed and committed.
     commit_delay: float = 0.01
     memory_body: int = MEMORY_BODY
+    memory_budget: int = 64 * 1024 * 1024
 
 
 #: How often one request starts a download again whose owner (another process) stopped.
@@ -163,6 +167,8 @@ class LazyStreamer:
         #: Set when other processes share the storage folder: one download per artifact
         #: between them (`streamer.claims`).
         self.claims: Claims | None = None
+        #: Bytes of the bodies held in memory by downloads not done yet (`memory_budget`).
+        self._held = 0
         self.stopped = False
 
     def serve(self, request: Any, entries: Sequence[Any], path: str) -> object:
@@ -252,6 +258,9 @@ class LazyStreamer:
                 self._follow_peer(found, follower_for)
                 return
             claim = found
+        memory_body = self.options.memory_body
+        if self._held + entry.size > self.options.memory_budget:
+            memory_body = 0  # (held bodies wait for a slow disk: stream this one to a file)
         inflight = InFlight(
             entry,
             remote,
@@ -265,8 +274,10 @@ class LazyStreamer:
             condition=condition,
             on_response=self._share if condition else None,
             claim=claim,
-            memory_body=self.options.memory_body,
+            memory_body=memory_body,
         )
+        if inflight.in_memory:
+            self._held += inflight.size
         if condition:
             self._own.add(inflight)
         else:
@@ -330,6 +341,8 @@ class LazyStreamer:
         )
 
     def _done(self, inflight: InFlight | PeerDownload) -> None:
+        if isinstance(inflight, InFlight) and inflight.in_memory:
+            self._held -= inflight.size
         if self.in_flight.get(inflight.sha256) is inflight:
             del self.in_flight[inflight.sha256]
         self._own.discard(inflight)

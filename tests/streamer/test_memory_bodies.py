@@ -142,3 +142,32 @@ def test_a_validated_small_body_is_sent_in_one_write_without_a_producer(lazy_env
     assert not [p for p in producers if isinstance(p, Follower)]
     ours = env.port.factory  # (the upstream is a twisted.web site in this process too)
     assert [data for request, data in writes if request.site is ours and data] == [BODY]
+
+
+@pytest_twisted.inlineCallbacks
+def test_bodies_past_the_memory_budget_go_through_temp_files(lazy_env):
+    """The bodies a process holds (downloading, or waiting for a slow disk's commit) stay
+    within `memory_budget`: a download that would pass it writes a temp file, as a larger one
+    does; once the held ones are done, small bodies are held in memory again."""
+    env = lazy_env.start(memory_budget=len(BODY) + 100, commit_delay=0.3)
+    env.remote("up")
+    other = BODY[::-1]
+    gates = {name: Gated(Serve(body)) for name, body in (("a", BODY), ("b", other))}
+    for name, body in (("a", BODY), ("b", other)):
+        url = env.upstream.register(f"/{name}", gates[name])
+        yield env.publish(f"repo/{name}", body, ("up", url))
+    first = run_curl(env.url("repo/a"))
+    yield until(lambda: gates["a"].waiting)
+    second = run_curl(env.url("repo/b"))
+    yield until(lambda: gates["b"].waiting)
+    held = {i.entry.path: i.in_memory for i in env.streamer.in_flight.values()}
+    assert held == {"repo/a": True, "repo/b": False}
+    assert len(env.temp_files()) == 1  # b's
+    gates["a"].release()
+    gates["b"].release()
+    code, out, err = yield first
+    assert (code, out) == (0, BODY), err
+    code, out, err = yield second
+    assert (code, out) == (0, other), err
+    assert (yield holds_within(lambda: env.stored(BODY) and env.stored(other)))
+    assert (yield holds_within(lambda: env.streamer._held == 0))
