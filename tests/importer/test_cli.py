@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
@@ -269,13 +270,10 @@ def test_the_command_ends_without_tearing_the_interpreter_down(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "STREAMER_CONFIG"}
     env["PYTHONPATH"] = str(REPO)
 
-    def command(*args: str) -> subprocess.CompletedProcess[str]:
+    def command(*args: str, **how: Any) -> subprocess.CompletedProcess[str]:
+        how.setdefault("capture_output", True)
         return subprocess.run(
-            [sys.executable, "-c", program, *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
+            [sys.executable, "-c", program, *args], env=env, cwd=tmp_path, text=True, **how
         )
 
     done = command("-", "verify")
@@ -288,6 +286,11 @@ def test_the_command_ends_without_tearing_the_interpreter_down(tmp_path):
     refused = command("-", "sync", "nowhere")
     assert refused.returncode == 2
     assert refused.stdout == "atexit ran\n" and "unknown remote 'nowhere'" in refused.stderr
+    # Started with standard output closed (sys.stdout is None): nothing to flush there.
+    closed = command(
+        "-", "verify", capture_output=False, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1)
+    )
+    assert (closed.returncode, closed.stderr) == (0, "")
     waited = command("thread", "verify")
     assert waited.returncode == 0
     assert waited.stdout.splitlines()[1:] == ["thread done", "atexit ran"]
