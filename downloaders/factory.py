@@ -132,9 +132,10 @@ class CachingEndpointFactory:
         endpoint: Any
         if self._guard is not None and self._guard.checks(host):
             endpoint = CheckedEndpoint(self._reactor, host, uri.port, **self._timeout)
-        elif isIPAddress(host):
+        elif 0 < uri.port < 65536 and isIPAddress(host):
             endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, **self._timeout)
-        elif isIPv6Address(host):
+        elif 0 < uri.port < 65536 and "%" not in host and isIPv6Address(host):
+            # (a zone, "%25eth0" in a url, goes through the resolver, which reports it)
             endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, **self._timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, uri.port, **self._timeout)

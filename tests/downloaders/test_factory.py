@@ -20,6 +20,7 @@ from twisted.web.http import Request
 
 import twisted
 from downloaders import (
+    ConnectionFailed,
     DownloaderFactory,
     FileDownloader,
     HttpDownloader,
@@ -175,6 +176,18 @@ async def test_an_address_is_connected_to_without_a_lookup_a_name_after_one(
             await factory.close()
             assert [r.artifact_attributes["sha256"] for r in results] == [SHA256, SHA256]
     assert resolver.lookups == ["mirror.test", "mirror.test"]  # two connections, by name
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_address_literals_fail_as_connection_failures(tmp_path: Path) -> None:
+    """An address with a zone, or with a port out of range, still fails as a connection
+    that could not be made (through the resolver), not with a socket module's error."""
+    for url in ("http://[fe80::1%25lo]:1/x", "http://[::1]:99999/x", "http://127.0.0.1:0/x"):
+        factory = make_factory(url, tmp_path)
+        with pytest.raises(ConnectionFailed) as caught:
+            await factory.build(url).run()
+        await factory.close()
+        assert "gaierror" not in str(caught.value) and "Overflow" not in str(caught.value)
 
 
 @pytest_twisted.ensureDeferred
