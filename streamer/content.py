@@ -145,7 +145,12 @@ class ContentResource(Resource):
             # A stored file whose entries need no catalog round trip is served right here:
             # the coroutine and its Deferreds cost a tenth of a warm small request.
             entries = self._fresh_lookup(target.path)
-            if entries is not None and self._serve_stored(request, entries, target.path):
+            if entries is not None:
+                if not self._serve_stored(request, entries, target.path):
+                    # Not on disk: the same entries go to the lazy path now (the way through
+                    # `_dispatch` would look them up and on disk once more).
+                    lazy = defer.maybeDeferred(self.lazy.serve, request, entries, target.path)
+                    lazy.addErrback(self._failed, request)
                 return
         d = defer.ensureDeferred(self._dispatch(request, target))
         d.addErrback(self._failed, request)

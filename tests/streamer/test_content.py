@@ -346,6 +346,45 @@ def test_lookups_are_reused_briefly_and_unknown_paths_never(server):
     assert asked.count("fixtures/cached.txt") == 2
 
 
+def counted_opens(server) -> list[str]:
+    """Record every artifact the content resource tries to open from storage."""
+    opened: list[str] = []
+    open_ = server.storage.open
+
+    def counting_open(sha256):
+        opened.append(sha256)
+        return open_(sha256)
+
+    server.storage.open = counting_open
+    return opened
+
+
+@pytest_twisted.inlineCallbacks
+def test_cached_entries_not_on_disk_go_lazy_after_one_look(server):
+    """A path whose entries are cached but whose artifact is not on disk (gone, or a
+    `streamed` remote's, never stored) is looked for on disk once and handed to the lazy
+    path with those entries: no second lookup, no second look on disk."""
+    entry = yield server.add("fixtures/again.txt", b"again")
+    asked = counted_lookups(server)
+    cache_on_a_clock(server, 0.3)
+    got = yield server.curl("/fixtures/again.txt")
+    assert (got.status, got.body) == (200, b"again")
+    os.unlink(server.storage.path_for(entry.sha256))
+    opened = counted_opens(server)
+    got = yield server.curl("/fixtures/again.txt")
+    # The entry's upstream (port 9, discard) refuses connections: the lazy path's 502.
+    assert got.status == 502 and b"Traceback" not in got.body
+    assert opened == [entry.sha256]
+    assert asked == ["fixtures/again.txt"]
+
+    def broken(request, entries, path):
+        raise RuntimeError("lazy path exploded: secret detail")
+
+    server.resource.lazy.serve = broken
+    got = yield server.curl("/fixtures/again.txt")
+    assert got.status == 500 and got.body == b"internal server error\n"
+
+
 @pytest_twisted.inlineCallbacks
 def test_lookups_are_reused_until_a_sync_changes_the_catalog(server):
     """A path is looked up once while no sync changes the catalog (a warm file costs no
