@@ -403,12 +403,23 @@ class BaseDownloader:
         if attempt >= self.max_retries:
             return False
         # Bytes or headers already handed to a caller's writer cannot be taken back.
-        return not self._handed_over
+        return self._can_start_over()
+
+    def _can_start_over(self) -> bool:
+        """Whether another attempt (or mirror) may follow: nothing was handed over, or only
+        to a tap that takes it back (`ITap`'s optional ``restartable``/``restart``)."""
+        if not self._handed_over:
+            return True
+        return self.writer is None and bool(getattr(self._tap, "restartable", False))
 
     def _start_attempt(self) -> None:
-        """Fresh digests and a fresh file for every attempt."""
+        """Fresh digests and a fresh file for every attempt (and a tap that got something
+        takes it back: see `_can_start_over`)."""
         if self._calculator.size or self.attempts:  # the one from __init__ is still fresh
             self._calculator = DigestCalculator(self.digest_algorithms)
+        if self._handed_over and self._tap is not None:
+            self._tap.restart()
+            self._handed_over = self._tap_got_headers = False
         self._fd = None
         self.path = None
         self._finalized = False

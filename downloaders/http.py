@@ -247,7 +247,7 @@ class HttpDownloader(BaseDownloader):
             yield _Attempt(self, self.url).start()
             return
         except errors.DownloadError as error:
-            if self._handed_over:
+            if not self._can_start_over():
                 raise
             first = error
         try:
@@ -260,7 +260,7 @@ class HttpDownloader(BaseDownloader):
             try:
                 yield _Attempt(self, url).start()
             except errors.DownloadError:
-                if self._handed_over:
+                if not self._can_start_over():
                     raise
                 continue
             self.served_from = url

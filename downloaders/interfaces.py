@@ -66,7 +66,9 @@ class ITap(IWriter):
     ``write`` is called from inside ``handle_data`` (an exception ends the download, as for an
     `IWriter`). On a `BaseDownloader` the tap takes the bytes *instead of* its temporary file
     (``result.path`` is None) and, once it got a byte or the headers, the download is not
-    retried (they cannot be taken back).
+    retried (they cannot be taken back), unless the tap says it can take them back: a true
+    ``restartable`` attribute, and a ``restart()`` that forgets every header and byte it got
+    (called before the next attempt or mirror, which reports them again).
     """
 
     def headers_ready(headers):  # type: ignore[no-untyped-def]

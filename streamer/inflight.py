@@ -309,6 +309,18 @@ class InFlight:
     def finalized(self) -> None:
         """The downloader validated what it passed on; `_succeeded` checks it was all."""
 
+    @property
+    def restartable(self) -> bool:
+        """Whether the downloader may try again (retry, mirror) after passing us headers or
+        bytes: only a body held in memory, of which nobody got anything yet (`ITap`)."""
+        return self._body is not None
+
+    def restart(self) -> None:
+        """Forget the headers and bytes of a failed attempt: the next one reports its own."""
+        if self._body is not None:
+            self._body.clear()
+            self.written = 0
+
     def _broken_contract(self) -> DownloadError | None:
         """Why a download that reported success cannot be served or stored, if it cannot: not
         every byte passed through ``handle_data``, or the bytes are not the artifact's."""

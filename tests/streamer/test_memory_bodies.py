@@ -1,8 +1,8 @@
 """Small bodies held in memory until validated (`streamer.inflight.MEMORY_BODY`): a client gets
 nothing before the download was validated, then the whole body at once; so a failure before
-the end fails over to the next entry (or is a plain 502/504) without the client noticing,
-where a streamed body's clients would be cut off. The validated body is stored by the
-committing thread (no temp file in ``tmp/`` while it downloads)."""
+the end is retried, or fails over to the next entry (or is a plain 502/504) without the client
+noticing, where a streamed body's clients would be cut off. The validated body is stored by
+the committing thread (no temp file in ``tmp/`` while it downloads)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest_twisted
 
 from streamer.inflight import MEMORY_BODY
 from tests.support.clients import run_curl
-from tests.support.faults import Gated, ResetAfter, Serve, StallMidBody, WrongBytes
+from tests.support.faults import Gated, ResetAfter, Serve, StallMidBody, Steps, WrongBytes
 from tests.support.lazy import parse_response
 from tests.support.polling import holds_within, until
 
@@ -34,6 +34,25 @@ def test_a_small_body_reset_mid_way_fails_over_and_the_client_never_notices(lazy
     assert (status, body) == (200, BODY)
     assert headers["content-length"] == [str(len(BODY))]
     assert len(env.upstream.requests("/reset")) == 1 and len(env.upstream.requests("/good")) == 1
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    assert env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_body_reset_mid_way_is_retried_as_a_sync_would(lazy_env):
+    """Nothing was handed to a client: the downloader retries (the remote's max_retries) as it
+    does into a temp file, the held bytes of the failed attempt forgotten. Before: curl exit
+    18/56 after 4096 bytes and a cooldown; then (held in memory, no retry) a 502."""
+    env = lazy_env.start()
+    env.remote("up", max_retries=1)
+    url = env.upstream.register("/f", Steps([ResetAfter(4096, BODY), Serve(BODY)]))
+    yield env.publish("repo/f", BODY, ("up", url))
+    code, out, err = yield run_curl("-i", env.url("repo/f"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, body) == (200, BODY)
+    assert headers["content-length"] == [str(len(BODY))]
+    assert len(env.upstream.requests("/f")) == 2
     assert (yield holds_within(lambda: env.stored(BODY)))
     assert env.temp_files() == []
 
