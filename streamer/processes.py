@@ -104,10 +104,11 @@ def share_accepts(port: Any, reactor: Any) -> bool:
     ten parallel connections) could all go to one process while another idles. Here the port
     is registered with ``EPOLLEXCLUSIVE`` (each connection wakes one waiting process; a busy
     one is passed over), again at every ``startReading`` (after the pause of a helper whose
-    catalog is not open yet) and after each accept (which puts this process at the back of
-    the socket's queue of waiters: idle processes take new connections in turn), and accepts
-    one connection per ``doRead``: the rest wake the other processes, or this one again at
-    its next turn.
+    catalog is not open yet), and accepts one connection per ``doRead``: the rest wake the
+    other processes, or this one again at its next turn. Of the processes waiting, the one
+    that registered first is woken: a lone client's requests go to one process while it is
+    idle (its caches warm, the artifact it just stored found there), to another while it is
+    busy.
 
     False, leaving the port as it was, where the reactor does not use epoll or the kernel has
     no ``EPOLLEXCLUSIVE`` (Linux before 4.5): each process still accepts in a loop.
@@ -136,13 +137,7 @@ def share_accepts(port: Any, reactor: Any) -> bool:
 
     def doRead() -> Any:
         port.numberAccepts = 1
-        session = port.sessionno
-        result = do_read()
-        if port.sessionno != session:
-            # To the back of the socket's queue of waiting processes: the next connection
-            # wakes another one if any waits (in turn), not this one again.
-            register_exclusively()
-        return result
+        return do_read()
 
     port.startReading = startReading
     port.doRead = doRead
