@@ -44,12 +44,15 @@ finally:
 __all__ = ["exit_now", "main", "run"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Python's own status when the standard output cannot be flushed at exit.
+EXIT_OUTPUT = 120
 DEFAULT_SIGNATURE_LIFETIME = 3600
 EXIT_STATUSES = """exit status:
   0    done (verify: every artifact is good)
   1    the work failed (verify: bad artifacts found and moved aside; sync or fetch: failures;
        migrate: the database could not be reached, or its schema is newer than this code)
   2    usage or configuration error (one line on stderr names the key at fault)
+  120  the output could not be written (a full disk, a closed pipe; one line on stderr)
   130  interrupted (Ctrl-C)"""
 
 
@@ -131,8 +134,55 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str, status: int = 2) -> int:
-    print(f"streamer: {message}", file=sys.stderr)
+    try:
+        print(f"streamer: {message}", file=sys.stderr)
+    except (AttributeError, OSError, ValueError):  # no standard error, or a broken one
+        pass
     return status
+
+
+class OutputError(Exception):
+    """Standard output could not be written: the command ends with one line saying so.
+
+    Not an ``OSError``, so no command's own handling of its file errors takes it for one."""
+
+    @classmethod
+    def writing(cls, error: BaseException) -> OutputError:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        return cls(f"cannot write the standard output: {reason}")
+
+
+class _GuardedOutput:
+    """A text stream whose first failure to write or flush raises `OutputError`; after it,
+    what is written is dropped (the command was told once; its end flushes nothing twice).
+    The rest of the stream's interface is the stream's own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._failed = False
+
+    def write(self, text: str) -> int:
+        if self._failed:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError) as error:  # a full disk, a closed pipe or stream
+            raise self._failure(error) from None
+
+    def flush(self) -> None:
+        if self._failed:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as error:
+            raise self._failure(error) from None
+
+    def _failure(self, error: BaseException) -> OutputError:
+        self._failed = True
+        return OutputError.writing(error)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def sign_command(config: Config, path: str, lifetime: int, now: float | None = None) -> int:
@@ -276,6 +326,8 @@ def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
             if result.check(defer.CancelledError):
                 print("interrupted", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED)
+            if result.check(OutputError):
+                raise SystemExit(_error(result.getErrorMessage(), EXIT_OUTPUT))
             print(f"error: {result.getErrorMessage()}", file=sys.stderr)
             raise SystemExit(EXIT_FAILED)
 
@@ -536,12 +588,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"configuration error: {exc}")
     except (StorageError, CatalogError) as exc:
         return _error(str(exc))
+    except OutputError as exc:
+        return _error(str(exc), EXIT_OUTPUT)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
 
 
 def run() -> NoReturn:
-    """The ``streamer`` console script: `main`, then `exit_now` with its status."""
+    """The ``streamer`` console script: `main`, then `exit_now` with its status.
+
+    Standard output is guarded: a command that cannot write it (``> /dev/full``, a reader
+    that went away) ends with one line on stderr and `EXIT_OUTPUT`, not a traceback."""
+    if sys.stdout is not None:
+        sys.stdout = _GuardedOutput(sys.stdout)  # type: ignore[assignment]
     exit_now(main())
 
 
@@ -563,8 +622,10 @@ def exit_now(status: int) -> NoReturn:
         try:
             if stream is not None:  # None: started with that descriptor closed
                 stream.flush()
+        except OutputError as error:  # what the command printed could not be written
+            status = _error(str(error), status or EXIT_OUTPUT)
         except (OSError, ValueError):  # a closed pipe or stream
-            status = status or 120
+            status = status or EXIT_OUTPUT
     os._exit(status)
 
 

@@ -295,3 +295,42 @@ def test_the_command_ends_without_tearing_the_interpreter_down(tmp_path):
     assert waited.returncode == 0
     assert waited.stdout.splitlines()[1:] == ["thread done", "atexit ran"]
     assert "torn down" in waited.stderr  # the ordinary exit
+
+
+def test_output_that_cannot_be_written_is_one_line_and_a_status(tmp_path):
+    """A command whose standard output cannot be written (a full device: its print fails at
+    once; a reader that went away: the flush at exit fails) ends with status 120 and one
+    line on stderr saying so, never a traceback."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "STREAMER_CONFIG"}
+    env["PYTHONPATH"] = str(REPO)
+
+    def command(*args: str, stdout: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamer.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            text=True,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+        )
+
+    with open("/dev/full", "w") as full:
+        for args in (["verify"], ["migrate"]):
+            ended = command(*args, stdout=full)
+            assert (ended.returncode, ended.stderr) == (
+                120,
+                "streamer: cannot write the standard output: No space left on device\n",
+            ), args
+    # A pipe whose reader is gone: the line is buffered, its flush at exit fails.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        ended = command("verify", stdout=write)
+    finally:
+        os.close(write)
+    assert (ended.returncode, ended.stderr) == (
+        120,
+        "streamer: cannot write the standard output: Broken pipe\n",
+    )
