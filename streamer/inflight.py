@@ -51,6 +51,7 @@ from downloaders.inorder import INLINE_BYTES, InOrder
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file, write_temp_file
+from store.errors import local_fault
 from store.storage import ARTIFACT_MODE
 from streamer.claims import NO_CLAIM
 
@@ -432,7 +433,7 @@ class InFlight:
             keep_date(self.path, self._upstream_date(result))
             d = self._commit(self.path, self.sha256, self.size, self.claim.release)
         d.addCallback(self._committed)
-        d.addErrback(self._log_failure, "storing the artifact failed")
+        d.addErrback(self._not_stored)
         d.addBoth(lambda _: self._done())
         d.addBoth(lambda _: self.claim.release())
         return d
@@ -488,8 +489,16 @@ class InFlight:
             follower.failed(error)
         return None
 
-    def _log_failure(self, failure: Failure, what: str) -> None:
-        _log.failure("{what} ({sha256})", failure, what=what, sha256=self.sha256)
+    def _not_stored(self, failure: Failure) -> None:
+        """The commit failed (its clients were answered): this host's fault (a full disk, a
+        read-only storage, no descriptor) is one line with the errno, anything else a
+        failure with its traceback. The claim is let go either way: the next request, here
+        or in another process, downloads it again."""
+        fault = local_fault(failure.value)
+        if fault is None:
+            _log.failure("storing the artifact failed ({sha256})", failure, sha256=self.sha256)
+        else:
+            _log.error("not stored {sha256}: {fault}", sha256=self.sha256, fault=fault.detail)
 
     # -- clean-up ---------------------------------------------------------------------------
 

@@ -259,6 +259,43 @@ async def test_storage_filling_up_mid_download_aborts_and_stores_nothing(
 
 
 @pytest_twisted.ensureDeferred
+async def test_storage_filling_up_while_small_bodies_wait_for_their_commit(
+    tmp_path, upstream, small_storage_service, log_events
+):
+    """Two small bodies held in memory (room for each, checked before it starts, not for
+    both): both clients get the whole body (sent once validated), one is stored, the other's
+    commit meets ENOSPC: one error line with the errno, no traceback (before: a critical
+    line with a traceback per body), nothing left in tmp/, and the next request downloads it
+    again and stores it once there is room."""
+    env = small_storage_service
+    blobs = {name: os.urandom(60_000) for name in ("a.bin", "b.bin")}
+    gates = {name: Gated(Serve(data)) for name, data in blobs.items()}
+    for name, data in blobs.items():
+        upstream.register(f"/files/{name}", gates[name])
+        await env.add(name, data, stored=False, url=upstream.url(f"/files/{name}"))
+    filler = fill(tmp_path / "var", leave=100_000)
+
+    getting = {name: defer.ensureDeferred(curl(env.url(f"fixtures/{name}"))) for name in blobs}
+    await until(lambda: all(gate.waiting for gate in gates.values()))
+    for gate in gates.values():
+        gate.release()
+    for name, d in getting.items():
+        assert await d == (0, "200", blobs[name])
+    await until(lambda: not env.lazy.in_flight)
+    stored = [name for name, data in blobs.items() if env.storage.has(sha256(data))]
+    assert len(stored) == 1, stored
+    assert env.temp_files() == []
+    (lost,) = set(blobs) - set(stored)
+    said = [e for e in log_events if sha256(blobs[lost]) in e]
+    assert any("storage full (ENOSPC" in e for e in said), said
+    assert not any("Traceback" in e or "'log_level': <LogLevel=critical>" in e for e in said)
+
+    filler.unlink()
+    assert await curl(env.url(f"fixtures/{lost}")) == (0, "200", blobs[lost])
+    await until(lambda: env.storage.has(sha256(blobs[lost])))
+
+
+@pytest_twisted.ensureDeferred
 async def test_storage_filling_up_while_a_large_body_is_written_beside_the_reactor(
     tmp_path, upstream
 ):
