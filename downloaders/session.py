@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol, connectionDone
@@ -46,6 +47,33 @@ __all__ = [
 ]
 
 
+class _Client(HTTPClient):
+    """treq's client, for a URL whose host is an IPv6 literal too (``http://[::1]:8000/``):
+    treq makes every URL a URI with hyperlink, which IDNA-encodes the host, and ``::1`` is no
+    IDNA label (hyperlink issue 68): such a request failed before it was sent."""
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        return super().request(method, _uri_ready(url), **kwargs)
+
+
+class _LiteralHostURL(EncodedURL):
+    """A URL whose host is an IP literal: made a URI as any other, with the host kept."""
+
+    def to_uri(self) -> EncodedURL:
+        uri = EncodedURL.to_uri(self.replace(host="ip-literal.invalid"))
+        return uri.replace(host=self.host)
+
+
+def _uri_ready(url: Any) -> Any:
+    """*url* as treq may take it: a text or bytes URL whose host is an IPv6 literal becomes
+    a `_LiteralHostURL`; anything else is left as it is."""
+    if isinstance(url, bytes | str):
+        text = url.decode("ascii") if isinstance(url, bytes) else url  # as treq decodes it
+        if ":" in EncodedURL.from_text(text).host:
+            return _LiteralHostURL.from_text(text)
+    return url
+
+
 def http_client(
     agent: IAgent, semaphore: Any = None, headers: Mapping[str, str] | None = None
 ) -> HTTPClient:
@@ -56,7 +84,7 @@ def http_client(
         agent = LimitedAgent(agent, semaphore)
     if headers:
         agent = DefaultHeadersAgent(agent, headers)
-    return HTTPClient(agent)
+    return _Client(agent)
 
 
 @implementer(IAgent)
@@ -249,7 +277,7 @@ def get_small(
     state: dict[str, Any] = {"body": None, "timed_out": False}
     sent: dict[bytes | str, bytes | str] = {}
     sent.update(headers or {})
-    asked = HTTPClient(agent).get(url, headers=sent, unbuffered=True)
+    asked = _Client(agent).get(url, headers=sent, unbuffered=True)
 
     def expire() -> None:
         state["timed_out"] = True

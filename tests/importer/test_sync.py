@@ -10,8 +10,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from importer import SyncError, SyncReport, sync_remote
-from tests.importer.conftest import artifacts, content, sha, temp_files
+from tests.importer.conftest import Repo, artifacts, content, sha, temp_files
 from tests.support.faults import Serve, StallMidBody, Status, WrongBytes
+from tests.support.upstream import UpstreamServer
 
 
 def stored_flags(entries) -> dict[str, bool]:
@@ -33,6 +34,30 @@ async def test_immediate_sync_stores_every_file(repo, storage, catalog, make_rem
     assert entries[0].url == upstream.url("/repo/files/00.bin")
     assert entries[0].digests == {"sha256": sha(repo.files["files/00.bin"])}
     assert temp_files(storage) == []  # the manifest's temp file is gone too
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_named_by_an_ipv6_literal_syncs(tmp_path, storage, catalog, make_remote):
+    """``http://[::1]:PORT/...``: the manifest is fetched and every file downloaded (before:
+    the sync failed at once with ``Codepoint U+003A ... of '::1' not allowed``: treq makes
+    every URL a URI with hyperlink, which IDNA-encodes the host, even an IPv6 literal)."""
+    repo = Repo(tmp_path / "v6")
+    for i in range(3):
+        repo.put(f"files/{i:02d}.bin", content(i))
+    repo.publish()
+    server = UpstreamServer().listen(interface="::1")
+    try:
+        server.serve_tree("/repo", repo.folder)
+        for policy in ("on_demand", "immediate"):
+            remote = make_remote(policy, url=server.url("/repo/PULP_MANIFEST"))
+            report = await sync_remote(remote, catalog, storage)
+            assert report.ok and report.total == 3, report
+        assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+        entries = await catalog.entries_for_remote("fixtures")
+        assert entries[0].url == f"http://[::1]:{server.port}/repo/files/00.bin"
+        assert all(e.stored for e in entries)
+    finally:
+        await server.stop()
 
 
 @pytest_twisted.ensureDeferred

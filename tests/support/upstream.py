@@ -107,6 +107,7 @@ class UpstreamServer:
     """
 
     def __init__(self) -> None:
+        self._host = "127.0.0.1"
         self._behaviours: dict[str, Behaviour] = {}
         self._trees: dict[str, Path] = {}
         self._log: dict[str, list[RecordedRequest]] = {}
@@ -127,8 +128,9 @@ class UpstreamServer:
         """Listen on 127.0.0.1, a free port; HTTPS when ``tls`` is given."""
         return defer.succeed(self.listen(tls))
 
-    def listen(self, tls: ServerTLS | None = None) -> UpstreamServer:
-        """Like :meth:`start`, but synchronous (listening on TCP is immediate)."""
+    def listen(self, tls: ServerTLS | None = None, interface: str = "127.0.0.1") -> UpstreamServer:
+        """Like :meth:`start`, but synchronous (listening on TCP is immediate); on
+        *interface* (``"::1"``: `url` then names the host ``[::1]``)."""
         from twisted.internet import reactor
 
         site = Site(_Root(self), timeout=None)
@@ -139,7 +141,8 @@ class UpstreamServer:
             factory.noisy = False
         self.tls = tls
         self._tracker = _ConnectionTracker(factory, self)
-        self._port = reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
+        self._port = reactor.listenTCP(0, self._tracker, interface=interface)
+        self._host = f"[{interface}]" if ":" in interface else interface
         return self
 
     def stop(self) -> defer.Deferred[None]:
@@ -187,10 +190,11 @@ class UpstreamServer:
             raise RuntimeError("the upstream server is not listening")
         return self._port.getHost().port
 
-    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
-        """The absolute URL of ``path`` on this server (https when started with TLS)."""
+    def url(self, path: str = "/", host: str | None = None) -> str:
+        """The absolute URL of ``path`` on this server (https when started with TLS), by the
+        address it listens on unless *host* names it otherwise."""
         scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://{host}:{self.port}{_normalise(path)}"
+        return f"{scheme}://{host or self._host}:{self.port}{_normalise(path)}"
 
     def register(self, path: str, behaviour: Behaviour) -> str:
         """Make requests for ``path`` (exact match, query ignored) use ``behaviour``; returns
