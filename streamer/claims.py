@@ -260,6 +260,13 @@ class PeerDownload:
     def finished(self) -> bool:
         return self.succeeded or self.error is not None
 
+    @property
+    def validated(self) -> bool:
+        """Whether the owner validated the body: succeeded, or held in memory and said done
+        (readable once its commit let go of the claim). A client joining now waits for no
+        upstream byte: a hit, as one joining a validated download in its own process."""
+        return self.succeeded or self._stored_later
+
     # -- the source interface -------------------------------------------------------------
 
     def readable(self) -> int:

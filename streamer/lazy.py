@@ -535,7 +535,7 @@ class _LazyRequest:
         options = self.streamer.options
         if isinstance(source, PeerDownload):  # another process or node downloads it, or
             # validated it already (only its commit may be pending): a hit, as in one process
-            self.request.cache_status = "hit" if source.succeeded else "coalesced"
+            self.request.cache_status = "hit" if source.validated else "coalesced"
         self.follower = Follower(
             self.request,
             source,

@@ -190,3 +190,39 @@ def test_bodies_past_the_memory_budget_go_through_temp_files(lazy_env):
     assert (code, out) == (0, other), err
     assert (yield holds_within(lambda: env.stored(BODY) and env.stored(other)))
     assert (yield holds_within(lambda: env.streamer._held == 0))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_joining_a_small_body_another_process_validated_is_a_hit(lazy_env):
+    """Another process (its own `Claims` on the same storage) validated a body it holds in
+    memory and its commit is pending: a request here waits for the stored artifact, gets it
+    whole, and is a hit, as a request joining such a download in its own process is. Before:
+    "coalesced", so the README's second curl, when it reached the other process while the
+    first one's commit was pending, was not counted as a hit."""
+    from twisted.internet import reactor
+
+    from downloaders.tempfiles import write_temp_file
+    from streamer.claims import Claim, Claims
+
+    env = lazy_env.start()
+    env.streamer.claims = Claims(env.storage, reactor)
+    owner_side = Claims(env.storage, reactor)  # the other process
+    env.remote("up")
+    url = env.upstream.register("/f", Serve(BODY))
+    yield env.publish("repo/f", BODY, ("up", url))
+    (entry,) = yield env.catalog.entries_for_remote("up")
+    claim = owner_side.claim_or_follow(entry, lambda _: None)
+    assert isinstance(claim, Claim)
+    claim.stored_later([(b"content-type", [b"application/octet-stream"])], 200)
+    answer = run_curl("-i", env.url("repo/f"))
+    yield until(lambda: entry.sha256 in env.streamer.in_flight)  # following the owner
+    assert env.finished == []  # nothing before the artifact is stored
+    env.storage.commit(write_temp_file(env.storage.temp_dir, BODY), entry.sha256, len(BODY))
+    claim.release()  # as the committing thread does, right after the rename
+    code, out, err = yield answer
+    assert code == 0, err
+    assert parse_response(out)[::2] == (200, BODY)
+    assert env.finished == [("/repo/f", "GET", 200, "hit")]
+    assert env.upstream.requests("/f") == []  # one download per artifact: the owner's
+    env.streamer.claims.close()
+    owner_side.close()
