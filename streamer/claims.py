@@ -40,6 +40,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -95,8 +96,9 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
     return DownloadError(url, str(record.get("message", "upstream failed")))
 
 
-#: Opening a claim: one we make, or one that exists.
-_OPEN_CLAIM = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+#: Opening a claim: one we make, or one that exists (never through a symbolic link, never
+#: waiting on a FIFO: `_open_claim_file`).
+_OPEN_CLAIM = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _NEW_CLAIM = _OPEN_CLAIM | os.O_CREAT | os.O_EXCL
 #: The notice of a validated download (a constant: no encoder needed).
 _DONE = b'{"outcome":"done"}\n'
@@ -500,9 +502,12 @@ class Claims:
                 fd, made = os.open(path, _NEW_CLAIM, 0o644), True
             except FileExistsError:
                 try:
-                    fd, made = os.open(path, _OPEN_CLAIM), False
+                    opened = _open_claim_file(path, _OPEN_CLAIM)
                 except FileNotFoundError:  # its owner just let go: try again
                     continue
+                if opened is None:  # something planted there, now removed: try again
+                    continue
+                fd, made = opened, False
             except FileNotFoundError:  # the folder was removed by a process that stopped
                 os.makedirs(self.folder, exist_ok=True)
                 continue
@@ -521,7 +526,10 @@ class Claims:
                     return stored
                 # Its owner finished (and unlinked it) meanwhile: its outcome tells.
                 return self._follow(entry, fd, None, on_done)
-            readers = os.open(path + ".readers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            readers = _open_claim_file(path + ".readers", _OPEN_CLAIM | os.O_CREAT)
+            if readers is None:
+                os.close(fd)
+                continue
             fcntl.flock(readers, fcntl.LOCK_SH)
             return self._follow(entry, fd, readers, on_done)
 
@@ -588,8 +596,11 @@ class Claims:
         for name in names:
             path = os.path.join(self.folder, name)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = _open_claim_file(path, _OPEN_CLAIM)
             except OSError:
+                continue
+            if fd is None:
+                removed += 1
                 continue
             try:
                 if _try_lock(fd, fcntl.LOCK_EX) and _same_file(fd, path):
@@ -684,6 +695,38 @@ class Claims:
         if self._notify:
             self._notify.loseConnection()
             self._notify = None
+
+
+def _open_claim_file(path: str, flags: int) -> int | None:
+    """Open *path*, a claim or its readers' file, with *flags* (``O_NOFOLLOW``,
+    ``O_NONBLOCK``): a descriptor of a regular file, or None where something else was planted
+    (a symbolic link, whose target must never be written; a FIFO), which is removed, since no
+    process makes one there."""
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        _remove_planted(path, "a symbolic link")
+        return None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    _remove_planted(path, "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
+    return None
+
+
+def _remove_planted(path: str, what: str) -> None:
+    """Remove *path* from the claims folder if it still is no regular file (a claim always
+    is one: a claim made meanwhile in its place is left alone)."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            return
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    log.warn("{path} is {what}, not a claim: removed", path=path, what=what)
 
 
 def _same_file(fd: int, path: str) -> bool:

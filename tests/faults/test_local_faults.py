@@ -518,6 +518,48 @@ async def test_a_fifo_or_symlink_in_artifacts_is_not_served_and_does_not_freeze(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(tmp_path, upstream):
+    """``tmp/claims/<sha256>`` a symbolic link to a file elsewhere (planted before the start,
+    met by the start's sweep, and planted while serving, met by a request) or a FIFO: the
+    link's target is never opened for writing (before: it was truncated and the claim's
+    notices written into it; a FIFO was a 500 `Illegal seek`). What is planted is removed as
+    no claim, and the request is served and stored as usual."""
+    files = {name: os.urandom(20_000) for name in ("swept.bin", "linked.bin", "fifo.bin")}
+    for name, data in files.items():
+        upstream.register(f"/files/{name}", Serve(data))
+    config = write_config(tmp_path, upstream, policy="on_demand")
+    await catalog_lazy(config, files, lambda name: upstream.url(f"/files/{name}"))
+    claims = tmp_path / "var" / "tmp" / "claims"
+    claims.mkdir(parents=True)
+    victims = {name: tmp_path / f"victim-{name}" for name in ("swept.bin", "linked.bin")}
+    for victim in victims.values():
+        victim.write_bytes(b"precious\n")
+    (claims / sha256(files["swept.bin"])).symlink_to(victims["swept.bin"])
+
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    try:
+        await served.healthy()
+        (claims / sha256(files["linked.bin"])).symlink_to(victims["linked.bin"])
+        os.mkfifo(claims / sha256(files["fifo.bin"]))
+        for name, data in files.items():
+            got = await curl(served.base + f"/repo/{name}", "--max-time", "5")
+            assert got == (0, "200", data), name
+        for victim in victims.values():
+            assert victim.read_bytes() == b"precious\n"
+        var = tmp_path / "var"
+        for data in files.values():
+            await until(lambda data=data: artifact_path(var, data).is_file())
+        await until(lambda: list(claims.iterdir()) == [])
+    finally:
+        code = await served.stop()
+    output = served.proto.output.decode()
+    assert code == 0, output
+    assert "Traceback" not in output
+    assert "is a symbolic link, not a claim: removed" in output
+    assert "is a FIFO, not a claim: removed" in output
+
+
+@pytest_twisted.ensureDeferred
 async def test_streamer_verify_reports_what_is_not_a_regular_file(tmp_path, upstream):
     config = write_config(tmp_path, upstream)
     var = tmp_path / "var"
