@@ -464,9 +464,12 @@ def fetch_target(url: str, output: str | None) -> str:
 def _copy_to_stdout(path: str) -> None:
     stream = sys.stdout.buffer
     with open(path, "rb") as source:
-        while chunk := source.read(1024 * 1024):
-            stream.write(chunk)
-    stream.flush()
+        try:
+            while chunk := source.read(1024 * 1024):
+                stream.write(chunk)
+            stream.flush()
+        except OSError as error:  # (not the download's fault: said as any command says it)
+            raise OutputError.writing(error) from None
 
 
 @defer.inlineCallbacks
@@ -588,8 +591,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"configuration error: {exc}")
     except (StorageError, CatalogError) as exc:
         return _error(str(exc))
-    except OutputError as exc:
-        return _error(str(exc), EXIT_OUTPUT)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
 
@@ -601,7 +602,11 @@ def run() -> NoReturn:
     that went away) ends with one line on stderr and `EXIT_OUTPUT`, not a traceback."""
     if sys.stdout is not None:
         sys.stdout = _GuardedOutput(sys.stdout)  # type: ignore[assignment]
-    exit_now(main())
+    try:
+        status = main()
+    except OutputError as exc:  # (also from argparse: --help, usage)
+        status = _error(str(exc), EXIT_OUTPUT)
+    exit_now(status)
 
 
 def exit_now(status: int) -> NoReturn:

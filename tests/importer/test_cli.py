@@ -317,7 +317,7 @@ def test_output_that_cannot_be_written_is_one_line_and_a_status(tmp_path):
         )
 
     with open("/dev/full", "w") as full:
-        for args in (["verify"], ["migrate"]):
+        for args in (["verify"], ["migrate"], ["--help"]):  # (--help: argparse's print)
             ended = command(*args, stdout=full)
             assert (ended.returncode, ended.stderr) == (
                 120,
