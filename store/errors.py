@@ -21,6 +21,11 @@ class NotARegularFile(ArtifactNotFound):
     artifact's path: it is treated as not stored."""
 
 
+class WrongSize(ArtifactNotFound):
+    """The file at an artifact's path has another size than the artifact (cut short or
+    grown on disk): it is treated as not stored."""
+
+
 class CatalogError(Exception):
     """The catalog could not be opened, read or updated (bad URL, bad entry, database error)."""
 

@@ -36,8 +36,9 @@ class IArtifactStorage(Interface):
     def has(sha256: str) -> bool:
         """Return True when the artifact with this sha256 is stored."""
 
-    def open(sha256: str) -> BinaryIO:
-        """Open the stored artifact for binary reading; raise ArtifactNotFound if absent."""
+    def open(sha256: str, size: int | None = None) -> BinaryIO:
+        """Open the stored artifact for binary reading; raise ArtifactNotFound if absent (or,
+        given its *size*, of another size)."""
 
     def clean_temp(min_age: float = 0.0) -> int:
         """Remove this process's temporary files (older than min_age seconds) and those of

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from store.digests import is_sha256_hex
-from store.errors import ArtifactNotFound, NotARegularFile, StorageError, local_fault
+from store.errors import ArtifactNotFound, NotARegularFile, StorageError, WrongSize, local_fault
 from store.interfaces import IArtifactStorage
 from store.tempdirs import OwnTempDir, remove_quietly, remove_stale
 
@@ -86,11 +86,12 @@ def file_kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "special")
 
 
-def open_regular(path: str, below: str | None = None) -> BinaryIO:
+def open_regular(path: str, below: str | None = None, size: int | None = None) -> BinaryIO:
     """Open *path* for reading if it is a regular file, never following a symbolic link
     (``O_NOFOLLOW``) or waiting on a FIFO (``O_NONBLOCK``); else raise `NotARegularFile`
     (or ``OSError``: missing, unreadable). With *below* (a trusted folder holding *path*),
-    no folder between the two may be a symbolic link either.
+    no folder between the two may be a symbolic link either. With *size*, a file of another
+    size raises `WrongSize` (the ``fstat`` that checks the kind tells).
 
     The file comes unbuffered (a ``FileIO``): its readers take large reads or its descriptor
     (``os.pread``, ``sendfile``), and a buffered reader costs two more system calls per open.
@@ -104,9 +105,11 @@ def open_regular(path: str, below: str | None = None) -> BinaryIO:
             raise NotARegularFile(f"{path} is not a regular file") from None
         raise
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"{path} is {file_kind(mode)}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{path} is {file_kind(info.st_mode)}")
+        if size is not None and info.st_size != size:
+            raise WrongSize(f"{path} has {info.st_size} bytes, the catalog says {size}")
         return cast(BinaryIO, open(fd, "rb", buffering=0))  # the caller owns (and closes) it
     except BaseException:
         os.close(fd)
@@ -214,12 +217,13 @@ def hash_file(path: str, below: str | None = None) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _is_regular(path: str) -> bool:
-    """True when *path* itself (not a link's target) is a regular file."""
+def _is_regular(path: str, size: int | None = None) -> bool:
+    """True when *path* itself (not a link's target) is a regular file (of *size* bytes)."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        info = os.lstat(path)
     except OSError:
         return False
+    return stat.S_ISREG(info.st_mode) and size in (None, info.st_size)
 
 
 def _is_folder(path: str) -> bool:
@@ -321,19 +325,20 @@ class ArtifactStorage:
         """Return True when the artifact is stored (as a regular file, not a link to one)."""
         return _is_regular(self.path_for(sha256))
 
-    def open(self, sha256: str) -> BinaryIO:
+    def open(self, sha256: str, size: int | None = None) -> BinaryIO:
         """Open the stored artifact for binary reading.
 
         Anything at its path but a regular file (a FIFO would block the caller forever, a
-        symbolic link could point anywhere) is logged and treated as not stored:
-        `NotARegularFile`, an `ArtifactNotFound`. The next commit of the artifact replaces it.
+        symbolic link could point anywhere), or, given its *size*, a file of another size,
+        is logged and treated as not stored: `NotARegularFile` or `WrongSize`, both an
+        `ArtifactNotFound`. The next commit of the artifact replaces it.
         """
         path = self.path_for(sha256)
         try:
-            return open_regular(path, below=self.artifacts_dir)
+            return open_regular(path, below=self.artifacts_dir, size=size)
         except FileNotFoundError:
             raise ArtifactNotFound(f"artifact {sha256} is not in storage") from None
-        except NotARegularFile as exc:
+        except (NotARegularFile, WrongSize) as exc:
             _log.warn("{what}: treated as not stored (streamer verify moves it aside)", what=exc)
             raise
         except OSError as exc:
@@ -513,7 +518,7 @@ class ArtifactStorage:
             finally:
                 os.close(fd)
         dest = self.path_for(sha256)
-        if not self._rename_into(temp_path, dest, sha256[:2]):  # stored already
+        if not self._rename_into(temp_path, dest, sha256[:2], size):  # stored already
             remove_quietly(temp_path)
         return dest
 
@@ -527,8 +532,9 @@ class ArtifactStorage:
                 f"the file has {st.st_size}"
             )
 
-    def _rename_into(self, temp_path: str, dest: str, prefix: str) -> bool:
-        """Rename into ``artifacts/<prefix>/`` unless *dest* exists; False if it did.
+    def _rename_into(self, temp_path: str, dest: str, prefix: str, size: int) -> bool:
+        """Rename into ``artifacts/<prefix>/`` unless *dest* exists (as a regular file of
+        *size* bytes); False if it did.
 
         The folder is created the first time only (a ``mkdir`` costs about as much as
         creating a file: once per folder, not per file)."""
@@ -546,10 +552,10 @@ class ArtifactStorage:
             # The folder went away after we made it (removed by hand): make it again.
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             renamed = _rename_no_replace(temp_path, dest)
-        if not renamed and not _is_regular(dest):
-            # Something else sits at the artifact's path (a FIFO, a symbolic link): the
-            # validated file takes its place.
-            _log.warn("replacing {dest}: it was not a regular file", dest=dest)
+        if not renamed and not _is_regular(dest, size):
+            # Something else sits at the artifact's path (a FIFO, a symbolic link, a file
+            # cut short): the validated file takes its place.
+            _log.warn("replacing {dest}: it was not a regular file of its size", dest=dest)
             os.replace(temp_path, dest)
             return True
         return renamed

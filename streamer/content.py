@@ -361,7 +361,7 @@ class ContentResource(Resource):
                 continue
             tried.add(entry.sha256)
             try:
-                fileobj = self.storage.open(entry.sha256)
+                fileobj = self.storage.open(entry.sha256, entry.size)
             except ArtifactNotFound:
                 continue  # not on disk (even if the catalog says stored): serve it lazily
             request.cache_status = "hit"

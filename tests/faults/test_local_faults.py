@@ -560,6 +560,41 @@ async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(t
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stored_artifact_of_the_wrong_size_is_not_served(tmp_path, upstream):
+    """An artifact cut short on disk (or grown) while the catalog has its size: not served
+    as if it were the artifact (before: a 200 with the short file, a 416 for a range past
+    its end, both carrying the artifact's ETag), but fetched again, and its commit puts the
+    validated file in its place (before: the damaged file stayed, 'stored already')."""
+    files = {"short.bin": os.urandom(6000), "long.bin": os.urandom(5000)}
+    for name, data in files.items():
+        upstream.register(f"/files/{name}", Serve(data))
+    config = write_config(tmp_path, upstream, policy="on_demand")
+    await catalog_lazy(config, files, lambda name: upstream.url(f"/files/{name}"))
+    var = tmp_path / "var"
+    for data in files.values():
+        artifact_path(var, data).parent.mkdir(parents=True, exist_ok=True)
+    artifact_path(var, files["short.bin"]).write_bytes(files["short.bin"][:2000])
+    artifact_path(var, files["long.bin"]).write_bytes(files["long.bin"] + b"tail")
+
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    try:
+        await served.healthy()
+        url = served.base + "/repo/short.bin"
+        assert await curl(url, "-r", "3000-3999") == (0, "206", files["short.bin"][3000:4000])
+        assert await curl(served.base + "/repo/long.bin") == (0, "200", files["long.bin"])
+        for data in files.values():
+            path = artifact_path(var, data)
+            await until(lambda path=path, data=data: path.read_bytes() == data)
+        assert await curl(url) == (0, "200", files["short.bin"])
+        assert len(upstream.requests("/files/short.bin")) == 1  # then served as stored
+    finally:
+        code = await served.stop()
+    output = served.proto.output.decode()
+    assert code == 0, output
+    assert "has 2000 bytes, the catalog says 6000: treated as not stored" in output
+
+
+@pytest_twisted.ensureDeferred
 async def test_streamer_verify_reports_what_is_not_a_regular_file(tmp_path, upstream):
     config = write_config(tmp_path, upstream)
     var = tmp_path / "var"

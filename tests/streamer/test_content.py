@@ -186,7 +186,7 @@ def test_a_raising_storage_is_500_and_the_server_keeps_serving(server):
     yield server.add("fixtures/ok.txt", b"ok")
     original = server.storage.open
 
-    def boom(sha256):
+    def boom(sha256, size=None):
         raise PermissionError("no access to the artifact")
 
     server.storage.open = boom
@@ -351,9 +351,9 @@ def counted_opens(server) -> list[str]:
     opened: list[str] = []
     open_ = server.storage.open
 
-    def counting_open(sha256):
+    def counting_open(sha256, size=None):
         opened.append(sha256)
-        return open_(sha256)
+        return open_(sha256, size)
 
     server.storage.open = counting_open
     return opened

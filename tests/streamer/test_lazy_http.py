@@ -263,7 +263,9 @@ def test_a_cold_small_file_costs_no_file_read_no_second_type_guess_and_no_artifa
     opened = env.storage.open
     monkeypatch.setattr(os, "pread", recording_pread)
     monkeypatch.setattr(lazy_module, "content_type_for", lambda p: guesses.append(p) or guess(p))
-    monkeypatch.setattr(env.storage, "open", lambda sha: opens.append(sha) or opened(sha))
+    monkeypatch.setattr(
+        env.storage, "open", lambda sha, size=None: opens.append(sha) or opened(sha, size)
+    )
     response = yield treq.get(env.url("repo/s.bin"))
     assert response.code == 200 and (yield response.content()) == body
     assert response.headers.getRawHeaders("content-type") == ["application/octet-stream"]
