@@ -228,6 +228,8 @@ class StreamerSite(server.Site):
         self.in_flight: set[StreamerRequest] = set()
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
         self._idle_waiters: list[defer.Deferred[None]] = []
+        self._open = 0  # connections not closed yet
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
     def log(self, request: http.Request) -> None:
         """Access lines are written when the request ends (see `track`), not here."""
@@ -238,10 +240,37 @@ class StreamerSite(server.Site):
             return self.client_limit.busy()
         channel = super().buildProtocol(addr)
         channel.head_timeout = self.request_header_timeout
-        channel.on_close = release
+        channel.on_close = lambda: self._closed(release)
         channel.on_refused = self._refused
         self._channels.add(channel)
+        self._open += 1
         return channel
+
+    def _closed(self, release: Callable[[], None]) -> None:
+        release()
+        self._open -= 1
+        if not self._open:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def all_closed(self, timeout: float) -> defer.Deferred[None]:
+        """Fire once every connection is closed (after `close_idle`: their last answers
+        written, which stopping the reactor would drop), or after *timeout* seconds."""
+        if not self._open:
+            return defer.succeed(None)
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(closed)
+        timer = self.reactor.callLater(timeout, closed.callback, None)
+
+        def settled(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if closed in self._closed_waiters:
+                self._closed_waiters.remove(closed)
+            return result
+
+        return closed.addBoth(settled)
 
     def _refused(self, status: int, method: bytes | None) -> None:
         """Count a request the channel refused before it reached a resource."""
@@ -580,6 +609,7 @@ class StreamerService(MultiService):
         yield self.site.drain(self.config.server.grace_period)
         yield helpers_stopped
         self.site.close_idle()
+        yield self.site.all_closed(_ABORT_SETTLE_SECONDS)
         yield super().stopService()
         yield _maybe_close(self.content)
         yield _maybe_close(self.claims)

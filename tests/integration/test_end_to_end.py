@@ -26,7 +26,7 @@ from twisted.web.http import Request
 from twisted.web.server import NOT_DONE_YET
 
 from tests.support.clients import free_port
-from tests.support.faults import Behaviour, Generated, call_later, is_gone
+from tests.support.faults import Behaviour, Generated, StallMidBody, call_later, is_gone
 from tests.support.polling import until
 from tests.support.twistd import STREAMER, Collect, child_env, twistd
 from tests.support.upstream import UpstreamServer
@@ -511,6 +511,32 @@ async def test_a_download_completing_during_the_grace_period_is_stored(
         received.unlink()
         assert temp_files(storage) == []
         assert assert_store_valid(storage) == 1, f"round {round_}: {served.output}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_given_during_the_grace_period_reaches_the_client(
+    tmp_path, upstream: UpstreamServer
+):
+    """SIGTERM while the only request waits on an upstream that stalls mid-body: the download
+    times out during the grace period, and its 504 reaches the client before the process
+    exits 0. Before: the 504 was logged, then the stop went on in the same reactor turn and
+    the reactor stopped with the answer still unwritten: the client got an empty reply."""
+    body = os.urandom(20_000)  # a small body, held in memory until validated
+    upstream.register("/repo/PULP_MANIFEST", _Bytes(f"f.bin,{sha256(body)},{len(body)}\n".encode()))
+    upstream.register("/repo/f.bin", StallMidBody(5000, body))
+    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), grace_period=10)
+    config.write_text(config.read_text() + "sock_read_timeout = 1\nmax_retries = 0\n")
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 0, out + err
+    async with twistd(config) as served:
+        answer = served.curl("/demo/f.bin", "-w", "\n%{http_code}")
+        await until(lambda: upstream.requests("/repo/f.bin"))
+        served.process.signalProcess("TERM")
+        code, out, err = await answer
+        exit_code = await served.exited()
+    assert exit_code == 0, served.output
+    assert (code, out.rpartition(b"\n")[2]) == (0, b"504"), (code, out, err)
+    assert b"upstream timed out" in out
 
 
 # -- streamed and file:// remotes: settings from the configuration reach the downloaders ----
