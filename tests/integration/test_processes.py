@@ -106,16 +106,51 @@ async def released_together(
     served, gate: Gated, path: str, n: int
 ) -> list[tuple[int, bytes, bytes]]:
     """*n* curls of *path* at once, held by *gate* until all of them reached the group and
-    its one upstream request is parked; then released: their (exit code, body, stderr)."""
-    runs = [served.curl(path, "-sS", "--max-time", "30") for _ in range(n)]
+    its one upstream request is parked; then released: their (exit code, body, stderr).
 
-    async def parked() -> bool:
-        in_flight = (await served.metrics())["streamer_requests_in_flight"]
-        return gate.waiting == 1 and in_flight >= n + 1  # the clients and this scrape
+    The clients reach the group in two waves, so both sides of the claim are sure to be
+    there whatever the machine's load: the first half while the first process is stopped
+    (the helpers take them, one of them owns the download), the rest while the helpers are
+    stopped (the first process takes them: followers of another process's download). Left
+    to the kernel, a busy machine could hand every connection to one process."""
+    parent = served.process.pid
+    helpers = helper_pids(parent)
+    runs: list = []
 
-    await wait_for(parked, f"{n} clients waiting", output=lambda: served.proto.output)
+    async def wave(stopped: list[int], count: int) -> None:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            runs.extend(served.curl(path, "-sS", "--max-time", "30") for _ in range(count))
+            total = len(runs)
+
+            async def arrived() -> bool:
+                # The scrape is answered by a process that is not stopped.
+                in_flight = (await served.metrics())["streamer_requests_in_flight"]
+                return gate.waiting == 1 and in_flight >= total + 1  # the clients and the scrape
+
+            await wait_for(arrived, f"{total} clients waiting", output=lambda: served.proto.output)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+
+    await wave([parent], n // 2)
+    await wave(helpers, n - n // 2)
     gate.release()
     return await defer.gatherResults(runs)
+
+
+async def answered_by(served, path: str, n: int) -> list[int]:
+    """The process numbers of the access lines of *path*, once there are *n* of them (a
+    helper's lines reach the first process's log a moment after its client has its
+    answer)."""
+
+    async def logged() -> list[int]:
+        by = served_by(served.output, path)
+        return by if len(by) >= n else []
+
+    await wait_for(logged, f"{n} access lines of {path}", output=lambda: served.proto.output)
+    return served_by(served.output, path)
 
 
 @pytest_twisted.ensureDeferred
@@ -295,7 +330,7 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
             assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
             assert all(body == data for _, body, _ in results)
             assert len(upstream.requests("/repo/big.bin")) == 1
-            by = served_by(served.output, "/demo/big.bin")
+            by = await answered_by(served, "/demo/big.bin", 20)
             assert len(by) == 20 and len(set(by)) >= 2, by
             # The commit follows the last byte (its batch waits for company, then syncfs).
             stored = artifact_path(tmp_path / "var", data)
@@ -337,7 +372,7 @@ async def test_a_small_file_held_in_memory_is_downloaded_once_for_every_process(
             assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
             assert all(body == data for _, body, _ in results)
             assert len(upstream.requests("/repo/small.bin")) == 1
-            by = served_by(served.output, "/demo/small.bin")
+            by = await answered_by(served, "/demo/small.bin", 20)
             assert len(by) == 20 and len(set(by)) >= 2, by
             stored = artifact_path(tmp_path / "var", data)
             assert await holds_within(stored.exists, timeout=10)
@@ -365,7 +400,7 @@ async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(
                 assert code != 0 or b"upstream failed" in body
             assert len(upstream.requests("/repo/bad.bin")) == 1
             assert not artifact_path(tmp_path / "var", data).exists()
-            by = served_by(served.output, "/demo/bad.bin")
+            by = await answered_by(served, "/demo/bad.bin", 12)
             assert len(set(by)) >= 2, by
         assert await served.stop() == 0
         assert temp_files(tmp_path / "var") == []
