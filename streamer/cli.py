@@ -601,7 +601,7 @@ def run() -> NoReturn:
     Standard output is guarded: a command that cannot write it (``> /dev/full``, a reader
     that went away) ends with one line on stderr and `EXIT_OUTPUT`, not a traceback."""
     if sys.stdout is not None:
-        sys.stdout = _GuardedOutput(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = _GuardedOutput(sys.stdout)
     try:
         status = main()
     except OutputError as exc:  # (also from argparse: --help, usage)
