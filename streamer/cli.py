@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import os
 import re
@@ -150,6 +151,12 @@ class OutputError(Exception):
     def writing(cls, error: BaseException) -> OutputError:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         return cls(f"cannot write the standard output: {reason}")
+
+    @classmethod
+    def closed(cls) -> OutputError:
+        """Started with descriptor 1 closed (``>&-``: ``sys.stdout`` is None), said as the
+        failed write to it would say it."""
+        return cls.writing(OSError(errno.EBADF, os.strerror(errno.EBADF)))
 
 
 class _GuardedOutput:
@@ -462,6 +469,8 @@ def fetch_target(url: str, output: str | None) -> str:
 
 
 def _copy_to_stdout(path: str) -> None:
+    if sys.stdout is None:
+        raise OutputError.closed()
     stream = sys.stdout.buffer
     with open(path, "rb") as source:
         try:
@@ -507,6 +516,8 @@ def run_fetch(
             os.replace(result.path, target)
     finally:
         remove_quietly(result.path)
+    if out is None:  # that stream was closed at start (print would take sys.stdout: the bytes)
+        return result
     attributes = result.artifact_attributes
     print(f"size: {attributes['size']}", file=out)
     print(f"sha256: {attributes['sha256']}", file=out)
@@ -528,6 +539,8 @@ def fetch_command(
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if target == STDOUT and sys.stdout is None:  # nowhere to write the bytes: download nothing
+        return _error(str(OutputError.closed()), EXIT_OUTPUT)
 
     @defer.inlineCallbacks
     def main(reactor: Any) -> Any:

@@ -38,12 +38,17 @@ class Child(protocol.ProcessProtocol):
         self.ended.callback((exit_code(reason), out, err))
 
 
-def streamer(config: Path, *args: str) -> Child:
+def streamer(config: Path, *args: str, closed: tuple[int, ...] = ()) -> Child:
+    """``streamer --config CONFIG ARGS...`` in a child, started with the descriptors in
+    *closed* closed (as ``>&-`` does)."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONPATH"] = str(REPO)
     child = Child()
     argv = [sys.executable, "-m", "streamer.cli", "--config", str(config), *args]
-    reactor.spawnProcess(child, sys.executable, argv, env=env, path=str(config.parent))
+    fds = {fd: how for fd, how in {0: "w", 1: "r", 2: "r"}.items() if fd not in closed}
+    reactor.spawnProcess(
+        child, sys.executable, argv, env=env, path=str(config.parent), childFDs=fds
+    )
     return child
 
 
@@ -144,6 +149,32 @@ async def test_cli_fetch(tmp_path, upstream):
         1,
         f"error: fetch failed: HTTP 404 Not Found ({upstream.url('/missing')})\n",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_fetch_to_a_closed_standard_output_or_error(tmp_path, upstream, repo):
+    """``fetch -o -`` started with standard output closed (``>&-``) says so in one line and
+    ends with 120 (as any command that cannot write its output), downloading nothing; with
+    standard error closed the bytes alone reach standard output (the size/sha256 lines are
+    not printed into them). ``sync`` and ``verify`` with standard output closed just work."""
+    body = b"to standard output\n" * 500
+    url = upstream.register("/f.bin", Serve(body))
+    config = write_config(tmp_path, upstream)
+
+    code, out, err = await streamer(config, "fetch", url, "-o", "-", closed=(1,)).ended
+    assert (code, err) == (120, "streamer: cannot write the standard output: Bad file descriptor\n")
+    assert upstream.requests("/f.bin") == [] and not (tmp_path / "var").exists()
+
+    code, out, err = await streamer(
+        config, "fetch", url, "--sha256", sha(body), "-o", "-", closed=(2,)
+    ).ended
+    assert (code, out.encode()) == (0, body)
+
+    code, out, err = await streamer(config, "sync", closed=(1,)).ended
+    assert code == 0 and "Traceback" not in err and "10 downloaded" in err  # (its progress)
+    assert artifacts(ArtifactStorage(tmp_path / "var")) == {sha(d): d for d in repo.files.values()}
+    code, out, err = await streamer(config, "verify", closed=(1,)).ended
+    assert (code, err) == (0, "")
 
 
 @pytest_twisted.ensureDeferred
