@@ -35,10 +35,14 @@ from twisted.logger import (
     ILogObserver,
     Logger,
     LogLevel,
+    eventAsJSON,
+    eventFromJSON,
     formatEvent,
     globalLogPublisher,
     textFileLogObserver,
 )
+from twisted.python.failure import Failure
+from twisted.python.reflect import safe_str
 from twisted.web.server import Request
 
 from downloaders.urls import redact_url
@@ -50,7 +54,9 @@ __all__ = [
     "json_observer",
     "json_record",
     "pack_access",
+    "pack_event",
     "unpack_access",
+    "unpack_event",
 ]
 
 ACCESS_NAMESPACE = "streamer.access"
@@ -109,6 +115,39 @@ def unpack_access(text: str) -> dict[str, Any]:
         raise ValueError("not a packed access event")
     fields = dict(zip(ACCESS_KEYS, values[1:], strict=True))
     return _access_event(fields, values[0])
+
+
+def pack_event(event: dict[str, Any]) -> str:
+    """*event* as one line of JSON for another process (`unpack_event`): an access event
+    packed (`pack_access`), anything else as Twisted's ``eventAsJSON``, with a failure's
+    exception as its text (Twisted's JSON cannot carry an exception: it arrived as
+    ``{'unpersistable': True}``), so the other process writes the failure as this one would."""
+    packed = pack_access(event)
+    if packed is not None:
+        return packed
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        portable = Failure.__new__(Failure)
+        portable.__setstate__(failure.__getstate__())  # its frames, not its traceback objects
+        portable.value = safe_str(failure.value)  # type: ignore[assignment]
+        event = {**event, "log_failure": portable}
+    return eventAsJSON(event)
+
+
+def unpack_event(text: str) -> dict[str, Any]:
+    """The event `pack_event` encoded (raises ValueError if *text* is not one). A failure's
+    exception is rebuilt from its text as an exception of the same module and name, so its
+    message, traceback and `Failure.check` read as the original's."""
+    if text.startswith("["):
+        return unpack_access(text)
+    event: dict[str, Any] = eventFromJSON(text)
+    failure = event.get("log_failure")
+    message: Any = getattr(failure, "value", None)
+    if isinstance(failure, Failure) and isinstance(message, str):
+        named: Any = failure.type
+        kind = type(named.__name__, (Exception,), {"__module__": named.__module__})
+        failure.type, failure.value = kind, kind(message)
+    return event
 
 
 def _access_event(fields: dict[str, Any], when: float | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ The first process (the one twistd started) listens, then starts ``processes - 1`
 its descriptor 3 (it adopts it with ``reactor.adoptStreamPort``: the kernel hands each new
 connection to whichever process accepts first, so no balancer sits in front) and a pipe as
 its descriptor 4, on which it writes its log events as JSON lines (`forwarding_observer`;
-access lines in the compact form of `streamer.logs.pack_access`).
+`streamer.logs.pack_event`: access lines compactly, a failure with its exception's text).
 The first process publishes those events into its own log observers, so every line of the
 group's log is written by one process and none is torn. A helper that dies is logged and
 started again; at SIGTERM the first process sends SIGTERM to every helper (each drains its
@@ -36,12 +36,12 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.logger import ILogObserver, Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from streamer.logs import pack_access, unpack_access
+from streamer.logs import pack_event, unpack_event
 
 __all__ = [
     "ADOPT_ENV",
@@ -199,10 +199,7 @@ class _Forwarder:
         atexit.register(self.flush)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        # An access line (one per request) in its compact form, anything else as Twisted's
-        # JSON; the first process tells them apart by the first character ("[" or "{").
-        text = pack_access(event)
-        line = ((eventAsJSON(event) if text is None else text) + "\n").encode("utf-8")
+        line = (pack_event(event) + "\n").encode("utf-8")
         with self._lock:
             self._pending.append(line)
             self._size += len(line)
@@ -258,7 +255,7 @@ class _Helper(protocol.ProcessProtocol):
     def _publish(self, line: bytes) -> None:
         try:
             text = line.decode("utf-8")
-            event = unpack_access(text) if text.startswith("[") else eventFromJSON(text)
+            event = unpack_event(text)
         except ValueError:
             event = {"log_format": "{line}", "line": line.decode("utf-8", "replace")}
             event.update(log_level=None, log_namespace="streamer.processes", log_time=None)

@@ -20,7 +20,9 @@ from streamer.logs import (
     json_file_observer,
     json_record,
     pack_access,
+    pack_event,
     unpack_access,
+    unpack_event,
 )
 from tests.service.test_twistd import run
 from tests.support import faults
@@ -234,3 +236,40 @@ def test_a_helper_relays_an_access_line_compactly_and_the_first_process_renders_
     ), text.getvalue()
     # Any other event keeps Twisted's encoding.
     assert pack_access({"log_format": "x", "log_namespace": "streamer.service"}) is None
+
+
+def test_a_failure_relayed_from_a_helper_process_keeps_its_exception_and_traceback():
+    """A helper's failure reaches the first process (`pack_event`, `unpack_event`: the lines
+    on the pipe) with its exception's type, message and traceback, written by the text and
+    JSON observers exactly as the helper would write it (Twisted's JSON alone turned the
+    exception into ``{'unpersistable': True}``)."""
+    events: list[dict] = []
+
+    def commit(path: str) -> None:
+        raise OSError(28, "No space left on device", path)
+
+    try:
+        commit("artifacts/ab/cd")
+    except OSError:
+        Logger(namespace="streamer.store", observer=events.append).failure("commit failed")
+    [event] = events
+    line = pack_event(event)
+    assert "\n" not in line
+    relayed = unpack_event(line)
+
+    def text(event: dict) -> str:
+        out = io.StringIO()
+        textFileLogObserver(out)(event)
+        return out.getvalue()
+
+    written = text(relayed)
+    assert written == text(event)
+    assert "builtins.OSError: [Errno 28] No space left on device: 'artifacts/ab/cd'" in written
+    assert 'in commit\n\t    raise OSError(28, "No space left on device", path)' in written
+    assert json_record(relayed) == json_record(event)
+    assert json_record(relayed)["traceback"].startswith("Traceback (most recent call last):")
+    failure = relayed["log_failure"]
+    assert failure.check(OSError) and not failure.check(ValueError)
+    assert failure.getErrorMessage() == "[Errno 28] No space left on device: 'artifacts/ab/cd'"
+    # The helper's own failure is left as it was (the relay sends a copy).
+    assert isinstance(event["log_failure"].value, OSError)
