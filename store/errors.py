@@ -26,6 +26,11 @@ class WrongSize(ArtifactNotFound):
     grown on disk): it is treated as not stored."""
 
 
+class PathTaken(StorageError):
+    """Something a commit may not replace (a folder) sits at an artifact's path: the
+    artifact is not stored, and the thing is left for ``streamer verify`` to move aside."""
+
+
 class CatalogError(Exception):
     """The catalog could not be opened, read or updated (bad URL, bad entry, database error)."""
 

@@ -32,7 +32,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from store.digests import is_sha256_hex
-from store.errors import ArtifactNotFound, NotARegularFile, StorageError, WrongSize, local_fault
+from store.errors import (
+    ArtifactNotFound,
+    NotARegularFile,
+    PathTaken,
+    StorageError,
+    WrongSize,
+    local_fault,
+)
 from store.interfaces import IArtifactStorage
 from store.tempdirs import OwnTempDir, remove_quietly, remove_stale
 
@@ -546,12 +553,16 @@ class ArtifactStorage:
             self._folders.add(prefix)
         try:
             renamed = _rename_no_replace(temp_path, dest)
+        except IsADirectoryError:  # (no renameat2 here: os.replace met a folder)
+            renamed = False
         except FileNotFoundError:
             if not os.path.exists(temp_path):
                 raise
             # The folder went away after we made it (removed by hand): make it again.
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             renamed = _rename_no_replace(temp_path, dest)
+        if not renamed and _is_folder(dest):  # a rename cannot replace it, nor do we
+            raise PathTaken(f"{dest} is a folder: not replaced (streamer verify moves it aside)")
         if not renamed and not _is_regular(dest, size):
             # Something else sits at the artifact's path (a FIFO, a symbolic link, a file
             # cut short): the validated file takes its place.

@@ -51,7 +51,7 @@ from downloaders.inorder import INLINE_BYTES, InOrder
 from downloaders.result import keep_date, parse_last_modified
 from downloaders.tap import tap
 from downloaders.tempfiles import create_temp_file, write_temp_file
-from store.errors import local_fault
+from store.errors import PathTaken, local_fault
 from store.storage import ARTIFACT_MODE
 from streamer.claims import NO_CLAIM
 
@@ -491,14 +491,17 @@ class InFlight:
 
     def _not_stored(self, failure: Failure) -> None:
         """The commit failed (its clients were answered): this host's fault (a full disk, a
-        read-only storage, no descriptor) is one line with the errno, anything else a
-        failure with its traceback. The claim is let go either way: the next request, here
+        read-only storage, no descriptor) is one line with the errno, a folder at the
+        artifact's path (`PathTaken`) one line saying so, anything else a failure with its
+        traceback. The claim is let go either way: the next request, here
         or in another process, downloads it again."""
         fault = local_fault(failure.value)
-        if fault is None:
-            _log.failure("storing the artifact failed ({sha256})", failure, sha256=self.sha256)
-        else:
+        if fault is not None:
             _log.error("not stored {sha256}: {fault}", sha256=self.sha256, fault=fault.detail)
+        elif failure.check(PathTaken):  # (a folder there, e.g.: left for streamer verify)
+            _log.error("not stored {sha256}: {fault}", sha256=self.sha256, fault=failure.value)
+        else:
+            _log.failure("storing the artifact failed ({sha256})", failure, sha256=self.sha256)
 
     # -- clean-up ---------------------------------------------------------------------------
 

@@ -595,6 +595,68 @@ async def test_a_stored_artifact_of_the_wrong_size_is_not_served(tmp_path, upstr
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_folder_at_an_artifacts_path_is_one_line_per_commit_and_left_for_verify(
+    tmp_path, upstream
+):
+    """A folder planted at an artifact's path cannot be replaced by a commit (a rename does
+    not replace a folder). Each request is served the right bytes from upstream; each
+    commit attempt is one line saying so (before: a failure with its traceback); the folder
+    and what it holds are left alone (it may be a user's) until ``streamer verify`` moves it
+    aside, after which the next request stores the artifact. A small body (committed from
+    memory, in a batch) and a larger one (from its temp file) alike."""
+    prefixes: set[str] = set()
+    files = {"small.bin": unique_prefix(prefixes, 5), "large.bin": unique_prefix(prefixes, 200)}
+    for name, data in files.items():
+        upstream.register(f"/files/{name}", Serve(data))
+    config = write_config(tmp_path, upstream, policy="on_demand")
+    await catalog_lazy(config, files, lambda name: upstream.url(f"/files/{name}"))
+    var = tmp_path / "var"
+    for data in files.values():
+        artifact_path(var, data).mkdir(parents=True)
+        (artifact_path(var, data) / "keep.txt").write_bytes(b"someone's file\n")
+
+    def refusals(output: str, data: bytes) -> int:
+        return output.count(f"{artifact_path(var, data)} is a folder: not replaced")
+
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    try:
+        await served.healthy()
+        for attempt in (1, 2):
+            for name, data in files.items():
+                assert await curl(served.base + f"/repo/{name}") == (0, "200", data)
+                await until(
+                    lambda data=data, n=attempt: refusals(served.proto.output.decode(), data) >= n
+                )
+        assert len(upstream.requests("/files/small.bin")) == 2
+        await until(lambda: not temp_files(var))  # (each claim is let go after its line)
+    finally:
+        code = await served.stop()
+    output = served.proto.output.decode()
+    assert code == 0, output
+    assert [refusals(output, data) for data in files.values()] == [2, 2], output
+    assert "Traceback" not in output and "storing the artifact failed" not in output, output
+    for data in files.values():  # left alone
+        assert (artifact_path(var, data) / "keep.txt").read_bytes() == b"someone's file\n"
+
+    code, out, err = await run_process(
+        sys.executable, *STREAMER, "--config", str(config), "verify", timeout=30
+    )
+    assert code == 1, out + err
+    for data in files.values():
+        assert f"BAD {sha256(data)}: not a regular file: a folder; moved to" in out.decode()
+        assert not os.path.lexists(artifact_path(var, data))
+    served = start_twistd(tmp_path, ["--config", str(config)])
+    try:
+        await served.healthy()
+        for name, data in files.items():
+            assert await curl(served.base + f"/repo/{name}") == (0, "200", data)
+            path = artifact_path(var, data)
+            await until(lambda path=path, data=data: path.is_file() and path.read_bytes() == data)
+    finally:
+        assert await served.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_streamer_verify_reports_what_is_not_a_regular_file(tmp_path, upstream):
     config = write_config(tmp_path, upstream)
     var = tmp_path / "var"
