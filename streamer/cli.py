@@ -18,11 +18,12 @@ import errno
 import gc
 import os
 import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import IO, Any, NoReturn, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 # These imports bring in Twisted, its TLS stack and the project: some 100,000 objects, which
@@ -471,14 +472,26 @@ def fetch_target(url: str, output: str | None) -> str:
 def _copy_to_stdout(path: str) -> None:
     if sys.stdout is None:
         raise OutputError.closed()
-    stream = sys.stdout.buffer
+    try:
+        _copy(path, sys.stdout.buffer)
+    except OSError as error:  # (not the download's fault: said as any command says it)
+        raise OutputError.writing(error) from None
+
+
+def _copy(path: str, stream: IO[bytes]) -> None:
     with open(path, "rb") as source:
-        try:
-            while chunk := source.read(1024 * 1024):
-                stream.write(chunk)
-            stream.flush()
-        except OSError as error:  # (not the download's fault: said as any command says it)
-            raise OutputError.writing(error) from None
+        while chunk := source.read(1024 * 1024):
+            stream.write(chunk)
+        stream.flush()
+
+
+def _special_file(target: str) -> bool:
+    """Whether *target* exists and is not a regular file once links are followed
+    (``/dev/null``, ``/dev/stdout``, a FIFO): written into, as curl does, never replaced."""
+    try:
+        return not stat.S_ISREG(os.stat(target).st_mode)
+    except OSError:
+        return False
 
 
 @defer.inlineCallbacks
@@ -494,8 +507,9 @@ def run_fetch(
     remote on its origin), validating *sha256* and *size* if given.
 
     The bytes go to `fetch_target` (*output*, ``-`` for standard output, else the url's file
-    name): through a temporary file next to the target (``-``: in the system's temporary
-    folder), renamed (``-``: copied, then removed) only once validated. Nothing is left
+    name): through a temporary file next to the target (``-``, or a target that is not a
+    regular file such as ``/dev/null`` or a FIFO: in the system's temporary folder), renamed
+    (``-`` and those: copied into, then removed) only once validated. Nothing is left
     behind on failure. Prints ``size``, ``sha256`` and ``written: WHERE`` to *out* (default:
     standard output, standard error with ``-``). Fires with the `DownloadResult`; download
     errors propagate.
@@ -505,13 +519,17 @@ def run_fetch(
 
     target = fetch_target(url, output)
     to_stdout = target == STDOUT
+    into = not to_stdout and _special_file(target)
     out = out or (sys.stderr if to_stdout else sys.stdout)
     remote = remote_for_url(config.remotes, url, config.security.allowed_import_paths)
-    temp_dir = None if to_stdout else os.path.dirname(os.path.abspath(target))
+    temp_dir = None if to_stdout or into else os.path.dirname(os.path.abspath(target))
     result = yield download_url(remote, url, sha256, size, temp_dir)
     try:
         if to_stdout:
             _copy_to_stdout(result.path)
+        elif into:
+            with open(target, "wb") as stream:
+                _copy(result.path, stream)
         else:
             os.replace(result.path, target)
     finally:

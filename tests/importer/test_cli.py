@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, threads
 
 from store import ArtifactStorage
 from tests.importer.conftest import artifacts, sha
@@ -175,6 +175,42 @@ async def test_cli_fetch_to_a_closed_standard_output_or_error(tmp_path, upstream
     assert artifacts(ArtifactStorage(tmp_path / "var")) == {sha(d): d for d in repo.files.values()}
     code, out, err = await streamer(config, "verify", closed=(1,)).ended
     assert (code, err) == (0, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_fetch_into_a_fifo_writes_into_it_and_leaves_it(tmp_path, upstream):
+    """``fetch -o TARGET`` where TARGET is not a regular file (a FIFO here; ``/dev/null`` and
+    ``/dev/stdout`` alike) writes the validated bytes into it, as curl does (before: the
+    temporary file was renamed over it, so a FIFO, or ``/dev/null`` for root, became a
+    regular file and the reader waited for ever)."""
+    import stat
+
+    body = b"into the fifo\n" * 5000
+    url = upstream.register("/f.bin", Serve(body))
+    config = write_config(tmp_path, upstream)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def read() -> bytes:
+        with open(fifo, "rb") as reader:
+            return reader.read()
+
+    # Held open for reading and writing, so neither the reader's open nor the child's waits,
+    # and the reader's end of file comes only once it is closed (after the child ended).
+    keeper = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        reading = threads.deferToThread(read)
+        code, out, err = await streamer(
+            config, "fetch", url, "--sha256", sha(body), "-o", str(fifo)
+        ).ended
+    finally:
+        os.close(keeper)
+    got = await reading
+    assert (code, err) == (0, ""), out
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert got == body
+    assert out.splitlines()[-1] == f"written: {fifo}"
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "streamer.toml"]
 
 
 @pytest_twisted.ensureDeferred
