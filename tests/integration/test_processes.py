@@ -153,6 +153,23 @@ async def answered_by(served, path: str, n: int) -> list[int]:
     return served_by(served.output, path)
 
 
+async def downloaded_once_for_all(
+    served, upstream: UpstreamServer, gate: Gated, name: str, data: bytes, storage: Path
+) -> None:
+    """20 clients of ``/demo/NAME`` released together over the group: each gets *data*
+    whole, from one upstream request, answered by at least two processes; then the artifact
+    is stored (its commit follows the last byte: its batch waits for company, then syncfs)."""
+    results = await released_together(served, gate, f"/demo/{name}", 20)
+    assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
+    assert all(body == data for _, body, _ in results)
+    assert len(upstream.requests(f"/repo/{name}")) == 1
+    by = await answered_by(served, f"/demo/{name}", 20)
+    assert len(by) == 20 and len(set(by)) >= 2, by
+    stored = artifact_path(storage, data)
+    assert await holds_within(stored.exists, timeout=10)
+    assert stored.read_bytes() == data
+
+
 @pytest_twisted.ensureDeferred
 async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp_path):
     upstream = await UpstreamServer().start()
@@ -326,16 +343,7 @@ async def test_concurrent_cold_requests_across_processes_make_one_upstream_reque
         upstream.register("/repo/big.bin", gate)
         async with twistd(config) as served:
             await all_serving(served)
-            results = await released_together(served, gate, "/demo/big.bin", 20)
-            assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
-            assert all(body == data for _, body, _ in results)
-            assert len(upstream.requests("/repo/big.bin")) == 1
-            by = await answered_by(served, "/demo/big.bin", 20)
-            assert len(by) == 20 and len(set(by)) >= 2, by
-            # The commit follows the last byte (its batch waits for company, then syncfs).
-            stored = artifact_path(tmp_path / "var", data)
-            assert await holds_within(stored.exists, timeout=10)
-            assert stored.read_bytes() == data
+            await downloaded_once_for_all(served, upstream, gate, "big.bin", data, tmp_path / "var")
 
             # The download leaves the in-flight gauge once committed, so after the last byte.
             async def settled() -> dict:
@@ -368,15 +376,9 @@ async def test_a_small_file_held_in_memory_is_downloaded_once_for_every_process(
         upstream.register("/repo/small.bin", gate)
         async with twistd(config) as served:
             await all_serving(served)
-            results = await released_together(served, gate, "/demo/small.bin", 20)
-            assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
-            assert all(body == data for _, body, _ in results)
-            assert len(upstream.requests("/repo/small.bin")) == 1
-            by = await answered_by(served, "/demo/small.bin", 20)
-            assert len(by) == 20 and len(set(by)) >= 2, by
-            stored = artifact_path(tmp_path / "var", data)
-            assert await holds_within(stored.exists, timeout=10)
-            assert stored.read_bytes() == data
+            await downloaded_once_for_all(
+                served, upstream, gate, "small.bin", data, tmp_path / "var"
+            )
         assert await served.stop() == 0
         assert temp_files(tmp_path / "var") == []
     finally:
