@@ -7,8 +7,11 @@ RFC 3986 §5.2.4 removes dot segments: ``.`` segments are dropped, ``..`` remove
 before it, and empty segments are merged (``/base/./x``, ``/base//x`` and ``/base/y/../x`` are
 all ``base/x``; apt's flat repositories ask for ``/base/./Packages``). A ``..`` above the root is
 refused, as is anything that could mean something else to a fronting server, a log reader or a
-later change: NUL and control characters, backslashes, ``#``, absolute-form and other non-path
-targets, overlong targets, bytes that are not UTF-8.
+later change: NUL and control characters, backslashes, ``#``, authority-form, asterisk-form and
+other non-path targets, overlong targets, bytes that are not UTF-8. An ``http`` or ``https``
+absolute-form target (``GET http://mirror.example/base/x``), which RFC 9112 §3.2.2 asks every
+server to accept, is turned into its origin form first (`origin_form`): the service is not a
+proxy, so the authority only replaces the Host header and is never connected to.
 
 Percent-escapes are decoded exactly once, after the dot segments are removed. A segment that
 only becomes ``.`` or ``..`` by decoding (``%2e``, ``.%2e``, ``%2e%2e``), or that holds an
@@ -31,6 +34,7 @@ __all__ = [
     "MAX_TARGET_LENGTH",
     "RefusedPath",
     "RequestPath",
+    "origin_form",
     "parse_path_text",
     "parse_request_target",
     "request_path",
@@ -87,6 +91,24 @@ class RequestPath:
         return "/" + self.path + ("/" if self.folder else "")
 
 
+def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """The origin form (path and query) and the authority of an ``http``/``https``
+    absolute-form *target*, or None when it is not one (left for `parse_request_target`).
+
+    ``http://h/a?q`` is ``(b"/a?q", b"h")`` and ``http://h?q`` is ``(b"/?q", b"h")``. A target
+    with userinfo (``http://user@h/``: RFC 9110 §4.2.4 says to treat it as an error) or
+    without a host is not converted, so it is refused like any other non-path target.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        return None
+    return (tail if tail.startswith(b"/") else b"/" + tail), authority
+
+
 def parse_request_target(target: bytes) -> RequestPath:
     """Parse the raw request target (``request.uri``) into a normalised `RequestPath`.
 
@@ -97,7 +119,8 @@ def parse_request_target(target: bytes) -> RequestPath:
         raise RefusedPath(414, "request target too long")
     raw_path = target.split(b"?", 1)[0]
     if not raw_path.startswith(b"/"):
-        # absolute-form (http://host/x), authority-form or asterisk-form: we are not a proxy
+        # authority-form (CONNECT's), asterisk-form (OPTIONS *) or an absolute-form target
+        # that `origin_form` did not convert: we are not a proxy
         raise RefusedPath(400, "request target must be a path starting with /")
     if len(raw_path.translate(None, _FORBIDDEN_RAW)) != len(raw_path):
         raise RefusedPath(400, "request path contains forbidden characters")

@@ -41,7 +41,7 @@ from streamer.content import ContentResource
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
-from streamer.paths import RefusedPath, request_path
+from streamer.paths import RefusedPath, origin_form, request_path
 from streamer.processes import (
     ProcessGroup,
     adopted_socket,
@@ -177,6 +177,14 @@ class StreamerRequest(server.Request):
     upstream_status: int | None = None
     started_at: float = 0.0
     channel: StreamerChannel  # the StreamerSite's connection the request came on
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if path[:1] != b"/":
+            absolute = origin_form(path)
+            if absolute is not None:  # RFC 9112 §3.2.2: its host replaces the Host header
+                path, host = absolute
+                self.requestHeaders.setRawHeaders(b"host", [host])
+        super().requestReceived(command, path, version)
 
     def process(self) -> None:
         site: StreamerSite = self.channel.site

@@ -52,6 +52,9 @@ EQUIVALENT = [
     "//fixtures/a.bin",
     "/fixtures/sub/../a.bin",
     "/./fixtures/sub/./.././/a.bin",
+    # absolute-form (RFC 9112 §3.2.2: a server must accept it; the host is never connected to)
+    "http://mirror.example/fixtures/a.bin",
+    "HTTPS://mirror.example:8443/fixtures/./a.bin",
     "/fixtures/a.bin?x=1",
 ]
 
@@ -82,6 +85,11 @@ async def test_dot_and_empty_segments_serve_the_normalised_path(make_service, up
         ("/fixtures%2Fa.bin", 400),  # encoded slashes are refused, not split
         ("/fixtures/sub%2f..%2fa.bin", 400),
         ("/fixtures/../other/a.bin", 404),  # inside the root: another (unknown) path
+        ("http://mirror.example/../fixtures/a.bin", 400),  # absolute-form: the same rules
+        ("http://user@mirror.example/fixtures/a.bin", 400),  # userinfo (RFC 9110 §4.2.4)
+        ("http:///fixtures/a.bin", 400),  # no host
+        ("ftp://mirror.example/fixtures/a.bin", 400),  # not http(s)
+        ("mirror.example:80", 400),  # authority-form (CONNECT's)
     ],
 )
 @pytest_twisted.ensureDeferred

@@ -8,7 +8,13 @@ import re
 import pytest
 import pytest_twisted
 
-from streamer.paths import MAX_TARGET_LENGTH, RefusedPath, RequestPath, parse_request_target
+from streamer.paths import (
+    MAX_TARGET_LENGTH,
+    RefusedPath,
+    RequestPath,
+    origin_form,
+    parse_request_target,
+)
 from tests.streamer.content_support import start_content_server
 from tests.support.clients import raw_http
 
@@ -95,6 +101,26 @@ def test_refused_targets(target, status):
     with pytest.raises(RefusedPath) as info:
         parse_request_target(target)
     assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (b"http://h/a/b?c=d", (b"/a/b?c=d", b"h")),
+        (b"HTTPS://h:8443/a", (b"/a", b"h:8443")),
+        (b"http://h?x=1", (b"/?x=1", b"h")),
+        (b"http://h", (b"/", b"h")),
+        (b"http://[::1]:80/a", (b"/a", b"[::1]:80")),
+        (b"http://user:pw@h/a", None),  # userinfo: refused as a non-path target
+        (b"http:///a", None),
+        (b"ftp://h/a", None),
+        (b"/a", None),
+        (b"h:443", None),
+        (b"*", None),
+    ],
+)
+def test_absolute_form_targets_become_origin_form(target, expected):
+    assert origin_form(target) == expected
 
 
 def test_url_path_round_trip():
@@ -193,6 +219,8 @@ def test_double_encoding_is_decoded_once(server, looked_up):
 
 
 RAW_ATTEMPTS = [
+    # (the service's request turns absolute-form into origin form first; the content
+    # resource alone, as here, refuses it)
     b"GET http://evil.example/fixtures/public.txt HTTP/1.1\r\nHost: evil.example\r\n",
     b"GET http://127.0.0.1/../secret.txt HTTP/1.1\r\nHost: x\r\n",
     b"GET /fixtures/..\\..\\secret.txt HTTP/1.1\r\nHost: x\r\n",
