@@ -35,6 +35,7 @@ thousand slow ones 64 KiB each at most.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -360,4 +361,19 @@ def send_now(request: Any) -> None:
     try:
         transport.doWrite()
     except Exception:
-        pass  # the transport's next turn meets the same error and reports it
+        return  # the transport's next turn meets the same error and reports it
+    let_the_client_run()
+
+
+def let_the_client_run() -> None:
+    """Give up the CPU once, right after a response's first bytes went to the kernel.
+
+    The kernel wakes a client on this host that those bytes reach as if we were about to
+    sleep (a sync wake-up): with no idle CPU it queues the client behind us, on our CPU. But a
+    cold response's first bytes are followed at once by the rest of the download (read,
+    written, hashed), and the client would see them only once our time slice ends (1.5 ms on
+    a 2-CPU host) instead of now. Where nothing else waits for our CPU (a remote client), the
+    call returns at once.
+    """
+    if hasattr(os, "sched_yield"):  # (not on every platform)
+        os.sched_yield()

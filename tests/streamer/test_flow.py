@@ -5,6 +5,7 @@ from the temp file later, and is cut off once it made no progress for too long."
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import tracemalloc
 
@@ -202,6 +203,49 @@ def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_e
     code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
     assert code == 0, err
     assert events == [("first send", 1)], "sent while the first chunk was written"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_large_cold_body_gives_up_the_cpu_once_right_after_its_first_bytes(lazy_env, monkeypatch):
+    """A client on this host that the first bytes wake runs before the process handles the
+    rest of the download (instead of once its time slice ends): the process yields its CPU
+    right after the first send, while the first chunk is handled, and only then."""
+    from twisted.internet import tcp
+
+    from streamer.inflight import InFlight
+
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    ours = env.port.getHost().port
+    events: list[tuple[str, int]] = []
+    writing = {"chunk": 0}
+    write, send, give_up = InFlight.write, tcp.Server.writeSomeData, os.sched_yield
+
+    def recording_write(self, data):
+        writing["chunk"] = abs(writing["chunk"]) + 1
+        try:
+            return write(self, data)
+        finally:
+            writing["chunk"] = -writing["chunk"]  # negative: between chunks
+
+    def recording_send(self, data):
+        if self.getHost().port == ours:
+            events.append(("send", writing["chunk"]))
+        return send(self, data)
+
+    def recording_yield():
+        events.append(("yield", writing["chunk"]))
+        give_up()
+
+    monkeypatch.setattr(InFlight, "write", recording_write)
+    monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
+    monkeypatch.setattr(os, "sched_yield", recording_yield)
+    code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
+    assert code == 0, err
+    assert events[:2] == [("send", 1), ("yield", 1)], events[:4]
+    assert [e for e in events if e[0] == "yield"] == [("yield", 1)]
 
 
 @pytest_twisted.inlineCallbacks
