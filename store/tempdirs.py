@@ -20,20 +20,64 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import struct
+import sys
 import time
 import weakref
 
-__all__ = ["FOLDER_PREFIX", "LOCK_SUFFIX", "OwnTempDir", "remove_quietly", "remove_stale"]
+__all__ = [
+    "FOLDER_PREFIX",
+    "LOCK_SUFFIX",
+    "OwnTempDir",
+    "remove_quietly",
+    "remove_stale",
+    "spread_folders",
+]
 
 FOLDER_PREFIX = "proc-"
 LOCK_SUFFIX = ".lock"
 _OPEN_LOCK = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+#: Linux's ``FS_IOC_GETFLAGS`` / ``FS_IOC_SETFLAGS`` (an ``int`` of inode flags) and the flag
+#: ``chattr +T`` sets: ``FS_TOPDIR_FL``, "the top of a directory hierarchy".
+_GET_FLAGS = 0x80086601
+_SET_FLAGS = 0x40086602
+_TOPDIR = 0x00020000
+_FLAGS = struct.Struct("i")
 
 #: Folders claimed by this process, so a forked child can drop its copies of their locks.
 _claimed: weakref.WeakSet[OwnTempDir] = weakref.WeakSet()
 #: This process's id, renewed in a forked child: `OwnTempDir.alive` is asked several times per
 #: stored file, and ``os.getpid`` is a system call each time.
 _pid = os.getpid()
+
+
+def spread_folders(path: str) -> bool:
+    """Ask the filesystem to place each new folder made in *path* apart from the others, as it
+    places top-level folders (ext2/3/4's ``chattr +T``); True if the flag is set. A filesystem
+    without it (or a folder we may not change) is left as it is: only placement is at stake.
+
+    Why: on ext4 without a journal, making a file skips, one by one, every inode of its block
+    group deleted in the last minute (or five, until written back), so where other programs
+    (or the claims) make and delete files near ``tmp/``, each create costs a scan of them
+    (150-250 us of CPU measured on such a disk, against under 10 us in a quiet group). The
+    per-process folders (`OwnTempDir`) then live in quiet groups of their own, where files
+    are made and renamed away, never deleted, so their creates stay cheap."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        (flags,) = _FLAGS.unpack(fcntl.ioctl(fd, _GET_FLAGS, _FLAGS.pack(0)))
+        if not flags & _TOPDIR:
+            fcntl.ioctl(fd, _SET_FLAGS, _FLAGS.pack(flags | _TOPDIR))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 class OwnTempDir:

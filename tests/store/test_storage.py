@@ -300,3 +300,53 @@ def test_a_forked_child_makes_a_temp_folder_of_its_own_and_leaves_the_parents(tm
     assert childs != parents and os.path.dirname(childs) == os.path.dirname(parents)
     assert parents_kept == "True" and os.path.isdir(parents) and storage.temp_dir == parents
     assert not os.path.exists(childs)
+
+
+def _inode_flags(path) -> int | None:
+    """The folder's inode flags (``lsattr``), or None where the filesystem keeps none."""
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, 0x80086601, struct.pack("i", 0)))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def test_the_temp_folders_are_spread_over_the_disk_where_the_filesystem_can(tmp_path):
+    """tmp/ carries the "top of a directory hierarchy" flag (``chattr +T``), so each
+    process's temp folder is placed apart, as top-level folders are: on ext4 without a
+    journal a file create otherwise scans every inode deleted nearby in the last minute.
+    Opening the storage again keeps the flag and the folder's other flags."""
+    from store.tempdirs import spread_folders
+
+    before = _inode_flags(tmp_path)
+    if before is None or not spread_folders(str(tmp_path)):
+        pytest.skip("this filesystem keeps no such flag")
+    storage = ArtifactStorage(tmp_path / "var")
+    flags = _inode_flags(storage.temp_root)
+    assert flags is not None and flags & 0x00020000
+    ArtifactStorage(tmp_path / "var")
+    assert _inode_flags(storage.temp_root) == flags
+    assert _inode_flags(tmp_path) == before | 0x00020000
+    assert os.path.isdir(storage.temp_dir)  # the folders are made as before
+
+
+def test_a_folder_that_cannot_be_spread_is_left_as_it_is(tmp_path):
+    """No folder, or a filesystem without the flag: False, nothing raised (only placement
+    is at stake), and the storage opens as before."""
+    from store.tempdirs import spread_folders
+
+    assert spread_folders(str(tmp_path / "missing")) is False
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=shm) as folder:
+            if _inode_flags(folder) is None or not spread_folders(folder):
+                storage = ArtifactStorage(os.path.join(folder, "var"))
+                assert os.path.isdir(storage.temp_dir)
+                storage.close()
