@@ -5,6 +5,9 @@ stack (its headers, credentials and concurrency limit; gzip and JSON decoded), a
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -25,6 +28,7 @@ from tests.support.faults import (
 from tests.support.polling import until
 
 DOC = {"name": "repo", "files": 3}
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest_twisted.ensureDeferred
@@ -86,3 +90,39 @@ async def test_fetch_to_file_retries_and_leaves_nothing_after_a_failure(upstream
     assert list(tmp_path.iterdir()) == []
     await remote.close()
     assert await upstream.wait_until_idle(2.0), "the stalled connection was aborted"
+
+
+IDNA_TABLES_AFTER_A_REQUEST = """
+import json, sys
+from twisted.internet import task
+from importer import Remote
+
+def main(reactor):
+    remote = Remote(name="api", url=sys.argv[1])
+    d = remote.http_client().get(sys.argv[1])
+    d.addCallback(lambda response: response.content())
+    d.addCallback(lambda body: print(json.dumps(
+        {"body": body.decode(), "idna_tables": "idna.uts46data" in sys.modules})))
+    return d.addCallback(lambda _: remote.close())
+
+task.react(main)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_to_an_ip_address_does_not_idna_encode_its_host(upstream):
+    """The host of ``http://127.0.0.1:PORT/`` is its own IDNA encoding: a request there (a
+    sync's listing) does not load the IDNA mapping tables first (2-3 ms of every ``streamer
+    sync`` before its listing was asked for). Run in a fresh interpreter: nothing else may
+    have loaded them."""
+    from twisted.internet import utils
+
+    url = upstream.register("/listing", Serve(b"a listing"))
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable,
+        ["-c", IDNA_TABLES_AFTER_A_REQUEST, url],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        path=str(REPO),
+    )
+    assert code == 0, err.decode()
+    assert json.loads(out.decode().splitlines()[-1]) == {"body": "a listing", "idna_tables": False}
