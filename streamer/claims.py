@@ -1,37 +1,51 @@
-"""One download per artifact across the server processes of one storage folder.
+"""One download per artifact across the server processes and nodes of one storage folder.
 
 Within a process, `streamer.lazy.LazyStreamer` coalesces requests by sha256 in memory. Across
-processes (``[server] processes``) the owner of an artifact's download is whoever holds an
-exclusive ``flock`` on ``tmp/claims/<sha256>``; the kernel drops the lock when the owner ends,
-however it ends. The claim file is also the owner's notice board, written as JSON lines
-appended in this order:
+processes (``[server] processes``) and nodes, the owner of an artifact's download is whoever
+holds an exclusive ``fcntl`` lock (an open file description lock, ``F_OFD_SETLK``) on the
+artifact's byte of ``tmp/claims/downloads.lock``: one shared, empty file, whose byte
+``4 * (k + 1)``, *k* the sha256's first 60 bits, is the download's (`_slot`). The kernel (or
+the NFS server) drops the lock when the owner's descriptor closes, however its process ends.
+A claim is one ``open`` of that file and one ``fcntl``: no file is made per download. Another
+process that cannot take the lock follows (`PeerDownload`, the same source interface as
+`streamer.inflight.InFlight`) and holds a shared lock on the next byte (``slot + 1``): a
+reader, which the owner sees (`Claim.has_readers`).
 
-1. ``{"pid": ..., "temp": "proc-.../NAME", "headers": [[name, [values]], ...], "status": N}``
-   before the first byte is written to its temp file (under ``tmp/``, in the owner's own
-   folder: `store.tempdirs`), with the forwarded headers and the upstream's status: a
-   follower needs both before it can send anything;
-2. ``{"outcome": "done"}`` once size and digests were validated (then, for ``on_demand``,
-   the file is committed), or ``{"outcome": "failed", "error": {...}}``;
+The owner tells its followers what they need on its notice board ``tmp/claims/<sha256>``, JSON
+lines appended in this order, only where someone needs them:
 
-a small body the owner holds in memory until it was validated (`streamer.inflight.MEMORY_BODY`)
-has no temp file: one notice says it all, ``{"headers": ..., "status": N, "outcome": "done",
-"body": "stored"}``, and the bytes are in storage once the owner let go of the claim (it does
-right after the commit's rename). A follower then reads the stored artifact; not finding it
-(the commit failed, the owner died first), it starts the download again (`OwnerGone`);
+1. a download streamed through a temp file (larger than `streamer.inflight.MEMORY_BODY`, or
+   with bodies in memory off or over budget): ``{"pid": ..., "temp": "proc-.../NAME",
+   "headers": [[name, [values]], ...], "status": N}`` before the first byte is written to its
+   temp file (under ``tmp/``, in the owner's own folder: `store.tempdirs`), with the forwarded
+   headers and the upstream's status: a follower needs all three before it can send anything;
+   then ``{"outcome": "done"}`` once size and digests were validated (then, for
+   ``on_demand``, the file is committed), or ``{"outcome": "failed", "error": {...}}``;
+2. a small body held in memory until validated (`streamer.inflight.MEMORY_BODY`): no temp
+   file and no notice at all unless a reader is there. Validated, the owner turns its lock
+   into a shared one (a request joining now is a hit, as one joining a validated download in
+   its own process) and, for its readers, writes ``{"headers": ..., "status": N, "outcome":
+   "done", "body": "stored"}``; its bytes are in storage once the owner let go of the lock (it
+   does right after the commit's rename). A failure is one ``{"outcome": "failed", ...}``
+   line, for readers only.
 
-and the owner unlinks the claim file before it lets go of the lock, so a later request never
-finds a finished claim. Another process wanting the artifact meanwhile cannot take the lock
-and becomes a follower: a `PeerDownload` (the same source interface as
-`streamer.inflight.InFlight`) reads the owner's temp file as it grows, withholds the last
-byte until the outcome says ``done``, and aborts its clients on ``failed``. It is woken by
-inotify (the owner's writes to the temp file, its appends to the claim file, and the close of
-its descriptors, which the kernel also does for a killed owner), with a slow timer as a
-safety net. A follower that finds the lock free and no outcome knows the owner died: its
-clients that got nothing yet start the download again (`OwnerGone`), the others are aborted.
+A follower makes the notice board if it is not there yet (so the owner's later notices go to
+the file it reads), reads the owner's temp file as it grows, withholds the last byte until the
+outcome says ``done``, and aborts its clients on ``failed``. Once the lock is free: with a temp
+file announced and no outcome, the owner died (`OwnerGone`: its clients that got nothing yet
+start the download again, the others are aborted); without one, the stored artifact is
+served, or, not there (the commit failed, the owner died, or failed as the follower came), its
+clients start the download again. The owner removes its notice board before it lets go of the
+lock, so a later request never finds a finished download's notices; a dead owner's are
+removed by the next owner (with the temp file they name), by the sweep at start and when a
+helper died, and by the last follower that saw it die.
 
-A follower holds a shared ``flock`` on ``tmp/claims/<sha256>.readers``; the owner of a
-``streamed`` download whose own clients all left cancels it only if it can lock that file
-exclusively (no reader elsewhere).
+A follower is woken by inotify on ``tmp/claims/`` (the owner's appends to the notice board, its
+writes to the temp file, and the close of every owner's descriptor of the locks file, after
+it let go: followers then test their byte again; a killed owner's lock goes just after its
+descriptor's close, so that close brings the poll down to its quickest), with a slow poll as the
+safety net (NFS). The owner of a ``streamed`` download whose own clients all left cancels it
+only if no reader holds the byte after its own.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import fcntl
 import json
 import os
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -52,12 +67,23 @@ from downloaders.errors import DownloadError, DownloadTimeout, NotFound
 from store.errors import StorageError
 from store.tempdirs import remove_quietly
 
-__all__ = ["CLAIMS_FOLDER", "NO_CLAIM", "Claim", "Claims", "OwnerGone", "PeerDownload"]
+__all__ = [
+    "CLAIMS_FOLDER",
+    "LOCKS_FILE",
+    "NO_CLAIM",
+    "Claim",
+    "Claims",
+    "OwnerGone",
+    "PeerDownload",
+]
 
 log = Logger()
 
 #: The folder of the claims under the storage's ``tmp/`` (not a process's folder: shared).
 CLAIMS_FOLDER = "claims"
+#: The file in it whose byte-range locks say who downloads what. Never removed: every process
+#: of every node must lock the same file.
+LOCKS_FILE = "downloads.lock"
 #: Seconds between two checks of a followed download when no event arrived (the safety net
 #: for a filesystem without inotify events from other writers, such as NFS). The poll adapts:
 #: it starts at `POLL_MIN_SECONDS` (a quick upstream's first bytes are seen quickly), a check
@@ -96,14 +122,45 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
     return DownloadError(url, str(record.get("message", "upstream failed")))
 
 
-#: Opening a claim: one we make, or one that exists (never through a symbolic link, never
-#: waiting on a FIFO: `_open_claim_file`).
-_OPEN_CLAIM = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-_NEW_CLAIM = _OPEN_CLAIM | os.O_CREAT | os.O_EXCL
+#: Opening the locks file (never through a symbolic link, never waiting on a FIFO).
+_OPEN_LOCKS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+#: Opening a notice board to write it (`_open_claim_file`: a regular file or nothing).
+_OPEN_BOARD = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+#: Opening one to read it (a follower's; its close wakes nobody).
+_READ_BOARD = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 #: The notice of a validated download (a constant: no encoder needed).
 _DONE = b'{"outcome":"done"}\n'
-#: The outcome of a validated body held in memory: read it from storage once the claim is free.
+#: The outcome of a validated body held in memory: read it from storage once the lock is free.
 _STORED_LATER = {"outcome": "done", "body": "stored"}
+#: ``struct flock`` (Linux): type, whence, start, length, pid (0 for an OFD lock).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _slot(sha256: str) -> int:
+    """The byte of the locks file whose exclusive lock owns *sha256*'s download (the next
+    byte is its readers'; byte 0 is for nobody). Two artifacts share one only if their first
+    60 bits are equal: then one waits for the other, and downloads when it finds nothing."""
+    return 4 * (int(sha256[:15], 16) + 1)
+
+
+def _set_lock(fd: int, kind: int, offset: int) -> bool:
+    """Lock (or with ``F_UNLCK`` unlock) the byte at *offset* for the open file *fd*,
+    without waiting: False if another open file holds a lock that conflicts."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _holder(fd: int, offset: int) -> int:
+    """The kind of lock another open file holds on the byte at *offset*: ``F_WRLCK``,
+    ``F_RDLCK``, or ``F_UNLCK`` (none)."""
+    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    kind: int = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0]
+    return kind
 
 
 def _header_pairs(headers: list[tuple[bytes, list[bytes]]] | None) -> list[Any]:
@@ -113,23 +170,18 @@ def _header_pairs(headers: list[tuple[bytes, list[bytes]]] | None) -> list[Any]:
     ]
 
 
-def _try_lock(fd: int, kind: int) -> bool:
-    try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
 class Claim:
     """The owner's side: holds the lock and writes the notice board (see the module)."""
 
-    def __init__(self, path: str, fd: int, root: str) -> None:
+    def __init__(self, path: str, fd: int, root: str, slot: int) -> None:
+        #: The notice board's path (the file exists only while someone needs it).
         self.path = path
         self.root = root
+        #: The locks file, holding this download's byte.
         self._fd: int | None = fd
+        self._slot = slot
+        #: The notice board, once opened.
+        self._board: int | None = None
         self._temp: str | None = None
         self._headers_written = False
 
@@ -156,39 +208,54 @@ class Claim:
     def stored_later(
         self, headers: list[tuple[bytes, list[bytes]]] | None, status: int | None = None
     ) -> None:
-        """Publish a validated body held in memory, in one notice: the forwarded headers,
-        the upstream's status and the outcome; its bytes are in storage once the claim is
-        let go (`release`, right after the commit)."""
+        """A body held in memory was validated: turn the lock into a shared one (a request
+        joining now is a hit) and tell readers, if any, in one notice, the forwarded
+        headers, the upstream's status and the outcome; its bytes are in storage once the
+        lock is let go (`release`, right after the commit)."""
         self._headers_written = True
-        self._append(
-            {"headers": _header_pairs(headers), "status": status, **_STORED_LATER},
-        )
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            _set_lock(fd, fcntl.F_RDLCK, self._slot)
+        except OSError as exc:  # (then a request joining now counts as coalesced: no harm)
+            log.debug("cannot share the lock of {path}: {exc}", path=self.path, exc=exc)
+        if self._board is not None or self.has_readers():
+            self._append({"headers": _header_pairs(headers), "status": status, **_STORED_LATER})
 
     def failed(self, error: BaseException | None) -> None:
         """Publish a failure (None: cancelled, followers start again) and let go."""
-        record = _error_record(error) if error is not None else {"kind": "gone"}
-        self._append({"outcome": "failed", "error": record})
+        if self._board is not None or self.has_readers():
+            record = _error_record(error) if error is not None else {"kind": "gone"}
+            self._append({"outcome": "failed", "error": record})
         self.release()
 
     def has_readers(self) -> bool:
-        """Whether a follower in another process reads this download now."""
-        try:
-            fd = os.open(self.path + ".readers", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        """Whether a follower in another process (or node) reads this download now."""
+        fd = self._fd
+        if fd is None:
             return False
         try:
-            return not _try_lock(fd, fcntl.LOCK_EX)
-        finally:
-            os.close(fd)
+            return _holder(fd, self._slot + 1) != fcntl.F_UNLCK
+        except OSError:
+            return True  # (unknown: as if read, so a streamed download is not cut)
 
     def release(self) -> None:
-        """Unlink the claim (a finished claim is never found) and drop the lock."""
+        """Remove the notice board (a finished download's is never found), then let go of
+        the lock, then close: that close wakes the followers, who find the lock free."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        for path in (self.path, self.path + ".readers"):
-            remove_quietly(path)
-        os.close(fd)
+        board, self._board = self._board, None
+        try:
+            if board is not None:
+                remove_quietly(self.path)
+                os.close(board)
+            _set_lock(fd, fcntl.F_UNLCK, self._slot)
+        except OSError as exc:  # (the close below lets go all the same)
+            log.warn("cannot let go of the claim {path}: {exc}", path=self.path, exc=exc)
+        finally:
+            os.close(fd)
 
     def _append(self, record: dict[str, Any]) -> None:
         self._write((json.dumps(record, separators=(",", ":")) + "\n").encode())
@@ -197,7 +264,9 @@ class Claim:
         if self._fd is None:
             return
         try:
-            os.write(self._fd, line)
+            if self._board is None:
+                self._board = _open_board(self.path)
+            os.write(self._board, line)
         except OSError as exc:
             log.warn("cannot write the claim {path}: {exc}", path=self.path, exc=exc)
 
@@ -228,8 +297,8 @@ class PeerDownload:
         self,
         claims: Claims,
         entry: Any,
-        claim_fd: int | None,
-        readers_fd: int | None,
+        locks_fd: int | None,
+        board_fd: int | None,
         on_done: Callable[[PeerDownload], None],
     ) -> None:
         self.claims = claims
@@ -245,8 +314,11 @@ class PeerDownload:
         self.followers: set[Any] = set()
         #: The owner's temp file (absolute), once it announced it.
         self.temp_path: str | None = None
-        self._claim_fd: int | None = claim_fd
-        self._readers_fd = readers_fd
+        #: The locks file (holding this download's readers' byte), None once finished.
+        self._locks_fd: int | None = locks_fd
+        self._slot = _slot(self.sha256)
+        #: The notice board (None if it could not be made: then the lock alone tells).
+        self._board_fd: int | None = board_fd
         self._data_fd: int | None = None
         self._claim_read = 0
         self._partial = b""
@@ -265,7 +337,7 @@ class PeerDownload:
     @property
     def validated(self) -> bool:
         """Whether the owner validated the body: succeeded, or held in memory and said done
-        (readable once its commit let go of the claim). A client joining now waits for no
+        (readable once its commit let go of the lock). A client joining now waits for no
         upstream byte: a hit, as one joining a validated download in its own process."""
         return self.succeeded or self._stored_later
 
@@ -302,12 +374,15 @@ class PeerDownload:
 
     def stored(self, data_fd: int, mtime: float) -> None:
         """Finished before it was followed: the committed artifact, open as *data_fd*."""
-        from twisted.web.http import datetimeToString
-
         self._data_fd = data_fd
-        self.headers = [(b"last-modified", [datetimeToString(mtime)])]
+        self._set_stored_headers(mtime)
         self.written = self.size
         self.succeeded = True
+
+    def _set_stored_headers(self, mtime: float) -> None:
+        from twisted.web.http import datetimeToString
+
+        self.headers = [(b"last-modified", [datetimeToString(mtime)])]
 
     def start(self) -> None:
         self.check()
@@ -316,7 +391,7 @@ class PeerDownload:
 
     def check(self) -> None:
         """Catch up with the owner: notices, bytes written, outcome, or its death."""
-        if self._closed or self.finished:
+        if self._closed or self.finished or self._locks_fd is None:
             return
         outcome = self._read_notices()
         self._open_data()
@@ -327,14 +402,36 @@ class PeerDownload:
             outcome = None
         if outcome is not None:
             self._settle(outcome)
-        elif self._claim_fd is not None and _try_lock(self._claim_fd, fcntl.LOCK_SH):
-            fcntl.flock(self._claim_fd, fcntl.LOCK_UN)
-            if self._stored_later:
+            return
+        holder = _holder(self._locks_fd, self._slot)
+        if holder == fcntl.F_UNLCK:
+            if self.temp_path is None:  # a body held in memory (or one never seen): stored?
                 self._take_stored()
             else:  # the owner's lock is gone and it said nothing: it died (or was killed)
                 self._fail(OwnerGone(self.entry.url, "the download's owner stopped"))
-        else:
-            self._wake()
+            return
+        if self.temp_path is not None and self._board_dropped():
+            # The owner that announced the temp file died, and the next owner (holding the
+            # lock now) removed its notices: the temp file will never be finished.
+            self._fail(OwnerGone(self.entry.url, "the download's owner stopped"))
+            return
+        if holder == fcntl.F_RDLCK:
+            self._stored_later = True  # validated and held in memory: only its commit is due
+        self._wake()
+
+    def hurry(self) -> None:
+        """A descriptor of the locks file was closed: if that was a killed owner's, its lock
+        goes just after the close (the kernel tells of the close first), so look again soon."""
+        timer = self._timer
+        if timer is None or not timer.active() or self._poll_seconds <= POLL_MIN_SECONDS:
+            return
+        timer.cancel()
+        self._poll_seconds = POLL_MIN_SECONDS
+        self._timer = self.claims.reactor.callLater(self._poll_seconds, self._poll)
+
+    def _board_dropped(self) -> bool:
+        board = self._board_fd
+        return board is not None and os.fstat(board).st_nlink == 0
 
     def _poll(self) -> None:
         self._timer = None
@@ -348,10 +445,12 @@ class PeerDownload:
             self._timer = self.claims.reactor.callLater(self._poll_seconds, self._poll)
 
     def _read_notices(self) -> dict[str, Any] | None:
-        assert self._claim_fd is not None
+        board = self._board_fd
+        if board is None:
+            return None
         outcome = None
         while True:
-            data = os.pread(self._claim_fd, 65536, self._claim_read)
+            data = os.pread(board, 65536, self._claim_read)
             if not data:
                 break
             self._claim_read += len(data)
@@ -399,19 +498,23 @@ class PeerDownload:
             self._fail(_error_from(outcome.get("error") or {}))
 
     def _take_stored(self) -> None:
-        """The owner of a body it held in memory let go: serve the stored artifact, or start
-        again if it is not there (its commit failed, or the owner died before it)."""
+        """The owner of a body it held in memory (or whose notices this follower never saw)
+        let go: serve the stored artifact, or start again if it is not there (its commit
+        failed, the owner died before it, or failed as this follower came)."""
         fd = self.claims.open_stored(self.sha256)
-        if fd is not None and os.fstat(fd).st_size == self.size:
-            self._data_fd = fd
-            self.written = self.size
-            self.succeeded = True
-            self._finish()
-            self._wake()
-            return
         if fd is not None:
+            info = os.fstat(fd)
+            if info.st_size == self.size:
+                if self.headers is None:  # no notice read: as a hit answers
+                    self._set_stored_headers(info.st_mtime)
+                self._data_fd = fd
+                self.written = self.size
+                self.succeeded = True
+                self._finish()
+                self._wake()
+                return
             os.close(fd)
-        self._fail(OwnerGone(self.entry.url, "the validated artifact was not stored"))
+        self._fail(OwnerGone(self.entry.url, "the download's owner stopped, nothing stored"))
 
     def _fail(self, error: DownloadError) -> None:
         self.error = error
@@ -435,14 +538,18 @@ class PeerDownload:
 
     def _release_claim(self) -> None:
         self.claims.unwatch(self)
-        for name in ("_claim_fd", "_readers_fd"):
+        had_board = self._board_fd is not None
+        for name in ("_board_fd", "_locks_fd"):  # (the last lets go of the readers' byte)
             fd = getattr(self, name)
             setattr(self, name, None)
             if fd is not None:
                 os.close(fd)
+        if had_board or isinstance(self.error, OwnerGone):
+            # The board this follower made (an owner that saw no reader wrote nothing and
+            # left it), or a dead owner's notices: removed unless someone owns or reads them.
+            self.claims.sweep(self.sha256)
         if isinstance(self.error, OwnerGone):
-            self.claims.sweep(self.sha256)  # the dead owner's claim, if nobody took it over
-            # and its temp folder: on another node, no parent process notices it died.
+            # And a dead owner's temp folder: on another node, no parent process notices.
             self.claims.storage.clean_stale_temp()
 
     def _close(self) -> None:
@@ -467,6 +574,9 @@ class Claims:
         self.reactor = reactor
         self.root: str = os.path.abspath(storage.temp_root)
         self.folder = os.path.join(self.root, CLAIMS_FOLDER)
+        self._locks_path = os.path.join(self.folder, LOCKS_FILE)
+        #: Why the locks file could not be opened, once logged (None: it can be).
+        self._locks_problem: str | None = None
         os.makedirs(self.folder, exist_ok=True)
         self._watched: dict[str, int] = {}
         self._by_temp: dict[str, set[PeerDownload]] = {}
@@ -475,72 +585,96 @@ class Claims:
         self._notify: Any = None
 
     def check_locks(self) -> None:
-        """Raise ``OSError`` unless ``flock`` excludes other holders in the claims folder
+        """Raise ``OSError`` unless ``fcntl`` locks exclude other holders in the claims folder
         (some network filesystems accept the call and lock nothing)."""
         probe = os.path.join(self.folder, f".probe-{os.getpid()}-{os.urandom(4).hex()}")
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            other = os.open(probe, os.O_RDONLY | os.O_CLOEXEC)
+            if not _set_lock(fd, fcntl.F_WRLCK, 0):
+                raise OSError(errno.ENOLCK, "a lock nobody holds cannot be taken")
+            other = os.open(probe, os.O_RDWR | os.O_CLOEXEC)
             try:
-                if _try_lock(other, fcntl.LOCK_SH):
-                    raise OSError(errno.ENOLCK, "flock does not exclude another holder")
+                if _set_lock(other, fcntl.F_RDLCK, 0):
+                    raise OSError(errno.ENOLCK, "a fcntl lock does not exclude another holder")
             finally:
                 os.close(other)
         finally:
             os.close(fd)
             os.unlink(probe)
 
-    def claim_or_follow(
-        self, entry: Any, on_done: Callable[[PeerDownload], None]
-    ) -> Claim | PeerDownload:
-        """Take the download of *entry*'s artifact, or follow the process that has it."""
-        path = os.path.join(self.folder, entry.sha256)
-        while True:
+    def claim_or_follow(self, entry: Any, on_done: Callable[[PeerDownload], None]) -> Any:
+        """Take the download of *entry*'s artifact (a `Claim`), or follow the process that has
+        it (a `PeerDownload`); `NO_CLAIM` where the locks file cannot be opened (a folder
+        planted at its path, no descriptor left): the request is served all the same, by a
+        download of its own, and the problem is logged."""
+        sha256 = entry.sha256
+        path = os.path.join(self.folder, sha256)
+        slot = _slot(sha256)
+        try:
+            fd = self._open_locks()
+        except OSError as exc:
+            problem = f"{exc.strerror or exc}"
+            if problem != self._locks_problem:
+                self._locks_problem = problem
+                log.error(
+                    "cannot open {path} ({problem}): downloads are not shared with other "
+                    "processes until it can be",
+                    path=self._locks_path,
+                    problem=problem,
+                )
+            return NO_CLAIM
+        self._locks_problem = None
+        try:
+            owner = _set_lock(fd, fcntl.F_WRLCK, slot)
+        except BaseException:
+            os.close(fd)
+            raise
+        if owner:
             try:
-                # Nearly always new: made by us, it is this path's file and holds no notices.
-                fd, made = os.open(path, _NEW_CLAIM, 0o644), True
-            except FileExistsError:
-                try:
-                    opened = _open_claim_file(path, _OPEN_CLAIM)
-                except FileNotFoundError:  # its owner just let go: try again
-                    continue
-                if opened is None:  # something planted there, now removed: try again
-                    continue
-                fd, made = opened, False
-            except FileNotFoundError:  # the folder was removed by a process that stopped
-                os.makedirs(self.folder, exist_ok=True)
-                continue
-            if _try_lock(fd, fcntl.LOCK_EX):
-                # (Only a lock holder unlinks a claim: one we made and locked is still ours.)
-                if made or _same_file(fd, path):
-                    if not made:
-                        self._drop_leftovers(fd)
-                    claim = Claim(path, fd, self.root)
-                    stored = self._stored(entry, on_done)
-                    if stored is None:
-                        return claim
-                    # Its owner (another process or node) committed it after the caller
-                    # looked on disk and let go before we asked: serve the artifact.
-                    claim.release()
-                    return stored
-                # Its owner finished (and unlinked it) meanwhile: its outcome tells.
-                return self._follow(entry, fd, None, on_done)
-            readers = _open_claim_file(path + ".readers", _OPEN_CLAIM | os.O_CREAT)
-            if readers is None:
-                os.close(fd)
-                continue
-            fcntl.flock(readers, fcntl.LOCK_SH)
-            return self._follow(entry, fd, readers, on_done)
-
-    def _follow(
-        self, entry: Any, fd: int, readers: int | None, on_done: Callable[[PeerDownload], None]
-    ) -> PeerDownload:
-        peer = PeerDownload(self, entry, fd, readers, on_done)
+                self._drop_leftovers(path)
+            except OSError as exc:  # (best effort: the sweeps try again)
+                log.warn("cannot clear the claim {path}: {exc}", path=path, exc=exc)
+            claim = Claim(path, fd, self.root, slot)
+            stored = self._stored(entry, on_done)
+            if stored is None:
+                return claim
+            # Its owner (another process or node) committed it after the caller looked on
+            # disk and let go before we asked: serve the artifact.
+            claim.release()
+            return stored
+        # A reader first, then the notice board: an owner that sees the reader writes to the
+        # board this follower reads (made here if it is not there yet).
+        try:
+            _set_lock(fd, fcntl.F_RDLCK, slot + 1)
+            board = _open_claim_file(path, _READ_BOARD | os.O_CREAT)
+            if board is None:  # something planted there, now removed
+                board = _open_claim_file(path, _READ_BOARD | os.O_CREAT)
+        except OSError as exc:  # (then the lock alone tells: stored, or start again)
+            log.warn("cannot read the claim {path}: {exc}", path=path, exc=exc)
+            board = None
+        peer = PeerDownload(self, entry, fd, board, on_done)
         self._watch()
-        self._by_claim.setdefault(entry.sha256, set()).add(peer)
+        self._by_claim.setdefault(sha256, set()).add(peer)
         peer.start()
         return peer
+
+    def _open_locks(self) -> int:
+        """A new descriptor of the locks file (made if missing; something planted at its
+        path is removed first)."""
+        path = self._locks_path
+        for _ in range(3):
+            try:
+                return os.open(path, _OPEN_LOCKS)
+            except FileNotFoundError:
+                try:
+                    return os.open(path, _OPEN_LOCKS | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # the claims folder itself was removed
+                    os.makedirs(self.folder, exist_ok=True)
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                _remove_planted(path, "a symbolic link")
+        return os.open(path, _OPEN_LOCKS | os.O_CREAT, 0o644)
 
     def _stored(self, entry: Any, on_done: Callable[[PeerDownload], None]) -> PeerDownload | None:
         """A finished `PeerDownload` of *entry*'s committed artifact, if it is on disk now."""
@@ -568,49 +702,77 @@ class Claims:
         except (OSError, StorageError):
             return None
 
-    def _drop_leftovers(self, fd: int) -> None:
-        """Empty a claim whose owner died (we hold its lock), and remove that owner's temp
-        file: nobody can be writing it any more."""
-        notices = b""
-        while chunk := os.pread(fd, 65536, len(notices)):
-            notices += chunk
-        if not notices:
-            return
+    def _drop_leftovers(self, path: str, empty_too: bool = False) -> bool:
+        """Remove the notices at *path* of an owner that died, with the temp file they name
+        (we hold its lock: nobody can be writing them any more); True if a file was removed.
+        An empty board is a follower's, made for the owner: it stays unless *empty_too*.
+        Nearly always nothing is there: one failed open."""
+        try:
+            fd = _open_claim_file(path, _READ_BOARD)
+        except FileNotFoundError:
+            return False
+        if fd is None:  # something planted there: removed
+            return True
+        try:
+            notices = b""
+            while chunk := os.pread(fd, 65536, len(notices)):
+                notices += chunk
+        finally:
+            os.close(fd)
+        if not notices and not empty_too:
+            return False
         for line in notices.split(b"\n"):
             try:
                 temp = self.temp_path(json.loads(line).get("temp"))
             except (ValueError, AttributeError):
                 continue
             remove_quietly(temp)
-        os.ftruncate(fd, 0)
+        remove_quietly(path)
+        return True
 
     def sweep(self, sha256: str | None = None) -> int:
-        """Remove the claims nobody holds and their temp files (left by killed owners), all or
-        those of *sha256*; return how many files. The first process calls it at start and when
-        a helper died; the last follower of a dead owner for its artifact."""
+        """Remove the notice boards nobody owns or reads and the temp files they name (left
+        by killed owners), all or those of *sha256*; return how many files. The first process
+        calls it at start and when a helper died; the last follower of a dead owner for its
+        artifact."""
         removed = 0
         try:
-            names = os.listdir(self.folder) if sha256 is None else [sha256, sha256 + ".readers"]
+            names = os.listdir(self.folder) if sha256 is None else [sha256]
         except FileNotFoundError:
             return 0
-        for name in names:
-            path = os.path.join(self.folder, name)
-            try:
-                fd = _open_claim_file(path, _OPEN_CLAIM)
-            except OSError:
-                continue
-            if fd is None:
-                removed += 1
-                continue
-            try:
-                if _try_lock(fd, fcntl.LOCK_EX) and _same_file(fd, path):
-                    self._drop_leftovers(fd)
-                    os.unlink(path)
+        try:
+            locks = self._open_locks()
+        except OSError as exc:
+            log.warn("cannot sweep {folder}: {exc}", folder=self.folder, exc=exc)
+            return 0
+        try:
+            for name in names:
+                if name == LOCKS_FILE or name.startswith("."):
+                    continue
+                path = os.path.join(self.folder, name)
+                if name.endswith(".readers"):  # left by an earlier version of this protocol
+                    remove_quietly(path)
                     removed += 1
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+                    continue
+                try:
+                    slot = _slot(name)
+                except ValueError:
+                    continue  # not ours
+                try:
+                    if not _set_lock(locks, fcntl.F_WRLCK, slot):
+                        continue  # its owner lives
+                except OSError:
+                    continue
+                try:
+                    # (A follower still reading it sweeps it itself once done.)
+                    if _holder(locks, slot + 1) == fcntl.F_UNLCK:
+                        removed += self._drop_leftovers(path, empty_too=True)
+                except OSError:
+                    pass
+                finally:
+                    _set_lock(locks, fcntl.F_UNLCK, slot)
+        finally:
+            os.close(locks)
         return removed
 
     # -- inotify ---------------------------------------------------------------------------
@@ -676,6 +838,12 @@ class Claims:
 
     def _event(self, _watch: Any, path: FilePath, _mask: int) -> None:
         full = os.fsdecode(path.path)  # INotify hands bytes paths; ours are str
+        if full == self._locks_path:  # a descriptor closed: some owner may have let go
+            for followed in list(self._by_claim.values()):
+                for peer in list(followed):
+                    peer.check()
+                    peer.hurry()
+            return
         if os.path.dirname(full) == self.folder:
             peers = self._by_claim.get(os.path.basename(full))
         else:
@@ -684,11 +852,8 @@ class Claims:
             peer.check()
 
     def close(self) -> None:
-        """Stop watching; remove the claims folder if it is empty (a later claim makes it)."""
-        try:
-            os.rmdir(self.folder)
-        except OSError:
-            pass
+        """Stop watching. (The locks file stays: another process or node may hold locks in
+        it; a new file in its place would let two owners take one download.)"""
         for folder in list(self._watched):
             self._watched[folder] = 1
             self._drop_watch(folder)
@@ -698,7 +863,7 @@ class Claims:
 
 
 def _open_claim_file(path: str, flags: int) -> int | None:
-    """Open *path*, a claim or its readers' file, with *flags* (``O_NOFOLLOW``,
+    """Open *path*, a notice board, with *flags* (``O_NOFOLLOW``,
     ``O_NONBLOCK``): a descriptor of a regular file, or None where something else was planted
     (a symbolic link, whose target must never be written; a FIFO), which is removed, since no
     process makes one there."""
@@ -717,6 +882,15 @@ def _open_claim_file(path: str, flags: int) -> int | None:
     return None
 
 
+def _open_board(path: str) -> int:
+    """The notice board at *path* to append to: the one a follower made, or a new one."""
+    for _ in range(2):
+        fd = _open_claim_file(path, _OPEN_BOARD | os.O_CREAT)
+        if fd is not None:
+            return fd
+    raise OSError(errno.EEXIST, "something keeps being planted there", path)
+
+
 def _remove_planted(path: str, what: str) -> None:
     """Remove *path* from the claims folder if it still is no regular file (a claim always
     is one: a claim made meanwhile in its place is left alone)."""
@@ -727,11 +901,3 @@ def _remove_planted(path: str, what: str) -> None:
     except FileNotFoundError:
         return
     log.warn("{path} is {what}, not a claim: removed", path=path, what=what)
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether *path* still names the file open as *fd* (not unlinked or replaced)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False

@@ -16,8 +16,9 @@ the file committed only once every write is done.
 A body to be stored of up to `MEMORY_BODY` bytes (the catalog's size) is held in memory
 instead: nothing is readable until it was validated, then followers send it whole, and the
 committing thread writes it to a temp file, flushes and renames it with its batch (no file is
-opened on the reactor thread for it). Followers in other processes learn of it with the outcome
-and read the stored artifact once the owner lets go of its claim (`streamer.claims`).
+opened on the reactor thread for it). Followers in other processes learn that it was validated
+from the claim's lock (and its notice, if they came before) and read the stored artifact once
+the owner lets go of its claim (`streamer.claims`).
 
 Each follower holds back the last byte of its response until `succeeded` (the downloader
 validated size and digests), so no client can receive a complete-looking body, whole or a

@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from store import CatalogEntry, open_catalog
 from store.tempdirs import FOLDER_PREFIX
+from streamer.claims import LOCKS_FILE
 from streamer.config import load_config
 from streamer.service import StreamerService
 from tests.service.test_twistd import run
@@ -549,7 +550,9 @@ async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(t
         var = tmp_path / "var"
         for data in files.values():
             await until(lambda data=data: artifact_path(var, data).is_file())
-        await until(lambda: list(claims.iterdir()) == [])
+        # Nothing planted is left, and no claim: only the locks file every claim locks in.
+        await until(lambda: [p.name for p in claims.iterdir()] == [LOCKS_FILE])
+        assert (claims / LOCKS_FILE).is_file() and (claims / LOCKS_FILE).stat().st_size == 0
     finally:
         code = await served.stop()
     output = served.proto.output.decode()

@@ -25,6 +25,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.http import Request
 from twisted.web.server import NOT_DONE_YET
 
+from streamer.claims import CLAIMS_FOLDER, LOCKS_FILE
 from tests.support.clients import free_port
 from tests.support.faults import Behaviour, Generated, StallMidBody, call_later, is_gone
 from tests.support.polling import until
@@ -87,8 +88,11 @@ def assert_store_valid(storage: Path) -> int:
 
 
 def temp_files(storage: Path) -> list[Path]:
+    """Every file under tmp/ but the claims' locks file (made once, never removed: not a
+    temp file but the place every process and node locks its downloads in)."""
     folder = storage / "tmp"
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    locks = folder / CLAIMS_FOLDER / LOCKS_FILE
+    return [p for p in folder.rglob("*") if p.is_file() and p != locks] if folder.exists() else []
 
 
 async def streamer_cli(config: Path, *args: str) -> tuple[int, str, str]:

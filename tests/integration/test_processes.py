@@ -497,13 +497,13 @@ async def test_a_helper_that_cannot_adopt_the_socket_says_so_in_one_line(tmp_pat
 
 
 def test_storage_without_working_locks_is_refused(tmp_path, monkeypatch):
-    """Where flock accepts the call and excludes nobody, the group must not start."""
+    """Where fcntl locks are accepted and exclude nobody, the group must not start."""
     from store.storage import ArtifactStorage
     from streamer.claims import Claims
 
     claims = Claims(ArtifactStorage(str(tmp_path)), reactor)
     claims.check_locks()  # a real folder: locks work
-    monkeypatch.setattr("streamer.claims.fcntl.flock", lambda fd, op: None)
+    monkeypatch.setattr("streamer.claims.fcntl.fcntl", lambda fd, cmd, arg=0: arg)
     with pytest.raises(OSError, match="does not exclude"):
         claims.check_locks()
     assert os.listdir(claims.folder) == []

@@ -5,6 +5,7 @@ safety net when it finds nothing (on a `Clock`, with real files)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytest_twisted
@@ -12,7 +13,14 @@ from twisted.internet.task import Clock
 
 from store import ArtifactStorage, CatalogEntry
 from streamer import claims as claims_module
-from streamer.claims import POLL_MIN_SECONDS, POLL_SECONDS, Claim, Claims, PeerDownload
+from streamer.claims import (
+    LOCKS_FILE,
+    POLL_MIN_SECONDS,
+    POLL_SECONDS,
+    Claim,
+    Claims,
+    PeerDownload,
+)
 from tests.support.polling import until
 
 DATA = os.urandom(10_000)
@@ -23,6 +31,20 @@ def entry() -> CatalogEntry:
 
     digest = hashlib.sha256(DATA).hexdigest()
     return CatalogEntry("r/a.bin", "r", "http://127.0.0.1:1/a.bin", len(DATA), {"sha256": digest})
+
+
+def boards(claims: Claims) -> list[str]:
+    """The notice boards in the claims folder (everything but the shared locks file)."""
+    return [name for name in os.listdir(claims.folder) if name != LOCKS_FILE]
+
+
+def held(claims: Claims, sha256: str) -> bool:
+    """Whether some process (or node) holds the lock owning *sha256*'s download."""
+    fd = os.open(os.path.join(claims.folder, LOCKS_FILE), os.O_RDONLY)
+    try:
+        return claims_module._holder(fd, claims_module._slot(sha256)) != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
 
 
 def delays(clock: Clock) -> list[float]:
@@ -123,6 +145,38 @@ async def test_inotify_wakes_a_follower_at_each_write(tmp_path, monkeypatch):
         follower_side.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_owner_letting_go_wakes_a_follower_without_a_poll(tmp_path, monkeypatch):
+    """A small body's owner writes nothing a follower could see when it lets go: its close of
+    the locks file, after it let go, is what wakes the follower (inotify), which finds the lock
+    free and serves the stored artifact; the poll (a minute here) plays no part."""
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(claims_module, "POLL_MIN_SECONDS", 60.0)
+    monkeypatch.setattr(claims_module, "POLL_SECONDS", 60.0)
+    storage = ArtifactStorage(tmp_path / "var")
+    owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim)
+    owner.stored_later([], 200)  # validated before anyone followed: no notice at all
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(peer, PeerDownload) and peer.validated
+    client = _Client()
+    peer.add(client)
+    try:
+        source = tmp_path / "incoming"
+        source.write_bytes(DATA)
+        storage.import_file(str(source))
+        owner.release()
+        await until(lambda: peer.succeeded, timeout=5)
+        assert peer.read(0, len(DATA)) == DATA and client.woken
+    finally:
+        owner.release()
+        peer.remove(client)
+        owner_side.close()
+        follower_side.close()
+
+
 def test_an_artifact_committed_before_the_claim_is_served_not_downloaded(tmp_path):
     """Another node committed the artifact and let go of its claim between this request's
     look on disk and its claim: the claim serves the stored artifact (an upstream request
@@ -137,7 +191,8 @@ def test_an_artifact_committed_before_the_claim_is_served_not_downloaded(tmp_pat
     assert found.succeeded and found.finished and found.readable() == len(DATA)
     assert found.read(0, len(DATA)) == DATA
     assert dict(found.headers)[b"last-modified"]
-    assert os.listdir(claims.folder) == []  # the claim was let go at once
+    # The claim was let go at once (the lock; no claim file is made any more, none is left).
+    assert not held(claims, entry().sha256) and boards(claims) == []
     client = _Client()
     found.add(client)
     found.remove(client)  # closes the artifact
@@ -159,7 +214,7 @@ def test_a_download_writes_two_notices_and_a_follower_reads_both(tmp_path):
     temp = os.path.join(storage.temp_dir, ".download-b")
     with open(temp, "wb") as out:
         owner.announce(temp)
-        assert os.path.getsize(owner.path) == 0  # nothing a follower could use yet
+        assert not os.path.exists(owner.path)  # nothing a follower could use yet
         owner.headers([(b"Content-Type", [b"application/octet-stream"])], 200)
         owner.headers([(b"Content-Type", [b"text/plain"])], 200)  # once only
         out.write(DATA)
@@ -252,20 +307,22 @@ def test_a_body_held_in_memory_that_was_not_stored_is_downloaded_again(tmp_path)
     clock.advance(POLL_SECONDS)
     assert peer.finished and not peer.succeeded
     assert [type(e) for e in errors] == [OwnerGone] and isinstance(errors[0], DownloadError)
-    assert os.listdir(follower_side.folder) == []  # the claim is swept
+    assert boards(follower_side) == []  # the board the follower made is swept
     peer.remove(client)
     owner_side.close()
     follower_side.close()
 
 
 def test_a_new_claim_costs_one_open_a_lock_and_the_look_on_disk(tmp_path, monkeypatch):
-    """A claim nobody holds is made with O_EXCL: no stat and fstat to check it is still this
-    path's file, no read for a dead owner's notices (it has none); only the look for the
-    artifact committed meanwhile. A leftover claim (its owner died) is still emptied."""
-    import json
-
+    """A claim nobody holds is one open of the shared locks file and one lock: no file made
+    for the download, no stat and fstat, no read for a dead owner's notices (one failed
+    open says there are none); only the look for the artifact committed meanwhile. A dead
+    owner's notices (and the temp file they name) are still removed by the next owner."""
     storage = ArtifactStorage(tmp_path / "var")
     claims = Claims(storage, Clock())
+    first = claims.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(first, Claim)
+    first.release()  # (the locks file is made once, by the first claim)
     calls: list[str] = []
     for name in ("stat", "fstat", "pread"):
         real = getattr(os, name)
@@ -275,17 +332,166 @@ def test_a_new_claim_costs_one_open_a_lock_and_the_look_on_disk(tmp_path, monkey
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(os, name, counted)
+    made: list[str] = []
+    real_open = os.open
+
+    def recording_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_CREAT:
+            made.append(os.path.basename(path))
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
     claim = claims.claim_or_follow(entry(), lambda _: None)
     assert isinstance(claim, Claim)
     assert calls == ["stat"]  # the artifact's path: not stored
-    claim.headers([], 200)
-    os.close(claim._fd)  # dies without letting go: the claim and its notice stay
-    claim._fd = None
-    assert os.path.getsize(claim.path) > 0
+    assert made == [] and boards(claims) == []
+    claim.stored_later([], 200)  # a body held in memory: no reader, nothing to write
+    assert made == [] and boards(claims) == [] and held(claims, entry().sha256)
+    claim.release()
+    assert made == [] and boards(claims) == [] and not held(claims, entry().sha256)
+    assert os.path.getsize(os.path.join(claims.folder, LOCKS_FILE)) == 0
+
+    temp = os.path.join(storage.temp_dir, ".download-dead")
+    open(temp, "wb").close()
+    dying = claims.claim_or_follow(entry(), lambda _: None)
+    dying.announce(temp)
+    dying.headers([], 200)  # a temp file's notices: a board is made
+    os.close(dying._fd)  # dies without letting go: its board and temp file stay
+    dying._fd = None
+    assert os.path.getsize(dying.path) > 0 and os.path.exists(temp)
     again = claims.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(again, Claim) and os.path.getsize(again.path) == 0
-    again.stored_later([], 200)
-    with open(again.path, "rb") as notices:
-        assert [json.loads(line)["outcome"] for line in notices] == ["done"]
+    assert isinstance(again, Claim)
+    assert not os.path.exists(again.path) and not os.path.exists(temp)
     again.release()
+    claims.close()
+
+
+def test_a_reader_of_a_body_held_in_memory_gets_the_owners_failure(tmp_path):
+    """A small body's owner writes no notice unless a reader is there; with one, its
+    failure reaches the reader, whose clients answer as the owner's did (a 404 is a 404 in
+    every process: no second upstream request), and no board is left behind."""
+    from downloaders.errors import NotFound
+
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    assert owner.has_readers()
+    errors: list[BaseException] = []
+
+    class Follower(_Client):
+        def failed(self, error: BaseException) -> None:
+            errors.append(error)
+
+    client = Follower()
+    peer.add(client)
+    owner.failed(NotFound(entry().url, 404))
+    clock.advance(POLL_SECONDS)
+    assert [type(e) for e in errors] == [NotFound] and errors[0].status == 404
+    assert boards(owner_side) == [] and not held(owner_side, entry().sha256)
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()
+
+
+def test_a_request_after_validation_is_a_hit_and_leaves_no_board(tmp_path):
+    """The owner of a validated body held in memory shares its lock: a request of another
+    process arriving before the commit knows it is validated (a hit) though no notice was
+    written, serves the stored artifact as a hit would once the lock is free, and the board
+    it made for the owner is removed."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim)
+    owner.stored_later([(b"cache-control", [b"max-age=1"])], 200)
+    assert boards(owner_side) == []  # no reader: nothing written
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(peer, PeerDownload) and peer.validated and not peer.finished
+    source = tmp_path / "incoming"
+    source.write_bytes(DATA)
+    storage.import_file(str(source))
+    owner.release()
+    clock.advance(POLL_SECONDS)
+    assert peer.succeeded and peer.read(0, len(DATA)) == DATA
+    assert list(dict(peer.headers)) == [b"last-modified"] and peer.upstream_status is None
+    client = _Client()
+    peer.add(client)
+    peer.remove(client)
+    assert boards(follower_side) == []
+    owner_side.close()
+    follower_side.close()
+
+
+def test_a_sweep_leaves_live_claims_and_removes_dead_ones(tmp_path):
+    """At start (and when a helper died) the sweep removes what dead owners left: their
+    notices and temp files, empty boards nobody reads, the ``.readers`` files of the earlier
+    protocol, something planted; never a live owner's board, a reader's, or the locks file."""
+    import hashlib
+
+    storage = ArtifactStorage(tmp_path / "var")
+    claims, other = Claims(storage, Clock()), Claims(storage, Clock())
+    shas = [hashlib.sha256(bytes([n])).hexdigest() for n in range(4)]
+    live = claims.claim_or_follow(_entry_of(shas[0]), lambda _: None)
+    live.headers([], 200)  # a live owner's board
+    read = claims.claim_or_follow(_entry_of(shas[1]), lambda _: None)
+    reader = other.claim_or_follow(_entry_of(shas[1]), lambda _: None)  # a reader's board
+    assert isinstance(reader, PeerDownload) and os.path.exists(read.path)
+    temp = os.path.join(storage.temp_dir, ".download-dead")
+    open(temp, "wb").close()
+    dead = claims.claim_or_follow(_entry_of(shas[2]), lambda _: None)
+    dead.announce(temp)
+    dead.headers([], 200)
+    os.close(dead._fd)  # killed
+    dead._fd = None
+    open(os.path.join(claims.folder, shas[3]), "wb").close()  # an empty board nobody reads
+    open(os.path.join(claims.folder, shas[3] + ".readers"), "wb").close()
+    assert other.sweep() == 3
+    assert sorted(boards(claims)) == sorted([shas[0], shas[1]]) and not os.path.exists(temp)
+    assert held(claims, shas[0]) and held(claims, shas[1])
+    for claim in (live, read):
+        claim.release()
+    reader.cancel()
+    assert boards(claims) == []
+    claims.close()
+    other.close()
+
+
+def _entry_of(sha256: str) -> CatalogEntry:
+    return CatalogEntry("r/x.bin", "r", "http://127.0.0.1:1/x.bin", 1, {"sha256": sha256})
+
+
+def test_a_folder_at_the_locks_files_path_costs_the_sharing_not_the_requests(tmp_path):
+    """A folder planted at ``tmp/claims/downloads.lock`` (it cannot be opened as the locks
+    file): a request is not failed for it but downloads on its own, with one error line
+    for as long as it lasts; once the folder is gone, claims work again."""
+    from twisted.logger import globalLogPublisher
+
+    from streamer.claims import NO_CLAIM
+
+    storage = ArtifactStorage(tmp_path / "var")
+    claims = Claims(storage, Clock())
+    os.mkdir(os.path.join(claims.folder, LOCKS_FILE))
+    lines: list[str] = []
+
+    def observer(event):
+        if event.get("log_namespace") == claims_module.log.namespace:
+            lines.append(event["log_format"])
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert claims.claim_or_follow(entry(), lambda _: None) is NO_CLAIM
+        assert claims.claim_or_follow(entry(), lambda _: None) is NO_CLAIM
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert len(lines) == 1 and "downloads are not shared" in lines[0]
+    os.rmdir(os.path.join(claims.folder, LOCKS_FILE))
+    claim = claims.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(claim, Claim) and held(claims, entry().sha256)
+    claim.release()
     claims.close()

@@ -188,12 +188,12 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
     lazy_env, monkeypatch
 ):
     """Downloads finishing together share one commit batch: their claims are let go in the
-    committing thread right after the rename (the last close of a claim file whose notices
-    reached the disk waits for the journal: the reactor must not), and their stored flags
-    go to the catalog in one call."""
+    committing thread right after the rename (a follower in another process reads the
+    stored artifact once the lock is free: it is there), no claim leaves a file, and their
+    stored flags go to the catalog in one call."""
     from twisted.internet import reactor
 
-    from streamer.claims import Claim, Claims
+    from streamer.claims import LOCKS_FILE, Claim, Claims
 
     env = lazy_env.start(commit_delay=0.2)
     env.streamer.claims = Claims(env.storage, reactor)
@@ -207,7 +207,8 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
 
     def recording_release(self):
         if self._fd is not None:
-            released.append((threading.current_thread(), os.path.exists(self.path)))
+            stored = env.storage.has(os.path.basename(self.path))
+            released.append((threading.current_thread(), stored))
         release(self)
 
     marked = []
@@ -225,8 +226,8 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
     assert contents == list(bodies.values())
     assert (yield holds_within(lambda: not env.streamer.in_flight))
     assert len(released) == 3
-    assert all(thread is not threading.main_thread() and there for thread, there in released)
-    assert os.listdir(env.streamer.claims.folder) == []
+    assert all(thread is not threading.main_thread() and stored for thread, stored in released)
+    assert os.listdir(env.streamer.claims.folder) == [LOCKS_FILE]
     assert marked == [sorted(sha256(body) for body in bodies.values())]
     looked = yield defer.gatherResults([env.catalog.lookup(path) for path in bodies])
     assert all(entries[0].stored for entries in looked)
