@@ -141,8 +141,9 @@ class Follower:
                 self._room = SendRoom.attach(self.request)
             self.request.registerProducer(self, True)
             self._pump()
-            if self._large and not self.done:
-                send_now(self.request)  # the client's first byte, before the next reads
+            # The client's first bytes, before the next reads; and the client's turn first.
+            if self._large and not self.done and send_now(self.request):
+                let_the_client_run()
             return
         self._pump()
 
@@ -338,8 +339,9 @@ def _nothing(*_args: object) -> None:
     """What a finished follower calls instead of its caller's callbacks (never, in fact)."""
 
 
-def send_now(request: Any) -> None:
-    """Send what the client's connection holds now, instead of at the reactor's next turn.
+def send_now(request: Any) -> bool:
+    """Send what the client's connection holds now, instead of at the reactor's next turn;
+    True if it went to the kernel here.
 
     Twisted queues every write until the next turn asks the connection whether it can be
     written: a cold response's first bytes would wait behind the reads that turn brings (the
@@ -357,16 +359,16 @@ def send_now(request: Any) -> None:
         or transport.disconnecting
         or not (transport.dataBuffer or transport._tempDataBuffer)
     ):
-        return
+        return False
     try:
         transport.doWrite()
     except Exception:
-        return  # the transport's next turn meets the same error and reports it
-    let_the_client_run()
+        return False  # the transport's next turn meets the same error and reports it
+    return True
 
 
 def let_the_client_run() -> None:
-    """Give up the CPU once, right after a response's first bytes went to the kernel.
+    """Give up the CPU once, right after a cold response's first bytes went to the kernel.
 
     The kernel wakes a client on this host that those bytes reach as if we were about to
     sleep (a sync wake-up): with no idle CPU it queues the client behind us, on our CPU. But a
