@@ -25,6 +25,7 @@ literal name ``%2e%2e`` (looked up as such).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -91,20 +92,26 @@ class RequestPath:
         return "/" + self.path + ("/" if self.folder else "")
 
 
+#: An ``http(s)`` authority without userinfo (RFC 3986 §3.2): a host (an IP literal in
+#: brackets or a registered name, never empty) and an optional port.
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(:[0-9]*)?")
+
+
 def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
     """The origin form (path and query) and the authority of an ``http``/``https``
     absolute-form *target*, or None when it is not one (left for `parse_request_target`).
 
     ``http://h/a?q`` is ``(b"/a?q", b"h")`` and ``http://h?q`` is ``(b"/?q", b"h")``. A target
-    with userinfo (``http://user@h/``: RFC 9110 §4.2.4 says to treat it as an error) or
-    without a host is not converted, so it is refused like any other non-path target.
+    with userinfo (``http://user@h/``: RFC 9110 §4.2.4 says to treat it as an error), without
+    a host, or whose authority is not one (``http://h#/a``, whose path is a fragment's;
+    ``http://[::1/a``) is not converted, so it is refused like any other non-path target.
     """
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         return None
     end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
     authority, tail = rest[:end], rest[end:]
-    if not authority or b"@" in authority:
+    if _AUTHORITY.fullmatch(authority) is None:
         return None
     return (tail if tail.startswith(b"/") else b"/" + tail), authority
 

@@ -88,6 +88,9 @@ async def test_dot_and_empty_segments_serve_the_normalised_path(make_service, up
         ("http://mirror.example/../fixtures/a.bin", 400),  # absolute-form: the same rules
         ("http://user@mirror.example/fixtures/a.bin", 400),  # userinfo (RFC 9110 §4.2.4)
         ("http:///fixtures/a.bin", 400),  # no host
+        ("http://mirror.example#/fixtures/a.bin", 400),  # the path is a fragment's
+        ("http://[::1/fixtures/a.bin", 400),  # not an authority
+        ("http://:80/fixtures/a.bin", 400),  # a port without a host
         ("ftp://mirror.example/fixtures/a.bin", 400),  # not http(s)
         ("mirror.example:80", 400),  # authority-form (CONNECT's)
     ],

@@ -113,6 +113,12 @@ def test_refused_targets(target, status):
         (b"http://[::1]:80/a", (b"/a", b"[::1]:80")),
         (b"http://user:pw@h/a", None),  # userinfo: refused as a non-path target
         (b"http:///a", None),
+        (b"http://h#/a", None),  # "/a" is the fragment: the authority is not "h#"
+        (b"http://h#frag", None),
+        (b"http://[::1/a", None),
+        (b"http://:80/a", None),
+        (b"http://h:/a", (b"/a", b"h:")),  # (an empty port is allowed: RFC 3986 §3.2.3)
+        (b"http://h%41.example:8080", (b"/", b"h%41.example:8080")),
         (b"ftp://h/a", None),
         (b"/a", None),
         (b"h:443", None),
