@@ -285,6 +285,9 @@ class InFlight:
             self._forget_flushed(self._spool_from + spool.done)
         self._chunks.append((self.written, data))
         self.written = received
+        if not self.followers and not self.store:  # only readers in other processes left
+            self._cancel_unless_read()
+            return
         self._wake()
 
     def _append(self, data: bytes) -> None:
@@ -382,9 +385,16 @@ class InFlight:
         self.followers.discard(follower)
         if self.followers:
             return
-        if not self.store and not self.finished and not self.claim.has_readers():
-            self.cancel()
+        if not self.store:
+            self._cancel_unless_read()
         self._close_read_if_unused()
+
+    def _cancel_unless_read(self) -> None:
+        """Cancel a `streamed` download that no client of this process reads, unless a
+        follower in another process does: looked at when the last client left, then at each
+        chunk while readers elsewhere keep it going (they leave without telling)."""
+        if not self.finished and not self.claim.has_readers():
+            self.cancel()
 
     # -- outcomes ----------------------------------------------------------------------------
 

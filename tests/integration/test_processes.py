@@ -484,6 +484,70 @@ async def test_a_helper_killed_while_owning_a_download_leaves_nothing_half_writt
         await upstream.stop()
 
 
+def _read_some(client: socket.socket, want: int) -> int:
+    """Read from *client* until *want* bytes came or it closed (blocking: in a thread)."""
+    client.settimeout(20)
+    got = 0
+    while got < want:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_download_stops_when_its_last_reader_in_another_process_leaves(
+    tmp_path,
+):
+    """``streamed``: the owner's own client leaves first (a follower in another process keeps
+    the download going), then that follower's client leaves: the download stops at once
+    (before: it ran to its end with nobody reading, 16 s here: the owner looked for readers
+    only when its own last client left)."""
+    data = os.urandom(4 * 1024 * 1024)
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"big.bin": data})
+        config.write_text(config.read_text().replace('"on_demand"', '"streamed"'))
+        upstream.register("/repo/big.bin", Trickle(data, bytes_per_sec=256 * 1024))
+        async with twistd(config) as served:
+            await all_serving(served)
+            port = int(served.base.rsplit(":", 1)[1])
+            everyone = [served.process.pid, *helper_pids(served.process.pid)]
+
+            async def client_of(pid: int) -> socket.socket:
+                """A client whose request *pid* alone could take, once its first bytes came."""
+                others = [other for other in everyone if other != pid]
+                for other in others:
+                    os.kill(other, signal.SIGSTOP)
+                try:
+                    client = socket.create_connection(("127.0.0.1", port))
+                    client.sendall(b"GET /demo/big.bin HTTP/1.1\r\nHost: test\r\n\r\n")
+                    assert await threads.deferToThread(_read_some, client, 1)
+                finally:
+                    for other in others:
+                        os.kill(other, signal.SIGCONT)
+                return client
+
+            own = await client_of(everyone[1])  # a helper owns the download
+            reader = await client_of(everyone[0])  # the first process follows it
+            own.close()
+            # The follower's client keeps the download going.
+            assert await threads.deferToThread(_read_some, reader, 64 * 1024) >= 64 * 1024
+            assert upstream.open_connections == 1
+            reader.close()
+            assert await upstream.wait_until_idle(timeout=4), "still downloading for nobody"
+
+            async def settled() -> bool:
+                return not partial_files(tmp_path / "var")
+
+            await wait_for(settled, "temp files gone", output=lambda: served.proto.output)
+            assert len(upstream.requests("/repo/big.bin")) == 1
+        assert await served.stop() == 0
+    finally:
+        await upstream.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_helper_that_cannot_adopt_the_socket_says_so_in_one_line(tmp_path):
     # A helper's environment without the socket it names: one line, a non-zero exit.
