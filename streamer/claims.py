@@ -54,6 +54,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 import struct
 from collections.abc import Callable
@@ -865,20 +866,26 @@ class Claims:
 def _open_claim_file(path: str, flags: int) -> int | None:
     """Open *path*, a notice board, with *flags* (``O_NOFOLLOW``,
     ``O_NONBLOCK``): a descriptor of a regular file, or None where something else was planted
-    (a symbolic link, whose target must never be written; a FIFO), which is removed, since no
-    process makes one there."""
+    (a symbolic link, whose target must never be written; a FIFO; a folder), which is removed,
+    since no process makes one there."""
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as error:
-        if error.errno != errno.ELOOP:
+        if error.errno == errno.ELOOP:
+            _remove_planted(path, "a symbolic link")
+        elif error.errno == errno.EISDIR:  # (opened to write, or to be made)
+            _remove_planted(path, "a folder")
+        else:
             raise
-        _remove_planted(path, "a symbolic link")
         return None
     mode = os.fstat(fd).st_mode
     if stat.S_ISREG(mode):
         return fd
     os.close(fd)
-    _remove_planted(path, "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
+    if stat.S_ISFIFO(mode):
+        _remove_planted(path, "a FIFO")
+    else:
+        _remove_planted(path, "a folder" if stat.S_ISDIR(mode) else "not a regular file")
     return None
 
 
@@ -895,9 +902,13 @@ def _remove_planted(path: str, what: str) -> None:
     """Remove *path* from the claims folder if it still is no regular file (a claim always
     is one: a claim made meanwhile in its place is left alone)."""
     try:
-        if stat.S_ISREG(os.lstat(path).st_mode):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode):
             return
-        os.unlink(path)
+        if stat.S_ISDIR(mode):  # (never through a link inside it: rmtree works by descriptor)
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     except FileNotFoundError:
         return
     log.warn("{path} is {what}, not a claim: removed", path=path, what=what)

@@ -523,9 +523,11 @@ async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(t
     """``tmp/claims/<sha256>`` a symbolic link to a file elsewhere (planted before the start,
     met by the start's sweep, and planted while serving, met by a request) or a FIFO: the
     link's target is never opened for writing (before: it was truncated and the claim's
-    notices written into it; a FIFO was a 500 `Illegal seek`). What is planted is removed as
-    no claim, and the request is served and stored as usual."""
-    files = {name: os.urandom(20_000) for name in ("swept.bin", "linked.bin", "fifo.bin")}
+    notices written into it; a FIFO was a 500 `Illegal seek`), or a folder. What is planted is
+    removed as no claim (a folder with what it holds, never through a link in it; before: it
+    stayed, one warning per request), and the request is served and stored as usual."""
+    names = ("swept.bin", "linked.bin", "fifo.bin", "folder.bin")
+    files = {name: os.urandom(20_000) for name in names}
     for name, data in files.items():
         upstream.register(f"/files/{name}", Serve(data))
     config = write_config(tmp_path, upstream, policy="on_demand")
@@ -542,6 +544,9 @@ async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(t
         await served.healthy()
         (claims / sha256(files["linked.bin"])).symlink_to(victims["linked.bin"])
         os.mkfifo(claims / sha256(files["fifo.bin"]))
+        planted = claims / sha256(files["folder.bin"])
+        (planted / "inside").mkdir(parents=True)
+        (planted / "inside" / "link").symlink_to(victims["linked.bin"])
         for name, data in files.items():
             got = await curl(served.base + f"/repo/{name}", "--max-time", "5")
             assert got == (0, "200", data), name
@@ -560,6 +565,7 @@ async def test_a_symlink_or_fifo_in_the_claims_folder_is_never_written_through(t
     assert "Traceback" not in output
     assert "is a symbolic link, not a claim: removed" in output
     assert "is a FIFO, not a claim: removed" in output
+    assert "is a folder, not a claim: removed" in output
 
 
 @pytest_twisted.ensureDeferred

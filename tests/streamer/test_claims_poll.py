@@ -240,6 +240,43 @@ def test_a_download_writes_two_notices_and_a_follower_reads_both(tmp_path):
     follower_side.close()
 
 
+def test_a_folder_planted_at_a_board_is_removed_and_the_follower_streams(tmp_path):
+    """A folder at ``tmp/claims/<sha256>`` when a follower comes (after the owner claimed):
+    removed (with what it holds, never through a link in it), so the follower's board is made
+    and the owner's notices reach it: it streams the owner's temp file. Before: the folder
+    stayed, the follower had no board and the owner could not write one, so the follower
+    waited for the lock and, with nothing stored (``streamed``), downloaded again."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.makedirs(os.path.join(owner.path, "inside"))
+    os.symlink(victim, os.path.join(owner.path, "inside", "link"))
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    temp = os.path.join(storage.temp_dir, ".download-c")
+    with open(temp, "wb") as out:
+        owner.announce(temp)
+        owner.headers([], 200)
+        out.write(DATA)
+    clock.advance(POLL_SECONDS)
+    assert peer.temp_path == temp and peer.written == len(DATA)
+    owner.succeeded()
+    clock.advance(POLL_SECONDS)
+    assert peer.succeeded and client.woken
+    owner.release()
+    peer.remove(client)
+    assert boards(owner_side) == [] and victim.read_bytes() == b"precious\n"
+    owner_side.close()
+    follower_side.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_body_held_in_memory_is_read_from_storage_once_the_owner_lets_go(tmp_path):
     """An owner that held a small body in memory publishes one notice (headers, status and
