@@ -55,11 +55,17 @@ class FileFetcher:
         #: Commits under way (the download slots are free meanwhile).
         self.pending: set[defer.Deferred[None]] = set()
         self._factory: Any = None
+        #: Downloader arguments of this fetcher's own (``semaphore``: see `start`).
+        self._options: dict[str, Any] = {}
 
-    def start(self) -> None:
+    def start(self, concurrency: int | None = None) -> None:
         """Before the first `fetch`: temporary files are created with the artifacts' mode
         (the commit then needs no chmod), inline: a create costs less than handing the GIL to
-        a thread and back (measured in bench/RESULTS.md)."""
+        a thread and back (measured in bench/RESULTS.md). *concurrency*: at most this many
+        downloads at once (default: the remote's ``download_concurrency``), for a process
+        that has only a share of it."""
+        if concurrency is not None:
+            self._options = {"semaphore": defer.DeferredSemaphore(concurrency)}
         make = getattr(self.remote, "downloader_factory", None)  # a duck-typed remote may not
         if make is not None:
             self._factory = make()
@@ -107,7 +113,9 @@ class FileFetcher:
             return defer.succeed(None)
         entry = sources[index]
         try:
-            downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
+            downloader = self.remote.get_downloader(
+                entry=entry, temp_dir=self.storage.temp_dir, **self._options
+            )
             running = downloader.run()
         except Exception:
             return self._source_failed(Failure(), sources, index, problems)

@@ -333,9 +333,12 @@ class _Sync:
         files = group_sources(self.importer.catalog_entries(listing, self._stored_check()))
         self.progress.start(self.remote.name, total)
         fetcher = self._fetcher
-        fetcher.start()
         links = self._helper_links if self._helper_links is not None else self._links()
         local = self.remote.download_concurrency - sum(link.slots for link in links)
+        # Beside helpers, this process's downloads (its own, and files a helper gives back
+        # or leaves behind) share its part of download_concurrency: the connections stay
+        # within it in all.
+        fetcher.start(concurrency=local if links else None)
         helpers = [
             (functools.partial(self._one_file, fetch=link.fetch), link.ready)
             for link in links

@@ -22,7 +22,7 @@ from importer.helpers.process import AUTO_MIN_FILES, SyncHelpers, helper_count
 from importer.helpers.protocol import WINDOW_PER_SLOT
 from tests.importer.conftest import artifacts, content, sha, temp_files
 from tests.support.faults import Gated, Serve, WrongBytes
-from tests.support.polling import until
+from tests.support.polling import holds_within, until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,6 +123,32 @@ async def test_a_helper_keeps_its_slots_busy_while_the_syncing_process_does_not_
 
     assert (report.downloaded, report.failed) == (len(repo.files), [])
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_stay_within_download_concurrency_as_the_listing_runs_out(
+    repo, storage, catalog, make_remote, upstream
+):
+    """Once every file is handed out, the helper gives back those it has not started, and
+    the syncing process downloads them within its own share, beside its own downloads: at
+    most ``download_concurrency`` downloads in all, to the end (before, the files given
+    back were all asked for at once)."""
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    helpers = await started_helpers()
+    try:
+        gates = gate_every_file(repo, upstream)  # 10 files: 1 here, 9 held by the helper
+        syncing = sync_remote(remote, catalog, storage, None, helpers)
+        await until(lambda: waiting(gates) == 1 + HELPER_SLOTS, timeout=20)
+        [link] = helpers.links
+        await until(lambda: link.held and len(link.held) == HELPER_SLOTS)  # 6 given back
+        assert not await holds_within(lambda: waiting(gates) > 1 + HELPER_SLOTS, timeout=1.0)
+        release(gates)
+        report = await syncing
+    finally:
+        await helpers.close()
+
+    assert (report.downloaded, report.failed) == (len(repo.files), [])
+    assert upstream.max_concurrent_connections <= 1 + HELPER_SLOTS + 1  # + the listing's
 
 
 @pytest_twisted.ensureDeferred
