@@ -83,6 +83,13 @@ class BatchCommitter:
     per file) run in the reactor thread once it is done, instead of handing the GIL back and
     forth with a thread around each of them. For a process that serves nobody meanwhile (a
     sync); a server keeps the default, so a slow disk never stalls its clients.
+
+    ``busy_delay``: how long files gather instead of ``delay`` while they come in numbers (a
+    batch of at least ``busy_files`` began less than two ``busy_delay`` ago). A batch costs
+    more than its flush: a trip to the committing thread and back, one to the catalog's for
+    the stored flags, and the GIL handed back and forth each time; a busy server commits
+    fewer, larger batches, and a lone file (a first request on a quiet server, whose second
+    request may come from another process and wait for the commit) still waits ``delay``.
     """
 
     def __init__(
@@ -92,18 +99,25 @@ class BatchCommitter:
         delay: float = 0.05,
         clock: Any = None,
         inline_renames: bool = False,
+        busy_delay: float | None = None,
+        busy_files: int = 4,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.storage = storage
         self.max_batch = max_batch
         self.delay = delay
+        self.busy_delay = delay if busy_delay is None else busy_delay
+        self.busy_files = busy_files
         self.clock = clock
         self.inline_renames = inline_renames
         self._queue: list[_Item] = []
         self._busy = False
         self._timer: Any = None
         self._hurried = False
+        #: Until when a file gathers for ``busy_delay``: a while after a batch of at least
+        #: ``busy_files`` began (files keep coming), not after a quiet spell.
+        self._crowded_until = 0.0
 
     def commit(
         self,
@@ -146,7 +160,7 @@ class BatchCommitter:
         if not self._busy and self._queue:
             self._next_batch()
         else:
-            self.delay = 0.0
+            self.delay = self.busy_delay = 0.0
 
     def hurry(self) -> None:
         """Someone waits for a queued file: commit the queue as soon as the batch under way
@@ -163,9 +177,11 @@ class BatchCommitter:
         if len(self._queue) >= self.max_batch or self._hurried:
             self._next_batch()
         elif self._timer is None:
-            # Gather files for a moment: each batch costs one journal commit, and a journal
-            # commit stalls every file creation on the disk meanwhile (the downloads' too).
-            self._timer = self.clock.callLater(self.delay, self._next_batch)
+            # Gather files for a moment (longer while they come in numbers): each batch costs
+            # a flush, a trip to the committing thread and one to the catalog's.
+            crowded = self.clock.seconds() < self._crowded_until
+            delay = self.busy_delay if crowded else self.delay
+            self._timer = self.clock.callLater(delay, self._next_batch)
 
     def _next_batch(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -175,6 +191,8 @@ class BatchCommitter:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         if not batch:
             return
+        if len(batch) >= self.busy_files:
+            self._crowded_until = self.clock.seconds() + 2 * self.busy_delay
         self._busy = True
         work: defer.Deferred[Any]
         if self.inline_renames:

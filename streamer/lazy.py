@@ -102,8 +102,10 @@ class LazyOptions:
     cooldown: float = 30.0
     read_size: int = 1024 * 1024
     retry_delay_cap: float = 0.5
-    #: Seconds finished downloads gather before their batch is flushed and committed.
+    #: Seconds finished downloads gather before their batch is flushed and committed; while
+    #: they come in numbers, ``commit_busy_delay`` (fewer, larger batches: `BatchCommitter`).
     commit_delay: float = 0.01
+    commit_busy_delay: float = 0.05
     memory_body: int = MEMORY_BODY
     memory_budget: int = 64 * 1024 * 1024
 
@@ -316,7 +318,10 @@ class LazyStreamer:
         one); files finishing together share one flush."""
         if self._committer is None:
             self._committer = BatchCommitter(
-                self.storage, delay=self.options.commit_delay, clock=self.reactor
+                self.storage,
+                delay=self.options.commit_delay,
+                clock=self.reactor,
+                busy_delay=max(self.options.commit_busy_delay, self.options.commit_delay),
             )
         return self._committer.commit(temp_path, sha256, size, then, write)
 

@@ -97,6 +97,56 @@ async def test_hurried_files_go_as_soon_as_the_batch_under_way_is_done(storage, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_files_that_come_in_numbers_gather_longer_and_a_lone_one_does_not(storage):
+    """A lone file waits ``delay`` (a first request on a quiet server: its second request may
+    come from another process and wait for the commit). Right after a batch of ``busy_files``
+    or more began, files gather for ``busy_delay``: fewer, larger batches, each of which costs
+    a trip to the committing thread and one to the catalog's. After a quiet spell, ``delay``
+    again."""
+    clock = task.Clock()
+    committer = BatchCommitter(storage, delay=0.01, clock=clock, busy_delay=0.05, busy_files=3)
+
+    async def gathering() -> float:
+        """How long the queued files wait (once the batch before has let go: its callers
+        hear of their files before the committer is free again)."""
+        from twisted.internet import reactor
+
+        await task.deferLater(reactor, 0, lambda: None)
+        (call,) = clock.getDelayedCalls()
+        return round(call.getTime() - clock.seconds(), 6)
+
+    lone = temp_file(storage, b"lone")
+    done = committer.commit(*lone)
+    assert await gathering() == 0.01
+    clock.advance(0.01)
+    await done
+    assert storage.has(lone[1])
+
+    crowd = [temp_file(storage, b"crowd %d" % n) for n in range(3)]
+    done = defer.gatherResults([committer.commit(*f) for f in crowd])
+    assert await gathering() == 0.01  # the batch before was a lone file
+    clock.advance(0.01)
+    await done
+
+    follower = temp_file(storage, b"follows the crowd")
+    done = committer.commit(*follower)
+    assert await gathering() == 0.05
+    clock.advance(0.01)
+    assert not done.called and not storage.has(follower[1])
+    clock.advance(0.04)
+    await done
+    assert storage.has(follower[1])
+
+    clock.advance(1)  # quiet
+    late = temp_file(storage, b"after a quiet spell")
+    done = committer.commit(*late)
+    assert await gathering() == 0.01
+    clock.advance(0.01)
+    await done
+    assert all(storage.has(sha) for _, sha, _ in crowd + [late])
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancelled_before_its_batch_the_file_is_removed(storage):
     clock = task.Clock()
     committer = BatchCommitter(storage, clock=clock)

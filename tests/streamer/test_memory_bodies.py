@@ -7,6 +7,7 @@ the committing thread (no temp file in ``tmp/`` while it downloads)."""
 from __future__ import annotations
 
 import pytest_twisted
+from twisted.internet import defer
 
 from streamer.inflight import MEMORY_BODY
 from tests.support.clients import run_curl
@@ -226,3 +227,41 @@ def test_a_request_joining_a_small_body_another_process_validated_is_a_hit(lazy_
     assert env.upstream.requests("/f") == []  # one download per artifact: the owner's
     env.streamer.claims.close()
     owner_side.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_busy_server_commits_fewer_larger_batches_and_a_lone_file_soon(lazy_env):
+    """A lone cold file is stored ``commit_delay`` after its answer (the README's second curl,
+    or a follower in another process, waits no longer); once files come in numbers (a batch of
+    four), the next ones gather for ``commit_busy_delay``: fewer batches, each of which costs a
+    trip to the committing thread and one to the catalog's. Each client gets its body at once
+    either way: the commit comes after the answer."""
+    env = lazy_env.start(commit_delay=0.2, commit_busy_delay=1.0)
+    env.remote("up")
+    bodies = [bytes([n]) * 1024 + BODY for n in range(6)]
+    gates = []
+    for n, body in enumerate(bodies):
+        behaviour = Serve(body)
+        if 1 <= n <= 4:
+            behaviour = Gated(behaviour)
+            gates.append(behaviour)
+        url = env.upstream.register(f"/f{n}", behaviour)
+        yield env.publish(f"repo/f{n}", body, ("up", url))
+
+    code, out, err = yield run_curl(env.url("repo/f0"))
+    assert (code, out) == (0, bodies[0]), err
+    assert (yield holds_within(lambda: env.stored(bodies[0]), 0.8))  # alone: commit_delay
+
+    crowd = [run_curl(env.url(f"repo/f{n}")) for n in range(1, 5)]
+    yield until(lambda: all(gate.waiting for gate in gates))
+    for gate in gates:  # validated together: one batch of four
+        gate.release()
+    for n, result in enumerate((yield defer.gatherResults(crowd)), start=1):
+        assert result[:2] == (0, bodies[n]), result[2]
+    assert (yield holds_within(lambda: all(map(env.stored, bodies[1:5])), 0.8))
+
+    code, out, err = yield run_curl(env.url("repo/f5"))
+    assert (code, out) == (0, bodies[5]), err
+    assert not (yield holds_within(lambda: env.stored(bodies[5]), 0.5))  # gathering longer
+    assert (yield holds_within(lambda: env.stored(bodies[5]), 3.0))
+    assert env.temp_files() == []
