@@ -330,6 +330,10 @@ class PeerDownload:
         #: The owner validated a body it held in memory: it is in storage once the owner
         #: let go of the claim.
         self._stored_later = False
+        #: Seconds the owner may stream without writing a byte (its remote's
+        #: ``sock_read_timeout``, set by the streamer; 0: no limit), and when it last did.
+        self.stall_limit = 0.0
+        self._progress_at = claims.reactor.seconds()
 
     @property
     def finished(self) -> bool:
@@ -394,6 +398,7 @@ class PeerDownload:
         """Catch up with the owner: notices, bytes written, outcome, or its death."""
         if self._closed or self.finished or self._locks_fd is None:
             return
+        seen = (self._claim_read, self.written)
         outcome = self._read_notices()
         self._open_data()
         if self._data_fd is not None:
@@ -418,7 +423,24 @@ class PeerDownload:
             return
         if holder == fcntl.F_RDLCK:
             self._stored_later = True  # validated and held in memory: only its commit is due
+        if self._stalled(seen):
+            return
         self._wake()
+
+    def _stalled(self, seen: tuple[int, int]) -> bool:
+        """Fail as the owner's read timeout would if, streaming, it wrote nothing (no byte, no
+        notice) for longer than that timeout and a second: its upstream cannot wait so long,
+        so the owner is stopped or frozen (``SIGSTOP``, a paused machine), and keeps its
+        lock, so no death is ever seen. (Before its first byte nothing shows its progress:
+        retries and a body held in memory are waited for as long as they take.)"""
+        now = self.claims.reactor.seconds()
+        if self.temp_path is None or (self._claim_read, self.written) != seen:
+            self._progress_at = now
+            return False
+        if not self.stall_limit or now - self._progress_at <= self.stall_limit + 1:
+            return False
+        self._fail(DownloadTimeout(self.entry.url, "read", self.stall_limit))
+        return True
 
     def hurry(self) -> None:
         """A descriptor of the locks file was closed: if that was a killed owner's, its lock

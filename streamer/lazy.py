@@ -257,6 +257,7 @@ class LazyStreamer:
         if self.claims is not None and not condition:  # a client's own download is its own
             found = self.claims.claim_or_follow(entry, self._done)
             if isinstance(found, PeerDownload):
+                found.stall_limit = getattr(remote, "sock_read_timeout", 0) or 0
                 self._follow_peer(found, follower_for)
                 return
             claim = found

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -485,15 +486,62 @@ async def test_a_helper_killed_while_owning_a_download_leaves_nothing_half_writt
 
 
 def _read_some(client: socket.socket, want: int) -> int:
-    """Read from *client* until *want* bytes came or it closed (blocking: in a thread)."""
+    """Read from *client* until *want* bytes came or it closed, or was reset (blocking: in a
+    thread)."""
     client.settimeout(20)
     got = 0
     while got < want:
-        chunk = client.recv(65536)
+        try:
+            chunk = client.recv(65536)
+        except ConnectionResetError:
+            break
         if not chunk:
             break
         got += len(chunk)
     return got
+
+
+def serving_pid(client: socket.socket, pids: list[int]) -> int | None:
+    """The process among *pids* that accepted *client*'s connection (the holder of the
+    server side's socket, found in ``/proc/net/tcp``), None while none did."""
+    host, port = client.getsockname()
+    peer = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == peer:
+            inode = fields[9]
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, int]:
+    """A client of *path* served by one of *pids* (new connections until one is: the kernel
+    hands each to whichever process accepts first), and that process, once its first bytes
+    came."""
+    everyone = [served.process.pid, *helper_pids(served.process.pid)]
+    port = int(served.base.rsplit(":", 1)[1])
+    for _ in range(30):
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
+        pid = await until(
+            lambda client=client: serving_pid(client, everyone), 5, what="an accepted connection"
+        )
+        if pid in pids:
+            assert await threads.deferToThread(_read_some, client, 1)
+            return client, pid
+        client.close()
+    raise AssertionError(f"no connection of 30 reached {pids}")
 
 
 @pytest_twisted.ensureDeferred
@@ -512,25 +560,10 @@ async def test_a_streamed_download_stops_when_its_last_reader_in_another_process
         upstream.register("/repo/big.bin", Trickle(data, bytes_per_sec=256 * 1024))
         async with twistd(config) as served:
             await all_serving(served)
-            port = int(served.base.rsplit(":", 1)[1])
             everyone = [served.process.pid, *helper_pids(served.process.pid)]
-
-            async def client_of(pid: int) -> socket.socket:
-                """A client whose request *pid* alone could take, once its first bytes came."""
-                others = [other for other in everyone if other != pid]
-                for other in others:
-                    os.kill(other, signal.SIGSTOP)
-                try:
-                    client = socket.create_connection(("127.0.0.1", port))
-                    client.sendall(b"GET /demo/big.bin HTTP/1.1\r\nHost: test\r\n\r\n")
-                    assert await threads.deferToThread(_read_some, client, 1)
-                finally:
-                    for other in others:
-                        os.kill(other, signal.SIGCONT)
-                return client
-
-            own = await client_of(everyone[1])  # a helper owns the download
-            reader = await client_of(everyone[0])  # the first process follows it
+            own, owner = await client_in(served, everyone, "/demo/big.bin")
+            others = [pid for pid in everyone if pid != owner]
+            reader, _ = await client_in(served, others, "/demo/big.bin")  # a follower
             own.close()
             # The follower's client keeps the download going.
             assert await threads.deferToThread(_read_some, reader, 64 * 1024) >= 64 * 1024
@@ -543,6 +576,47 @@ async def test_a_streamed_download_stops_when_its_last_reader_in_another_process
 
             await wait_for(settled, "temp files gone", output=lambda: served.proto.output)
             assert len(upstream.requests("/repo/big.bin")) == 1
+        assert await served.stop() == 0
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_owner_fails_its_followers_as_a_read_timeout(tmp_path):
+    """The owner of a download stopped mid-body (``SIGSTOP``: its lock stays) with a client
+    of another process following it: that client is aborted once the owner wrote nothing for
+    the remote's ``sock_read_timeout`` and a second, and so is a client arriving meanwhile
+    (before: both waited for as long as the owner was stopped). The owner,
+    let go on, times out itself: nothing is left in ``tmp/``."""
+    data = os.urandom(4 * 1024 * 1024)
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"big.bin": data})
+        config.write_text(config.read_text() + "sock_read_timeout = 2\nmax_retries = 0\n")
+        upstream.register("/repo/big.bin", Trickle(data, bytes_per_sec=256 * 1024))
+        async with twistd(config) as served:
+            await all_serving(served)
+            everyone = [served.process.pid, *helper_pids(served.process.pid)]
+            own, owner = await client_in(served, everyone, "/demo/big.bin")
+            others = [pid for pid in everyone if pid != owner]
+            reader, _ = await client_in(served, others, "/demo/big.bin")  # a follower
+            os.kill(owner, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                late, _ = await client_in(served, others, "/demo/big.bin")  # follows later
+                for client in (reader, late):
+                    got = await threads.deferToThread(_read_some, client, len(data) + 4096)
+                    assert got < len(data)  # cut short, not whole
+                    assert time.monotonic() - started < 7
+            finally:
+                os.kill(owner, signal.SIGCONT)
+            for client in (own, reader, late):
+                client.close()
+
+            async def settled() -> bool:
+                return not partial_files(tmp_path / "var")
+
+            await wait_for(settled, "temp files gone", output=lambda: served.proto.output)
         assert await served.stop() == 0
     finally:
         await upstream.stop()

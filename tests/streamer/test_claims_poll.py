@@ -277,6 +277,50 @@ def test_a_folder_planted_at_a_board_is_removed_and_the_follower_streams(tmp_pat
     follower_side.close()
 
 
+def test_an_owner_that_stops_writing_mid_stream_fails_its_followers_as_a_read_timeout(tmp_path):
+    """An owner stopped or frozen mid-body (``SIGSTOP``) keeps its lock, so its followers see
+    no death: once it wrote nothing for longer than its remote's ``sock_read_timeout`` (and a
+    second), they fail as its read timeout would (before: they waited as long as it was
+    stopped). An owner that keeps writing, however slowly, is followed to its end."""
+    from downloaders.errors import DownloadTimeout
+
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    peer.stall_limit = 3.0
+    errors: list[BaseException] = []
+
+    class Follower(_Client):
+        def failed(self, error: BaseException) -> None:
+            errors.append(error)
+
+    client = Follower()
+    peer.add(client)
+    temp = os.path.join(storage.temp_dir, ".download-d")
+    with open(temp, "wb", buffering=0) as out:
+        owner.announce(temp)
+        owner.headers([], 200)
+        for offset in range(0, 5000, 100):  # 100 bytes every 4 s: slow, never stalled
+            for _ in range(8):
+                clock.advance(POLL_SECONDS)
+            out.write(DATA[offset : offset + 100])
+            peer.check()  # (as inotify tells of the write)
+        assert errors == [] and peer.written == 5000
+        for _ in range(8):  # then nothing for 4 s: 3 s and a second
+            clock.advance(POLL_SECONDS)
+        assert errors == []
+        clock.advance(POLL_SECONDS)
+    assert [type(e) for e in errors] == [DownloadTimeout] and errors[0].seconds == 3.0
+    assert peer.finished
+    owner.release()
+    owner_side.close()
+    follower_side.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_body_held_in_memory_is_read_from_storage_once_the_owner_lets_go(tmp_path):
     """An owner that held a small body in memory publishes one notice (headers, status and
