@@ -442,9 +442,17 @@ class PeerDownload:
         self._fail(DownloadTimeout(self.entry.url, "read", self.stall_limit))
         return True
 
-    def hurry(self) -> None:
-        """A descriptor of the locks file was closed: if that was a killed owner's, its lock
-        goes just after the close (the kernel tells of the close first), so look again soon."""
+    def locks_closed(self) -> None:
+        """A descriptor of the locks file was closed (any download's, in any process): if
+        this one's owner let go, catch up now. Else only the lock was tested (not the notices,
+        nor the clients woken: every cold download elsewhere closes one), and the poll brought
+        down to its quickest: a killed owner's lock goes just after the kernel tells of its
+        descriptor's close."""
+        if self._closed or self.finished or self._locks_fd is None:
+            return
+        if _holder(self._locks_fd, self._slot) == fcntl.F_UNLCK:
+            self.check()
+            return
         timer = self._timer
         if timer is None or not timer.active() or self._poll_seconds <= POLL_MIN_SECONDS:
             return
@@ -864,8 +872,7 @@ class Claims:
         if full == self._locks_path:  # a descriptor closed: some owner may have let go
             for followed in list(self._by_claim.values()):
                 for peer in list(followed):
-                    peer.check()
-                    peer.hurry()
+                    peer.locks_closed()
             return
         if os.path.dirname(full) == self.folder:
             peers = self._by_claim.get(os.path.basename(full))

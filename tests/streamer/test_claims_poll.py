@@ -177,6 +177,53 @@ async def test_the_owner_letting_go_wakes_a_follower_without_a_poll(tmp_path, mo
         follower_side.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_other_downloads_letting_go_do_not_wake_a_followers_clients(tmp_path, monkeypatch):
+    """Every download's owner closes the one locks file when it lets go, and that close is
+    what wakes followers: a follower tests its own lock then, and only its own owner's
+    letting go reaches its clients (not 20 other downloads finishing meanwhile)."""
+    import hashlib
+
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(claims_module, "POLL_MIN_SECONDS", 60.0)
+    monkeypatch.setattr(claims_module, "POLL_SECONDS", 60.0)
+    storage = ArtifactStorage(tmp_path / "var")
+    owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
+    events: list[str] = []
+    seen = follower_side._event
+
+    def counted(watch, path, mask):
+        events.append(os.path.basename(os.fsdecode(path.path)))
+        seen(watch, path, mask)
+
+    monkeypatch.setattr(follower_side, "_event", counted)  # (before the watch is made)
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    client = _Client()
+    peer.add(client)
+    try:
+        for n in range(20):
+            other = owner_side.claim_or_follow(
+                _entry_of(hashlib.sha256(b"other%d" % n).hexdigest()), lambda _: None
+            )
+            other.release()
+            await until(lambda n=n: events.count(LOCKS_FILE) == n + 1, timeout=5)
+        assert client.woken == 0
+        source = tmp_path / "incoming"
+        source.write_bytes(DATA)
+        storage.import_file(str(source))
+        owner.release()
+        await until(lambda: peer.succeeded, timeout=5)
+        assert client.woken == 1
+    finally:
+        owner.release()
+        peer.remove(client)
+        owner_side.close()
+        follower_side.close()
+
+
 def test_an_artifact_committed_before_the_claim_is_served_not_downloaded(tmp_path):
     """Another node committed the artifact and let go of its claim between this request's
     look on disk and its claim: the claim serves the stored artifact (an upstream request
