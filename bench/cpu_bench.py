@@ -10,8 +10,10 @@ Per round (contenders rotated; each round starts cold): ``curl -Z`` fetches ever
 (cold: lazy download, tee, validation, commit), then once more (warm: from the store), with
 ``--parallel`` keep-alive transfers. For each contender and phase: user and system CPU of its
 processes (the streamer's group: the first process, its threads and helpers) from
-``/proc/PID/stat``, divided by the requests, and the requests per second. Medians of the
-rounds; raw numbers go to ``bench/raw/cpu-*.json``.
+``/proc/PID/stat``, divided by the requests, and the requests per second; and the share of
+that CPU spent by threads beside each process's main thread (the streamer's committing and
+catalog threads: ``/proc/PID/task/TID/stat``). Medians of the rounds; raw numbers go to
+``bench/raw/cpu-*.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
         user += int(fields[11]) / TICK
         system += int(fields[12]) / TICK
     return user, system
+
+
+def thread_seconds(pids: list[int]) -> float:
+    """CPU seconds so far of the threads of *pids* other than each one's main thread (the
+    reactor): the committing thread, the catalog's, resolvers. Split out because their work
+    runs beside the reactor's, and because per-thread figures move less between runs."""
+    total = 0.0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            if task.name == str(pid):
+                continue
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
 
 
 def main() -> int:
@@ -110,13 +129,16 @@ def main() -> int:
                     os.sync()
                     time.sleep(0.3)
                     user0, sys0 = cpu_seconds(pids)
+                    threads0 = thread_seconds(pids)
                     rate = small_files_rate(base, paths, args.parallel)
                     user1, sys1 = cpu_seconds(pids)
+                    threads1 = thread_seconds(pids)
                     per = 1e3 / len(paths)
                     for key, value in (
                         ("user ms/request", (user1 - user0) * per),
                         ("system ms/request", (sys1 - sys0) * per),
                         ("CPU ms/request", (user1 - user0 + sys1 - sys0) * per),
+                        ("of it, other threads, ms/request", (threads1 - threads0) * per),
                         ("req/s", rate),
                     ):
                         samples.setdefault(f"{phase} {key}: {name}", []).append(value)
