@@ -132,7 +132,9 @@ def header_value(headers: Any, name: str) -> str | None:
     get_raw = getattr(headers, "getRawHeaders", None)
     if get_raw is not None:
         values = get_raw(name.encode("latin-1"))
-        return ", ".join(_text(v) for v in values) if values else None
+        if not values:
+            return None
+        return _text(values[0]) if len(values) == 1 else ", ".join(_text(v) for v in values)
     wanted = name.lower()
     for key, value in headers.items():
         if _lower(key) == wanted:

@@ -27,6 +27,7 @@ from typing import Any
 
 from twisted.web.http import datetimeToString
 
+from downloaders.headers import as_twisted_headers
 from downloaders.result import parse_last_modified
 
 __all__ = ["FORWARDED", "HOP_BY_HOP", "forwarded_headers"]
@@ -73,14 +74,19 @@ def forwarded_headers(headers: Any, now: float | None = None) -> list[tuple[byte
     ``Set-Cookie`` and anything not in `FORWARDED` are dropped; empty values are dropped. A
     ``Last-Modified`` later than *now* (default: the current time) becomes *now*.
     """
+    headers = as_twisted_headers(headers)
     if headers is None:
         return []
-    dropped = set(HOP_BY_HOP) | _connection_tokens(headers.getRawHeaders(b"connection") or [])
+    # One pass over the fields (a response has a few), not a lookup per forwarded name.
+    fields = {name.lower(): values for name, values in headers.getAllRawHeaders()}
+    connection = fields.get(b"connection")
+    dropped = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
     out = []
     for name in FORWARDED:
-        if name in dropped or name.startswith(b"proxy-"):
+        values = fields.get(name)
+        if not values or name in dropped or name.startswith(b"proxy-"):
             continue
-        values = [v.strip() for v in headers.getRawHeaders(name) or [] if v.strip()]
+        values = [v.strip() for v in values if v.strip()]
         if values and name == b"last-modified":
             values = [_not_after(values[0], time.time() if now is None else now)]
         if values:

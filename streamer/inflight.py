@@ -445,8 +445,7 @@ class InFlight:
             d = self._commit(self.path, self.sha256, self.size, self.claim.release)
         d.addCallback(self._committed)
         d.addErrback(self._not_stored)
-        d.addBoth(lambda _: self._done())
-        d.addBoth(lambda _: self.claim.release())
+        d.addBoth(self._settle)
         return d
 
     def _upstream_date(self, result: Any) -> float | None:
@@ -499,6 +498,12 @@ class InFlight:
         for follower in list(self.followers):
             follower.failed(error)
         return None
+
+    def _settle(self, _result: Any) -> None:
+        """Stored or not: take no more followers, and let go of the claim (if the committing
+        thread did not already)."""
+        self._done()
+        self.claim.release()
 
     def _not_stored(self, failure: Failure) -> None:
         """The commit failed (its clients were answered): this host's fault (a full disk, a

@@ -369,6 +369,18 @@ class LazyStreamer:
         request.finish()
 
 
+#: Request headers (as Twisted's ``Headers`` name them) that make a GET conditional or partial.
+_CONDITIONS = frozenset(
+    {
+        b"If-Match",
+        b"If-None-Match",
+        b"If-Modified-Since",
+        b"If-Unmodified-Since",
+        b"If-Range",
+        b"Range",
+    }
+)
+
 #: Headers of a 200 that a 304 repeats (RFC 9110 section 15.4.5), of those we forward.
 _NOT_MODIFIED_HEADERS = (b"last-modified", b"cache-control", b"expires")
 
@@ -441,6 +453,11 @@ class _LazyRequest:
         self._wait: Any = None
         #: Times the download was started again after its owner (another process) stopped.
         self._restarts = 0
+        #: Whether the request is a plain GET: no precondition, no range (most are), so
+        #: neither needs working out for each entry tried.
+        self.plain = not any(
+            name in _CONDITIONS for name, _ in request.requestHeaders.getAllRawHeaders()
+        )
         request.notifyFinish().addErrback(self._client_gone)
 
     def next(self) -> None:
@@ -467,19 +484,24 @@ class _LazyRequest:
                     entry.url, f"unknown remote {entry.remote!r}", "unknown remote"
                 )
                 continue
-            if answer_conditions(self.request, entry):
-                return
-            try:
-                plan = _Plan.make(self.request, entry, self.path)
-            except UnsatisfiableRange:
-                respond_text(
-                    self.request,
-                    416,
-                    "requested range not satisfiable",
-                    {b"content-range": unsatisfiable_content_range(entry.size)},
-                )
-                return
-            condition = upstream_condition(self.request)
+            if self.plain:
+                self.request.setHeader(b"etag", etag_for(entry.sha256))
+                plan = _Plan.whole(entry, self.path)
+                condition = None
+            else:
+                if answer_conditions(self.request, entry):
+                    return
+                try:
+                    plan = _Plan.make(self.request, entry, self.path)
+                except UnsatisfiableRange:
+                    respond_text(
+                        self.request,
+                        416,
+                        "requested range not satisfiable",
+                        {b"content-range": unsatisfiable_content_range(entry.size)},
+                    )
+                    return
+                condition = upstream_condition(self.request)
             joined = streamer.in_flight.get(entry.sha256)
             if condition and joined is not None and _current_by_date(self.request, joined):
                 self._not_modified(joined.headers)
@@ -632,6 +654,13 @@ class _Plan:
     multipart: MultipartByteranges | None = None
 
     @classmethod
+    def whole(cls, entry: Any, path: str, content_type: bytes | None = None) -> _Plan:
+        """The plan for the whole artifact (a 200)."""
+        size = entry.size
+        kind = content_type_for(path) if content_type is None else content_type
+        return cls(entry, path, 200, [(0, size)], size, kind)
+
+    @classmethod
     def make(cls, request: Any, entry: Any, path: str) -> _Plan:
         """The plan for *request*'s ``Range`` (ignored with an ``If-Range`` naming another
         version); may raise `UnsatisfiableRange`."""
@@ -642,7 +671,7 @@ class _Plan:
         content_type = content_type_for(path)
         ranges = parse_range(header, size, content_type)
         if not ranges:
-            return cls(entry, path, 200, [(0, size)], size, content_type)
+            return cls.whole(entry, path, content_type)
         if len(ranges) == 1:
             first, last = ranges[0]
             return cls(

@@ -316,3 +316,38 @@ def _gather(deferreds):
     from twisted.internet import defer
 
     return defer.gatherResults(deferreds, consumeErrors=True)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_plain_get_skips_preconditions_and_ranges_a_conditional_one_gets_them(
+    lazy_env, monkeypatch
+):
+    """A GET with no precondition and no Range (most) does not work them out for each entry
+    tried; with one, they are evaluated as before (here a 304 from the catalog's ETag and a
+    206, each on content not stored yet), and a plain GET still carries the ETag."""
+    import streamer.lazy
+
+    evaluated: list[bytes] = []
+    evaluate = streamer.lazy.evaluate_conditions
+    monkeypatch.setattr(
+        streamer.lazy,
+        "evaluate_conditions",
+        lambda request, *args: evaluated.append(request.path) or evaluate(request, *args),
+    )
+    env = lazy_env.start()
+    env.remote("up")
+    bodies = {"a": BODY, "b": BODY[::-1], "c": BODY[1:] + BODY[:1]}  # three artifacts
+    for name, data in bodies.items():
+        url = env.upstream.register(f"/files/{name}.bin", Serve(data))
+        yield env.publish(f"repo/{name}.bin", data, ("up", url))
+    code, out, err = yield run_curl("-i", env.url("repo/a.bin"))
+    assert code == 0, err
+    status, headers, body = parse_response(out)
+    assert (status, body, evaluated) == (200, BODY, [])
+    assert headers["etag"] == [f'"{sha256(BODY)}"']
+    etag = f'If-None-Match: "{sha256(bodies["b"])}"'
+    code, out, err = yield run_curl("-i", "-H", etag, env.url("repo/b.bin"))
+    assert code == 0 and parse_response(out)[0] == 304, err
+    code, out, err = yield run_curl("-i", "-r", "0-9", env.url("repo/c.bin"))
+    assert code == 0 and parse_response(out)[::2] == (206, bodies["c"][:10]), err
+    assert evaluated == [b"/repo/b.bin", b"/repo/c.bin"]
