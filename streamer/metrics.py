@@ -20,12 +20,20 @@ its values to files there, and ``/metrics`` in any process renders the totals of
 every update is a locked write to a memory-mapped file (a request made seven), so given a
 reactor the per-request figures of one reactor turn are summed in memory and written at its
 end (`flush`): a scrape in another process sees them one turn later.
+
+In one process the per-request figures are summed in memory too, and written to the metrics
+whenever the registry is read (a collector registered first flushes them: ``/metrics``,
+`value`, or anything else collecting it sees every request so far) or once
+`FLUSH_DURATIONS` request durations wait: a request's seven updates through
+prometheus-client (label lookups, locks, a histogram's bucket search) cost as much as the
+rest of its bookkeeping, for figures read every few seconds at most.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +59,10 @@ UPSTREAM_REASONS = (
     "size_mismatch",
     "other",
 )
+
+
+#: Request durations kept in memory at most before they are written (one process).
+FLUSH_DURATIONS = 1024
 
 
 def reason_label(error: BaseException) -> str:
@@ -125,12 +137,19 @@ class Metrics:
         self.shared_dir = shared_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         #: Batches the per-request updates of a reactor turn (multiprocess mode only).
         self._reactor = reactor if self.shared_dir else None
-        #: (metric, label values) -> the amount to add at the end of this turn.
+        #: Whether updates wait in memory (one process: until a read; several: until the
+        #: end of the turn), rather than being written at once (several, with no reactor).
+        self._batched = not self.shared_dir or self._reactor is not None
+        #: (metric, label values) -> the amount to add at the next `flush`.
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
         self._durations: list[float] = []
+        #: Guards `_pending` and `_durations` (a registry may be collected in any thread).
+        self._lock = threading.Lock()
         self._flush_call: Any = None
         self._temp_bytes = _TempBytes()
         r = self.registry
+        if not self.shared_dir:  # first, so every collection sees what waits
+            r.register(_FlushFirst(self))
         self.requests = Counter(
             "streamer_requests", "HTTP requests answered", ["method", "status"], registry=r
         )
@@ -203,32 +222,42 @@ class Metrics:
         elif cache_status == "coalesced":
             self._add(self.coalesced_waiters, (), 1)
         if duration is not None:
-            if self._reactor is None:
+            if not self._batched:
                 self.request_duration.observe(max(duration, 0.0))
-            else:
+                return
+            with self._lock:
                 self._durations.append(max(duration, 0.0))
+                waiting = len(self._durations)
+            if self._reactor is not None:
                 self._schedule()
+            elif waiting >= FLUSH_DURATIONS:
+                self.flush()
 
     def _add(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
-        """Add *amount* to a counter or gauge: now, or at the end of this reactor turn."""
-        if self._reactor is None:
+        """Add *amount* to a counter or gauge: at the next `flush` (see the module), or now
+        with several processes and no reactor."""
+        if not self._batched:
             (metric.labels(*labels) if labels else metric).inc(amount)
             return
         key = (metric, labels)
-        self._pending[key] = self._pending.get(key, 0) + amount
-        self._schedule()
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0) + amount
+        if self._reactor is not None:
+            self._schedule()
 
     def _schedule(self) -> None:
         if self._flush_call is None and self._reactor is not None:
             self._flush_call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
-        """Write the updates waiting for the end of this turn (before a scrape, at exit)."""
+        """Write the updates waiting in memory (at the end of a turn, before a scrape, at
+        exit)."""
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        pending, self._pending = self._pending, {}
-        durations, self._durations = self._durations, []
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            durations, self._durations = self._durations, []
         for (metric, labels), amount in pending.items():
             if amount:  # an in-flight gauge up and down in one turn writes nothing
                 (metric.labels(*labels) if labels else metric).inc(amount)
@@ -246,11 +275,11 @@ class Metrics:
         self.upstream_failures.labels(reason if reason in UPSTREAM_REASONS else "other").inc()
 
     def download_started(self) -> None:
-        self.downloads.inc()
-        self.downloads_in_flight.inc()
+        self._add(self.downloads, (), 1)
+        self._add(self.downloads_in_flight, (), 1)
 
     def download_finished(self) -> None:
-        self.downloads_in_flight.dec()
+        self._add(self.downloads_in_flight, (), -1)
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -283,6 +312,18 @@ class Metrics:
         if self._temp_bytes.path is not None:
             totals.register(self._temp_bytes)
         return generate_latest(_WithoutCreated(totals))
+
+
+class _FlushFirst:
+    """Registered first in a registry of one process: collecting it writes the figures that
+    wait in memory first (and describes no metric of its own)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        self._metrics.flush()
+        return iter(())
 
 
 class _TempBytes:

@@ -184,10 +184,47 @@ def test_several_processes_write_the_figures_of_a_reactor_turn_once_at_its_end(t
     metrics.request_done("GET", 404, 0, None, 0.01)
     assert metrics.value("streamer_requests_in_flight") == 0  # flushed before reading
     assert not clock.getDelayedCalls()
-    # One process (no shared folder): every update is written at once, as before.
+    # One process (no shared folder): reading the registry writes what waits first.
     single = Metrics(reactor=clock)
     single.request_done("GET", 200, 1, "hit", 0.01)
     assert single.registry.get_sample_value(*hits) == 1
+
+
+def test_one_process_writes_its_figures_when_they_are_read(monkeypatch):
+    """In one process a request's updates wait in memory (no prometheus call, nothing
+    scheduled) until the registry is collected (``/metrics``, `Metrics.value`, any exporter
+    of the registry), or until `FLUSH_DURATIONS` requests wait."""
+    from prometheus_client.values import MutexValue
+    from twisted.internet.task import Clock
+
+    from streamer.metrics import FLUSH_DURATIONS, Metrics
+
+    written: list[float] = []
+    inc = MutexValue.inc
+    monkeypatch.setattr(
+        MutexValue, "inc", lambda self, amount: written.append(amount) or inc(self, amount)
+    )
+    clock = Clock()
+    metrics = Metrics(reactor=clock)
+    for _ in range(3):
+        metrics.request_started()
+        metrics.download_started()
+        metrics.request_done("GET", 200, 100, "miss", 0.01)
+        metrics.download_finished()
+    assert written == [] and not clock.getDelayedCalls()
+    sample = metrics.registry.get_sample_value
+    assert sample("streamer_cache_misses_total", {}) == 3
+    assert sample("streamer_served_bytes_total", {"source": "upstream"}) == 300
+    assert sample("streamer_request_duration_seconds_count", {}) == 3
+    assert sample("streamer_downloads_total", {}) == 3
+    assert sample("streamer_downloads_in_flight", {}) == 0
+    assert sample("streamer_requests_in_flight", {}) == 0
+    assert b'streamer_requests_total{method="GET",status="200"} 3.0' in metrics.render()
+    written.clear()
+    for _ in range(FLUSH_DURATIONS):
+        metrics.request_done("GET", 200, 1, "hit", 0.01)
+    assert written  # no reader: written once that many wait
+    assert metrics.value("streamer_cache_hits_total") == FLUSH_DURATIONS
 
 
 @pytest_twisted.ensureDeferred
