@@ -771,6 +771,11 @@ class Claims:
             names = os.listdir(self.folder) if sha256 is None else [sha256]
         except FileNotFoundError:
             return 0
+        names = [n for n in names if n != LOCKS_FILE and not n.startswith(".")]
+        if sha256 is not None and not os.path.lexists(os.path.join(self.folder, sha256)):
+            return 0
+        if not names:  # (nothing to lock: no locks file made for nothing)
+            return 0
         try:
             locks = self._open_locks()
         except OSError as exc:
@@ -778,8 +783,6 @@ class Claims:
             return 0
         try:
             for name in names:
-                if name == LOCKS_FILE or name.startswith("."):
-                    continue
                 path = os.path.join(self.folder, name)
                 if name.endswith(".readers"):  # left by an earlier version of this protocol
                     remove_quietly(path)
@@ -882,8 +885,13 @@ class Claims:
             peer.check()
 
     def close(self) -> None:
-        """Stop watching. (The locks file stays: another process or node may hold locks in
-        it; a new file in its place would let two owners take one download.)"""
+        """Stop watching; remove the claims folder if it is empty (a later claim makes it
+        again). The locks file stays: another process or node may hold locks in it; a new
+        file in its place would let two owners take one download."""
+        try:
+            os.rmdir(self.folder)
+        except OSError:
+            pass
         for folder in list(self._watched):
             self._watched[folder] = 1
             self._drop_watch(folder)
