@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest_twisted
-from twisted.logger import Logger, eventAsJSON, eventFromJSON, textFileLogObserver
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, textFileLogObserver
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -273,3 +273,20 @@ def test_a_failure_relayed_from_a_helper_process_keeps_its_exception_and_traceba
     assert failure.getErrorMessage() == "[Errno 28] No space left on device: 'artifacts/ab/cd'"
     # The helper's own failure is left as it was (the relay sends a copy).
     assert isinstance(event["log_failure"].value, OSError)
+
+
+def test_an_access_event_needs_no_field_lookup_to_be_rendered():
+    """Its format is its line (braces doubled) and its system is set: a text observer neither
+    looks a field up nor works the system out from namespace and level, at every line."""
+    events: list[dict] = []
+    request = Request(DummyChannel())
+    request.method, request.path, request.code, request.sentLength = b"GET", b"/fx/{a}}", 200, 5
+    RequestLog(observer=events.append).access(request, 0.25)
+    [event] = events
+    assert event["log_format"] == event["line"].replace("{", "{{").replace("}", "}}")
+    assert event["log_system"] == "streamer.access#info"
+    assert formatEvent(event) == event["line"]
+    assert event["line"].endswith(' "GET /fx/{a}}" 200 5 0.250s cache=-')
+    text = io.StringIO()
+    textFileLogObserver(text)(event)
+    assert text.getvalue().endswith(f"[streamer.access#info] {event['line']}\n")
