@@ -364,6 +364,11 @@ class _Sync:
             raise
         finally:
             yield fetcher.stop()
+            clean_stale = getattr(self.storage, "clean_stale_temp", None)
+            if clean_stale is not None and any(not link.alive for link in links):
+                # A helper killed mid-sync left its temp folder (its partial downloads):
+                # nobody else would remove it before the next sync or service start.
+                clean_stale()
             self.progress.finish()
 
     def _links(self) -> list[Any]:

@@ -186,6 +186,9 @@ async def test_a_killed_helper_s_files_are_fetched_by_the_syncing_process(
     assert artifacts(storage) == {sha(data): data for data in repo.files.values()}
     assert all(e.stored for e in await catalog.entries_for_remote("fixtures"))
     assert helpers.links[0].stored == 0
+    # Nothing is left of the dead helper's downloads: its temp folder was removed.
+    dead = f"proc-{process.pid}-"
+    assert [name for name in os.listdir(storage.temp_root) if name.startswith(dead)] == []
 
 
 @pytest_twisted.ensureDeferred
