@@ -456,14 +456,20 @@ class DownloaderFactory:
         idle = sum(len(c) for c in self.pool._connections.values())
         return idle + (self._direct.idle_count() if self._direct is not None else 0)
 
+    def close_idle(self) -> defer.Deferred[None]:
+        """Close the keep-alive connections kept for reuse (both clients'); fires when they
+        are closed. The factory stays usable: a later download connects anew."""
+        closing = [self.pool.closeCachedConnections()]
+        if self._direct is not None:
+            closing.append(self._direct.close_idle())
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
     def close(self) -> defer.Deferred[None]:
         """Remove the temporary files made ahead and not used, and close the pool's idle
         connections; fires when they are closed."""
         closing = [pool.close() for pool in self._temp_pools.values()]
         self._temp_pools.clear()
-        closing.append(self.pool.closeCachedConnections())
-        if self._direct is not None:
-            closing.append(self._direct.close_idle())
+        closing.append(self.close_idle())
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 

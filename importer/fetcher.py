@@ -55,17 +55,11 @@ class FileFetcher:
         #: Commits under way (the download slots are free meanwhile).
         self.pending: set[defer.Deferred[None]] = set()
         self._factory: Any = None
-        #: Downloader arguments of this fetcher's own (``semaphore``: see `start`).
-        self._options: dict[str, Any] = {}
 
-    def start(self, concurrency: int | None = None) -> None:
+    def start(self) -> None:
         """Before the first `fetch`: temporary files are created with the artifacts' mode
         (the commit then needs no chmod), inline: a create costs less than handing the GIL to
-        a thread and back (measured in bench/RESULTS.md). *concurrency*: at most this many
-        downloads at once (default: the remote's ``download_concurrency``), for a process
-        that has only a share of it."""
-        if concurrency is not None:
-            self._options = {"semaphore": defer.DeferredSemaphore(concurrency)}
+        a thread and back (measured in bench/RESULTS.md)."""
         make = getattr(self.remote, "downloader_factory", None)  # a duck-typed remote may not
         if make is not None:
             self._factory = make()
@@ -81,6 +75,13 @@ class FileFetcher:
                 yield defer.DeferredList(list(self.pending), consumeErrors=True)
 
         return drain()
+
+    def close_idle(self) -> defer.Deferred[None]:
+        """Close the connections kept for reuse (no more files are coming to this fetcher:
+        they would only hold a place of download_concurrency); fires once closed."""
+        if self._factory is None:
+            return defer.succeed(None)
+        return self._factory.close_idle()
 
     def stop(self) -> defer.Deferred[None]:
         """Drop the files still waiting for a batch (removed, never committed), then stop
@@ -113,9 +114,7 @@ class FileFetcher:
             return defer.succeed(None)
         entry = sources[index]
         try:
-            downloader = self.remote.get_downloader(
-                entry=entry, temp_dir=self.storage.temp_dir, **self._options
-            )
+            downloader = self.remote.get_downloader(entry=entry, temp_dir=self.storage.temp_dir)
             running = downloader.run()
         except Exception:
             return self._source_failed(Failure(), sources, index, problems)

@@ -22,6 +22,7 @@ never a partial artifact; the next sync downloads what is missing.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import time
@@ -254,6 +255,16 @@ class _Sync:
         self._mark_delay = MARK_DELAY
         #: This sync's helpers, configured as it began (None: not yet).
         self._helper_links: list[Any] | None = None
+        #: Files fetched here for a helper (given back, or left by a dead one), waiting for
+        #: room within download_concurrency; how many of them, and of this process's own
+        #: files, are downloading; whether every file has been handed out.
+        self._for_helpers: collections.deque[tuple[list[CatalogEntry], defer.Deferred[None]]]
+        self._for_helpers = collections.deque()
+        self._for_helpers_running = 0
+        self._own_running = 0
+        self._own_share = remote.download_concurrency
+        self._handed_out = False
+        self._links_in_use: list[Any] = []
         from twisted.internet import reactor
 
         self._clock = reactor
@@ -333,12 +344,10 @@ class _Sync:
         files = group_sources(self.importer.catalog_entries(listing, self._stored_check()))
         self.progress.start(self.remote.name, total)
         fetcher = self._fetcher
+        fetcher.start()
         links = self._helper_links if self._helper_links is not None else self._links()
         local = self.remote.download_concurrency - sum(link.slots for link in links)
-        # Beside helpers, this process's downloads (its own, and files a helper gives back
-        # or leaves behind) share its part of download_concurrency: the connections stay
-        # within it in all.
-        fetcher.start(concurrency=local if links else None)
+        self._own_share, self._links_in_use = local, links
         helpers = [
             (functools.partial(self._one_file, fetch=link.fetch), link.ready)
             for link in links
@@ -347,8 +356,7 @@ class _Sync:
         try:
             # Once every file is handed out, the helpers give back what has not started
             # (it would wait behind their downloads while this process's slots idle).
-            reclaim = lambda: [link.reclaim() for link in links]  # noqa: E731
-            yield run_bounded(files, self._one_file, local, helpers, reclaim)
+            yield run_bounded(files, self._one_file, local, helpers, self._all_handed_out)
             finishing = [fetcher.finish()] + [link.finish() for link in links]
             yield defer.gatherResults(finishing, consumeErrors=True)
             self._mark_now()
@@ -383,12 +391,50 @@ class _Sync:
             fallback=self._fetch_here,
         )
 
+    def _all_handed_out(self) -> None:
+        self._handed_out = True
+        for link in self._links_in_use:
+            link.reclaim()
+
     def _fetch_here(self, sources: list[CatalogEntry]) -> defer.Deferred[None]:
-        """A lost helper's file, fetched by this process instead (tracked until its slot is
-        free: the sync does not end before it)."""
-        fetching = self._fetcher.fetch(sources)
-        self._track(fetching)
-        return fetching
+        """A file a helper gave back or left behind (it died), fetched by this process
+        instead as soon as there is room (tracked until its slot is free: the sync does not
+        end before it)."""
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._track(waiting)
+        self._for_helpers.append((sources, waiting))
+        self._start_for_helpers()
+        return waiting
+
+    def _room(self) -> int:
+        """Downloads this process may start for helpers now: download_concurrency, less the
+        helpers' downloads, those already started for them, and this process's own share
+        (its own downloads in flight, once every file is handed out)."""
+        helpers = sum(min(link.in_flight, link.slots) for link in self._links_in_use if link.alive)
+        own = self._own_running if self._handed_out else self._own_share
+        return self.remote.download_concurrency - helpers - own - self._for_helpers_running
+
+    def _start_for_helpers(self, result: Any = None) -> Any:
+        """Start waiting files while there is room; passes *result* through (a callback of
+        every download slot that frees up)."""
+        while self._for_helpers and self._room() > 0:
+            sources, waiting = self._for_helpers.popleft()
+            if waiting.called:  # cancelled: the sync is being stopped
+                continue
+            self._for_helpers_running += 1
+            fetching = self._fetcher.fetch(sources)
+            self._track(fetching)
+            fetching.addBoth(self._fetched_for_helper)
+            fetching.chainDeferred(waiting)
+        return result
+
+    def _fetched_for_helper(self, result: Any) -> Any:
+        self._for_helpers_running -= 1
+        return self._start_for_helpers(result)
+
+    def _own_done(self, result: Any) -> Any:
+        self._own_running -= 1
+        return self._start_for_helpers(result)
 
     def _stored_check(self) -> Callable[[str], bool]:
         """``storage.has`` for one pass over the listing, minus the ``stat`` for content whose
@@ -417,7 +463,11 @@ class _Sync:
             waiters.append(waiter)
             return waiter.addCallback(lambda _: self._after_twin(sources, fetch))
         self._in_flight[sha256] = []
-        fetching = (fetch or self._fetcher.fetch)(sources)
+        if fetch is None:  # this process's own
+            self._own_running += 1
+            fetching = self._fetcher.fetch(sources).addBoth(self._own_done)
+        else:  # a helper's: its slot frees up
+            fetching = fetch(sources).addBoth(self._start_for_helpers)
         return fetching.addErrback(self._release, sha256)
 
     def _after_twin(

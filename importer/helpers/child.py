@@ -67,6 +67,8 @@ class HelperSide(LineReceiver):
         #: Fires once the connection is gone and everything is cleaned up.
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._previous: defer.Deferred[Any] = defer.succeed(None)
+        #: The syncing process has handed out every file of this sync.
+        self._handed_out = False
 
     def connectionMade(self) -> None:
         self._send(op="hello", pid=os.getpid())
@@ -80,7 +82,8 @@ class HelperSide(LineReceiver):
             entries = decode_sources(message["sources"])
             self._queue.append((entries[0].sha256, entries))
             self._pump()
-        elif op == "return":
+        elif op == "return":  # every file is handed out: no more are coming
+            self._handed_out = True
             self._give_back(set(message["sha256s"]))
         elif op == "flush":
             if self.fetcher is not None:
@@ -105,6 +108,7 @@ class HelperSide(LineReceiver):
             self.storage = storage
             self.fetcher = FileFetcher(remote, storage, self._stored, self._failed)
             self.fetcher.start()
+            self._handed_out = False
             self._send(op="ready")
 
         self._previous.addBoth(begin)
@@ -128,14 +132,27 @@ class HelperSide(LineReceiver):
             else:
                 kept.append((sha256, entries))
         self._queue = kept
+        self._close_idle()
+
+    def _close_idle(self) -> defer.Deferred[None] | None:
+        """Once no more files are coming, a connection left idle is closed (the syncing
+        process downloads the files given back: the connections stay within
+        download_concurrency in all); fires once it is closed. None: nothing to close."""
+        if self._handed_out and not self._queue and self.fetcher is not None:
+            return self.fetcher.close_idle()
+        return None
 
     def _free(self, result: Any, fetching: defer.Deferred[None], sha256: str) -> None:
         self._fetching.discard(fetching)
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             log.failure("fetching {sha256}", result, sha256=sha256)
         if self.transport is not None and not self.transport.disconnecting:
-            self._send(op="free", sha256=sha256)
             self._pump()
+            closing = self._close_idle()
+            if closing is None:
+                self._send(op="free", sha256=sha256)
+            else:  # the syncing process may use the place once the connection is closed
+                closing.addBoth(lambda _: self._send(op="free", sha256=sha256))
 
     def _stored(self, sha256: str, url: str) -> None:
         self._send(op="stored", sha256=sha256, url=url)

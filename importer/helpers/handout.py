@@ -75,6 +75,12 @@ class HelperLink(LineReceiver):
         return frozenset(self._tasks)
 
     @property
+    def in_flight(self) -> int:
+        """Files handed to the helper whose download slot is not free yet (downloading, or
+        waiting for a slot there): at most `slots` of them hold a connection."""
+        return sum(1 for task_ in self._tasks.values() if task_.free is not None)
+
+    @property
     def window(self) -> int:
         """How many files the helper may hold at once (downloading or waiting for a slot)."""
         return self.slots * WINDOW_PER_SLOT

@@ -148,7 +148,7 @@ async def test_connections_stay_within_download_concurrency_as_the_listing_runs_
         await helpers.close()
 
     assert (report.downloaded, report.failed) == (len(repo.files), [])
-    assert upstream.max_concurrent_connections <= 1 + HELPER_SLOTS + 1  # + the listing's
+    assert upstream.max_concurrent_connections <= 1 + HELPER_SLOTS
 
 
 @pytest_twisted.ensureDeferred
