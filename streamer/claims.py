@@ -64,7 +64,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from downloaders.errors import DownloadError, DownloadTimeout, NotFound
+from downloaders.errors import (
+    DownloadError,
+    DownloadTimeout,
+    HttpError,
+    NotFound,
+    http_error,
+)
 from store.errors import StorageError
 from store.tempdirs import remove_quietly
 
@@ -101,14 +107,20 @@ class OwnerGone(DownloadError):
 
 
 def _error_record(error: BaseException) -> dict[str, Any]:
-    """What a follower needs to answer as the owner would (404, 504 or 502)."""
+    """What a follower needs to answer as the owner would (404, 504, 503 with a
+    ``Retry-After``, or 502 saying what failed, as the owner's clients are told)."""
     url = getattr(error, "url", "")
     message = getattr(error, "message", type(error).__name__)
     if isinstance(error, NotFound):
         return {"kind": "not_found", "url": url, "status": error.status}
     if isinstance(error, DownloadTimeout):
         return {"kind": "timeout", "url": url, "what": error.kind, "seconds": error.seconds}
-    return {"kind": "other", "url": url, "message": message}
+    record = {"kind": "other", "url": url, "message": message}
+    if isinstance(error, DownloadError):
+        record["summary"] = error.summary
+    if isinstance(error, HttpError):
+        record.update(kind="http", status=error.status, retry_after=error.retry_after)
+    return record
 
 
 def _error_from(record: dict[str, Any]) -> DownloadError:
@@ -120,7 +132,16 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
         return DownloadTimeout(url, str(record.get("what", "read")), float(record["seconds"]))
     if kind == "gone":
         return OwnerGone(url, "the download's owner stopped")
-    return DownloadError(url, str(record.get("message", "upstream failed")))
+    status, retry_after = record.get("status"), record.get("retry_after")
+    if kind == "http" and isinstance(status, int):
+        seconds = float(retry_after) if isinstance(retry_after, (int, float)) else None
+        return http_error(url, status, retry_after=seconds)
+    summary = record.get("summary")
+    return DownloadError(
+        url,
+        str(record.get("message", "upstream failed")),
+        summary if isinstance(summary, str) else None,
+    )
 
 
 #: Opening the locks file (never through a symbolic link, never waiting on a FIFO).

@@ -8,11 +8,19 @@ from __future__ import annotations
 import fcntl
 import os
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from downloaders.errors import (
+    ConnectionFailed,
+    DigestValidationError,
+    SizeValidationError,
+    http_error,
+)
 from store import ArtifactStorage, CatalogEntry
 from streamer import claims as claims_module
+from streamer.busy import busy_seconds
 from streamer.claims import (
     LOCKS_FILE,
     POLL_MIN_SECONDS,
@@ -521,6 +529,48 @@ def test_a_reader_of_a_body_held_in_memory_gets_the_owners_failure(tmp_path):
     clock.advance(POLL_SECONDS)
     assert [type(e) for e in errors] == [NotFound] and errors[0].status == 404
     assert boards(owner_side) == [] and not held(owner_side, entry().sha256)
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DigestValidationError("0" * 64, "1" * 64, url="http://h/a.bin", algorithm="sha256"),
+        SizeValidationError(9, 10, url="http://h/a.bin"),
+        http_error("http://h/a.bin", 500, "Oops"),
+        http_error("http://h/a.bin", 503, "Busy", retry_after=7.0),
+        ConnectionFailed("http://h/a.bin", "connection refused"),
+    ],
+    ids=lambda e: type(e).__name__ + str(getattr(e, "status", "")),
+)
+def test_a_follower_answers_an_owners_failure_as_the_owner_does(tmp_path, error):
+    """What the owner's clients are told (the error's summary, its HTTP status, a Retry-After
+    that makes a 503) is what a follower's clients are told (before: 502 "download failed"
+    for all but a 404 or a timeout, so a client's answer depended on the process it
+    reached)."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    errors: list[BaseException] = []
+
+    class Follower(_Client):
+        def failed(self, error: BaseException) -> None:
+            errors.append(error)
+
+    client = Follower()
+    peer.add(client)
+    owner.failed(error)
+    clock.advance(POLL_SECONDS)
+    [got] = errors
+    assert got.summary == error.summary
+    assert getattr(got, "status", None) == getattr(error, "status", None)
+    assert busy_seconds(got) == busy_seconds(error)
     peer.remove(client)
     owner_side.close()
     follower_side.close()
