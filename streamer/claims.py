@@ -814,8 +814,10 @@ class Claims:
                 except ValueError:
                     continue  # not ours
                 try:
-                    if not _set_lock(locks, fcntl.F_WRLCK, slot):
-                        continue  # its owner lives
+                    if not _set_lock(locks, fcntl.F_WRLCK, slot):  # its owner lives
+                        if sha256 is not None:  # (a follower that left before it was done)
+                            removed += self._drop_unread_board(locks, path, slot)
+                        continue
                 except OSError:
                     continue
                 try:
@@ -829,6 +831,22 @@ class Claims:
         finally:
             os.close(locks)
         return removed
+
+    def _drop_unread_board(self, locks: int, path: str, slot: int) -> int:
+        """Remove the board at *path* of a live owner if it is empty and nobody reads it: a
+        follower made it and left before the owner wrote to it; an owner that saw no reader
+        never will (one that writes later makes it again, and removes it itself when done).
+        1 if removed."""
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size:
+                return 0
+            if _holder(locks, slot + 1) != fcntl.F_UNLCK:
+                return 0
+        except OSError:
+            return 0
+        remove_quietly(path)
+        return 1
 
     # -- inotify ---------------------------------------------------------------------------
 

@@ -576,6 +576,35 @@ def test_a_follower_answers_an_owners_failure_as_the_owner_does(tmp_path, error)
     follower_side.close()
 
 
+def test_a_follower_that_leaves_before_its_owner_is_done_leaves_no_board(tmp_path):
+    """A follower makes the board its owner will write to if it sees a reader; its client
+    leaves before the owner wrote anything: the empty board goes with it (before: it stayed
+    in ``tmp/claims/`` once everything settled, since the owner, which saw no reader at the
+    end, never opened it, and the follower's sweep skipped it while the owner lived). A board
+    another follower still reads, or one the owner wrote to, stays."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, first_side, second_side = (Claims(storage, clock) for _ in range(3))
+    first_side._notify = second_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    first = first_side.claim_or_follow(entry(), lambda _: None)
+    second = second_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(first, PeerDownload)
+    assert isinstance(second, PeerDownload)
+    clients = [_Client(), _Client()]
+    first.add(clients[0])
+    second.add(clients[1])
+    first.remove(clients[0])  # its client left: the second still reads the board
+    assert boards(owner_side) == [entry().sha256]
+    second.remove(clients[1])  # the last reader left
+    assert boards(owner_side) == []
+    owner.stored_later([], 200)  # validated: no reader, so no notice
+    owner.release()
+    assert boards(owner_side) == []
+    for side in (owner_side, first_side, second_side):
+        side.close()
+
+
 def test_a_request_after_validation_is_a_hit_and_leaves_no_board(tmp_path):
     """The owner of a validated body held in memory shares its lock: a request of another
     process arriving before the commit knows it is validated (a hit) though no notice was
