@@ -14,7 +14,6 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
 from twisted.internet.error import ReactorNotRestartable
@@ -45,7 +44,7 @@ from downloaders.interfaces import IDownloader
 from downloaders.result import DownloadResult
 from downloaders.retry import Backoff, RetryDelays
 from downloaders.tempfiles import TempFilePool, create_temp_file
-from downloaders.urls import without_userinfo
+from downloaders.urls import url_credentials, without_userinfo
 
 HeadersCallback = Callable[[Any], None]
 
@@ -159,7 +158,7 @@ class BaseDownloader:
         #: logs show it through `downloaders.urls.redact_url`).
         self.url = without_userinfo(url) if "@" in url else url
         #: ``(username, password)`` from the url's userinfo, for protocols that can send them.
-        self.url_credentials = _userinfo(url) if "@" in url else None
+        self.url_credentials = url_credentials(url) if "@" in url else None
         self.allowed_digests = (
             DEFAULT_ALLOWED_DIGESTS if allowed_digests is None else check_allowed(allowed_digests)
         )
@@ -622,16 +621,6 @@ def credentials(value: Any, name: str = "auth") -> tuple[str, str] | None:
     if login is not None:
         return str(login), str(getattr(value, "password", "") or "")
     raise TypeError(f"{name} must be a (user, password) pair, not {type(value).__name__}")
-
-
-def _userinfo(url: str) -> tuple[str, str] | None:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.username is None:
-        return None
-    return unquote(parts.username), unquote(parts.password or "")
 
 
 _reactor_thread_lock = threading.Lock()

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
-from downloaders.urls import MASK, redact_url
+from downloaders.urls import MASK, redact_url, url_credentials, without_userinfo
 
 #: Header names whose values are secrets: masked in ``repr`` and dropped on cross-host redirects.
 SENSITIVE_HEADERS = frozenset(
@@ -192,10 +192,28 @@ class RemoteSettings:
 
     def __attrs_post_init__(self) -> None:
         self._check_tls_files()
+        if "@" in self.url:
+            self._take_url_credentials()
         if self.password and not self.username:
             raise SettingsError("password", "is set but username is empty")
         if self.proxy_password and not self.proxy_username:
             raise SettingsError("proxy_password", "is set but proxy_username is empty")
+
+    def _take_url_credentials(self) -> None:
+        """``https://user:password@host/...``: the credentials become ``username`` and
+        ``password`` (sent as Basic auth to the url's origin only, like those settings) and
+        leave the url, so the catalog's urls, logs and ``repr`` never hold them."""
+        found = url_credentials(self.url)
+        if found is None:
+            return
+        if self.username:
+            raise SettingsError(
+                "url", "holds a user:password@ and username is set too: give the credentials once"
+            )
+        if not found[0]:
+            raise SettingsError("url", "holds a password without a user name before its '@'")
+        self.username, self.password = found
+        self.url = without_userinfo(self.url)
 
     def _check_tls_files(self) -> None:
         if self.ca_cert:
@@ -218,8 +236,5 @@ class RemoteSettings:
         """``(username, password)`` for the proxy, from the settings or the proxy url."""
         if self.proxy_username:
             return self.proxy_username, self.proxy_password
-        if self.proxy_url:
-            parts = urlsplit(self.proxy_url)
-            if parts.username:
-                return unquote(parts.username), unquote(parts.password or "")
-        return None
+        found = url_credentials(self.proxy_url) if self.proxy_url else None
+        return found if found is not None and found[0] else None

@@ -9,9 +9,9 @@ still requests its query string.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "origin", "redact_url", "without_userinfo"]
+__all__ = ["MASK", "origin", "redact_url", "url_credentials", "without_userinfo"]
 
 MASK = "***"
 
@@ -50,6 +50,18 @@ def without_userinfo(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def url_credentials(url: str) -> tuple[str, str] | None:
+    """``(username, password)`` from *url*'s userinfo, percent-decoded (``%40`` is ``@``), or
+    None when it has none (or cannot be parsed)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.username is None:
+        return None
+    return unquote(parts.username), unquote(parts.password or "")
 
 
 def origin(url: str | bytes) -> tuple[str, str, int | None]:

@@ -133,6 +133,22 @@ def test_proxy_credentials_from_url_or_settings() -> None:
     assert RemoteSettings(url=URL).proxy_credentials() is None
 
 
+def test_credentials_in_the_url_become_username_and_password() -> None:
+    """``http://user:password@host/...`` (percent-encoded as a url must be): the url loses
+    them, so the catalog's urls, logs and repr never hold them; they are sent as the
+    ``username``/``password`` settings are."""
+    remote = RemoteSettings(url="https://alice:p%40ss%3Aw%2F@mirror.example/repo/PULP_MANIFEST")
+    assert remote.url == "https://mirror.example/repo/PULP_MANIFEST"
+    assert (remote.username, remote.password) == ("alice", "p@ss:w/")
+    assert "p@ss" not in repr(remote) and "p%40ss" not in repr(remote)
+    token = RemoteSettings(url="https://t0ken@mirror.example/m")  # a token as the user
+    assert (token.url, token.username, token.password) == ("https://mirror.example/m", "t0ken", "")
+    with pytest.raises(SettingsError, match="^url: .*give the credentials once"):
+        RemoteSettings(url="https://a:b@mirror.example/m", username="c", password="d")
+    with pytest.raises(SettingsError, match="^url: holds a password without a user name"):
+        RemoteSettings(url="https://:secret@mirror.example/m")
+
+
 def test_remote_subclass_is_validated_too(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="^ca_cert: "):
         Remote(name="r", url=URL, ca_cert=str(tmp_path / "nope.pem"))

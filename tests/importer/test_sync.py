@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor, task
 
 from importer import SyncError, SyncReport, sync_remote
 from tests.importer.conftest import Repo, artifacts, content, sha, temp_files
-from tests.support.faults import Serve, StallMidBody, Status, WrongBytes
+from tests.support.faults import RequireBasicAuth, Serve, StallMidBody, Status, WrongBytes
 from tests.support.upstream import UpstreamServer
 
 
@@ -34,6 +34,32 @@ async def test_immediate_sync_stores_every_file(repo, storage, catalog, make_rem
     assert entries[0].url == upstream.url("/repo/files/00.bin")
     assert entries[0].digests == {"sha256": sha(repo.files["files/00.bin"])}
     assert temp_files(storage) == []  # the manifest's temp file is gone too
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_in_the_remote_url_are_sent_and_never_recorded(
+    tmp_path, storage, catalog, make_remote, upstream
+):
+    """A remote configured as ``http://user:password@host/.../PULP_MANIFEST`` syncs: the
+    listing and every file are fetched with those credentials (before, the listing's request
+    failed with "not a url this client sends"), and no url the catalog records holds them."""
+    private = Repo(tmp_path / "private")
+    for i in range(3):
+        private.put(f"files/{i:02d}.bin", content(i))
+    private.publish()
+    for relative in ["PULP_MANIFEST", *private.files]:
+        data = (private.folder / relative).read_bytes()
+        upstream.register(f"/private/{relative}", RequireBasicAuth("alice", "p@ss", Serve(data)))
+    url = upstream.url("/private/PULP_MANIFEST").replace("://", "://alice:p%40ss@", 1)
+    remote = make_remote("immediate", url=url)
+    report = await sync_remote(remote, catalog, storage)
+
+    assert (report.downloaded, report.failed) == (3, [])
+    assert artifacts(storage) == {sha(data): data for data in private.files.values()}
+    entries = await catalog.entries_for_remote("fixtures")
+    assert [e.url for e in entries] == [
+        upstream.url(f"/private/{relative}") for relative in sorted(private.files)
+    ]
 
 
 @pytest_twisted.ensureDeferred
