@@ -232,13 +232,25 @@ class SQLiteCatalog:
 
     def lookup(self, path: str) -> Deferred[list[CatalogEntry]]:
         """Entries for *path*, in the order to try them (position, then remote)."""
-        path = path.lstrip("/")
-        if self._reader is not None:
-            try:
-                return succeed(_lookup(self._reader.cursor(), path))
-            except sqlite3.OperationalError:
-                pass  # busy (a checkpoint or recovery): let the worker thread wait for it
-        return self._run(_lookup, path)
+        found = self._read_now(path)
+        if found is not None:
+            return succeed(found)
+        return self._run(_lookup, path.lstrip("/"))
+
+    def lookup_now(self, path: str) -> list[CatalogEntry] | None:
+        """`lookup`'s answer at once, read in this thread; None when it cannot be had without
+        waiting (no reader, or the database busy: a checkpoint or recovery), for `lookup`'s
+        worker thread to wait for it. A caller in the reactor gets its answer without a
+        Deferred to wait on."""
+        return self._read_now(path)
+
+    def _read_now(self, path: str) -> list[CatalogEntry] | None:
+        if self._reader is None:
+            return None
+        try:
+            return _lookup(self._reader.cursor(), path.lstrip("/"))
+        except sqlite3.OperationalError:
+            return None
 
     def list_dir(self, prefix: str) -> Deferred[list[ListingItem]]:
         """Direct children (files and sub-folders) of folder *prefix* ("" is the top)."""

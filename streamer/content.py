@@ -142,9 +142,16 @@ class ContentResource(Resource):
             respond_text(request, refused.status, refused.reason)
             return
         if not (target.folder or target.dot_ended):
-            # A stored file whose entries need no catalog round trip is served right here:
-            # the coroutine and its Deferreds cost a tenth of a warm small request.
+            # A file whose entries need no catalog round trip (cached, or a catalog that
+            # answers at once) is served right here: the coroutine and its Deferreds cost a
+            # tenth of a warm small request.
             entries = self._fresh_lookup(target.path)
+            if entries is None:
+                entries = self._lookup_now(target.path)
+            if entries == []:  # not in the catalog: `_dispatch` looks for a folder there
+                d = defer.ensureDeferred(self._dispatch(request, target, entries))
+                d.addErrback(self._failed, request)
+                return
             if entries is not None:
                 if not self._serve_stored(request, entries, target.path):
                     # Not on disk: the same entries go to the lazy path now (the way through
@@ -188,7 +195,10 @@ class ContentResource(Resource):
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def _dispatch(self, request: StreamerRequest, target: RequestPath) -> None:
+    async def _dispatch(
+        self, request: StreamerRequest, target: RequestPath, known: list[CatalogEntry] | None = None
+    ) -> None:
+        """Answer *request* for *target* (its entries *known* already, or looked up here)."""
         if target.dot_ended:
             self._redirect(request, target.url_path, client_query(request))
             return
@@ -196,7 +206,7 @@ class ContentResource(Resource):
             await self._serve_folder(request, target)
             return
         try:
-            entries = await self._lookup(target.path)
+            entries = known if known is not None else await self._lookup(target.path)
         except CatalogUnavailable as down:
             # What the catalog said last still names the artifact: serve it if it is on disk.
             self._catalog_unavailable(down)
@@ -229,6 +239,27 @@ class ContentResource(Resource):
             return cached[1]
         entries = list(await self.catalog.lookup(path))
         self._catalog_back()
+        self._remember(path, version, entries)
+        return entries
+
+    def _lookup_now(self, path: str) -> list[CatalogEntry] | None:
+        """*path*'s entries from a catalog that answers at once (`SQLiteCatalog.lookup_now`)
+        while its version is still taken as is, remembered as `_lookup` would; None when
+        they need waiting for (the version must be asked, or the catalog cannot answer now:
+        `_lookup` asks then)."""
+        lookup_now = getattr(self.catalog, "lookup_now", None)
+        if lookup_now is None or self.reactor.seconds() >= self._version_until:
+            return None
+        entries = lookup_now(path)
+        if entries is None:
+            return None
+        entries = list(entries)
+        self._catalog_back()
+        self._remember(path, self._version, entries)
+        return entries
+
+    def _remember(self, path: str, version: object, entries: list[CatalogEntry]) -> None:
+        """Keep *path*'s entries read under *version* (LRU), or forget it when it has none."""
         if entries:
             self._lookups[path] = (version, entries)
             self._lookups.move_to_end(path)
@@ -236,7 +267,6 @@ class ContentResource(Resource):
                 self._lookups.popitem(last=False)
         else:
             self._lookups.pop(path, None)
-        return entries
 
     def _fresh_lookup(self, path: str) -> list[CatalogEntry] | None:
         """*path*'s cached entries when they need no catalog round trip (read under the

@@ -418,6 +418,23 @@ def test_lookup_reads_in_the_calling_thread_and_sees_other_writers(sqlite_catalo
 
 
 @pytest_twisted.inlineCallbacks
+def test_lookup_now_answers_as_lookup_does_without_a_deferred(sqlite_catalog):
+    """`SQLiteCatalog.lookup_now`: the same entries as `lookup` (none for an unknown path), as
+    a list, read in the calling thread; None once the catalog has no reader."""
+    catalog = sqlite_catalog
+    yield catalog.replace_remote("r", [entry("base/x", remote="r", content="1")])
+    assert catalog.lookup_now("base/x") == (yield catalog.lookup("base/x"))
+    assert [e.sha256 for e in catalog.lookup_now("/base/x")] == [_sha("1")]
+    assert catalog.lookup_now("base/nothing") == []
+    reader, catalog._reader = catalog._reader, None  # (as a ":memory:" catalog has none)
+    try:
+        assert catalog.lookup_now("base/x") is None
+        assert [e.sha256 for e in (yield catalog.lookup("base/x"))] == [_sha("1")]  # (thread)
+    finally:
+        catalog._reader = reader
+
+
+@pytest_twisted.inlineCallbacks
 def test_lookup_takes_rows_as_written_and_checks_others(sqlite_catalog):
     """A row as the catalog writes it (a sha256 alone) is read without parsing JSON or checking
     again; any other row (several digests, or one changed by hand) still goes through

@@ -309,6 +309,16 @@ def counted_lookups(server) -> list[str]:
         return lookup(path)
 
     server.catalog.lookup = counting_lookup
+    lookup_now = getattr(server.catalog, "lookup_now", None)
+    if lookup_now is not None:  # (answers at once when it can: asked all the same)
+
+        def counting_lookup_now(path):
+            found = lookup_now(path)
+            if found is not None:
+                asked.append(path)
+            return found
+
+        server.catalog.lookup_now = counting_lookup_now
     return asked
 
 
@@ -402,3 +412,33 @@ def test_lookups_are_reused_until_a_sync_changes_the_catalog(server):
     got = yield server.curl("/fixtures/kept.txt")
     assert (got.status, got.body) == (200, b"new body")
     assert asked == ["fixtures/kept.txt"] * 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_path_the_catalog_answers_at_once_needs_no_coroutine(server):
+    """While the catalog's version is current, a path SQLite answers at once is served (or
+    handed to the lazy path) without the dispatch coroutine and its Deferreds; a path the
+    catalog does not know still goes there with its empty answer (a folder, or a 404), not
+    asked twice."""
+    yield server.add("fixtures/first.txt", b"first")
+    yield server.add("fixtures/second.txt", b"second")
+    yield server.add("fixtures/sub/third.txt", b"third")
+    cache_on_a_clock(server, 0.3)
+    dispatched: list[object] = []
+    dispatch = server.resource._dispatch
+
+    def counted(request, target, known=None):
+        dispatched.append(known)
+        return dispatch(request, target, *([] if known is None else [known]))
+
+    server.resource._dispatch = counted
+    got = yield server.curl("/fixtures/first.txt")  # the catalog's version is asked here
+    assert (got.status, got.body, len(dispatched)) == (200, b"first", 1)
+    asked = counted_lookups(server)
+    got = yield server.curl("/fixtures/second.txt")
+    assert (got.status, got.body, len(dispatched)) == (200, b"second", 1)
+    got = yield server.curl("/fixtures/missing.txt")
+    assert got.status == 404 and dispatched[1:] == [[]]
+    got = yield server.curl("/fixtures/sub")
+    assert got.status == 301 and got.header("location") == "/fixtures/sub/"
+    assert asked == ["fixtures/second.txt", "fixtures/missing.txt", "fixtures/sub"]
