@@ -815,8 +815,8 @@ class Claims:
                     continue  # not ours
                 try:
                     if not _set_lock(locks, fcntl.F_WRLCK, slot):  # its owner lives
-                        if sha256 is not None:  # (a follower that left before it was done)
-                            removed += self._drop_unread_board(locks, path, slot)
+                        # (an empty board whose follower left or died before it was done)
+                        removed += self._drop_unread_board(locks, path, slot)
                         continue
                 except OSError:
                     continue

@@ -605,6 +605,36 @@ def test_a_follower_that_leaves_before_its_owner_is_done_leaves_no_board(tmp_pat
         side.close()
 
 
+def test_the_sweep_removes_the_empty_board_of_a_killed_follower(tmp_path):
+    """A follower killed (its descriptors closed by the kernel, no sweep of its own) while
+    its owner lives: the sweep after a helper died removes the empty board it made (before:
+    it was skipped while its owner lived, and the owner, which saw no reader, never removed
+    it). A board the owner wrote to stays: the owner removes it when done."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    for fd in (peer._board_fd, peer._locks_fd):  # killed: the kernel closes its files
+        os.close(fd)
+    peer._board_fd = peer._locks_fd = None
+    assert owner_side.sweep() == 1 and boards(owner_side) == []
+    owner.release()
+    second = owner_side.claim_or_follow(_entry_of("ab" * 32), lambda _: None)
+    assert isinstance(second, Claim)
+    temp = os.path.join(storage.temp_dir, ".download-e")
+    open(temp, "wb").close()
+    second.announce(temp)
+    second.headers([], 200)  # its notices: the board is not empty
+    assert owner_side.sweep() == 0 and boards(owner_side) == ["ab" * 32]
+    second.release()
+    assert boards(owner_side) == []
+    owner_side.close()
+    follower_side.close()
+
+
 def test_a_request_after_validation_is_a_hit_and_leaves_no_board(tmp_path):
     """The owner of a validated body held in memory shares its lock: a request of another
     process arriving before the commit knows it is validated (a hit) though no notice was
