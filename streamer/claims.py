@@ -455,8 +455,8 @@ class PeerDownload:
         lock, so no death is ever seen. (Before its first byte nothing shows its progress:
         retries and a body held in memory are waited for as long as they take.)"""
         now = self.claims.reactor.seconds()
-        if self.temp_path is None or (self._claim_read, self.written) != seen:
-            self._progress_at = now
+        if self._data_fd is None or (self._claim_read, self.written) != seen:
+            self._progress_at = now  # (nothing streamed yet, or not seen: no verdict)
             return False
         if not self.stall_limit or now - self._progress_at <= self.stall_limit + 1:
             return False

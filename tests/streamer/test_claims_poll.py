@@ -372,6 +372,20 @@ def test_an_owner_that_stops_writing_mid_stream_fails_its_followers_as_a_read_ti
     assert [type(e) for e in errors] == [DownloadTimeout] and errors[0].seconds == 3.0
     assert peer.finished
     owner.release()
+    # A temp file this follower cannot open (gone, or not its to read): its growth is not
+    # seen, so no verdict is made on it; the outcome or the lock decides, as before.
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    peer.stall_limit = 3.0
+    peer.add(client)
+    owner.announce(os.path.join(storage.temp_dir, ".download-missing"))
+    owner.headers([], 200)
+    for _ in range(20):
+        clock.advance(POLL_SECONDS)
+    assert len(errors) == 1 and not peer.finished
+    peer.remove(client)
+    owner.release()
     owner_side.close()
     follower_side.close()
 
