@@ -435,11 +435,28 @@ def sync_command(config: Config, remote_names: Sequence[str]) -> int:
         print("nothing to sync: no remotes are configured", file=sys.stderr)
         return EXIT_OK
     progress = make_progress(sys.stderr)
+    # A helper's trouble (it died, it could not start) only slows the sync down: say so.
+    from twisted.logger import ILogObserver, globalLogPublisher
+    from zope.interface import provider
+
+    globalLogPublisher.addObserver(provider(ILogObserver)(_print_helper_warnings))
     # Helper processes start now, before the reactor: forked, they are ready at once.
     settle_imports()
     count = max(helper_count(remote) for remote in remotes)
     helpers = SyncHelpers(count).start() if count else None
     return run_reactor(lambda reactor: run_sync(config, remotes, progress, helpers=helpers))
+
+
+def _print_helper_warnings(event: dict[str, Any]) -> None:
+    """A warning or worse of the sync helpers (``importer.helpers``) as one line on stderr:
+    the command routes no other log event, and a helper that died would otherwise be seen only
+    as a slower sync."""
+    from twisted.logger import LogLevel, formatEvent
+
+    namespace = str(event.get("log_namespace", ""))
+    level = event.get("log_level")
+    if namespace.startswith("importer.helpers") and level is not None and level >= LogLevel.warn:
+        print(f"warning: {formatEvent(event)}", file=sys.stderr)
 
 
 # -- fetch ----------------------------------------------------------------------------------

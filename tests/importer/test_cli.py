@@ -4,6 +4,7 @@ SIGKILL half-way through a sync."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from store import ArtifactStorage
 from tests.importer.conftest import artifacts, sha
 from tests.support.clients import exit_code
-from tests.support.faults import Serve, StallMidBody
+from tests.support.faults import Gated, Serve, StallMidBody
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -242,6 +243,36 @@ async def test_sigkill_half_way_leaves_no_partial_artifact_and_next_sync_complet
     assert "1 downloaded, 9 already present" in out
     assert artifacts(storage) == {sha(d): d for d in repo.files.values()}
     assert set(os.listdir(storage.temp_dir)) <= left_by_kill
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_killed_mid_sync_is_said_on_stderr(tmp_path, upstream, repo):
+    """A sync helper that dies only makes the sync slower (the syncing process fetches its
+    files): the command says so in one line on stderr, and still succeeds."""
+    gates = []
+    for relative, data in sorted(repo.files.items()):
+        gates.append(Gated(Serve(data)))
+        upstream.register(f"/repo/{relative}", gates[-1])
+    config = write_config(tmp_path, upstream, sync_processes=2, download_concurrency=4)
+    child = streamer(config, "sync")
+    for _ in range(500):  # both processes have files in flight (4 in all)
+        if sum(gate.waiting for gate in gates) == 4:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    pid = child.transport.pid
+    [helper] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    os.kill(int(helper), signal.SIGKILL)
+    await task.deferLater(reactor, 0.2, lambda: None)
+    for gate in gates:
+        gate.release()
+    code, out, err = await child.ended
+
+    assert code == 0, err
+    assert "10 downloaded" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err
+    assert f"sync helper {helper} ended unexpectedly" in warnings[0]
+    assert "Traceback" not in err
 
 
 @pytest_twisted.ensureDeferred
