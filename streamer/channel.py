@@ -7,6 +7,8 @@ server, each answered with a real status and ``Connection: close`` instead of Tw
 * a request that announces a body (``Content-Length`` other than 0, or ``Transfer-Encoding:
   chunked``) gets 413 as soon as its head is parsed, before one byte of the body is read (the
   service takes no uploads; Twisted would spool the body to a temporary file first);
+* an HTTP/1.1 request without a ``Host`` header, or with more than one, gets 400 (RFC 9112
+  §3.2);
 * a request line over `HTTPChannel.MAX_LENGTH` gets 414; a header line over it, a head over
   `HTTPChannel.totalHeadersSize` or more than `HTTPChannel.maxHeaders` fields get 431;
 * each request head must arrive within ``request_header_timeout`` seconds, counted from the
@@ -212,7 +214,19 @@ class StreamerChannel(HTTPChannel):
             # Refused before Twisted picks a file for the body or answers Expect: 100-continue.
             self._refuse(413, "request bodies are not accepted")
             return
+        if getattr(self, "_version", None) == b"HTTP/1.1" and self.requests:
+            # RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or with more than
+            # one, is answered 400 (Twisted would serve it).
+            hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host")
+            if hosts is None or len(hosts) != 1:
+                self._refuse(400, "an HTTP/1.1 request needs exactly one Host header")
+                return
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self._refused:  # refused once its head was read: nothing to process
+            return
+        super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:

@@ -7,6 +7,8 @@ tests/faults/test_hostile_clients.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.interfaces import IHalfCloseableDescriptor
@@ -185,6 +187,42 @@ def test_site_answers_over_the_cap_with_503_and_releases_on_close():
     assert transport.value().startswith(b"HTTP/1.1 503 ") and transport.disconnecting
     first.connectionLost(None)
     assert isinstance(capped.buildProtocol(addr), StreamerChannel)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+    ],
+    ids=["none", "two", "second-pipelined-without"],
+)
+@pytest.mark.parametrize("whole", [True, False], ids=["one-packet", "byte-by-byte"])
+def test_an_http_1_1_request_needs_exactly_one_host_header(head, whole):
+    """RFC 9112 §3.2: 400 with Connection: close for an HTTP/1.1 request without Host or with
+    two (it was served); one with its Host before it is answered as usual."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    for chunk in [head] if whole else [bytes([byte]) for byte in head]:
+        channel.dataReceived(chunk)
+    clock.advance(0)
+    sent = transport.value()
+    statuses = re.findall(rb"(?:^|\n)HTTP/1\.1 (\d{3}) ", sent)
+    assert statuses == [b"200"] * (head.count(b"GET ") - 1) + [b"400"], sent
+    last = sent[sent.rindex(b"HTTP/1.1 400 ") :]
+    assert b"Connection: close" in last
+    assert last.endswith(b"\r\n\r\nan HTTP/1.1 request needs exactly one Host header\n")
+
+
+def test_an_http_1_0_request_without_host_is_served():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"GET /healthz HTTP/1.0\r\n\r\n")
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.0 200 ") or transport.value().startswith(
+        b"HTTP/1.1 200 "
+    ), transport.value()
 
 
 @pytest.mark.parametrize(
