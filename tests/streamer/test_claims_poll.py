@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -70,11 +71,30 @@ class _Client:
         raise AssertionError(error)
 
 
+class _FailureRecorder(_Client):
+    """A follower's client that keeps the errors it is failed with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def failed(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+def unnotified_sides(storage: ArtifactStorage, clock: Any) -> tuple[Claims, Claims]:
+    """An owner's and a follower's `Claims` on one storage (two processes); the follower gets
+    no inotify event, as on NFS where no event tells of another machine's writes: it lives on
+    its poll, which *clock* drives."""
+    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
+    follower_side._notify = False
+    return owner_side, follower_side
+
+
 def test_the_poll_speeds_up_while_an_unseen_writer_makes_progress(tmp_path):
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False  # as on NFS: no event tells of another machine's writes
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
@@ -262,8 +282,7 @@ def test_a_download_writes_two_notices_and_a_follower_reads_both(tmp_path):
 
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim)
     temp = os.path.join(storage.temp_dir, ".download-b")
@@ -303,8 +322,7 @@ def test_a_folder_planted_at_a_board_is_removed_and_the_follower_streams(tmp_pat
     waited for the lock and, with nothing stored (``streamed``), downloaded again."""
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim)
     victim = tmp_path / "victim"
@@ -341,19 +359,13 @@ def test_an_owner_that_stops_writing_mid_stream_fails_its_followers_as_a_read_ti
 
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
     peer.stall_limit = 3.0
-    errors: list[BaseException] = []
-
-    class Follower(_Client):
-        def failed(self, error: BaseException) -> None:
-            errors.append(error)
-
-    client = Follower()
+    client = _FailureRecorder()
+    errors = client.errors
     peer.add(client)
     temp = os.path.join(storage.temp_dir, ".download-d")
     with open(temp, "wb", buffering=0) as out:
@@ -437,18 +449,12 @@ def test_a_body_held_in_memory_that_was_not_stored_is_downloaded_again(tmp_path)
 
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
-    errors: list[BaseException] = []
-
-    class Follower(_Client):
-        def failed(self, error: BaseException) -> None:
-            errors.append(error)
-
-    client = Follower()
+    client = _FailureRecorder()
+    errors = client.errors
     peer.add(client)
     owner.stored_later([], 200)
     clock.advance(POLL_SECONDS)
@@ -525,19 +531,13 @@ def test_a_reader_of_a_body_held_in_memory_gets_the_owners_failure(tmp_path):
 
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
     assert owner.has_readers()
-    errors: list[BaseException] = []
-
-    class Follower(_Client):
-        def failed(self, error: BaseException) -> None:
-            errors.append(error)
-
-    client = Follower()
+    client = _FailureRecorder()
+    errors = client.errors
     peer.add(client)
     owner.failed(NotFound(entry().url, 404))
     clock.advance(POLL_SECONDS)
@@ -566,18 +566,12 @@ def test_a_follower_answers_an_owners_failure_as_the_owner_does(tmp_path, error)
     reached)."""
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
-    errors: list[BaseException] = []
-
-    class Follower(_Client):
-        def failed(self, error: BaseException) -> None:
-            errors.append(error)
-
-    client = Follower()
+    client = _FailureRecorder()
+    errors = client.errors
     peer.add(client)
     owner.failed(error)
     clock.advance(POLL_SECONDS)
@@ -626,8 +620,7 @@ def test_the_sweep_removes_the_empty_board_of_a_killed_follower(tmp_path):
     it). A board the owner wrote to stays: the owner removes it when done."""
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     peer = follower_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
@@ -656,8 +649,7 @@ def test_a_request_after_validation_is_a_hit_and_leaves_no_board(tmp_path):
     it made for the owner is removed."""
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
-    owner_side, follower_side = Claims(storage, clock), Claims(storage, clock)
-    follower_side._notify = False
+    owner_side, follower_side = unnotified_sides(storage, clock)
     owner = owner_side.claim_or_follow(entry(), lambda _: None)
     assert isinstance(owner, Claim)
     owner.stored_later([(b"cache-control", [b"max-age=1"])], 200)
