@@ -168,23 +168,13 @@ def test_many_slow_clients_hold_a_small_read_each_not_a_full_one(lazy_env):
     assert len(env.upstream.requests("/big")) == 1
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_env, monkeypatch):
-    """Time to first byte: the response's first bytes are sent while the upstream's first
-    chunk is handled, not at the reactor's next turn, where the next upstream read (hashed and
-    written) would come first."""
-    from twisted.internet import tcp
-
+def _chunk_being_written(monkeypatch) -> dict[str, int]:
+    """Patch `InFlight.write` so that the returned dict's ``"chunk"`` says which upstream
+    chunk the process is handling: n while the n-th is written, -n between chunks."""
     from streamer.inflight import InFlight
 
-    env = lazy_env.start()
-    env.remote("up")
-    url = env.upstream.register("/big", BIG)
-    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
-    ours = env.port.getHost().port
-    events: list[tuple[str, int]] = []
     writing = {"chunk": 0}
-    write, send = InFlight.write, tcp.Server.writeSomeData
+    write = InFlight.write
 
     def recording_write(self, data):
         writing["chunk"] = abs(writing["chunk"]) + 1
@@ -193,12 +183,31 @@ def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_e
         finally:
             writing["chunk"] = -writing["chunk"]  # negative: between chunks
 
+    monkeypatch.setattr(InFlight, "write", recording_write)
+    return writing
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_env, monkeypatch):
+    """Time to first byte: the response's first bytes are sent while the upstream's first
+    chunk is handled, not at the reactor's next turn, where the next upstream read (hashed and
+    written) would come first."""
+    from twisted.internet import tcp
+
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    ours = env.port.getHost().port
+    events: list[tuple[str, int]] = []
+    writing = _chunk_being_written(monkeypatch)
+    send = tcp.Server.writeSomeData
+
     def recording_send(self, data):
         if self.getHost().port == ours and not events:
             events.append(("first send", writing["chunk"]))
         return send(self, data)
 
-    monkeypatch.setattr(InFlight, "write", recording_write)
     monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
     code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
     assert code == 0, err
@@ -212,23 +221,14 @@ def test_a_large_cold_body_gives_up_the_cpu_once_right_after_its_first_bytes(laz
     right after the first send, while the first chunk is handled, and only then."""
     from twisted.internet import tcp
 
-    from streamer.inflight import InFlight
-
     env = lazy_env.start()
     env.remote("up")
     url = env.upstream.register("/big", BIG)
     yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
     ours = env.port.getHost().port
     events: list[tuple[str, int]] = []
-    writing = {"chunk": 0}
-    write, send, give_up = InFlight.write, tcp.Server.writeSomeData, os.sched_yield
-
-    def recording_write(self, data):
-        writing["chunk"] = abs(writing["chunk"]) + 1
-        try:
-            return write(self, data)
-        finally:
-            writing["chunk"] = -writing["chunk"]  # negative: between chunks
+    writing = _chunk_being_written(monkeypatch)
+    send, give_up = tcp.Server.writeSomeData, os.sched_yield
 
     def recording_send(self, data):
         if self.getHost().port == ours:
@@ -239,7 +239,6 @@ def test_a_large_cold_body_gives_up_the_cpu_once_right_after_its_first_bytes(laz
         events.append(("yield", writing["chunk"]))
         give_up()
 
-    monkeypatch.setattr(InFlight, "write", recording_write)
     monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
     monkeypatch.setattr(os, "sched_yield", recording_yield)
     code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
