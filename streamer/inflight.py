@@ -266,7 +266,10 @@ class InFlight:
         if received > self.size:
             raise SizeValidationError(received, self.size, url=self.entry.url)
         if self._body is not None:  # nothing to tell anyone before it was validated
-            self._body.append(bytes(data))
+            data = bytes(data)
+            if self._hasher is not None:
+                self._hasher.update(data)
+            self._body.append(data)
             self.written = received
             return
         if self._write_fd is None:
@@ -325,6 +328,8 @@ class InFlight:
         if self._body is not None:
             self._body.clear()
             self.written = 0
+            if self._hasher is not None:
+                self._hasher = hashlib.sha256()
 
     def _broken_contract(self) -> DownloadError | None:
         """Why a download that reported success cannot be served or stored, if it cannot: not

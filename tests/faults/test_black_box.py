@@ -23,6 +23,8 @@ from tests.support.lazy import parse_response
 from tests.support.polling import holds_within
 
 BODY = bytes(range(256)) * 2048 + b"tail"  # 512 KiB and a bit: several chunks
+#: A body the streamer holds in memory until validated (`streamer.inflight.MEMORY_BODY`).
+SMALL = 16 * 1024
 
 
 def plugin(name: str) -> str:
@@ -42,29 +44,34 @@ async def get(env, path: str, timeout: float = 10.0) -> tuple[int, dict[str, lis
 @pytest.mark.parametrize(
     ("importer", "client"), [("OwnClientImporter", "own"), ("DuckImporter", "duck")]
 )
+@pytest.mark.parametrize("size", [len(BODY), SMALL], ids=["streamed", "held-in-memory"])
 @pytest_twisted.ensureDeferred
 async def test_a_plugin_downloader_is_streamed_cold_then_served_warm(
-    make_service, upstream, importer, client
+    make_service, upstream, importer, client, size
 ):
-    url = upstream.register("/pool/a.bin", Serve(BODY))
+    """Whether the body streams through a temp file or is held in memory until validated
+    (up to `streamer.inflight.MEMORY_BODY`), the bytes the plugin passed are what is checked
+    against the catalog's sha256."""
+    whole = BODY[:size]
+    url = upstream.register("/pool/a.bin", Serve(whole))
     env = await make_service(remote_extra=plugin(importer))
-    await env.add("a.bin", BODY, stored=False, url=url)
+    await env.add("a.bin", whole, stored=False, url=url)
 
     status, headers, body = await get(env, "fixtures/a.bin")
-    assert (status, body) == (200, BODY), "streamed cold through the plugin's downloader"
-    assert headers["content-length"] == [str(len(BODY))]
+    assert (status, body) == (200, whole), "streamed cold through the plugin's downloader"
+    assert headers["content-length"] == [str(size)]
     assert headers["content-type"] == ["application/octet-stream"]  # from the catalog
     [request] = upstream.requests("/pool/a.bin")
     assert request.headers.get("x-client") == client, "the plugin's own client fetched it"
 
-    sha = hashlib.sha256(BODY).hexdigest()
+    sha = hashlib.sha256(whole).hexdigest()
     committed = await holds_within(lambda: env.storage.has(sha) and not env.lazy.in_flight)
     assert committed, "the cold answer was committed"
     [entry] = await env.catalog.lookup("fixtures/a.bin")
     assert entry.stored
 
     status, _, body = await get(env, "fixtures/a.bin")
-    assert (status, body) == (200, BODY)
+    assert (status, body) == (200, whole)
     assert len(upstream.requests("/pool/a.bin")) == 1, "the warm answer came from the store"
     assert env.temp_files() == []
 
