@@ -183,6 +183,7 @@ def fetch_to_file(
     max_retries: int = 3,
     read_timeout: float = 60.0,
     connect_timeout: float = 60.0,
+    max_size: int | None = None,
     backoff: Backoff | None = None,
     reactor: Any = None,
 ) -> defer.Deferred[str]:
@@ -191,7 +192,9 @@ def fetch_to_file(
     A status >= 400 is the `HttpError` for it; retryable failures (429, 5xx, connection errors,
     no byte for *read_timeout* seconds) are tried again up to *max_retries* times, with
     *backoff*. The file holds the decoded body (treq undoes a ``Content-Encoding: gzip``).
-    Nothing is left in *folder* after a failure.
+    A body (decoded) of more than *max_size* bytes is a `DownloadError`, not tried again: an
+    upstream that sends without end (or a gzip bomb) cannot fill the disk. Nothing is left
+    in *folder* after a failure.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -205,7 +208,7 @@ def fetch_to_file(
         while True:
             try:
                 path = yield _fetch_once(
-                    client, url, folder, read_timeout, connect_timeout, reactor
+                    client, url, folder, read_timeout, connect_timeout, max_size, reactor
                 )
                 return path
             except errors.DownloadError as error:
@@ -328,6 +331,7 @@ def _fetch_once(
     folder: str,
     read_timeout: float,
     connect_timeout: float,
+    max_size: int | None,
     reactor: Any,
 ) -> Any:
     from downloaders.http import _retry_after, _text, _translate
@@ -380,10 +384,12 @@ def _fetch_once(
             while view:
                 view = view[os.write(out, view) :]
 
-        body = _Body(write)
+        body = _Body(write, max_size)
         response.deliverBody(body)
         try:
             yield body.done
+        except BodyTooBig:
+            raise errors.DownloadError(url, f"listing bigger than {max_size} bytes") from None
         except Exception:
             failure = Failure()
             if timed_out:

@@ -73,6 +73,11 @@ class PulpManifestImporter:
     one per mirror base url, in the configured order.
     """
 
+    #: The largest manifest fetched (decoded bytes): about ten million files. A bigger one
+    #: fails the sync before it fills the storage's disk (an upstream that never ends its
+    #: body, or a gzip bomb).
+    max_listing_size = 1 << 30
+
     def __init__(self, remote: Any) -> None:
         self.remote = remote
         #: The identity (`_file_identity`) of the listing `validate_listing` last accepted:
@@ -93,6 +98,7 @@ class PulpManifestImporter:
             max_retries=remote.max_retries,
             read_timeout=remote.sock_read_timeout,
             connect_timeout=remote.connect_timeout,
+            max_size=self.max_listing_size,
         )
 
     def validate_listing(self, path: str) -> int:

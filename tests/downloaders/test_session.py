@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 
-from downloaders import DownloadTimeout, NotFound
+from downloaders import DownloadError, DownloadTimeout, NotFound
 from downloaders.retry import Backoff
 from downloaders.session import fetch_to_file
 from importer import Remote
@@ -90,6 +90,24 @@ async def test_fetch_to_file_retries_and_leaves_nothing_after_a_failure(upstream
     assert list(tmp_path.iterdir()) == []
     await remote.close()
     assert await upstream.wait_until_idle(2.0), "the stalled connection was aborted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_to_file_stops_at_max_size_of_the_decoded_body(upstream, tmp_path):
+    """*max_size* counts the bytes written, after gzip is undone: 20 KiB on the wire that
+    decode to 8 MiB (a gzip bomb) fail at the limit, once, and leave nothing behind."""
+    remote = Remote(name="r", url=upstream.url("/x"))
+    client = remote.http_client()
+    bomb = Gzip.of(b"\0" * (8 << 20))
+    assert len(bomb.body) < 20 * 1024
+    url = upstream.register("/bomb", bomb)
+    with pytest.raises(DownloadError, match="listing bigger than 1048576 bytes"):
+        await fetch_to_file(
+            client, url, str(tmp_path), max_size=1 << 20, max_retries=2, backoff=Backoff(base=0.0)
+        )
+    assert len(upstream.requests("/bomb")) == 1, "not tried again"
+    assert list(tmp_path.iterdir()) == []
+    await remote.close()
 
 
 IDNA_TABLES_AFTER_A_REQUEST = """

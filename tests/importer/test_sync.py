@@ -190,6 +190,28 @@ async def test_unreachable_manifest_is_a_sync_error(storage, catalog, make_remot
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_listing_over_the_size_limit_fails_once_and_leaves_the_catalog(
+    repo, storage, catalog, make_remote, upstream
+):
+    """A manifest bigger than the importer's ``max_listing_size`` (an upstream that never ends
+    its body, a gzip bomb) fails the sync once the limit is passed, without asking again: it
+    was written to the storage's temporary folder until the disk was full."""
+    remote = make_remote("on_demand", max_retries=2)
+    await sync_remote(remote, catalog, storage)
+    before = await catalog.entries_for_remote("fixtures")
+    endless = b"".join(b"files/%06d.bin,%s,1\n" % (i, b"a" * 64) for i in range(20_000))
+    upstream.register("/repo/PULP_MANIFEST", Serve(endless, chunked=True))
+    remote.get_importer().max_listing_size = 64 * 1024
+    upstream.clear_log()
+
+    with pytest.raises(SyncError, match="cannot fetch the listing: listing bigger than 65536"):
+        await sync_remote(remote, catalog, storage)
+    assert len(upstream.requests("/repo/PULP_MANIFEST")) == 1, "not tried again"
+    assert await catalog.entries_for_remote("fixtures") == before
+    assert temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_bytes_are_reported_and_not_stored(
     repo, storage, catalog, make_remote, upstream
 ):
