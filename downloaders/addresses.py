@@ -19,7 +19,9 @@ a probe of the network it runs in. The rule, per remote:
   second lookup a rebinding DNS server could answer differently). With none left the
   connection fails with `InternalAddressRefused` and nothing is sent anywhere. A redirect to
   an address literal is refused before that, without any lookup (`AddressGuard.refuses`),
-  also through a proxy. Through a proxy, names are resolved by the proxy: its policy applies.
+  also through a proxy; IPv4 counts in every form ``inet_aton`` takes (``127.1``,
+  ``2130706433``, ``0x7f.0.0.1``), which a proxy connects to as it would to ``127.0.0.1``.
+  Through a proxy, names are resolved by the proxy: its policy applies.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 # then never answers: the download would hang until a timeout instead of failing at once.
 import encodings.idna  # noqa: F401
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,6 +69,18 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def _ipv4_shorthand(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address *host* writes in a form ``inet_aton`` takes and ``ipaddress`` does
+    not (``127.1``, ``2130706433``, ``0x7f.0.0.1``, ``0177.0.0.1``), or None. A proxy (squid
+    parses hosts with ``getaddrinfo``), curl and browsers all connect to that address."""
+    if not host or host.strip("0123456789abcdefx."):
+        return None  # (a name: letters beyond hex digits, or nothing at all)
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 def is_internal(host: str) -> bool:
     """Whether *host* (an address literal, or ``localhost``) is an internal address.
 
@@ -76,9 +91,14 @@ def is_internal(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            host.split("%", 1)[0]
+        )
     except ValueError:
-        return False
+        shorthand = _ipv4_shorthand(host)
+        if shorthand is None:
+            return False
+        ip = shorthand
     if isinstance(ip, ipaddress.IPv6Address):
         ip = _embedded_ipv4(ip) or ip
     return not ip.is_global or ip.is_multicast or any(ip in net for net in _ALSO_INTERNAL)

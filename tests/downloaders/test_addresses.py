@@ -41,6 +41,14 @@ from tests.support.resolver import MappedNames
         "ff02::1",
         "fec0::1",
         "::ffff:0:7f00:1",
+        # IPv4 shorthands (inet_aton's forms): a proxy connects to 127.0.0.1 / 10.0.0.1
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "10.1",
+        "0",
     ],
 )
 def test_internal_addresses(host):
@@ -48,7 +56,20 @@ def test_internal_addresses(host):
 
 
 @pytest.mark.parametrize(
-    "host", ["8.8.8.8", "151.101.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "example.org", ""]
+    "host",
+    [
+        "8.8.8.8",
+        "151.101.1.1",
+        "2606:4700::1111",
+        "::ffff:8.8.8.8",
+        "example.org",
+        "",
+        "134744072",  # 8.8.8.8 as one number
+        "0x8.0x8.0x8.0x8",
+        "cafe",
+        "deadbeef.example",
+        "1.2.3.4.5",
+    ],
 )
 def test_public_addresses_and_names(host):
     assert not is_internal(host)

@@ -11,10 +11,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from downloaders import DownloaderFactory, ProxyError, RemoteSettings
+from downloaders import DownloaderFactory, DownloadError, ProxyError, RemoteSettings
 from tests.support.certs import Certs
-from tests.support.faults import Serve
-from tests.support.squid import Squid
+from tests.support.faults import Redirect, Serve
+from tests.support.squid import PROXY_NAME, Squid
 
 BODY = b"through the proxy\n" * 64
 SHA256 = hashlib.sha256(BODY).hexdigest()
@@ -120,3 +120,23 @@ async def test_407_becomes_proxy_error(
     assert "wrong-password" not in str(caught.value)
     assert server.requests("/f") == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1"])
+@pytest_twisted.ensureDeferred
+async def test_a_redirect_to_an_internal_address_is_refused_before_the_proxy(
+    squid: Squid, upstream, certs, tmp_path, host
+) -> None:
+    """A remote on a public name (only squid resolves it) redirecting to loopback, written in
+    any form of an IPv4 address squid connects to (``127.1``, one number, hex, octal): refused
+    before the proxy is asked. Names are the proxy's to resolve; an address is ours to judge.
+    Before, only the dotted-quad form was: squid fetched the others from loopback."""
+    inside = upstream.register("/inside", Serve(BODY))
+    upstream.register("/out", Redirect(f"http://{host}:{upstream.port}/inside"))
+    url = upstream.url("/out").replace("127.0.0.1", PROXY_NAME)
+    factory = make_factory(url, tmp_path, certs, proxy_url=squid.open_url)
+    with pytest.raises(DownloadError, match="redirect to a private address refused"):
+        await download(factory, url)
+    await factory.close()
+    assert upstream.requests("/out"), "the remote itself was reached through the proxy"
+    assert not upstream.requests("/inside"), inside

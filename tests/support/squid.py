@@ -5,7 +5,7 @@ credentials (``username``/``password``, checked by squid's basic_ncsa_auth again
 file written here). Both forward plain ``http://`` requests and ``CONNECT`` tunnels to any port.
 Everything squid writes (config, logs, pid) lives in a private temporary folder, removed at
 ``stop()``. ``access_log()`` returns squid's access log lines, so tests can see what went
-through the proxy.
+through the proxy. Squid resolves `PROXY_NAME` to 127.0.0.1 (its own hosts file).
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from twisted.python.failure import Failure
 
 from tests.support.clients import run_process
 
-__all__ = ["SQUID", "Squid", "squid_available"]
+__all__ = ["PROXY_NAME", "SQUID", "Squid", "squid_available"]
 
 SQUID = "/usr/sbin/squid"
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 START_TIMEOUT = 15.0
+#: A name that only squid resolves (to 127.0.0.1): a remote named by it is, to the
+#: downloaders, on a public host.
+PROXY_NAME = "repo.test"
 
 
 def squid_available() -> str | None:
@@ -101,6 +104,8 @@ shutdown_lifetime 0 seconds
 # Upstream connections end with each request, so tests see no connection left open.
 server_persistent_connections off
 dns_nameservers 127.0.0.1
+# A public-looking name for loopback servers, resolved by squid alone.
+hosts_file {f}/hosts
 auth_param basic program {NCSA_AUTH} {f}/htpasswd
 auth_param basic children 2 startup=1 idle=1
 acl open_port myportname open
@@ -121,6 +126,7 @@ http_access deny all
             raise RuntimeError(f"openssl passwd failed: {hashed.stderr!r}")
         (self.folder / "htpasswd").write_text(f"{self.username}:{hashed.stdout.decode().strip()}\n")
         (self.folder / "squid.conf").write_text(self._config())
+        (self.folder / "hosts").write_text(f"127.0.0.1 {PROXY_NAME}\n")
         # Squid drops root privileges to its own user, which must write the logs here.
         self.folder.chmod(0o777)
         (self.folder / "htpasswd").chmod(0o644)
