@@ -71,7 +71,7 @@ from downloaders.errors import (
     NotFound,
     http_error,
 )
-from store.errors import StorageError
+from store.errors import StorageError, local_fault
 from store.tempdirs import remove_quietly
 
 __all__ = [
@@ -111,6 +111,9 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     ``Retry-After``, or 502 saying what failed, as the owner's clients are told)."""
     url = getattr(error, "url", "")
     message = getattr(error, "message", type(error).__name__)
+    fault = local_fault(error)
+    if fault is not None:  # the owner's host (its storage is ours): 503, no source's fault
+        return {"kind": "local", "url": url, "errno": fault.errno}
     if isinstance(error, NotFound):
         return {"kind": "not_found", "url": url, "status": error.status}
     if isinstance(error, DownloadTimeout):
@@ -132,6 +135,11 @@ def _error_from(record: dict[str, Any]) -> DownloadError:
         return DownloadTimeout(url, str(record.get("what", "read")), float(record["seconds"]))
     if kind == "gone":
         return OwnerGone(url, "the download's owner stopped")
+    if kind == "local":
+        code = int(record.get("errno", 0))
+        local = DownloadError(url, os.strerror(code))
+        local.__cause__ = OSError(code, os.strerror(code))  # (what `local_fault` looks for)
+        return local
     status, retry_after = record.get("status"), record.get("retry_after")
     if kind == "http" and isinstance(status, int):
         seconds = float(retry_after) if isinstance(retry_after, (int, float)) else None

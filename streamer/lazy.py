@@ -336,17 +336,28 @@ class LazyStreamer:
                 fault=fault.detail,
             )
             return
+        self._cool(entry, error)
+        self.log.upstream_failure(
+            entry.url, reason_label(error), describe_error(error), metrics=self.metrics
+        )
+
+    def _cool(self, entry: Any, error: BaseException) -> None:
+        """Put *entry*'s source on a cooldown (or, for a Retry-After, its origin on hold)."""
         now = self.reactor.seconds()
         # A Retry-After holds the whole origin for the time it named, instead of a cooldown.
         if not self.busy.record(entry.url, error, now):
             if len(self._cooling) >= _PRUNE_COOLING_AT:
                 self._cooling = {k: c for k, c in self._cooling.items() if c.until > now}
             self._cooling[_cooling_key(entry)] = _Cooling(now + self.options.cooldown, error)
-        self.log.upstream_failure(
-            entry.url, reason_label(error), describe_error(error), metrics=self.metrics
-        )
 
     def _done(self, inflight: InFlight | PeerDownload) -> None:
+        if isinstance(inflight, PeerDownload) and inflight.error is not None:
+            # Another process's download failed: its source cools down here too (the owner
+            # logged the failure), so this process answers the next requests as the owner's
+            # does instead of asking the upstream again.
+            error = inflight.error
+            if not isinstance(error, OwnerGone | NotModified) and local_fault(error) is None:
+                self._cool(inflight.entry, error)
         if isinstance(inflight, InFlight) and inflight.in_memory:
             self._held -= inflight.size
         if self.in_flight.get(inflight.sha256) is inflight:

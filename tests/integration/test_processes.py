@@ -104,7 +104,7 @@ async def curl_many(served, path: str, n: int) -> list[tuple[int, bytes, bytes]]
 
 
 async def released_together(
-    served, gate: Gated, path: str, n: int
+    served, gate: Gated, path: str, n: int, every_process: bool = False
 ) -> list[tuple[int, bytes, bytes]]:
     """*n* curls of *path* at once, held by *gate* until all of them reached the group and
     its one upstream request is parked; then released: their (exit code, body, stderr).
@@ -113,7 +113,9 @@ async def released_together(
     there whatever the machine's load: the first half while the first process is stopped
     (the helpers take them, one of them owns the download), the rest while the helpers are
     stopped (the first process takes them: followers of another process's download). Left
-    to the kernel, a busy machine could hand every connection to one process."""
+    to the kernel, a busy machine could hand every connection to one process.
+    *every_process*: one wave per process instead (the others stopped), so that every
+    process has clients of the download."""
     parent = served.process.pid
     helpers = helper_pids(parent)
     runs: list = []
@@ -135,10 +137,32 @@ async def released_together(
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
 
-    await wave([parent], n // 2)
-    await wave(helpers, n - n // 2)
+    if every_process:
+        everyone = [parent, *helpers]
+        for number, pid in enumerate(everyone):
+            share = n // len(everyone) + (number < n % len(everyone))
+            await wave([other for other in everyone if other != pid], share)
+    else:
+        await wave([parent], n // 2)
+        await wave(helpers, n - n // 2)
     gate.release()
     return await defer.gatherResults(runs)
+
+
+async def one_by_each_process(served, path: str) -> list[tuple[int, bytes, bytes]]:
+    """A curl of *path* answered by each process in turn (the others stopped meanwhile)."""
+    everyone = [served.process.pid, *helper_pids(served.process.pid)]
+    results = []
+    for pid in everyone:
+        others = [other for other in everyone if other != pid]
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            results.append(await served.curl(path, "-sS", "--max-time", "30"))
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+    return results
 
 
 async def answered_by(served, path: str, n: int) -> list[int]:
@@ -387,7 +411,11 @@ async def test_a_small_file_held_in_memory_is_downloaded_once_for_every_process(
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(tmp_path):
+async def test_wrong_bytes_abort_the_clients_of_every_process_and_cool_down_everywhere(tmp_path):
+    """Every process's clients of a download failing its digest are aborted, nothing is
+    stored; then each process answers from the cooldown, as one process does: 502 at once, no
+    second upstream request. Before, only the owner's process cooled down: each other process
+    asked the upstream again (N requests for N processes), its clients got a 200 cut short."""
     data = os.urandom(2 * 1024 * 1024)
     upstream = await UpstreamServer().start()
     gate = Gated(WrongBytes(data))
@@ -396,7 +424,7 @@ async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(
         upstream.register("/repo/bad.bin", gate)
         async with twistd(config) as served:
             await all_serving(served)
-            results = await released_together(served, gate, "/demo/bad.bin", 12)
+            results = await released_together(served, gate, "/demo/bad.bin", 12, True)
             for code, body, _ in results:
                 # Aborted mid-body (curl 18/56) or, when nothing was sent yet, a 502.
                 assert body != data and body != gate.then.served
@@ -404,7 +432,11 @@ async def test_wrong_bytes_abort_the_clients_of_every_process_and_store_nothing(
             assert len(upstream.requests("/repo/bad.bin")) == 1
             assert not artifact_path(tmp_path / "var", data).exists()
             by = await answered_by(served, "/demo/bad.bin", 12)
-            assert len(set(by)) >= 2, by
+            assert len(set(by)) == PROCESSES, by
+            again = await one_by_each_process(served, "/demo/bad.bin")
+            failed = b"demo/bad.bin: upstream failed: sha256 mismatch: expected "
+            assert [body.startswith(failed) for _, body, _ in again] == [True] * PROCESSES, again
+            assert len(upstream.requests("/repo/bad.bin")) == 1
         assert await served.stop() == 0
         assert temp_files(tmp_path / "var") == []
     finally:

@@ -5,6 +5,7 @@ safety net when it finds nothing (on a `Clock`, with real files)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from typing import Any
@@ -20,6 +21,7 @@ from downloaders.errors import (
     http_error,
 )
 from store import ArtifactStorage, CatalogEntry
+from store.errors import LocalFault, local_fault
 from streamer import claims as claims_module
 from streamer.busy import busy_seconds
 from streamer.claims import (
@@ -548,6 +550,26 @@ def test_a_reader_of_a_body_held_in_memory_gets_the_owners_failure(tmp_path):
     follower_side.close()
 
 
+def owners_failure_as_followed(tmp_path, error: BaseException) -> BaseException:
+    """The error a follower's client (another process) is failed with when the owner fails
+    with *error*."""
+    storage = ArtifactStorage(tmp_path / "var")
+    clock = Clock()
+    owner_side, follower_side = unnotified_sides(storage, clock)
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    client = _FailureRecorder()
+    peer.add(client)
+    owner.failed(error)
+    clock.advance(POLL_SECONDS)
+    [got] = client.errors
+    peer.remove(client)
+    owner_side.close()
+    follower_side.close()
+    return got
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -564,24 +586,18 @@ def test_a_follower_answers_an_owners_failure_as_the_owner_does(tmp_path, error)
     that makes a 503) is what a follower's clients are told (before: 502 "download failed"
     for all but a 404 or a timeout, so a client's answer depended on the process it
     reached)."""
-    storage = ArtifactStorage(tmp_path / "var")
-    clock = Clock()
-    owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
-    client = _FailureRecorder()
-    errors = client.errors
-    peer.add(client)
-    owner.failed(error)
-    clock.advance(POLL_SECONDS)
-    [got] = errors
+    got = owners_failure_as_followed(tmp_path, error)
     assert got.summary == error.summary
     assert getattr(got, "status", None) == getattr(error, "status", None)
     assert busy_seconds(got) == busy_seconds(error)
-    peer.remove(client)
-    owner_side.close()
-    follower_side.close()
+
+
+def test_a_follower_answers_an_owners_local_fault_as_one(tmp_path):
+    """The owner's disk full (its storage is the follower's too) reaches a follower as that
+    local fault, so its clients get 503 ``storage full`` as the owner's do (before: a 502
+    ``download failed``, as if the upstream had failed)."""
+    got = owners_failure_as_followed(tmp_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert local_fault(got) == LocalFault("storage full", errno.ENOSPC)
 
 
 def test_a_follower_that_leaves_before_its_owner_is_done_leaves_no_board(tmp_path):
