@@ -120,7 +120,7 @@ class BearerTokenAgent:
         sent = self._send(method, uri, headers, bodyProducer, token)
         if bodyProducer is not None:
             return sent  # a body cannot be sent twice: the 401 is the answer
-        return sent.addCallback(self._answered, method, uri, headers, where, token, retried=False)
+        return sent.addCallback(self._answered, method, uri, headers, where, token, False)
 
     def _send(
         self, method: bytes, uri: bytes, headers: Headers | None, body: Any, token: str | None
@@ -166,9 +166,7 @@ class BearerTokenAgent:
             new_token = results[0]
             self._latest[where] = key
             again = self._send(method, uri, headers, None, new_token)
-            return again.addCallback(
-                self._answered, method, uri, headers, where, new_token, retried=True
-            )
+            return again.addCallback(self._answered, method, uri, headers, where, new_token, True)
 
         gathered = defer.gatherResults([resolving, draining], consumeErrors=True)
 

@@ -13,6 +13,7 @@ not ask for compression, so the bytes stored are the bytes on the wire: a ``.gz`
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,7 +122,10 @@ class HttpDownloader(BaseDownloader):
         total_timeout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if _old_positional_order(session, auth, proxy):
+        # (an agent, the usual session, has ``request``: no need to ask if it is a Mapping)
+        if (auth is not None or proxy is not None or not hasattr(session, "request")) and (
+            _old_positional_order(session, auth, proxy)
+        ):
             # HttpDownloader(url, expected_digests, expected_size, semaphore): the order before
             # Pulp's; still understood.
             for name, value in zip(
@@ -141,22 +145,25 @@ class HttpDownloader(BaseDownloader):
         method = method.upper()
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("sock_read_timeout", sock_read_timeout),
-            ("total_timeout", total_timeout),
+        if None in (connect_timeout, sock_read_timeout, total_timeout) or (
+            min(connect_timeout, sock_read_timeout, total_timeout) < 0
         ):
-            if value is None or value < 0:
-                raise ValueError(f"{name} must be >= 0, not {value!r}")
+            for name, value in (
+                ("connect_timeout", connect_timeout),
+                ("sock_read_timeout", sock_read_timeout),
+                ("total_timeout", total_timeout),
+            ):
+                if value is None or value < 0:
+                    raise ValueError(f"{name} must be >= 0, not {value!r}")
         self.method = method
         self.request_headers = dict(headers or {})
         self.connect_timeout = connect_timeout
         self.sock_read_timeout = sock_read_timeout
         self.total_timeout = total_timeout
         #: ``(user, password)`` sent as Basic auth to the url's origin, or None.
-        self.auth = credentials(auth, "auth")
+        self.auth = None if auth is None else credentials(auth, "auth")
         self.proxy = proxy or None
-        self.proxy_auth = credentials(proxy_auth, "proxy_auth")
+        self.proxy_auth = None if proxy_auth is None else credentials(proxy_auth, "proxy_auth")
         self.throttler = throttler
         #: Where to go after this url failed (the factory's `MirrorList` for a remote with a
         #: ``mirror_list``): anything with ``alternatives(url)`` firing with urls to try.
@@ -280,6 +287,76 @@ class HttpDownloader(BaseDownloader):
         return super().artifact_attributes
 
 
+class _ReadDeadlines:
+    """The read-idle deadlines of one clock's running attempts, behind one timer.
+
+    A timer per attempt (``callLater``, a ``reset`` per chunk, ``cancel``) cost more than the
+    rest of a small download's timing; here an attempt's deadline is a number, moved by each
+    byte, and the clock holds one call, due at the soonest deadline it knew of. When it comes,
+    the attempts past their deadline time out and it is set again for the soonest left: each
+    times out exactly when its own timer would have. Without running attempts nothing is
+    pending on the clock (a keeper leaves `_keepers` once it is empty).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        #: Attempt -> its deadline (clock seconds).
+        self.deadlines: dict[_Attempt, float] = {}
+        self.call: IDelayedCall | None = None
+        #: When ``call`` is due (its clock's float sum may differ from this by a rounding).
+        self.when = 0.0
+
+    @staticmethod
+    def watch(attempt: _Attempt, clock: Any, seconds: float) -> _ReadDeadlines:
+        """Start *attempt*'s deadline, *seconds* from now on *clock*; its keeper."""
+        keeper = _keepers.get(clock)
+        if keeper is None:
+            keeper = _keepers[clock] = _ReadDeadlines(clock)
+        deadline = clock.seconds() + seconds
+        keeper.deadlines[attempt] = deadline
+        if keeper.call is None or deadline < keeper.when:
+            keeper._schedule(deadline)
+        return keeper
+
+    def touch(self, attempt: _Attempt, seconds: float) -> None:
+        """Bytes arrived: *attempt*'s deadline is *seconds* from now."""
+        self.deadlines[attempt] = self.clock.seconds() + seconds
+
+    def forget(self, attempt: _Attempt) -> None:
+        """*attempt* ended: no deadline any more."""
+        deadlines = self.deadlines
+        deadlines.pop(attempt, None)
+        if not deadlines:
+            if self.call is not None:
+                self.call.cancel()
+                self.call = None
+            if _keepers.get(self.clock) is self:
+                del _keepers[self.clock]
+
+    def _schedule(self, when: float) -> None:
+        if self.call is not None:
+            self.call.cancel()
+        now = self.clock.seconds()
+        delay = max(0.0, when - now)
+        if now + delay > when:  # due at *when* at the latest, never a rounding after it
+            delay = math.nextafter(delay, 0.0)
+        self.when = when
+        self.call = self.clock.callLater(delay, self._due)
+
+    def _due(self) -> None:
+        self.call = None
+        now = max(self.clock.seconds(), self.when)
+        late = [attempt for attempt, deadline in self.deadlines.items() if deadline <= now]
+        for attempt in late:
+            attempt._timed_out("read")  # (which forgets it)
+        if self.deadlines and self.call is None:
+            self._schedule(min(self.deadlines.values()))
+
+
+#: The keeper of each clock that has running attempts with a read timeout.
+_keepers: dict[Any, _ReadDeadlines] = {}
+
+
 class _Attempt:
     """The state of one request: its timers, what is in flight, and how it ended.
 
@@ -297,7 +374,7 @@ class _Attempt:
         self._request: defer.Deferred[IResponse] | None = None
         self._body_transport: Any = None
         self._response: IResponse | None = None
-        self._idle: IDelayedCall | None = None
+        self._idle: _ReadDeadlines | None = None
         self._total: IDelayedCall | None = None
         self._throttled = False
 
@@ -325,7 +402,7 @@ class _Attempt:
         if dl.total_timeout:
             self._total = clock.callLater(dl.total_timeout, self._timed_out, "total")
         if dl.sock_read_timeout:
-            self._idle = clock.callLater(dl.sock_read_timeout, self._timed_out, "read")
+            self._idle = _ReadDeadlines.watch(self, clock, dl.sock_read_timeout)
         try:
             self._request = dl.agent.request(
                 dl.method.encode("ascii"), self.url.encode("utf-8"), dl._headers(self.url), None
@@ -416,7 +493,6 @@ class _Attempt:
 
     def _timed_out(self, kind: str) -> None:
         if kind == "read":
-            self._idle = None
             seconds = self.downloader.sock_read_timeout
         else:
             self._total = None
@@ -438,10 +514,13 @@ class _Attempt:
     def _finish(self) -> None:
         """Mark the attempt over: stop the timers and abort whatever is still in flight."""
         self.finished = True
-        for timer in (self._idle, self._total):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._idle = self._total = None
+        if self._idle is not None:
+            self._idle.forget(self)
+            self._idle = None
+        if self._total is not None:
+            if self._total.active():
+                self._total.cancel()
+            self._total = None
         if self._request is not None:
             request, self._request = self._request, None
             request.cancel()
@@ -456,8 +535,8 @@ class _Attempt:
             transport.stopProducing()
 
     def _touch(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.downloader.sock_read_timeout)
+        if self._idle is not None:
+            self._idle.touch(self, self.downloader.sock_read_timeout)
 
     def _truncated(self, reason: Failure) -> errors.DownloadError:
         expected = getattr(self._response, "length", None)

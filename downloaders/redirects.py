@@ -61,43 +61,41 @@ class RedirectingAgent:
         headers: Headers | None = None,
         bodyProducer: Any = None,
     ) -> defer.Deferred[Any]:
-        # Plain callbacks, not a coroutine: a response that is not a redirect (nearly all of
-        # them) costs one callback on the inner agent's Deferred.
-        return _Hops(self, method, uri.decode("latin-1"), headers, bodyProducer).next()
+        sent = self._agent.request(method, uri, headers, bodyProducer)
+        if bodyProducer is not None:
+            return sent  # the body cannot be replayed: a redirect is the answer
+        # One plain callback: a response that is not a redirect (nearly all of them) costs
+        # that and nothing more; the chain of hops is made for the first redirect.
+        return sent.addCallback(self._answered, method, uri, headers)
+
+    def _answered(self, response: Any, method: bytes, uri: bytes, headers: Headers | None) -> Any:
+        if response.code not in REDIRECT_CODES:
+            return response
+        return _Hops(self, method, uri.decode("latin-1"), headers)._redirected(response)
 
 
 class _Hops:
     """The redirect chain of one request: each hop is checked, then the next one is made."""
 
     def __init__(
-        self,
-        agent: RedirectingAgent,
-        method: bytes,
-        uri: str,
-        headers: Headers | None,
-        body: Any,
+        self, agent: RedirectingAgent, method: bytes, uri: str, headers: Headers | None
     ) -> None:
         self.agent = agent
         self.method = method
         self.original = self.current = uri
         self.headers = headers
-        self.body = body
-        self.start: tuple[str, str, int | None] | None = None  # the first origin, when needed
-        self.seen: set[str] | None = None
+        self.start = origin(uri)
+        self.seen = {uri}
         self.previous: Any = None
         self.hops = 0
 
-    def next(self) -> defer.Deferred[Any]:
-        d = self.agent._agent.request(
-            self.method, self.current.encode("latin-1"), self.headers, self.body
-        )
-        return d.addCallback(self._response)
-
     def _response(self, response: Any) -> Any:
-        if self.previous is not None:
-            response.setPreviousResponse(self.previous)
-        if response.code not in REDIRECT_CODES or self.body is not None:
+        response.setPreviousResponse(self.previous)
+        if response.code not in REDIRECT_CODES:
             return response
+        return self._redirected(response)
+
+    def _redirected(self, response: Any) -> defer.Deferred[Any]:
         locations = response.headers.getRawHeaders(b"location") or []
         return discard_body(response).addCallback(lambda _: self._follow(response, locations))
 
@@ -113,9 +111,6 @@ class _Hops:
         if target_origin[0] not in ("http", "https"):
             what = "redirect to a non-HTTP url refused"
             raise RedirectRefused(original, f"{what}: {redact_url(target)}", what)
-        if self.seen is None:
-            self.seen = {original}
-            self.start = origin(original)
         if target in self.seen:
             raise TooManyRedirects(
                 original, f"redirect loop at {redact_url(target)}", "redirect loop"
@@ -136,4 +131,5 @@ class _Hops:
         self.seen.add(target)
         self.current = target
         self.previous = response
-        return self.next()
+        sent = self.agent._agent.request(self.method, target.encode("latin-1"), self.headers, None)
+        return sent.addCallback(self._response)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import types
 from typing import Any
 
 import pytest
@@ -118,6 +119,9 @@ async def test_the_old_positional_order_still_works(upstream, agent, tmp_path):
     )
     assert downloader.semaphore is semaphore and downloader.auth is None
     await downloader.run()
+    # The digests alone, in any Mapping, still read as the old order.
+    alone = HttpDownloader(url, types.MappingProxyType({"sha256": SHA256}), agent=agent)
+    assert (alone.expected_digests, alone.session) == ({"sha256": SHA256}, agent)
 
 
 @pytest_twisted.ensureDeferred

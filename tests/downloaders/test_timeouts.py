@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from downloaders import Backoff, DownloadTimeout, HttpDownloader
 from tests.downloaders.support import agent_fixture, delayed_at, pool_fixture  # noqa: F401 (fixtures)
@@ -124,3 +124,45 @@ def test_timeout_is_retried_with_backoff(upstream, agent, tmp_path):
     result = yield d
     assert downloader.attempts == 2
     assert result.artifact_attributes["size"] == len(BODY)
+
+
+@pytest_twisted.inlineCallbacks
+def test_read_timeouts_of_concurrent_attempts_share_one_timer(upstream, agent):
+    """Each attempt times out at its own deadline, moved by its own bytes, while the clock
+    holds one call for all of them; none is left once they ended."""
+    from tests.support.faults import Gated
+
+    gate = Gated(Serve(BODY))
+    url = upstream.register("/parked", gate)
+    stalled = upstream.register("/stalled", StallMidBody(3000, BODY))
+    clock = task.Clock()
+
+    def start(where: str) -> tuple[HttpDownloader, defer.Deferred]:
+        downloader = HttpDownloader(
+            where, agent=agent, reactor=clock, max_retries=0, sock_read_timeout=5, writer=Sink()
+        )
+        return downloader, downloader.run()
+
+    _, first = start(url)
+    clock.advance(2)
+    _, second = start(url)
+    midway, third = start(stalled)
+    yield until(lambda: gate.waiting == 2 and midway.artifact_attributes["size"] == 3000)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(2.5)  # 4.5 s: nobody is late yet
+    assert not (first.called or second.called or third.called)
+    clock.advance(0.5)  # 5 s: the first one's deadline
+    assert first.called and not (second.called or third.called)
+    clock.advance(2)  # 7 s: the second's and the third's (their bytes came at 2 s)
+    assert second.called and third.called
+    for d in (first, second, third):
+        with pytest.raises(DownloadTimeout, match="read timeout after 5s"):
+            yield d
+    assert clock.getDelayedCalls() == []
+    gate.release()
+    assert (yield upstream.wait_until_idle(2.0))
+
+
+class Sink:
+    def write(self, data: bytes) -> None:
+        pass
