@@ -7,8 +7,8 @@ server, each answered with a real status and ``Connection: close`` instead of Tw
 * a request that announces a body (``Content-Length`` other than 0, or ``Transfer-Encoding:
   chunked``) gets 413 as soon as its head is parsed, before one byte of the body is read (the
   service takes no uploads; Twisted would spool the body to a temporary file first);
-* an HTTP/1.1 request without a ``Host`` header, or with more than one, gets 400 (RFC 9112
-  §3.2);
+* an HTTP/1.1 request without a ``Host`` header, any request with more than one, or with one
+  that is not a host and optional port, gets 400 (RFC 9112 §3.2);
 * a request line over `HTTPChannel.MAX_LENGTH` gets 414; a header line over it, a head over
   `HTTPChannel.totalHeadersSize` or more than `HTTPChannel.maxHeaders` fields get 431;
 * each request head must arrive within ``request_header_timeout`` seconds, counted from the
@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from downloaders.transports import IStreamTransport
+from streamer.paths import is_host
 
 __all__ = ["LINGER_SECONDS", "ClientLimit", "StreamerChannel", "refusal"]
 
@@ -94,6 +95,8 @@ class StreamerChannel(HTTPChannel):
     _header_fields = 0
     _refused = False
     _linger_timer: Any = None
+    #: The last Host header found good on this connection (its next requests carry it too).
+    _good_host: bytes | None = None
 
     def getHost(self) -> IAddress:
         """The local address, asked of the socket once per connection (Twisted's `Request`
@@ -214,13 +217,14 @@ class StreamerChannel(HTTPChannel):
             # Refused before Twisted picks a file for the body or answers Expect: 100-continue.
             self._refuse(413, "request bodies are not accepted")
             return
-        if getattr(self, "_version", None) == b"HTTP/1.1" and self.requests:
-            # RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or with more than
-            # one, is answered 400 (Twisted would serve it).
+        if self.requests:
             hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host")
-            if hosts is None or len(hosts) != 1:
-                self._refuse(400, "an HTTP/1.1 request needs exactly one Host header")
-                return
+            if hosts is None or hosts[0] != self._good_host or len(hosts) != 1:
+                problem = _host_problem(hosts, getattr(self, "_version", None))
+                if problem is not None:
+                    self._refuse(400, problem)
+                    return
+                self._good_host = hosts[0] if hosts else None  # (a keep-alive client's next)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -283,6 +287,24 @@ class StreamerChannel(HTTPChannel):
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close()
+
+
+#: The answer to an HTTP/1.1 request without a Host header or with several.
+_ONE_HOST = "an HTTP/1.1 request needs exactly one Host header"
+
+
+def _host_problem(hosts: list[bytes] | None, version: bytes | None) -> str | None:
+    """Why a request with these Host header values is answered 400, or None. RFC 9112 §3.2:
+    an HTTP/1.1 request without one, any request with more than one or with one that is not
+    a host and port (``a b``, ``a/b``, ``u@h``; empty is allowed). Twisted serves them all."""
+    http11 = version == b"HTTP/1.1"
+    if hosts is None:
+        return _ONE_HOST if http11 else None
+    if len(hosts) != 1:
+        return _ONE_HOST if http11 else "a request may carry one Host header only"
+    if hosts[0] and not is_host(hosts[0]):
+        return "the Host header is not a host"
+    return None
 
 
 def _can_half_close(transport: Any) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_TARGET_LENGTH",
     "RefusedPath",
     "RequestPath",
+    "is_host",
     "origin_form",
     "parse_path_text",
     "parse_request_target",
@@ -97,6 +98,12 @@ class RequestPath:
 _AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(:[0-9]*)?")
 
 
+def is_host(value: bytes) -> bool:
+    """Whether *value* is a host and optional port as a Host header or an ``http(s)``
+    authority carries them (no userinfo, no path, no space)."""
+    return _AUTHORITY.fullmatch(value) is not None
+
+
 def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
     """The origin form (path and query) and the authority of an ``http``/``https``
     absolute-form *target*, or None when it is not one (left for `parse_request_target`).
@@ -111,7 +118,7 @@ def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
         return None
     end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
     authority, tail = rest[:end], rest[end:]
-    if _AUTHORITY.fullmatch(authority) is None:
+    if not is_host(authority):
         return None
     return (tail if tail.startswith(b"/") else b"/" + tail), authority
 

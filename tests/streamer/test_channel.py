@@ -215,6 +215,42 @@ def test_an_http_1_1_request_needs_exactly_one_host_header(head, whole):
     assert last.endswith(b"\r\n\r\nan HTTP/1.1 request needs exactly one Host header\n")
 
 
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", b"one Host header only"),
+        (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", b"the Host header is not a host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: a, b\r\n\r\n", b"the Host header is not a host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: a/b\r\n\r\n", b"the Host header is not a host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: u@h\r\n\r\n", b"the Host header is not a host"),
+        (b"GET /healthz HTTP/1.0\r\nHost: h:x\r\n\r\n", b"the Host header is not a host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: [::1\r\n\r\n", b"the Host header is not a host"),
+    ],
+    ids=["two-on-1.0", "space", "list", "slash", "userinfo", "port-1.0", "open-bracket"],
+)
+def test_any_request_with_two_or_an_invalid_host_header_gets_400(head, reason):
+    """RFC 9112 §3.2 asks 400 for *any* request with more than one Host header or an invalid
+    one (they were served: only HTTP/1.1's count of Host headers was checked)."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(head)
+    clock.advance(0)
+    sent = transport.value()
+    assert sent.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in sent, sent
+    assert sent.endswith(reason + b"\n"), sent
+
+
+@pytest.mark.parametrize(
+    "host", [b"", b"h", b"h:8080", b"h:", b"127.0.0.1:80", b"[::1]:80", b"xn--bcher-kva.example"]
+)
+def test_valid_host_headers_are_served(host):
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 200 "), transport.value()
+
+
 def test_an_http_1_0_request_without_host_is_served():
     clock = Clock()
     channel, transport = connect(clock)
