@@ -181,6 +181,19 @@ class StreamerChannel(HTTPChannel):
             self._arm_head_timer()
         super().requestDone(request)
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """Twisted's rule (HTTP/1.1 connections persist unless the client said ``close``),
+        with ``Connection`` read as the list it is (RFC 9110 §7.6.1): Twisted split only its
+        first line, on spaces, so ``TE,close`` or a second line saying ``close`` kept the
+        connection open without ``Connection: close`` in the answer."""
+        if version != b"HTTP/1.1":
+            return False
+        values = request.requestHeaders.getRawHeaders(b"connection")
+        if values is not None and _says_close(values):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
+
     # -- head size limits -----------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
@@ -287,6 +300,13 @@ class StreamerChannel(HTTPChannel):
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close()
+
+
+def _says_close(values: list[bytes]) -> bool:
+    """Whether the ``Connection`` header lines *values* hold the ``close`` option."""
+    return any(
+        option.strip(b" \t").lower() == b"close" for value in values for option in value.split(b",")
+    )
 
 
 #: The answer to an HTTP/1.1 request without a Host header or with several.

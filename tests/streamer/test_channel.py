@@ -251,6 +251,39 @@ def test_valid_host_headers_are_served(host):
     assert transport.value().startswith(b"HTTP/1.1 200 "), transport.value()
 
 
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"Connection: close",
+        b"Connection: TE,close",
+        b"Connection: te ,\tClose ",
+        b"Connection: TE\r\nConnection: close",
+    ],
+    ids=["close", "list", "spaces-and-case", "second-line"],
+)
+def test_connection_close_anywhere_in_the_list_closes(connection):
+    """``close`` among the ``Connection`` options (RFC 9110 §7.6.1 list syntax) closes the
+    connection after the answer, which says so (before: only a first line split on spaces
+    was read, so ``TE,close`` and a second line kept it open)."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: h\r\n%s\r\n\r\n" % connection)
+    clock.advance(0)
+    head = transport.value().split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head, head
+    assert transport.disconnecting
+
+
+def test_connection_without_close_stays_open():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(
+        b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, closed\r\n\r\n"
+    )
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and not transport.disconnecting
+
+
 def test_an_http_1_0_request_without_host_is_served():
     clock = Clock()
     channel, transport = connect(clock)
