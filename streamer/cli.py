@@ -423,7 +423,7 @@ def run_sync(
 
 def sync_command(config: Config, remote_names: Sequence[str]) -> int:
     """``streamer sync [REMOTE...]``: sync the named remotes (all when none are named)."""
-    from importer.helpers.process import SyncHelpers, helper_count
+    from importer.helpers.process import SyncHelpers, helper_count, import_for_fork
     from importer.progress import make_progress
 
     try:
@@ -440,9 +440,12 @@ def sync_command(config: Config, remote_names: Sequence[str]) -> int:
     from zope.interface import provider
 
     globalLogPublisher.addObserver(provider(ILogObserver)(_print_helper_warnings))
-    # Helper processes start now, before the reactor: forked, they are ready at once.
-    settle_imports()
+    # Helper processes start now, before the reactor: forked, they are ready at once. What
+    # they run is imported first, so it is out of the collector's sight with the rest.
     count = max(helper_count(remote) for remote in remotes)
+    if count:
+        import_for_fork()
+    settle_imports()
     helpers = SyncHelpers(count).start() if count else None
     return run_reactor(lambda reactor: run_sync(config, remotes, progress, helpers=helpers))
 

@@ -317,6 +317,40 @@ async def test_helpers_started_before_the_reactor_are_forked(repo, upstream, tmp
     assert result == {"downloaded": 10, "failed": [], "exited": [0]}
 
 
+IMPORTS_AFTER_THE_FORK = """
+import os, sys
+parent = os.getpid()
+
+def note(event, args):  # every module a helper imports, once forked
+    if event == "import" and os.getpid() != parent:
+        with open(sys.argv[1], "a") as f:
+            f.write(args[0] + "\\n")
+
+sys.addaudithook(note)
+from importer.helpers.process import SyncHelpers
+
+helpers = SyncHelpers(1).start()
+for _process, sock in helpers._spawned:
+    sock.close()  # the helper ends when its connection does
+print(helpers.processes[0].wait())
+"""
+
+
+def test_a_forked_helper_starts_with_what_it_runs_imported(tmp_path):
+    """Its module and the reactor's are imported before the fork, not again by each helper
+    after it: the helper only installs the reactor."""
+    log = tmp_path / "imports"
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTS_AFTER_THE_FORK, str(log)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["0"], done.stderr
+    assert set(log.read_text().split()) == {"twisted.internet.reactor"}
+
+
 def test_the_helper_module_refuses_a_bad_command_line():
     done = subprocess.run(
         [sys.executable, "-m", "importer.helpers", "nonsense"],
