@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from downloaders.session import fetch_to_file
 from downloaders.settings import SettingsError
+from downloaders.urls import without_userinfo
 from importer.manifest import read_manifest, validate_manifest
 from store.catalog import CatalogEntry
 
@@ -83,6 +84,8 @@ class PulpManifestImporter:
         #: The identity (`_file_identity`) of the listing `validate_listing` last accepted:
         #: its later passes skip the checks (a sync reads its listing three times).
         self._validated: tuple[int, ...] | None = None
+        #: ``(base without userinfo, base)`` of each mirror whose url holds a login.
+        self._mirror_logins: list[tuple[str, str]] | None = None
 
     def fetch_listing(self, temp_dir: str | None) -> defer.Deferred[str]:
         """The manifest, over http(s) through the remote's treq client (a manifest served with
@@ -116,7 +119,9 @@ class PulpManifestImporter:
         # The manifest's folder, then the mirrors; a quoted relative path has no scheme, no
         # "//" and no "..", so appending it equals urljoin and costs far less.
         bases = [urljoin(remote.url, ".")]
-        bases += [base if base.endswith("/") else base + "/" for base in remote.mirrors]
+        # A mirror's user:password@ stays in its settings (`get_downloader` puts it back):
+        # the catalog, which other nodes and their backups read, never holds it.
+        bases += [without_userinfo(base) for base in _mirror_bases(remote)]
         prefix = remote.base_path + "/"
         for item in read_manifest(path, check=not checked):
             relative = quote(item.relative_path)
@@ -143,7 +148,20 @@ class PulpManifestImporter:
             kwargs.setdefault("expected_digests", dict(entry.digests))
         if url is None:
             raise ValueError("get_downloader needs a url or a catalog entry (remote_artifact=)")
+        if self._mirror_logins is None:
+            self._mirror_logins = [
+                (without_userinfo(base), base) for base in _mirror_bases(self.remote) if "@" in base
+            ]
+        for bare, base in self._mirror_logins:
+            if url.startswith(bare):  # a mirror's url as the catalog has it: its login back
+                url = base + url[len(bare) :]
+                break
         return self.remote.downloader_factory().build(url, **kwargs)
+
+
+def _mirror_bases(remote: Any) -> list[str]:
+    """The remote's mirrors as the base urls files are appended to (each ending in ``/``)."""
+    return [base if base.endswith("/") else base + "/" for base in remote.mirrors]
 
 
 def _file_identity(path: str) -> tuple[int, ...]:

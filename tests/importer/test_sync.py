@@ -63,6 +63,32 @@ async def test_credentials_in_the_remote_url_are_sent_and_never_recorded(
 
 
 @pytest_twisted.ensureDeferred
+async def test_credentials_in_a_mirror_url_are_sent_to_it_and_never_recorded(
+    repo, storage, catalog, make_remote, upstream, upstream_factory
+):
+    """A mirror configured as ``http://user:password@mirror/...``: a file that fails at the
+    remote's own url is fetched from the mirror with those credentials, and the catalog's
+    mirror urls do not hold them (before: recorded as configured, password and all)."""
+    mirror = upstream_factory()
+    for relative in repo.files:
+        data = (repo.folder / relative).read_bytes()
+        mirror.register(f"/m/{relative}", RequireBasicAuth("bob", "s:cr@t", Serve(data)))
+    upstream.register("/repo/files/03.bin", Status(500))
+    login = mirror.url("/m/").replace("://", "://bob:s%3Acr%40t@", 1)
+    report = await sync_remote(make_remote("immediate", mirrors=[login]), catalog, storage)
+
+    assert (report.downloaded, report.failed) == (10, [])
+    assert storage.has(sha(repo.files["files/03.bin"]))
+    [(path, sent)] = mirror.all_requests()
+    assert path == "/m/files/03.bin" and sent.headers["authorization"].startswith("Basic ")
+    entries = await catalog.lookup("fixtures/files/03.bin")
+    assert [e.url for e in entries] == [
+        upstream.url("/repo/files/03.bin"),
+        mirror.url("/m/files/03.bin"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_remote_named_by_an_ipv6_literal_syncs(tmp_path, storage, catalog, make_remote):
     """``http://[::1]:PORT/...``: the manifest is fetched and every file downloaded (before:
     the sync failed at once with ``Codepoint U+003A ... of '::1' not allowed``: treq makes
