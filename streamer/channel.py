@@ -19,6 +19,12 @@ server, each answered with a real status and ``Connection: close`` instead of Tw
 After a refusal the write side is closed and the rest of what the client sends is read and
 discarded for up to `LINGER_SECONDS`, so the client reads the answer instead of a reset.
 
+A response written without a producer (a small body, a short answer) goes to the kernel at
+once, its status line and headers in the same ``send`` as its first body bytes, when the
+connection is plain TCP and nothing waits in the transport's buffer; what the socket does not
+take is left to the transport, as any write with a producer, on TLS or behind queued bytes
+(`StreamerChannel.write`).
+
 `ClientLimit` caps connections per client address (``max_connections_per_client``); the site
 asks it at accept and answers a connection over the cap with a short 503.
 """
@@ -29,6 +35,7 @@ import collections
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -39,6 +46,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 from downloaders.transports import IStreamTransport
 from streamer.paths import is_host
@@ -97,6 +105,10 @@ class StreamerChannel(HTTPChannel):
     _linger_timer: Any = None
     #: The last Host header found good on this connection (its next requests carry it too).
     _good_host: bytes | None = None
+    #: Whether `writeHeaders` keeps the head back for the body's first bytes (`hold_head`).
+    _holding = False
+    #: The head kept back, sent with the next write or by `release_head`.
+    _head: bytes | None = None
 
     def getHost(self) -> IAddress:
         """The local address, asked of the socket once per connection (Twisted's `Request`
@@ -193,6 +205,76 @@ class StreamerChannel(HTTPChannel):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return True
+
+    # -- writing ------------------------------------------------------------------------
+
+    def hold_head(self) -> None:
+        """Keep the next response head back until the next write (or `release_head`), so
+        head and body leave in one ``send``. The request's first write sets it."""
+        self._holding = True
+
+    def release_head(self) -> None:
+        """Stop holding heads; send a head still held (a response without body bytes)."""
+        self._holding = False
+        head, self._head = self._head, None
+        if head is not None:
+            self._send(head)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if self._holding:
+            self._head = head
+        else:
+            self._send(head)
+
+    def write(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        self._send(data if head is None else head + data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        head, self._head = self._head, None
+        if head is None and not self._at_once():
+            self.transport.writeSequence(iovec)
+        else:
+            self._send(b"".join([head or b"", *iovec]))
+
+    def _at_once(self) -> bool:
+        """Whether a write may go to the socket now: no producer (so no flow control to keep
+        exact), a plain TCP connection open for writing and nothing queued before it."""
+        transport: Any = self.transport
+        return bool(
+            self._requestProducer is None
+            and type(transport) is tcp.Server
+            and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+        )
+
+    def _send(self, data: bytes) -> None:
+        """Write *data*: at once with one ``send`` where `_at_once` allows (a transport's
+        write costs two ``epoll_ctl`` and a reactor turn around its ``send``), else, and for
+        what the socket did not take, through the transport (which also reports errors)."""
+        if data and self._at_once():
+            # The transport's own send: 0 for EAGAIN, an exception for an error (which the
+            # transport meets again, and reports, as it writes the rest).
+            sent = self.transport.writeSomeData(data)  # type: ignore[attr-defined]
+            if not isinstance(sent, int):
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.transport.write(data)
 
     # -- head size limits -----------------------------------------------------------------
 

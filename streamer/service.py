@@ -186,6 +186,18 @@ class StreamerRequest(server.Request):
                 self.requestHeaders.setRawHeaders(b"host", [host])
         super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        channel = getattr(self, "channel", None)
+        if self.startedWriting or channel is None:
+            super().write(data)
+            return
+        # The first write: its head and body leave together (`StreamerChannel.hold_head`).
+        channel.hold_head()
+        try:
+            super().write(data)
+        finally:
+            channel.release_head()
+
     def process(self) -> None:
         site: StreamerSite = self.channel.site
         if site.draining:
