@@ -32,6 +32,7 @@ asks it at accept and answers a connection over the cap with a short 503.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -96,7 +97,11 @@ class StreamerChannel(HTTPChannel):
     on_refused: Callable[[int, bytes | None], None] | None = None
     on_close: Callable[[], None] | None = None
 
+    #: Tells the time on the clock of `callLater` (the site sets both).
+    seconds: Callable[[], float] = staticmethod(time.time)
     _head_timer: Any = None
+    #: When the head being waited for must be complete (`seconds`), None while answering.
+    _head_deadline: float | None = None
     _host: IAddress | None = None
     _head_lines = 0
     _head_bytes = 0
@@ -120,22 +125,46 @@ class StreamerChannel(HTTPChannel):
     # -- the head deadline ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self.head_timeout > 0 and (self.timeOut is None or self.head_timeout <= self.timeOut):
+            # The deadline closes every connection idle for that long (a head is all it can
+            # wait for): Twisted's idle timeout would only add a timer to move per request.
+            self.timeOut = None
         super().connectionMade()
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        if self.head_timeout > 0:
-            self._head_timer = self.callLater(self.head_timeout, self._head_timed_out)
+        """Start the deadline of the next head. One timer serves all the requests of a
+        connection: it stays scheduled, and when it fires before the deadline (which only
+        moves later) it is set again for the rest, so a request costs no timer of its own."""
+        if self.head_timeout <= 0:
+            return
+        self._head_deadline = self.seconds() + self.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self.callLater(self.head_timeout, self._head_due)
 
     def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+        """A head arrived: no deadline until its response ended (the timer may stay)."""
+        self._head_deadline = None
+
+    def _stop_head_timer(self) -> None:
+        self._head_deadline = None
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_due(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # a request is being answered: `requestDone` sets the next deadline
+        left = deadline - self.seconds()
+        if left > 0:
+            self._head_timer = self.callLater(left, self._head_due)
+            return
+        self._head_deadline = None
+        self._head_timed_out()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if self._refused or self.transport is None:
             return
         # Part of a head arrived: whole lines of it, or bytes waiting for their line end.
@@ -344,7 +373,7 @@ class StreamerChannel(HTTPChannel):
             return
         self._refused = True
         self.persistent = False
-        self._cancel_head_timer()
+        self._stop_head_timer()
         self.setTimeout(None)
         self.clearLineBuffer()
         if self.on_refused is not None:
@@ -374,7 +403,7 @@ class StreamerChannel(HTTPChannel):
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_head_timer()
+        self._stop_head_timer()
         if self._linger_timer is not None and self._linger_timer.active():
             self._linger_timer.cancel()
         self._linger_timer = None

@@ -260,6 +260,7 @@ class StreamerSite(server.Site):
             return self.client_limit.busy()
         channel = super().buildProtocol(addr)
         channel.head_timeout = self.request_header_timeout
+        channel.seconds = self.reactor.seconds
         channel.on_close = lambda: self._closed(release)
         channel.on_refused = self._refused
         self._channels.add(channel)

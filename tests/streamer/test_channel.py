@@ -121,6 +121,33 @@ def test_pipelined_heads_each_get_their_own_deadline():
     assert transport.value().endswith(b"request head not received in time\n")
 
 
+def test_keep_alive_requests_move_no_timer_of_their_own():
+    """One timer serves a connection's deadlines: its requests schedule none (a timer set
+    and cancelled per request, for the deadline and for Twisted's idle timeout, was a tenth
+    of a small request's channel work), and the deadline still holds after them."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    scheduled = []
+    call_later = channel.callLater
+
+    def counting_call_later(delay, f, *args, **kwargs):
+        scheduled.append(delay)
+        return call_later(delay, f, *args, **kwargs)
+
+    channel.callLater = counting_call_later
+    for _ in range(20):
+        channel.dataReceived(GET)
+        clock.advance(1)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 20
+    assert scheduled == [] and len(clock.getDelayedCalls()) == 1
+    transport.clear()
+    clock.advance(TIMEOUT - 1.5)
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET /hea")
+    clock.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+
+
 def test_no_deadline_when_turned_off():
     clock = Clock()
     channel, transport = connect(clock)
