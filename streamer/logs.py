@@ -15,6 +15,16 @@ sends them to standard output (``-``) or a file instead, as text or, with
 ``access_log_json = true``, one JSON object per line. ``twistd --logger
 streamer.logs.json_observer`` makes twistd's own log JSON as well.
 
+Access lines skip the observers where their destination is known (`RequestLog.write_lines`):
+a file or standard output of ``access_log``, or twistd's log when it is one file observer that
+renders an access event exactly as `render_text` or `render_json` do (`twistd_log` checks by
+rendering a sample). Each is rendered once, with its timestamp's second formatted once per
+second, and the lines of one reactor turn are written together (`LineBatch`) in one ``write``
+(on a pipe or terminal that others write to as well, in pieces of whole lines of at most
+``PIPE_BUF`` bytes, which a pipe writes atomically), so the lines of several processes
+appending to one file are never torn. Where the destination is not known they are events for
+the observers, as any other.
+
 A JSON line is one flat object (`json_record`): ``time`` (ISO 8601, UTC, milliseconds),
 ``level``, ``logger`` (the namespace), ``message`` (rendered); for access lines ``method``,
 ``path``, ``status``, ``bytes``, ``duration``, ``cache`` and ``upstream_status``; for an event
@@ -24,9 +34,15 @@ its message or nowhere.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import select
+import stat
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -38,9 +54,11 @@ from twisted.logger import (
     eventAsJSON,
     eventFromJSON,
     formatEvent,
+    formatTime,
     globalLogPublisher,
     textFileLogObserver,
 )
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.python.reflect import safe_str
 from twisted.web.server import Request
@@ -48,13 +66,18 @@ from twisted.web.server import Request
 from downloaders.urls import redact_url
 
 __all__ = [
+    "LineBatch",
     "RequestLog",
     "access_line",
+    "fd_writer",
     "json_file_observer",
     "json_observer",
     "json_record",
     "pack_access",
     "pack_event",
+    "render_json",
+    "render_text",
+    "twistd_log",
     "unpack_access",
     "unpack_event",
 ]
@@ -212,6 +235,202 @@ def json_observer() -> ILogObserver:
     return json_file_observer(sys.stdout)
 
 
+#: A batch of lines is written at once when this many characters wait.
+BATCH_BYTES = 64 * 1024
+#: Seconds access lines wait to be written with the others of that time (`LineBatch`).
+ACCESS_DELAY = 0.1
+#: The largest write a pipe takes atomically (POSIX: at least 512; Linux: 4096).
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+class _Second:
+    """One second's timestamp text, made again only when the second changes."""
+
+    def __init__(self, render: Callable[[float], str]) -> None:
+        self._render = render
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, when: float) -> tuple[str, float] | None:
+        """The text of *when*'s second and the fraction past it, or None where formatting
+        *when* itself could round up into the next second."""
+        second = int(when)
+        fraction = when - second
+        if not 0.0 <= fraction < 0.9995:
+            return None
+        if second != self._second:
+            self._second, self._text = second, self._render(float(second))
+        return self._text, fraction
+
+
+_text_second = _Second(formatTime)
+_iso_second = _Second(lambda when: _iso_time(when)[:-5])
+
+
+def render_text(fields: dict[str, Any], line: str, when: float, system: str) -> str:
+    """The access line as twistd's text observer writes it (``formatEventAsClassicLogText``:
+    local time to the second, ``[system]``, the line with newlines indented)."""
+    second = _text_second(when)
+    stamp = second[0] if second is not None else formatTime(when)
+    if "\n" in line:
+        line = line.replace("\n", "\n\t")
+    return f"{stamp} [{system}] {line}\n"
+
+
+def render_json(fields: dict[str, Any], line: str, when: float, system: str = "") -> str:
+    """The access line as `json_record` makes it, on one line."""
+    second = _iso_second(when)
+    if second is None:
+        stamp = _iso_time(when)
+    else:
+        stamp = f"{second[0]}.{round(second[1] * 1e6) // 1000:03d}Z"
+    record: dict[str, Any] = {
+        "time": stamp,
+        "level": "info",
+        "logger": ACCESS_NAMESPACE,
+        "message": line,
+    }
+    for name in ACCESS_FIELDS:
+        record[name] = fields[name]
+    return json.dumps(record, default=str) + "\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def fd_writer(fd: int, shared: bool = True) -> Callable[[str], None]:
+    """A function writing whole lines of text to *fd*: in one ``write`` to a regular file
+    (opened to append: every process appends, none tears another's lines) or where nobody
+    else writes (*shared* false); else (a pipe, a terminal, a socket others write to as
+    well) in pieces of whole lines of at most `PIPE_BUF` bytes, which a pipe writes
+    atomically (a longer line alone)."""
+    whole = not shared or stat.S_ISREG(os.fstat(fd).st_mode)
+
+    def write(text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
+        if whole or len(data) <= PIPE_BUF:
+            _write_all(fd, data)
+            return
+        start = 0
+        while start < len(data):
+            end = data.rfind(b"\n", start, start + PIPE_BUF) + 1
+            if end <= start:  # one line longer than PIPE_BUF
+                end = data.find(b"\n", start) + 1 or len(data)
+            _write_all(fd, data[start:end])
+            start = end
+
+    return write
+
+
+class LineBatch:
+    """Lines written together *delay* seconds after the first of them (0: at the end of the
+    reactor turn that made it), or as soon as `BATCH_BYTES` wait, so a busy process makes
+    one ``write`` per turn or per *delay*, not one per line.
+
+    Before and after the reactor runs, each line is written at once, and so is a line added
+    by another thread (after the waiting ones, under a lock: lines never interleave);
+    whatever waits is written at exit. A write that fails is dropped (the destination is
+    gone or full), once said in the log.
+    """
+
+    def __init__(
+        self, write: Callable[[str], None], reactor: Any = None, delay: float = 0.0
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._write = write
+        self._reactor = reactor
+        self._delay = delay
+        # Reentrant: a signal handler that logs while this thread holds it must not hang.
+        self._lock = threading.RLock()
+        self._pending: list[str] = []
+        self._size = 0
+        self._flush_call: Any = None
+        self._failed = False
+        atexit.register(self.flush)
+
+    def add(self, text: str) -> None:
+        """Write *text* (whole lines) with this turn's other lines."""
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            later = (
+                getattr(self._reactor, "running", False)
+                and self._size < BATCH_BYTES
+                and threadable.isInIOThread()
+            )
+            if later and self._flush_call is None:
+                self._flush_call = self._reactor.callLater(self._delay, self.flush)
+        if not later:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every waiting line now."""
+        with self._lock:
+            call, self._flush_call = self._flush_call, None
+            if call is not None and call.active() and threadable.isInIOThread():
+                call.cancel()
+            if not self._pending:
+                return
+            text, self._pending, self._size = "".join(self._pending), [], 0
+            try:
+                self._write(text)
+            except (OSError, ValueError) as exc:  # ValueError: a closed file
+                failed, self._failed = self._failed, True
+                if not failed:
+                    Logger(namespace="streamer.logs").error(
+                        "cannot write log lines ({error}): dropping them", error=exc
+                    )
+
+
+def twistd_log(publisher: Any = globalLogPublisher) -> tuple[Callable[[str], None], bool] | None:
+    """Where twistd's log can take access lines rendered here: ``(write, json)``, when
+    *publisher* (the global one, which twistd gave its observer) has one observer and it is
+    a file observer that renders an access event exactly as `render_text` (*json* false)
+    or `render_json` (true) do; else None (another observer, syslog, a test's capture: the
+    lines stay events)."""
+    observers = getattr(publisher, "_observers", None)
+    if not isinstance(observers, list) or len(observers) != 1:
+        return None
+    [observer] = observers
+    out = getattr(observer, "_outFile", None)
+    if not isinstance(observer, FileLogObserver) or out is None:
+        return None
+    encoding = getattr(observer, "_encoding", None)
+    fields = {
+        "client": "127.0.0.1",
+        "method": "GET",
+        "path": "/{probe}\u00e9",
+        "status": 200,
+        "bytes": 5,
+        "duration": 0.25,
+        "seconds": "0.250",
+        "cache": "hit",
+        "upstream_status": None,
+        "complete": True,
+    }
+    when = int(time.time()) + 0.5
+    event = _access_event(fields, when)
+    try:
+        rendered = observer.formatEvent(event)
+    except Exception:
+        return None
+    if rendered == render_text(fields, event["line"], when, ACCESS_SYSTEM):
+        json = False
+    elif rendered == render_json(fields, event["line"], when):
+        json = True
+    else:
+        return None
+
+    def write(text: str) -> None:
+        out.write(text if encoding is None else text.encode(encoding))
+        out.flush()
+
+    return write, json
+
+
 def _text(value: bytes | None) -> str:
     return (value or b"").decode("utf-8", "backslashreplace")
 
@@ -226,26 +445,58 @@ def _client(request: Request) -> str:
 
 
 class RequestLog:
-    """Emits access and upstream-failure events to one observer (default: the global log)."""
+    """Emits access and upstream-failure events to one observer (default: the global log);
+    access lines straight to their destination once it is known (`write_lines`)."""
 
     def __init__(self, observer: ILogObserver | None = None, file: IO[str] | None = None) -> None:
         self._observer = observer if observer is not None else globalLogPublisher
         self._file = file
         self._upstream = Logger(namespace="streamer.upstream", observer=self._observer)
+        self._lines: LineBatch | None = None
+        self._render: Callable[[dict[str, Any], str, float, str], str] = render_text
+        self._system = ACCESS_SYSTEM
 
     @classmethod
-    def open(cls, destination: str, json: bool = False) -> RequestLog:
+    def open(cls, destination: str, json: bool = False, reactor: Any = None) -> RequestLog:
         """A log writing to *destination*: "" the global log, "-" stdout, else a file path."""
         if not destination:
             return cls()
         file = sys.stdout if destination == "-" else open(destination, "a", encoding="utf-8")  # noqa: SIM115
         observer = json_file_observer(file) if json else textFileLogObserver(file)
-        return cls(observer, None if file is sys.stdout else file)
+        log = cls(observer, None if file is sys.stdout else file)
+        try:
+            fd = file.fileno()
+        except (AttributeError, OSError, ValueError):  # a stand-in without a descriptor
+            return log
+        log.write_lines(fd_writer(fd), json, reactor=reactor)
+        return log
+
+    def write_lines(
+        self,
+        write: Callable[[str], None],
+        json: bool = False,
+        system: str = ACCESS_SYSTEM,
+        reactor: Any = None,
+    ) -> None:
+        """From now on, render each access line here (`render_json`, else `render_text`
+        with *system*) and hand the lines of each reactor turn to *write* together."""
+        self._lines = LineBatch(write, reactor, ACCESS_DELAY)
+        self._render = render_json if json else render_text
+        self._system = system
+
+    def relay(self, text: str) -> None:
+        """Write *text*, whole access lines another process rendered, with this turn's."""
+        if self._lines is None:
+            raise RuntimeError("relay needs write_lines first")
+        self._lines.add(text)
 
     def close(self) -> None:
+        if self._lines is not None:
+            self._lines.flush()
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._lines = None
 
     def access(self, request: Request, duration: float, complete: bool = True) -> None:
         """Log one request (called by the site when the request finished or was lost)."""
@@ -261,6 +512,9 @@ class RequestLog:
             "upstream_status": getattr(request, "upstream_status", None),
             "complete": complete,
         }
+        if self._lines is not None:
+            self._lines.add(self._render(fields, access_line(fields), time.time(), self._system))
+            return
         # Built here and handed to the observer: what `Logger.info` adds is not needed.
         self._observer(_access_event(fields, time.time()))
 

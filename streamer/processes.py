@@ -7,10 +7,15 @@ connection to whichever process accepts first, so no balancer sits in front) and
 its descriptor 4, on which it writes its log events as JSON lines (`forwarding_observer`;
 `streamer.logs.pack_event`: access lines compactly, a failure with its exception's text).
 The first process publishes those events into its own log observers, so every line of the
-group's log is written by one process and none is torn. A helper that dies is logged and
-started again; at SIGTERM the first process sends SIGTERM to every helper (each drains its
-own requests within ``grace_period``) and waits for them before it exits. A helper also
-stops when the first process dies (``PR_SET_PDEATHSIG``), so none outlives the group.
+group's log is written by one process and none is torn. Where twistd's log takes access
+lines rendered as its observer would (`streamer.logs.twistd_log`), a helper renders its
+own (`LINES_ENV` says text or JSON) and writes them on a second pipe, descriptor 5
+(`helper_lines`), every `streamer.logs.ACCESS_DELAY` seconds; the first process writes
+whole lines of it with its own (`streamer.logs.RequestLog.relay`): no event, no observer.
+A helper that dies is logged and started again; at SIGTERM the first process sends SIGTERM
+to every helper (each drains its own requests within ``grace_period``) and waits for them
+before it exits. A helper also stops when the first process dies (``PR_SET_PDEATHSIG``), so
+none outlives the group.
 
 Every process of a group takes its connections from the shared socket in turn
 (`share_accepts`): a new connection wakes one waiting process, not all of them, and a process
@@ -30,18 +35,16 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
-from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from streamer.logs import pack_event, unpack_event
+from streamer.logs import ACCESS_SYSTEM, LineBatch, fd_writer, pack_event, unpack_event
 
 __all__ = [
     "ADOPT_ENV",
@@ -69,8 +72,10 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_SECONDS = 60.0
 _FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
 _PR_SET_PDEATHSIG = 1
-#: A helper writes its waiting log lines at once when this many bytes are waiting.
-BATCH_BYTES = 64 * 1024
+#: Set in a helper's environment when it renders its access lines itself and writes them on
+#: descriptor 5 for the first process to write as they are: ``text`` or ``json``.
+LINES_ENV = "STREAMER_ACCESS_LINES"
+ACCESS_FD = 5
 
 
 def process_count(configured: int) -> int:
@@ -176,56 +181,32 @@ def die_with_parent() -> None:
 
 @implementer(ILogObserver)
 class _Forwarder:
-    """Writes log events as JSON lines to the first process (descriptor 4).
-
-    While the reactor runs, the lines of one reactor turn go out together, in one ``write``
-    at the end of the turn (or as soon as `BATCH_BYTES` are waiting), so a busy helper wakes
-    the first process once per turn, not once per access line. Before and after the reactor
-    runs, each
-    event is written at once, and so is an event from another thread (after the waiting
-    lines, under a lock: lines never interleave); whatever waits is written at exit.
-    """
+    """Writes log events as JSON lines to the first process (descriptor 4), the lines of one
+    reactor turn in one ``write`` (`streamer.logs.LineBatch`), so a busy helper wakes the
+    first process once per turn, not once per line."""
 
     def __init__(self, fd: int, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self._fd = fd
-        self._reactor = reactor
-        # Reentrant: a signal handler that logs while this thread holds it must not hang.
-        self._lock = threading.RLock()
-        self._pending: list[bytes] = []
-        self._size = 0
-        self._flush_call: Any = None
-        atexit.register(self.flush)
+        self._batch = LineBatch(fd_writer(fd, shared=False), reactor)
+        self.flush = self._batch.flush
 
     def __call__(self, event: dict[str, Any]) -> None:
-        line = (pack_event(event) + "\n").encode("utf-8")
-        with self._lock:
-            self._pending.append(line)
-            self._size += len(line)
-            later = self._reactor.running and self._size < BATCH_BYTES and threadable.isInIOThread()
-            if later and self._flush_call is None:
-                self._flush_call = self._reactor.callLater(0, self.flush)
-        if not later:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every waiting line now."""
-        with self._lock:
-            call, self._flush_call = self._flush_call, None
-            if call is not None and call.active() and threadable.isInIOThread():
-                call.cancel()
-            data, self._pending, self._size = b"".join(self._pending), [], 0
-            try:
-                while data:
-                    data = data[os.write(self._fd, data) :]
-            except OSError:
-                pass  # the first process is gone; PR_SET_PDEATHSIG stops this one
+        self._batch.add(pack_event(event) + "\n")
 
 
 def forwarding_observer() -> ILogObserver:
     """twistd ``--logger`` of a helper process: its events go to the first process."""
     return _Forwarder(LOG_FD)
+
+
+def helper_lines() -> tuple[Callable[[str], None], bool, str] | None:
+    """In a helper whose first process takes rendered access lines (`LINES_ENV`): how to
+    send them (descriptor 5), whether as JSON, and the system a text line names (``...
+    process N``); else None."""
+    kind = os.environ.get(LINES_ENV)
+    if kind not in ("text", "json") or adopted_socket() is None:
+        return None
+    system = f"{ACCESS_SYSTEM} process {process_index()}"
+    return fd_writer(ACCESS_FD, shared=False), kind == "json", system
 
 
 class _Helper(protocol.ProcessProtocol):
@@ -237,6 +218,7 @@ class _Helper(protocol.ProcessProtocol):
         self.started_at = group.reactor.seconds()
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = b""
+        self._lines = b""
 
     #: Its pid, kept after it exited (the transport forgets it).
     pid: int | None = None
@@ -246,6 +228,13 @@ class _Helper(protocol.ProcessProtocol):
         super().makeConnection(transport)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == ACCESS_FD:
+            data = self._lines + data
+            end = data.rfind(b"\n") + 1
+            self._lines = data[end:]
+            if end and self.group.access_lines is not None:
+                self.group.access_lines(data[:end].decode("utf-8", "replace"))
+            return
         if childFD != LOG_FD:
             return
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -269,6 +258,8 @@ class _Helper(protocol.ProcessProtocol):
         globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
+        if self._lines:
+            self.childDataReceived(ACCESS_FD, b"\n")
         if self._partial:
             self._publish(self._partial)
             self._partial = b""
@@ -284,6 +275,9 @@ class ProcessGroup(Service):
     :param family: ``"AF_INET"``, ``"AF_INET6"`` or ``"AF_UNIX"``.
     :param argv: the helper's command line (``python -m twisted ... streamer ...``).
     :param on_ended: called with the pid of each helper that ended (metrics clean-up).
+    :param access_lines: where the helpers' access lines go when they render them
+        themselves (as JSON with *access_json*): called with whole lines as they arrive.
+        Without it, they are events relayed as any other.
     """
 
     def __init__(
@@ -297,6 +291,8 @@ class ProcessGroup(Service):
         stop_timeout: float,
         env: dict[str, str] | None = None,
         on_ended: Callable[[int], None] | None = None,
+        access_lines: Callable[[str], None] | None = None,
+        access_json: bool = False,
     ) -> None:
         self.count = helpers
         self.fd = fd
@@ -306,6 +302,10 @@ class ProcessGroup(Service):
         self.stop_timeout = stop_timeout
         self.env = dict(os.environ if env is None else env)
         self.on_ended = on_ended
+        self.access_lines = access_lines
+        self.env.pop(LINES_ENV, None)
+        if access_lines is not None:
+            self.env[LINES_ENV] = "json" if access_json else "text"
         self.helpers: dict[int, _Helper] = {}
         self.restarts = 0
         self._deaths: dict[int, int] = {}
@@ -328,6 +328,9 @@ class ProcessGroup(Service):
             return
         env = {**self.env, ADOPT_ENV: self.family, INDEX_ENV: str(index)}
         helper = _Helper(self, index)
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.fd, LOG_FD: "r"}
+        if self.access_lines is not None:
+            fds[ACCESS_FD] = "r"
         try:
             self.reactor.spawnProcess(
                 helper,
@@ -335,7 +338,7 @@ class ProcessGroup(Service):
                 self.argv,
                 env=env,
                 path=os.getcwd(),
-                childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.fd, LOG_FD: "r"},
+                childFDs=fds,
             )
         except OSError as exc:
             log.error("cannot start helper process {index}: {exc}", index=index, exc=exc)

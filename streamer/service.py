@@ -38,7 +38,7 @@ from streamer.channel import ClientLimit, StreamerChannel
 from streamer.claims import Claims
 from streamer.config import CONFIG_ENV, Config
 from streamer.content import ContentResource
-from streamer.logs import RequestLog
+from streamer.logs import RequestLog, twistd_log
 from streamer.metrics import Metrics
 from streamer.ops import HealthResource, MetricsResource, plain_text
 from streamer.paths import RefusedPath, origin_form, request_path
@@ -46,6 +46,7 @@ from streamer.processes import (
     ProcessGroup,
     adopted_socket,
     helper_argv,
+    helper_lines,
     process_count,
     share_accepts,
 )
@@ -415,7 +416,12 @@ class StreamerService(MultiService):
             pool_size=config.catalog.pool_size,
         )
         self.remotes = config.remotes_by_name()
-        self.request_log = RequestLog.open(config.server.access_log, config.server.access_log_json)
+        self.request_log = RequestLog.open(
+            config.server.access_log, config.server.access_log_json, reactor
+        )
+        #: Whether access lines go to twistd's log as this process renders them (and as
+        #: JSON): see `_access_to_twistd_log`.
+        self.access_lines: bool | None = None
         factory = content_factory or default_content_factory
         self.content = factory(
             catalog=self.catalog,
@@ -490,12 +496,31 @@ class StreamerService(MultiService):
             catalog=self.config.catalog_location(),
             removed=f" (removed {removed} stale temp file(s))" if removed else "",
         )
+        self._access_to_twistd_log()
         self._listen()
         super().startService()
         d = open_for_storage(self.catalog, self.storage)
         d.addCallbacks(self._catalog_opened, self._catalog_failed)
         if self.standalone:
             self.reactor.callWhenRunning(self._install_sigterm)
+
+    def _access_to_twistd_log(self) -> None:
+        """Under twistd, with no ``access_log`` of its own: write access lines to twistd's log
+        without its observers where that log takes lines rendered here
+        (`streamer.logs.twistd_log`), a helper's through the first process (which writes them
+        as they come, `streamer.processes.helper_lines`). Done once twistd's log is set up."""
+        if not self.standalone or self.config.server.access_log:
+            return
+        if adopted_socket() is not None:
+            lines = helper_lines()
+            if lines is not None:
+                write, json, system = lines
+                self.request_log.write_lines(write, json, system, self.reactor)
+            return
+        target = twistd_log()
+        if target is not None:
+            write, self.access_lines = target
+            self.request_log.write_lines(write, self.access_lines, reactor=self.reactor)
 
     def _listen(self) -> None:
         description = self.config.server.listen
@@ -537,6 +562,8 @@ class StreamerService(MultiService):
             reactor=self.reactor,
             stop_timeout=self.config.server.grace_period + _ABORT_SETTLE_SECONDS + 5.0,
             on_ended=self._helper_ended,
+            access_lines=None if self.access_lines is None else self.request_log.relay,
+            access_json=bool(self.access_lines),
         )
         self.group.startService()
 

@@ -24,7 +24,7 @@ from tests.integration.test_end_to_end import (
     wait_for,
 )
 from tests.integration.test_postgres_catalog import pg_config, rows
-from tests.integration.test_processes import served_by
+from tests.integration.test_processes import answered_by
 from tests.support.faults import Gated, Serve, Trickle
 from tests.support.polling import until
 from tests.support.twistd import Twistd, twistd
@@ -94,8 +94,8 @@ async def test_two_nodes_share_one_storage_and_one_catalog(tmp_path, postgres_ur
             assert [code for code, _, _ in results] == [0] * 20, [e for _, _, e in results]
             assert all(body == big for _, body, _ in results)
             assert len(upstream.requests("/repo/big.bin")) == 1
-            for node in nodes:
-                assert len(served_by(node.output, "/demo/big.bin")) == 10
+            for node in nodes:  # each access line within ACCESS_DELAY of its answer
+                assert len(await answered_by(node, "/demo/big.bin", 10)) == 10
             await stored_soon(tmp_path / "var", big)
 
             async def marked() -> bool:

@@ -34,13 +34,18 @@ from tests.integration.test_end_to_end import (
 )
 from tests.support.faults import Gated, Serve, Trickle, WrongBytes
 from tests.support.polling import holds_within, until
-from tests.support.twistd import TWISTD, child_env, twistd
+from tests.support.twistd import TWISTD, child_env, start_twistd, twistd
 from tests.support.upstream import UpstreamServer
 
 PROCESSES = 3
 _ACCESS_LINE = re.compile(
     r'\S+ \[streamer\.access#info\] 127\.0\.0\.1 "GET /\S*" \d{3} \d+ [\d.]+s'
     r" cache=\S+( upstream=\d+)?"
+)
+#: An access line of any process in twistd's text log.
+_ACCESS_LINE_OF_ANY = re.compile(
+    r'\S+ \[streamer\.access#info( process \d+)?\] 127\.0\.0\.1 "GET /\S*" \d{3} \d+ [\d.]+s'
+    r" cache=\S+"
 )
 _SERVED_BY = re.compile(r'\[streamer\.access#info( process (\d+))?\] .*"GET (\S+)" (\d+)')
 
@@ -225,6 +230,55 @@ async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp
         assert code == 0, served.output
         assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
         assert "Traceback" not in served.output
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_process_appends_whole_access_lines_to_twistds_log_file(tmp_path):
+    """The default destination, twistd's ``--logfile`` (the one the benches use): the access
+    lines of every process in that file, whole, once each, in twistd's text format, through
+    a rotation (SIGUSR1: twistd's log file starts a new file) under concurrent requests."""
+    upstream = await UpstreamServer().start()
+    log_file = tmp_path / "twistd.log"
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        served = start_twistd(
+            config.parent, ["--config", str(config)], before=["--logfile", str(log_file)]
+        )
+        try:
+            await served.healthy()
+
+            async def serving() -> bool:
+                return log_file.read_text().count("(a helper process)") >= PROCESSES - 1
+
+            await wait_for(serving, "every helper serving", timeout=30, output=log_file.read_text)
+            long = "x" * 3000  # lines of several KiB: a torn one would show
+            paths = [f"/demo/{long}{i}" for i in range(90)]
+            first = [served.curl(path, "-sS", "-o", "/dev/null") for path in paths[:45]]
+            first += [served.curl("/healthz", "-sS") for _ in range(45)]
+            await defer.gatherResults(first)
+            os.kill(served.process.pid, signal.SIGUSR1)
+            later = [served.curl(path, "-sS", "-o", "/dev/null") for path in paths[45:]]
+            later += [served.curl("/healthz", "-sS") for _ in range(45)]
+            await defer.gatherResults(later)
+        finally:
+            code = await served.stop()
+        assert code == 0, served.output
+        rotated = tmp_path / "twistd.log.1"
+        assert rotated.exists()
+        lines = rotated.read_text().splitlines() + log_file.read_text().splitlines()
+        access = [line for line in lines if "[streamer.access#info" in line]
+        assert all(_ACCESS_LINE_OF_ANY.fullmatch(line) for line in access), [
+            line[:200] for line in access if not _ACCESS_LINE_OF_ANY.fullmatch(line)
+        ]
+        answered = [m.group(3) for m in map(_SERVED_BY.search, access) if m]
+        assert sorted(path for path in answered if path != "/healthz") == sorted(paths)
+        assert answered.count("/healthz") >= 90  # and the ones that waited for it to be healthy
+        assert {int(m.group(2) or 0) for m in map(_SERVED_BY.search, access) if m} == set(
+            range(PROCESSES)
+        ), "every process answered some"
+        assert "Traceback" not in "\n".join(lines)
     finally:
         await upstream.stop()
 
