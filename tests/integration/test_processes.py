@@ -253,6 +253,10 @@ async def test_every_process_appends_whole_access_lines_to_twistds_log_file(tmp_
                 return log_file.read_text().count("(a helper process)") >= PROCESSES - 1
 
             await wait_for(serving, "every helper serving", timeout=30, output=log_file.read_text)
+            # twistd's log file takes rendered lines: the helpers render theirs (no events).
+            for pid in helper_pids(served.process.pid):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                assert b"STREAMER_ACCESS_LINES=text" in environ
             long = "x" * 3000  # lines of several KiB: a torn one would show
             paths = [f"/demo/{long}{i}" for i in range(90)]
             first = [served.curl(path, "-sS", "-o", "/dev/null") for path in paths[:45]]
