@@ -366,6 +366,33 @@ def test_once_settled_a_command_runs_few_collections():
     assert out.stdout.split() == ["0", "True"], out.stderr
 
 
+def test_the_sync_command_imports_nothing_a_sync_never_uses():
+    """What ``streamer sync`` imports (the command line, the importer, its helpers, the
+    store) leaves out the content service, metrics, the PostgreSQL driver and the grouped
+    downloads; those stay importable, on first use."""
+    import subprocess
+
+    unused = (
+        "downloaders.group",
+        "prometheus_client",
+        "psycopg",
+        "store.postgres",
+        "streamer.content",
+        "streamer.service",
+    )
+    program = (
+        "import sys\n"
+        "import streamer.cli, importer.sync, importer.helpers.process, importer.helpers.child\n"
+        "import importer.progress, store\n"
+        f"print(','.join(m for m in {unused!r} if m in sys.modules) or '-')\n"
+        "import downloaders\n"
+        "print(downloaders.GroupDownloader.__module__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["-", "downloaders.group"], out.stderr
+
+
 def test_the_command_ends_without_tearing_the_interpreter_down(tmp_path):
     """``python -m streamer.cli`` (and the console script, `streamer.cli.run`) end with the
     command's status once atexit callbacks ran and standard output is flushed, without
