@@ -52,10 +52,14 @@ def source_tree(version: str, work: Path, name: str) -> Path:
         return Path(version).resolve()
     tree = work / name
     tree.mkdir()
+    # From the top of the repository: run in bench/, ``git archive`` exports bench/ alone, and
+    # the streamer then ran from whatever the installed checkout held, for A and B alike.
     archive = subprocess.run(
-        ["git", "archive", version], cwd=BENCH, capture_output=True, check=True
+        ["git", "archive", version], cwd=BENCH.parent, capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    if not (tree / "downloaders" / "__init__.py").is_file():
+        raise SystemExit(f"{version}: not a source tree of this project")
     return tree
 
 
