@@ -587,9 +587,12 @@ def sync_remotes(
     helpers: Any = None,
     reported: Reported | None = None,
     catalog_ready: defer.Deferred[Any] | None = None,
+    *,
+    close_helpers: bool = True,
 ) -> Any:
     """Sync *remotes* one after the other (`sync_remote`), closing each remote's connections
-    when its sync ended and *helpers* (`SyncHelpers`, optional) at the end.
+    when its sync ended and *helpers* (`SyncHelpers`, optional) at the end (unless
+    *close_helpers* is false: the caller closes them, say while it closes its catalog).
 
     A remote whose listing fails (`SyncError`) does not stop the others. *reported* hears of
     each remote as it ends; fires with the outcomes in order (a `SyncReport` or a
@@ -611,6 +614,6 @@ def sync_remotes(
             if reported is not None:
                 reported(remote, outcome)
     finally:
-        if helpers is not None:
+        if helpers is not None and close_helpers:
             yield helpers.close()
     return outcomes

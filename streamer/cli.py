@@ -423,11 +423,29 @@ def run_sync(
 
     try:
         outcomes = yield sync_remotes(
-            remotes, catalog, storage, progress, helpers, reported, catalog_ready=opening
+            remotes,
+            catalog,
+            storage,
+            progress,
+            helpers,
+            reported,
+            catalog_ready=opening,
+            close_helpers=False,
         )
     finally:
-        yield catalog.close()
-        storage.close()
+        # The helpers exit (their connections closed, their temporary folders removed) while
+        # the catalog closes (SQLite's last checkpoint, which holds this thread): once they
+        # have been told, the one does not wait for the other.
+        exiting = None
+        if helpers is not None:
+            exiting = helpers.close()
+            yield helpers.disconnected()
+        try:
+            yield catalog.close()
+            storage.close()
+        finally:
+            if exiting is not None:
+                yield exiting
     failed = any(isinstance(outcome, SyncError) or not outcome.ok for outcome in outcomes)
     return EXIT_FAILED if failed else EXIT_OK
 

@@ -57,6 +57,8 @@ class HelperLink(LineReceiver):
         self.stored = 0
         #: Fires when the helper has started (its first message) or ended.
         self.started: defer.Deferred[None] = defer.Deferred()
+        #: Fires once the connection is closed (this end: the helper is then stopping).
+        self.lost: defer.Deferred[None] = defer.Deferred()
         #: Fires once the helper is configured for the current sync (fails if it cannot be).
         self.ready: defer.Deferred[None] | None = None
         self._tasks: dict[str, _Task] = {}
@@ -203,6 +205,7 @@ class HelperLink(LineReceiver):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.alive = False
         self._fire(self.started)
+        self._fire(self.lost)
         if self.ready is not None and not self.ready.called:
             self.ready.errback(HelperError("the helper process ended"))
         tasks, self._tasks = self._tasks, {}

@@ -209,6 +209,12 @@ class SyncHelpers:
                 link.close()
         return self._reap()
 
+    def disconnected(self) -> defer.Deferred[None]:
+        """Fires once this process's end of every helper connection is closed (after `close`:
+        on the reactor's next turn), when every helper has been told to stop."""
+        lost = [link.lost for link in self._links or []]
+        return defer.gatherResults(lost).addCallback(lambda _: None)
+
     @defer.inlineCallbacks
     def _reap(self) -> Any:
         from twisted.internet import reactor

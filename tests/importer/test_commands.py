@@ -83,6 +83,46 @@ async def test_sync_remotes_prints_summaries_and_exit_status(tmp_path, upstream,
 
 
 @pytest_twisted.ensureDeferred
+async def test_run_sync_closes_the_catalog_while_its_helpers_exit(
+    tmp_path, upstream, repo, monkeypatch
+):
+    """The helpers are told to stop (their connections closed), then the catalog closes
+    while they exit: its close (SQLite's last checkpoint) does not wait for their exit,
+    nor theirs for it. Both are done when the sync's status is known."""
+    import streamer.cli as cli
+    from importer.helpers.process import SyncHelpers
+
+    events: list[tuple[str, list[bool]]] = []
+    helpers = SyncHelpers(1).start()
+    opened, closing = cli._open_catalog, helpers.close
+
+    def open_catalog(*args, **kwargs):
+        catalog = opened(*args, **kwargs)
+        close = catalog.close
+
+        def close_catalog():
+            events.append(("catalog closes", [link.alive for link in helpers.links]))
+            return close()
+
+        catalog.close = close_catalog
+        return catalog
+
+    def close_helpers():
+        exited = closing()
+        return exited.addCallback(lambda _: events.append(("helpers exited", [])))
+
+    monkeypatch.setattr(cli, "_open_catalog", open_catalog)
+    monkeypatch.setattr(helpers, "close", close_helpers)
+    config = make_config(tmp_path, upstream, policy="immediate")
+    out, err = io.StringIO(), io.StringIO()
+    remotes = select_remotes(config, ["fixtures"])
+    assert await run_sync(config, remotes, None, out, err, helpers=helpers) == EXIT_OK
+    assert events == [("catalog closes", [False]), ("helpers exited", [])]
+    assert [process.poll() for process in helpers.processes] == [0]
+    assert out.getvalue().startswith("fixtures: 10 downloaded")
+
+
+@pytest_twisted.ensureDeferred
 async def test_sync_remotes_reports_a_broken_remote_and_goes_on(tmp_path, upstream, repo):
     config = make_config(tmp_path, upstream, url=upstream.url("/missing/PULP_MANIFEST"))
     out, err = io.StringIO(), io.StringIO()
