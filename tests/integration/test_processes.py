@@ -615,23 +615,36 @@ def serving_pid(client: socket.socket, pids: list[int]) -> int | None:
     return None
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process *pid* is stopped (``SIGSTOP``)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, int]:
     """A client of *path* served by one of *pids* (new connections until one is: the kernel
     hands each to whichever process accepts first), and that process, once its first bytes
-    came."""
+    came. The other processes running are stopped meanwhile: on a busy machine the process
+    that woke last (an owner streaming a download) could take every new connection."""
     everyone = [served.process.pid, *helper_pids(served.process.pid)]
+    paused = [pid for pid in everyone if pid not in pids and not _stopped(pid)]
     port = int(served.base.rsplit(":", 1)[1])
-    for _ in range(30):
-        client = socket.create_connection(("127.0.0.1", port))
-        client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
-        try:
-            pid = await until(lambda client=client: serving_pid(client, everyone), 1)
-        except AssertionError:  # (its wake-up went to a stopped process: try another)
-            pid = None
-        if pid in pids:
-            assert await threads.deferToThread(_read_some, client, 1)
-            return client, pid
-        client.close()
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(30):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
+            try:
+                pid = await until(lambda client=client: serving_pid(client, everyone), 1)
+            except AssertionError:  # (its wake-up went to a stopped process: try another)
+                pid = None
+            if pid in pids:
+                assert await threads.deferToThread(_read_some, client, 1)
+                return client, pid
+            client.close()
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
     raise AssertionError(f"no connection of 30 reached {pids}")
 
 
@@ -677,8 +690,9 @@ async def test_a_stopped_owner_fails_its_followers_as_a_read_timeout(tmp_path):
     """The owner of a download stopped mid-body (``SIGSTOP``: its lock stays) with a client
     of another process following it: that client is aborted once the owner wrote nothing for
     the remote's ``sock_read_timeout`` and a second, and so is a client arriving meanwhile
-    (before: both waited for as long as the owner was stopped). The owner,
-    let go on, times out itself: nothing is left in ``tmp/``."""
+    (before: both waited for as long as the owner was stopped). The owner, let go on, times
+    out itself or (when its reactor reads what the upstream sent meanwhile before its overdue
+    timer runs) finishes the download: either way nothing is left in ``tmp/``."""
     data = os.urandom(4 * 1024 * 1024)
     upstream = await UpstreamServer().start()
     try:
@@ -707,7 +721,11 @@ async def test_a_stopped_owner_fails_its_followers_as_a_read_timeout(tmp_path):
             async def settled() -> bool:
                 return not partial_files(tmp_path / "var")
 
-            await wait_for(settled, "temp files gone", output=lambda: served.proto.output)
+            # (a finishing owner needs the trickle's whole time: 16 s for 4 MiB)
+            trickle = len(data) / (256 * 1024)
+            await wait_for(
+                settled, "temp files gone", trickle + 10, output=lambda: served.proto.output
+            )
         assert await served.stop() == 0
     finally:
         await upstream.stop()
