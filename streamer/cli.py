@@ -301,10 +301,12 @@ GC_THRESHOLD = 10_000
 def settle_imports() -> None:
     """Imports are done: take every object made so far out of the cyclic collector's sight
     (`gc.freeze`) and raise its first threshold to `GC_THRESHOLD` (helper processes forked
-    afterwards inherit both). Each full collection during the command, and the ones Python
-    runs as it exits, then skip the ~50,000 objects of the imports: about 0.1 s less at the
-    exit of a sync here. Before forking helper processes, it also keeps the collector from
-    touching (and so copying) the pages they share with this process."""
+    afterwards inherit both). A command calls it before its work; each process of the
+    twistd service once it is ready (`streamer.service.StreamerService`). Each full
+    collection during the command, and the ones Python runs as it exits, then skip the
+    ~50,000 objects of the imports: about 0.1 s less at the exit of a sync here. Before
+    forking helper processes, it also keeps the collector from touching (and so copying) the
+    pages they share with this process."""
     gc.freeze()
     _first, *older = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, *older)

@@ -438,3 +438,54 @@ async def test_the_listening_socket_queues_a_burst_of_connections(tmp_path):
             assert shown[0] == "LISTEN" and int(shown[2]) == expected, shown
         finally:
             await _stop(service)
+
+
+def test_a_ready_service_process_keeps_its_start_up_objects_out_of_the_collectors_sight(
+    tmp_path,
+):
+    """Each process of ``twistd streamer`` (standalone: the first and every helper), once
+    ready, has what its start-up made frozen out of the cyclic collector's sight and the
+    first threshold at `GC_THRESHOLD`, as a console command has; before that, and in a
+    service embedded in another program, the collector is left as it was."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from streamer.cli import GC_THRESHOLD
+
+    service_config(tmp_path)
+    program = (
+        "import gc, sys\n"
+        "from twisted.internet import reactor\n"
+        "from streamer.config import load_config\n"
+        "from streamer.service import StreamerService\n"
+        "config = load_config(sys.argv[1], environ={})\n"
+        "service = StreamerService(config, standalone=sys.argv[2] == 'standalone')\n"
+        "before = (gc.get_freeze_count(), gc.get_threshold()[0])\n"
+        "def ready():\n"
+        "    if not (service.ready or service.failure):\n"
+        "        return reactor.callLater(0.01, ready)\n"
+        "    print(service.ready, *before, gc.get_freeze_count() > 10000, gc.get_threshold()[0])\n"
+        "    reactor.stop()\n"
+        "service.startService()\n"
+        "reactor.callWhenRunning(ready)\n"
+        "reactor.run()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "STREAMER_CONFIG"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    seen = {}
+    for how in ("standalone", "embedded"):
+        out = subprocess.run(
+            [sys.executable, "-c", program, str(tmp_path / "streamer.toml"), how],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        seen[how] = out.stdout.split()
+    assert seen == {
+        "standalone": ["True", "0", "700", "True", str(GC_THRESHOLD)],
+        "embedded": ["True", "0", "700", "False", "700"],
+    }, out.stderr
