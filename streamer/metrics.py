@@ -17,9 +17,11 @@ Several server processes (``[server] processes``) share their figures through
 prometheus-client's multiprocess mode: the first process sets ``PROMETHEUS_MULTIPROC_DIR``
 (`streamer.processes.share_metrics`) before this library is imported, every process writes
 its values to files there, and ``/metrics`` in any process renders the totals of all. There
-every update is a locked write to a memory-mapped file (a request made seven), so given a
-reactor the per-request figures of one reactor turn are summed in memory and written at its
-end (`flush`): a scrape in another process sees them one turn later.
+every update is a locked write to a memory-mapped file (a request made seven, a cold one in
+two or three reactor turns), so given a reactor the per-request figures are summed in memory
+and written `FLUSH_INTERVAL` seconds after the first of them (`flush`; at exit too, after the
+drain): ``/metrics`` shows this process's figures up to its last request, another process's
+at most `FLUSH_INTERVAL` seconds late.
 
 In one process the per-request figures are summed in memory too, and written to the metrics
 whenever the registry is read (a collector registered first flushes them: ``/metrics``,
@@ -42,7 +44,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CACHE_STATUSES", "CONTENT_TYPE", "UPSTREAM_REASONS", "Metrics", "reason_label"]
+__all__ = [
+    "CACHE_STATUSES",
+    "CONTENT_TYPE",
+    "FLUSH_INTERVAL",
+    "UPSTREAM_REASONS",
+    "Metrics",
+    "reason_label",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Values of ``request.cache_status``: served from storage, started a download, joined one.
@@ -63,6 +72,9 @@ UPSTREAM_REASONS = (
 
 #: Request durations kept in memory at most before they are written (one process).
 FLUSH_DURATIONS = 1024
+#: Seconds the figures of several processes wait in memory at most before they are written
+#: to the shared folder (how late a scrape in another process may see them).
+FLUSH_INTERVAL = 0.1
 
 
 def reason_label(error: BaseException) -> str:
@@ -135,10 +147,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         #: The multiprocess folder when several processes serve (see the module docstring).
         self.shared_dir = shared_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-        #: Batches the per-request updates of a reactor turn (multiprocess mode only).
+        #: Writes the per-request updates every `FLUSH_INTERVAL` (multiprocess mode only).
         self._reactor = reactor if self.shared_dir else None
-        #: Whether updates wait in memory (one process: until a read; several: until the
-        #: end of the turn), rather than being written at once (several, with no reactor).
+        #: Whether updates wait in memory (one process: until a read; several: up to
+        #: `FLUSH_INTERVAL`), rather than being written at once (several, with no reactor).
         self._batched = not self.shared_dir or self._reactor is not None
         #: (metric, label values) -> the amount to add at the next `flush`.
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
@@ -247,11 +259,11 @@ class Metrics:
 
     def _schedule(self) -> None:
         if self._flush_call is None and self._reactor is not None:
-            self._flush_call = self._reactor.callLater(0, self.flush)
+            self._flush_call = self._reactor.callLater(FLUSH_INTERVAL, self.flush)
 
     def flush(self) -> None:
-        """Write the updates waiting in memory (at the end of a turn, before a scrape, at
-        exit)."""
+        """Write the updates waiting in memory (`FLUSH_INTERVAL` after the first, before a
+        scrape, at exit)."""
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
@@ -259,7 +271,7 @@ class Metrics:
             pending, self._pending = self._pending, {}
             durations, self._durations = self._durations, []
         for (metric, labels), amount in pending.items():
-            if amount:  # an in-flight gauge up and down in one turn writes nothing
+            if amount:  # an in-flight gauge up and down between two flushes writes nothing
                 (metric.labels(*labels) if labels else metric).inc(amount)
         for duration in durations:
             self.request_duration.observe(duration)

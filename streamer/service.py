@@ -678,5 +678,5 @@ class StreamerService(MultiService):
         if removed:
             log.info("removed {n} temp file(s)", n=removed)
         self.request_log.close()
-        self.metrics.flush()  # the last turn's figures (several processes: batched per turn)
+        self.metrics.flush()  # what waits (several processes: written every FLUSH_INTERVAL)
         log.info("streamer stopped")

@@ -166,20 +166,16 @@ async def test_on_demand_miss_then_hit_listing_head_and_ranges(tmp_path):
             before = await served.metrics()
             code, body, err = await served.curl("/demo/hello.txt")
             assert (code, body) == (0, hello), err
-            after_miss = await served.metrics()
-            assert (
-                after_miss["streamer_cache_misses_total"]
-                == before["streamer_cache_misses_total"] + 1
+            misses = before["streamer_cache_misses_total"] + 1
+            after_miss = await served.metrics_when(
+                lambda m: m["streamer_cache_misses_total"] == misses
             )
             await stored_soon(storage, hello)
 
             code, body, err = await served.curl("/demo/hello.txt")
             assert (code, body) == (0, hello), err
-            after_hit = await served.metrics()
-            assert (
-                after_hit["streamer_cache_hits_total"]
-                == after_miss["streamer_cache_hits_total"] + 1
-            )
+            hits = after_miss["streamer_cache_hits_total"] + 1
+            after_hit = await served.metrics_when(lambda m: m["streamer_cache_hits_total"] == hits)
             assert (
                 after_hit["streamer_cache_misses_total"]
                 == after_miss["streamer_cache_misses_total"]
@@ -357,9 +353,8 @@ async def test_immediate_sync_then_serving_makes_no_upstream_request(
             assert headers_of(dump)[1]["content-length"] == str(len(data))
         code, body, _ = await served.curl("/demo/pkg/")
         assert b'href="b.bin"' in body and b'href="c.txt"' in body
-        metrics = await served.metrics()
+        metrics = await served.metrics_when(lambda m: m["streamer_cache_hits_total"] >= len(FILES))
         assert metrics["streamer_cache_misses_total"] == 0
-        assert metrics["streamer_cache_hits_total"] >= len(FILES)
         assert await served.stop() == 0, served.output
     assert upstream.all_requests() == []
 
@@ -428,7 +423,7 @@ async def test_signed_urls_from_streamer_sign_are_accepted_and_tampered_ones_ref
         assert await served.curl(signed) == (0, data, b"")
         # Another valid signature for the same path is a hit: the query is not in the cache key.
         assert await served.curl(again.strip()) == (0, data, b"")
-        assert (await served.metrics())["streamer_cache_hits_total"] == 1
+        await served.metrics_when(lambda m: m["streamer_cache_hits_total"] == 1)
 
         digest = query.rsplit("signature=", 1)[1][:64]
         flipped = digest[:-1] + ("0" if digest[-1] != "0" else "1")
@@ -576,8 +571,7 @@ async def test_streamed_remote_keeps_nothing_and_file_remote_reads_allowed_paths
         code, body, err = await served.curl("/mirror/disk/l.txt")
         assert (code, body) == (0, local), err
         await stored_soon(storage, local)
-        metrics = await served.metrics()
-        assert metrics["streamer_cache_misses_total"] == 3
+        await served.metrics_when(lambda m: m["streamer_cache_misses_total"] == 3)
         assert await served.stop() == 0, served.output
     assert len(upstream.requests("/repo/s.bin")) == 2
     assert not artifact_path(storage, streamed).exists()

@@ -158,13 +158,13 @@ async def test_upstream_failures_are_logged_redacted_and_counted(tmp_path):
     assert metrics.value("streamer_upstream_failures_total", {"reason": "timeout"}) == 1
 
 
-def test_several_processes_write_the_figures_of_a_reactor_turn_once_at_its_end(tmp_path):
+def test_several_processes_write_their_figures_once_per_flush_interval(tmp_path):
     """With several processes every metric update is a locked write to a shared file: the
-    requests of one reactor turn are summed and written when it ends (a gauge that went up
-    and down writes nothing); a scrape or a reading flushes first."""
+    requests of `FLUSH_INTERVAL` seconds (many reactor turns) are summed and written once (a
+    gauge that went up and down writes nothing); a scrape or a reading flushes first."""
     from twisted.internet.task import Clock
 
-    from streamer.metrics import Metrics
+    from streamer.metrics import FLUSH_INTERVAL, Metrics
 
     clock = Clock()
     metrics = Metrics(shared_dir=str(tmp_path), reactor=clock)
@@ -172,9 +172,13 @@ def test_several_processes_write_the_figures_of_a_reactor_turn_once_at_its_end(t
     for _ in range(3):
         metrics.request_started()
         metrics.request_done("GET", 200, 100, "hit", 0.01)
+        clock.advance(0)  # the end of a reactor turn writes nothing
     metrics.request_started()
     assert metrics.registry.get_sample_value(*hits) == 0  # nothing written yet
-    clock.advance(0)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(FLUSH_INTERVAL * 0.9)
+    assert metrics.registry.get_sample_value(*hits) == 0
+    clock.advance(FLUSH_INTERVAL * 0.1)
     assert metrics.registry.get_sample_value(*hits) == 3
     sample = metrics.registry.get_sample_value
     assert sample("streamer_requests_total", {"method": "GET", "status": "200"}) == 3

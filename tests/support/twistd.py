@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -127,6 +127,18 @@ class Twistd:
             for sample in family.samples
             if not sample.labels
         }
+
+    async def metrics_when(
+        self, ready: Callable[[dict[str, float]], object], timeout: float = 5.0
+    ) -> dict[str, float]:
+        """`metrics` once *ready* holds for them: each process writes its figures for all to
+        read at most `streamer.metrics.FLUSH_INTERVAL` seconds after a request."""
+
+        async def check() -> dict[str, float] | None:
+            found = await self.metrics()
+            return found if ready(found) else None
+
+        return await until(check, timeout, what="metrics")
 
     def curl(self, path: str, *args: str) -> Deferred[tuple[int, bytes, bytes]]:
         """``curl -sS ARGS BASE+PATH``, started now: fires with (exit code, stdout, stderr)."""
