@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import os
 import select
 import shutil
@@ -55,6 +56,8 @@ __all__ = [
     "forwarding_observer",
     "process_count",
     "share_accepts",
+    "metrics_folder",
+    "remove_stale_metrics",
     "share_metrics",
 ]
 
@@ -153,17 +156,69 @@ def share_accepts(port: Any, reactor: Any) -> bool:
 def share_metrics() -> str | None:
     """In the first process of a group, before prometheus-client is imported: a fresh folder
     for its multiprocess mode, named in ``PROMETHEUS_MULTIPROC_DIR`` (which the helpers
-    inherit) and removed when this process exits. None if the library is already imported
+    inherit) and removed when this process exits (or by the next group to start, if this
+    process was killed: `metrics_folder`). None if the library is already imported
     (each process then reports its own figures) or the variable is already set."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if "prometheus_client" in sys.modules:
         log.warn("prometheus_client was imported early: /metrics shows one process only")
         return None
-    folder = tempfile.mkdtemp(prefix="streamer-metrics-")
+    folder = metrics_folder()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     atexit.register(shutil.rmtree, folder, True)
     return folder
+
+
+#: The metrics folders of groups (`metrics_folder`), in the system's temp folder.
+METRICS_PREFIX = "streamer-metrics-"
+#: The file in a metrics folder its first process holds an ``flock`` on while it runs.
+METRICS_OWNER = "owner.lock"
+_metrics_owner: list[int] = []  # the descriptor holding this process's lock, kept open
+
+
+def metrics_folder(root: str | None = None) -> str:
+    """A new metrics folder under *root* (default: the system's temp folder), locked by this
+    process for as long as it runs, after removing the folders of groups whose first process
+    died without its exit handler (SIGKILL, a crash): their lock is free. A folder is only
+    visible under its final name once locked (made under a dotted name, then renamed), so a
+    group starting meanwhile never takes a folder being made for a stale one; a folder
+    without the lock file (an older version's) is left alone."""
+    root = root or tempfile.gettempdir()
+    remove_stale_metrics(root)
+    making = tempfile.mkdtemp(prefix="." + METRICS_PREFIX, dir=root)
+    fd = os.open(os.path.join(making, METRICS_OWNER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _metrics_owner.append(fd)
+    folder = os.path.join(root, os.path.basename(making)[1:])
+    os.rename(making, folder)
+    return folder
+
+
+def remove_stale_metrics(root: str) -> int:
+    """Remove the metrics folders under *root* whose owner lock nobody holds; return how many."""
+    removed = 0
+    try:
+        names = [name for name in os.listdir(root) if name.startswith(METRICS_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            fd = os.open(
+                os.path.join(folder, METRICS_OWNER), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+            )
+        except OSError:
+            continue  # no lock file (not ours to judge) or not a folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its group is running
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def die_with_parent() -> None:

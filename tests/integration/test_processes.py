@@ -15,6 +15,8 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -837,3 +839,52 @@ async def test_a_shared_port_wakes_one_process_and_takes_one_connection_per_wake
         for protocol in built:
             protocol.transport.loseConnection()
         await port.stopListening()
+
+
+def _hold_metrics_folder(root: Path) -> subprocess.Popen:
+    """Another process that made a metrics folder under *root* and keeps running."""
+    code = (
+        "import sys; from streamer.processes import metrics_folder; "
+        "print(metrics_folder(sys.argv[1]), flush=True); sys.stdin.read()"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+
+
+def test_a_killed_groups_metrics_folder_is_removed_by_the_next_group(tmp_path):
+    """A first process killed with SIGKILL runs no exit handler: its metrics folder stayed in
+    the temp folder for good (one per killed group). The next group to start removes the
+    folders whose owner lock is free, and only those: a running group's folder and a folder
+    without the lock file (not made this way) are left alone."""
+    from streamer.processes import METRICS_OWNER, metrics_folder
+
+    running = _hold_metrics_folder(tmp_path)
+    try:
+        live_folder = Path(running.stdout.readline().strip())
+        killed = _hold_metrics_folder(tmp_path)
+        dead_folder = Path(killed.stdout.readline().strip())
+        (dead_folder / "counter_123.db").write_bytes(b"x")
+        killed.kill()
+        killed.wait()
+        foreign = tmp_path / "streamer-metrics-foreign"
+        foreign.mkdir()
+        assert dead_folder.is_dir() and live_folder.is_dir()
+
+        mine = Path(metrics_folder(str(tmp_path)))
+
+        assert not dead_folder.exists()
+        assert live_folder.is_dir() and foreign.is_dir()
+        assert (mine / METRICS_OWNER).is_file()
+        assert mine.name.startswith("streamer-metrics-")
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # none half-made
+        # This process holds its folder's lock: the next group leaves it alone too.
+        metrics_folder(str(tmp_path))
+        assert mine.is_dir()
+    finally:
+        running.kill()
+        running.wait()
