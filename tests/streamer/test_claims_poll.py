@@ -93,6 +93,15 @@ def unnotified_sides(storage: ArtifactStorage, clock: Any) -> tuple[Claims, Clai
     return owner_side, follower_side
 
 
+def owner_and_follower(owner_side: Claims, follower_side: Claims) -> tuple[Claim, PeerDownload]:
+    """The owner's claim of `entry()` on *owner_side*, then the follower of it on
+    *follower_side*."""
+    owner = owner_side.claim_or_follow(entry(), lambda _: None)
+    peer = follower_side.claim_or_follow(entry(), lambda _: None)
+    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    return owner, peer
+
+
 def test_the_poll_speeds_up_while_an_unseen_writer_makes_progress(tmp_path):
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
@@ -153,9 +162,7 @@ async def test_inotify_wakes_a_follower_at_each_write(tmp_path, monkeypatch):
     monkeypatch.setattr(claims_module, "POLL_SECONDS", 60.0)
     storage = ArtifactStorage(tmp_path / "var")
     owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     client = _Client()
     peer.add(client)
     temp = os.path.join(storage.temp_dir, ".download-a")
@@ -228,9 +235,7 @@ async def test_other_downloads_letting_go_do_not_wake_a_followers_clients(tmp_pa
         seen(watch, path, mask)
 
     monkeypatch.setattr(follower_side, "_event", counted)  # (before the watch is made)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     client = _Client()
     peer.add(client)
     try:
@@ -362,9 +367,7 @@ def test_an_owner_that_stops_writing_mid_stream_fails_its_followers_as_a_read_ti
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
     owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     peer.stall_limit = 3.0
     client = _FailureRecorder()
     errors = client.errors
@@ -388,9 +391,7 @@ def test_an_owner_that_stops_writing_mid_stream_fails_its_followers_as_a_read_ti
     owner.release()
     # A temp file this follower cannot open (gone, or not its to read): its growth is not
     # seen, so no verdict is made on it; the outcome or the lock decides, as before.
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     peer.stall_limit = 3.0
     peer.add(client)
     owner.announce(os.path.join(storage.temp_dir, ".download-missing"))
@@ -415,9 +416,7 @@ async def test_a_body_held_in_memory_is_read_from_storage_once_the_owner_lets_go
 
     storage = ArtifactStorage(tmp_path / "var")
     owner_side, follower_side = Claims(storage, reactor), Claims(storage, reactor)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     client = _Client()
     peer.add(client)
     try:
@@ -452,9 +451,7 @@ def test_a_body_held_in_memory_that_was_not_stored_is_downloaded_again(tmp_path)
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
     owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     client = _FailureRecorder()
     errors = client.errors
     peer.add(client)
@@ -534,9 +531,7 @@ def test_a_reader_of_a_body_held_in_memory_gets_the_owners_failure(tmp_path):
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
     owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     assert owner.has_readers()
     client = _FailureRecorder()
     errors = client.errors
@@ -556,9 +551,7 @@ def owners_failure_as_followed(tmp_path, error: BaseException) -> BaseException:
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
     owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     client = _FailureRecorder()
     peer.add(client)
     owner.failed(error)
@@ -637,9 +630,7 @@ def test_the_sweep_removes_the_empty_board_of_a_killed_follower(tmp_path):
     storage = ArtifactStorage(tmp_path / "var")
     clock = Clock()
     owner_side, follower_side = unnotified_sides(storage, clock)
-    owner = owner_side.claim_or_follow(entry(), lambda _: None)
-    peer = follower_side.claim_or_follow(entry(), lambda _: None)
-    assert isinstance(owner, Claim) and isinstance(peer, PeerDownload)
+    owner, peer = owner_and_follower(owner_side, follower_side)
     for fd in (peer._board_fd, peer._locks_fd):  # killed: the kernel closes its files
         os.close(fd)
     peer._board_fd = peer._locks_fd = None
