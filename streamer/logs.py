@@ -19,7 +19,7 @@ Access lines skip the observers where their destination is known (`RequestLog.wr
 a file or standard output of ``access_log``, or twistd's log when it is one file observer that
 renders an access event exactly as `render_text` or `render_json` do (`twistd_log` checks by
 rendering a sample). Each is rendered once, with its timestamp's second formatted once per
-second, and the lines of one reactor turn are written together (`LineBatch`) in one ``write``
+second, and the lines of `ACCESS_DELAY` seconds are written together (`LineBatch`) in one ``write``
 (on a pipe or terminal that others write to as well, in pieces of whole lines of at most
 ``PIPE_BUF`` bytes, which a pipe writes atomically), so the lines of several processes
 appending to one file are never torn. Where the destination is not known they are events for
@@ -352,7 +352,7 @@ class LineBatch:
         atexit.register(self.flush)
 
     def add(self, text: str) -> None:
-        """Write *text* (whole lines) with this turn's other lines."""
+        """Write *text* (whole lines) with the other lines waiting (see the class docstring)."""
         with self._lock:
             self._pending.append(text)
             self._size += len(text)
@@ -479,13 +479,14 @@ class RequestLog:
         reactor: Any = None,
     ) -> None:
         """From now on, render each access line here (`render_json`, else `render_text`
-        with *system*) and hand the lines of each reactor turn to *write* together."""
+        with *system*) and hand the lines of each `ACCESS_DELAY` seconds to *write* together."""
         self._lines = LineBatch(write, reactor, ACCESS_DELAY)
         self._render = render_json if json else render_text
         self._system = system
 
     def relay(self, text: str) -> None:
-        """Write *text*, whole access lines another process rendered, with this turn's."""
+        """Write *text*, whole access lines another process rendered, with this process's
+        waiting ones."""
         if self._lines is None:
             raise RuntimeError("relay needs write_lines first")
         self._lines.add(text)
