@@ -614,7 +614,7 @@ class StreamerService(MultiService):
             # console command: a process of the group then collected 0-1 times per 1000 cold
             # requests instead of ~17 young and ~2 middle collections and a full one (~60,000
             # objects, ~50 ms) every few thousand.
-            from streamer.cli import settle_imports
+            from streamer.collector import settle_imports
 
             settle_imports()
         if self.port is not None and adopted_socket() is not None and not self.stopping:

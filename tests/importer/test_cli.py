@@ -353,7 +353,7 @@ def test_once_settled_a_command_runs_few_collections():
 
     program = (
         "import gc\n"
-        "from streamer.cli import settle_imports\n"
+        "from streamer.collector import settle_imports\n"
         "older = gc.get_threshold()[1:]\n"
         "settle_imports()\n"
         "runs = []\n"

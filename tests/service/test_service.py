@@ -456,7 +456,7 @@ def test_a_ready_service_process_keeps_its_start_up_objects_out_of_the_collector
     import sys
     from pathlib import Path
 
-    from streamer.cli import GC_THRESHOLD
+    from streamer.collector import GC_THRESHOLD
 
     service_config(tmp_path)
     program = (
