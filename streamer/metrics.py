@@ -20,8 +20,8 @@ its values to files there, and ``/metrics`` in any process renders the totals of
 every update is a locked write to a memory-mapped file (a request made seven, a cold one in
 two or three reactor turns), so given a reactor the per-request figures are summed in memory
 and written `FLUSH_INTERVAL` seconds after the first of them (`flush`; at exit too, after the
-drain): ``/metrics`` shows this process's figures up to its last request, another process's
-at most `FLUSH_INTERVAL` seconds late.
+drain); ``/metrics`` answers `Metrics.scrape_delay` after it is asked, once every process has
+written what it counted before, so it shows every request answered before the scrape.
 
 In one process the per-request figures are summed in memory too, and written to the metrics
 whenever the registry is read (a collector registered first flushes them: ``/metrics``,
@@ -256,6 +256,14 @@ class Metrics:
             self._pending[key] = self._pending.get(key, 0) + amount
         if self._reactor is not None:
             self._schedule()
+
+    @property
+    def scrape_delay(self) -> float:
+        """Seconds a scrape waits before it renders: with several processes, long enough for
+        every other process to have written what it counted before the scrape arrived (each
+        writes `FLUSH_INTERVAL` after its first waiting update; the rest is slack for a busy
+        reactor), so ``/metrics`` shows every request answered before it; else 0."""
+        return FLUSH_INTERVAL * 1.5 if self._reactor is not None else 0.0
 
     def _schedule(self) -> None:
         if self._flush_call is None and self._reactor is not None:

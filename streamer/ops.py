@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from streamer.metrics import CONTENT_TYPE, Metrics
 
@@ -25,17 +26,32 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, clock: Any = None) -> None:
         super().__init__()
         self._metrics = metrics
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
 
-    def render_GET(self, request: Request) -> bytes:
-        body = self._metrics.render()
+    def render_GET(self, request: Request) -> bytes | int:
+        """The figures now (one process), or once every process wrote what it counted before
+        this request (several: `Metrics.scrape_delay`)."""
         request.setHeader(b"content-type", CONTENT_TYPE.encode())
         request.setHeader(b"cache-control", b"no-store")
-        return body
+        delay = self._metrics.scrape_delay
+        if not delay:
+            return self._metrics.render()
+        call = self._clock.callLater(delay, self._answer, request)
+        request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+        return NOT_DONE_YET
 
-    def render_HEAD(self, request: Request) -> bytes:
+    def _answer(self, request: Request) -> None:
+        body = self._metrics.render()
+        request.setHeader(b"content-length", str(len(body)).encode())
+        request.write(body)  # (nothing of it for HEAD: Twisted writes the head only)
+        request.finish()
+
+    def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
 

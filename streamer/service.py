@@ -436,7 +436,7 @@ class StreamerService(MultiService):
         self.ready = False
         self.stopping = False
         ops: dict[bytes, IResource] = {
-            b"metrics": MetricsResource(self.metrics),
+            b"metrics": MetricsResource(self.metrics, reactor),
             b"healthz": HealthResource(
                 lambda: self.ready and not self.stopping,
                 starting=lambda: not (self.ready or self.stopping or self.failure),

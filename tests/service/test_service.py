@@ -493,3 +493,38 @@ def test_a_ready_service_process_keeps_its_start_up_objects_out_of_the_collector
         "standalone": ["True", "0", "700", "True", str(GC_THRESHOLD)],
         "embedded": ["True", "0", "700", "False", "700"],
     }, out.stderr
+
+
+def test_with_several_processes_a_scrape_waits_until_every_process_wrote_its_figures(tmp_path):
+    """With several processes each writes its figures up to `FLUSH_INTERVAL` after a request:
+    a scrape answered at once could miss another process's last requests (the README's
+    `curl /metrics` right after its two requests then showed no hit or miss). ``/metrics``
+    answers `Metrics.scrape_delay` later (HEAD alike, without the body); a client gone
+    meanwhile leaves nothing scheduled."""
+    from twisted.internet.task import Clock
+    from twisted.web.server import NOT_DONE_YET
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from streamer.metrics import FLUSH_INTERVAL, Metrics
+    from streamer.ops import MetricsResource
+
+    clock = Clock()
+    metrics = Metrics(shared_dir=str(tmp_path), reactor=clock)
+    assert metrics.scrape_delay > FLUSH_INTERVAL
+    assert Metrics(reactor=clock).scrape_delay == 0  # one process: answered at once
+    resource = MetricsResource(metrics, clock)
+    metrics.request_started()
+    metrics.request_done("GET", 200, 100, "hit", 0.01)
+    get, head, gone = DummyRequest([b""]), DummyRequest([b""]), DummyRequest([b""])
+    head.method = b"HEAD"
+    for request in (get, head, gone):
+        assert resource.render(request) == NOT_DONE_YET
+    gone.processingFailed(Exception("the client left"))  # fires notifyFinish's errback
+    clock.advance(FLUSH_INTERVAL)
+    assert get.finished == 0 and not get.written
+    clock.advance(metrics.scrape_delay - FLUSH_INTERVAL)
+    assert get.finished == 1 and head.finished == 1
+    # (this test process's prometheus-client keeps values in memory: the registry shows them)
+    assert metrics.registry.get_sample_value("streamer_cache_hits_total", {}) == 1
+    assert get.written == [metrics.render()] and head.responseHeaders.hasHeader(b"content-length")
+    assert not clock.getDelayedCalls()
