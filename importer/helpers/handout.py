@@ -167,13 +167,18 @@ class HelperLink(LineReceiver):
                 self._free(self._tasks.get(message["sha256"]))
             elif op == "returned":
                 self._fetch_here(self._tasks.pop(message["sha256"], None))
+            # The outcome is counted before the slot is let go (the last file's slot ends the
+            # sync, whose report is then read), and after the task is dropped (a twin of the
+            # same sha256 may be handed out as it is counted).
             elif op == "stored":
                 self.stored += 1
-                self._end(message["sha256"])
+                ended = self._tasks.pop(message["sha256"], None)
                 self._on_stored(message["sha256"], message["url"])
+                self._free(ended)
             elif op == "failed":
-                self._end(message["sha256"])
+                ended = self._tasks.pop(message["sha256"], None)
                 self._on_failed(message["sha256"], message["url"], message["reason"])
+                self._free(ended)
             else:
                 raise ValueError(f"unknown message {op!r}")
         except Exception as error:  # a helper that speaks nonsense is not trusted further
@@ -189,9 +194,6 @@ class HelperLink(LineReceiver):
         if task_ is not None and task_.free is not None:
             free, task_.free = task_.free, None
             self._fire(free)
-
-    def _end(self, sha256: str) -> None:
-        self._free(self._tasks.pop(sha256, None))
 
     def _helper_failed(self, error: HelperError) -> None:
         log.warn("sync helper {pid}: {error}", pid=self.process.pid, error=error)

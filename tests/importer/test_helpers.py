@@ -171,6 +171,60 @@ async def test_failures_in_a_helper_are_reported_like_our_own(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_helper_s_last_file_failing_is_in_the_report(
+    repo, storage, catalog, make_remote, upstream
+):
+    """The helper, ready first, takes the listing's only file, which is not there upstream:
+    its failure is in the report the sync fires with (before, the helper's slot was let go
+    first, so the sync ended, and was reported, before the failure was counted)."""
+    for relative in list(repo.files):
+        repo.drop(relative)
+    repo.publish((f"files/gone.bin,{sha(b'gone')},4",))
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    helpers = await started_helpers()
+    try:
+        report = await sync_remote(remote, catalog, storage, None, helpers)
+        failed_then = list(report.failed)
+    finally:
+        await helpers.close()
+
+    assert helpers.links[0].stored == 0
+    assert [url for url, _ in failed_then] == [upstream.url("/repo/files/gone.bin")]
+    assert "404" in failed_then[0][1]
+    assert artifacts(storage) == {} and temp_files(storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_twin_of_a_file_that_failed_in_a_helper_is_fetched_from_its_own_path(
+    repo, storage, catalog, make_remote, upstream
+):
+    """Two paths, one sha256: the first is not there upstream, the second is. The twin waits
+    for the first, then is fetched from its own path (handed out as the first is counted)."""
+    data = repo.files["files/05.bin"]
+    for relative in list(repo.files):
+        if relative != "files/05.bin":
+            repo.drop(relative)
+    gone = f"files/00-gone.bin,{sha(data)},{len(data)}"
+    (repo.folder / "PULP_MANIFEST").write_text(f"{gone}\nfiles/05.bin,{sha(data)},{len(data)}\n")
+    remote = make_remote("immediate", download_concurrency=4, sync_processes=2)
+    helpers = await started_helpers()
+    try:
+        report = await sync_remote(remote, catalog, storage, None, helpers)
+        outcome = (report.downloaded, list(report.failed))
+    finally:
+        await helpers.close()
+
+    assert outcome[0] == 1
+    assert [url for url, _ in outcome[1]] == [upstream.url("/repo/files/00-gone.bin")]
+    assert artifacts(storage) == {sha(data): data} and temp_files(storage) == []
+    entries = await catalog.entries_for_remote("fixtures")
+    assert {e.path: e.stored for e in entries} == {
+        "fixtures/files/00-gone.bin": True,
+        "fixtures/files/05.bin": True,
+    }
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_killed_helper_s_files_are_fetched_by_the_syncing_process(
     repo, storage, catalog, make_remote, upstream
 ):
