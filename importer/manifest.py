@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from store.catalog import MAX_SIZE
+
 MANIFEST_NAME = "PULP_MANIFEST"
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -100,6 +102,10 @@ def _check_fields(path: str, digest: str, size_text: str, line_number: int, sour
         else:
             reason = f"size must be a non-negative integer, got {size_text[:40]!r}"
         raise ManifestError(line_number, reason, source)
+    if len(size_text.lstrip("0")) > len(str(MAX_SIZE)) or int(size_text) > MAX_SIZE:
+        raise ManifestError(
+            line_number, f"size must be at most {MAX_SIZE}, got {size_text[:40]}", source
+        )
 
 
 def parse_manifest(

@@ -65,9 +65,16 @@ def _check_path(_instance: object, _attribute: object, value: str) -> None:
         raise ValueError(f"catalog path must be non-empty and relative, got {value!r}")
 
 
+#: The largest size a catalog holds: its size column is a signed 64-bit integer (SQLite's
+#: INTEGER, PostgreSQL's bigint).
+MAX_SIZE = (1 << 63) - 1
+
+
 def _check_size(_instance: object, _attribute: object, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"size must be a non-negative integer, got {value!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"size must be at most {MAX_SIZE}, got {value}")
 
 
 @attrs.frozen

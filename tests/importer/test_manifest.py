@@ -26,6 +26,7 @@ def test_good_manifest_with_tolerated_noise(tmp_path):
         "   \n"
         f"b file.bin,{SHA_B.upper()},2   \r\n"
         f"deep/er/c,{SHA_A},0\n"
+        f"huge,{SHA_B},0009223372036854775807\n"
     )
     path = tmp_path / "PULP_MANIFEST"
     path.write_bytes(text.encode())
@@ -33,10 +34,11 @@ def test_good_manifest_with_tolerated_noise(tmp_path):
         ManifestEntry("dir/a.txt", SHA_A, 1),
         ManifestEntry("b file.bin", SHA_B, 2),
         ManifestEntry("deep/er/c", SHA_A, 0),
+        ManifestEntry("huge", SHA_B, 2**63 - 1),  # the largest the catalog holds
     ]
     assert list(parse_manifest(io.StringIO(text))) == expected
     assert list(read_manifest(path)) == expected
-    assert validate_manifest(path) == 3
+    assert validate_manifest(path) == 4
 
 
 def test_non_ascii_paths(tmp_path):
@@ -57,6 +59,10 @@ BAD_LINES = [
     ("a.txt,{a},ten", "non-negative integer, got 'ten'"),
     ("a.txt,{a},", "non-negative integer, got ''"),
     ("a.txt,{a},+3", "non-negative integer, got '\\+3'"),
+    # The catalog's size column is a signed 64-bit integer (it was refused there, with
+    # "Python int too large to convert to SQLite INTEGER" and no line named).
+    ("a.txt,{a},9223372036854775808", "size must be at most 9223372036854775807, got 9223"),
+    ("a.txt,{a}," + "9" * 5000, "size must be at most 9223372036854775807, got 9999"),
     ("/etc/passwd,{a},1", "is absolute"),
     ("../escape,{a},1", "'..' component"),
     ("dir/../../escape,{a},1", "'..' component"),

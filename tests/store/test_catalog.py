@@ -69,6 +69,8 @@ def test_catalog_entry_validation():
         CatalogEntry("/p", "r", "u", 1, {"sha256": _sha("x")})
     with pytest.raises(ValueError, match="non-negative"):
         CatalogEntry("p", "r", "u", -1, {"sha256": _sha("x")})
+    with pytest.raises(ValueError, match="at most 9223372036854775807"):  # the column's
+        CatalogEntry("p", "r", "u", 2**63, {"sha256": _sha("x")})
 
 
 @pytest_twisted.inlineCallbacks
