@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
@@ -21,7 +21,7 @@ from zope.interface import Attribute, Interface, implementer
 from downloaders.session import fetch_to_file
 from downloaders.settings import SettingsError
 from downloaders.urls import without_userinfo
-from importer.manifest import read_manifest, validate_manifest
+from importer.manifest import MANIFEST_NAME, read_manifest, validate_manifest
 from store.catalog import CatalogEntry
 
 IsStored = Callable[[str], bool]
@@ -106,7 +106,9 @@ class PulpManifestImporter:
 
     def validate_listing(self, path: str) -> int:
         self._validated = None
-        count = validate_manifest(path)
+        # Lines are named in the listing's published name, not the temporary file's.
+        name = unquote(urlsplit(self.remote.url).path.rpartition("/")[2])
+        count = validate_manifest(path, source=name or MANIFEST_NAME)
         self._validated = _file_identity(path)
         return count
 

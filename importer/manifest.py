@@ -144,21 +144,24 @@ def parse_manifest(
         yield entry
 
 
-def read_manifest(path: str | os.PathLike[str], check: bool = True) -> Iterator[ManifestEntry]:
+def read_manifest(
+    path: str | os.PathLike[str], check: bool = True, source: str | None = None
+) -> Iterator[ManifestEntry]:
     """Yield the entries of the manifest file at *path*, reading it lazily (``check``: see
-    `parse_manifest`)."""
-    source = os.path.basename(os.fspath(path)) or MANIFEST_NAME
+    `parse_manifest`). Errors name *source* (default: the file's name)."""
+    source = source or os.path.basename(os.fspath(path)) or MANIFEST_NAME
     with open(path, "rb") as f:
         yield from parse_manifest(f, source, check)
 
 
-def validate_manifest(path: str | os.PathLike[str]) -> int:
+def validate_manifest(path: str | os.PathLike[str], source: str | None = None) -> int:
     """Check the whole manifest file at *path*; return its number of entries.
 
     Lets a sync fail on a bad line before it touches the catalog, then re-read the file
-    lazily with ``read_manifest``.
+    lazily with ``read_manifest``. Errors name *source* (default: the file's name; a sync's
+    listing is a temporary file, so it names the listing as published).
     """
     count = 0
-    for _entry in read_manifest(path):
+    for _entry in read_manifest(path, source=source):
         count += 1
     return count

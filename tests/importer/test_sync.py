@@ -183,6 +183,7 @@ async def test_resync_after_upstream_changes(repo, storage, catalog, make_remote
         ("/etc/passwd," + "0" * 64 + ",1", "absolute"),
         ("../x," + "0" * 64 + ",1", "'..'"),
         ("only,two", "expected 3"),
+        ("files/x.bin," + "0" * 64 + ",9223372036854775808", "size must be at most"),
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -200,7 +201,9 @@ async def test_corrupt_manifest_fails_before_touching_the_catalog(
     with pytest.raises(SyncError) as caught:
         await sync_remote(remote, catalog, storage)
 
-    assert "line 12" in str(caught.value) and reason in str(caught.value)
+    # The line is named in the listing as published (it was the temporary file's name,
+    # `.download-<random> line 12`, which is nowhere to be found).
+    assert "PULP_MANIFEST line 12: " in str(caught.value) and reason in str(caught.value)
     assert "catalog unchanged" in str(caught.value)
     assert await catalog.entries_for_remote("fixtures") == before
     assert [path for path, _ in upstream.all_requests()] == ["/repo/PULP_MANIFEST"]
