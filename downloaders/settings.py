@@ -37,7 +37,8 @@ class SettingsError(ValueError):
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    # NaN compares false with everything, so ``value < 0`` alone let it through.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise SettingsError(attribute.name, f"must be a number >= 0, not {value!r}")
 
 

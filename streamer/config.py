@@ -132,7 +132,7 @@ def resolve_endpoint_paths(description: str, base_dir: str) -> str:
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
+    if not value >= 0:  # NaN too (it compares false with everything)
         raise SettingsError(attribute.name, f"must be >= 0, not {value!r}")
 
 
@@ -371,7 +371,8 @@ def _resolve_key(section: str, key: str, value: Any, base_dir: str) -> Any:
 
 def _build(cls: type, table: Mapping[str, Any], prefix: str, base_dir: str, **extra: Any) -> Any:
     """Construct attrs class *cls* from a TOML table, naming *prefix*.key in every error."""
-    fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls))}
+    # Only what ``__init__`` takes: a remote's private state (``init=False``) is no key.
+    fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls)) if f.init}
     section = prefix.split("[")[0]
     values: dict[str, Any] = {}
     for key, value in table.items():

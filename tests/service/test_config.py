@@ -124,6 +124,15 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         (REMOTE + 'base_path = "healthz/x"\n', "remotes[0].base_path: /healthz is reserved"),
         (REMOTE + 'max_retries = "3"\n', "remotes[0].max_retries: must be an integer"),
         (REMOTE + "colour = 1\n", "remotes[0].colour: unknown key"),
+        # A remote's private state is no key (was a TypeError's traceback; listed as known).
+        (REMOTE + "_factory = 1\n", "remotes[0]._factory: unknown key"),
+        (REMOTE + '_importer = "x"\n', "remotes[0]._importer: unknown key (known keys: allow_"),
+        # NaN passed `value < 0` (then an AssertionError of Twisted's at the first request).
+        (REMOTE + "connect_timeout = nan\n", "remotes[0].connect_timeout: must be a number >= 0"),
+        (REMOTE + "sock_read_timeout = nan\n", "remotes[0].sock_read_timeout: must be a number"),
+        (REMOTE + "rate_limit = nan\n", "remotes[0].rate_limit: must be a number >= 0, not nan"),
+        ("[server]\ngrace_period = nan\n", "server.grace_period: must be >= 0, not nan"),
+        ("[server]\nstall_timeout = nan\n", "server.stall_timeout: must be >= 0, not nan"),
         (REMOTE + "sync_processes = -1\n", "remotes[0].sync_processes: must be an integer"),
         (REMOTE + 'allowed_import_paths = ["/"]\n', "remotes[0].allowed_import_paths: not a"),
         ('[[remotes]]\nname = "fx"\n', "remotes[0].url: required"),
