@@ -448,9 +448,16 @@ class RequestLog:
     """Emits access and upstream-failure events to one observer (default: the global log);
     access lines straight to their destination once it is known (`write_lines`)."""
 
-    def __init__(self, observer: ILogObserver | None = None, file: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        observer: ILogObserver | None = None,
+        file: IO[str] | None = None,
+        path: str | None = None,
+    ) -> None:
         self._observer = observer if observer is not None else globalLogPublisher
         self._file = file
+        #: Where *file* was opened, for `reopen`.
+        self._path = path
         self._upstream = Logger(namespace="streamer.upstream", observer=self._observer)
         self._lines: LineBatch | None = None
         self._render: Callable[[dict[str, Any], str, float, str], str] = render_text
@@ -463,7 +470,7 @@ class RequestLog:
             return cls()
         file = sys.stdout if destination == "-" else open(destination, "a", encoding="utf-8")  # noqa: SIM115
         observer = json_file_observer(file) if json else textFileLogObserver(file)
-        log = cls(observer, None if file is sys.stdout else file)
+        log = cls(observer, None if file is sys.stdout else file, destination)
         try:
             fd = file.fileno()
         except (AttributeError, OSError, ValueError):  # a stand-in without a descriptor
@@ -490,6 +497,21 @@ class RequestLog:
         if self._lines is None:
             raise RuntimeError("relay needs write_lines first")
         self._lines.add(text)
+
+    def reopen(self) -> bool:
+        """Open the access log file again at its path (log rotation renamed it away): its
+        descriptor now writes to the file there, made if need be. False: no file to reopen."""
+        if self._file is None or self._path is None:
+            return False
+        if self._lines is not None:
+            self._lines.flush()
+        self._file.flush()
+        fresh = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:  # the same descriptor number: every writer holding it follows
+            os.dup2(fresh, self._file.fileno(), inheritable=False)
+        finally:
+            os.close(fresh)
+        return True
 
     def close(self) -> None:
         if self._lines is not None:

@@ -446,13 +446,18 @@ class ProcessGroup(Service):
                 timer.cancel()
         super().stopService()
 
+    def signal_helpers(self, signum: int) -> None:
+        """Send signal *signum* (``signal.SIGHUP``) to every running helper."""
+        for helper in list(self.helpers.values()):
+            _signal(helper, signum)
+
     def _kill_all(self) -> None:
         for helper in list(self.helpers.values()):
             log.warn("helper process {index} did not stop: killing it", index=helper.index)
             _signal(helper, "KILL")
 
 
-def _signal(helper: _Helper, name: str) -> None:
+def _signal(helper: _Helper, name: str | int) -> None:
     if helper.transport is None:  # not started yet, or already gone
         return
     try:

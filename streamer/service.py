@@ -473,6 +473,8 @@ class StreamerService(MultiService):
         self._sigterms = 0
         #: The helper processes sharing the socket (the first process of a group only).
         self.group: ProcessGroup | None = None
+        #: twistd's SIGUSR1 handler (its log file's rotation), run before ours.
+        self._rotate_twistd_log: Any = None
         #: Called with the pid of each helper that ended (the metrics' clean-up).
         self.on_helper_ended: Callable[[int], None] | None = self.metrics.process_ended
 
@@ -631,6 +633,29 @@ class StreamerService(MultiService):
 
     def _install_sigterm(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Log rotation's usual signals reopen the access log and stop nothing (their
+        # default action ended the service at once, cutting every client). twistd rotates
+        # its own log file at SIGUSR1 when it writes one: that handler still runs.
+        signal.signal(signal.SIGHUP, self._on_reopen_signal)
+        rotate = signal.getsignal(signal.SIGUSR1)
+        self._rotate_twistd_log = rotate if callable(rotate) else None
+        signal.signal(signal.SIGUSR1, self._on_reopen_signal)
+
+    def _on_reopen_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR1 and self._rotate_twistd_log is not None:
+            self._rotate_twistd_log(signum, frame)
+        self.reactor.callFromThread(self._reopen_logs, signum)
+
+    def _reopen_logs(self, signum: int) -> None:
+        """SIGHUP or SIGUSR1: reopen ``[server] access_log``, in the helpers too."""
+        reopened = self.request_log.reopen()
+        log.info(
+            "{signal}: {what}; still serving (SIGTERM stops)",
+            signal=signal.Signals(signum).name,
+            what="access log reopened" if reopened else "no access log file to reopen",
+        )
+        if self.group is not None:
+            self.group.signal_helpers(signum)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._terminate)

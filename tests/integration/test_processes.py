@@ -237,6 +237,45 @@ async def test_processes_share_the_port_log_through_one_and_drain_on_sigterm(tmp
 
 
 @pytest_twisted.ensureDeferred
+async def test_sighup_and_sigusr1_reopen_the_access_log_in_every_process_and_stop_nothing(
+    tmp_path,
+):
+    """Log rotation renames ``access.log`` away and sends SIGHUP (or SIGUSR1) to the first
+    process: every process writes to a new ``access.log`` from then on, and none stops.
+    Before, either signal's default action ended the whole group at once."""
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"}, 'access_log = "access.log"\n')
+        async with twistd(config) as served:
+            await all_serving(served)
+            parent = served.process.pid
+            helpers = helper_pids(parent)
+            log = tmp_path / "access.log"
+            for number, name in enumerate(("SIGHUP", "SIGUSR1"), start=1):
+                await curl_many(served, "/healthz", 30)
+                await settle(0.3)  # each process writes its lines every 0.1 s
+                log.rename(tmp_path / f"access.log.{number}")
+                os.kill(parent, getattr(signal, name))
+                reopened = f"{name}: access log reopened; still serving"
+
+                async def every_process_reopened(reopened: str = reopened) -> bool:
+                    return served.output.count(reopened) == PROCESSES
+
+                await until(every_process_reopened, timeout=10, what=f"{name} handled")
+            results = await curl_many(served, "/healthz", 30)
+            assert all(code == 0 and body == b"ok\n" for code, body, _ in results)
+            assert helper_pids(parent) == helpers  # none stopped or restarted
+        assert await served.stop() == 0, served.output
+        for rotated in ("access.log.1", "access.log.2", "access.log"):
+            lines = (tmp_path / rotated).read_text().splitlines()
+            assert len([line for line in lines if '"GET /healthz" 200 3 ' in line]) >= 30
+            assert all(_ACCESS_LINE.fullmatch(line) for line in lines), lines
+        assert "Traceback" not in served.output
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_process_appends_whole_access_lines_to_twistds_log_file(tmp_path):
     """The default destination, twistd's ``--logfile`` (the one the benches use): the access
     lines of every process in that file, whole, once each, in twistd's text format, through
