@@ -294,6 +294,32 @@ def _rename_no_replace(src: str, dst: str) -> bool:
     return True
 
 
+def _make_folder(folder: str) -> None:
+    """Make sure *folder* (an ``artifacts/xx`` folder) is a folder, not a symbolic link to
+    one elsewhere; StorageError if it is a link.
+
+    One ``lstat`` when it exists, as it mostly does: another process (a sync's helper, the
+    service) made it a moment ago. A ``mkdir`` only when it is missing: two processes making
+    the same folders meet on the parent's lock, where a ``mkdir`` may wait for a whole inode
+    allocation of the other's (on ext4 without a journal, a scan past every inode deleted
+    nearby in the last minute), only to be told it exists."""
+    try:
+        mode = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        try:
+            os.mkdir(folder)
+            return  # made here: a folder
+        except FileExistsError:
+            pass  # made by another process meanwhile
+        except FileNotFoundError:  # artifacts/ itself is gone (removed by hand)
+            os.makedirs(folder, exist_ok=True)
+        mode = os.lstat(folder).st_mode
+    if stat.S_ISLNK(mode):  # a link to a folder elsewhere
+        raise StorageError(f"{folder} is a symbolic link: refusing to store through it")
+    if not stat.S_ISDIR(mode):
+        raise StorageError(f"{folder} is {file_kind(mode)}, not a folder: cannot store in it")
+
+
 def _ctypes_errno() -> int:
     import ctypes
 
@@ -546,13 +572,10 @@ class ArtifactStorage:
         """Rename into ``artifacts/<prefix>/`` unless *dest* exists (as a regular file of
         *size* bytes); False if it did.
 
-        The folder is created the first time only (a ``mkdir`` costs about as much as
-        creating a file: once per folder, not per file)."""
+        The folder is looked at the first time only (a ``mkdir`` costs about as much as
+        creating a file: once per folder, not per file), and made only when missing."""
         if prefix not in self._folders:
-            folder = os.path.dirname(dest)
-            os.makedirs(folder, exist_ok=True)
-            if not stat.S_ISDIR(os.lstat(folder).st_mode):  # a link to a folder elsewhere
-                raise StorageError(f"{folder} is a symbolic link: refusing to store through it")
+            _make_folder(os.path.dirname(dest))
             self._folders.add(prefix)
         try:
             renamed = _rename_no_replace(temp_path, dest)

@@ -74,3 +74,67 @@ def test_commit_of_stored_content_keeps_the_artifact(tmp_path, monkeypatch, no_r
     assert not os.path.exists(path)  # the second copy is dropped
     assert os.stat(dest).st_ino == before.st_ino  # the stored one is left as it was
     assert os.listdir(storage.temp_dir) == []
+
+
+MKDIRS_OF_A_COMMIT = """
+import hashlib, os, sys
+
+from store import ArtifactStorage
+
+storage = ArtifactStorage(sys.argv[1])
+made = []
+committing = []
+sys.addaudithook(
+    lambda event, args: made.append(args[0]) if event == "os.mkdir" and committing else None
+)
+for data in (b"first", b"second"):
+    sha256 = hashlib.sha256(data).hexdigest()
+    if data == b"second":  # its folder made by another process (a helper) beforehand
+        os.makedirs(os.path.dirname(storage.path_for(sha256)), exist_ok=True)
+    path = os.path.join(storage.temp_dir, "part-x")
+    with open(path, "wb") as f:
+        f.write(data)
+    committing.append(True)
+    storage.commit(path, sha256, len(data))
+    committing.clear()
+    assert storage.has(sha256)
+print(len(made))
+"""
+
+
+def test_a_commit_makes_only_a_folder_that_is_missing(tmp_path) -> None:
+    """A first commit under ``artifacts/xx`` makes the folder with one ``mkdir``; a folder
+    another process made already is only looked at (no ``mkdir`` meeting the other's on the
+    parent's lock, to be told it exists)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", MKDIRS_OF_A_COMMIT, str(tmp_path / "var")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": repo},
+        cwd=repo,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]  # the first file's folder; none for the second
+
+
+def test_a_file_in_place_of_a_folder_is_refused_by_name(tmp_path) -> None:
+    """Something else than a folder at ``artifacts/xx`` (a regular file, a link): the commit
+    fails naming it, the temp file is removed, nothing is stored."""
+    storage = ArtifactStorage(tmp_path)
+    path, sha256 = _temp(storage, b"blocked", 0o644)
+    folder = os.path.dirname(storage.path_for(sha256))
+    with open(folder, "wb") as f:
+        f.write(b"not a folder")
+    with pytest.raises(StorageError, match="is a regular file, not a folder"):
+        storage.commit(path, sha256, 7, durable=False)
+    assert not os.path.exists(path)
+    os.remove(folder)
+    os.symlink(tmp_path, folder)
+    path, sha256 = _temp(storage, b"blocked", 0o644)
+    with pytest.raises(StorageError, match="is a symbolic link: refusing to store through it"):
+        storage.commit(path, sha256, 7, durable=False)
+    assert not os.path.exists(path) and not storage.has(sha256)
