@@ -453,8 +453,12 @@ class _Sync:
         self, sources: list[CatalogEntry], fetch: Callable[..., defer.Deferred[None]] | None = None
     ) -> defer.Deferred[None]:
         """Fires when the download slot is free again (the commit may still be under way)."""
-        sha256 = sources[0].sha256
-        if sources[0].stored:  # checked in storage as the listing was read, a moment ago
+        first = sources[0]
+        sha256 = first.sha256
+        # Checked in storage as the listing was read, a moment ago, by sha256 alone: a file
+        # of another size than this entry's (a listing giving one sha256 two sizes) is not
+        # this file, as the streamer treats it, so it is downloaded (and fails validation).
+        if first.stored and self.storage.has(sha256, first.size):
             self._count(ALREADY_PRESENT)
             return defer.succeed(None)
         waiters = self._in_flight.get(sha256)
@@ -473,10 +477,11 @@ class _Sync:
     def _after_twin(
         self, sources: list[CatalogEntry], fetch: Callable[..., defer.Deferred[None]] | None
     ) -> defer.Deferred[None]:
-        if self.storage.has(sources[0].sha256):
+        if self.storage.has(sources[0].sha256, sources[0].size):
             self._count(ALREADY_PRESENT)
             return defer.succeed(None)
-        return self._one_file(sources, fetch)  # the twin failed: try this path's own sources
+        # The twin failed (or stored another size: see `_one_file`): this path's own sources.
+        return self._one_file(sources, fetch)
 
     def _release(self, result: Any, sha256: str) -> Any:
         """The content *sha256* is in storage, or failed: let its twins go on."""

@@ -33,8 +33,9 @@ class IArtifactStorage(Interface):
     def path_for(sha256: str) -> str:
         """Return the path where the artifact with this sha256 lives (or would live)."""
 
-    def has(sha256: str) -> bool:
-        """Return True when the artifact with this sha256 is stored."""
+    def has(sha256: str, size: int | None = None) -> bool:
+        """Return True when the artifact with this sha256 is stored (with *size* bytes, if
+        given: a file of another size is treated as not stored, as `open` does)."""
 
     def open(sha256: str, size: int | None = None) -> BinaryIO:
         """Open the stored artifact for binary reading; raise ArtifactNotFound if absent (or,

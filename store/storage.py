@@ -357,9 +357,10 @@ class ArtifactStorage:
             raise StorageError(f"not a sha256 digest (64 lowercase hex characters): {sha256!r}")
         return os.path.join(self.artifacts_dir, sha256[:2], sha256[2:])
 
-    def has(self, sha256: str) -> bool:
-        """Return True when the artifact is stored (as a regular file, not a link to one)."""
-        return _is_regular(self.path_for(sha256))
+    def has(self, sha256: str, size: int | None = None) -> bool:
+        """Return True when the artifact is stored (as a regular file, not a link to one;
+        of *size* bytes, if given)."""
+        return _is_regular(self.path_for(sha256), size)
 
     def open(self, sha256: str, size: int | None = None) -> BinaryIO:
         """Open the stored artifact for binary reading.

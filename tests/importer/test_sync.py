@@ -493,3 +493,31 @@ async def test_a_catalog_that_cannot_open_is_the_error_even_when_the_listing_fai
             await sync_remote(remote, catalog, storage, catalog_ready=refused)
     assert artifacts(storage) == {} and await catalog.count() == 0
     assert [p for p, _ in upstream.all_requests() if p.startswith("/repo/files")] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_sha256_listed_with_two_sizes_is_not_already_present_for_both(
+    repo, storage, catalog, make_remote
+):
+    """A listing giving one sha256 two sizes (``a`` its real one, ``b`` another): ``b`` is not
+    the stored file, as the streamer sees it (`store.errors.WrongSize`), so it is fetched and
+    fails, in this sync and the next. Before: `1 already present, 0 failed` both times, while
+    every request for ``b`` was a 502."""
+    data = content(3)
+    for relative in list(repo.files):
+        repo.drop(relative)
+    repo.put("files/a.bin", data)
+    repo.put("files/b.bin", data + b"and more")
+    (repo.folder / "PULP_MANIFEST").write_text(
+        f"files/a.bin,{sha(data)},{len(data)}\nfiles/b.bin,{sha(data)},{len(data) + 8}\n"
+    )
+    remote = make_remote("immediate", sync_processes=1)
+    first = await sync_remote(remote, catalog, storage)
+    again = await sync_remote(remote, catalog, storage)
+
+    assert (first.downloaded, first.already_present) == (1, 0)
+    assert (again.downloaded, again.already_present) == (0, 1)
+    for report in (first, again):
+        [(url, reason)] = report.failed
+        assert url.endswith("/repo/files/b.bin") and "sha256 mismatch" in reason
+    assert artifacts(storage) == {sha(data): data} and temp_files(storage) == []
