@@ -524,6 +524,17 @@ def _special_file(target: str) -> bool:
         return False
 
 
+def _new_file_mode(target: str) -> int:
+    """The mode a fetched file gets, as curl's and wget's: a file it replaces keeps its own,
+    a new one is 0o666 less the umask (the temporary file it was written to is 0o600)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @defer.inlineCallbacks
 def run_fetch(
     config: Config,
@@ -561,6 +572,7 @@ def run_fetch(
             with open(target, "wb") as stream:
                 _copy(result.path, stream)
         else:
+            os.chmod(result.path, _new_file_mode(target))
             os.replace(result.path, target)
     finally:
         remove_quietly(result.path)

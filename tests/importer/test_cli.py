@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,28 @@ async def test_cli_fetch(tmp_path, upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_cli_fetch_gives_the_file_the_mode_curl_would(tmp_path, upstream):
+    """A new file is 0o666 less the umask, a replaced one keeps its mode, as with curl -O /
+    -o and wget (before: both 0o600, the mode of the temporary file it was renamed from)."""
+    body = b"readable by others\n" * 100
+    url = upstream.register("/f.bin", Serve(body))
+    config = write_config(tmp_path, upstream)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    new, kept = tmp_path / "new.bin", tmp_path / "kept.bin"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+
+    for target in (new, kept):
+        code, out, err = await streamer(config, "fetch", url, "-o", str(target)).ended
+        assert code == 0, err
+        assert target.read_bytes() == body
+
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
+@pytest_twisted.ensureDeferred
 async def test_cli_fetch_to_a_closed_standard_output_or_error(tmp_path, upstream, repo):
     """``fetch -o -`` started with standard output closed (``>&-``) says so in one line and
     ends with 120 (as any command that cannot write its output), downloading nothing; with
@@ -184,8 +207,6 @@ async def test_cli_fetch_into_a_fifo_writes_into_it_and_leaves_it(tmp_path, upst
     ``/dev/stdout`` alike) writes the validated bytes into it, as curl does (before: the
     temporary file was renamed over it, so a FIFO, or ``/dev/null`` for root, became a
     regular file and the reader waited for ever)."""
-    import stat
-
     body = b"into the fifo\n" * 5000
     url = upstream.register("/f.bin", Serve(body))
     config = write_config(tmp_path, upstream)
