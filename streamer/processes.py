@@ -101,6 +101,16 @@ def process_index() -> int:
     return int(os.environ.get(INDEX_ENV, "0"))
 
 
+#: The signals that reopen the access log (`StreamerService`): blocked while a helper starts.
+REOPEN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+
+
+def unblock_reopen_signals() -> None:
+    """Deliver the `REOPEN_SIGNALS` a helper received while it started (once its handlers
+    are installed): they came blocked from the first process (`ProcessGroup._spawn`)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, REOPEN_SIGNALS)
+
+
 def share_accepts(port: Any, reactor: Any) -> bool:
     """Make the listening *port* (a ``tcp.Port``, or a ``unix.Port``), which the processes of
     a group share, wake one of them per new connection and hand each wake-up one connection.
@@ -386,6 +396,10 @@ class ProcessGroup(Service):
         fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.fd, LOG_FD: "r"}
         if self.access_lines is not None:
             fds[ACCESS_FD] = "r"
+        # The helper starts with the reopen signals blocked (a signal mask outlives exec):
+        # one sent while it starts waits until its handlers are in (`unblock_reopen_signals`)
+        # instead of ending it by their default action.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, REOPEN_SIGNALS)
         try:
             self.reactor.spawnProcess(
                 helper,
@@ -399,6 +413,8 @@ class ProcessGroup(Service):
             log.error("cannot start helper process {index}: {exc}", index=index, exc=exc)
             self._schedule(index)
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         self.helpers[index] = helper
 
     def ended(self, helper: _Helper, reason: Failure) -> None:

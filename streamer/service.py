@@ -49,6 +49,7 @@ from streamer.processes import (
     helper_lines,
     process_count,
     share_accepts,
+    unblock_reopen_signals,
 )
 from streamer.signing import SignedResource
 
@@ -640,6 +641,7 @@ class StreamerService(MultiService):
         rotate = signal.getsignal(signal.SIGUSR1)
         self._rotate_twistd_log = rotate if callable(rotate) else None
         signal.signal(signal.SIGUSR1, self._on_reopen_signal)
+        unblock_reopen_signals()
 
     def _on_reopen_signal(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGUSR1 and self._rotate_twistd_log is not None:

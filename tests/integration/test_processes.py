@@ -276,6 +276,44 @@ async def test_sighup_and_sigusr1_reopen_the_access_log_in_every_process_and_sto
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_sighup_while_helpers_start_waits_for_them_instead_of_ending_them(tmp_path):
+    """SIGHUPs sent to the first process as soon as it is ready, while its helpers are still
+    starting (importing, opening the catalog): each helper handles them once its handlers
+    are in, none is ended by the signal's default action (before: `helper process N ... was
+    killed by signal 1; starting it again`)."""
+    upstream = await UpstreamServer().start()
+    try:
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"})
+        served = start_twistd(config.parent, ["--config", str(config)])
+        try:
+
+            async def first_ready() -> bool:
+                return "[streamer.service#info] streamer ready" in served.output
+
+            await until(first_ready, timeout=30, what="the first process ready")
+            sent = 0
+            while served.output.count("(a helper process)") < PROCESSES - 1 and sent < 100:
+                os.kill(served.process.pid, signal.SIGHUP)
+                sent += 1
+                await settle(0.05)
+            await all_serving(served)
+            assert sent > 1  # some went out while helpers were starting
+
+            async def every_process_handled() -> bool:
+                lines = re.findall(r"#info( process \d)?\] SIGHUP: ", served.output)
+                return len(set(lines)) == PROCESSES
+
+            await until(every_process_handled, timeout=10, what="every process handled SIGHUP")
+            assert "killed by signal" not in served.output, served.output[-3000:]
+            assert (await served.curl("/healthz"))[:2] == (0, b"ok\n")
+        finally:
+            code = await served.stop()
+        assert code == 0, served.output[-3000:]
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_process_appends_whole_access_lines_to_twistds_log_file(tmp_path):
     """The default destination, twistd's ``--logfile`` (the one the benches use): the access
     lines of every process in that file, whole, once each, in twistd's text format, through
