@@ -650,12 +650,12 @@ class StreamerService(MultiService):
 
     def _reopen_logs(self, signum: int) -> None:
         """SIGHUP or SIGUSR1: reopen ``[server] access_log``, in the helpers too."""
-        reopened = self.request_log.reopen()
-        log.info(
-            "{signal}: {what}; still serving (SIGTERM stops)",
-            signal=signal.Signals(signum).name,
-            what="access log reopened" if reopened else "no access log file to reopen",
-        )
+        say, name = log.info, signal.Signals(signum).name
+        try:
+            what = "access log reopened" if self.request_log.reopen() else "no access log file"
+        except OSError as exc:  # its folder gone, no room...: the old file is kept
+            say, what = log.warn, f"cannot reopen the access log ({exc.strerror or exc})"
+        say("{signal}: {what}; still serving (SIGTERM stops)", signal=name, what=what)
         if self.group is not None:
             self.group.signal_helpers(signum)
 

@@ -276,6 +276,33 @@ async def test_sighup_and_sigusr1_reopen_the_access_log_in_every_process_and_sto
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_access_log_that_cannot_be_reopened_is_one_warning_per_process(tmp_path):
+    """SIGHUP after the access log's folder was removed: one warning per process, the old
+    file kept, nothing stops (before: a critical `while calling from thread` traceback)."""
+    upstream = await UpstreamServer().start()
+    try:
+        (tmp_path / "logs").mkdir()
+        server = 'access_log = "logs/access.log"\n'
+        config = await group(tmp_path, upstream, {"a.txt": b"a\n"}, server)
+        async with twistd(config) as served:
+            await all_serving(served)
+            (tmp_path / "logs").rename(tmp_path / "gone")
+            os.kill(served.process.pid, signal.SIGHUP)
+            warning = "SIGHUP: cannot reopen the access log (No such file or directory)"
+
+            async def every_process_warned() -> bool:
+                return served.output.count(warning) == PROCESSES
+
+            await until(every_process_warned, timeout=10, what="a warning per process")
+            assert (await served.curl("/healthz"))[:2] == (0, b"ok\n")
+        assert await served.stop() == 0, served.output
+        assert "Traceback" not in served.output
+        assert '"GET /healthz" 200 3 ' in (tmp_path / "gone" / "access.log").read_text()
+    finally:
+        await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_sighup_while_helpers_start_waits_for_them_instead_of_ending_them(tmp_path):
     """SIGHUPs sent to the first process as soon as it is ready, while its helpers are still
     starting (importing, opening the catalog): each helper handles them once its handlers
