@@ -13,22 +13,32 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from store.catalog import mark_all_stored
 from store.tempdirs import remove_quietly
 
 __all__ = ["BatchCommitter", "flush_filesystem"]
 
+_log = Logger()
+
+
+#: What a queued file's caller hears: None (in storage, and marked stored given a catalog)
+#: or why not (an exception or a Failure); called once, in the reactor thread.
+Settle = Callable[[Any], object]
+
 
 @attrs.define
 class _Item:
-    """A queued commit: the temp file (None until *write* made it), what it must be, the
-    Deferred its caller holds, what to call once it is in storage, and how to write it."""
+    """A queued commit: the temp file (None until *write* made it), what it must be, whom to
+    tell (the Deferred of `BatchCommitter.commit`, or an `add` caller's function), what to
+    call once it is in storage, and how to write it."""
 
     path: str | None
     sha256: str
     size: int
-    done: defer.Deferred[None]
+    done: defer.Deferred[None] | Settle
     then: Callable[[], object] | None
     write: Callable[[], str] | None = None
     #: Why *write* failed, if it did.
@@ -84,12 +94,19 @@ class BatchCommitter:
     forth with a thread around each of them. For a process that serves nobody meanwhile (a
     sync); a server keeps the default, so a slow disk never stalls its clients.
 
+    ``catalog``: where the files of each batch are marked stored, in one call as soon as the
+    batch is in storage, before their callers are told: by the committing thread itself where
+    the catalog can (``mark_stored_many_here``: SQLite), else by the reactor
+    (`mark_all_stored`: one trip to the catalog's thread); None: nobody is marked (the caller
+    does it).
+
     ``busy_delay``: how long files gather instead of ``delay`` while they come in numbers (a
     batch of at least ``busy_files`` began less than two ``busy_delay`` ago). A batch costs
     more than its flush: a trip to the committing thread and back, one to the catalog's for
-    the stored flags, and the GIL handed back and forth each time; a busy server commits
-    fewer, larger batches, and a lone file (a first request on a quiet server, whose second
-    request may come from another process and wait for the commit) still waits ``delay``.
+    the stored flags (but for SQLite, marked by the committing thread), and the GIL handed
+    back and forth each time; a busy server commits fewer, larger batches, and a lone file (a
+    first request on a quiet server, whose second request may come from another process and
+    wait for the commit) still waits ``delay``.
     """
 
     def __init__(
@@ -101,6 +118,7 @@ class BatchCommitter:
         inline_renames: bool = False,
         busy_delay: float | None = None,
         busy_files: int = 4,
+        catalog: Any = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -111,6 +129,7 @@ class BatchCommitter:
         self.busy_files = busy_files
         self.clock = clock
         self.inline_renames = inline_renames
+        self.catalog = catalog
         self._queue: list[_Item] = []
         self._busy = False
         self._timer: Any = None
@@ -127,7 +146,8 @@ class BatchCommitter:
         then: Callable[[], object] | None = None,
         write: Callable[[], str] | None = None,
     ) -> defer.Deferred[None]:
-        """Fires once the file is in storage (or fails with the StorageError).
+        """Fires once the file is in storage and, given a ``catalog``, marked stored there (or
+        fails with the StorageError, or the catalog's error).
 
         *then* is called right after the file entered storage, in the thread that committed
         it (file-system work that may wait for the journal, such as the last close of a file
@@ -142,6 +162,21 @@ class BatchCommitter:
         self._queue.append(_Item(temp_path, sha256, size, done, then, write))
         self._schedule()
         return done
+
+    def add(
+        self,
+        temp_path: str | None,
+        sha256: str,
+        size: int,
+        settle: Settle,
+        then: Callable[[], object] | None = None,
+        write: Callable[[], str] | None = None,
+    ) -> None:
+        """`commit`, telling *settle* (None, or the error) instead of firing a Deferred: a
+        function call per file where a busy server commits many, and no way to take the file
+        back while it waits."""
+        self._queue.append(_Item(temp_path, sha256, size, settle, then, write))
+        self._schedule()
 
     def _drop(self, done: defer.Deferred[None]) -> None:
         """Canceller: a file still waiting for its batch is removed, not committed.
@@ -178,7 +213,7 @@ class BatchCommitter:
             self._next_batch()
         elif self._timer is None:
             # Gather files for a moment (longer while they come in numbers): each batch costs
-            # a flush, a trip to the committing thread and one to the catalog's.
+            # a flush, a trip to the committing thread (and maybe one to the catalog's).
             crowded = self.clock.seconds() < self._crowded_until
             delay = self.busy_delay if crowded else self.delay
             self._timer = self.clock.callLater(delay, self._next_batch)
@@ -208,12 +243,28 @@ class BatchCommitter:
 
     def _commit_flushed(self, flushed: bool, batch: list[_Item]) -> Any:
         if flushed:  # the data is on disk: only the renames are left, done here
-            return self._commit_all(batch, durable=False)
-        return threads.deferToThread(self._commit_all, batch, True)  # an fsync per file
+            return self._commit_all(batch, durable=False), None
+        fsynced = threads.deferToThread(self._commit_all, batch, True)  # an fsync per file
+        return fsynced.addCallback(lambda outcomes: (outcomes, None))
 
-    def _commit_batch(self, batch: list[_Item]) -> list[BaseException | None]:
+    def _commit_batch(self, batch: list[_Item]) -> tuple[list[BaseException | None], Any]:
         _write_pending(batch)
-        return self._commit_all(batch, durable=not _flushed(self.storage.temp_dir))
+        outcomes = self._commit_all(batch, durable=not _flushed(self.storage.temp_dir))
+        return outcomes, self._mark_here(batch, outcomes)
+
+    def _mark_here(self, batch: list[_Item], outcomes: list[BaseException | None]) -> Any:
+        """In the committing thread: mark the batch's stored files through the catalog's
+        ``mark_stored_many_here`` (`store.sqlite.SQLiteCatalog`), which needs no trip to the
+        catalog's thread and back through the reactor. True once marked, the Failure if that
+        failed, None if the reactor is to mark them (`mark_all_stored`)."""
+        here = getattr(self.catalog, "mark_stored_many_here", None)
+        stored = _stored(batch, outcomes)
+        if here is None or not stored:
+            return None
+        try:
+            return None if here(stored) is None else True
+        except Exception:
+            return Failure()
 
     def _commit_all(self, batch: list[_Item], durable: bool) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
@@ -234,23 +285,51 @@ class BatchCommitter:
                     pass
         return outcomes
 
-    def _batch_done(self, outcomes: Any, batch: list[_Item]) -> None:
-        for index, item in enumerate(batch):
-            done = item.done
-            if isinstance(outcomes, Failure):
+    def _batch_done(self, result: Any, batch: list[_Item]) -> None:
+        """*result*: each file's outcome, and whether the committing thread marked them
+        (`_mark_here`); or the Failure of the whole batch."""
+        self._busy = False
+        marked: Any = None
+        if isinstance(result, Failure):
+            for item in batch:
                 if item.path is not None:
                     remove_quietly(item.path)
-                outcome: Any = outcomes
-            else:
-                outcome = outcomes[index]
-            if done.called:  # cancelled meanwhile; the file is committed (or gone) anyway
-                continue
-            if outcome is None:
-                done.callback(None)
-            else:
-                done.errback(outcome)
-        self._busy = False
+            outcomes: list[Any] = [result] * len(batch)
+        else:
+            outcomes, marked = result
+        stored = _stored(batch, outcomes)
+        if marked is None and self.catalog is not None and stored:
+            marking = mark_all_stored(self.catalog, stored)
+            marking.addBoth(_tell, batch, outcomes)
+        else:
+            _tell(marked, batch, outcomes)
         self._schedule()
+
+
+def _stored(batch: list[_Item], outcomes: list[Any]) -> list[str]:
+    """The sha256s of the files of *batch* that entered storage."""
+    return [item.sha256 for item, outcome in zip(batch, outcomes, strict=True) if outcome is None]
+
+
+def _tell(marked: Any, batch: list[_Item], outcomes: list[Any]) -> None:
+    """Tell the callers of a batch its file's own outcome, else the catalog's failure to mark
+    it (*marked*, if a Failure), else None. In one plain loop: one reactor call per batch,
+    whatever its size."""
+    failed = marked if isinstance(marked, Failure) else None
+    for item, outcome in zip(batch, outcomes, strict=True):
+        error = outcome if outcome is not None else failed
+        done = item.done
+        if not isinstance(done, defer.Deferred):
+            try:
+                done(error)
+            except Exception:  # (its own fault: the other files of the batch are told still)
+                _log.failure("a committed file's caller failed ({sha256})", sha256=item.sha256)
+        elif done.called:  # cancelled meanwhile; the file is committed (or gone) anyway
+            continue
+        elif error is None:
+            done.callback(None)
+        else:
+            done.errback(error)
 
 
 def _write_pending(batch: list[_Item]) -> None:

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from store.digests import is_sha256_hex
 from store.errors import CatalogError
@@ -273,43 +272,3 @@ def mark_all_stored(catalog: Any, sha256s: list[str]) -> defer.Deferred[Any]:
         [defer.maybeDeferred(catalog.mark_stored, sha256) for sha256 in sha256s],
         consumeErrors=True,
     )
-
-
-class StoredMarks:
-    """Sets the stored flag of artifacts committed one after another in one transaction.
-
-    The files of one commit batch finish in one reactor turn; `mark_stored` (the catalog's
-    call, so this stands in for the catalog where only that is needed) gathers the sha256s
-    asked for in that turn and sends them together next turn (``mark_stored_many``, or one
-    ``mark_stored`` each for a catalog without it): one trip to the catalog's thread and one
-    transaction per batch instead of one per file.
-
-    :param clock: ``callLater`` for the next turn (the reactor; a ``Clock`` in tests).
-    """
-
-    def __init__(self, catalog: Any, clock: Any) -> None:
-        self.catalog = catalog
-        self.clock = clock
-        self._waiting: list[tuple[str, defer.Deferred[None]]] = []
-
-    def mark_stored(self, sha256: str) -> defer.Deferred[None]:
-        """Fires once *sha256* is marked stored (with the catalog's error if that failed)."""
-        done: defer.Deferred[None] = defer.Deferred()
-        if not self._waiting:
-            self.clock.callLater(0, self._send)
-        self._waiting.append((sha256, done))
-        return done
-
-    def _send(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        sha256s = list(dict.fromkeys(sha256 for sha256, _done in waiting))
-        marking = mark_all_stored(self.catalog, sha256s)
-
-        def tell(result: Any) -> None:
-            for _sha256, done in waiting:
-                if isinstance(result, Failure):
-                    done.errback(result)
-                else:
-                    done.callback(None)
-
-        marking.addBoth(tell)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -142,6 +143,10 @@ class SQLiteCatalog:
         self._reactor = reactor
         self._pool: adbapi.ConnectionPool | None = None
         self._reader: sqlite3.Connection | None = None
+        #: The write connection of threads that mark batches themselves
+        #: (`mark_stored_many_here`): one, made on first use, used by one thread at a time.
+        self._writer: sqlite3.Connection | None = None
+        self._writer_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SQLiteCatalog({self.database!r})"
@@ -211,7 +216,11 @@ class SQLiteCatalog:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
-        pool, self._pool = self._pool, None
+        with self._writer_lock:  # a committing thread marking now finishes first
+            writer, self._writer = self._writer, None
+            pool, self._pool = self._pool, None  # (then none makes another writer)
+        if writer is not None:
+            writer.close()
         if pool is not None:
             pool.close()
 
@@ -288,6 +297,42 @@ class SQLiteCatalog:
         """Set the stored flag of every entry with any of *sha256s*, in one transaction;
         fires with how many rows. (A sync marks each commit batch at once.)"""
         return self._run(_mark_stored_many, [sha256.lower() for sha256 in sha256s])
+
+    def mark_stored_many_here(self, sha256s: Iterable[str]) -> int | None:
+        """`mark_stored_many` in the calling thread, which waits for it; how many rows, or
+        None when it cannot be done here (``:memory:``, private to the worker's connection;
+        not open), for `mark_stored_many` to do it.
+
+        For a thread of its own, never the reactor's: the committing thread marks its batch
+        so, and the reactor hands no work to the worker thread and hears nothing back from
+        it. Such threads write through one connection of their own, one at a time (it and the
+        worker's queue on ``busy_timeout``, as processes sharing the file do). Raises
+        CatalogError."""
+        if self.database == ":memory:":
+            return None
+        try:
+            with self._writer_lock:
+                if self._pool is None:  # closed (or never opened): not here
+                    return None
+                writer = self._writer if self._writer is not None else self._new_writer()
+                with writer:  # one transaction: committed, or rolled back on an error
+                    return _mark_stored_many(writer.cursor(), [sha.lower() for sha in sha256s])
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog database {self.database!r}: {exc}") from exc
+
+    def _new_writer(self) -> sqlite3.Connection:
+        """`mark_stored_many_here`'s write connection, made now (under its lock)."""
+        writer = sqlite3.connect(
+            self.database, isolation_level="IMMEDIATE", check_same_thread=False
+        )
+        try:
+            writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            writer.execute("PRAGMA synchronous = NORMAL")  # (WAL: as the worker's)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+        return writer
 
     def replace_remote(
         self, remote: str, entries: Iterable[CatalogEntry]

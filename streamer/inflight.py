@@ -60,8 +60,8 @@ __all__ = ["MEMORY_BODY", "InFlight", "LiveBackoff"]
 
 _log = Logger()
 
-#: ``commit(temp_path, sha256, size, then, write)``: see `InFlight`.
-Commit = Callable[..., defer.Deferred[Any]]
+#: ``commit(temp_path, sha256, size, then, write, settle)``: see `InFlight`.
+Commit = Callable[..., object]
 #: Bodies to be stored up to this many bytes are held in memory until validated (see the
 #: module): for them a temp file and its read descriptor cost more than the download's HTTP
 #: work, and a client gains nothing from getting their bytes a few microseconds earlier.
@@ -99,13 +99,14 @@ class InFlight:
     :param retry_delay_cap: the longest backoff between two attempts (clients are waiting);
         applied, with no retry before a ``Retry-After`` (`LiveBackoff`), to a downloader that
         has a ``backoff`` (the built-in ones); None: as built.
-    :param commit: ``commit(temp_path, sha256, size, then, write)`` returning a Deferred that
-        fires once the file is in storage, having called *then* (the claim's release) right
-        after it entered storage, in the thread that committed it (the streamer's shared
-        `store.batches.BatchCommitter`, so many small artifacts share one flush); for a body
-        held in memory *temp_path* is None and *write()*, called in that thread first, makes
-        the file and returns its path. By default one ``storage.commit`` in a thread. Then
-        *catalog*'s ``mark_stored``.
+    :param commit: ``commit(temp_path, sha256, size, then, write, settle)``, which calls
+        ``settle(None)`` in the reactor thread once the file is in storage and marked stored
+        in the catalog (``settle(error)`` if not), having called *then* (the claim's release)
+        right after it entered storage, in the thread that committed it (the streamer's
+        shared `store.batches.BatchCommitter`, so many small artifacts share one flush, one
+        catalog call and one reactor call); for a body held in memory *temp_path* is None and
+        *write()*, called in that thread first, makes the file and returns its path. By
+        default one ``storage.commit`` in a thread, then *catalog*'s ``mark_stored``.
     :param condition: request headers making the download conditional (a client's
         ``If-Modified-Since``), added to a downloader that has ``request_headers`` (the
         built-in HTTP one); `conditional` says whether they were. An upstream 304 then ends
@@ -180,6 +181,9 @@ class InFlight:
         #: The offset of the first chunk given to the spool.
         self._spool_from = 0
         self._running: defer.Deferred[Any] | None = None
+        #: Whether the commit is under way, and who waits for its end (`settled`).
+        self._committing = False
+        self._settling: list[defer.Deferred[None]] = []
         self._cancelled = False
         self._done_called = False
         self._downloader: Any = None
@@ -238,7 +242,10 @@ class InFlight:
         settled: defer.Deferred[None] = defer.Deferred()
 
         def fire(result: Any) -> Any:
-            settled.callback(None)
+            if self._committing:
+                self._settling.append(settled)
+            else:
+                settled.callback(None)
             return result
 
         self._running.addBoth(fire)
@@ -441,17 +448,15 @@ class InFlight:
             return None
         # The claim is let go in the committing thread, right after the rename: its last
         # close frees a file that reached the disk, which waits for the journal.
+        self._committing = True
         if self._memory is not None:
             write = _writer(self._temp_dir, self._memory, self._upstream_date(result))
-            d = self._commit(None, self.sha256, self.size, self.claim.release, write)
+            self._commit(None, self.sha256, self.size, self.claim.release, write, self._stored)
         else:
             assert self.path is not None  # the temp file, made when the download started
             keep_date(self.path, self._upstream_date(result))
-            d = self._commit(self.path, self.sha256, self.size, self.claim.release)
-        d.addCallback(self._committed)
-        d.addErrback(self._not_stored)
-        d.addBoth(self._settle)
-        return d
+            self._commit(self.path, self.sha256, self.size, self.claim.release, None, self._stored)
+        return None
 
     def _upstream_date(self, result: Any) -> float | None:
         """The date the clients were sent (the forwarded ``Last-Modified``, already no later
@@ -467,20 +472,37 @@ class InFlight:
         sha256: str,
         size: int,
         then: Callable[[], object],
-        write: Callable[[], str] | None = None,
-    ) -> defer.Deferred[Any]:
+        write: Callable[[], str] | None,
+        settle: Callable[[Any], object],
+    ) -> None:
         def commit() -> None:
             temp = path if write is None else write()
             assert temp is not None
             self.storage.commit(temp, sha256, size)
             then()
 
-        return threads.deferToThread(commit)
+        marked = threads.deferToThread(commit)
+        marked.addCallback(lambda _: self.catalog.mark_stored(sha256))
+        marked.addBoth(lambda result: settle(result if isinstance(result, Failure) else None))
 
-    def _committed(self, _result: Any) -> defer.Deferred[Any]:
-        # The read descriptor follows the renamed inode: followers keep reading through it.
-        self.path = self.storage.path_for(self.sha256)
-        return defer.maybeDeferred(self.catalog.mark_stored, self.sha256)
+    def _stored(self, error: BaseException | Failure | None) -> None:
+        """The commit's end: stored (*error* None) or not; then nobody waits for it (even if
+        telling raised: the committer logs that, `settled` must fire still)."""
+        self._committing = False
+        try:
+            if error is None:
+                if self.path is not None:
+                    # The read descriptor follows the renamed inode: followers keep reading it.
+                    self.path = self.storage.path_for(self.sha256)
+            else:
+                self._not_stored(error if isinstance(error, Failure) else Failure(error))
+        finally:
+            try:
+                self._settle()
+            finally:
+                waiting, self._settling = self._settling, []
+                for settled in waiting:
+                    settled.callback(None)
 
     def _failed(self, failure: Failure) -> None:
         self._downloader = None
@@ -504,7 +526,7 @@ class InFlight:
             follower.failed(error)
         return None
 
-    def _settle(self, _result: Any) -> None:
+    def _settle(self) -> None:
         """Stored or not: take no more followers, and let go of the claim (if the committing
         thread did not already)."""
         self._done()

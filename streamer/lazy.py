@@ -45,7 +45,6 @@ from downloaders.errors import (
 )
 from downloaders.result import parse_last_modified
 from store.batches import BatchCommitter
-from store.catalog import StoredMarks
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
 from streamer.claims import NO_CLAIM, Claims, OwnerGone, PeerDownload
@@ -164,8 +163,6 @@ class LazyStreamer:
         #: Requests waiting for a busy origin (answered at `stop`).
         self.waiting: set[_LazyRequest] = set()
         self._committer: BatchCommitter | None = None
-        #: The stored flags of the files of one commit batch go to the catalog together.
-        self._marks = StoredMarks(catalog, reactor)
         #: Set when other processes share the storage folder: one download per artifact
         #: between them (`streamer.claims`).
         self.claims: Claims | None = None
@@ -268,7 +265,7 @@ class LazyStreamer:
             entry,
             remote,
             self.storage,
-            self._marks,
+            self.catalog,
             store=getattr(remote, "policy", "on_demand") != "streamed",
             on_failure=self._failed,
             on_done=self._done,
@@ -313,18 +310,21 @@ class LazyStreamer:
         sha256: str,
         size: int,
         then: Callable[[], object],
-        write: Callable[[], str] | None = None,
-    ) -> defer.Deferred[None]:
+        write: Callable[[], str] | None,
+        settle: Callable[[Any], object],
+    ) -> None:
         """Commit a validated temp file (or a body held in memory, which *write* puts in
-        one); files finishing together share one flush."""
+        one) and mark it stored, then *settle*; files finishing together share one flush,
+        one catalog call and one reactor call."""
         if self._committer is None:
             self._committer = BatchCommitter(
                 self.storage,
                 delay=self.options.commit_delay,
                 clock=self.reactor,
                 busy_delay=max(self.options.commit_busy_delay, self.options.commit_delay),
+                catalog=self.catalog,
             )
-        return self._committer.commit(temp_path, sha256, size, then, write)
+        self._committer.add(temp_path, sha256, size, settle, then, write)
 
     def _failed(self, entry: Any, error: BaseException) -> None:
         fault = local_fault(error)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
 
 from store import ArtifactStorage
 from store.batches import BatchCommitter, _flushed, flush_filesystem
@@ -274,3 +275,46 @@ async def test_a_failing_then_does_not_fail_the_commit(storage):
     committer.flush()
     await done
     assert storage.has(sha)
+
+
+@pytest_twisted.ensureDeferred
+async def test_callers_added_without_a_deferred_are_each_told_their_own_outcome(storage):
+    """`add`: each file's caller is called once, in the reactor thread, with None (stored) or
+    its own error; one that raises is logged and keeps none of the others from being told,
+    and the file that could not be written leaves nothing behind."""
+    told: list[tuple[str, object, threading.Thread]] = []
+    all_told: defer.Deferred[None] = defer.Deferred()
+
+    def settle_for(name: str, *, raises: bool = False):
+        def settle(error: object) -> None:
+            told.append((name, error, threading.current_thread()))
+            if len(told) == 3:
+                all_told.callback(None)
+            if raises:
+                raise RuntimeError("the caller's own fault")
+
+        return settle
+
+    def cannot_write() -> str:
+        raise OSError(28, "No space left on device")
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    committer = BatchCommitter(storage, clock=task.Clock())
+    first, second = temp_file(storage, b"first"), temp_file(storage, b"second")
+    committer.add(*first, settle_for("first", raises=True))
+    committer.add(None, hashlib.sha256(b"x").hexdigest(), 1, settle_for("full"), write=cannot_write)
+    committer.add(*second, settle_for("second"))
+    committer.flush()
+    try:
+        await all_told
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [(name, error) for name, error, _ in told[::2]] == [("first", None), ("second", None)]
+    name, error, _ = told[1]
+    assert name == "full" and isinstance(error, OSError) and error.errno == 28
+    assert all(thread is threading.main_thread() for _, _, thread in told)
+    assert storage.has(first[1]) and storage.has(second[1])
+    assert list(Path(storage.temp_dir).iterdir()) == []
+    [logged] = [event for event in events if event.get("log_failure") is not None]
+    assert logged["log_failure"].check(RuntimeError) and logged["sha256"] == first[1]

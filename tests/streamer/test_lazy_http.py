@@ -190,7 +190,7 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
     """Downloads finishing together share one commit batch: their claims are let go in the
     committing thread right after the rename (a follower in another process reads the
     stored artifact once the lock is free: it is there), no claim leaves a file, and their
-    stored flags go to the catalog in one call."""
+    stored flags go to the catalog in one call, made by the committing thread."""
     from twisted.internet import reactor
 
     from streamer.claims import LOCKS_FILE, Claim, Claims
@@ -212,14 +212,14 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
         release(self)
 
     marked = []
-    many = env.catalog.mark_stored_many
+    many = env.catalog.mark_stored_many_here
 
     def recording_many(sha256s):
-        marked.append(sorted(sha256s))
+        marked.append((sorted(sha256s), threading.current_thread()))
         return many(sha256s)
 
     monkeypatch.setattr(Claim, "release", recording_release)
-    monkeypatch.setattr(env.catalog, "mark_stored_many", recording_many)
+    monkeypatch.setattr(env.catalog, "mark_stored_many_here", recording_many)
     answers = yield defer.gatherResults([treq.get(env.url(path)) for path in bodies])
     assert [a.code for a in answers] == [200] * 3
     contents = yield defer.gatherResults([a.content() for a in answers])
@@ -228,10 +228,78 @@ def test_a_commit_batch_lets_go_of_its_claims_in_its_thread_and_marks_them_at_on
     assert len(released) == 3
     assert all(thread is not threading.main_thread() and stored for thread, stored in released)
     assert os.listdir(env.streamer.claims.folder) == [LOCKS_FILE]
-    assert marked == [sorted(sha256(body) for body in bodies.values())]
+    [(shas, thread)] = marked  # one call, in the committing thread: the reactor sent nothing
+    assert shas == sorted(sha256(body) for body in bodies.values())
+    assert thread is not threading.main_thread()
     looked = yield defer.gatherResults([env.catalog.lookup(path) for path in bodies])
     assert all(entries[0].stored for entries in looked)
     env.streamer.claims.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_fires_once_the_files_waiting_for_their_commit_batch_are_stored_and_marked(
+    lazy_env,
+):
+    """Answered downloads whose files wait in the commit batch (a small one held in memory
+    and one in a temp file) are not over: the streamer's stop waits for their commit and
+    their stored flags, so nothing cleans their temp files up under them."""
+    env = lazy_env.start(commit_delay=0.3)
+    env.remote("up")
+    bodies = {"repo/small": b"s" * 1000, "repo/large": BODY}
+    for path, body in bodies.items():
+        yield env.publish(path, body, ("up", env.upstream.register(f"/{path}", Serve(body))))
+    answers = yield defer.gatherResults([treq.get(env.url(path)) for path in bodies])
+    contents = yield defer.gatherResults([a.content() for a in answers])
+    assert contents == list(bodies.values())
+    assert not any(env.stored(body) for body in bodies.values()), "waiting for the batch"
+    stopping = env.streamer.stop()
+    assert not stopping.called
+    yield stopping
+    assert all(env.stored(body) for body in bodies.values())
+    looked = yield defer.gatherResults([env.catalog.lookup(path) for path in bodies])
+    assert all(entries[0].stored for entries in looked)
+    assert env.temp_files() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_file_stored_whose_stored_flag_could_not_be_set_is_logged_and_let_go(
+    lazy_env, monkeypatch
+):
+    """The catalog fails to mark a committed batch: its files are in storage (whole), their
+    answers were sent, the failure is logged for each, nothing waits for ever (the stop
+    settles, no download stays in flight) and the next request is served from storage."""
+    from twisted.logger import globalLogPublisher
+
+    from store.errors import CatalogError
+
+    env = lazy_env.start(commit_delay=0.05)
+    env.remote("up")
+    bodies = {"repo/small": b"s" * 1000, "repo/large": BODY}
+    for path, body in bodies.items():
+        yield env.publish(path, body, ("up", env.upstream.register(f"/{path}", Serve(body))))
+
+    def unwritable(_sha256s):
+        raise CatalogError("catalog database: disk I/O error")
+
+    monkeypatch.setattr(env.catalog, "mark_stored_many_here", unwritable)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        answers = yield defer.gatherResults([treq.get(env.url(path)) for path in bodies])
+        contents = yield defer.gatherResults([a.content() for a in answers])
+        assert contents == list(bodies.values())
+        assert (yield holds_within(lambda: not env.streamer.in_flight and not env.streamer._own))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert all(env.stored(body) for body in bodies.values())
+    looked = yield defer.gatherResults([env.catalog.lookup(path) for path in bodies])
+    assert not any(entries[0].stored for entries in looked)
+    failures = [e["log_failure"] for e in events if e.get("log_failure") is not None]
+    assert len(failures) == 2 and all(f.check(CatalogError) for f in failures)
+    again = yield treq.get(env.url("repo/large"))
+    assert again.code == 200 and (yield again.content()) == BODY
+    assert len(env.upstream.requests("/repo/large")) == 1
+    yield env.streamer.stop()
 
 
 @pytest_twisted.inlineCallbacks
