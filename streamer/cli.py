@@ -18,6 +18,7 @@ import errno
 import gc
 import os
 import re
+import signal
 import stat
 import sys
 import threading
@@ -291,10 +292,15 @@ def _fetch_arguments_problem(sha256: str | None, size: str | None) -> str:
 # -- the reactor ----------------------------------------------------------------------------
 
 
+def _stop_once(reactor: Any) -> None:
+    if reactor.running and not getattr(reactor, "_stopped", False):
+        reactor.stop()
+
+
 def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     """Run ``main(reactor)`` under ``task.react``; its int result is the exit status.
 
-    Stopping the reactor (Ctrl-C, SIGTERM) cancels ``main``'s Deferred, so downloads in
+    Stopping the reactor (Ctrl-C, SIGTERM, SIGHUP) cancels ``main``'s Deferred, so downloads in
     flight are aborted and their temporary files removed; the status is then 130. Any other
     failure is one line (``error: ...``) and status 1.
     """
@@ -315,6 +321,9 @@ def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
             return ended
 
         trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
+        # A terminal that hangs up (an ssh session ending) interrupts as Ctrl-C does: the
+        # work is cancelled and cleans up (its default action ended the process at once).
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_stop_once, reactor))
 
         def done(result: Any) -> None:
             if not stopping:

@@ -200,8 +200,10 @@ def serve(fd: int) -> int:
     """Serve the syncing process on the connected socket *fd* until it closes; the exit
     status. Installs and runs this process's reactor: call it in a fresh process (or one
     forked before any reactor was installed)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the syncing process,
-    # which decides; the helper stops when the connection closes
+    # Ctrl-C and a terminal's hang-up reach the syncing process too, which decides; the
+    # helper stops when the connection closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from twisted.internet import reactor as installed
 
     reactor = cast(PosixReactorBase, installed)  # (typed as less than it is)

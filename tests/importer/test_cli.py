@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task, threads
 
@@ -296,23 +297,46 @@ async def test_a_helper_killed_mid_sync_is_said_on_stderr(tmp_path, upstream, re
     assert "Traceback" not in err
 
 
+def children_of(parent: int) -> list[int]:
+    """The pids of *parent*'s child processes (from /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            stat_line = Path(f"/proc/{name}/stat").read_text() if name.isdigit() else ""
+        except OSError:
+            continue
+        if stat_line and int(stat_line.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(name))
+    return found
+
+
 @pytest_twisted.ensureDeferred
-async def test_sigint_cancels_the_sync_cleanly(tmp_path, upstream, repo):
-    """Ctrl-C: downloads in flight are aborted and their temp files removed; exit 130."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
+async def test_sigint_or_a_hang_up_cancels_the_sync_cleanly(tmp_path, upstream, repo, name):
+    """Ctrl-C, or the terminal hanging up, signals the sync and its helper process alike:
+    downloads in flight are aborted and their temp files removed, the helper ends; exit 130.
+    (Before, a SIGHUP ended both at once, their partial downloads left in ``tmp/``.)"""
     stalled = repo.files["files/02.bin"]
     upstream.register("/repo/files/02.bin", StallMidBody(len(stalled) // 2, stalled))
     storage = ArtifactStorage(tmp_path / "var")
-    child = streamer(write_config(tmp_path, upstream, download_concurrency=2), "sync")
+    config = write_config(tmp_path, upstream, download_concurrency=2, sync_processes=2)
+    child = streamer(config, "sync")
     for _ in range(500):
         if len(list(storage.iter_artifacts())) == 9:
             break
         await task.deferLater(reactor, 0.02, lambda: None)
-    child.transport.signalProcess("INT")
+    group = [child.transport.pid, *children_of(child.transport.pid)]
+    assert len(group) == 2  # the sync and its helper
+    for pid in group:  # as the terminal does: the whole foreground process group
+        os.kill(pid, getattr(signal, name))
     code, out, err = await child.ended
 
     assert (code, out) == (130, ""), err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
-    assert os.listdir(storage.temp_dir) == []
+    ours = f"proc-{os.getpid()}-"  # this test's own ArtifactStorage
+    left = [p for p in (tmp_path / "var" / "tmp").rglob("*") if ours not in str(p)]
+    assert left == [], left
+    assert not any(Path(f"/proc/{pid}").exists() for pid in group)
     assert len(artifacts(storage)) == 9 and not storage.has(sha(stalled))
 
 
