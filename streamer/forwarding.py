@@ -16,7 +16,8 @@ misconfigured upstream is still the ``.gz`` file, and a client decoding it cold 
 something else than it saves warm. Cold and warm answers both take their type from the path's
 extension. ``Last-Modified`` is forwarded and kept as the stored file's modification time, so
 the warm answer carries the same date; a date in the future is sent as now (RFC 9110 section
-8.8.2.1: a clock error of the origin must not make caches think the copy is newer than it is).
+8.8.2.1: a clock error of the origin must not make caches think the copy is newer than it is),
+and so is one that is not a date we can keep (invalid, or before 1970).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def forwarded_headers(headers: Any, now: float | None = None) -> list[tuple[byte
 
 
 def _not_after(value: bytes, now: float) -> bytes:
-    """An HTTP-date *value*, or *now* when it is later; an invalid date is kept as it is."""
+    """An HTTP-date *value*, or *now* when it is later or no date we can keep (invalid, or
+    before 1970): the stored copy is given the date sent here, so the warm answer says the
+    same (a date it could not take would leave it the time of the commit)."""
     when = parse_last_modified(value, now=float("inf"))
-    if when is None or when <= now:
+    if when is not None and when <= now:
         return value
     return datetimeToString(int(now))
