@@ -266,9 +266,10 @@ class InFlight:
             self._on_response(self)
 
     def write(self, data: bytes) -> None:
-        """Take one chunk: append it to the temp file (on a thread beside the reactor once the
-        body is past its first MiB) and wake the followers, who may read it from memory
-        until it is on disk; or keep it with the body held in memory."""
+        """Take one chunk: wake the followers, who read it from memory until it is on disk,
+        and append it to the temp file (in its first MiB right after the followers sent what
+        they could, so a cold response's first bytes wait for no write; past it on a thread
+        beside the reactor); or keep it with the body held in memory."""
         received = self.written + len(data)
         if received > self.size:
             raise SizeValidationError(received, self.size, url=self.entry.url)
@@ -281,20 +282,33 @@ class InFlight:
             return
         if self._write_fd is None:
             raise OSError("the download was stopped")
-        self.claim.headers(self.headers, self.upstream_status)
         data = bytes(data)
         spool = self._spool
         if spool is None and received > INLINE_BYTES:
             spool = self._spool = InOrder(self._append)
             self._spool_from = self.written
         if spool is None:
-            self._append(data)
+            # The clients first (they read the chunk from memory), then the notice and the
+            # file: a cold response's first bytes wait for neither.
             self._chunks.clear()
-        else:
-            spool.put(data)  # raises what a write on the thread raised (a full disk)
-            self._forget_flushed(self._spool_from + spool.done)
+            self._chunks.append((self.written, data))
+            self.written = received
+            self._wake_or_cancel()
+            if self.finished:  # (a client leaving cancelled a `streamed` download)
+                return
+            self.claim.headers(self.headers, self.upstream_status)
+            self._append(data)
+            return
+        self.claim.headers(self.headers, self.upstream_status)  # (a first chunk over 1 MiB)
+        spool.put(data)  # raises what a write on the thread raised (a full disk)
+        self._forget_flushed(self._spool_from + spool.done)
         self._chunks.append((self.written, data))
         self.written = received
+        self._wake_or_cancel()
+
+    def _wake_or_cancel(self) -> None:
+        """Wake the followers; a `streamed` download with none here is cancelled unless a
+        follower in another process reads it."""
         if not self.followers and not self.store:  # only readers in other processes left
             self._cancel_unless_read()
             return

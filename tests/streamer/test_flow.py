@@ -215,6 +215,33 @@ def test_a_large_cold_body_starts_going_out_as_its_first_chunk_is_written(lazy_e
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_cold_body_s_first_bytes_go_out_before_the_temp_file_has_them(lazy_env, monkeypatch):
+    """Time to first byte: the client's first bytes are sent from memory before the chunk is
+    appended to the temp file (and before the claim's notice is written), not after."""
+    from twisted.internet import tcp
+
+    env = lazy_env.start()
+    env.remote("up")
+    url = env.upstream.register("/big", BIG)
+    yield env.publish("repo/big", b"", ("up", url), digest=BIG.sha256(), size=BIG.size)
+    ours = env.port.getHost().port
+    on_disk: list[int] = []
+    send = tcp.Server.writeSomeData
+
+    def recording_send(self, data):
+        if self.getHost().port == ours and not on_disk:
+            on_disk.append(os.path.getsize(env.streamer.in_flight[BIG.sha256()].path))
+        return send(self, data)
+
+    monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
+    code, out, err = yield run_curl("-f", "-o", "/dev/null", env.url("repo/big"))
+    assert code == 0, err
+    assert on_disk == [0], "the temp file held nothing yet when the first bytes were sent"
+    yield until(lambda: BIG.sha256() not in env.streamer.in_flight)
+    assert env.storage.has(BIG.sha256())
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_large_cold_body_gives_up_the_cpu_once_right_after_its_first_bytes(lazy_env, monkeypatch):
     """A client on this host that the first bytes wake runs before the process handles the
     rest of the download (instead of once its time slice ends): the process yields its CPU
