@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import json
 import os
 import signal
 import socket
@@ -38,6 +37,7 @@ from importer.fetcher import FileFetcher
 from importer.helpers.protocol import (
     MAX_LINE,
     SingleProtocolFactory,
+    decode_message,
     decode_sources,
     encode_message,
 )
@@ -69,12 +69,14 @@ class HelperSide(LineReceiver):
         self._previous: defer.Deferred[Any] = defer.succeed(None)
         #: The syncing process has handed out every file of this sync.
         self._handed_out = False
+        #: Files stored in this reactor turn, ``[sha256, url]`` each: one message at its end.
+        self._stored_files: list[list[str]] = []
 
     def connectionMade(self) -> None:
         self._send(op="hello", pid=os.getpid())
 
     def lineReceived(self, line: bytes) -> None:
-        message = json.loads(line)
+        message = decode_message(line)
         op = message["op"]
         if op == "fetch":
             if self.fetcher is None:
@@ -155,7 +157,18 @@ class HelperSide(LineReceiver):
                 closing.addBoth(lambda _: self._send(op="free", sha256=sha256))
 
     def _stored(self, sha256: str, url: str) -> None:
-        self._send(op="stored", sha256=sha256, url=url)
+        """A file entered storage: said with the others of its batch (they come together,
+        as the batch's renames end), in one message once this reactor turn is over: the
+        syncing process, the busier one, reads one line per batch instead of one per file."""
+        if not self._stored_files:
+            from twisted.internet import reactor
+
+            reactor.callLater(0, self._send_stored)
+        self._stored_files.append([sha256, url])
+
+    def _send_stored(self) -> None:
+        files, self._stored_files = self._stored_files, []
+        self._send(op="stored", files=files)
 
     def _failed(self, sha256: str, url: str, reason: str) -> None:
         self._send(op="failed", sha256=sha256, url=url, reason=reason)

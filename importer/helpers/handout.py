@@ -9,7 +9,6 @@ dead helper's unfinished files itself (the *fallback*). Outcomes come back as ``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from importer.helpers.protocol import (
     MAX_LINE,
     WINDOW_PER_SLOT,
     HelperError,
+    decode_message,
     encode_message,
     encode_sources,
 )
@@ -154,7 +154,7 @@ class HelperLink(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            message = json.loads(line)
+            message = decode_message(line)
             op = message["op"]
             if op == "hello":
                 self._fire(self.started)
@@ -170,11 +170,12 @@ class HelperLink(LineReceiver):
             # The outcome is counted before the slot is let go (the last file's slot ends the
             # sync, whose report is then read), and after the task is dropped (a twin of the
             # same sha256 may be handed out as it is counted).
-            elif op == "stored":
-                self.stored += 1
-                ended = self._tasks.pop(message["sha256"], None)
-                self._on_stored(message["sha256"], message["url"])
-                self._free(ended)
+            elif op == "stored":  # the files of a commit batch
+                for sha256, url in message["files"]:
+                    self.stored += 1
+                    ended = self._tasks.pop(sha256, None)
+                    self._on_stored(sha256, url)
+                    self._free(ended)
             elif op == "failed":
                 ended = self._tasks.pop(message["sha256"], None)
                 self._on_failed(message["sha256"], message["url"], message["reason"])

@@ -8,7 +8,8 @@ Messages are JSON lines over a socket pair (``op`` names the message):
   what waits for a batch now);
 * from a helper: ``hello`` once it has started, ``ready`` / ``error`` (answering
   ``config``), then per file ``free`` (it no longer takes a place in the helper's window),
-  ``stored`` or ``failed``, or ``returned``.
+  ``failed`` or ``returned``, and ``stored`` for the files that entered storage in one
+  reactor turn (a commit batch), together (``files``: ``[sha256, url]`` each).
 
 The syncing process's end is `importer.helpers.handout.HelperLink`, the helper's
 `importer.helpers.child.HelperSide`.
@@ -29,6 +30,7 @@ __all__ = [
     "WINDOW_PER_SLOT",
     "HelperError",
     "SingleProtocolFactory",
+    "decode_message",
     "decode_sources",
     "encode_message",
     "encode_sources",
@@ -57,11 +59,21 @@ def remote_fields(remote: Any, slots: int) -> dict[str, Any]:
 
 #: One encoder for every message (``json.dumps`` with separators makes a new one per call).
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+#: One decoder, given text (``json.loads`` of bytes first guesses their encoding, per call).
+_decode = json.JSONDecoder().decode
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
     """One message as a line's bytes (without the line end)."""
     return _encode(message).encode()
+
+
+def decode_message(line: bytes) -> dict[str, Any]:
+    """The message a line holds; ValueError (UTF-8 or JSON) if it holds none."""
+    message = _decode(line.decode())
+    if not isinstance(message, dict):
+        raise ValueError(f"not a message: {line[:80]!r}")
+    return message
 
 
 def encode_sources(sources: list[CatalogEntry]) -> list[list[Any]]:

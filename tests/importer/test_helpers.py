@@ -432,3 +432,101 @@ async def test_a_helper_that_cannot_start_leaves_the_sync_to_this_process(
     finally:
         await helpers.close()
     assert (report.downloaded, report.failed) == (10, [])
+
+
+def _connected_pair(protocol):
+    """*protocol* on one end of a real socket pair adopted by the reactor; the other end,
+    blocking, for the test to read and write."""
+    import socket
+
+    from twisted.internet import reactor
+
+    from importer.helpers.protocol import SingleProtocolFactory
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, SingleProtocolFactory(protocol))
+    ours.close()  # the reactor has its own copy
+    theirs.setblocking(False)
+    return theirs
+
+
+async def _lines(sock, count: int) -> list[bytes]:
+    """The next *count* lines the reactor's end sent (read while the reactor runs)."""
+    received = bytearray()
+
+    def enough() -> bool:
+        try:
+            received.extend(sock.recv(65536))
+        except BlockingIOError:
+            pass
+        return received.count(b"\n") >= count
+
+    await until(enough, timeout=10)
+    return bytes(received).splitlines()[:count]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_reports_the_files_of_one_commit_batch_in_one_message():
+    """The files a commit batch stored (their outcomes come in one reactor turn) reach the
+    syncing process as one ``stored`` message: one line for it to read per batch, not one per
+    file. A file stored in a later turn is another message."""
+    from importer.helpers.child import HelperSide
+
+    side = HelperSide()
+    other = _connected_pair(side)
+    try:
+        [hello] = await _lines(other, 1)
+        stored = [(f"{n:064x}", f"http://127.0.0.1:1/{n}.bin") for n in range(3)]
+        for sha256, url in stored:  # one batch's outcomes, in one turn
+            side._stored(sha256, url)
+        [first] = await _lines(other, 1)
+        side._stored("f" * 64, "http://127.0.0.1:1/later.bin")
+        [second] = await _lines(other, 1)
+    finally:
+        other.close()
+        await side.finished
+    assert json.loads(hello)["op"] == "hello"
+    assert json.loads(first) == {"op": "stored", "files": [list(file) for file in stored]}
+    assert json.loads(second) == {
+        "op": "stored",
+        "files": [["f" * 64, "http://127.0.0.1:1/later.bin"]],
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_message_ends_each_of_its_files_in_the_syncing_process():
+    """Each file of a ``stored`` message is counted, reported and its slot let go; the link
+    is idle once the last one is."""
+    from importer.helpers.handout import HelperLink
+    from importer.helpers.protocol import encode_message
+    from store.catalog import CatalogEntry
+
+    class Process:
+        pid = 0
+
+    link = HelperLink(Process())
+    other = _connected_pair(link)
+    reported = []
+    try:
+        link.configure({}, "/nowhere", 3, lambda *a: reported.append(a), None, None)
+        entries = [
+            CatalogEntry(
+                path=f"r/{n}.bin",
+                remote="r",
+                url=f"http://127.0.0.1:1/{n}.bin",
+                size=1,
+                digests={"sha256": f"{n:064x}"},
+            )
+            for n in range(3)
+        ]
+        slots = [link.fetch([entry]) for entry in entries]
+        idle = link.finish()
+        files = [[entry.sha256, entry.url] for entry in entries]
+        other.send(encode_message({"op": "stored", "files": files}) + b"\n")
+        await until(lambda: idle.called, timeout=10)
+    finally:
+        other.close()
+        await link.lost
+    assert reported == [(entry.sha256, entry.url) for entry in entries]
+    assert link.stored == 3 and all(slot.called for slot in slots) and link.held == frozenset()
