@@ -334,7 +334,7 @@ def _fetch_once(
     max_size: int | None,
     reactor: Any,
 ) -> Any:
-    from downloaders.http import _retry_after, _text, _translate
+    from downloaders.http import _describe_failure, _retry_after, _text, _translate
 
     timer: Any = None
     timed_out: list[bool] = []
@@ -394,7 +394,8 @@ def _fetch_once(
             failure = Failure()
             if timed_out:
                 raise errors.DownloadTimeout(url, "read", read_timeout) from None
-            raise errors.TruncatedBody(url, f"listing body incomplete: {failure.value}") from None
+            reason = _describe_failure(failure)  # not the repr of Twisted's list of failures
+            raise errors.TruncatedBody(url, f"listing body incomplete: {reason}") from None
         os.close(fd)
         fd = None
         done, path = path, None

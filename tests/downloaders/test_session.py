@@ -18,6 +18,7 @@ from downloaders.retry import Backoff
 from downloaders.session import fetch_to_file
 from importer import Remote
 from tests.support.faults import (
+    CloseEarly,
     Gated,
     Gzip,
     RequireBasicAuth,
@@ -106,6 +107,21 @@ async def test_fetch_to_file_stops_at_max_size_of_the_decoded_body(upstream, tmp
             client, url, str(tmp_path), max_size=1 << 20, max_retries=2, backoff=Backoff(base=0.0)
         )
     assert len(upstream.requests("/bomb")) == 1, "not tried again"
+    assert list(tmp_path.iterdir()) == []
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_to_file_says_why_a_body_is_incomplete_in_words(upstream, tmp_path):
+    """A listing cut short is one readable reason (before: the repr of Twisted's list of
+    failures, ``listing body incomplete: [<twisted.python.failure.Failure ...>]``)."""
+    remote = Remote(name="r", url=upstream.url("/x"))
+    url = upstream.register("/short", CloseEarly(100, b"a,b,c\n" * 100))
+    with pytest.raises(DownloadError) as caught:
+        await fetch_to_file(remote.http_client(), url, str(tmp_path), max_retries=0)
+    message = str(caught.value)
+    assert message.startswith("listing body incomplete: "), message
+    assert "Failure" not in message and "<" not in message, message
     assert list(tmp_path.iterdir()) == []
     await remote.close()
 
