@@ -24,6 +24,16 @@ _DIGITS = re.compile(r"[0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+def unservable(text: str) -> str | None:
+    """Why *text*, as part of a served path, could never be asked for (the streamer refuses
+    requests holding a NUL, control character or backslash), or None."""
+    if _CONTROL.search(text):
+        return "contains a NUL or control character"
+    if "\\" in text:
+        return "contains a backslash"
+    return None
+
+
 class ManifestError(ValueError):
     """A manifest line is malformed; ``line_number`` says which (1-based)."""
 
@@ -47,10 +57,9 @@ def _path_problem(path: str) -> str | None:
     """Return why *path* is not a safe relative path, or None when it is fine."""
     if not path:
         return "empty relative path"
-    if _CONTROL.search(path):
-        return f"relative path {path!r} contains a NUL or control character"
-    if "\\" in path:
-        return f"relative path {path!r} contains a backslash"
+    problem = unservable(path)
+    if problem:
+        return f"relative path {path!r} {problem}"
     if path != path.strip():
         return f"relative path {path!r} has leading or trailing whitespace"
     if path.startswith("/"):

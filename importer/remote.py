@@ -11,6 +11,7 @@ from twisted.internet import defer
 
 from downloaders.settings import RemoteSettings, SettingsError
 from downloaders.urls import origin
+from importer.manifest import unservable
 
 POLICIES = ("immediate", "on_demand", "streamed")
 RESERVED_BASE_PATHS = ("metrics", "healthz")
@@ -24,6 +25,15 @@ def _policy(instance: Any, attribute: attrs.Attribute, value: str) -> None:
 def _name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if not value or "/" in value or value.strip() != value:
         raise SettingsError(attribute.name, f"must be a non-empty name without '/': {value!r}")
+    _servable(attribute, value)
+
+
+def _servable(attribute: attrs.Attribute, value: str) -> None:
+    """A name or base path that is part of every served path of the remote (and of the
+    command's lines): none the streamer would refuse to be asked for."""
+    problem = unservable(value)
+    if problem:
+        raise SettingsError(attribute.name, f"{problem}: {value!r}")
 
 
 def _importer(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -51,6 +61,7 @@ def _base_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise SettingsError(attribute.name, f"must be a relative path like 'a/b': {value!r}")
     if parts[0] in RESERVED_BASE_PATHS:
         raise SettingsError(attribute.name, f"/{parts[0]} is reserved for the service itself")
+    _servable(attribute, value)
 
 
 @attrs.define(kw_only=True)

@@ -132,6 +132,14 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         (REMOTE + "sock_read_timeout = nan\n", "remotes[0].sock_read_timeout: must be a number"),
         (REMOTE + "rate_limit = nan\n", "remotes[0].rate_limit: must be a number >= 0, not nan"),
         ("[server]\ngrace_period = nan\n", "server.grace_period: must be >= 0, not nan"),
+        # Part of every served path (and of the command's lines): none a request may hold
+        # (before: accepted, and the remote's files could never be asked for).
+        (
+            '[[remotes]]\nname = "a\\nb"\nurl = "http://h/m"\n',
+            "remotes[0].name: contains a NUL or control character: 'a\\nb'",
+        ),
+        (REMOTE + 'base_path = "a\\tb"\n', "remotes[0].base_path: contains a NUL or control"),
+        (REMOTE + 'base_path = "a\\\\b"\n', "remotes[0].base_path: contains a backslash"),
         ("[server]\nstall_timeout = nan\n", "server.stall_timeout: must be >= 0, not nan"),
         (REMOTE + "sync_processes = -1\n", "remotes[0].sync_processes: must be an integer"),
         (REMOTE + 'allowed_import_paths = ["/"]\n', "remotes[0].allowed_import_paths: not a"),
