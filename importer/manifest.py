@@ -18,6 +18,14 @@ from store.catalog import MAX_SIZE
 
 MANIFEST_NAME = "PULP_MANIFEST"
 
+#: A line every check passes at a glance: a path of plain segments (ASCII letters, digits
+#: and ``_-+~@=``, dots but not first, one slash between two), a sha256, a size of at most
+#: 18 digits (under `MAX_SIZE`), the line's end. Anything else (a comment, a BOM, spaces,
+#: any other character) takes the full checks, which also word what is wrong.
+_PLAIN_LINE = re.compile(
+    rb"((?:[A-Za-z0-9_+~@=-][A-Za-z0-9_.+~@=-]*/)*[A-Za-z0-9_+~@=-][A-Za-z0-9_.+~@=-]*)"
+    rb",[0-9a-fA-F]{64},[0-9]{1,18}\r?\n?"
+)
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _DIGITS = re.compile(r"[0-9]+")
 # C0 controls, DEL and C1 controls: never part of a path we serve.
@@ -128,29 +136,39 @@ def parse_manifest(
     """
     seen: dict[str, int] = {}
     for line_number, raw in enumerate(lines, start=1):
-        if isinstance(raw, bytes):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ManifestError(line_number, f"not valid UTF-8 ({exc.reason})", source)
-        else:
-            line = raw
-        if line_number == 1:
-            line = line.removeprefix("\ufeff")
-        entry = parse_line(line, line_number, source, check)
+        entry = _parse_raw(raw, line_number, source, check)
         if entry is None:
             continue
-        if not check:
-            yield entry
-            continue
-        first = seen.setdefault(entry.relative_path, line_number)
-        if first != line_number:
-            raise ManifestError(
-                line_number,
-                f"duplicate relative path {entry.relative_path!r} (first listed on line {first})",
-                source,
-            )
+        if check:
+            _first_listing(seen, entry.relative_path, line_number, source)
         yield entry
+
+
+def _parse_raw(
+    raw: str | bytes, line_number: int, source: str, check: bool
+) -> ManifestEntry | None:
+    """`parse_line` of a line as read (UTF-8 bytes or text; the first may begin with a BOM)."""
+    if isinstance(raw, bytes):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(line_number, f"not valid UTF-8 ({exc.reason})", source)
+    else:
+        line = raw
+    if line_number == 1:
+        line = line.removeprefix("\ufeff")
+    return parse_line(line, line_number, source, check)
+
+
+def _first_listing(seen: dict[str, int], relative: str, line_number: int, source: str) -> None:
+    """Note *relative* as listed on *line_number*; ManifestError if it was listed before."""
+    first = seen.setdefault(relative, line_number)
+    if first != line_number:
+        raise ManifestError(
+            line_number,
+            f"duplicate relative path {relative!r} (first listed on line {first})",
+            source,
+        )
 
 
 def read_manifest(
@@ -170,7 +188,23 @@ def validate_manifest(path: str | os.PathLike[str], source: str | None = None) -
     lazily with ``read_manifest``. Errors name *source* (default: the file's name; a sync's
     listing is a temporary file, so it names the listing as published).
     """
+    source = source or os.path.basename(os.fspath(path)) or MANIFEST_NAME
+    seen: dict[str, int] = {}
     count = 0
-    for _entry in read_manifest(path, source=source):
-        count += 1
+    plain = _PLAIN_LINE.fullmatch
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            # Most lines are plain (see `_PLAIN_LINE`): one match settles them, without an
+            # entry made or each check run in turn (this pass is on a sync's way to its
+            # first download). The others are parsed and checked as `read_manifest` does.
+            matched = plain(raw)
+            if matched is not None:
+                relative = matched[1].decode("ascii")
+            else:
+                entry = _parse_raw(raw, line_number, source, check=True)
+                if entry is None:
+                    continue
+                relative = entry.relative_path
+            _first_listing(seen, relative, line_number, source)
+            count += 1
     return count

@@ -97,6 +97,45 @@ def test_bad_line_reports_line_number_and_reason(line, reason):
     assert str(info.value).startswith("PULP_MANIFEST line 4: ")
 
 
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES)
+def test_validate_manifest_refuses_every_bad_line_as_parsing_does(tmp_path, line, reason):
+    """`validate_manifest` settles most lines with one match (plain ones); no bad line is
+    taken for one: each fails with the same reason and line number."""
+    path = tmp_path / "PULP_MANIFEST"
+    bad = line.format(a=SHA_A, short="ab" * 10, nonhex="z" * 64)
+    path.write_bytes(f"good/1,{SHA_A},1\n\ngood/2,{SHA_B},2\n{bad}\n".encode())
+    with pytest.raises(ManifestError, match=reason) as info:
+        validate_manifest(path)
+    assert info.value.line_number == 4
+
+
+def test_validate_manifest_counts_plain_and_other_lines_alike(tmp_path):
+    """Lines past the plain pattern (a dot first, a BOM, spaces around the digest, an
+    upper-case digest, a 19-digit size, CRLF, non-ASCII) count as `read_manifest` reads
+    them, and a path listed twice is found whichever way each line was read."""
+    lines = [
+        f"\ufeff.hidden/a,{SHA_A},1",
+        f"a/.b,{SHA_A},1",
+        f"a./b-c_d+e~f@g=h,{SHA_B.upper()},2",
+        f"spaced, {SHA_A} ,3",
+        f"big,{SHA_A},1000000000000000000",
+        f"crlf,{SHA_A},4\r",
+        f"été,{SHA_A},5",
+    ]
+    path = tmp_path / "PULP_MANIFEST"
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    assert validate_manifest(path) == len(list(read_manifest(path))) == 7
+    twice = [  # a plain line, then the same path on a line that is not; both not plain
+        (f"plain,{SHA_A},1", f"plain, {SHA_A},1"),
+        (f"sp aced,{SHA_A},1", f"sp aced,{SHA_B},2"),
+    ]
+    for first, again in twice:
+        path.write_bytes(f"{first}\nother,{SHA_B},1\n{again}\n".encode())
+        with pytest.raises(ManifestError, match="duplicate relative path .* line 1") as info:
+            validate_manifest(path)
+        assert info.value.line_number == 3
+
+
 def test_duplicate_relative_path_names_both_lines():
     lines = [f"a,{SHA_A},1", f"b,{SHA_A},1", f"a,{SHA_B},2"]
     with pytest.raises(ManifestError, match="duplicate relative path 'a'.*line 1") as info:
