@@ -13,6 +13,9 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.error import ConnectionDone
 
+from downloaders.http import READ_SIZE
+from downloaders.inorder import LIMIT
+from streamer.lazy import LazyOptions
 from tests.support.clients import run_curl
 from tests.support.faults import Gated, Generated, StallMidBody
 from tests.support.polling import holds_within, until
@@ -90,11 +93,20 @@ def test_slow_client_costs_no_memory_and_does_not_hold_back_the_fast_one(lazy_en
         # The upstream finished and the artifact is stored while the slow client read nothing.
         assert (yield holds_within(lambda: env.storage.has(sha)))
         assert slow.body_bytes == 0
-        peak_growth = tracemalloc.get_traced_memory()[1] - baseline
+        current, peak = tracemalloc.get_traced_memory()
+        held, peak_growth = current - baseline, peak - baseline
     finally:
         tracemalloc.stop()
     print(f"\ntraced memory peak growth: {peak_growth / 1024:.0f} KiB for {BIG.size >> 20} MiB")
-    assert peak_growth < 4 * 1024 * 1024, peak_growth
+    # What the slow client costs: nothing left once the download is over (it still reads
+    # nothing): its follower waits with a 4 KiB nudge, not with a read or two of the body.
+    assert held < 256 * 1024, held
+    # At the peak, only what any download with a fast client holds (see the module of each
+    # budget): the spool's backlog, the upstream read being made, and a read of the fast
+    # client that fell behind the chunks in memory (a busy machine); plus this process's
+    # upstream server and objects. Not the slow client's share of a 16 MiB body.
+    budgets = LIMIT + READ_SIZE + LazyOptions().read_size
+    assert peak_growth < budgets + 512 * 1024, peak_growth
     assert hashlib.sha256(fast_file.read_bytes()).hexdigest() == sha
 
     slow.resume()
