@@ -726,11 +726,23 @@ def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
+async def sigstop(pid: int) -> None:
+    """Stop process *pid* and return once it is (`_stopped`): ``kill`` only queues the signal,
+    and on a busy machine the process shows as stopped only once it was next scheduled."""
+    os.kill(pid, signal.SIGSTOP)
+    await until(lambda: _stopped(pid), 10, what=f"process {pid} stopped")
+
+
 async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, int]:
     """A client of *path* served by one of *pids* (new connections until one is: the kernel
     hands each to whichever process accepts first), and that process, once its first bytes
     came. The other processes running are stopped meanwhile: on a busy machine the process
-    that woke last (an owner streaming a download) could take every new connection."""
+    that woke last (an owner streaming a download) could take every new connection.
+
+    The request goes only on the connection kept: one sent on a connection given up (not
+    accepted within a second on a busy machine) would still be read by whichever process
+    accepts it later, which would then own the download the caller's first client was
+    meant to start."""
     everyone = [served.process.pid, *helper_pids(served.process.pid)]
     paused = [pid for pid in everyone if pid not in pids and not _stopped(pid)]
     port = int(served.base.rsplit(":", 1)[1])
@@ -739,12 +751,12 @@ async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, 
     try:
         for _ in range(30):
             client = socket.create_connection(("127.0.0.1", port))
-            client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
             try:
                 pid = await until(lambda client=client: serving_pid(client, everyone), 1)
             except AssertionError:  # (its wake-up went to a stopped process: try another)
                 pid = None
             if pid in pids:
+                client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
                 assert await threads.deferToThread(_read_some, client, 1)
                 return client, pid
             client.close()
@@ -811,8 +823,9 @@ async def test_a_stopped_owner_fails_its_followers_as_a_read_timeout(tmp_path):
             own, owner = await client_in(served, everyone, "/demo/big.bin")
             others = [pid for pid in everyone if pid != owner]
             reader, _ = await client_in(served, others, "/demo/big.bin")  # a follower
-            os.kill(owner, signal.SIGSTOP)
             try:
+                # (Stopped before client_in looks: seen running, it would be resumed at its end.)
+                await sigstop(owner)
                 started = time.monotonic()
                 late, _ = await client_in(served, others, "/demo/big.bin")  # follows later
                 for client in (reader, late):
