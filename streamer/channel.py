@@ -27,6 +27,10 @@ take is left to the transport, as any write with a producer, on TLS or behind qu
 
 `ClientLimit` caps connections per client address (``max_connections_per_client``); the site
 asks it at accept and answers a connection over the cap with a short 503.
+
+`read_at_accept` makes a listening port read each new connection in the reactor turn that
+accepted it: a client sends its request right after connecting, and it is answered without
+waiting for the next turn.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -45,6 +49,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
@@ -52,7 +57,7 @@ from twisted.web.http_headers import Headers
 from downloaders.transports import IStreamTransport
 from streamer.paths import is_host
 
-__all__ = ["LINGER_SECONDS", "ClientLimit", "StreamerChannel", "refusal"]
+__all__ = ["LINGER_SECONDS", "ClientLimit", "StreamerChannel", "read_at_accept", "refusal"]
 
 log = Logger()
 
@@ -526,3 +531,45 @@ class ClientLimit:
 
 def _nothing() -> None:
     """Release of an uncounted connection."""
+
+
+def read_at_accept(port: Any, reactor: Any) -> bool:
+    """Make the listening *port* (a ``tcp.Port`` or ``unix.Port`` of a poll-like reactor)
+    read each connection it accepts in the same reactor turn; False, leaving it as it was,
+    for anything else.
+
+    Twisted registers a new connection for reading and returns to the reactor, which finds
+    the request there at its next turn (one more ``epoll_wait`` and a pass of its loop before
+    the first byte of the answer). A client sends its request right after connecting, so by
+    the time the connection is accepted its head is usually waiting: each connection accepted
+    is read at once, as the reactor would read it (``_doReadOrWrite`` under the connection's
+    log context, so an error or an end of the connection is handled as usual). One
+    connection that has sent nothing yet costs one ``recv`` that finds nothing.
+    """
+    read = getattr(reactor, "_doReadOrWrite", None)
+    poll_in = getattr(reactor, "_POLL_IN", None)
+    if type(port) not in (tcp.Port, unix.Port) or read is None or poll_in is None:
+        return False
+    reads: Any = getattr(reactor, "_reads", ())
+    make_transport, do_read = port.transport, port.doRead
+    accepted: list[Any] = []
+
+    def transport(*args: Any) -> Any:
+        made = make_transport(*args)
+        accepted.append(made)
+        return made
+
+    def doRead() -> Any:
+        try:
+            return do_read()
+        finally:
+            made_now = accepted[:]
+            accepted.clear()
+            for made in made_now:
+                fd = made.fileno()
+                if made.connected and not made.disconnecting and fd in reads:
+                    legacy_log.callWithLogger(made, read, made, fd, poll_in)
+
+    port.transport = transport
+    port.doRead = doRead
+    return True

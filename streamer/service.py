@@ -34,7 +34,7 @@ from twisted.web.resource import IResource, Resource
 from store.catalog import open_catalog, open_for_storage
 from store.errors import StorageError
 from store.storage import ArtifactStorage
-from streamer.channel import ClientLimit, StreamerChannel
+from streamer.channel import ClientLimit, StreamerChannel, read_at_accept
 from streamer.claims import Claims
 from streamer.config import CONFIG_ENV, Config
 from streamer.content import ContentResource
@@ -543,6 +543,7 @@ class StreamerService(MultiService):
                 raise SystemExit(f"streamer: {message}")
             raise CannotListen(message)
         self.port = cast(IListeningPort, outcome[0])
+        read_at_accept(self.port, self.reactor)
         log.info("listening on {address}", address=self.port.getHost())
         helpers = process_count(self.config.server.processes) - 1
         if self.standalone and helpers > 0:
@@ -601,6 +602,7 @@ class StreamerService(MultiService):
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        read_at_accept(self.port, self.reactor)
         share_accepts(self.port, self.reactor)
         if not self.ready:
             # Accept nothing before the catalog is open: until then every request here would

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import attrs
 import pytest_twisted
@@ -442,6 +443,64 @@ async def test_the_listening_socket_queues_a_burst_of_connections(tmp_path):
             assert shown[0] == "LISTEN" and int(shown[2]) == expected, shown
         finally:
             await _stop(service)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_sent_with_its_connection_is_answered_in_the_turn_that_accepts_it(
+    tmp_path,
+):
+    """A client's request waiting when its connection is accepted is read (and here
+    answered) within the listening port's ``doRead``, not at the reactor's next turn; a
+    connection that has sent nothing yet is answered when its request comes."""
+    import socket
+
+    from twisted.internet import threads
+
+    service, content, _ = start(service_config(tmp_path))
+    accepting: list[bool] = []
+    accepts: list[None] = []
+    answered_while_accepting: list[bool] = []
+    port: Any = service.port
+    do_read, render = port.doRead, content.render_GET
+
+    def recording_accept() -> Any:
+        accepting.append(True)
+        try:
+            return do_read()
+        finally:
+            accepting.pop()
+            accepts.append(None)
+
+    def recording_render(request: Any) -> Any:
+        answered_while_accepting.append(bool(accepting))
+        return render(request)
+
+    port.doRead = recording_accept
+    content.render_GET = recording_render
+    request = b"GET /fx/a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def read_all(sock: socket.socket) -> bytes:
+        with sock:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    try:
+        await until(lambda: service.ready)
+        address = ("127.0.0.1", service.address.port)
+        sent_at_once = socket.create_connection(address, timeout=10)
+        sent_at_once.sendall(request)  # (the reactor has not run since: it waits for accept)
+        answer = await threads.deferToThread(read_all, sent_at_once)
+        assert answer.endswith(b"content of /fx/a.txt"), answer
+        sent_later = socket.create_connection(address, timeout=10)
+        await until(lambda: len(accepts) == 2)  # accepted, with nothing to read yet
+        sent_later.sendall(request)
+        answer = await threads.deferToThread(read_all, sent_later)
+        assert answer.endswith(b"content of /fx/a.txt"), answer
+        assert answered_while_accepting == [True, False]
+    finally:
+        await _stop(service)
 
 
 def test_a_ready_service_process_keeps_its_start_up_objects_out_of_the_collectors_sight(
