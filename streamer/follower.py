@@ -135,6 +135,9 @@ class Follower:
             Senders.count += 1
             self._on_start()
             widen_sends(self.request)
+            if self._large and len(self.segments) == 1:
+                self._start_large()
+                return
             if self._large:
                 # A body of one read gains nothing, and a pause after its write would make its
                 # last byte (released at validation) come from the file instead of memory.
@@ -145,6 +148,24 @@ class Follower:
             if self._large and not self.done and send_now(self.request):
                 let_the_client_run()
             return
+        self._pump()
+
+    def _start_large(self) -> None:
+        """Start a body of more than one read (one range): its first read is written before
+        this follower is the request's producer, so the channel hands it to the kernel with
+        the response's head as it is written (`streamer.channel.StreamerChannel.write`), and
+        the client on this host gets the CPU to read it (`let_the_client_run`); only then
+        the connection is set up for the rest (`SendRoom`, the producer), and what more can
+        be read is sent as usual (a client joining a download under way)."""
+        request = self.request
+        self._pump(once=True)
+        if self.done:
+            return
+        # (A channel that queued the write, Twisted's own: sent from its buffer now.)
+        if sent_whole(request) or send_now(request):
+            let_the_client_run()
+        self._room = SendRoom.attach(request)
+        request.registerProducer(self, True)
         self._pump()
 
     def failed(self, error: BaseException) -> None:
@@ -213,7 +234,8 @@ class Follower:
         self._index += 1
         self._position = self._segment_start(self._index)
 
-    def _pump(self) -> None:
+    def _pump(self, once: bool = False) -> None:
+        """Send what the client's connection takes now; with *once*, one read at most."""
         request = self.request
         while not self.paused and not self.done:
             if self._index >= len(self.segments):
@@ -254,6 +276,8 @@ class Follower:
                     self._room.detach()
                 self._next_segment()
             request.write(data)
+            if once:
+                return
 
     def _send_whole(self) -> None:
         """A validated body of one read (a small download held in memory, or one a client
@@ -365,6 +389,19 @@ def send_now(request: Any) -> bool:
     except Exception:
         return False  # the transport's next turn meets the same error and reports it
     return True
+
+
+def sent_whole(request: Any) -> bool:
+    """Whether everything written to *request* so far went to the kernel: a plain TCP
+    connection, open, with nothing left in its transport's buffer."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    return (
+        type(transport) is tcp.Server
+        and not transport.TLS
+        and bool(transport.connected)
+        and not transport.disconnecting
+        and not (transport.dataBuffer or transport._tempDataBuffer)
+    )
 
 
 def let_the_client_run() -> None:

@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET
 from streamer.logs import RequestLog
 from streamer.metrics import Metrics
 from streamer.service import StreamerSite
+from tests.support.faults import Serve
 
 SMALL = b"sixteen bytes..\n" * 1024  # 16 KiB
 LARGE = hashlib.sha256(b"large").digest() * (32 * 1024 * 1024 // 32)  # fills socket buffers
@@ -139,3 +140,48 @@ async def test_a_pipelined_answer_waits_behind_the_bytes_still_queued(served):
     answers = await threads.deferToThread(_read_answers, port, *pipelined)
     assert [head.split(b"\r\n")[0] for head, _ in answers] == [b"HTTP/1.1 200 OK"] * 4
     assert [body for _, body in answers] == [LARGE, SMALL, b"", SMALL]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cold_body_s_first_bytes_leave_before_anything_else_is_set_up(
+    make_service, upstream, monkeypatch
+):
+    """A large cold body (through the service: `StreamerChannel`, the lazy path): its head and
+    first body bytes go to the kernel in one ``send`` as they are written, before the
+    connection is set up for the rest of the body (its kernel room, ``TCP_NOTSENT_LOWAT``;
+    the producer) and without passing through the transport's buffer (which costs an
+    ``epoll_ctl`` pair and the reactor's next turn, or a send of its own); then the rest."""
+    from streamer.sendroom import SendRoom
+
+    env = await make_service()
+    data = hashlib.sha256(b"cold").digest() * (1024 * 1024 // 32)
+    upstream.register("/files/cold.bin", Serve(data))
+    await env.add("cold.bin", data, stored=False, url=upstream.url("/files/cold.bin"))
+    events: list[str] = []
+    send, queue, attach = tcp.Server.writeSomeData, tcp.Server.startWriting, SendRoom.attach
+
+    def ours(transport) -> bool:
+        return transport.getHost().port == env.port
+
+    def recording_send(self, data):
+        if ours(self):
+            events.append("send" if bytes(data[:12]) != b"HTTP/1.1 200" else "head and body")
+        return send(self, data)
+
+    def recording_queue(self):
+        if ours(self):
+            events.append("queued")
+        return queue(self)
+
+    def recording_attach(request, *args):
+        events.append("kernel room set up")
+        return attach(request, *args)
+
+    monkeypatch.setattr(tcp.Server, "writeSomeData", recording_send)
+    monkeypatch.setattr(tcp.Server, "startWriting", recording_queue)
+    monkeypatch.setattr(SendRoom, "attach", recording_attach)
+    ((head, body),) = await threads.deferToThread(
+        _read_answers, env.port, ("GET", "/fixtures/cold.bin")
+    )
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == data
+    assert events[:2] == ["head and body", "kernel room set up"], events[:6]
