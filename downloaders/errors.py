@@ -222,10 +222,16 @@ class UnsupportedDigestValidationError(ValidationError):
         super().__init__(url=url, message=message)
 
 
-class ForbiddenPath(DownloadError):
-    """A file:// url outside the allowed import paths."""
+class ForbiddenPath(ValidationError):
+    """A file:// url outside the allowed import paths: a `ValidationError`, as Pulp's
+    FileDownloader documents for a url not under ``ALLOWED_IMPORT_PATHS``."""
 
+    error_code = "forbidden-path"
     summary = "path not allowed"
+
+    def __init__(self, url: str, message: str) -> None:
+        # The message names a local path: logged, never shown (the summary is).
+        DownloadError.__init__(self, url, message)
 
 
 class TooManyRedirects(DownloadError):

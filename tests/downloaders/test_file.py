@@ -18,6 +18,7 @@ from downloaders import (
     ForbiddenPath,
     NotFound,
     SizeValidationError,
+    ValidationError,
 )
 from tests.support.polling import until
 
@@ -177,3 +178,15 @@ def test_writer_takes_the_bytes(tree: Path):
     assert b"".join(received) == BODY
     assert len(received) == 4  # read and handed over chunk by chunk
     assert os.listdir(tree / "tmp") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_path_not_allowed_is_a_validation_error_as_in_pulp(tree: Path):
+    """Pulp's FileDownloader raises its ValidationError for a url outside the allowed import
+    paths; an importer catching that catches ours, whose summary still names no path."""
+    with pytest.raises(ValidationError) as caught:
+        yield downloader(tree, tree / "outside" / "secret").run()
+    assert isinstance(caught.value, ForbiddenPath)
+    assert caught.value.error_code == "forbidden-path"
+    assert caught.value.summary == "path not allowed"
+    assert "outside the allowed import paths" in caught.value.message
