@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
@@ -110,7 +109,8 @@ class BaseDownloader:
         fails it too.
     :param progress: called after every chunk with (bytes so far in this attempt, expected size
         or None), for a progress bar; a retry starts again from 0.
-    :param temp_dir: where the temporary file goes (default: the system's).
+    :param temp_dir: where the temporary file goes (default: the current working folder, as
+        Pulp's ``handle_data()`` says, so ``result.path`` can be renamed next to it).
     :param temp_files: a `TempFilePool` that hands out ready-made temporary files (the
         factory passes one per ``temp_dir``); None: each attempt creates its own in
         ``temp_dir``.
@@ -430,14 +430,14 @@ class BaseDownloader:
             if self.temp_files is not None:
                 self._fd, self.path = self.temp_files.take()
             else:
-                self._fd, self.path = create_temp_file(self.temp_dir or tempfile.gettempdir())
+                self._fd, self.path = create_temp_file(self.temp_dir or os.getcwd())
         except OSError as exc:
             raise self._temp_file_error(exc) from exc
         return self._fd
 
     def _temp_file_error(self, exc: OSError) -> DownloadError:
         """A failure of our own temporary file (disk full, no such folder), with the url."""
-        where = self.path or self.temp_dir or tempfile.gettempdir()
+        where = self.path or self.temp_dir or "the working folder"
         return DownloadError(self.url, f"cannot write the temporary file in {where}: {exc}")
 
     def _discard(self) -> None:

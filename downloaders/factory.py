@@ -247,7 +247,8 @@ class DownloaderFactory:
         gets no HTTP settings.
     :param allowed_digests: the digest algorithms downloads may check (default: the remote's
         ``allowed_digests``, else sha224, sha256, sha384, sha512).
-    :param temp_dir: where downloaders put their temporary files (default: the system's).
+    :param temp_dir: where downloaders put their temporary files (default: the current
+        working folder, as Pulp's downloaders do).
 
     Shared by every downloader built here: the agent stack (``agent``, also ``session``: one
     pool, TLS, proxy, credentials), the semaphore (``download_concurrency``), the rate limiter

@@ -21,6 +21,7 @@ import re
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -572,7 +573,11 @@ def run_fetch(
     into = not to_stdout and _special_file(target)
     out = out or (sys.stderr if to_stdout else sys.stdout)
     remote = remote_for_url(config.remotes, url, config.security.allowed_import_paths)
-    temp_dir = None if to_stdout or into else os.path.dirname(os.path.abspath(target))
+    # Standard output or a FIFO: the system's temporary folder (the working folder, the
+    # downloaders' default, may be read-only); else next to the target, for one rename.
+    temp_dir = (
+        tempfile.gettempdir() if to_stdout or into else os.path.dirname(os.path.abspath(target))
+    )
     result = yield download_url(remote, url, sha256, size, temp_dir)
     try:
         if to_stdout:

@@ -14,6 +14,13 @@ from tests.support.squid import Squid, squid_available
 pytest_generate_tests = parametrize_http_client
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temp_folder(tmp_path, monkeypatch) -> None:
+    """Each test runs in its own folder: a downloader given no ``temp_dir`` writes its file in
+    the working folder (as Pulp's do), and results a test keeps must not land in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def squid() -> Iterator[Squid]:
     """A running squid with an open port and a port requiring proxy credentials."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import types
 from typing import Any
 
@@ -286,3 +287,27 @@ async def test_file_downloader_takes_the_base_positional_parameters(tmp_path):
     )
     result = await downloader.run()
     assert out.getvalue() == BODY and result.artifact_attributes["sha256"] == SHA256
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_the_file_is_written_in_the_current_working_folder(
+    upstream, agent, tmp_path, monkeypatch
+):
+    """Pulp: "The handle_data() method by default writes to a random file in the current
+    working directory" (with no temp_dir, and from a factory that has none)."""
+    from downloaders import DownloaderFactory
+    from importer import Remote
+
+    url = upstream.register("/a", Serve(BODY))
+    monkeypatch.chdir(tmp_path)
+    plain = await HttpDownloader(url, agent, expected_digests={"sha256": SHA256}).run()
+    assert os.path.dirname(plain.path) == str(tmp_path)
+    factory = DownloaderFactory(Remote(name="r", url=url))
+    try:
+        built = await factory.build(url, expected_size=len(BODY)).run()
+    finally:
+        await factory.close()
+    assert os.path.dirname(built.path) == str(tmp_path)
+    chunks = Chunks("x://a", [BODY])
+    await chunks.run()
+    assert os.path.dirname(chunks.path) == str(tmp_path)

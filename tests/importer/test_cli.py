@@ -203,6 +203,26 @@ async def test_cli_fetch_to_a_closed_standard_output_or_error(tmp_path, upstream
 
 
 @pytest_twisted.ensureDeferred
+async def test_cli_fetch_to_standard_output_needs_no_writable_working_folder(tmp_path, upstream):
+    """``fetch -o -`` keeps its temporary file in the system's temporary folder, not in the
+    working folder (a downloader's default, as Pulp's): run from a folder that is gone (so
+    that not even root could write there), the bytes still arrive."""
+    body = b"from nowhere\n" * 500
+    url = upstream.register("/f.bin", Serve(body))
+    config = write_config(tmp_path, upstream)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    command = 'mkdir gone && cd gone && rmdir ../gone && exec "$@"'
+    argv = ["sh", "-c", command, "sh", sys.executable, "-m", "streamer.cli"]
+    argv += ["--config", str(config), "fetch", url, "--sha256", sha(body), "-o", "-"]
+    child = Child()
+    reactor.spawnProcess(child, "/bin/sh", argv, env=env, path=str(tmp_path))
+    code, out, err = await child.ended
+    assert (code, out.encode()) == (0, body), err
+    assert sorted(os.listdir(tmp_path)) == ["streamer.toml"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_cli_fetch_into_a_fifo_writes_into_it_and_leaves_it(tmp_path, upstream):
     """``fetch -o TARGET`` where TARGET is not a regular file (a FIFO here; ``/dev/null`` and
     ``/dev/stdout`` alike) writes the validated bytes into it, as curl does (before: the
