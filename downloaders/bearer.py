@@ -17,6 +17,7 @@ https, or when the realm is the remote's own origin.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import urlencode, urlsplit
 
@@ -94,8 +95,11 @@ class BearerTokenAgent:
         remote_url: str,
         credentials: tuple[str, str] | None = None,
         timeout: float = 60.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._agent = agent
+        #: Sent with every token request (the factory's User-Agent and Via).
+        self.headers = dict(headers or {})
         #: Seconds a token request may take in all.
         self.timeout = timeout
         self._context = context
@@ -183,7 +187,7 @@ class BearerTokenAgent:
         realm = challenge["realm"]
         query = {name: challenge[name] for name in ("service", "scope") if challenge.get(name)}
         url = realm + (("&" if "?" in realm else "?") + urlencode(query) if query else "")
-        headers = {}
+        headers = dict(self.headers)
         realm_origin = origin(realm)
         if self._credentials is not None and (
             realm_origin[0] == "https" or realm_origin == self._remote_origin

@@ -65,6 +65,7 @@ from downloaders.tempfiles import TempFilePool
 from downloaders.tls import RemoteTLSPolicy
 from downloaders.urls import redact_url
 from downloaders.version import PROJECT, VERSION
+from downloaders.via import append_via, via_entry
 
 __all__ = [
     "CachingEndpointFactory",
@@ -302,6 +303,13 @@ class DownloaderFactory:
         #: Which internal addresses the remote's redirects may not reach.
         self.guard = AddressGuard.for_remote(remote)
         self._direct: DirectGetAgent | None = None
+        self._user_agent = self.user_agent()
+        #: What every request of the remote carries: our User-Agent and, with a ``via``
+        #: pseudonym, our ``Via`` entry (`downloaders.via`: a loop back to us is refused).
+        self.base_headers = {"User-Agent": self._user_agent}
+        via = getattr(remote, "via", "")
+        if via:
+            self.base_headers["Via"] = via_entry(via)
         self.agent = self._compose_agent()
         #: The same agent stack, by the name Pulp's session has.
         self.session = self.agent
@@ -314,12 +322,14 @@ class DownloaderFactory:
                 self.context,
                 self.agent,
                 timeout=remote.sock_read_timeout or 60.0,
+                headers=self.base_headers,
             )
             if mirror_list
             else None
         )
-        self._user_agent = self.user_agent()
         self._headers = merge_headers({"User-Agent": self._user_agent}, remote.headers)
+        if via:
+            append_via(self._headers, via)  # after a Via the remote's headers set
         self._http_client: Any = None
         #: One `TempFilePool` per temporary folder, made on first use.
         self._temp_pools: dict[str, TempFilePool] = {}
@@ -354,7 +364,12 @@ class DownloaderFactory:
         login = (remote.username, remote.password) if remote.username else None
         #: Answers Bearer challenges (token flow), one token request per scope per remote.
         self.bearer = BearerTokenAgent(
-            agent, self.context, remote.url, login, timeout=remote.sock_read_timeout or 60.0
+            agent,
+            self.context,
+            remote.url,
+            login,
+            timeout=remote.sock_read_timeout or 60.0,
+            headers=self.base_headers,
         )
         agent = self.bearer
         if remote.username:

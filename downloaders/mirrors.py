@@ -9,6 +9,7 @@ next download asks again). A url under the remote's base (the folder of its ``ur
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -47,12 +48,20 @@ class MirrorList:
 
     :param context: the remote's `DownloadContext` (the list is resolved there, once).
     :param agent: the remote's agent stack (its TLS, proxy, credentials) to fetch the list.
+    :param headers: sent with the request for the list (the factory's User-Agent and Via).
     """
 
     def __init__(
-        self, url: str, base: str, context: Any, agent: Any, timeout: float = 60.0
+        self,
+        url: str,
+        base: str,
+        context: Any,
+        agent: Any,
+        timeout: float = 60.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
+        self.headers = dict(headers or {})
         #: Seconds the whole fetch of the list may take.
         self.timeout = timeout
         self.base = urljoin(base, ".")
@@ -77,7 +86,12 @@ class MirrorList:
     def _fetch(self) -> defer.Deferred[list[str]]:
         self.fetches += 1
         fetching = get_small(
-            self.agent, self.url, limit=MIRROR_LIST_LIMIT, timeout=self.timeout, what="mirror list"
+            self.agent,
+            self.url,
+            limit=MIRROR_LIST_LIMIT,
+            timeout=self.timeout,
+            headers=self.headers,
+            what="mirror list",
         )
         return fetching.addCallback(
             lambda body: parse_mirror_list(body.decode("utf-8", errors="replace"))

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from downloaders.digests import DEFAULT_ALLOWED_DIGESTS, check_allowed
 from downloaders.urls import MASK, redact_url, url_credentials, without_userinfo
+from downloaders.via import check_pseudonym
 
 #: Header names whose values are secrets: masked in ``repr`` and dropped on cross-host redirects.
 SENSITIVE_HEADERS = frozenset(
@@ -97,6 +98,12 @@ def _allowed_digests(value: Any) -> tuple[str, ...]:
         return check_allowed(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError("allowed_digests", str(exc).removeprefix("allowed_digests: ")) from None
+
+
+def _pseudonym(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    problem = check_pseudonym(value)
+    if problem is not None:
+        raise SettingsError(attribute.name, problem)
 
 
 def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -190,6 +197,9 @@ class RemoteSettings:
     )
     #: Folders file:// urls may read from (set from the [security] section).
     allowed_import_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: The pseudonym naming this installation in the ``Via`` entry every request carries
+    #: (`downloaders.via`; the service sets it from its host and storage folder); "": none.
+    via: str = attrs.field(default="", validator=_pseudonym)
 
     def __attrs_post_init__(self) -> None:
         self._check_tls_files()

@@ -10,8 +10,10 @@ defaults used without any file are relative to the working directory.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -22,6 +24,7 @@ import attrs
 
 from downloaders.settings import SettingsError
 from downloaders.urls import redact_url
+from downloaders.version import PROJECT
 from importer.remote import Remote
 from store.catalog import catalog_scheme, sqlite_path
 from store.errors import CatalogError
@@ -300,7 +303,10 @@ _PATH_KEYS = {
     "remotes": ("ca_cert", "client_cert", "client_key"),
 }
 #: Remote attributes set from other sections, not from a ``[[remotes]]`` table.
-_REMOTE_DERIVED = {"allowed_import_paths": "set it in [security] allowed_import_paths"}
+_REMOTE_DERIVED = {
+    "allowed_import_paths": "set it in [security] allowed_import_paths",
+    "via": "the Via pseudonym is derived from the host name and [storage] path",
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -444,12 +450,13 @@ def parse_config(data: Mapping[str, Any], base_dir: str, source: str | None = No
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("remotes: must be an array of tables ([[remotes]])")
     allowed = sections["security"].allowed_import_paths
+    via = instance_name(sections["storage"].path)
     remotes: list[Remote] = []
     seen_names: dict[str, int] = {}
     seen_paths: dict[str, int] = {}
     for index, table in enumerate(tables):
         prefix = f"remotes[{index}]"
-        remote = _build(Remote, table, prefix, base_dir, allowed_import_paths=allowed)
+        remote = _build(Remote, table, prefix, base_dir, allowed_import_paths=allowed, via=via)
         if remote.name in seen_names:
             first = seen_names[remote.name]
             raise ConfigError(f"{prefix}.name: {remote.name!r} is already used by remotes[{first}]")
@@ -463,6 +470,14 @@ def parse_config(data: Mapping[str, Any], base_dir: str, source: str | None = No
         seen_paths[remote.base_path] = index
         remotes.append(remote)
     return Config(remotes=remotes, source=source, **sections)
+
+
+def instance_name(storage_path: str) -> str:
+    """The pseudonym naming this installation in the ``Via`` of its upstream requests
+    (`downloaders.via`): the same in every process of a service and in the commands run with
+    its configuration, another for another host or storage folder. A hash: it tells no path."""
+    seed = f"{socket.gethostname()}\0{os.path.abspath(storage_path)}".encode()
+    return f"{PROJECT}-{hashlib.sha256(seed).hexdigest()[:12]}"
 
 
 def _overlaps(a: str, b: str) -> bool:

@@ -116,6 +116,8 @@ class InFlight:
     :param on_response: called with this InFlight once an upstream response with a body
         was accepted (its headers checked), before any byte: a conditional download may then
         be shared (a client joining it can no longer get a 304 it did not ask for).
+    :param forward: further request headers, added as a *condition* is (the ``Via`` of the
+        client request that started the download, with ours appended: `downloaders.via`).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class InFlight:
         on_response: Callable[[InFlight], None] | None = None,
         claim: Any = NO_CLAIM,
         memory_body: int = MEMORY_BODY,
+        forward: Mapping[str, str] | None = None,
     ) -> None:
         self.entry = entry
         #: This download's `streamer.claims.Claim` when other processes may follow it.
@@ -160,6 +163,7 @@ class InFlight:
         self._retry_delay_cap = retry_delay_cap
         self._commit = commit or self._commit_in_thread
         self._condition = dict(condition or {})
+        self._forward = forward
         self._on_response = on_response
         #: Whether the upstream request carries `condition` (set by `start`).
         self.conditional = False
@@ -217,7 +221,9 @@ class InFlight:
             self._downloader = downloader
             if not isinstance(downloader, BaseDownloader):
                 self._hasher = hashlib.sha256()
-            self.conditional = _add_condition(downloader, self._condition)
+            self.conditional = _add_headers(downloader, self._condition)
+            if self._forward:
+                _add_headers(downloader, self._forward)
             backoff = getattr(downloader, "backoff", None)
             if self._retry_delay_cap is not None and callable(getattr(backoff, "delay", None)):
                 downloader.backoff = LiveBackoff(backoff, self._retry_delay_cap)
@@ -596,9 +602,10 @@ def _writer(folder: str, body: bytes, mtime: float | None) -> Callable[[], str]:
     return lambda: write_temp_file(folder, body, ARTIFACT_MODE, mtime)
 
 
-def _add_condition(downloader: Any, condition: Mapping[str, str]) -> bool:
-    """Add *condition* to *downloader*'s request headers; False if it has none to add to
-    (a plugin's downloader: its request goes out unconditional)."""
+def _add_headers(downloader: Any, condition: Mapping[str, str]) -> bool:
+    """Add *condition* (headers) to *downloader*'s request headers, in place of those of the
+    same names; False if it has none to add to (a plugin's downloader: its request goes out
+    as built, unconditional)."""
     headers = getattr(downloader, "request_headers", None)
     if not condition or not isinstance(headers, dict):
         return False

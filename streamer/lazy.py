@@ -44,6 +44,7 @@ from downloaders.errors import (
     describe_error,
 )
 from downloaders.result import parse_last_modified
+from downloaders.via import via_entry, via_names
 from store.batches import BatchCommitter
 from store.errors import local_fault
 from streamer.busy import BusyOrigins, busy_seconds
@@ -177,8 +178,37 @@ class LazyStreamer:
         elif request.method == b"HEAD":
             self._head(request, entries, path)
         else:
-            _LazyRequest(self, request, list(entries), path).next()
+            via = request.requestHeaders.getRawHeaders(b"via")
+            if via is None or not self._loops_back(request, via, path):
+                _LazyRequest(self, request, list(entries), path, via).next()
         return NOT_DONE_YET
+
+    def _loops_back(self, request: Any, via: list[bytes], path: str) -> bool:
+        """Answer 508 to a request whose ``Via`` names us: it came back through a remote, a
+        mirror or a redirect pointing at this streamer, and would wait for its own download.
+
+        508 (Loop Detected, RFC 5842) says what happened, and no client or downloader of
+        ours retries it (they retry 502, 503 and 504); nothing is asked upstream."""
+        ours = {getattr(remote, "via", "") for remote in self.remotes.values()}
+        looped = via_names(via) & ours - {""}
+        if not looped:
+            return False
+        name = min(looped)
+        _log.warn(
+            "loop detected: a request for {path} came back to {name} (Via: {via}); answered "
+            "508 without asking upstream: a remote's url or mirror, or a redirect, points here",
+            path=path,
+            name=name,
+            via=b", ".join(via).decode("latin-1"),
+        )
+        respond_text(
+            request,
+            508,
+            f"{path}: loop detected: this request already went through {name} (its Via); "
+            "a remote's url or mirror, or a redirect, points back at this streamer",
+            reason=b"Loop Detected",
+        )
+        return True
 
     def stop(self) -> defer.Deferred[None]:
         """Cancel every unfinished download and start no new one (at shutdown).
@@ -237,6 +267,7 @@ class LazyStreamer:
         remote: Any,
         follower_for: Any,
         condition: Mapping[str, str] | None = None,
+        via: str = "",
     ) -> None:
         """Attach a follower (made by *follower_for(source)*) to the download of *entry*'s
         artifact, starting that download unless one is in flight.
@@ -245,6 +276,7 @@ class LazyStreamer:
         own: nobody joins it (nobody else may get the 304 it can end with) until the upstream
         answered with the body, when it becomes the shared one (unless one is in flight).
         A download that fails at once reports to its followers before this returns.
+        A new download forwards *via* (the client request's ``Via``) with our entry appended.
         """
         inflight = self.in_flight.get(entry.sha256)
         if inflight is not None:
@@ -275,6 +307,7 @@ class LazyStreamer:
             on_response=self._share if condition else None,
             claim=claim,
             memory_body=memory_body,
+            forward=_forwarded_via(via, getattr(remote, "via", "")),
         )
         if inflight.in_memory:
             self._held += inflight.size
@@ -419,6 +452,12 @@ def _current_by_date(request: Any, inflight: InFlight) -> bool:
     return modified is not None and modified <= since
 
 
+def _forwarded_via(via: str, ours: str) -> dict[str, str] | None:
+    """The ``Via`` a download started for a request that had *via* sends: *via*, then our
+    entry (None without either: the remote's own headers carry ours alone)."""
+    return {"Via": f"{via}, {via_entry(ours)}"} if via and ours else None
+
+
 def _cooling_key(entry: Any) -> tuple[str, str, str]:
     """What a cooldown is for: one source (remote and url) of one artifact (its sha256).
 
@@ -448,8 +487,17 @@ def answer_conditions(request: Any, entry: Any) -> bool:
 class _LazyRequest:
     """One GET: tries the entries in order until one delivers its first byte."""
 
-    def __init__(self, streamer: LazyStreamer, request: Any, entries: list[Any], path: str):
+    def __init__(
+        self,
+        streamer: LazyStreamer,
+        request: Any,
+        entries: list[Any],
+        path: str,
+        via: list[bytes] | None = None,
+    ):
         self.streamer = streamer
+        #: The request's ``Via``, forwarded by the download it starts.
+        self.via = b", ".join(via).decode("latin-1") if via else ""
         self.request = request
         self.entries = entries
         self.path = path
@@ -529,6 +577,7 @@ class _LazyRequest:
                 remote,
                 lambda source, plan=plan: self._follower(source, plan),
                 condition,
+                self.via,
             )
             return
         if not self._wait_for_busy_origin():

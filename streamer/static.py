@@ -163,13 +163,18 @@ def client_gone(request: Request) -> bool:
 
 
 def respond_text(
-    request: Request, status: int, text: str, headers: dict[bytes, bytes] | None = None
+    request: Request,
+    status: int,
+    text: str,
+    headers: dict[bytes, bytes] | None = None,
+    reason: bytes | None = None,
 ) -> None:
-    """Finish *request* with *status* and a short ``text/plain`` body (if it is still open)."""
+    """Finish *request* with *status* (and *reason*, for a status Twisted has no phrase
+    for) and a short ``text/plain`` body (if it is still open)."""
     if client_gone(request):
         return
     body = (text.rstrip("\n") + "\n").encode("utf-8")
-    request.setResponseCode(status)
+    request.setResponseCode(status, reason)
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

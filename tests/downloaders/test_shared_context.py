@@ -17,6 +17,8 @@ from twisted.web.server import Request
 from downloaders import DownloadError, NotAuthorized, NotFound
 from downloaders.bearer import parse_challenge
 from downloaders.mirrors import parse_mirror_list
+from downloaders.settings import SettingsError
+from downloaders.via import via_names
 from importer import Remote
 from tests.support.faults import Behaviour, Serve, Status
 from tests.support.polling import until
@@ -229,3 +231,47 @@ async def test_mirrors_from_a_list_on_another_origin_get_no_secrets(upstream, tm
     assert "authorization" not in mirrored.headers and "x-api-key" not in mirrored.headers
     assert mirrored.headers["x-plain"] == "fine"
     await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_request_of_a_remote_carries_its_via_entry(upstream, tmp_path):
+    """Files, the mirror list and bearer token requests: ``Via: 1.1 <via>`` and the
+    User-Agent (a loop back to the streamer is then refused: `downloaders.via`)."""
+    state: dict[str, Any] = {"valid": "t1", "issue": "t1", "token_requests": []}
+    realm = upstream.register("/token", TokenService(state))
+    upstream.register("/good/a.bin", Registry(b"found", state, realm))
+    upstream.register("/mirrors.txt", Serve(upstream.url("/good/").encode()))
+    remote = Remote(
+        name="m",
+        url=upstream.url("/repo/PULP_MANIFEST"),
+        mirror_list=upstream.url("/mirrors.txt"),
+        max_retries=0,
+        via="streamer-a1",
+    )
+    result = await remote.get_downloader(upstream.url("/repo/a.bin"), temp_dir=str(tmp_path)).run()
+    assert result.artifact_attributes["size"] == 5
+    user_agent = remote.downloader_factory().user_agent()
+    seen = [(path, r.headers) for path, r in upstream.all_requests()]
+    assert {path for path, _ in seen} == {"/repo/a.bin", "/mirrors.txt", "/token", "/good/a.bin"}
+    for path, headers in seen:
+        assert headers.get("via") == "1.1 streamer-a1", path
+        assert headers.get("user-agent") == user_agent, path
+    await remote.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_our_via_entry_follows_one_the_remote_s_headers_set(upstream, tmp_path):
+    url = upstream.register("/f", Serve(b"body"))
+    remote = Remote(
+        name="m", url=url, max_retries=0, via="streamer-a1", headers={"via": "1.0 gateway"}
+    )
+    await remote.get_downloader(url, temp_dir=str(tmp_path)).run()
+    [request] = upstream.requests("/f")
+    assert request.headers["via"] == "1.0 gateway, 1.1 streamer-a1"
+    await remote.close()
+
+
+def test_a_via_pseudonym_must_be_a_token():
+    with pytest.raises(SettingsError, match="via: 'a b' is not an HTTP token"):
+        Remote(name="m", url="https://example.org/PULP_MANIFEST", via="a b")
+    assert via_names([b"1.1 a (x, y), HTTP/1.0 b", "1.1 c:8080", "junk"]) == {"a", "b", "c:8080"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,7 @@ def test_explicit_path_wins_over_environment_and_overrides_win_over_file(tmp_pat
         ("[server]\nstall_timeout = nan\n", "server.stall_timeout: must be >= 0, not nan"),
         (REMOTE + "sync_processes = -1\n", "remotes[0].sync_processes: must be an integer"),
         (REMOTE + 'allowed_import_paths = ["/"]\n', "remotes[0].allowed_import_paths: not a"),
+        (REMOTE + 'via = "me"\n', "remotes[0].via: not a per-remote key; the Via pseudonym"),
         ('[[remotes]]\nname = "fx"\n', "remotes[0].url: required"),
         (REMOTE + REMOTE, "remotes[1].name: 'fx' is already used by remotes[0]"),
         (
@@ -238,3 +240,20 @@ def test_resolving_keeps_what_twisted_parses():
         "certKey": "/abs/c.pem",
         "extraCertChain": "/base/ch=ain.pem",
     }
+
+
+def test_every_remote_names_this_installation_in_its_via_entry(tmp_path):
+    """One pseudonym per host and storage folder: the same in every process and command of
+    a service (each loads the same file), another for another folder; no path in it."""
+    path = write(tmp_path, '[storage]\npath = "var"\n' + REMOTE + REMOTE.replace("fx", "fy"))
+    config = load_config(path)
+    names = {remote.via for remote in config.remotes}
+    assert len(names) == 1
+    (name,) = names
+    assert re.fullmatch(r"twisted-streamer-[0-9a-f]{12}", name)
+    assert {r.via for r in load_config(path).remotes} == names
+    assert {
+        r.via for r in load_config(path, {"storage.path": str(tmp_path / "var")}).remotes
+    } == names
+    other = load_config(path, {"storage.path": str(tmp_path / "elsewhere")})
+    assert {r.via for r in other.remotes} != names

@@ -503,3 +503,40 @@ def test_a_finished_cold_request_leaves_nothing_for_the_cyclic_collector(lazy_en
         gc.garbage.clear()
     assert left == []
     env.streamer.claims.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_cold_request_s_via_goes_upstream_with_ours_appended(lazy_env):
+    """Through another proxy or streamer: the next hop sees every entry, so a loop through
+    it comes back with ours in it (a streamer that sent only its own would not see it)."""
+    env = lazy_env.start()
+    env.remote("up", via="streamer-a1")
+    url = env.upstream.register("/v.bin", Serve(BODY))
+    yield env.publish("repo/v.bin", BODY, ("up", url))
+    cold = yield treq.get(env.url("repo/v.bin"), headers={"Via": "1.1 other, 1.0 proxy"})
+    assert (yield cold.content()) == BODY
+    [request] = env.upstream.requests("/v.bin")
+    assert request.headers["via"] == "1.1 other, 1.0 proxy, 1.1 streamer-a1"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_whose_via_names_us_is_a_loop_answered_508_without_upstream(lazy_env):
+    env = lazy_env.start()
+    env.remote("up", via="streamer-a1")
+    url = env.upstream.register("/l.bin", Serve(BODY))
+    yield env.publish("repo/l.bin", BODY, ("up", url))
+    looped = {"Via": "1.1 streamer-a1, 1.1 other (Squid/6.6)"}
+
+    cold = yield treq.get(env.url("repo/l.bin"), headers=looped)
+    assert (cold.code, cold.phrase) == (508, b"Loop Detected")
+    assert b"loop detected" in (yield cold.content())
+    assert env.upstream.requests("/l.bin") == []
+    # HEAD asks nobody; a stored file is served as a cache hit is, loop or not (as squid).
+    head = yield treq.head(env.url("repo/l.bin"), headers=looped)
+    assert head.code == 200
+    plain = yield treq.get(env.url("repo/l.bin"))
+    assert (yield plain.content()) == BODY
+    assert (yield holds_within(lambda: env.stored(BODY)))
+    warm = yield treq.get(env.url("repo/l.bin"), headers=looped)
+    assert (warm.code, (yield warm.content())) == (200, BODY)
+    assert len(env.upstream.requests("/l.bin")) == 1

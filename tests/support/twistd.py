@@ -151,12 +151,14 @@ def start_twistd(
     *,
     before: Sequence[str] = (),
     prefix: Sequence[str] = (),
+    port: int | None = None,
     **extra: str,
 ) -> Twistd:
     """Start ``PREFIX twistd -n --pidfile= BEFORE streamer ARGS --listen <free port>`` in
     *cwd*, with *extra* in its environment (*prefix*: a wrapper command such as ``prlimit
-    --nofile=N``, its full path first). Returns at once."""
-    port = free_port()
+    --nofile=N``, its full path first; *port*: that port instead, one the configuration
+    names). Returns at once."""
+    port = port or free_port()
     argv = [*prefix, *TWISTD, "-n", "--pidfile=", *before, "streamer", *args]
     argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
     proto = Collect()
@@ -165,10 +167,11 @@ def start_twistd(
 
 
 @asynccontextmanager
-async def twistd(config: Path) -> AsyncIterator[Twistd]:
+async def twistd(config: Path, port: int | None = None) -> AsyncIterator[Twistd]:
     """``twistd -n --pidfile= streamer --config CONFIG --listen tcp:PORT:interface=127.0.0.1``
-    in CONFIG's folder, healthy before the body runs, stopped (SIGTERM) after it."""
-    served = start_twistd(config.parent, ["--config", str(config)])
+    in CONFIG's folder (on *port*, or a free one), healthy before the body runs, stopped
+    (SIGTERM) after it."""
+    served = start_twistd(config.parent, ["--config", str(config)], port=port)
     try:
         await served.healthy()
         yield served
