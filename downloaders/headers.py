@@ -5,7 +5,8 @@ holds: a real ``dict`` (``dict(h)``, ``h.items()``, JSON, equality) whose lookup
 (``h["content-type"]`` finds ``Content-Type``). A name sent several times has its values joined
 with ``", "`` (RFC 9110 section 5.3). The Twisted ``Headers`` it was made from stay available as
 ``raw``, and ``getRawHeaders`` / ``hasHeader`` answer as Twisted's do, so code written against
-the older Twisted-typed headers keeps working.
+the older Twisted-typed headers keeps working; ``getall`` / ``getone`` answer as the multidict
+of aiohttp's responses does (what Pulp's ``DownloadResult.headers`` is), a value per field line.
 """
 
 from __future__ import annotations
@@ -113,6 +114,27 @@ class ResponseHeaders(dict):
 
     def hasHeader(self, name: bytes | str) -> bool:
         return name in self
+
+    # What aiohttp's headers (a multidict, Pulp's DownloadResult.headers) answer -------------
+
+    def getall(self, name: bytes | str, *default: Any) -> Any:
+        """Every value sent for *name*, one per field line, in order; *default* (else
+        KeyError) when there was none."""
+        values = self.getRawHeaders(_text(name))
+        if not values:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        return [_text(value) for value in values]
+
+    def getone(self, name: bytes | str, *default: Any) -> Any:
+        """The first value sent for *name*; *default* (else KeyError) when there was none."""
+        values = self.getall(name, None)
+        if values is None:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        return values[0]
 
 
 def as_response_headers(headers: Any) -> ResponseHeaders | None:

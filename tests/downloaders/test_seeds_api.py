@@ -311,3 +311,27 @@ async def test_by_default_the_file_is_written_in_the_current_working_folder(
     chunks = Chunks("x://a", [BODY])
     await chunks.run()
     assert os.path.dirname(chunks.path) == str(tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_result_headers_answer_getall_and_getone_as_pulp_s_multidict(
+    upstream, agent, tmp_path
+):
+    """Pulp's DownloadResult.headers is aiohttp's multidict: ``getall`` gives each field line's
+    value (a joined dict value would merge Set-Cookie or Link lines), ``getone`` the first."""
+    from twisted.web.http_headers import Headers
+
+    url = upstream.register("/a", Serve(BODY, headers={"X-Thing": "one"}))
+    result = await HttpDownloader(url, agent, temp_dir=str(tmp_path)).run()
+    assert result.headers.getall("x-thing") == ["one"] and result.headers.getone("X-THING") == "one"
+    assert result.headers.getall("x-none", []) == [] and result.headers.getone("x-none", 7) == 7
+    for method in (result.headers.getall, result.headers.getone):
+        with pytest.raises(KeyError):
+            method("x-none")
+    raw = Headers({b"Link": [b"<a>; rel=next", b"<b>; rel=prev"]})
+    headers = ResponseHeaders.from_twisted(raw)
+    assert headers["link"] == "<a>; rel=next, <b>; rel=prev"
+    assert headers.getall("link") == ["<a>; rel=next", "<b>; rel=prev"]
+    assert headers.getone(b"Link") == "<a>; rel=next"
+    plain = ResponseHeaders({"Link": "<c>"})  # from a mapping: one value per name
+    assert plain.getall("LINK") == ["<c>"] and plain.getone("link") == "<c>"
