@@ -12,12 +12,14 @@ import hashlib
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 
 from streamer.config import instance_name
 from tests.integration.test_end_to_end import streamer_cli
 from tests.support.clients import free_port
 from tests.support.faults import Redirect, Serve
+from tests.support.squid import Squid, squid_available
 from tests.support.twistd import twistd
 from tests.support.upstream import UpstreamServer
 
@@ -127,3 +129,38 @@ async def test_an_upstream_redirect_back_to_the_streamer_is_refused_at_once(
         assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
         assert len(upstream.requests("/repo/moved.txt")) == 1
     assert served.output.count("loop detected") == 1, served.output
+
+
+@pytest.fixture
+def squid():
+    """A real squid forward proxy (it appends its own Via entry and forwards ours)."""
+    reason = squid_available()
+    if reason is not None:
+        pytest.skip(reason)
+    proxy = Squid()
+    pytest_twisted.blockon(proxy.start())
+    yield proxy
+    pytest_twisted.blockon(proxy.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loop_through_squid_back_to_the_streamer_is_refused_at_once(
+    tmp_path, upstream: UpstreamServer, squid: Squid
+):
+    """Streamer -> squid -> streamer: the request comes back with squid's entry after ours."""
+    upstream.register("/repo/PULP_MANIFEST", Serve(manifest({"gone.txt": GONE})))
+    port = free_port()
+    remote = f'mirrors = ["http://127.0.0.1:{port}/demo/"]\nproxy_url = "{squid.open_url}"\n'
+    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), remote)
+    code, out, err = await streamer_cli(config, "sync")
+    assert code == 0, out + err
+
+    async with twistd(config, port) as served:
+        status, body, took = await timed_curl(served, "/demo/gone.txt")
+        assert status == 502, body
+        assert b"508" in body, body
+        assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
+        assert len(upstream.requests("/repo/gone.txt")) == 1
+    [line] = [line for line in served.output.splitlines() if "loop detected" in line]
+    assert f"Via: 1.1 {instance_name(str(tmp_path / 'var'))}, 1.1 " in line, line
+    assert any("/demo/gone.txt" in line for line in squid.access_log())
