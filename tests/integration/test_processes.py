@@ -457,6 +457,10 @@ async def test_a_restarted_helper_takes_no_connection_before_it_is_ready(tmp_pat
         await upstream.stop()
 
 
+#: Requests on each connection of the burst test.
+PIPELINED = 8
+
+
 def _answers(clients: list[socket.socket]) -> list[bytes]:
     """The head of the answer on each of *clients* (blocking: run it in a thread)."""
     heads = []
@@ -492,6 +496,12 @@ async def test_a_burst_of_connections_is_spread_over_the_processes(tmp_path):
             pids = [served.process.pid, *helper_pids(served.process.pid)]
             count = 20 * PROCESSES
             seen = len(served.output)
+            # Each connection brings several requests (pipelined), so that a process spends a
+            # few reactor turns on each connection it accepted before it accepts the next
+            # (Twisted's accept loop took them all before any request was read): the burst
+            # lasts long enough that all three processes get a core during it. With one
+            # request each, two processes on this 2-core machine could drain it before the
+            # third was scheduled ([0, 34, 26] on a loaded machine, 1 run in 30).
             # Every process stopped while the connections and their requests arrive: they
             # all wait on the socket when the processes go on.
             for pid in pids:
@@ -499,7 +509,7 @@ async def test_a_burst_of_connections_is_spread_over_the_processes(tmp_path):
             try:
                 clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
                 for client in clients:
-                    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n" * PIPELINED)
             finally:
                 for pid in pids:
                     os.kill(pid, signal.SIGCONT)
@@ -512,7 +522,7 @@ async def test_a_burst_of_connections_is_spread_over_the_processes(tmp_path):
 
             async def logged() -> list[int]:
                 by = served_by(served.output[seen:], "/healthz")
-                return by if len(by) >= count else []
+                return by if len(by) >= count * PIPELINED else []
 
             by = await until(logged, timeout=10, what="every access line")
             shares = [by.count(index) for index in range(PROCESSES)]
