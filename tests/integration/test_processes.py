@@ -253,7 +253,12 @@ async def test_sighup_and_sigusr1_reopen_the_access_log_in_every_process_and_sto
             log = tmp_path / "access.log"
             for number, name in enumerate(("SIGHUP", "SIGUSR1"), start=1):
                 await curl_many(served, "/healthz", 30)
-                await settle(0.3)  # each process writes its lines every 0.1 s
+
+                def written() -> bool:
+                    # (each process writes its lines every 0.1 s: a busy one later)
+                    return log.read_text().count('"GET /healthz" 200 3 ') >= 30
+
+                await until(written, timeout=10, what="the lines of 30 requests written")
                 log.rename(tmp_path / f"access.log.{number}")
                 os.kill(parent, getattr(signal, name))
                 reopened = f"{name}: access log reopened; still serving"
