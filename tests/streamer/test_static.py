@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from streamer.config import ServerConfig
 from tests.streamer.content_support import open_fds_to, start_content_server
 from tests.support.clients import raw_http
+from tests.support.polling import holds_within
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 
@@ -262,7 +263,10 @@ def test_slow_reader_does_not_make_the_server_buffer(tmp_path):
             b"GET /fixtures/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         yield _connect(srv.port.getHost().port, reader)
-        yield deferLater(reactor, 1.0, lambda: None)
+        # Once the kernel's buffers are full (a busy machine may take more than a second).
+        yield holds_within(
+            lambda: [t.producerPaused for t in srv.server_transports()] == [True], timeout=10
+        )
         (transport,) = srv.server_transports()
         buffered = len(transport.dataBuffer) + transport._tempDataLen
         assert transport.producerPaused, "the producer must be paused while the client stalls"
@@ -350,7 +354,13 @@ def test_many_stalled_readers_of_a_stored_file_hold_a_share_of_the_budget(tmp_pa
         readers = [_SlowReader(request) for _ in range(100)]
         for reader in readers:
             yield _connect(srv.port.getHost().port, reader)
-        yield deferLater(reactor, 1.0, lambda: None)
+
+        def all_stalled() -> bool:
+            paused = [t.producerPaused for t in srv.server_transports()]
+            return Senders.count == 100 and paused == [True] * 100
+
+        # Once every response filled its connection (a busy machine may take over a second).
+        yield holds_within(all_stalled, timeout=10)
         assert Senders.count == 100
         held = sum(len(t.dataBuffer) + t._tempDataLen for t in srv.server_transports())
         print(f"\nunsent bytes held for 100 stalled readers: {held / 2**20:.1f} MiB")
