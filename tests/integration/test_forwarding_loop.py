@@ -34,16 +34,26 @@ def manifest(files: dict[str, bytes]) -> bytes:
     return "".join(lines).encode()
 
 
-def write_config(folder: Path, url: str, remote_extra: str = "") -> Path:
-    """Two processes, storage in ./var, one remote "demo" at *url* (a short read timeout:
-    a loop left to time out would take 3 s a hop, not milliseconds)."""
+async def synced_config(folder: Path, url: str, remote_extra: str = "") -> Path:
+    """A config of two processes, storage in ./var, one remote "demo" whose listing at
+    *url* is synced (a short read timeout: a loop left to time out would take 3 s a hop,
+    not milliseconds)."""
     path = folder / "streamer.toml"
     path.write_text(
         "[server]\nprocesses = 2\ngrace_period = 1\n"
         '[storage]\npath = "var"\n'
         f'[[remotes]]\nname = "demo"\nurl = "{url}"\nsock_read_timeout = 3\n{remote_extra}'
     )
+    code, out, err = await streamer_cli(path, "sync")
+    assert code == 0, out + err
     return path
+
+
+def assert_cut_short(status: int, body: bytes, took: float) -> None:
+    """The client got the upstream error naming the 508, well before any read timeout."""
+    assert status == 502, body
+    assert b"508" in body, body
+    assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
 
 
 async def timed_curl(served, path: str) -> tuple[int, bytes, float]:
@@ -64,9 +74,7 @@ async def test_a_mirror_that_is_the_streamer_itself_is_refused_at_once(
     upstream.register("/repo/PULP_MANIFEST", Serve(manifest({"here.txt": HERE, "gone.txt": GONE})))
     port = free_port()
     mirror = f'mirrors = ["http://127.0.0.1:{port}/demo/"]\n'
-    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), mirror)
-    code, out, err = await streamer_cli(config, "sync")
-    assert code == 0, out + err
+    config = await synced_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), mirror)
 
     async with twistd(config, port) as served:
         # A normal cold request: its upstream sees one Via entry, ours.
@@ -77,9 +85,7 @@ async def test_a_mirror_that_is_the_streamer_itself_is_refused_at_once(
 
         # Missing upstream: the mirror is the streamer, which refuses its own request.
         status, body, took = await timed_curl(served, "/demo/gone.txt")
-        assert status == 502, body
-        assert b"508" in body, body
-        assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
+        assert_cut_short(status, body, took)
         assert len(upstream.requests("/repo/gone.txt")) == 1  # no retries, no hammering
     assert served.output.count("loop detected") == 1, served.output
     assert "Traceback" not in served.output
@@ -93,16 +99,12 @@ async def test_a_remote_whose_url_is_the_streamer_itself_is_refused_at_once(
     # every entry's url then names the streamer itself.
     upstream.register("/demo/PULP_MANIFEST", Serve(manifest({"self.txt": GONE})))
     port = upstream.port
-    config = write_config(tmp_path, upstream.url("/demo/PULP_MANIFEST"))
-    code, out, err = await streamer_cli(config, "sync")
-    assert code == 0, out + err
+    config = await synced_config(tmp_path, upstream.url("/demo/PULP_MANIFEST"))
     await upstream.stop()
 
     async with twistd(config, port) as served:
         status, body, took = await timed_curl(served, "/demo/self.txt")
-        assert status == 502, body
-        assert b"508" in body, body
-        assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
+        assert_cut_short(status, body, took)
         # Asked again: the process that answered first has the source on a cooldown, the
         # other one (if the request reached it) refuses its own request at once as well.
         status, body, took = await timed_curl(served, "/demo/self.txt")
@@ -118,15 +120,11 @@ async def test_an_upstream_redirect_back_to_the_streamer_is_refused_at_once(
     port = free_port()
     upstream.register("/repo/moved.txt", Redirect(f"http://127.0.0.1:{port}/demo/moved.txt"))
     upstream.register("/repo/PULP_MANIFEST", Serve(manifest({"moved.txt": GONE})))
-    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"))
-    code, out, err = await streamer_cli(config, "sync")
-    assert code == 0, out + err
+    config = await synced_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"))
 
     async with twistd(config, port) as served:
         status, body, took = await timed_curl(served, "/demo/moved.txt")
-        assert status == 502, body
-        assert b"508" in body, body
-        assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
+        assert_cut_short(status, body, took)
         assert len(upstream.requests("/repo/moved.txt")) == 1
     assert served.output.count("loop detected") == 1, served.output
 
@@ -151,15 +149,11 @@ async def test_a_loop_through_squid_back_to_the_streamer_is_refused_at_once(
     upstream.register("/repo/PULP_MANIFEST", Serve(manifest({"gone.txt": GONE})))
     port = free_port()
     remote = f'mirrors = ["http://127.0.0.1:{port}/demo/"]\nproxy_url = "{squid.open_url}"\n'
-    config = write_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), remote)
-    code, out, err = await streamer_cli(config, "sync")
-    assert code == 0, out + err
+    config = await synced_config(tmp_path, upstream.url("/repo/PULP_MANIFEST"), remote)
 
     async with twistd(config, port) as served:
         status, body, took = await timed_curl(served, "/demo/gone.txt")
-        assert status == 502, body
-        assert b"508" in body, body
-        assert took < 1.0, f"{took:.2f} s: the loop was not cut short"
+        assert_cut_short(status, body, took)
         assert len(upstream.requests("/repo/gone.txt")) == 1
     [line] = [line for line in served.output.splitlines() if "loop detected" in line]
     assert f"Via: 1.1 {instance_name(str(tmp_path / 'var'))}, 1.1 " in line, line
