@@ -20,8 +20,12 @@ its values to files there, and ``/metrics`` in any process renders the totals of
 every update is a locked write to a memory-mapped file (a request made seven, a cold one in
 two or three reactor turns), so given a reactor the per-request figures are summed in memory
 and written `FLUSH_INTERVAL` seconds after the first of them (`flush`; at exit too, after the
-drain); ``/metrics`` answers `Metrics.scrape_delay` after it is asked, once every process has
-written what it counted before, so it shows every request answered before the scrape.
+drain). Each such process also keeps a marker in the folder (`_Marker`: a memory-mapped
+CLOCK_MONOTONIC time, set by the first update of a batch and cleared by its `flush`, so no
+system call per request) saying since when its figures wait; ``/metrics`` answers once no
+other live process has figures waiting from before the scrape (`Metrics.settled`: at once
+when none does, polled every `SCRAPE_POLL` seconds, `SCRAPE_WAIT` at most), so it shows every
+request answered before it, however long another process was kept off a core.
 
 In one process the per-request figures are summed in memory too, and written to the metrics
 whenever the registry is read (a collector registered first flushes them: ``/metrics``,
@@ -34,8 +38,14 @@ rest of its bookkeeping, for figures read every few seconds at most.
 from __future__ import annotations
 
 import copy
+import fcntl
+import itertools
+import mmap
 import os
+import struct
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,11 +53,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from twisted.internet import defer
 
 __all__ = [
     "CACHE_STATUSES",
     "CONTENT_TYPE",
     "FLUSH_INTERVAL",
+    "SCRAPE_POLL",
+    "SCRAPE_WAIT",
     "UPSTREAM_REASONS",
     "Metrics",
     "reason_label",
@@ -75,6 +88,15 @@ FLUSH_DURATIONS = 1024
 #: Seconds the figures of several processes wait in memory at most before they are written
 #: to the shared folder (how late a scrape in another process may see them).
 FLUSH_INTERVAL = 0.1
+#: Seconds between two looks at the other processes' markers while a scrape waits for them.
+SCRAPE_POLL = 0.01
+#: Seconds a scrape waits at most for another process's figures (one stopped, or whose reactor
+#: is stuck): then it answers with what is written.
+SCRAPE_WAIT = 2.0
+#: The names of the processes' markers in the shared folder: ``pending-PID-N``.
+MARKER_PREFIX = "pending-"
+_MARKER = struct.Struct("d")
+_markers = itertools.count()  # (several Metrics of one process: one marker each)
 
 
 def reason_label(error: BaseException) -> str:
@@ -158,6 +180,8 @@ class Metrics:
         #: Guards `_pending` and `_durations` (a registry may be collected in any thread).
         self._lock = threading.Lock()
         self._flush_call: Any = None
+        #: Since when this process's figures wait, for the scrapes of the others.
+        self._marker = _Marker(self.shared_dir) if self.shared_dir and reactor is not None else None
         self._temp_bytes = _TempBytes()
         r = self.registry
         if not self.shared_dir:  # first, so every collection sees what waits
@@ -257,17 +281,63 @@ class Metrics:
         if self._reactor is not None:
             self._schedule()
 
-    @property
-    def scrape_delay(self) -> float:
-        """Seconds a scrape waits before it renders: with several processes, long enough for
-        every other process to have written what it counted before the scrape arrived (each
-        writes `FLUSH_INTERVAL` after its first waiting update; the rest is slack for a busy
-        reactor), so ``/metrics`` shows every request answered before it; else 0."""
-        return FLUSH_INTERVAL * 1.5 if self._reactor is not None else 0.0
-
     def _schedule(self) -> None:
         if self._flush_call is None and self._reactor is not None:
             self._flush_call = self._reactor.callLater(FLUSH_INTERVAL, self.flush)
+            if self._marker is not None:
+                self._marker.since(time.monotonic())
+
+    def settled(self, clock: Any) -> defer.Deferred[None]:
+        """Fire once no other live process sharing `shared_dir` has figures waiting in memory
+        from before this call (looked at every `SCRAPE_POLL` seconds of *clock*), or after
+        `SCRAPE_WAIT` seconds whatever waits; at once with one process. Cancelling it stops
+        the polling."""
+        asked = time.monotonic()
+        if not self.shared_dir or not self._others_waiting(asked):
+            return defer.succeed(None)
+        deadline = clock.seconds() + SCRAPE_WAIT
+        done: defer.Deferred[None] = defer.Deferred(lambda _: call[0].cancel())
+
+        def poll() -> None:
+            if clock.seconds() >= deadline or not self._others_waiting(asked):
+                done.callback(None)
+            else:
+                call[0] = clock.callLater(SCRAPE_POLL, poll)
+
+        call = [clock.callLater(SCRAPE_POLL, poll)]
+        return done
+
+    def _others_waiting(self, asked: float) -> bool:
+        """Whether another live process's marker says its figures wait since before *asked*
+        (a marker whose ``flock`` is free is a dead process's: never waited for)."""
+        own = self._marker.path if self._marker is not None else None
+        assert self.shared_dir is not None
+        try:
+            names = [n for n in os.listdir(self.shared_dir) if n.startswith(MARKER_PREFIX)]
+        except OSError:
+            return False
+        for name in names:
+            path = os.path.join(self.shared_dir, name)
+            if path == own:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # (its process ended meanwhile: `process_ended`)
+            try:
+                data = os.pread(fd, _MARKER.size, 0)
+                if len(data) < _MARKER.size:
+                    continue
+                (since,) = _MARKER.unpack(data)
+                if not 0 < since < asked:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True  # held: its process lives and has not written yet
+            finally:
+                os.close(fd)
+        return False
 
     def flush(self) -> None:
         """Write the updates waiting in memory (`FLUSH_INTERVAL` after the first, before a
@@ -283,6 +353,8 @@ class Metrics:
                 (metric.labels(*labels) if labels else metric).inc(amount)
         for duration in durations:
             self.request_duration.observe(duration)
+        if self._marker is not None and self._flush_call is None:
+            self._marker.since(0.0)  # after the figures: a scrape waiting for them may go on
 
     def request_refused(self, method: str, status: int) -> None:
         """Count a request refused at the connection (413, 414, 431, 408, 400)."""
@@ -311,9 +383,20 @@ class Metrics:
         self._temp_bytes.path = path
 
     def process_ended(self, pid: int) -> None:
-        """Drop the live gauges of a server process that ended (its counters still count)."""
+        """Drop the live gauges and the marker of a server process that ended (its counters
+        still count)."""
         if self.shared_dir:
             mark_process_dead(pid, self.shared_dir)
+            prefix = f"{MARKER_PREFIX}{pid}-"
+            try:
+                names = [n for n in os.listdir(self.shared_dir) if n.startswith(prefix)]
+            except OSError:
+                return
+            for name in names:
+                try:
+                    os.remove(os.path.join(self.shared_dir, name))
+                except FileNotFoundError:
+                    pass
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """The current value of one sample (e.g. ``streamer_cache_hits_total``), 0 if absent."""
@@ -344,6 +427,29 @@ class _FlushFirst:
     def collect(self) -> Iterator[Metric]:
         self._metrics.flush()
         return iter(())
+
+
+class _Marker:
+    """Since when (CLOCK_MONOTONIC seconds, one clock for every process on Linux) the figures
+    of this process wait in memory, 0 when none do: 8 bytes of a file in the shared folder,
+    written through a shared memory map (no system call) and read by the scrapes of the
+    other processes (`Metrics.settled`). Its process holds an ``flock`` on it while it lives,
+    so a process that died with figures waiting (killed) never holds a scrape back."""
+
+    def __init__(self, folder: str) -> None:
+        fd, making = tempfile.mkstemp(prefix="." + MARKER_PREFIX, dir=folder)
+        try:
+            os.ftruncate(fd, _MARKER.size)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (kept while the map keeps its descriptor open)
+            self._map = mmap.mmap(fd, _MARKER.size)
+        finally:
+            os.close(fd)
+        #: Visible only once locked and zero: a scrape never takes it for a dead process's.
+        self.path = os.path.join(folder, f"{MARKER_PREFIX}{os.getpid()}-{next(_markers)}")
+        os.rename(making, self.path)
+
+    def since(self, moment: float) -> None:
+        _MARKER.pack_into(self._map, 0, moment)
 
 
 class _TempBytes:

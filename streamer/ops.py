@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -34,15 +35,16 @@ class MetricsResource(Resource):
         self._clock = clock
 
     def render_GET(self, request: Request) -> bytes | int:
-        """The figures now (one process), or once every process wrote what it counted before
-        this request (several: `Metrics.scrape_delay`)."""
+        """The figures now (one process), or once every other process wrote what it counted
+        before this request (several: `Metrics.settled`)."""
         request.setHeader(b"content-type", CONTENT_TYPE.encode())
         request.setHeader(b"cache-control", b"no-store")
-        delay = self._metrics.scrape_delay
-        if not delay:
+        settled = self._metrics.settled(self._clock)
+        if settled.called:
             return self._metrics.render()
-        call = self._clock.callLater(delay, self._answer, request)
-        request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+        settled.addCallback(lambda _: self._answer(request))
+        settled.addErrback(lambda failure: failure.trap(defer.CancelledError))
+        request.notifyFinish().addErrback(lambda _: settled.cancel())
         return NOT_DONE_YET
 
     def _answer(self, request: Request) -> None:

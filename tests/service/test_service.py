@@ -554,36 +554,77 @@ def test_a_ready_service_process_keeps_its_start_up_objects_out_of_the_collector
     }, out.stderr
 
 
-def test_with_several_processes_a_scrape_waits_until_every_process_wrote_its_figures(tmp_path):
-    """With several processes each writes its figures up to `FLUSH_INTERVAL` after a request:
-    a scrape answered at once could miss another process's last requests (the README's
-    `curl /metrics` right after its two requests then showed no hit or miss). ``/metrics``
-    answers `Metrics.scrape_delay` later (HEAD alike, without the body); a client gone
-    meanwhile leaves nothing scheduled."""
+def test_a_scrape_waits_for_what_another_live_process_counted_before_it(tmp_path):
+    """With several processes each writes its figures up to `FLUSH_INTERVAL` after a request,
+    or later when it is kept off a core: a scrape answered before could miss another process's
+    last requests (the README's `curl /metrics` right after its two requests then showed no
+    hit or miss). ``/metrics`` answers once no other live process has figures waiting from
+    before it (looked at every `SCRAPE_POLL` s), `SCRAPE_WAIT` s at most; at once when none
+    does (one process: always); HEAD alike, without the body; a killed process's marker is
+    not waited for; a client gone leaves nothing scheduled."""
+    import os
+    import struct
+    import time
+
     from twisted.internet.task import Clock
     from twisted.web.server import NOT_DONE_YET
     from twisted.web.test.requesthelper import DummyRequest
 
-    from streamer.metrics import FLUSH_INTERVAL, Metrics
+    from streamer.metrics import SCRAPE_POLL, SCRAPE_WAIT, Metrics
     from streamer.ops import MetricsResource
 
     clock = Clock()
     metrics = Metrics(shared_dir=str(tmp_path), reactor=clock)
-    assert metrics.scrape_delay > FLUSH_INTERVAL
-    assert Metrics(reactor=clock).scrape_delay == 0  # one process: answered at once
     resource = MetricsResource(metrics, clock)
+    # Another process of the group, whose reactor does not run while this test says so.
+    other = Metrics(shared_dir=str(tmp_path), reactor=Clock())
+
+    def scrapes(*methods: bytes) -> list[DummyRequest]:
+        requests = []
+        for method in methods:
+            request = DummyRequest([b""])
+            request.method = method
+            assert resource.render(request) == NOT_DONE_YET
+            requests.append(request)
+        return requests
+
+    def answered(request: DummyRequest) -> bool:
+        return request.finished == 1
+
+    # Nothing waits anywhere, or only in this process (written first): answered at once.
     metrics.request_started()
     metrics.request_done("GET", 200, 100, "hit", 0.01)
-    get, head, gone = DummyRequest([b""]), DummyRequest([b""]), DummyRequest([b""])
-    head.method = b"HEAD"
-    for request in (get, head, gone):
-        assert resource.render(request) == NOT_DONE_YET
+    assert isinstance(resource.render(DummyRequest([b""])), bytes)
+    other.request_started()
+    other.request_done("GET", 200, 100, "hit", 0.01)
+    get, head, gone = scrapes(b"GET", b"HEAD", b"GET")
     gone.processingFailed(Exception("the client left"))  # fires notifyFinish's errback
-    clock.advance(FLUSH_INTERVAL)
-    assert get.finished == 0 and not get.written
-    clock.advance(metrics.scrape_delay - FLUSH_INTERVAL)
-    assert get.finished == 1 and head.finished == 1
-    # (this test process's prometheus-client keeps values in memory: the registry shows them)
-    assert metrics.registry.get_sample_value("streamer_cache_hits_total", {}) == 1
+    clock.advance(SCRAPE_POLL * 50)  # the other process is stopped: its figures still wait
+    assert not answered(get) and not get.written and not answered(head)
+    other.flush()  # (its reactor, late): what it counted before the scrapes is written
+    other.request_done("GET", 200, 100, "hit", 0.01)  # counted after the scrapes: not awaited
+    clock.advance(SCRAPE_POLL)
+    assert answered(get) and answered(head) and not answered(gone)
     assert get.written == [metrics.render()] and head.responseHeaders.hasHeader(b"content-length")
-    assert not clock.getDelayedCalls()
+    assert not clock.getDelayedCalls()  # (the left client's poll cancelled)
+    # A process that never writes (its reactor stuck): the scrape answers after SCRAPE_WAIT.
+    other.flush()
+    other.request_done("GET", 200, 100, "hit", 0.01)
+    (late,) = scrapes(b"GET")
+    clock.advance(SCRAPE_WAIT - SCRAPE_POLL)
+    assert not answered(late)
+    clock.advance(SCRAPE_POLL * 2)
+    assert answered(late) and not clock.getDelayedCalls()
+    # A process killed with figures waiting (its marker's lock free) holds no scrape back, and
+    # its marker goes with its live gauges when the first process learns it ended.
+    killed = tmp_path / "pending-4242-0"
+    killed.write_bytes(struct.pack("d", time.monotonic() - 1))
+    other.flush()
+    assert isinstance(resource.render(DummyRequest([b""])), bytes)
+    metrics.process_ended(4242)
+    assert not killed.exists() and len([n for n in os.listdir(tmp_path) if "pending" in n]) == 2
+    # One process: answered at once, whatever waits.
+    other.request_done("GET", 200, 100, "hit", 0.01)
+    single = Metrics(reactor=clock)
+    single.request_done("GET", 200, 1, "hit", 0.01)
+    assert isinstance(MetricsResource(single, clock).render(DummyRequest([b""])), bytes)
