@@ -21,7 +21,6 @@ import re
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 _collecting = gc.isenabled()
 gc.disable()
 try:
+    import tempfile  # (shutil, collections' namedtuples: collections of their own)
+
     from twisted.internet import defer
 
     from store.errors import CatalogError, StorageError

@@ -799,8 +799,9 @@ async def sigstop(pid: int) -> None:
 async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, int]:
     """A client of *path* served by one of *pids* (new connections until one is: the kernel
     hands each to whichever process accepts first), and that process, once its first bytes
-    came. The other processes running are stopped meanwhile: on a busy machine the process
-    that woke last (an owner streaming a download) could take every new connection.
+    came. The other processes running are stopped until the connection is accepted: on a busy
+    machine the process that woke last (an owner streaming a download) could take every new
+    connection.
 
     The request goes only on the connection kept: one sent on a connection given up (not
     accepted within a second on a busy machine) would still be read by whichever process
@@ -819,14 +820,18 @@ async def client_in(served, pids: list[int], path: str) -> tuple[socket.socket, 
             except AssertionError:  # (its wake-up went to a stopped process: try another)
                 pid = None
             if pid in pids:
-                client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
-                assert await threads.deferToThread(_read_some, client, 1)
-                return client, pid
+                break
             client.close()
+        else:
+            raise AssertionError(f"no connection of 30 reached {pids}")
     finally:
-        for pid in paused:
-            os.kill(pid, signal.SIGCONT)
-    raise AssertionError(f"no connection of 30 reached {pids}")
+        for paused_pid in paused:
+            os.kill(paused_pid, signal.SIGCONT)
+    # The processes paused for the accept run again before the request is sent: a follower's
+    # first bytes may wait on its owner (which may not have written any to its temp file yet).
+    client.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
+    assert await threads.deferToThread(_read_some, client, 1)
+    return client, pid
 
 
 @pytest_twisted.ensureDeferred
